@@ -1,0 +1,75 @@
+"""ConvRecord: the one per-convolution record that the analyzer fills and rules, reports and CLI share."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: Values of ConvRecord.kind.
+KINDS = ("standard", "pointwise", "depthwise", "grouped", "pointwise_grouped", "transposed")
+#: Values that may appear in ConvRecord.patterns.
+PATTERNS = ("depthwise_separable", "spatially_separable", "channel_shuffle", "causal", "flattened")
+
+
+@dataclass
+class RewriteOption:
+    """What one applicable rule would do to a conv, estimated without building it."""
+
+    rule: str
+    params: dict[str, Any]
+    exact: bool
+    macs_after: int | None
+    params_after: int
+    kind_after: str
+
+
+@dataclass
+class ConvRecord:
+    """Everything convgraph knows about one convolution node.
+
+    Shapes are tuples of ints, or None (or contain None) where a dynamic dim is unknown. Spatial
+    lists (kernel, strides, dilations, receptive_field, effective_stride) have one entry per spatial
+    dim; ``pads`` is ONNX order (all begins, then all ends), resolved from auto_pad.
+    """
+
+    name: str  # the ONNX node name ("" if unnamed; node_id is always unique)
+    node_id: str  # key of the node in its ConvGraph.graph
+    op_type: str  # Conv, ConvTranspose, ConvInteger, QLinearConv, FusedConv, NhwcConv...
+    domain: str
+    graph: str  # "" for the main graph, else the subgraph's path
+    kind: str  # one of KINDS
+    spatial_dims: int
+    quantized: bool
+    dilated: bool
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]
+    dilations: tuple[int, ...]
+    group: int
+    in_channels: int | None
+    out_channels: int | None
+    depth_multiplier: int | None  # depthwise only: out_channels / in_channels
+    input: str  # tensor names
+    weight: str
+    bias: str | None
+    output: str
+    input_shape: tuple | None
+    output_shape: tuple | None
+    macs: int | None  # without bias; see macs_bias
+    macs_bias: int | None  # macs + one add per output element when there is a bias (onnx-tool's count)
+    params: int  # weights + bias
+    has_bias: bool
+    weight_source: str  # initializer | Constant | ConstantOfShape | DequantizeLinear | input | unknown
+    auto_pad: str = "NOTSET"
+    output_padding: tuple[int, ...] = ()
+    receptive_field: tuple[int, ...] | None = None
+    effective_stride: tuple[int, ...] | None = None
+    checkerboard: bool = False  # transposed with a kernel not divisible by the stride
+    fast_depthwise: bool | None = None  # depthwise: onnxruntime's fast CPU path can take it
+    fast_depthwise_reason: str = ""
+    patterns: list[str] = field(default_factory=list)
+    rewrites: list[RewriteOption] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return asdict(self)

@@ -1,0 +1,119 @@
+"""The rule interface: what a module in ``rules/`` defines, and the context a rule builds with.
+
+A rule module exposes ``RULE = Rule(...)``. Matching (``match``) is separate from building
+(``build``): ``match`` returns ``None`` when the rule applies to a conv, else the reason it does not.
+``build`` returns a :class:`Replacement`: new nodes and initializers computed from the matched node's
+weights. The engine (convgraph.rewrite) splices them in, names, checks and verifies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from .errors import UsageError
+from .record import ConvRecord
+
+
+@dataclass(frozen=True)
+class Param:
+    """A rule parameter: ``--param name=value`` on the command line."""
+
+    name: str
+    default: Any
+    help: str
+    parse: Callable[[str], Any] = str
+
+
+@dataclass
+class Replacement:
+    """What a rule puts in place of the matched node(s).
+
+    The new nodes must produce the replaced nodes' output tensors under the same names (so nothing
+    downstream changes); their intermediate tensors and initializers take names from ``ctx.name``.
+    """
+
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto]
+    exact: bool
+    kind_after: str  # e.g. "depthwise+pointwise"
+    macs_after: int | None
+    params_after: int
+    removed: list[str] = field(default_factory=list)  # node ids replaced; default: the matched conv
+    weight_error: float | None = None  # relative Frobenius error of the effective kernel (approximate rules)
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rewrite rule. ``exact`` is True, False, or a callable params → bool (e.g. separable rank=full)."""
+
+    name: str
+    summary: str
+    exact: "bool | Callable[[dict], bool]"
+    params: tuple[Param, ...]
+    match: Callable[[ConvRecord, "RuleContext"], "str | None"]
+    build: Callable[[ConvRecord, "RuleContext", dict], Replacement]
+    estimate: "Callable[[ConvRecord, dict], tuple[int | None, int, str]] | None" = None  # macs, params, kind after
+    prepass: bool = False  # run before the others (fold-bn)
+
+    def is_exact(self, params: dict) -> bool:
+        return self.exact(params) if callable(self.exact) else bool(self.exact)
+
+    def resolve_params(self, given: dict[str, str]) -> dict[str, Any]:
+        """Defaults overlaid with ``given`` (strings parsed); UsageError on an unknown or bad value."""
+        known = {p.name: p for p in self.params}
+        out = {p.name: p.default for p in self.params}
+        for k, v in given.items():
+            if k not in known:
+                continue  # params are shared across the rules of one command; each takes its own
+            try:
+                out[k] = known[k].parse(v) if isinstance(v, str) else v
+            except (ValueError, TypeError) as e:
+                raise UsageError(f"rule {self.name}: bad value {v!r} for param {k!r} ({e})") from None
+        return out
+
+
+class RuleContext:
+    """What a rule may look at while matching and building: the graph, constant values, fresh names."""
+
+    def __init__(self, graph, records: "dict[str, ConvRecord] | None" = None, calibration: "dict | None" = None):
+        self.graph = graph  # the ConvGraph holding the conv
+        self.records = records or {}  # node_id -> ConvRecord, for patterns spanning nodes
+        self.calibration = calibration or {}  # tensor name -> statistics (data-aware fits)
+
+    def value(self, tensor: str) -> np.ndarray | None:
+        """The constant value of ``tensor`` (initializer, Constant, ConstantOfShape, DequantizeLinear...)."""
+        from .weights import constant_value
+
+        return constant_value(self.graph, tensor)
+
+    def name(self, base: str) -> str:
+        """A fresh tensor name derived from ``base`` (``<conv>/dw``, ``<conv>/pw_W`` ...)."""
+        return self.graph.unique_tensor(base)
+
+    def initializer(self, base: str, array: np.ndarray) -> onnx.TensorProto:
+        """A new initializer with a fresh name derived from ``base``."""
+        return onnx.numpy_helper.from_array(np.ascontiguousarray(array), self.name(base))
+
+    def consumers(self, tensor: str) -> list[str]:
+        return self.graph.consumers(tensor)
+
+    def producer(self, tensor: str) -> str | None:
+        return self.graph.producer(tensor)
+
+    def node(self, node_id: str) -> onnx.NodeProto:
+        return self.graph.node(node_id)
+
+
+def int_or_full(text: str) -> "int | str":
+    """Parse a rank: a positive integer or ``full``."""
+    if str(text).lower() == "full":
+        return "full"
+    v = int(text)
+    if v < 1:
+        raise ValueError("must be >= 1 or 'full'")
+    return v

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Set up and run convgraph's jobs with nothing but Python 3.
+
+    python3 tasks.py demo   # venv + install, then analyze / rewrite / verify the bundled sample model
+    python3 tasks.py test   # venv + install with test extras, then the test suite
+
+The virtual environment lives in .venv; it is (re)installed when pyproject.toml changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / ("python.exe" if os.name == "nt" else "python")
+
+
+def run(*cmd: str | os.PathLike, check: bool = True) -> None:
+    print("+", " ".join(map(str, cmd)), flush=True)
+    code = subprocess.call([str(c) for c in cmd], cwd=ROOT)
+    if code and check:
+        sys.exit(code)
+
+
+def setup(extras: str) -> None:
+    """Create .venv and install convgraph (editable) with ``extras`` unless already done for this pyproject."""
+    if not PY.exists():
+        venv.create(VENV, with_pip=True)
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
+    stamp = VENV / ".convgraph-installed"
+    if not stamp.exists() or stamp.read_text() != want:
+        run(PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", f".[{extras}]")
+        stamp.write_text(want)
+
+
+def demo() -> None:
+    setup("cpu")
+    run(BIN / "convgraph", "analyze", "models/sample.onnx")
+
+
+def test() -> None:
+    setup("cpu,test")
+    # fetch the real models once; without a network the tests that need them skip, the rest still run
+    run(PY, "-m", "convgraph.zoo", check=False)
+    run(PY, "-m", "pytest", "-q", *sys.argv[2:])
+
+
+if __name__ == "__main__":
+    jobs = {"demo": demo, "test": test}
+    if len(sys.argv) < 2 or sys.argv[1] not in jobs:
+        sys.exit(f"usage: python3 tasks.py {{{'|'.join(jobs)}}} [pytest args]")
+    jobs[sys.argv[1]]()
