@@ -2,10 +2,13 @@
 
 from .errors import CheckFailed, ConvGraphError, ModelError, UsageError
 from .graph import ConvGraph, ConvGraphWarning, TensorInfo, load, save
+from .analyze import Analysis, analyze
+from .bench import BenchReport, bench
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckFailed", "ConvGraph", "ConvGraphError", "ConvGraphWarning", "ModelError", "TensorInfo", "UsageError",
-    "load", "save",
+    "Analysis", "BenchReport", "CheckFailed", "ConvGraph", "ConvGraphError", "ConvGraphWarning", "ModelError", "TensorInfo", "UsageError",
+    "VerifyReport", "analyze", "bench", "load", "save", "verify",
 ]

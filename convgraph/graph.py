@@ -9,35 +9,43 @@ Nodes of ``ConvGraph.graph``:
   and in subgraphs ``"outer:<name>"`` for tensors captured from an enclosing graph.
 
 Edges run producer → consumer, one per (tensor, consumer input slot), keyed ``(tensor, slot)`` with data
-``tensor`` and ``index``; an If/Loop/Scan node gets ``implicit=True`` edges (index -1) for the outer
-tensors its bodies read, so topological order stays right. The ModelProto parts that are not nodes or
-tensors (metadata, opsets, functions, value_info, doc strings) are kept as they are.
+``tensor``, ``index`` and ``info`` (its TensorInfo, None when unknown); an If/Loop/Scan node gets
+``implicit=True`` edges (index -1) for the outer tensors its bodies read, so topological order stays
+right. An initializer that is also listed as a graph input (IR < 4) is the producer of its tensor; the
+input node stands for the override. The ModelProto parts that are not nodes or tensors (metadata,
+opsets, functions, value_info, doc strings) are kept as they are.
+
+Op nodes carry an ``order`` key (a tuple) such that sorting ops by it is always a topological order:
+model order at load, new nodes in place of the ones they replace, renumbered only when an edit needs it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import numbers
 import re
 import warnings
-from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple
 
 import networkx as nx
 import onnx
 from onnx import helper
 
 from .errors import ModelError, UsageError
-from .io import PROTOBUF_LIMIT, read_model, write_model
+from . import io as _io
+from .io import first_line, read_model, write_model
 
-Dim = "int | str | None"
+_A = onnx.AttributeProto
 
 
 class ConvGraphWarning(UserWarning):
     """Something the user can fix (e.g. an unset dynamic dim); the analysis goes on."""
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Element type and shape of a tensor; dims are ints, symbolic names or None."""
+class TensorInfo(NamedTuple):
+    """Element type and shape of a tensor; dims are ints, symbolic names or None (immutable)."""
 
     elem_type: int
     shape: tuple | None
@@ -53,21 +61,71 @@ def _tensor_info(t: onnx.TypeProto) -> TensorInfo | None:
     tt = t.tensor_type
     if not tt.HasField("shape"):
         return TensorInfo(tt.elem_type, None)
-    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
-    return TensorInfo(tt.elem_type, dims)
+    return TensorInfo(tt.elem_type, tuple(map(_dim, tt.shape.dim)))
+
+
+def _dim(d: onnx.TensorShapeProto.Dimension) -> "int | str | None":
+    """A dim as an int, a symbolic name or None; a negative dim_value (old exporters' "dynamic") is None."""
+    if d.WhichOneof("value") == "dim_value":
+        v = d.dim_value
+        return v if v >= 0 else None
+    return d.dim_param or None
+
+
+def _attr_value(a: onnx.AttributeProto):
+    try:
+        return helper.get_attribute_value(a)
+    except ValueError:  # a reference attribute (only valid inside functions) or an unknown type
+        return None
+
+
+def _sub_protos(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """(key, body) of each subgraph attribute: ``"then_branch"``, or ``"name[j]"`` for GRAPHS."""
+    for a in node.attribute:
+        if a.type == _A.GRAPH:
+            yield a.name, a.g
+        elif a.type == _A.GRAPHS:
+            for j, g in enumerate(a.graphs):
+                yield f"{a.name}[{j}]", g
+
+
+def free_names(g: onnx.GraphProto) -> set[str]:
+    """Tensors ``g`` (or a body nested in it) reads without defining them: its outer-scope captures."""
+    defined = {v.name for v in g.input} | {t.name for t in g.initializer}
+    defined |= {s.values.name for s in g.sparse_initializer}
+    read: set[str] = set()
+    for node in g.node:
+        read.update(t for t in node.input if t)
+        for _, sub in _sub_protos(node):
+            read |= free_names(sub)
+        defined.update(node.output)
+    read.update(v.name for v in g.output)
+    return read - defined
 
 
 class ConvGraph:
     """One ONNX graph (the main graph or a subgraph) as a networkx.MultiDiGraph."""
 
-    def __init__(self, graph: onnx.GraphProto, model: onnx.ModelProto, path: str = "", parent: "ConvGraph | None" = None):
-        self.model = model
-        self.path = path
+    def __init__(self, graph: onnx.GraphProto, model: onnx.ModelProto, path: str = "",
+                 parent: "ConvGraph | None" = None, owner: str | None = None):
+        self.model = model  # the ModelProto as loaded (to_model() builds the edited one)
+        self.path = path  # "" for the main graph, "/<node id>:<attribute>" for a body
         self.parent = parent
+        self.owner = owner  # id of the If/Loop/Scan node in ``parent`` this body belongs to
         self.graph = nx.MultiDiGraph()
         self.shapes: dict[str, TensorInfo] = {}
         self.warnings: list[str] = []
+        self.input_shapes: dict[str, list[int]] = {}
+        self.source_dir: Path | None = None
         self._producer: dict[str, str] = {}
+        self._outer: dict[str, str] = {}  # captured tensor -> its "outer:" node
+        self._suffix: dict[str, int] = {}  # id base -> next suffix to try
+        self._twins = {v.name for v in graph.input} & {t.name for t in graph.initializer}
+        self._op_ids: list[str] = []  # op ids in model order, as built
+        self._next_init = len(graph.initializer)
+        self._order_cache: list[str] | None = None
+        self._dirty = False
+        self._names: set[str] | None = None
         self._shell = onnx.GraphProto()
         for field in ("name", "doc_string"):
             if graph.HasField(field):
@@ -76,17 +134,27 @@ class ConvGraph:
         self._shell.quantization_annotation.extend(graph.quantization_annotation)
         if hasattr(graph, "metadata_props"):
             self._shell.metadata_props.extend(graph.metadata_props)
-        self.dirty = False
-        self._names: set[str] | None = None
-        self._next = len(graph.node)
         self._build(graph)
+
+    @property
+    def dirty(self) -> bool:
+        """True once this graph was edited; setting it (after editing ``graph`` directly) drops caches."""
+        return self._dirty
+
+    @dirty.setter
+    def dirty(self, value: bool) -> None:
+        self._dirty = value
+        self._order_cache = None
 
     # ---- construction -------------------------------------------------------------------------
     def _unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.graph:
-            name, i = f"{base}_{i}", i + 1
-        return name
+        if base not in self.graph:
+            return base
+        i = self._suffix.get(base, 1)
+        while f"{base}_{i}" in self.graph:
+            i += 1
+        self._suffix[base] = i + 1
+        return f"{base}_{i}"
 
     def _build(self, g: onnx.GraphProto) -> None:
         G = self.graph
@@ -97,67 +165,81 @@ class ConvGraph:
         for i, t in enumerate(g.initializer):
             nid = self._unique(f"initializer:{t.name}")
             G.add_node(nid, kind="initializer", proto=t, order=(i,))
-            self._producer.setdefault(t.name, nid)
+            self._producer[t.name] = nid  # an initializer also listed as input: the initializer makes it
         for i, t in enumerate(g.sparse_initializer):
             nid = self._unique(f"sparse_initializer:{t.values.name}")
             G.add_node(nid, kind="sparse_initializer", proto=t, order=(i,))
             self._producer.setdefault(t.values.name, nid)
-        for i, node in enumerate(g.node):
-            self._add_op(node, (i,))
-        for nid in [n for n, d in G.nodes(data=True) if d["kind"] == "op"]:
+        self._op_ids = [self._add_op(node, (i,)) for i, node in enumerate(g.node)]
+        for nid in self._op_ids:
             self._connect(nid)
         for i, vi in enumerate(g.output):
             nid = self._unique(f"output:{vi.name}")
             G.add_node(nid, kind="output", proto=vi, order=(i,))
-            G.add_edge(self._source(vi.name), nid, key=(vi.name, 0), tensor=vi.name, index=0)
+            self._add_edge(self._source(vi.name), nid, vi.name, 0)
 
     def _add_op(self, node: onnx.NodeProto, order: tuple) -> str:
-        nid = self._unique(node.name or f"{node.op_type}_{order[0]}")
-        subs = {}
+        nid = self._unique(node.name or f"{node.op_type}_{'.'.join(map(str, order))}")
+        attrs, subs = {}, {}
         for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                subs[a.name] = ConvGraph(a.g, self.model, f"{self.path}/{nid}:{a.name}", self)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for j, sg in enumerate(a.graphs):
-                    subs[f"{a.name}[{j}]"] = ConvGraph(sg, self.model, f"{self.path}/{nid}:{a.name}[{j}]", self)
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute
-                 if a.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)}
+            if a.type == _A.GRAPH:
+                subs[a.name] = ConvGraph(a.g, self.model, f"{self.path}/{nid}:{a.name}", self, nid)
+            elif a.type == _A.GRAPHS:
+                for j, body in enumerate(a.graphs):
+                    key = f"{a.name}[{j}]"
+                    subs[key] = ConvGraph(body, self.model, f"{self.path}/{nid}:{key}", self, nid)
+            else:
+                attrs[a.name] = _attr_value(a)
         self.graph.add_node(nid, kind="op", proto=node, op_type=node.op_type, domain=node.domain,
                             attrs=attrs, subgraphs=subs, order=order)
         for out in node.output:
             if out:
                 self._producer[out] = nid
+        if self._names is not None or self.parent is not None:
+            for out in node.output:
                 self._taken(out)
         return nid
 
     def _source(self, tensor: str) -> str:
         """The node producing ``tensor``; an ``outer:`` node when it comes from an enclosing graph."""
         src = self._producer.get(tensor)
-        if src is None:
-            src = f"outer:{tensor}"
-            if src not in self.graph:
-                self.graph.add_node(src, kind="outer", proto=None, order=(-1,))
-            self._producer[tensor] = src
+        if src is None or src not in self.graph:
+            src = self._unique(f"outer:{tensor}")
+            self.graph.add_node(src, kind="outer", proto=None, tensor=tensor, order=(-1,))
+            self._producer[tensor] = self._outer[tensor] = src
         return src
 
+    def _add_edge(self, u: str, v: str, tensor: str, slot: int) -> None:
+        info = self.shape_info(tensor) if self.shapes else None
+        if slot == -1:
+            self.graph.add_edge(u, v, key=(tensor, -1), tensor=tensor, index=-1, info=info, implicit=True)
+        else:
+            self.graph.add_edge(u, v, key=(tensor, slot), tensor=tensor, index=slot, info=info)
+
     def _connect(self, nid: str) -> None:
-        G, data = self.graph, self.graph.nodes[nid]
+        data = self.graph.nodes[nid]
         for slot, t in enumerate(data["proto"].input):
             if t:
-                G.add_edge(self._source(t), nid, key=(t, slot), tensor=t, index=slot)
-        for t in sorted(set().union(*(s.outer_refs() for s in data["subgraphs"].values()))):
-            G.add_edge(self._source(t), nid, key=(t, -1), tensor=t, index=-1, implicit=True)
+                self._add_edge(self._source(t), nid, t, slot)
+        for t in self._captures(nid):
+            self._add_edge(self._source(t), nid, t, -1)
+
+    def _captures(self, nid: str) -> list[str]:
+        """Outer tensors the bodies of op ``nid`` read (sorted)."""
+        subs = self.graph.nodes[nid]["subgraphs"]
+        return sorted(set().union(*(s._outer for s in subs.values()))) if subs else []
 
     def outer_refs(self) -> set[str]:
         """Tensors this graph (or any nested body) reads from enclosing scopes."""
-        return {n[len("outer:"):] for n, d in self.graph.nodes(data=True) if d["kind"] == "outer"}
+        return set(self._outer)
 
     # ---- queries ------------------------------------------------------------------------------
-    def ops(self, op_types: "set[str] | None" = None) -> Iterator[str]:
-        """Ids of the ONNX nodes (in model order), optionally only those of the given op types."""
+    def ops(self, op_types: "Iterable[str] | None" = None) -> Iterator[str]:
+        """Ids of the ONNX nodes in topological (model) order, optionally only those of the given op types."""
+        wanted = None if op_types is None else set(op_types)
+        nodes = self.graph.nodes
         for nid in self.topological_order():
-            d = self.graph.nodes[nid]
-            if op_types is None or d["op_type"] in op_types:
+            if wanted is None or nodes[nid]["op_type"] in wanted:
                 yield nid
 
     def node(self, nid: str) -> onnx.NodeProto:
@@ -165,23 +247,31 @@ class ConvGraph:
 
     def producer(self, tensor: str) -> str | None:
         """Id of the node making ``tensor`` (an op, input, initializer or outer node)."""
-        return self._producer.get(tensor)
+        src = self._producer.get(tensor)
+        return src if src is not None and src in self.graph else None
 
     def consumers(self, tensor: str) -> list[str]:
         """Ids of the nodes reading ``tensor`` (graph outputs included, implicit subgraph reads included)."""
-        src = self._producer.get(tensor)
+        src = self.producer(tensor)
         if src is None:
             return []
         return list(dict.fromkeys(v for _, v, k in self.graph.out_edges(src, keys=True) if k[0] == tensor))
 
     def initializer(self, tensor: str) -> onnx.TensorProto | None:
-        nid = f"initializer:{tensor}"
-        return self.graph.nodes[nid]["proto"] if nid in self.graph else None
+        """The initializer holding ``tensor`` in this graph, if one does."""
+        src = self.producer(tensor)
+        d = self.graph.nodes[src] if src is not None else None
+        return d["proto"] if d is not None and d["kind"] == "initializer" else None
+
+    def shape_info(self, tensor: str) -> TensorInfo | None:
+        """Element type and shape of ``tensor`` (looked up in enclosing graphs for outer captures)."""
+        info = self.shapes.get(tensor)
+        if info is None and self.parent is not None and tensor in self._outer:
+            return self.parent.shape_info(tensor)
+        return info
 
     def shape(self, tensor: str) -> tuple | None:
-        info = self.shapes.get(tensor)
-        if info is None and self.parent is not None and tensor in self.outer_refs():
-            return self.parent.shape(tensor)
+        info = self.shape_info(tensor)
         return info.shape if info else None
 
     def walk(self) -> Iterator["ConvGraph"]:
@@ -192,16 +282,12 @@ class ConvGraph:
                 yield from sub.walk()
 
     def topological_order(self) -> list[str]:
-        """Op node ids: model order when untouched, else a topological order stable on that order."""
-        ops = [n for n, d in self.graph.nodes(data=True) if d["kind"] == "op"]
-        key = lambda n: self.graph.nodes[n]["order"]  # noqa: E731
-        if not self.dirty:
-            return sorted(ops, key=key)
-        try:
-            order = nx.lexicographical_topological_sort(self.graph, key=lambda n: (self.graph.nodes[n]["order"], n))
-            return [n for n in order if self.graph.nodes[n]["kind"] == "op"]
-        except nx.NetworkXUnfeasible:
-            raise ModelError(f"graph {self.path or 'main'} has a cycle") from None
+        """Op node ids in a topological order: model order when untouched, edits in place of what they replaced."""
+        if self._order_cache is None:
+            nodes = self.graph.nodes
+            ops = [n for n, d in nodes(data=True) if d["kind"] == "op"]
+            self._order_cache = sorted(ops, key=lambda n: nodes[n]["order"])
+        return list(self._order_cache)
 
     # ---- edits --------------------------------------------------------------------------------
     def unique_tensor(self, base: str) -> str:
@@ -213,11 +299,15 @@ class ConvGraph:
         taken.add(name)
         return name
 
+    def _root(self) -> "ConvGraph":
+        g = self
+        while g.parent is not None:
+            g = g.parent
+        return g
+
     def _all_tensor_names(self) -> set[str]:
         """Every tensor name in the model (all scopes), cached at the root and kept up to date."""
-        root = self
-        while root.parent is not None:
-            root = root.parent
+        root = self._root()
         if root._names is None:
             root._names = set()
             for g in root.walk():
@@ -225,49 +315,184 @@ class ConvGraph:
         return root._names
 
     def _taken(self, name: str) -> None:
-        root = self
-        while root.parent is not None:
-            root = root.parent
+        root = self._root()
         if root._names is not None:
             root._names.add(name)
 
-    def replace(self, old: list[str], nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto] = ()) -> list[str]:
+    def _visible(self, tensor: str) -> bool:
+        """Whether ``tensor`` is defined in this graph or an enclosing one."""
+        g: ConvGraph | None = self
+        while g is not None:
+            if g.producer(tensor) is not None and tensor not in g._outer:
+                return True
+            g = g.parent
+        return False
+
+    def replace(self, old: list[str], nodes: list[onnx.NodeProto], initializers: Iterable[onnx.TensorProto] = ()) -> list[str]:
         """Remove op nodes ``old`` and insert ``nodes`` (and their ``initializers``) in their place.
 
-        The new nodes take the place of the first removed node in the order; tensors that were produced
-        by removed nodes and are not produced by new ones must no longer be read. Returns the new ids.
+        The new nodes take the place of the first removed node in the order (the graph is renumbered
+        when they read a tensor made later). Everything is checked before anything changes: tensors
+        the new nodes read must exist, tensors they make must not exist already, tensors of removed
+        nodes must no longer be read unless the new nodes make them again, and no cycle may appear.
+        An edit inside a subgraph shows in the parent's ``to_model()``. Returns the new ids.
         """
         G = self.graph
+        old = list(dict.fromkeys(old))
+        if not old:
+            raise UsageError("replace() needs at least one node to remove")
+        bad = [n for n in old if n not in G or G.nodes[n]["kind"] != "op"]
+        if bad:
+            raise UsageError(f"replace(): {bad[0]!r} is not an op node of graph {self.path or 'main'}")
+        nodes, initializers = list(nodes), list(initializers)
+        old_set = set(old)
+        removed = {o for n in old for o in G.nodes[n]["proto"].output if o}
+        made = [o for n in nodes for o in n.output if o] + [t.name for t in initializers]
+        made_set = set(made)
+        self._check_replacement(old_set, removed, nodes, made, made_set)
+
+        # -- mutate (nothing below can fail on a user's input) --
+        readers = {v for n in old for _, v in G.out_edges(n) if v not in old_set}
+        outer_before = {u for n in old for u, _ in G.in_edges(n) if G.nodes[u]["kind"] == "outer"}
         base = min(G.nodes[n]["order"] for n in old)
-        removed_outputs = set()
-        for nid in old:
-            removed_outputs.update(o for o in G.nodes[nid]["proto"].output if o)
-        readers = set()
-        for nid in old:
-            for _, v, k in G.out_edges(nid, keys=True):
-                if v not in old:
-                    readers.add(v)
-            G.remove_node(nid)
-        for t in removed_outputs:
+        G.remove_nodes_from(old)
+        for t in removed:
             self._producer.pop(t, None)
         for t in initializers:
             nid = self._unique(f"initializer:{t.name}")
-            G.add_node(nid, kind="initializer", proto=t, order=(self._next,))
-            self._next += 1
+            G.add_node(nid, kind="initializer", proto=t, order=(self._next_init,))
+            self._next_init += 1
             self._producer[t.name] = nid
             self._taken(t.name)
         new_ids = [self._add_op(n, base + (i,)) for i, n in enumerate(nodes)]
         for nid in new_ids:
             self._connect(nid)
-        dangling = [t for t in removed_outputs if t not in self._producer]
-        for v in readers:  # reconnect the readers of the replaced outputs
-            for t, slot in [(t, s) for t, s in self._reader_slots(v) if t in removed_outputs]:
-                if t in dangling:
-                    raise ModelError(f"replacement drops tensor {t!r} still read by {v!r}")
-                G.add_edge(self._producer[t], v, key=(t, slot), tensor=t, index=slot)
+        for v in readers:  # reconnect the readers of the tensors the new nodes make again
+            for t, slot in self._reader_slots(v):
+                if t in removed and not G.has_edge(self._producer[t], v, (t, slot)):
+                    self._add_edge(self._producer[t], v, t, slot)
         self.dirty = True
-        self._mark_dirty_up()
+        self._drop_unused_outer(outer_before)
+        if any(self._out_of_order(u, v) for nid in new_ids for u, v in G.in_edges(nid)):
+            self._renumber()
+        self._after_edit()
         return new_ids
+
+    def _check_replacement(self, old: set[str], removed: set[str], nodes: list[onnx.NodeProto],
+                           made: list[str], made_set: set[str]) -> None:
+        G, where = self.graph, f"graph {self.path or 'main'}"
+        if len(made) != len(made_set):
+            dup = next(t for t in made if made.count(t) > 1)
+            raise ModelError(f"replacement makes tensor {dup!r} twice")
+        for t in made:
+            src = self.producer(t)
+            if t not in removed and (src is not None or (self.parent is not None and self.parent._visible(t))):
+                raise ModelError(f"replacement makes tensor {t!r}, which {src or 'an enclosing graph'!r} already makes")
+        for n in old:
+            for _, v, (t, _slot) in G.out_edges(n, keys=True):
+                if v not in old and t not in made_set:
+                    raise ModelError(f"replacement drops tensor {t!r} still read by {v!r}")
+        reads: list[str] = []
+        for n in nodes:
+            reads.extend(t for t in n.input if t)
+            for _, body in _sub_protos(n):
+                reads.extend(sorted(free_names(body)))
+        late: list[str] = []
+        for t in dict.fromkeys(reads):
+            if t in made_set or t in self._outer:
+                continue
+            src = self.producer(t)
+            if t in removed:
+                raise ModelError(f"replacement reads tensor {t!r}, which only the removed nodes make")
+            if src is not None:
+                if G.nodes[src]["kind"] == "op":
+                    late.append(src)
+            elif self.parent is not None and self.parent._visible(t):
+                self._check_capture(t)
+            else:
+                raise ModelError(f"replacement reads tensor {t!r}, which nothing in {where} (or around it) makes")
+        base = min(G.nodes[n]["order"] for n in old)
+        late = [p for p in late if G.nodes[p]["order"] > base]
+        if late:
+            starts = [v for n in old for _, v, (t, _s) in G.out_edges(n, keys=True) if v not in old and t in made_set]
+            if self._reaches(starts, set(late), skip=old):
+                raise ModelError(f"replacement in {where} would make a cycle: a node it reads from depends on it")
+
+    def _check_capture(self, tensor: str) -> None:
+        """A new read of outer ``tensor`` adds an implicit edge to the owner node: it must not close a cycle."""
+        g = self
+        while g.parent is not None:
+            par, owner = g.parent, g.owner
+            src = par.producer(tensor)
+            if src is not None and tensor not in par._outer:
+                if par.graph.nodes[src]["kind"] == "op" and par._reaches([owner], {src}, skip=()):
+                    raise ModelError(f"replacement in graph {self.path} reads {tensor!r}, which depends on "
+                                     f"the node {owner!r} that holds the subgraph: a cycle")
+                return
+            g = par
+
+    def _reaches(self, starts: list[str], targets: set[str], skip: Iterable[str]) -> bool:
+        """Whether any op in ``targets`` is reachable from ``starts`` (ops only, ignoring ``skip``).
+
+        Edges only go up in ``order``, so the search stops past the latest target.
+        """
+        nodes, succ = self.graph.nodes, self.graph.succ
+        limit = max(nodes[t]["order"] for t in targets)
+        seen, stack = set(skip), [s for s in starts if nodes[s]["kind"] == "op"]
+        while stack:
+            n = stack.pop()
+            if n in targets:
+                return True
+            if n in seen or nodes[n]["order"] > limit:
+                continue
+            seen.add(n)
+            stack.extend(v for v in succ[n] if nodes[v]["kind"] == "op" and v not in seen)
+        return False
+
+    def _out_of_order(self, u: str, v: str) -> bool:
+        nodes = self.graph.nodes
+        return nodes[u]["kind"] == "op" and nodes[v]["kind"] == "op" and nodes[u]["order"] >= nodes[v]["order"]
+
+    def _renumber(self) -> None:
+        """Give the ops fresh ``order`` keys: a topological order as close to the current one as can be."""
+        nodes = self.graph.nodes
+        try:
+            seq = nx.lexicographical_topological_sort(self.graph, key=lambda n: (nodes[n]["order"], n))
+            ops = [n for n in seq if nodes[n]["kind"] == "op"]
+        except nx.NetworkXUnfeasible:
+            raise ModelError(f"graph {self.path or 'main'} has a cycle") from None
+        for i, n in enumerate(ops):
+            nodes[n]["order"] = (i,)
+        self._order_cache = None
+
+    def _drop_unused_outer(self, candidates: Iterable[str]) -> None:
+        nodes = self.graph.nodes
+        for n in candidates:
+            if n in nodes and nodes[n]["kind"] == "outer" and self.graph.out_degree(n) == 0:
+                t = self.graph.nodes[n]["tensor"]
+                self.graph.remove_node(n)
+                self._outer.pop(t, None)
+                self._producer.pop(t, None)
+
+    def _after_edit(self) -> None:
+        """Mark the enclosing graphs dirty and keep the owner's implicit edges equal to this body's captures."""
+        g = self
+        while g.parent is not None:
+            par, owner = g.parent, g.owner
+            par.dirty = True
+            have = {k[0]: u for u, _, k in par.graph.in_edges(owner, keys=True) if k[1] == -1}
+            want = par._captures(owner)
+            gone = [have[t] for t in have if t not in want]
+            for t in have:
+                if t not in want:
+                    par.graph.remove_edge(have[t], owner, (t, -1))
+            for t in want:
+                if t not in have:
+                    par._add_edge(par._source(t), owner, t, -1)
+            par._drop_unused_outer(gone)
+            if any(par._out_of_order(u, owner) for u, _ in par.graph.in_edges(owner)):
+                par._renumber()
+            g = par
 
     def _reader_slots(self, nid: str) -> list[tuple[str, int]]:
         d = self.graph.nodes[nid]
@@ -275,25 +500,24 @@ class ConvGraph:
             return [(d["proto"].name, 0)]
         if d["kind"] != "op":
             return []
-        slots = [(t, i) for i, t in enumerate(d["proto"].input) if t]
-        slots += [(t, -1) for t in sorted(set().union(*(s.outer_refs() for s in d["subgraphs"].values())))]
-        return slots
+        return [(t, i) for i, t in enumerate(d["proto"].input) if t] + [(t, -1) for t in self._captures(nid)]
 
-    def _mark_dirty_up(self) -> None:
-        g = self.parent
-        while g is not None:
-            g.dirty = True
-            g = g.parent
+    def prune_initializers(self) -> list[str]:
+        """Drop the initializers nothing reads any more (left behind by replaced nodes); returns their names.
 
-    def prune_initializers(self) -> None:
-        """Drop initializers nothing reads any more (left behind by replaced nodes)."""
-        for nid in [n for n, d in self.graph.nodes(data=True) if d["kind"] == "initializer"]:
-            if self.graph.out_degree(nid) == 0 and not self._read_by_subgraph(self.graph.nodes[nid]["proto"].name):
-                self.graph.remove_node(nid)
-                self.dirty = True
-
-    def _read_by_subgraph(self, tensor: str) -> bool:
-        return any(k[0] == tensor for _, _, k in self.graph.out_edges(f"initializer:{tensor}", keys=True))
+        An initializer that is also a graph input (IR < 4) goes with its input.
+        """
+        G, gone = self.graph, []
+        for nid in [n for n, d in G.nodes(data=True) if d["kind"] == "initializer" and G.out_degree(n) == 0]:
+            name = G.nodes[nid]["proto"].name
+            G.remove_node(nid)
+            if self._producer.get(name) == nid:
+                del self._producer[name]
+            gone.append(name)
+        if gone:
+            self.dirty = True
+            self._after_edit()
+        return gone
 
     # ---- back to ONNX -------------------------------------------------------------------------
     def _by_kind(self, kind: str) -> list:
@@ -312,16 +536,25 @@ class ConvGraph:
             if d["subgraphs"] and any(s.dirty for s in d["subgraphs"].values()):
                 proto = _with_subgraphs(proto, d["subgraphs"])
             g.node.append(proto)
-        g.input.extend(self._by_kind("input"))
+        inits = self._by_kind("initializer")
+        if self._twins:  # an input that only overrode a dropped initializer goes with it
+            live = {t.name for t in inits}
+            g.input.extend(v for v in self._by_kind("input") if v.name not in self._twins or v.name in live)
+        else:
+            g.input.extend(self._by_kind("input"))
+        if self.model.ir_version < 4:  # IR < 4: every initializer is also a graph input (new ones too)
+            have = {v.name for v in g.input}
+            g.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in inits if t.name not in have)
         g.output.extend(self._by_kind("output"))
-        g.initializer.extend(self._by_kind("initializer"))
+        g.initializer.extend(inits)
         g.sparse_initializer.extend(self._by_kind("sparse_initializer"))
         if self.dirty:
-            live = set(self._producer)
+            live = {t for t, n in self._producer.items() if n in self.graph}
             g.value_info.extend(v for v in self._shell.value_info if v.name in live)
+            g.quantization_annotation.extend(q for q in self._shell.quantization_annotation if q.tensor_name in live)
         else:
             g.value_info.extend(self._shell.value_info)
-        g.quantization_annotation.extend(self._shell.quantization_annotation)
+            g.quantization_annotation.extend(self._shell.quantization_annotation)
         if hasattr(g, "metadata_props"):
             g.metadata_props.extend(self._shell.metadata_props)
         return g
@@ -340,118 +573,200 @@ def _with_subgraphs(node: onnx.NodeProto, subs: dict[str, ConvGraph]) -> onnx.No
     n = onnx.NodeProto()
     n.CopyFrom(node)
     for a in n.attribute:
-        if a.type == onnx.AttributeProto.GRAPH and a.name in subs:
+        if a.type == _A.GRAPH and a.name in subs:
             a.g.CopyFrom(subs[a.name].to_graph())
-        elif a.type == onnx.AttributeProto.GRAPHS:
+        elif a.type == _A.GRAPHS:
             for j in range(len(a.graphs)):
                 a.graphs[j].CopyFrom(subs[f"{a.name}[{j}]"].to_graph())
     return n
 
 
 # ---- shapes ---------------------------------------------------------------------------------------
-_SHAPE_RE = re.compile(r"^\s*([^=]+?)\s*=\s*([0-9,\sx]+)$")
 MAX_DIM = 2**31 - 1
+_SHAPE_HELP = "expected NAME=D0,D1,... with positive integers, e.g. x=1,3,640,640"
 
 
 def parse_input_shape(text: str) -> tuple[str, list[int]]:
     """``"x=1,3,640,640"`` → ``("x", [1, 3, 640, 640])``; UsageError on anything else."""
-    m = _SHAPE_RE.match(text)
-    if not m:
-        raise UsageError(f"bad --input-shape {text!r}: expected NAME=D0,D1,... with positive integers, e.g. x=1,3,640,640")
-    try:
-        dims = [int(d) for d in re.split(r"[,x]", m.group(2).replace(" ", "")) if d != ""]
-    except ValueError:
-        dims = []
-    if not dims or any(d <= 0 or d > MAX_DIM for d in dims):
+    name, sep, dims_text = str(text).rpartition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise UsageError(f"bad --input-shape {text!r}: {_SHAPE_HELP}")
+    parts = [p.strip() for p in re.split(r"[,x×]", dims_text)]
+    if not all(re.fullmatch(r"[+-]?\d+", p) for p in parts):
+        raise UsageError(f"bad --input-shape {text!r}: {_SHAPE_HELP}")
+    dims = [int(p) for p in parts]
+    if any(d < 1 or d > MAX_DIM for d in dims):
         raise UsageError(f"bad --input-shape {text!r}: dims must be integers between 1 and {MAX_DIM}")
-    return m.group(1), dims
+    return name, dims
+
+
+def _checked_input_shapes(input_shapes) -> dict[str, list[int]]:
+    """``input_shapes`` as ``{name: [int, ...]}``; UsageError on anything that is not positive integer dims."""
+    if input_shapes is None:
+        return {}
+    if not hasattr(input_shapes, "items"):
+        raise UsageError("input_shapes must map input names to dims, e.g. {'x': [1, 3, 640, 640]}")
+    out = {}
+    for name, dims in input_shapes.items():
+        try:
+            dims = list(dims)
+        except TypeError:
+            dims = [dims]
+        if not dims or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and 1 <= d <= MAX_DIM
+                                for d in dims):
+            raise UsageError(f"input shape for {name!r}: {dims!r} is not a list of integers between 1 and {MAX_DIM}")
+        out[str(name)] = [int(d) for d in dims]
+    return out
 
 
 def _fixed_inputs(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs have the given shapes (the model itself is left alone)."""
+    if not input_shapes:
+        return model
     inits = {t.name for t in model.graph.initializer}
     inputs = {vi.name: vi for vi in model.graph.input if vi.name not in inits}
     unknown = sorted(set(input_shapes) - set(inputs))
     if unknown:
         raise UsageError(f"--input-shape names {', '.join(map(repr, unknown))}, not an input of the model "
                          f"(inputs: {', '.join(inputs) or 'none'})")
+    for name, dims in input_shapes.items():
+        tt = inputs[name].type
+        if not tt.HasField("tensor_type"):
+            raise UsageError(f"--input-shape {name!r}: that input is not a tensor")
+        if tt.tensor_type.HasField("shape"):
+            shape = tt.tensor_type.shape.dim
+            if len(shape) != len(dims):
+                raise UsageError(f"--input-shape {name!r} has {len(dims)} dims, the model's input has {len(shape)} "
+                                 f"({_dims_text(_tensor_info(tt).shape)})")
+            for j, (dim, d) in enumerate(zip(shape, dims)):
+                if dim.HasField("dim_value") and dim.dim_value >= 0 and dim.dim_value != d:
+                    raise UsageError(f"--input-shape {name!r}: dim {j} is fixed to {dim.dim_value} in the model, not {d}")
     m = onnx.ModelProto()
     m.CopyFrom(model)
     for vi in m.graph.input:
-        if vi.name not in input_shapes:
-            continue
-        dims = input_shapes[vi.name]
-        if any(d <= 0 or d > MAX_DIM for d in dims):
-            raise UsageError(f"--input-shape for {vi.name!r}: dims must be between 1 and {MAX_DIM}")
-        shape = vi.type.tensor_type.shape
-        if vi.type.tensor_type.HasField("shape") and len(shape.dim) != len(dims):
-            raise UsageError(f"--input-shape for {vi.name!r} has {len(dims)} dims, the model's input has {len(shape.dim)}")
-        for j, (dim, d) in enumerate(zip(shape.dim, dims)) if vi.type.tensor_type.HasField("shape") else ():
-            if dim.HasField("dim_value") and dim.dim_value != d:
-                raise UsageError(f"--input-shape for {vi.name!r}: dim {j} is fixed to {dim.dim_value} in the model, not {d}")
-        shape.Clear()
-        for d in dims:
-            shape.dim.add().dim_value = d
+        if vi.name in input_shapes:
+            shape = vi.type.tensor_type.shape
+            shape.Clear()
+            for d in input_shapes[vi.name]:
+                shape.dim.add().dim_value = d
     return m
 
 
-def _infer(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
-    """onnx shape inference, strict first; returns the inferred model and a warning if strict failed."""
-    if model.ByteSize() > PROTOBUF_LIMIT:
-        return model, "model over 2 GB: shape inference skipped"
+def _dims_text(shape: tuple | None) -> str:
+    return "?" if shape is None else "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _infer(model: onnx.ModelProto, size: int | None = None, data: bytes | None = None) -> tuple[onnx.ModelProto, str | None]:
+    """onnx shape inference, strict first; returns the inferred model and a warning when strict failed.
+
+    ``size`` is the model's serialized size and ``data`` the serialized model, when known.
+    """
+    if (model.ByteSize() if size is None else size) > _io.PROTOBUF_LIMIT:
+        return model, "model over 2 GB given in memory: shape inference skipped (load it from its file)"
+    source = model if data is None else data
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True), None
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        try:
-            return onnx.shape_inference.infer_shapes(model, data_prop=True), f"strict shape inference failed ({msg}); shapes are partial"
-        except Exception as e2:  # noqa: BLE001 - any inference crash becomes a warning, the graph is still usable
-            return model, f"shape inference failed ({str(e2).splitlines()[0] if str(e2) else type(e2).__name__}); shapes unknown"
+        return onnx.shape_inference.infer_shapes(source, check_type=True, strict_mode=True, data_prop=True), None
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError, ValueError) as e:
+        msg = first_line(e)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(source, data_prop=True)
+        return inferred, f"strict shape inference failed ({msg}); the shapes onnx could infer are used, others are unknown"
+    except Exception as e:  # noqa: BLE001 - any inference crash becomes a warning, the graph is still usable
+        return model, f"shape inference failed ({first_line(e)}); shapes unknown"
 
 
 def _collect_shapes(cg: ConvGraph, g: onnx.GraphProto) -> None:
+    """Fill ``cg.shapes`` (and its edges' ``info``) from the inferred ``g``, subgraphs included."""
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         info = _tensor_info(vi.type)
         if info is not None:
             cg.shapes[vi.name] = info
     for t in g.initializer:
         cg.shapes.setdefault(t.name, TensorInfo(t.data_type, tuple(t.dims)))
-    ops = cg.ops()
-    for nid, node in zip(ops, g.node):  # same order: the view was built from this graph
-        for name, sub in cg.graph.nodes[nid]["subgraphs"].items():
-            a = next(a for a in node.attribute if a.name == name.split("[")[0])
-            _collect_shapes(sub, a.g if a.type == onnx.AttributeProto.GRAPH else a.graphs[int(name.split("[")[1][:-1])])
+    for s in g.sparse_initializer:
+        cg.shapes.setdefault(s.values.name, TensorInfo(s.values.data_type, tuple(s.dims)))
+    nodes = cg.graph.nodes
+    for nid, node in zip(cg._op_ids, g.node):  # same order: the view was built from this graph
+        subs = nodes[nid]["subgraphs"]
+        if subs:
+            for key, body in _sub_protos(node):
+                _collect_shapes(subs[key], body)
+    shapes, info = cg.shapes, cg.shape_info
+    for _, _, d in cg.graph.edges(data=True):
+        t = d["tensor"]
+        d["info"] = shapes[t] if t in shapes else info(t)
+
+
+def _dynamic_inputs(g: onnx.GraphProto) -> list[tuple[str, tuple | None]]:
+    inits = {t.name for t in g.initializer}
+    out = []
+    for vi in g.input:
+        info = _tensor_info(vi.type)
+        if vi.name not in inits and info is not None and not info.static:
+            out.append((vi.name, info.shape))
+    return out
+
+
+def _dynamic_warning(dynamic: list[tuple[str, tuple | None]]) -> str:
+    listed = "; ".join(f"{name} {_dims_text(shape)}" for name, shape in dynamic)
+    name, shape = dynamic[0]
+    example = "D0,D1,..." if shape is None else ",".join(str(d) if isinstance(d, int) else "?" for d in shape)
+    return (f"dynamic input dims left unset: {listed}; shapes and MACs that depend on them are unknown. "
+            f"Set them with --input-shape NAME=D0,D1,... (here --input-shape {name}={example} with each ? an "
+            f"integer; input_shapes= in the API)")
 
 
 def load(source, input_shapes: "dict[str, list[int]] | None" = None, *, check: bool = True) -> ConvGraph:
     """Load a model (path, bytes or ModelProto) into a :class:`ConvGraph` with shapes inferred.
 
     ``input_shapes`` fixes dynamic input dims (``{"x": [1, 3, 640, 640]}``) for inference only: the
-    model itself keeps its dims. Dynamic dims left unset are named in a :class:`ConvGraphWarning`.
+    model itself keeps its dims. Dynamic dims left unset are named in a :class:`ConvGraphWarning`
+    (also kept in ``ConvGraph.warnings``), as is a failure of strict shape inference.
     """
-    model, base_dir = read_model(source, check=check)
-    cg = ConvGraph(model.graph, model)
-    cg.source_dir = base_dir
-    cg.input_shapes = dict(input_shapes or {})
-    inferred, warn = _infer(_fixed_inputs(model, cg.input_shapes))
-    if warn:
-        cg.warnings.append(warn)
-    _collect_shapes(cg, inferred.graph)
-    inits = {t.name for t in model.graph.initializer}
-    dynamic = []
-    for vi in inferred.graph.input:
-        info = _tensor_info(vi.type)
-        if vi.name not in inits and info is not None and (info.shape is None or not info.static):
-            dims = "?" if info.shape is None else ",".join(str(d) if d is not None else "?" for d in info.shape)
-            dynamic.append(f"{vi.name}=[{dims}]")
-    if dynamic:
-        cg.warnings.append(f"dynamic input dims left unset: {'; '.join(dynamic)}: shapes and MACs that depend on "
-                           f"them are unknown; fix them with --input-shape NAME=D0,D1,... (e.g. x=1,3,640,640)")
+    shapes = _checked_input_shapes(input_shapes)
+    with _gc_paused():
+        cg = _load(source, shapes, check)
     for w in cg.warnings:
         warnings.warn(w, ConvGraphWarning, stacklevel=2)
     return cg
 
 
-def save(graph_or_model, path, *, input_path=None, in_place: bool = False):
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector: building a graph of many small objects otherwise spends
+    a third of its time in collections that find nothing (everything built stays alive)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _load(source, shapes: dict[str, list[int]], check: bool) -> ConvGraph:
+    model, origin = read_model(source, check=check)
+    # a model over 2 GB is inferred from its skeleton: the model before its external data was read
+    big = origin.skeleton is not None and origin.size > _io.PROTOBUF_LIMIT
+    fixed = _fixed_inputs(origin.skeleton if big else model, shapes)  # a bad --input-shape fails before the build
+    cg = ConvGraph(model.graph, model)
+    cg.source_dir = origin.folder
+    cg.input_shapes = shapes
+    inferred, warn = _infer(fixed, None if big else origin.size, origin.data if fixed is model else None)
+    if warn:
+        cg.warnings.append(warn)
+    _collect_shapes(cg, inferred.graph)
+    dynamic = _dynamic_inputs(inferred.graph)
+    if dynamic:
+        cg.warnings.append(_dynamic_warning(dynamic))
+    return cg
+
+
+def save(graph_or_model, path, *, input_path=None, in_place: bool = False) -> Path:
     """Write a ConvGraph or ModelProto atomically (external data beside it above 2 GB)."""
     model = graph_or_model.to_model() if isinstance(graph_or_model, ConvGraph) else graph_or_model
     return write_model(model, path, input_path=input_path, in_place=in_place)
+
+
+__all__ = ["ConvGraph", "ConvGraphWarning", "TensorInfo", "free_names", "load", "parse_input_shape", "save"]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -16,139 +19,318 @@ from .errors import ModelError, UsageError
 PROTOBUF_LIMIT = 2**31 - 1
 #: A tensor claiming more elements than this is refused (10^11 elements would be 400 GB of fp32).
 MAX_ELEMENTS = 2**33
+#: Tensors at least this big go to the external data file when a model is saved above PROTOBUF_LIMIT.
+EXTERNAL_THRESHOLD = 1024
 
+_T = onnx.TensorProto
 _ITEMSIZE = {
-    onnx.TensorProto.FLOAT: 4, onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT8: 1,
-    onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT16: 2, onnx.TensorProto.INT32: 4,
-    onnx.TensorProto.INT64: 8, onnx.TensorProto.BOOL: 1, onnx.TensorProto.FLOAT16: 2,
-    onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.UINT32: 4, onnx.TensorProto.UINT64: 8,
-    onnx.TensorProto.COMPLEX64: 8, onnx.TensorProto.COMPLEX128: 16, onnx.TensorProto.BFLOAT16: 2,
+    _T.FLOAT: 4, _T.UINT8: 1, _T.INT8: 1, _T.UINT16: 2, _T.INT16: 2, _T.INT32: 4, _T.INT64: 8, _T.BOOL: 1,
+    _T.FLOAT16: 2, _T.DOUBLE: 8, _T.UINT32: 4, _T.UINT64: 8, _T.COMPLEX64: 8, _T.COMPLEX128: 16, _T.BFLOAT16: 2,
+    _T.FLOAT8E4M3FN: 1, _T.FLOAT8E4M3FNUZ: 1, _T.FLOAT8E5M2: 1, _T.FLOAT8E5M2FNUZ: 1,
 }
 _TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+_A = onnx.AttributeProto
 
 
-def read_model(source, *, check: bool = True) -> tuple[onnx.ModelProto, Path | None]:
+@dataclass
+class Source:
+    """Where a model came from: its file (None for bytes/protos) and, when it has external data, the
+    model as parsed before the data was read in (small; used for the checker and shape inference of
+    models too big for one protobuf message)."""
+
+    path: Path | None = None
+    skeleton: onnx.ModelProto | None = None
+    size: int = 0  #: serialized size of the model with its external data (what protobuf's limit applies to)
+    data: bytes | None = None  #: the serialized model when it was read whole (saves serializing it again)
+
+    @property
+    def folder(self) -> Path | None:
+        return self.path.parent if self.path is not None else None
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of ``model``: initializers, sparse initializers, Constant and other tensor
+    attributes, in the main graph, all subgraphs and all model-local functions."""
+    stack = [model.graph]
+    for f in model.functions:
+        yield from _node_tensors(f.node, stack)
+    while stack:
+        g = stack.pop()
+        yield from g.initializer
+        for s in g.sparse_initializer:
+            yield s.values
+            yield s.indices
+        yield from _node_tensors(g.node, stack)
+
+
+def _node_tensors(nodes, stack: list) -> Iterator[onnx.TensorProto]:
+    for node in nodes:
+        for a in node.attribute:
+            t = a.type
+            if t == _A.TENSOR:
+                yield a.t
+            elif t == _A.GRAPH:
+                stack.append(a.g)
+            elif t == _A.TENSORS:
+                yield from a.tensors
+            elif t == _A.GRAPHS:
+                stack.extend(a.graphs)
+            elif t == _A.SPARSE_TENSOR:
+                yield a.sparse_tensor.values
+                yield a.sparse_tensor.indices
+            elif t == _A.SPARSE_TENSORS:
+                for s in a.sparse_tensors:
+                    yield s.values
+                    yield s.indices
+
+
+def _strings(model: onnx.ModelProto) -> list:
+    """The values of the string fields of ``model`` that convgraph reads (names, types, docs, metadata)."""
+    out = [model.producer_name, model.domain, model.doc_string]
+    out += [x for p in model.metadata_props for x in (p.key, p.value)]
+    out += [o.domain for o in model.opset_import]
+    stack: list = [model.graph]
+    for f in model.functions:
+        out += [f.name, f.domain, *f.input, *f.output]
+        stack.append(f)
+    extend = out.extend
+    while stack:
+        g = stack.pop()
+        out += [g.name, g.doc_string]
+        if isinstance(g, onnx.GraphProto):
+            out += [vi.name for vi in (*g.input, *g.output, *g.value_info)]
+            out += [t.name for t in g.initializer]
+            out += [sp.values.name for sp in g.sparse_initializer]
+        for node in g.node:
+            extend((node.name, node.op_type, node.domain))
+            extend(node.input)
+            extend(node.output)
+            for at in node.attribute:
+                out.append(at.name)
+                if at.type == _A.GRAPH:
+                    stack.append(at.g)
+                elif at.type == _A.GRAPHS:
+                    stack.extend(at.graphs)
+    return out
+
+
+def _check_strings(model: onnx.ModelProto, what: str) -> None:
+    """Refuse text that is not UTF-8: protobuf hands such proto2 strings back as bytes, not str."""
+    if bytes in set(map(type, _strings(model))):
+        raise ModelError(f"{what}: a name or text field is not valid UTF-8; the file is corrupt")
+
+
+def read_model(source, *, check: bool = True) -> tuple[onnx.ModelProto, Source]:
     """Parse a model from a path, bytes or ModelProto; validate it; load its external data safely.
 
-    Returns the model and the folder it came from (None for bytes/protos). Any problem raises
-    :class:`ModelError` with one clear line.
+    A ModelProto is copied, never modified. Returns the model and where it came from. Any problem
+    raises :class:`ModelError` with one clear line.
     """
-    base_dir: Path | None = None
+    origin = Source()
     if isinstance(source, onnx.ModelProto):
-        model = source
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        what = "the given model"
+        origin.size = model.ByteSize()
     else:
         if isinstance(source, (bytes, bytearray, memoryview)):
             data, what = bytes(source), "the given bytes"
+        elif isinstance(source, (str, os.PathLike)):
+            origin.path = Path(os.fspath(source))
+            what = str(origin.path)
+            data = _read_file(origin.path)
+            origin.path = origin.path.resolve()
         else:
-            path = Path(os.fspath(source))
-            what = str(path)
-            if not path.exists():
-                raise ModelError(f"{path}: no such file")
-            if path.is_dir():
-                raise ModelError(f"{path}: is a directory, not an ONNX model file")
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                raise ModelError(f"{path}: cannot read ({e.strerror or e})") from None
-            base_dir = path.resolve().parent
-        if not data:
-            raise ModelError(f"{what}: empty file, not an ONNX model")
-        model = onnx.ModelProto()
-        try:
-            model.ParseFromString(data)
-        except (DecodeError, RuntimeError, ValueError) as e:
-            raise ModelError(f"{what}: not a valid ONNX model (truncated or corrupt protobuf: {e})") from None
-        if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
-            raise ModelError(f"{what}: parses as protobuf but is not an ONNX model (no graph, IR version or opset)")
-        _load_external(model, base_dir, what)
-    validate_tensors(model)
+            raise UsageError(f"cannot load a model from a {type(source).__name__}; give a path, bytes or ModelProto")
+        model = _parse(data, what)
+        origin.size, origin.data = len(data), data
+    _check_strings(model, what)
+    tensors = list(iter_tensors(model))
+    _check_sizes(tensors, what)  # before any data is read: absurd dims never reach an allocation
+    external = [t for t in tensors if external_data_helper.uses_external_data(t)]
+    if external:
+        if origin.path is None:
+            raise ModelError(f"{what}: the model uses external data; load it from its file path instead")
+        origin.skeleton = onnx.ModelProto()
+        origin.skeleton.CopyFrom(model)
+        _load_external(external, origin.folder, what)
+        origin.data = None  # the bytes lack the external data now read in
+        origin.size += sum(len(t.raw_data) for t in external)
+    _check_data(tensors, what)
     if check:
-        check_model(model)
-    return model, base_dir
+        check_model(model, origin=origin)
+    return model, origin
 
 
-def check_model(model: onnx.ModelProto, full: bool = False) -> None:
-    """onnx.checker, with its failure turned into one ModelError line."""
+def _read_file(path: Path) -> bytes:
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            return  # the checker needs a path for these; tensors were validated one by one
-        onnx.checker.check_model(model, full_check=full)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"model fails onnx.checker: {first}") from None
+        st = path.stat()
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ModelError(f"{path}: is a directory, not an ONNX model file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelError(f"{path}: not a regular file")
+    if st.st_size > PROTOBUF_LIMIT:
+        raise ModelError(f"{path}: {st.st_size} bytes is over protobuf's 2 GB limit; models this big must "
+                         f"keep their weights in external data files")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def _all_tensors(model: onnx.ModelProto):
-    return external_data_helper._get_all_tensors(model)  # initializers, Constant attrs, subgraphs
+def _parse(data: bytes, what: str) -> onnx.ModelProto:
+    if not data:
+        raise ModelError(f"{what}: empty file, not an ONNX model")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise ModelError(f"{what}: not a valid ONNX model (truncated or corrupt protobuf: {e})") from None
+    if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
+        raise ModelError(f"{what}: parses as protobuf but is not an ONNX model (no graph, IR version or opset)")
+    return model
 
 
-def _load_external(model: onnx.ModelProto, base_dir: Path | None, what: str) -> None:
-    external = [t for t in _all_tensors(model) if external_data_helper.uses_external_data(t)]
-    if not external:
-        return
-    if base_dir is None:
-        raise ModelError(f"{what}: the model uses external data; load it from its file path instead")
-    root = base_dir.resolve()
-    for t in external:
-        info = {e.key: e.value for e in t.external_data}
-        loc = info.get("location", "")
+def check_model(model: onnx.ModelProto, full: bool = False, *, origin: Source | None = None) -> None:
+    """onnx.checker, with its failure turned into one ModelError line.
+
+    A model over 2 GB cannot be checked in memory: it is checked from its file when it has one.
+    """
+    size = origin.size if origin is not None and origin.size else model.ByteSize()
+    try:
+        if size > PROTOBUF_LIMIT:
+            if origin is None or origin.path is None:
+                return  # nothing to check it from; its tensors were validated one by one
+            onnx.checker.check_model(str(origin.path), full_check=full)
+        else:
+            data = origin.data if origin is not None and origin.data is not None else model
+            onnx.checker.check_model(data, full_check=full)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError, RuntimeError,
+            OSError) as e:
+        raise ModelError(f"model fails onnx.checker: {first_line(e)}") from None
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (onnx's messages run over many lines)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _external_info(t: onnx.TensorProto, what: str) -> tuple[str, int, int | None]:
+    info = {e.key: e.value for e in t.external_data}
+    try:
+        offset = int(info.get("offset") or 0)
+        length = int(info["length"]) if info.get("length") else None
+    except ValueError:
+        raise ModelError(f"{what}: tensor {t.name!r} has a non-integer external data offset or length") from None
+    if offset < 0 or (length is not None and length < 0):
+        raise ModelError(f"{what}: tensor {t.name!r} has a negative external data offset or length")
+    return info.get("location", ""), offset, length
+
+
+def _load_external(tensors: list[onnx.TensorProto], root: Path, what: str) -> None:
+    """Read external data into ``tensors``, only from files inside ``root`` (the model's folder).
+
+    A symlink is followed only when where it leads is inside ``root`` too; the data is read from that
+    resolved path, so nothing outside can be swapped in between the check and the read.
+    """
+    for t in tensors:
+        loc, offset, length = _external_info(t, what)
         p = Path(loc)
-        if not loc or p.is_absolute() or ".." in p.parts:
+        if not loc or "\0" in loc or p.is_absolute() or p.drive or ".." in p.parts:
             raise ModelError(f"{what}: tensor {t.name!r} has external data path {loc!r} outside the model's folder; refused")
         full = (root / p).resolve()
-        if root != full and root not in full.parents:
+        if full != root and root not in full.parents:
             raise ModelError(f"{what}: tensor {t.name!r} external data {loc!r} resolves outside the model's folder; refused")
-        if not full.is_file():
+        if not full.exists():
             raise ModelError(f"{what}: tensor {t.name!r} needs external data file {loc!r}, which is missing")
-        offset, length = int(info.get("offset", 0) or 0), info.get("length")
-        need = offset + (int(length) if length else _expected_bytes(t))
-        if full.stat().st_size < need:
-            raise ModelError(f"{what}: external data file {loc!r} is too short for tensor {t.name!r}")
-    try:
-        external_data_helper.load_external_data_for_model(model, str(root))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{what}: cannot load external data ({e})") from None
+        if not full.is_file():
+            raise ModelError(f"{what}: tensor {t.name!r} external data {loc!r} is not a regular file")
+        size = length if length is not None else _expected_bytes(t)
+        have = full.stat().st_size
+        if have < offset + size:
+            raise ModelError(f"{what}: external data file {loc!r} is too short for tensor {t.name!r} "
+                             f"(needs {offset + size} bytes, has {have})")
+        try:
+            with open(full, "rb") as f:
+                f.seek(offset)
+                t.raw_data = f.read(size)
+        except OSError as e:
+            raise ModelError(f"{what}: cannot read external data {loc!r} ({e.strerror or e})") from None
+        t.data_location = _T.DEFAULT  # as onnx.load leaves it: the data is in the tensor now
+        del t.external_data[:]
 
 
-def _elements(t: onnx.TensorProto) -> int:
+def _elements(t: onnx.TensorProto, what: str) -> int:
     n = 1
     for d in t.dims:
         if d < 0:
-            raise ModelError(f"tensor {t.name!r} has a negative dim {list(t.dims)}")
+            raise ModelError(f"{what}: tensor {t.name!r} has a negative dim {list(t.dims)}")
         n *= d
     return n
 
 
 def _expected_bytes(t: onnx.TensorProto) -> int:
-    return _elements(t) * _ITEMSIZE.get(t.data_type, 1)
+    return _elements(t, "") * _ITEMSIZE.get(t.data_type, 1)
+
+
+def _check_sizes(tensors: list[onnx.TensorProto], what: str) -> None:
+    for t in tensors:
+        n = _elements(t, what)
+        if n > MAX_ELEMENTS:
+            raise ModelError(f"{what}: tensor {t.name!r} claims {n:.3g} elements (dims {list(t.dims)}); refused as absurd")
+
+
+def _check_data(tensors: list[onnx.TensorProto], what: str) -> None:
+    """Refuse tensors whose data disagrees with their dims (nothing is allocated for the check)."""
+    for t in tensors:
+        if t.data_type == _T.STRING or external_data_helper.uses_external_data(t):
+            continue
+        n = _elements(t, what)
+        if t.raw_data:
+            itemsize = _ITEMSIZE.get(t.data_type)
+            if itemsize and len(t.raw_data) != n * itemsize:
+                raise ModelError(f"{what}: tensor {t.name!r} dims {list(t.dims)} need {n * itemsize} bytes, "
+                                 f"its raw data has {len(t.raw_data)}")
+        elif n > 0 and not any(len(getattr(t, f)) for f in _TYPED_FIELDS):
+            raise ModelError(f"{what}: tensor {t.name!r} claims {n} elements (dims {list(t.dims)}) but holds no data")
 
 
 def validate_tensors(model: onnx.ModelProto) -> None:
     """Refuse tensors whose dims are absurd or disagree with the data they hold (no allocation happens)."""
-    for t in _all_tensors(model):
-        n = _elements(t)
-        if n > MAX_ELEMENTS:
-            raise ModelError(f"tensor {t.name!r} claims {n:.3g} elements (dims {list(t.dims)}); refused as absurd")
-        if external_data_helper.uses_external_data(t) or t.data_type == onnx.TensorProto.STRING:
-            continue
-        if t.HasField("raw_data") or t.raw_data:
-            have = len(t.raw_data)
-            itemsize = _ITEMSIZE.get(t.data_type)
-            if itemsize and have != n * itemsize:
-                raise ModelError(f"tensor {t.name!r}: dims {list(t.dims)} need {n * itemsize} bytes, raw data has {have}")
-        elif n > 0 and not any(len(getattr(t, f)) for f in _TYPED_FIELDS):
-            raise ModelError(f"tensor {t.name!r} claims {n} elements (dims {list(t.dims)}) but holds no data")
+    tensors = list(iter_tensors(model))
+    _check_sizes(tensors, "model")
+    _check_data(tensors, "model")
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode a plain ``open(path, "w")`` would give: the existing file's, else 0o666 minus the umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename.
+
+    A failure at any point leaves an existing ``path`` as it was, and no temp file behind.
+    """
     path = Path(path)
+    mode = _new_file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -156,31 +338,46 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def write_model(model: onnx.ModelProto, path, *, input_path=None, in_place: bool = False) -> Path:
-    """Save ``model`` atomically; models over 2 GB go to ``<name>.data`` beside it.
-
-    Refuses (UsageError) to write over ``input_path`` unless ``in_place``.
-    """
+def check_output_path(path, input_path=None, in_place: bool = False) -> Path:
+    """Refuse (UsageError) an output path that names the input (unless ``in_place``), a folder, or a file in
+    a folder that does not exist; call it before long work so a bad ``-o`` fails at once."""
     path = Path(os.fspath(path))
     if input_path is not None and not in_place and _same_file(path, Path(os.fspath(input_path))):
         raise UsageError(f"{path} is the input model; refusing to overwrite it (pass --in-place to allow)")
-    if not path.parent.exists():
-        raise UsageError(f"{path.parent}: output folder does not exist")
     if path.is_dir():
         raise UsageError(f"{path}: is a directory")
-    if model.ByteSize() <= PROTOBUF_LIMIT and not any(
-        external_data_helper.uses_external_data(t) for t in _all_tensors(model)
-    ):
+    if not path.parent.is_dir():
+        raise UsageError(f"{path.parent}: output folder does not exist")
+    return path
+
+
+def write_model(model: onnx.ModelProto, path, *, input_path=None, in_place: bool = False) -> Path:
+    """Save ``model`` atomically; a model over 2 GB goes with its tensors in ``<name>.data`` beside it.
+
+    Refuses (UsageError) to write over ``input_path`` unless ``in_place``.
+    """
+    path = check_output_path(path, input_path, in_place)
+    external = any(external_data_helper.uses_external_data(t) for t in iter_tensors(model))
+    if external:
+        raise UsageError("the model still refers to external data files; load it with convgraph.load first")
+    if model.ByteSize() <= PROTOBUF_LIMIT:
         atomic_write_bytes(path, model.SerializeToString())
         return path
     data_name = path.name + ".data"
     copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    copy.CopyFrom(model)  # convert_model_to_external_data edits the model it is given
+    external_data_helper.convert_model_to_external_data(
+        copy, all_tensors_to_one_file=True, location=data_name, size_threshold=EXTERNAL_THRESHOLD,
+        convert_attribute=True)
     with tempfile.TemporaryDirectory(prefix=".convgraph-", dir=path.parent) as tmp:
-        onnx.save_model(copy, os.path.join(tmp, path.name), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        os.replace(os.path.join(tmp, data_name), path.parent / data_name)
-        os.replace(os.path.join(tmp, path.name), path)
+        external_data_helper.write_external_data_tensors(copy, tmp)  # also drops raw_data from ``copy``
+        if copy.ByteSize() > PROTOBUF_LIMIT:
+            raise ModelError(f"{path}: the model is over 2 GB even without its tensors; cannot save it")
+        written = os.path.join(tmp, data_name)
+        if os.path.exists(written):
+            os.chmod(written, _new_file_mode(path.parent / data_name))
+            os.replace(written, path.parent / data_name)
+        atomic_write_bytes(path, copy.SerializeToString())
     return path
 
 

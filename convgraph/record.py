@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 #: Values of ConvRecord.kind.
@@ -71,5 +71,13 @@ class ConvRecord:
     rewrites: list[RewriteOption] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        return asdict(self)
+        """JSON-ready dict (tuples stay tuples, which JSON writes as lists); fast: no deep copy of the scalars."""
+        d = {name: getattr(self, name) for name in _RECORD_FIELDS}
+        d["patterns"] = list(self.patterns)
+        d["rewrites"] = [{**{name: getattr(o, name) for name in _REWRITE_FIELDS}, "params": dict(o.params)}
+                         for o in self.rewrites]
+        return d
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(ConvRecord))
+_REWRITE_FIELDS = tuple(f.name for f in fields(RewriteOption))

@@ -80,10 +80,12 @@ class Rule:
 class RuleContext:
     """What a rule may look at while matching and building: the graph, constant values, fresh names."""
 
-    def __init__(self, graph, records: "dict[str, ConvRecord] | None" = None, calibration: "dict | None" = None):
+    def __init__(self, graph, records: "dict[str, ConvRecord] | None" = None, calibration: "dict | None" = None,
+                 params: "dict | None" = None):
         self.graph = graph  # the ConvGraph holding the conv
         self.records = records or {}  # node_id -> ConvRecord, for patterns spanning nodes
         self.calibration = calibration or {}  # tensor name -> statistics (data-aware fits)
+        self.params = params or {}  # the rule's resolved params, for matches that depend on them
 
     def value(self, tensor: str) -> np.ndarray | None:
         """The constant value of ``tensor`` (initializer, Constant, ConstantOfShape, DequantizeLinear...)."""

@@ -36,8 +36,8 @@ def main(argv: "list[str] | None" = None) -> int:
     """Run the CLI; turn every expected failure into one line on stderr and an exit code."""
     warnings.simplefilter("ignore", ConvGraphWarning)  # commands print the graph's warnings themselves
     try:
-        cli.main(args=argv, prog_name="convgraph", standalone_mode=False)
-        return 0
+        rv = cli.main(args=argv, prog_name="convgraph", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0  # click returns ctx.exit()'s code here
     except ConvGraphError as e:
         err.print(f"convgraph: error: {e}", markup=False, highlight=False)
         return e.exit_code

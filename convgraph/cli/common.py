@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from typing import Any
 
@@ -14,8 +15,9 @@ from rich.console import Console
 from ..graph import parse_input_shape
 
 #: Human-facing output (tables, progress) goes to stdout unless --json; messages go to stderr.
-out = Console(highlight=False, soft_wrap=False)
-err = Console(stderr=True, highlight=False)
+_WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 160))  # pipes and logs get wide tables
+out = Console(highlight=False, soft_wrap=False, width=_WIDTH)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # messages stay one line
 
 
 def _parse_shapes(ctx, param, values) -> dict[str, list[int]]:
@@ -59,8 +61,45 @@ def _clean(o: Any):
     return o
 
 
-def emit_json(obj: Any) -> None:
-    """Write ``obj`` as one JSON document on stdout."""
-    text = json.dumps(_clean(json.loads(json.dumps(obj, default=_default))), indent=2)
+def emit_json(obj: Any, indent: int | None = 2) -> None:
+    """Write ``obj`` as one JSON document on stdout (``indent=None``: compact, several times faster on big documents)."""
+    try:
+        text = json.dumps(obj, default=_default, allow_nan=False, indent=indent)
+    except ValueError:  # NaN/inf somewhere: take the slow path that nulls them
+        text = json.dumps(_clean(json.loads(json.dumps(obj, default=_default))), indent=indent)
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def _number_list(kind):
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return [kind(v) for v in value.replace("x", ",").split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+    return parse
+
+
+def input_data_options(f):
+    """``--inputs/--samples/--seed/--image-size/--mean/--std/--layout``: what :func:`convgraph.inputs.make_inputs` takes."""
+    for opt in reversed([
+        click.option("--inputs", type=click.Path(), help="Inputs: an .npz (arrays named after the inputs, a leading "
+                     "axis of samples allowed) or a folder of images. Default: random."),
+        click.option("--samples", type=int, help="Random input sets (default 1); with --inputs, use at most this many."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."),
+        click.option("--image-size", callback=_number_list(int), metavar="H,W", help="Resize images to H,W."),
+        click.option("--mean", callback=_number_list(float), metavar="M[,M,M]",
+                     help="Images: subtracted per channel after scaling pixels to [0,1]."),
+        click.option("--std", callback=_number_list(float), metavar="S[,S,S]", help="Images: divisor per channel."),
+        click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True,
+                     help="Images: tensor layout."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def input_data_kwargs(kw: dict) -> dict:
+    """Pop the :func:`input_data_options` values from a command's kwargs, named as make_inputs wants them."""
+    return {k: kw.pop(k) for k in ("inputs", "samples", "seed", "image_size", "mean", "std", "layout")}

@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Time ``convgraph analyze --json`` (the whole process) against onnx-tool's profile on long conv chains.
+
+Usage: ``python benchmarks/bench_analyze.py [--sizes 5000,10000,20000,40000] [--repeat 1] [--no-onnx-tool]``.
+Each size is a model of that many nodes from :func:`make_chain.make_chain`. Both tools run in a fresh
+process (import, load, shape inference, analysis/profile, output), best of ``--repeat`` runs. onnx-tool
+is quadratic in the node count: its 40k-node run takes about 100 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_chain import make_chain  # noqa: E402
+
+ONNX_TOOL = """
+import contextlib, io, sys
+import onnx_tool
+with contextlib.redirect_stdout(io.StringIO()):
+    m = onnx_tool.Model(sys.argv[1])
+    m.graph.shape_infer()
+    m.graph.profile()
+"""
+
+
+def _convgraph_cmd(model: Path) -> list[str]:
+    exe = Path(sys.executable).with_name("convgraph")
+    if exe.exists():
+        return [str(exe), "analyze", "--json", str(model)]
+    return [sys.executable, "-c", "import sys; from convgraph.cli import entry; sys.argv[0] = 'convgraph'; entry()",
+            "analyze", "--json", str(model)]
+
+
+def timed(cmd: list[str], repeat: int) -> tuple[float, float]:
+    """Best (wall, CPU) seconds of ``repeat`` runs of ``cmd`` (stdout discarded; a failure stops the benchmark).
+
+    CPU time (user + system of the child) is reported too: on a busy machine it is the steadier number.
+    """
+    best_wall = best_cpu = float("inf")
+    for _ in range(repeat):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        best_wall, best_cpu = min(best_wall, wall), min(best_cpu, cpu)
+    return best_wall, best_cpu
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="5000,10000,20000,40000", help="comma-separated node counts")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per tool and size (best is kept)")
+    ap.add_argument("--no-onnx-tool", action="store_true", help="time convgraph only")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="convgraph-bench-") as tmp:
+        for n in sizes:
+            path = Path(tmp) / f"chain{n}.onnx"
+            onnx.save(make_chain(n), str(path))
+            cg = timed(_convgraph_cmd(path), args.repeat)
+            ot = None if args.no_onnx_tool else timed([sys.executable, "-c", ONNX_TOOL, str(path)], args.repeat)
+            rows.append((n, cg, ot))
+            os.unlink(path)
+            _print(rows)
+    return 0
+
+
+def _print(rows) -> None:
+    """Wall seconds (CPU seconds), µs of wall time per node, and the wall-time speed-up."""
+    print(f"\n{'nodes':>7} | {'convgraph s (cpu)':>18} {'µs/node':>8} | {'onnx-tool s (cpu)':>18} {'µs/node':>8} | "
+          f"{'speed-up':>8}")
+    for n, (cw, cc), ot in rows:
+        line = f"{n:7d} | {cw:9.2f} ({cc:6.2f}) {1e6 * cw / n:8.0f} | "
+        if ot is None:
+            line += f"{'-':>18} {'-':>8} | {'-':>8}"
+        else:
+            ow, oc = ot
+            line += f"{ow:9.2f} ({oc:6.2f}) {1e6 * ow / n:8.0f} | {ow / cw:7.1f}×"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""The analyzer: one :class:`~convgraph.record.ConvRecord` per convolution, over the main graph and every subgraph.
+
+``analyze(convgraph.load(path))`` classifies each conv (kind, quantized, dilated), computes its
+arithmetic (resolved pads, output shape, MACs, params), its receptive field relative to the model
+input, the blocks it belongs to (patterns), whether onnxruntime's fast depthwise path takes it, and
+what each applicable rewrite rule would save.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import onnx
+
+from . import arithmetic as ar
+from .errors import ModelError
+from .graph import ConvGraph
+from .record import KINDS, ConvRecord, RewriteOption
+from .weights import constant_shape, constant_source
+
+
+@dataclass(frozen=True)
+class ConvOp:
+    """Where a conv op keeps its weight and bias, and how it lays out its data."""
+
+    weight: int
+    bias: int | None
+    transposed: bool = False
+    quantized: bool = False
+    channels_last: bool = False
+
+
+#: (domain, op_type) → ConvOp for every convolution op convgraph knows.
+CONV_OPS: dict[tuple[str, str], ConvOp] = {
+    ("", "Conv"): ConvOp(1, 2),
+    ("", "ConvTranspose"): ConvOp(1, 2, transposed=True),
+    ("", "ConvInteger"): ConvOp(1, None, quantized=True),
+    ("", "QLinearConv"): ConvOp(3, 8, quantized=True),
+    ("com.microsoft", "FusedConv"): ConvOp(1, 2),
+    ("com.microsoft", "NhwcConv"): ConvOp(1, 2, channels_last=True),
+    ("com.microsoft", "NhwcFusedConv"): ConvOp(1, 2, channels_last=True),
+    ("com.microsoft", "QLinearConv"): ConvOp(3, 8, quantized=True),
+    ("com.microsoft", "ConvTransposeWithDynamicPads"): ConvOp(1, 3, transposed=True),
+}
+CONV_OP_TYPES = frozenset(op for _, op in CONV_OPS)
+
+
+def conv_op(data: dict) -> ConvOp | None:
+    """The :class:`ConvOp` of a graph node's data, or None when it is not a convolution."""
+    if data.get("kind") != "op":
+        return None
+    domain = "" if data["domain"] in ("", "ai.onnx") else data["domain"]
+    return CONV_OPS.get((domain, data["op_type"]))
+
+
+def _str(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def classify(transposed: bool, kernel: tuple[int, ...], group: int, in_channels: int | None) -> str:
+    """The conv's kind (one of :data:`~convgraph.record.KINDS`)."""
+    if transposed:
+        return "transposed"
+    one = all(k == 1 for k in kernel)
+    if group == 1:
+        return "pointwise" if one else "standard"
+    if in_channels is not None and group == in_channels:
+        return "depthwise"
+    return "pointwise_grouped" if one else "grouped"
+
+
+def checkerboard(kernel: tuple[int, ...], strides: tuple[int, ...], dilations: tuple[int, ...]) -> bool:
+    """Uneven overlap of a transposed conv: the output phases do not all receive the same number of taps."""
+    for k, s, d in zip(kernel, strides, dilations):
+        if s > 1:
+            counts = Counter((t * d) % s for t in range(k))
+            if len(counts) < s or len(set(counts.values())) > 1:
+                return True
+    return False
+
+
+def _dims(shape) -> tuple | None:
+    """A shape as a tuple; the names onnx gives dims it cannot infer (unk__0, unk__1...) become None."""
+    if shape is None:
+        return None
+    if all(type(d) is int for d in shape):
+        return tuple(shape)
+    return tuple(None if isinstance(d, str) and d.startswith("unk__") else d for d in shape)
+
+
+def _merge_shape(computed: tuple | None, inferred: tuple | None) -> tuple | None:
+    """Per dim: a computed int, else what shape inference said (int or symbolic name), else None."""
+    inferred = _dims(inferred)
+    if computed is None:
+        return inferred
+    if inferred is None or len(inferred) != len(computed):
+        return computed
+    return tuple(c if ar.known(c) else i for c, i in zip(computed, inferred))
+
+
+def _check_geometry(nid: str, path: str, kernel, strides, dilations, group: int, pads, auto_pad: str) -> None:
+    """ModelError (one line) for attributes no runtime accepts, before any arithmetic divides by them."""
+    where = f"conv {nid!r}" + (f" in {path}" if path else "")
+    nd = len(kernel)
+    if len(strides) != nd or len(dilations) != nd or (pads and len(pads) != 2 * nd):
+        raise ModelError(f"{where}: kernel {list(kernel)}, strides {list(strides)}, dilations {list(dilations)} and "
+                         f"pads {list(pads)} disagree on the number of spatial dims")
+    if min(kernel) < 1 or min(strides) < 1 or min(dilations) < 1 or group < 1 or (pads and min(pads) < 0):
+        raise ModelError(f"{where}: kernel, strides, dilations and group must be positive, pads non-negative "
+                         f"(kernel {list(kernel)}, strides {list(strides)}, dilations {list(dilations)}, "
+                         f"group {group})")
+    if auto_pad not in ar.AUTO_PADS:
+        raise ModelError(f"{where}: unknown auto_pad {auto_pad!r}")
+
+
+def conv_record(cg: ConvGraph, nid: str) -> ConvRecord | None:
+    """The record of conv node ``nid`` of ``cg`` (None if it is not a conv or its weight shape is unknown)."""
+    data = cg.graph.nodes[nid]
+    spec = conv_op(data)
+    if spec is None:
+        return None
+    node, attrs = data["proto"], data["attrs"]
+    x = node.input[0] if node.input else ""
+    w = node.input[spec.weight] if len(node.input) > spec.weight else ""
+    has_b = spec.bias is not None and len(node.input) > spec.bias and node.input[spec.bias]
+    b = node.input[spec.bias] if has_b else None
+    wshape = constant_shape(cg, w) if w else None
+    if wshape is None and w:
+        inferred = cg.shape(w)
+        wshape = tuple(inferred) if inferred is not None and all(ar.known(d) for d in inferred) else None
+    kernel = tuple(int(k) for k in attrs.get("kernel_shape", ())) or (tuple(wshape[2:]) if wshape else ())
+    if wshape is None or len(wshape) < 3 or not kernel:
+        return None
+    nd = len(kernel)
+    strides = tuple(int(s) for s in attrs.get("strides", ())) or (1,) * nd
+    dilations = tuple(int(d) for d in attrs.get("dilations", ())) or (1,) * nd
+    group = int(attrs.get("group", 1))
+    auto_pad = _str(attrs.get("auto_pad", "NOTSET")) or "NOTSET"
+    _check_geometry(nid, cg.path, kernel, strides, dilations, group, attrs.get("pads", ()), auto_pad)
+    channels_last = spec.channels_last or bool(attrs.get("channels_last", 0))
+    if spec.transposed:
+        in_channels, out_channels = int(wshape[0]), int(wshape[1]) * group
+    else:
+        in_channels, out_channels = int(wshape[1]) * group, int(wshape[0])
+
+    in_shape = _dims(cg.shape(x)) if x else None
+    if in_shape is not None and len(in_shape) == nd + 2:
+        in_spatial = in_shape[1:-1] if channels_last else in_shape[2:]
+        batch = in_shape[0]
+    else:
+        in_spatial, batch = (None,) * nd, None
+    output_padding = tuple(int(p) for p in attrs.get("output_padding", ()))
+    if spec.transposed:
+        pads, out_spatial = ar.conv_transpose_geometry(
+            in_spatial, kernel, strides, dilations, attrs.get("pads", ()), auto_pad,
+            output_padding, attrs.get("output_shape", ()))
+    else:
+        pads = ar.conv_pads(in_spatial, kernel, strides, dilations, attrs.get("pads", ()), auto_pad)
+        out_spatial = ar.conv_output_spatial(in_spatial, kernel, strides, dilations, attrs.get("pads", ()), auto_pad)
+    computed = (batch, *out_spatial, out_channels) if channels_last else (batch, out_channels, *out_spatial)
+    out_name = node.output[0] if node.output else ""
+    output_shape = _merge_shape(computed, cg.shape(out_name) if out_name else None)
+
+    if spec.transposed:
+        macs = ar.conv_transpose_macs(in_shape, out_channels // group, kernel)
+    else:
+        macs = ar.conv_macs(output_shape, in_channels // group, kernel)
+    has_bias = b is not None
+    adds = ar.bias_adds(output_shape) if has_bias else 0
+    macs_bias = None if macs is None or adds is None else macs + adds
+    bias_shape = constant_shape(cg, b) if b else None
+    params = ar.prod(wshape) + ((ar.prod(bias_shape) if bias_shape is not None else out_channels) if has_bias else 0)
+    source = constant_source(cg, w) if w else "unknown"
+    kind = classify(spec.transposed, kernel, group, in_channels)
+    return ConvRecord(
+        name=node.name, node_id=nid, op_type=node.op_type, domain=node.domain, graph=cg.path, kind=kind,
+        spatial_dims=nd, quantized=spec.quantized or source == "DequantizeLinear",
+        dilated=any(d > 1 and k > 1 for d, k in zip(dilations, kernel)),
+        kernel=kernel, strides=strides, pads=tuple(pads), dilations=dilations, group=group,
+        in_channels=in_channels, out_channels=out_channels,
+        depth_multiplier=out_channels // in_channels if kind == "depthwise" else None,
+        input=x, weight=w, bias=b, output=out_name, input_shape=in_shape, output_shape=output_shape,
+        macs=macs, macs_bias=macs_bias, params=params, has_bias=has_bias, weight_source=source,
+        auto_pad=auto_pad, output_padding=output_padding,
+        checkerboard=spec.transposed and checkerboard(kernel, strides, dilations),
+    )
+
+
+# ---- onnxruntime's fast depthwise path ------------------------------------------------------------
+def host_simd_block() -> int:
+    """onnxruntime's NCHWc block size on this CPU: 16 with AVX-512F, 8 with AVX2, else 0 (no NCHWc path)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if "avx512f" in flags:
+        return 16
+    if "avx2" in flags:
+        return 8
+    return 0
+
+
+def _elem_type(cg: ConvGraph, tensor: str | None) -> int | None:
+    g = cg
+    while g is not None:
+        info = g.shapes.get(tensor)
+        if info is not None:
+            return info.elem_type
+        g = g.parent
+    return None
+
+
+def fast_depthwise(r: ConvRecord, simd_block: int, cg: ConvGraph | None = None) -> tuple[bool, str]:
+    """Whether onnxruntime's NCHWc depthwise kernel takes a depthwise conv, and why (not).
+
+    onnxruntime's NchwcTransformer (CPU, graph optimization level ALL) rewrites a Conv when it is 2D
+    with static fp32 weights and bias, one input channel per group, C_out = group (multiplier 1) and
+    C_out a multiple of the SIMD block (8 on AVX2, 16 on AVX-512); otherwise a depthwise conv runs as
+    one small GEMM per channel (onnxruntime issue #9192). ``cg`` (the conv's graph) adds the dtype checks.
+    """
+    why = []
+    if r.op_type not in ("Conv", "FusedConv"):
+        why.append(f"{r.op_type} has no NCHWc kernel")
+    if r.spatial_dims != 2:
+        why.append(f"{r.spatial_dims}D (NCHWc is 2D only)")
+    if r.weight_source not in ("initializer", "Constant"):
+        why.append(f"weight is not a static constant ({r.weight_source})")
+    elif r.quantized:
+        why.append("quantized weights (NCHWc is fp32)")
+    if cg is not None:
+        for what, tensor in (("weight", r.weight), ("bias", r.bias)):
+            t = _elem_type(cg, tensor) if tensor else None
+            if t is not None and t != onnx.TensorProto.FLOAT:
+                why.append(f"{what} is {onnx.TensorProto.DataType.Name(t).lower()}, not float32")
+        if r.bias and constant_source(cg, r.bias) not in ("initializer", "Constant"):
+            why.append("bias is not a static constant")
+    if r.depth_multiplier != 1:
+        why.append(f"depth multiplier {r.depth_multiplier} (needs 1)")
+    if simd_block <= 1:
+        why.append("this CPU has no NCHWc path (needs AVX2 or AVX-512)")
+    elif r.out_channels is not None and r.out_channels % simd_block:
+        why.append(f"{r.out_channels} channels, not a multiple of the SIMD block {simd_block}")
+    if why:
+        return False, "slow per-channel GEMM path: " + "; ".join(why)
+    return True, f"NCHWc depthwise kernel ({r.out_channels} channels, SIMD block {simd_block})"
+
+
+# ---- the analysis ---------------------------------------------------------------------------------
+@dataclass
+class Analysis:
+    """The result of :func:`analyze`: records in model order, totals, warnings, model and input info."""
+
+    convs: list[ConvRecord]
+    totals: dict[str, Any]
+    warnings: list[str]
+    model: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    graphs: dict[str, ConvGraph] = field(default_factory=dict, repr=False)  # subgraph path → ConvGraph
+
+    def by_id(self, graph: str = "") -> dict[str, ConvRecord]:
+        """node_id → record for the convs of one graph (the main graph by default)."""
+        return {r.node_id: r for r in self.convs if r.graph == graph}
+
+    def record(self, node_id: str, graph: str = "") -> ConvRecord:
+        """The record of conv ``node_id`` in ``graph``; KeyError if there is none."""
+        for r in self.convs:
+            if r.node_id == node_id and r.graph == graph:
+                return r
+        raise KeyError(f"no conv {node_id!r} in graph {graph or 'main'!r}")
+
+    def __iter__(self) -> Iterator[ConvRecord]:
+        return iter(self.convs)
+
+    def __len__(self) -> int:
+        return len(self.convs)
+
+    def to_dict(self, convs: "list[ConvRecord] | None" = None) -> dict[str, Any]:
+        """``{"model", "inputs", "convs", "totals"}``, JSON-ready (warnings are not part of it).
+
+        ``convs``: the records to list (e.g. sorted, or the top N); default all. Totals stay whole.
+        """
+        return {"model": self.model, "inputs": self.inputs,
+                "convs": [r.to_dict() for r in (self.convs if convs is None else convs)], "totals": self.totals}
+
+
+def _sum(values: list[int | None]) -> int | None:
+    return None if any(v is None for v in values) else sum(values)
+
+
+def totals(records: list[ConvRecord]) -> dict[str, Any]:
+    """Count, MACs (None when any is unknown), MACs with bias and params: overall and per kind."""
+
+    def block(rs: list[ConvRecord]) -> dict[str, Any]:
+        return {"convs": len(rs), "macs": _sum([r.macs for r in rs]), "macs_bias": _sum([r.macs_bias for r in rs]),
+                "params": sum(r.params for r in rs), "macs_unknown": sum(r.macs is None for r in rs)}
+
+    out = block(records)
+    out["by_kind"] = {k: block([r for r in records if r.kind == k]) for k in KINDS if any(r.kind == k for r in records)}
+    return out
+
+
+def _model_info(cg: ConvGraph) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    m = cg.model
+    info = {
+        "graph": m.graph.name, "producer": f"{m.producer_name} {m.producer_version}".strip(),
+        "ir_version": m.ir_version,
+        "opsets": {(o.domain or "ai.onnx"): o.version for o in m.opset_import},
+        "nodes": sum(sum(1 for _, d in g.graph.nodes(data=True) if d["kind"] == "op") for g in cg.walk()),
+    }
+    inits = {t.name for t in m.graph.initializer}
+    inputs = []
+    for vi in m.graph.input:
+        if vi.name in inits:
+            continue
+        shape = cg.shape(vi.name)
+        info_t = cg.shapes.get(vi.name)
+        inputs.append({"name": vi.name, "shape": list(shape) if shape is not None else None,
+                       "elem_type": info_t.elem_type if info_t else None,
+                       "fixed": vi.name in getattr(cg, "input_shapes", {})})
+    return info, inputs
+
+
+def analyze(cg: ConvGraph, *, rewrites: bool = True, simd_block: int | None = None) -> Analysis:
+    """Analyze every convolution of ``cg`` (main graph and subgraphs), in model order.
+
+    ``rewrites``: estimate each applicable rule of :func:`convgraph.registry.all_rules`.
+    ``simd_block``: onnxruntime's NCHWc block size for the fast-depthwise check (default: this CPU's).
+    """
+    from .patterns import detect_patterns
+    from .receptive import receptive_fields
+
+    block = host_simd_block() if simd_block is None else simd_block
+    records: list[ConvRecord] = []
+    graphs: dict[str, ConvGraph] = {}
+    warnings = list(cg.warnings)
+    rf_maps: dict[str, dict] = {}
+    for g in cg.walk():
+        graphs[g.path] = g
+        order = g.topological_order()
+        rf = receptive_fields(g, rf_maps.get(g.parent.path) if g.parent is not None else None, order)
+        rf_maps[g.path] = rf
+        graph_records = []
+        for nid in order:
+            data = g.graph.nodes[nid]
+            if conv_op(data) is None:
+                continue
+            r = conv_record(g, nid)
+            if r is None:
+                warnings.append(f"conv {nid!r}{' in ' + g.path if g.path else ''}: weight shape unknown; skipped")
+                continue
+            r.receptive_field, r.effective_stride = _rf_of(rf.get(r.output), r.spatial_dims)
+            if r.kind == "depthwise":
+                r.fast_depthwise, r.fast_depthwise_reason = fast_depthwise(r, block, g)
+            graph_records.append(r)
+        detect_patterns(g, graph_records, order)
+        if rewrites:
+            _add_rewrites(g, graph_records)
+        records.extend(graph_records)
+    model, inputs = _model_info(cg)
+    return Analysis(records, totals(records), warnings, model, inputs, graphs)
+
+
+def _rf_of(entry, nd: int) -> tuple[tuple | None, tuple | None]:
+    if entry is None or len(entry) != nd:
+        return None, None
+    rf = tuple(int(-(-r // 1)) for r, _ in entry)
+    stride = tuple(int(j) if j.denominator == 1 else float(j) for _, j in entry)
+    return rf, stride
+
+
+def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
+    from .registry import all_rules
+    from .rule import RuleContext
+
+    rules = [r for r in all_rules().values() if r.estimate is not None]
+    if not rules:
+        return
+    ctx = RuleContext(g, {r.node_id: r for r in records})
+    for rec in records:
+        for rule in rules:
+            if rule.match(rec, ctx) is not None:
+                continue
+            params = rule.resolve_params({})
+            macs_after, params_after, kind_after = rule.estimate(rec, params)
+            rec.rewrites.append(RewriteOption(rule.name, params, rule.is_exact(params), macs_after, params_after,
+                                              kind_after))
+
+
+def best_saving(r: ConvRecord) -> tuple[RewriteOption | None, float | None]:
+    """The rewrite saving the largest share of this conv's MACs, and that share (None when unknown)."""
+    best, share = None, None
+    for opt in r.rewrites:
+        if r.macs and opt.macs_after is not None:
+            s = 1 - opt.macs_after / r.macs
+            if share is None or s > share:
+                best, share = opt, s
+    return best, share

@@ -1,0 +1,61 @@
+"""``convgraph bench MODEL [MODEL2 ...]``: latency with onnxruntime; several models timed interleaved."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from ..bench import BenchReport, bench
+from ..runtime import OPT_LEVELS
+from . import cli
+from .common import emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, out
+
+
+def render(report: BenchReport) -> None:
+    """The human-readable report on stdout."""
+    env = report.environment
+    threads = report.threads if report.threads is not None else "default"
+    out.print(f"onnxruntime {env['onnxruntime']}, provider {report.provider}"
+              f"{' (IO binding)' if report.io_binding else ''}, threads {threads}"
+              f"{'' if report.spinning else ' (no spinning)'}, opt level {report.opt_level}; "
+              f"{env['cpu']} ({env['cpu_count']} cores); inputs: {report.inputs}")
+    t = Table(title_justify="left")
+    for col in ("model", "session s", "median ms", "IQR ms", "min ms", "items/s", "runs"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    ratio_by_name = {r.name: r for r in report.ratios}
+    if report.ratios:
+        t.add_column(f"speed-up vs {report.models[0].name} (median [IQR] of pairs)", justify="right")
+    for m in report.models:
+        row = [m.name, f"{m.session_s:.3f}", f"{m.median_ms:.3f}", f"{m.iqr_ms:.3f}", f"{m.min_ms:.3f}",
+               f"{m.throughput_per_s:.1f}", f"{m.runs} (+{m.warmup} warm-up)"]
+        if report.ratios:
+            r = ratio_by_name.get(m.name)
+            row.append("baseline" if r is None else f"{r.median:.3f}× [{r.q1:.3f}–{r.q3:.3f}]")
+        t.add_row(*row)
+    out.print(t)
+
+
+@cli.command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.option("--runs", type=int, default=100, show_default=True, help="Timed runs per model.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per model first.")
+@click.option("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--opt-level", type=click.Choice(OPT_LEVELS), default="all", show_default=True,
+              help="onnxruntime graph optimization level.")
+@click.option("--spin/--no-spin", "spinning", default=None,
+              help="onnxruntime's intra-op threads busy-wait between runs (default: only for a single model).")
+@input_data_options
+@input_shape_option
+@json_option
+def bench_command(models, runs, warmup, threads, provider, opt_level, spinning, input_shapes, as_json, **kw) -> None:
+    """Time MODEL (and MODEL2 ... interleaved with it: A B A B, ratios pair by pair) with onnxruntime."""
+    data = input_data_kwargs(kw)
+    data.pop("samples")  # the first sample feeds every run
+    report = bench(list(models), input_shapes=input_shapes, runs=runs, warmup=warmup, provider=provider,
+                   threads=threads, opt_level=opt_level, spinning=spinning, progress=False if as_json else None,
+                   **data)
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        render(report)

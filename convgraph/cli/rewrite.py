@@ -1,0 +1,130 @@
+"""``convgraph rewrite``: apply rules to a model's convs, check the result, write it."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from ..errors import UsageError
+from ..io import check_output_path, write_model
+from ..rewrite import Selection, rewrite
+from . import cli
+from .common import emit_json, err, input_data_kwargs, input_data_options, input_shape_option, json_option, out, warn
+
+
+def _fmt(v, spec=",") -> str:
+    return "?" if v is None else format(v, spec)
+
+
+def _params(ctx, param, values) -> dict[str, str]:
+    parsed = {}
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(f"{v!r}: expected KEY=VALUE", param=param)
+        k, val = v.split("=", 1)
+        parsed[k.strip()] = val.strip()
+    return parsed
+
+
+def render(report) -> None:
+    """The human report: rewritten nodes, model-level error and latency, totals."""
+    if report.explain and not report.changes:
+        out.print("[yellow]nothing to rewrite[/yellow]")
+    if report.changes:
+        t = Table(title="dry run: would rewrite" if report.dry_run else "rewritten nodes")
+        for col in ("node", "rule", "kind before → after", "MACs before → after", "params before → after", "exact",
+                    "weight err", "output err", "output cos"):
+            t.add_column(col, justify="right" if "MACs" in col or "params" in col or "err" in col or "cos" in col else "left")
+        for c in report.changes:
+            t.add_row(c.node, c.rule, f"{c.kind_before} → {c.kind_after}", f"{_fmt(c.macs_before)} → {_fmt(c.macs_after)}",
+                      f"{c.params_before:,} → {c.params_after:,}", "yes" if c.exact else "no",
+                      _fmt(c.weight_error, ".3g"), _fmt(c.output_error, ".3g"), _fmt(c.output_cosine, ".6f"))
+        out.print(t)
+        tot = report.totals
+        ratio = (f" ({tot['macs_before'] / tot['macs_after']:.2f}× fewer)"
+                 if tot["macs_after"] and tot["macs_before"] else "")
+        out.print(f"{tot['rewritten']} node(s): MACs {_fmt(tot['macs_before'])} → {_fmt(tot['macs_after'])}{ratio}, "
+                  f"params {_fmt(tot['params_before'])} → {_fmt(tot['params_after'])}")
+    if report.checks:
+        out.print("checks: " + ", ".join(f"{k} {v}" for k, v in report.checks.items()))
+    if report.verification:
+        v = report.verification
+        t = Table(title=f"model outputs vs original: {'PASS' if v.get('passed') else 'FAIL'}")
+        rows = v.get("outputs", {})
+        keys = [k for k in ("max_abs_err", "scaled_err", "mean_abs_err", "cosine", "snr_db", "top1") if any(k in m for m in rows.values())]
+        t.add_column("output")
+        for k in keys:
+            t.add_column(k, justify="right")
+        for name, m in rows.items():
+            t.add_row(name, *[_fmt(m.get(k), ".4g") for k in keys])
+        out.print(t)
+    if report.latency:
+        lat = report.latency
+        out.print("latency: " + lat.get("summary", str(lat)))
+
+
+def _explain(report) -> None:
+    t = Table(title="rule matching, per conv")
+    for col in ("node", "rule", "applies", "reason"):
+        t.add_column(col)
+    for e in report.explain:
+        t.add_row(e.node, e.rule, "yes" if e.applies else "no", e.reason)
+    out.print(t)
+
+
+@cli.command("rewrite")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--rule", "rules", multiple=True, required=True, help="Rule to apply (repeatable; see `convgraph rules`).")
+@click.option("--param", "params", multiple=True, callback=_params, metavar="KEY=VALUE",
+              help="Rule parameter, e.g. rank=full (repeatable).")
+@click.option("--nodes", help="Only convs whose name matches this regex.")
+@click.option("--exclude", help="Skip convs whose name matches this regex.")
+@click.option("--kind", "kinds", multiple=True, help="Only convs of this kind (standard, pointwise, ...; repeatable).")
+@click.option("--min-macs", type=int, help="Only convs with at least this many MACs.")
+@input_shape_option
+@input_data_options
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime numerics check.")
+@click.option("--atol", type=float, help="Require model outputs within this absolute tolerance (exit 1 otherwise).")
+@click.option("--rtol", type=float, help="Require model outputs within this relative tolerance.")
+@click.option("--min-cosine", type=float, help="Require each output's cosine similarity to the original ≥ this.")
+@click.option("--bench/--no-bench", default=True, show_default=True, help="Time original vs rewritten (onnxruntime).")
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per model for --bench.")
+@click.option("--threads", type=int, help="onnxruntime intra-op threads for --bench (default: onnxruntime's).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the rewritten model.")
+@click.option("--in-place", is_flag=True, help="Allow -o to name the input model.")
+@click.option("--keep-failed", is_flag=True, help="Write the output even when a tolerance is exceeded.")
+@click.option("--dry-run", is_flag=True, help="List what would change (MACs/params before → after); write nothing.")
+@click.option("--explain", is_flag=True, help="For each conv, each rule and why it did or did not apply.")
+@json_option
+def rewrite_command(model, rules, params, nodes, exclude, kinds, min_macs, input_shapes, no_verify, atol, rtol,
+                    min_cosine, bench, runs, threads, provider, output, in_place, keep_failed, dry_run, explain, as_json,
+                    **kw) -> None:
+    """Rewrite the convs of MODEL with one or more rules, check the result and write it to -o."""
+    if not output and not (dry_run or explain):
+        raise UsageError("-o/--output is required (or use --dry-run / --explain)")
+    if output:
+        check_output_path(output, model, in_place)
+    data = input_data_kwargs(kw)
+    result = rewrite(model, list(rules), params=params, input_shapes=input_shapes, inputs=data.pop("inputs"),
+                     input_options=data,
+                     selection=Selection(nodes, exclude, tuple(kinds), min_macs), verify=not no_verify, atol=atol,
+                     rtol=rtol, min_cosine=min_cosine, bench=bench and not dry_run, bench_runs=runs, threads=threads, provider=provider,
+                     dry_run=dry_run)
+    report = result.report
+    written = None
+    if output and result.model is not None and (report.passed or keep_failed) and not dry_run:
+        written = str(write_model(result.model, output, input_path=model, in_place=in_place))
+    if as_json:
+        emit_json({**report.to_dict(), "output": written})
+    else:
+        if explain:
+            _explain(report)
+        render(report)
+        if written:
+            out.print(f"wrote {written}")
+        elif output and not dry_run:
+            warn(f"not written: {'; '.join(report.failures)} (use --keep-failed to write it anyway)")
+    if not report.passed:
+        err.print("convgraph: rewrite outside the given tolerance", markup=False)
+        raise click.exceptions.Exit(1)

@@ -1,0 +1,120 @@
+"""``convgraph verify REF CANDIDATE``: compare two models' outputs with onnxruntime; exit 1 outside tolerance."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..errors import CheckFailed, UsageError
+from ..verify import VerifyReport, verify
+from . import cli
+from .common import emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, out, warn
+
+
+def _num(v: float | None, fmt: str = ".3g") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return format(v, fmt)
+
+
+def _tensor_map(path: str | None) -> dict[str, str] | None:
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--tensor-map {path}: not a readable JSON file ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise UsageError(f"--tensor-map {path}: expected a JSON object {{candidate tensor: reference tensor}}")
+    return data
+
+
+def _metrics_table(title: str, metrics: dict) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("output", "shape", "max abs", "max rel", "mean abs", "cosine", "SNR dB", "top-1", "min atol",
+                "min rtol", ""):
+        t.add_column(col, justify="left" if col in ("output", "shape", "") else "right")
+    for name, m in metrics.items():
+        verdict = "[green]ok[/green]" if m.passed else "[red]FAIL[/red]"
+        if m.error:
+            t.add_row(name, "x".join(map(str, m.shape or ())), *["-"] * 8, f"{verdict} {m.error}")
+            continue
+        t.add_row(name, "x".join(map(str, m.shape or ())), _num(m.max_abs_err), _num(m.max_rel_err),
+                  _num(m.mean_abs_err), _num(m.cosine, ".6f"), _num(m.snr_db, ".1f"),
+                  "-" if m.top1 is None else f"{m.top1:.0%}", _num(m.min_atol), _num(m.min_rtol),
+                  verdict + (f" ({m.nan} NaN)" if m.nan else ""))
+    return t
+
+
+def render(report: VerifyReport) -> None:
+    """The human-readable report on stdout."""
+    out.print(f"inputs: {report.inputs}; provider {report.provider}; tolerance {report.tolerance.describe()}")
+    out.print(_metrics_table("candidate vs reference (onnxruntime)", report.outputs))
+    ev = report.reference_evaluator
+    if ev:
+        out.print(_metrics_table("onnxruntime vs onnx.reference, reference model", ev["reference"]))
+        out.print(_metrics_table("candidate (onnxruntime) vs onnx.reference on the reference model", ev["candidate"]))
+    loc = report.localization
+    if loc is not None:
+        where = f"sample {loc.sample}, {loc.compared} shared intermediate tensors compared"
+        if loc.unmatched:
+            where += f", {loc.unmatched} only in the candidate"
+        if loc.first_divergent_node is None:
+            out.print(f"localization ({where}): no intermediate tensor leaves tolerance")
+        else:
+            m = loc.tensor
+            out.print(f"localization ({where}): first divergent node [bold]{loc.first_divergent_node}[/bold] "
+                      f"({loc.first_divergent_op}) → {loc.first_divergent_tensor}: max abs err {_num(m.max_abs_err)}, "
+                      f"cosine {_num(m.cosine, '.6f')}; {loc.divergent} tensor(s) out of tolerance")
+            if loc.first_divergent_origin:
+                rule = (loc.rewrite or {}).get("rule")
+                out.print(f"  it replaced {loc.first_divergent_origin}" + (f" (rule {rule})" if rule else ""))
+            if len(loc.region) > 1:
+                out.print(f"  candidate nodes between its inputs and that tensor: {', '.join(loc.region)}")
+            ins = ", ".join(i["tensor"] + (" (graph input)" if i.get("graph_input") else f" (max abs err {_num(i['max_abs_err'])})")
+                            for i in loc.inputs)
+            if ins:
+                out.print(f"  its inputs, within tolerance: {ins}")
+    out.print("[green]PASSED[/green]: " + report.summary() if report.passed else "[red]FAILED[/red]: " + report.summary())
+
+
+@cli.command("verify")
+@click.argument("reference", type=click.Path())
+@click.argument("candidate", type=click.Path())
+@input_data_options
+@input_shape_option
+@click.option("--atol", type=float, help="Absolute tolerance (default 1e-4; an element fails only beyond atol AND rtol).")
+@click.option("--rtol", type=float, help="Relative tolerance (default 1e-3).")
+@click.option("--min-cosine", type=float, help="Minimum cosine similarity per output; alone, it replaces atol/rtol.")
+@click.option("--localize", is_flag=True, help="Find the first candidate node whose output leaves tolerance.")
+@click.option("--tensor-map", type=click.Path(), help="JSON {candidate tensor: reference tensor} for --localize "
+              "(default: the rewrite record in the candidate's metadata).")
+@click.option("--reference", "reference_evaluator", is_flag=True,
+              help="Also compare with onnx.reference.ReferenceEvaluator on the reference model (small models).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's).")
+@json_option
+def verify_command(reference, candidate, input_shapes, atol, rtol, min_cosine, localize, tensor_map,
+                   reference_evaluator, provider, threads, as_json, **kw) -> None:
+    """Run REFERENCE and CANDIDATE on the same inputs and compare their outputs.
+
+    Exit 0 within tolerance, 1 outside, 2 for unusable models or arguments.
+    """
+    data = input_data_kwargs(kw)
+    report = verify(reference, candidate, input_shapes=input_shapes, atol=atol, rtol=rtol, min_cosine=min_cosine,
+                    localize=localize, provider=provider, reference_evaluator=reference_evaluator,
+                    tensor_map=_tensor_map(tensor_map), threads=threads, **data)
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        for w in report.warnings:
+            warn(w)
+        render(report)
+    if not report.passed:
+        raise CheckFailed(report.summary())

@@ -1,0 +1,328 @@
+"""The rule engine: find convs, rewrite them with rules, check the result, report what changed.
+
+``rewrite()`` works on a copy of the model: for each rule (pre-pass rules such as fold-bn first) it
+analyzes the current graph, matches the selected convs, builds replacements, splices them in and
+removes what they orphaned. Then: ``onnx.checker`` (full), strict shape inference, and onnxruntime
+numerics against the original — per rewritten node and on the model outputs. An exact rule that leaves
+tolerance is refused (a bug, named by node); an approximate one reports its error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+
+from .analyze import analyze
+from .errors import CheckFailed, ModelError, UsageError
+from .graph import ConvGraph, load
+from .record import ConvRecord
+from .registry import get_rule
+from .rule import Rule, RuleContext
+
+#: Exact rewrites must keep every rewritten node's output within this relative error
+#: (max abs error / max abs reference), float32 accumulation order being the only difference.
+EXACT_RTOL = 1e-4
+METADATA_KEY = "convgraph.rewrites"
+#: Ops whose outputs depend only on their inputs: safe to drop once nothing reads them.
+_PURE_CONST_OPS = {"Constant", "ConstantOfShape", "DequantizeLinear", "Identity", "Cast", "Reshape",
+                   "Transpose", "Unsqueeze", "Squeeze", "Mul", "Add", "Div", "Sub"}
+
+
+@dataclass
+class Selection:
+    """Which convs a rewrite may touch."""
+
+    nodes: str | None = None  # regex on the node name (or id), re.search
+    exclude: str | None = None
+    kinds: Sequence[str] = ()
+    min_macs: int | None = None
+
+    def why_not(self, rec: ConvRecord) -> str | None:
+        """None when ``rec`` is selected, else the reason it is not."""
+        label = rec.name or rec.node_id
+        if self.nodes and not re.search(self.nodes, label):
+            return f"name does not match --nodes {self.nodes!r}"
+        if self.exclude and re.search(self.exclude, label):
+            return f"name matches --exclude {self.exclude!r}"
+        if self.kinds and rec.kind not in self.kinds:
+            return f"kind {rec.kind} not in --kind {','.join(self.kinds)}"
+        if self.min_macs is not None and (rec.macs is None or rec.macs < self.min_macs):
+            return f"MACs {rec.macs} below --min-macs {self.min_macs}"
+        return None
+
+    def check(self) -> None:
+        for flag, rx in (("--nodes", self.nodes), ("--exclude", self.exclude)):
+            if rx:
+                try:
+                    re.compile(rx)
+                except re.error as e:
+                    raise UsageError(f"bad {flag} regex {rx!r}: {e}") from None
+
+
+@dataclass
+class Change:
+    """One applied (or, in a dry run, applicable) rewrite of one conv."""
+
+    rule: str
+    node: str
+    graph: str
+    kind_before: str
+    kind_after: str
+    macs_before: int | None
+    macs_after: int | None
+    params_before: int
+    params_after: int
+    exact: bool
+    output: str
+    new_nodes: list[str] = field(default_factory=list)
+    old_nodes: list[str] = field(default_factory=list)
+    weight_error: float | None = None
+    output_error: float | None = None  # max abs error / max abs reference on this node's output
+    output_cosine: float | None = None
+    notes: str = ""
+
+
+@dataclass
+class Explanation:
+    node: str
+    rule: str
+    applies: bool
+    reason: str
+
+
+@dataclass
+class RewriteReport:
+    """What a rewrite did and how its result was checked."""
+
+    model: str
+    rules: list[dict[str, Any]]
+    changes: list[Change] = field(default_factory=list)
+    explain: list[Explanation] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)
+    verification: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
+    passed: bool = True
+    failures: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def totals(self) -> dict[str, Any]:
+        def total(attr):
+            vals = [getattr(c, attr) for c in self.changes]
+            return None if any(v is None for v in vals) else int(sum(vals))
+        return {"rewritten": len(self.changes), "macs_before": total("macs_before"), "macs_after": total("macs_after"),
+                "params_before": total("params_before"), "params_after": total("params_after")}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["totals"] = self.totals
+        return d
+
+
+@dataclass
+class RewriteResult:
+    model: onnx.ModelProto | None  # None in a dry run
+    report: RewriteReport
+
+
+def _graph_at(cg: ConvGraph, path: str) -> ConvGraph:
+    for g in cg.walk():
+        if g.path == path:
+            return g
+    raise ModelError(f"subgraph {path!r} not found")
+
+
+def _drop_orphans(graph: ConvGraph, tensors: set[str]) -> None:
+    """Remove initializers and pure constant-making nodes that only the replaced nodes read."""
+    G = graph.graph
+    todo = list(tensors)
+    while todo:
+        t = todo.pop()
+        src = graph.producer(t)
+        if src is None or src not in G or G.out_degree(src) > 0:
+            continue
+        d = G.nodes[src]
+        if d["kind"] == "initializer":
+            G.remove_node(src)
+            graph.dirty = True
+        elif d["kind"] == "op" and d["op_type"] in _PURE_CONST_OPS and not d["subgraphs"]:
+            inputs = {i for i in d["proto"].input if i}
+            graph.replace([src], [])
+            todo.extend(inputs)
+
+
+def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report: RewriteReport,
+           dry_run: bool, calibration: dict | None) -> None:
+    """One pass of ``rule`` over every selected conv of every (sub)graph."""
+    analysis = analyze(cg)
+    by_id = {(r.graph, r.node_id): r for r in analysis.convs}
+    consumed: set[tuple[str, str]] = set()
+    for rec in analysis.convs:
+        label = rec.name or rec.node_id
+        if (rec.graph, rec.node_id) in consumed:
+            continue
+        why = selection.why_not(rec)
+        graph = _graph_at(cg, rec.graph)
+        ctx = RuleContext(graph, {nid: r for (g, nid), r in by_id.items() if g == rec.graph}, calibration, params)
+        if why is None:
+            why = rule.match(rec, ctx)
+        report.explain.append(Explanation(label, rule.name, why is None, why or "applies"))
+        if why is not None:
+            continue
+        if dry_run:
+            if rule.estimate is None:
+                continue
+            macs, prm, kind = rule.estimate(rec, params)
+            report.changes.append(Change(rule.name, label, rec.graph, rec.kind, kind, rec.macs, macs, rec.params, prm,
+                                         rule.is_exact(params), rec.output))
+            continue
+        rep = rule.build(rec, ctx, params)
+        removed = rep.removed or [rec.node_id]
+        old_names = [graph.node(n).name or n for n in removed]
+        read = {t for n in removed for t in graph.node(n).input if t}
+        for n in removed:
+            consumed.add((rec.graph, n))
+        new_ids = graph.replace(removed, rep.nodes, rep.initializers)
+        _drop_orphans(graph, read)
+        outputs = [o for n in rep.nodes for o in n.output]
+        out = rec.output if rec.output in outputs else rep.nodes[-1].output[0]
+        report.changes.append(Change(
+            rule.name, label, rec.graph, rec.kind, rep.kind_after, rec.macs, rep.macs_after, rec.params,
+            rep.params_after, rep.exact, out, [graph.node(n).name or n for n in new_ids], old_names,
+            rep.weight_error, notes=rep.notes))
+
+
+def _metadata(model: onnx.ModelProto, changes: list[Change]) -> None:
+    record = {"rewrites": [{"rule": c.rule, "old_nodes": c.old_nodes, "new_nodes": c.new_nodes, "exact": c.exact,
+                            "graph": c.graph, "output": c.output} for c in changes],
+              "tensor_map": {}}
+    for p in model.metadata_props:
+        if p.key == METADATA_KEY:  # rewriting a rewritten model: keep the history
+            old = json.loads(p.value)
+            record["rewrites"] = old.get("rewrites", []) + record["rewrites"]
+            model.metadata_props.remove(p)
+            break
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(record))
+
+
+def _structural_checks(model: onnx.ModelProto) -> dict[str, Any]:
+    """Full onnx.checker and strict shape inference; CheckFailed naming what broke."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise CheckFailed(f"rewritten model fails onnx.checker: {str(e).strip().splitlines()[0]}") from None
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        strict = True
+    except onnx.shape_inference.InferenceError as e:
+        msg = str(e).strip().splitlines()[0]
+        if "com.microsoft" not in msg and "domain" not in msg.lower():
+            raise CheckFailed(f"rewritten model fails strict shape inference: {msg}") from None
+        strict = False  # custom-domain ops cannot be inferred strictly; the original had them too
+    return {"checker": "passed (full)", "shape_inference": "strict" if strict else "partial (custom ops)"}
+
+
+def _node_errors(original: onnx.ModelProto, new: onnx.ModelProto, changes: list[Change], feeds: list[dict],
+                 provider: str) -> None:
+    """Fill each change's output error: the rewritten node's output against the original's, same tensor."""
+    from .runtime import run_with_outputs
+
+    existing = {o for n in original.graph.node for o in n.output}  # a chained rule's output may be new
+    names = sorted({c.output for c in changes if not c.graph and c.output in existing})
+    if not names:
+        return
+    ref = run_with_outputs(original, names, feeds, provider=provider)
+    got = run_with_outputs(new, names, feeds, provider=provider)
+    for c in changes:
+        if c.graph or c.output not in ref:
+            continue
+        a = np.concatenate([np.asarray(x, np.float64).ravel() for x in ref[c.output]])
+        b = np.concatenate([np.asarray(x, np.float64).ravel() for x in got[c.output]])
+        scale = float(np.max(np.abs(a))) or 1.0
+        c.output_error = float(np.max(np.abs(a - b))) / scale
+        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+        c.output_cosine = float(a @ b / (na * nb)) if na and nb else (1.0 if na == nb else 0.0)
+
+
+def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = None, selection: Selection | None = None,
+            input_shapes: dict[str, list[int]] | None = None, inputs=None, input_options: dict | None = None,
+            verify: bool = True,
+            atol: float | None = None, rtol: float | None = None, min_cosine: float | None = None,
+            bench: bool = False, bench_runs: int = 20, threads: int | None = None, provider: str = "cpu",
+            dry_run: bool = False,
+            calibration: dict | None = None) -> RewriteResult:
+    """Rewrite the convs of ``source`` (path, bytes, ModelProto or ConvGraph) with ``rules`` (names, in order).
+
+    ``params`` (``{"rank": "full"}``) go to every rule that declares them. ``inputs`` and ``input_options``
+    (samples, seed, image_size, mean, std, layout) are what :func:`convgraph.inputs.make_inputs` takes. With ``verify`` the result is
+    checked with onnxruntime against the original: exact rewrites must keep each node's output within
+    1e-4 relative (else CheckFailed names the node); ``atol``/``rtol``/``min_cosine`` make the model
+    outputs' tolerance a requirement (report.passed False when exceeded). Returns the new model and the
+    report; the input is never modified.
+    """
+    if not rules:
+        raise UsageError("no rule given; list them with `convgraph rules`")
+    selection = selection or Selection()
+    selection.check()
+    chosen = [get_rule(r) for r in rules]
+    chosen.sort(key=lambda r: not r.prepass)  # pre-pass rules (fold-bn) first, others in the given order
+    given = dict(params or {})
+    known = {p.name for r in chosen for p in r.params}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise UsageError(f"--param {', '.join(unknown)}: not a parameter of {', '.join(r.name for r in chosen)}")
+    resolved = [(r, r.resolve_params(given)) for r in chosen]
+    original = source.to_model() if isinstance(source, ConvGraph) else None
+    cg = load(original if original is not None else source, input_shapes)
+    original = original or cg.to_model()
+    label = "<model>" if isinstance(source, (bytes, onnx.ModelProto, ConvGraph)) else str(source)
+    report = RewriteReport(model=label, rules=[{"rule": r.name, "params": p, "exact": r.is_exact(p)} for r, p in resolved],
+                           dry_run=dry_run)
+    for i, (rule, p) in enumerate(resolved):
+        if i:
+            cg = load(cg.to_model(), input_shapes, check=False)  # fresh shapes and records for the next rule
+        _apply(cg, rule, p, selection, report, dry_run, calibration)
+    if dry_run:
+        return RewriteResult(None, report)
+    model = cg.to_model()
+    if report.changes:
+        _metadata(model, report.changes)
+    report.checks = _structural_checks(model)
+    if verify and report.changes:
+        _numerics(original, model, report, input_shapes, inputs, input_options or {}, atol, rtol, min_cosine, provider)
+    if bench and report.changes:
+        from .bench import bench as run_bench
+
+        report.latency = run_bench([original, model], input_shapes=input_shapes, runs=bench_runs,
+                                   threads=threads, provider=provider, names=["original", "rewritten"]).to_dict()
+    return RewriteResult(model, report)
+
+
+def _numerics(original, model, report: RewriteReport, input_shapes, inputs, input_options, atol, rtol, min_cosine,
+              provider) -> None:
+    from .inputs import make_inputs
+    from .verify import verify as run_verify
+
+    feeds = make_inputs(original, inputs, input_shapes=input_shapes, **input_options)
+    _node_errors(original, model, report.changes, feeds, provider)
+    for c in report.changes:
+        if c.exact and c.output_error is not None and c.output_error > EXACT_RTOL:
+            raise CheckFailed(f"exact rule {c.rule} on node {c.node!r} leaves tolerance: output error "
+                              f"{c.output_error:.3g} > {EXACT_RTOL} (relative); refusing to write the result")
+    vr = run_verify(original, model, inputs=feeds, input_shapes=input_shapes, provider=provider,
+                    **{k: v for k, v in (("atol", atol), ("rtol", rtol), ("min_cosine", min_cosine)) if v is not None})
+    report.verification = vr.to_dict()
+    if atol is not None or rtol is not None or min_cosine is not None:
+        if not vr.passed:
+            report.passed = False
+            report.failures.append("model outputs exceed the given tolerance")
+    if all(c.exact for c in report.changes):
+        worst = max(vr.outputs.values(), key=lambda m: m.scaled_err)
+        if not worst.scaled_err <= EXACT_RTOL:
+            raise CheckFailed(f"exact rewrites moved output {worst.name!r} by {worst.scaled_err:.3g} (max abs error / "
+                              f"max abs output) > {EXACT_RTOL}; refusing to write the result")

@@ -1,0 +1,141 @@
+"""Helpers shared by the weight-rewriting rules: match checks, weights as float64, naming, new nodes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from convgraph.arithmetic import prod
+from convgraph.record import ConvRecord
+from convgraph.rule import RuleContext
+
+#: Where a weight may come from for a rule to rebuild it (ctx.value resolves all of these).
+CONSTANT_SOURCES = ("initializer", "Constant", "ConstantOfShape", "DequantizeLinear")
+#: Element types the rules rebuild weights for (computed in float64, cast back).
+FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+               onnx.TensorProto.DOUBLE: "float64"}
+#: Attributes of Conv/ConvTranspose that fix where the kernel is applied (carried over unchanged).
+GEOMETRY_ATTRS = ("auto_pad", "pads", "strides", "dilations")
+
+
+def plain_conv_reason(rec: ConvRecord, ctx: RuleContext, op_types: tuple[str, ...] = ("Conv",)) -> str | None:
+    """None when ``rec`` is a float conv of one of ``op_types`` with constant weight (and bias), else why not."""
+    if rec.op_type in ("ConvInteger", "QLinearConv"):
+        return (f"{rec.op_type} is quantized: its integer weights, scales and zero points would have to be "
+                "requantized; rewrite the float model and quantize afterwards")
+    if rec.op_type not in op_types or rec.domain not in ("", "ai.onnx"):
+        dom = f"{rec.domain}." if rec.domain not in ("", "ai.onnx") else ""
+        return f"{dom}{rec.op_type} is not {' or '.join(op_types)}"
+    if rec.weight_source not in CONSTANT_SOURCES:
+        return f"weight {rec.weight!r} is not a constant (it comes from {rec.weight_source})"
+    if rec.bias and _source(ctx, rec.bias) not in CONSTANT_SOURCES:
+        return f"bias {rec.bias!r} is not a constant"
+    return float_type_reason(ctx, rec.weight)
+
+
+def _source(ctx: RuleContext, tensor: str) -> str:
+    from convgraph.weights import constant_source
+
+    return constant_source(ctx.graph, tensor)
+
+
+def elem_type(ctx: RuleContext, tensor: str) -> int | None:
+    """The ONNX element type of ``tensor`` as shape inference (or the initializer) says, None if unknown."""
+    g = ctx.graph
+    while g is not None:
+        info = g.shapes.get(tensor)
+        if info is not None:
+            return info.elem_type
+        g = g.parent
+    value = ctx.value(tensor)
+    return None if value is None else helper.np_dtype_to_tensor_dtype(value.dtype)
+
+
+def float_type_reason(ctx: RuleContext, tensor: str) -> str | None:
+    t = elem_type(ctx, tensor)
+    if t is None:
+        return f"the element type of {tensor!r} is unknown"
+    if t not in FLOAT_TYPES:
+        return f"{tensor!r} is {helper.tensor_dtype_to_string(t).removeprefix('TensorProto.')}, not float16/32/64"
+    return None
+
+
+@dataclass
+class Weights:
+    """A conv's weight and bias as float64, and the element type to write them back in."""
+
+    w: np.ndarray
+    b: np.ndarray | None
+    dtype: np.dtype
+    notes: str = ""
+
+    def cast(self, a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a.astype(self.dtype))
+
+
+def weights(rec: ConvRecord, ctx: RuleContext) -> Weights:
+    """The weight (and bias) of a conv that :func:`plain_conv_reason` accepted."""
+    w = ctx.value(rec.weight)
+    b = ctx.value(rec.bias) if rec.bias else None
+    dtype = np.dtype(FLOAT_TYPES.get(helper.np_dtype_to_tensor_dtype(w.dtype), "float32"))
+    notes = ""
+    if rec.weight_source == "DequantizeLinear":
+        notes = "weight dequantized into a float initializer (its QDQ quantization is not kept)"
+    return Weights(w.astype(np.float64), None if b is None else b.astype(np.float64).reshape(-1), dtype, notes)
+
+
+def attrs(ctx: RuleContext, node_id: str) -> dict:
+    """The attributes of a node as Python values (strings decoded)."""
+    out = dict(ctx.graph.graph.nodes[node_id]["attrs"])
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in out.items()}
+
+
+def geometry(ctx: RuleContext, node_id: str) -> dict:
+    """The attributes fixing where a conv's kernel is applied (auto_pad, pads, strides, dilations), as given."""
+    a = attrs(ctx, node_id)
+    return {k: a[k] for k in GEOMETRY_ATTRS if k in a}
+
+
+def opset(ctx: RuleContext) -> int:
+    """The model's ai.onnx opset version."""
+    return next((o.version for o in ctx.graph.model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def label(rec: ConvRecord) -> str:
+    """The readable base for new names: the node's name, else its id."""
+    return rec.name or rec.node_id
+
+
+class Names:
+    """Fresh, readable names for the nodes and tensors replacing one conv: ``<conv>/dw``, ``<conv>/dw_W``."""
+
+    def __init__(self, ctx: RuleContext, base: str):
+        self.ctx, self.base = ctx, base
+
+    def tensor(self, suffix: str) -> str:
+        return self.ctx.name(f"{self.base}/{suffix}")
+
+    def init(self, suffix: str, array: np.ndarray) -> onnx.TensorProto:
+        return self.ctx.initializer(f"{self.base}/{suffix}", array)
+
+    def node(self, op_type: str, inputs: list[str], outputs: list[str], suffix: str, **kwargs) -> onnx.NodeProto:
+        """A node named ``<conv>/<suffix>`` (made unique among the graph's node ids)."""
+        name = f"{self.base}/{suffix}"
+        g, i = self.ctx.graph.graph, 1
+        while name in g:
+            name, i = f"{self.base}/{suffix}_{i}", i + 1
+        return helper.make_node(op_type, inputs, outputs, name=name, **kwargs)
+
+
+def out_elements(shape: tuple | None) -> int | None:
+    """Batch × spatial positions of a conv output (N, C, *spatial); None when a dim is unknown."""
+    if shape is None or len(shape) < 3 or not all(isinstance(d, int) for d in (shape[0], *shape[2:])):
+        return None
+    return int(shape[0]) * prod(shape[2:])
+
+
+def bias_params(rec: ConvRecord) -> int:
+    return int(rec.out_channels or 0) if rec.has_bias else 0

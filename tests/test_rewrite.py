@@ -1,0 +1,179 @@
+"""The rule engine: selection, splicing, orphan removal, checks, refusal of broken exact rewrites, CLI."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+
+import convgraph
+from convgraph.cli import main
+from convgraph.errors import CheckFailed, UsageError
+from convgraph.registry import all_rules
+from convgraph.rewrite import METADATA_KEY, Selection, rewrite
+from convgraph.rule import Replacement
+from convgraph.runtime import create_session, run
+
+warnings.simplefilter("ignore", convgraph.ConvGraphWarning)
+
+
+def _outputs(model, feeds):
+    return run(create_session(model), feeds)
+
+
+def _feeds(model, seed=0):
+    from convgraph.inputs import make_inputs
+
+    return make_inputs(model, seed=seed)[0]
+
+
+def _op_names(model):
+    return [n.name for n in model.graph.node]
+
+
+def test_fold_bn_is_exact_and_leaves_the_rest_alone(models_dir):
+    src = models_dir / "conv_bn.onnx"
+    original = onnx.load(src)
+    res = rewrite(src, ["fold-bn"])
+    m = res.model
+    assert [c.rule for c in res.report.changes] == ["fold-bn", "fold-bn"]
+    assert not any(n.op_type == "BatchNormalization" for n in m.graph.node)
+    assert [i.name for i in m.graph.input] == [i.name for i in original.graph.input]
+    assert [o.name for o in m.graph.output] == [o.name for o in original.graph.output]
+    assert list(m.opset_import) == list(original.opset_import)
+    relus = [n for n in original.graph.node if n.op_type == "Relu"]
+    assert all(r in m.graph.node for r in relus)  # unrelated nodes untouched, byte for byte
+    onnx.checker.check_model(m, full_check=True)
+    feeds = _feeds(original)
+    np.testing.assert_allclose(_outputs(m, feeds)[0], _outputs(original, feeds)[0], rtol=1e-4, atol=1e-5)
+    assert all(c.output_error is not None and c.output_error < 1e-5 for c in res.report.changes)
+    record = json.loads(next(p.value for p in m.metadata_props if p.key == METADATA_KEY))
+    assert {tuple(r["old_nodes"]) for r in record["rewrites"]} == {("block1/conv", "block1/bn"), ("block2/conv", "block2/bn")}
+
+
+def test_separable_full_on_the_sample_is_exact_and_named_readably(models_dir):
+    res = rewrite(models_dir / "sample.onnx", ["separable"], params={"rank": "full"})
+    names = _op_names(res.model)
+    assert "stem/conv/dw" in names and "stem/conv/pw" in names
+    assert "stem/conv" not in names
+    v = res.report.verification
+    assert v["passed"] and all(o["scaled_err"] <= 1e-4 for o in v["outputs"].values())
+    # the replaced conv's weight initializer is gone, nothing dangles
+    inits = {t.name for t in res.model.graph.initializer}
+    used = {i for n in res.model.graph.node for i in n.input}
+    assert inits <= used
+
+
+def test_selection_filters_and_explains(models_dir):
+    src = models_dir / "sample.onnx"
+    res = rewrite(src, ["separable"], selection=Selection(nodes="block", exclude="conv5x5"), dry_run=True)
+    assert res.model is None
+    assert {c.node for c in res.report.changes} == {"block1/conv", "block3/dilated"}
+    reasons = {(e.node, e.rule): e.reason for e in res.report.explain}
+    assert "does not match --nodes" in reasons[("stem/conv", "separable")]
+    assert "matches --exclude" in reasons[("block4/conv5x5", "separable")]
+    assert not reasons[("block2/dw", "separable")] == "applies"  # a depthwise conv is not a candidate
+    res = rewrite(src, ["separable"], selection=Selection(kinds=("standard",), min_macs=3_000_000), dry_run=True)
+    assert {c.node for c in res.report.changes} == {"block3/dilated"}
+    assert all(c.macs_before >= 3_000_000 for c in res.report.changes)
+
+
+def test_unknown_rule_and_param_are_usage_errors(models_dir):
+    with pytest.raises(UsageError, match="unknown rule"):
+        rewrite(models_dir / "sample.onnx", ["no-such-rule"])
+    with pytest.raises(UsageError, match="not a parameter"):
+        rewrite(models_dir / "sample.onnx", ["dense"], params={"rank": "2"})
+    with pytest.raises(UsageError, match="bad --nodes regex"):
+        rewrite(models_dir / "sample.onnx", ["separable"], selection=Selection(nodes="("))
+
+
+def test_a_broken_exact_rule_is_refused_naming_the_node(models_dir):
+    rule = all_rules()["separable"]
+    real_build = rule.build
+
+    def broken(rec, ctx, params):
+        rep: Replacement = real_build(rec, ctx, params)
+        if rec.name == "block1/conv":  # corrupt one weight of one node: the engine must catch it
+            for t in rep.initializers:
+                if t.name.endswith("pw_W") or "/pw" in t.name:
+                    arr = onnx.numpy_helper.to_array(t) * np.float32(1.01)
+                    t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+                    break
+        return rep
+
+    object.__setattr__(rule, "build", broken)  # Rule is frozen; restore it whatever happens
+    try:
+        with pytest.raises(CheckFailed, match="block1/conv"):
+            rewrite(models_dir / "sample.onnx", ["separable"], params={"rank": "full"})
+    finally:
+        object.__setattr__(rule, "build", real_build)
+
+
+def test_constant_node_weights_do_not_dangle(models_dir):
+    src = models_dir / "constant_weights.onnx"
+    before = onnx.load(src)
+    res = rewrite(src, ["separable"], params={"rank": "full"}, verify=False)
+    if not res.report.changes:
+        pytest.skip("no separable candidate in constant_weights.onnx")
+    m = res.model
+    produced_by_const = {o for n in m.graph.node if n.op_type in ("Constant", "ConstantOfShape") for o in n.output}
+    read = {i for n in m.graph.node for i in n.input}
+    assert produced_by_const <= read | {o.name for o in m.graph.output}
+    assert len(m.graph.node) >= len(before.graph.node)
+
+
+def test_rewrite_inside_a_subgraph(models_dir):
+    src = models_dir / "subgraph.onnx"
+    res = rewrite(src, ["separable"], params={"rank": "full"})
+    assert any(c.graph for c in res.report.changes), "the conv in the If branch must be reachable"
+    onnx.checker.check_model(res.model, full_check=True)
+    assert res.report.verification["passed"]
+
+
+def test_approximate_rule_reports_error_and_tolerance_fails(models_dir):
+    res = rewrite(models_dir / "sample.onnx", ["separable"], params={"rank": "1"}, min_cosine=0.999999)
+    assert not res.report.passed
+    assert all(c.weight_error and c.weight_error > 0 for c in res.report.changes)
+    assert all(c.output_error is not None and c.output_error > 1e-3 for c in res.report.changes)
+
+
+# ---- CLI --------------------------------------------------------------------------------------------
+def test_cli_refuses_to_overwrite_the_input(models_dir, tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    src.write_bytes((models_dir / "conv_bn.onnx").read_bytes())
+    before = src.read_bytes()
+    assert main(["rewrite", str(src), "--rule", "fold-bn", "-o", str(src), "--no-bench"]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert src.read_bytes() == before
+    assert main(["rewrite", str(src), "--rule", "fold-bn", "-o", str(src), "--in-place", "--no-bench"]) == 0
+    assert src.read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # atomic: no temp file left
+
+
+def test_cli_tolerance_exit_code_and_keep_failed(models_dir, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    args = ["rewrite", models_dir / "sample.onnx", "--rule", "separable", "--min-cosine", "0.999999", "--no-bench", "-o", out]
+    assert main(list(map(str, args))) == 1
+    assert not out.exists()
+    assert main(list(map(str, args + ["--keep-failed"]))) == 1
+    assert out.exists()
+
+
+def test_cli_json_dry_run_and_explain(models_dir, capsys):
+    assert main(["rewrite", str(models_dir / "sample.onnx"), "--rule", "separable", "--dry-run", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["dry_run"] and doc["output"] is None
+    assert doc["totals"]["macs_after"] < doc["totals"]["macs_before"]
+    assert main(["rewrite", str(models_dir / "sample.onnx"), "--rule", "dense", "--explain"]) == 0
+    text = capsys.readouterr().out
+    assert "block3/dilated" in text and "applies" in text
+
+
+def test_cli_rules_lists_every_builtin(capsys):
+    assert main(["rules", "--json"]) == 0
+    names = {r["name"] for r in json.loads(capsys.readouterr().out)}
+    assert {"separable", "spatial-separable", "dilated", "dense", "transpose-resize", "transpose-subpixel",
+            "fold-bn"} <= names

@@ -1,0 +1,502 @@
+"""The exact-capable rules: separable, transpose-subpixel, dense, fold-bn.
+
+Each rewrite is checked against onnxruntime running the original (or against the expected outputs
+that onnx's own test data ships): max abs error / max abs output within 1e-4 (1e-5 for the
+sub-pixel rewrite against onnx's ConvTranspose cases).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import convgraph
+from convgraph.analyze import analyze
+from convgraph.errors import UsageError
+from convgraph.registry import all_rules, get_rule
+from convgraph.rule import Replacement, RuleContext
+from convgraph.runtime import create_session
+
+ONNX_DATA = Path(os.path.dirname(onnx.__file__)) / "backend" / "test" / "data"
+EXACT_TOL = 1e-4
+OPS = {"Conv", "ConvTranspose"}
+
+
+# ---- helpers (also used by test_rules_exact_hypothesis.py) ---------------------------------------
+def single_op(op: str, x_shape, w: np.ndarray, b: np.ndarray | None = None, *, opset: int = 17,
+              elem: int = TensorProto.FLOAT, extra_nodes=(), extra_inits=(), out: str = "y", **attrs) -> onnx.ModelProto:
+    """A model with input ``x`` (dims may be names), one conv node ``conv`` (weight ``w``, bias ``b``) → ``y``."""
+    inits = [numpy_helper.from_array(w, "w")] + ([numpy_helper.from_array(b, "b")] if b is not None else [])
+    conv_out = "y" if not extra_nodes else "conv_out"
+    node = helper.make_node(op, ["x", "w"] + (["b"] if b is not None else []), [conv_out], name="conv", **attrs)
+    rank = len(x_shape)
+    graph = helper.make_graph([node, *extra_nodes], "g", [helper.make_tensor_value_info("x", elem, list(x_shape))],
+                              [helper.make_tensor_value_info(out, elem, [None] * rank)], inits + list(extra_inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def rewrite_with(model, rule: str, params: dict | None = None, input_shapes=None
+                 ) -> tuple[onnx.ModelProto, list[Replacement], dict[str, str]]:
+    """Apply ``rule`` to every conv it matches, the way the engine does; returns the checked model,
+    the replacements and, per conv it did not match, the reason."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", convgraph.ConvGraphWarning)  # unset dynamic dims: the rules do without
+        cg = convgraph.load(model, input_shapes)
+    r = get_rule(rule)
+    p = r.resolve_params(params or {})
+    analysis = analyze(cg, rewrites=False)
+    reps, reasons, done = [], {}, set()
+    for rec in analysis.convs:
+        if (rec.graph, rec.node_id) in done:
+            continue
+        graph = next(g for g in cg.walk() if g.path == rec.graph)
+        ctx = RuleContext(graph, analysis.by_id(rec.graph), params=params)
+        why = r.match(rec, ctx)
+        if why is not None:
+            assert isinstance(why, str) and why
+            reasons[rec.name or rec.node_id] = why
+            continue
+        rep = r.build(rec, ctx, p)
+        removed = rep.removed or [rec.node_id]
+        done.update((rec.graph, n) for n in removed)
+        graph.replace(removed, rep.nodes, rep.initializers)
+        graph.prune_initializers()
+        reps.append(rep)
+    out = cg.to_model()
+    onnx.checker.check_model(out, full_check=True)
+    original = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    assert [i.name for i in out.graph.output] == [o.name for o in original.graph.output]
+    assert list(out.opset_import) == list(original.opset_import)
+    return out, reps, reasons
+
+
+def run(model, feeds: dict) -> list[np.ndarray]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return create_session(model).run(None, feeds)
+
+
+def rel_err(ref: np.ndarray, got: np.ndarray) -> float:
+    assert ref.shape == got.shape, (ref.shape, got.shape)
+    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    return float(np.max(np.abs(ref - got)) / (np.max(np.abs(ref)) or 1.0))
+
+
+def assert_same(original, rewritten, feeds: dict, tol: float = EXACT_TOL) -> float:
+    worst = 0.0
+    for a, b in zip(run(original, feeds), run(rewritten, feeds)):
+        worst = max(worst, rel_err(a, b))
+    assert worst <= tol, worst
+    return worst
+
+
+def random_x(shape, seed: int = 0, dtype=np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def onnx_case(path: Path) -> tuple[onnx.ModelProto, dict, list[np.ndarray]]:
+    """A model of onnx's test data with its first data set: (model, feeds, expected outputs)."""
+    model = onnx.load(str(path / "model.onnx"))
+    data = path / "test_data_set_0"
+    ins = [numpy_helper.to_array(onnx.load_tensor(str(f))) for f in sorted(data.glob("input_*.pb"))]
+    outs = [numpy_helper.to_array(onnx.load_tensor(str(f))) for f in sorted(data.glob("output_*.pb"))]
+    inits = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    return model, dict(zip(names, ins)), outs
+
+
+def op_types(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+# ---- the rules and their interface ---------------------------------------------------------------
+def test_rules_are_registered_with_their_contract():
+    rules = all_rules()
+    for name in ("separable", "transpose-subpixel", "dense", "fold-bn"):
+        assert name in rules and rules[name].summary and rules[name].estimate is not None
+    assert rules["fold-bn"].prepass and not rules["separable"].prepass
+    assert rules["dense"].is_exact({}) and rules["transpose-subpixel"].is_exact({}) and rules["fold-bn"].is_exact({})
+    sep = rules["separable"]
+    assert sep.resolve_params({}) == {"rank": 1, "layout": "auto"}
+    assert sep.is_exact(sep.resolve_params({"rank": "full"})) and not sep.is_exact(sep.resolve_params({"rank": "2"}))
+    for bad in ({"rank": "0"}, {"rank": "two"}, {"layout": "diagonal"}):
+        with pytest.raises(UsageError, match="separable"):
+            sep.resolve_params(bad)
+    assert not any(r.startswith("_") for r in rules)
+
+
+# ---- separable -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, rewritten", [
+    ("standard", 3),  # strides, auto_pad SAME_UPPER, 5×5 and 7×7
+    ("grouped", 2),  # group 4 and 2: per group, grouped pointwise
+    ("conv1d", 3),  # 1D, causal pads, dilation 2
+    ("conv3d", 1),
+    ("constant_weights", 2),  # weights from Constant and DequantizeLinear (the 1×1 is not standard)
+    ("dynamic", 2),  # symbolic batch and spatial dims
+    ("sample", 4),
+])
+@pytest.mark.parametrize("layout", ["multiplier", "tiled"])
+def test_separable_full_rank_is_exact_on_sample_models(models_dir, name, rewritten, layout):
+    path = models_dir / f"{name}.onnx"
+    shapes = {"x": [2, 3, 20, 20]} if name == "dynamic" else None
+    out, reps, _ = rewrite_with(path, "separable", {"rank": "full", "layout": layout})
+    assert len(reps) == rewritten
+    assert all(r.exact and r.weight_error == 0.0 for r in reps)
+    model = onnx.load(str(path))
+    x_shape = shapes["x"] if shapes else [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert_same(model, out, {"x": random_x(x_shape)})
+
+
+def test_separable_in_a_subgraph(models_dir):
+    path = models_dir / "subgraph.onnx"
+    out, reps, reasons = rewrite_with(path, "separable", {"rank": "full"})
+    assert len(reps) == 2 and "else/conv" in reasons  # main/conv and then/conv; the else branch is 1×1
+    then = next(a.g for n in out.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
+    assert [n.name for n in then.node if n.op_type == "Conv"] == ["then/conv/dw", "then/conv/pw"]
+    x = np.abs(random_x([1, 4, 16, 16]))  # mean > 0: the rewritten then-branch runs
+    assert_same(path, out, {"x": x})
+    assert_same(path, out, {"x": -x})
+
+
+def test_separable_names_attributes_and_estimate(models_dir):
+    path = models_dir / "standard.onnx"
+    cg = convgraph.load(path)
+    rec = next(r for r in analyze(cg, rewrites=False).convs if r.name == "conv5x5_s2")
+    rule = get_rule("separable")
+    ctx = RuleContext(cg, {rec.node_id: rec})
+    assert rule.match(rec, ctx) is None
+    params = rule.resolve_params({"rank": "3", "layout": "multiplier"})
+    rep = rule.build(rec, ctx, params)
+    dw, pw = rep.nodes
+    assert (dw.name, pw.name) == ("conv5x5_s2/dw", "conv5x5_s2/pw")
+    assert list(dw.output) == ["conv5x5_s2/dw"] and list(pw.output) == [rec.output]
+    assert [t.name for t in rep.initializers] == ["conv5x5_s2/dw_W", "conv5x5_s2/pw_W", "conv5x5_s2/pw_B"]
+    a = {x.name: helper.get_attribute_value(x) for x in dw.attribute}
+    assert a["group"] == rec.in_channels and a["strides"] == [2, 2] and a["auto_pad"] == b"SAME_UPPER"
+    assert a["kernel_shape"] == [5, 5]
+    assert rep.initializers[0].dims == [rec.in_channels * 3, 1, 5, 5]
+    assert rep.initializers[1].dims == [rec.out_channels, rec.in_channels * 3, 1, 1]
+    assert not rep.exact and 0 < rep.weight_error < 1
+    assert rule.estimate(rec, params) == (rep.macs_after, rep.params_after, rep.kind_after)
+    # the estimate is what the analyzer counts on the rewritten model
+    cg.replace([rec.node_id], rep.nodes, rep.initializers)
+    after = {r.name: r for r in analyze(convgraph.load(cg.to_model()), rewrites=False).convs}
+    new = [after["conv5x5_s2/dw"], after["conv5x5_s2/pw"]]
+    assert rep.macs_after == sum(r.macs for r in new) and rep.params_after == sum(r.params for r in new)
+    assert after["conv5x5_s2/dw"].kind == "depthwise" and after["conv5x5_s2/pw"].kind == "pointwise"
+
+
+def _truncated(w: np.ndarray, group: int, rank: int) -> np.ndarray:
+    """Per group and input channel, the best rank-r approximation of W[:, c] (independent of the rule)."""
+    out = np.zeros_like(w, dtype=np.float64)
+    cog = w.shape[0] // group
+    for g in range(group):
+        for c in range(w.shape[1]):
+            m = w[g * cog:(g + 1) * cog, c].reshape(cog, -1).astype(np.float64)
+            u, s, vt = np.linalg.svd(m, full_matrices=False)
+            out[g * cog:(g + 1) * cog, c] = ((u[:, :rank] * s[:rank]) @ vt[:rank]).reshape(out[g * cog:(g + 1) * cog, c].shape)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["multiplier", "tiled"])
+@pytest.mark.parametrize("group", [1, 2])
+def test_separable_rank_r_is_the_best_rank_r_conv(layout, group):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 6 // group, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    attrs = dict(pads=[1, 0, 1, 2], strides=[1, 2], group=group)
+    model = single_op("Conv", [1, 6, 9, 10], w, b, **attrs)
+    out, (rep,), _ = rewrite_with(model, "separable", {"rank": "2", "layout": layout})
+    best = _truncated(w, group, 2)
+    assert rep.weight_error == pytest.approx(np.linalg.norm(w - best) / np.linalg.norm(w), rel=1e-6)
+    assert not rep.exact
+    reference = single_op("Conv", [1, 6, 9, 10], best.astype(np.float32), b, **attrs)
+    assert_same(reference, out, {"x": random_x([1, 6, 9, 10])})
+    assert ("Concat" in op_types(out)) == (layout == "tiled")
+    assert ("Split" in op_types(out)) == (layout == "tiled" and group > 1)
+
+
+@pytest.mark.parametrize("opset", [11, 17, 18])  # Split: equal parts by default before 18, num_outputs from 18
+def test_separable_tiled_grouped_across_opsets(opset):
+    w = random_x([8, 3, 3, 3], seed=20)
+    model = single_op("Conv", [1, 6, 7, 7], w, group=2, pads=[1, 1, 1, 1], opset=opset)
+    out, (rep,), _ = rewrite_with(model, "separable", {"rank": "full", "layout": "tiled"})
+    split = next(n for n in out.graph.node if n.op_type == "Split")
+    assert [a.name for a in split.attribute] == (["axis", "num_outputs"] if opset >= 18 else ["axis"])
+    assert_same(model, out, {"x": random_x([1, 6, 7, 7])})
+
+
+@pytest.mark.parametrize("shape, rank, expect", [
+    ([1, 8, 10, 10], "2", "tiled"),  # 2D, 16 depthwise channels: multiplier-1 depthwise is faster
+    ([1, 4, 10, 10], "3", "multiplier"),  # 12 depthwise channels: too few
+    ([1, 8, 30], "2", "multiplier"),  # 1D: multiplier is faster
+    ([1, 8, 6, 6, 6], "2", "multiplier"),  # 3D
+    ([1, 8, 10, 10], "1", "multiplier"),  # rank 1: nothing to tile
+])
+def test_separable_auto_layout(shape, rank, expect):
+    nd = len(shape) - 2
+    w = random_x([8, shape[1]] + [3] * nd, seed=4)
+    model = single_op("Conv", shape, w, pads=[1] * 2 * nd)
+    out, (rep,), _ = rewrite_with(model, "separable", {"rank": rank})
+    assert f"layout {expect}" in rep.notes
+    assert ("Concat" in op_types(out)) == (expect == "tiled")
+
+
+def test_separable_keeps_float16():
+    w = random_x([6, 4, 3, 3], seed=5).astype(np.float16)
+    b = random_x([6], seed=6).astype(np.float16)
+    model = single_op("Conv", [1, 4, 8, 8], w, b, elem=TensorProto.FLOAT16, pads=[1, 1, 1, 1])
+    out, reps, _ = rewrite_with(model, "separable", {"rank": "full"})
+    assert {t.data_type for t in out.graph.initializer} == {TensorProto.FLOAT16}
+    x = random_x([1, 4, 8, 8], seed=7, dtype=np.float16)
+    (y0,), (y1,) = run(model, {"x": x}), run(out, {"x": x})
+    assert y1.dtype == np.float16 and rel_err(y0, y1) < 5e-3
+
+
+def test_separable_refuses_with_reasons(models_dir):
+    expected = {
+        "depthwise": {"dw3x3": "depthwise", "dw3x3_mult2": "depthwise"},
+        "pointwise": {"conv1x1": "pointwise"},
+        "transposed": {"up_k2s2": "not Conv"},
+        "quantized": {"qconv": "quantized", "convint": "quantized"},
+    }
+    for name, want in expected.items():
+        _, reps, reasons = rewrite_with(models_dir / f"{name}.onnx", "separable")
+        assert not reps
+        for node, text in want.items():
+            matching = [why for n, why in reasons.items() if n == node or n.startswith(node)]
+            assert matching and text in matching[0], (name, reasons)
+    # a weight fed at run time cannot be factored
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5]),
+                                            helper.make_tensor_value_info("w", TensorProto.FLOAT, [3, 2, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 3, 3])])
+    _, reps, reasons = rewrite_with(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "separable")
+    assert not reps and "not a constant" in reasons["conv"]
+
+
+@pytest.mark.parametrize("case", ["test_Conv2d", "test_Conv2d_groups", "test_Conv2d_strided", "test_Conv2d_padding",
+                                  "test_Conv1d_stride", "test_Conv3d_dilated_strided", "test_Conv2d_no_bias"])
+def test_separable_full_rank_on_pytorch_conformance_models(case):
+    model, feeds, expected = onnx_case(ONNX_DATA / "pytorch-converted" / case)
+    out, reps, _ = rewrite_with(model, "separable", {"rank": "full"})
+    assert len(reps) == 1
+    assert rel_err(expected[0], run(out, feeds)[0]) <= EXACT_TOL
+
+
+# ---- transpose-subpixel --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def convtranspose_cases():
+    """onnx's ConvTranspose node test cases (what ``backend/test/data/node/test_convtranspose*`` hold)."""
+    from onnx.backend.test.case.node import collect_testcases
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        return [c for c in collect_testcases("ConvTranspose") if c.name.startswith("test_convtranspose")]
+
+
+def test_subpixel_every_onnx_convtranspose_case(convtranspose_cases):
+    assert len(convtranspose_cases) >= 11
+    for case in convtranspose_cases:
+        (x, w, *b), (y,) = case.data_sets[0]
+        node = case.model.graph.node[0]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        model = single_op("ConvTranspose", list(x.shape), w, b[0] if b else None, **attrs)
+        out, reps, reasons = rewrite_with(model, "transpose-subpixel")
+        assert len(reps) == 1, (case.name, reasons)
+        assert "ConvTranspose" not in op_types(out)
+        assert rel_err(y, run(out, {"x": x})[0]) <= 1e-5, case.name
+
+
+@pytest.mark.parametrize("case", ["pytorch-converted/test_ConvTranspose2d", "pytorch-converted/test_ConvTranspose2d_no_bias",
+                                  "pytorch-operator/test_operator_convtranspose"])
+def test_subpixel_on_pytorch_conformance_models(case):
+    """Opset 6, IR 3 models with unequal strides and output_padding: Reshape/Transpose interleave, Slice attributes."""
+    model, feeds, expected = onnx_case(ONNX_DATA / case)
+    out, reps, _ = rewrite_with(model, "transpose-subpixel")
+    assert len(reps) == 1 and "ConvTranspose" not in op_types(out)
+    assert rel_err(expected[0], run(out, feeds)[0]) <= 1e-5
+
+
+def test_subpixel_structure_and_estimate(models_dir):
+    path = models_dir / "transposed.onnx"
+    out, reps, _ = rewrite_with(path, "transpose-subpixel")
+    assert [t for t in op_types(out) if t != "Relu"] == ["Conv", "DepthToSpace"] * 2  # no crop left
+    k2, k3 = reps
+    assert k2.kind_after == "pointwise+depth_to_space" and k3.kind_after == "grouped+depth_to_space"
+    assert [n.name for n in k2.nodes] == ["up_k2s2/conv", "up_k2s2/d2s"]
+    assert_same(path, out, {"x": random_x([1, 8, 8, 8])})
+    cg = convgraph.load(path)
+    recs = analyze(cg, rewrites=False).convs
+    rule = get_rule("transpose-subpixel")
+    for rec, rep in zip(recs, reps):
+        assert rule.estimate(rec, {}) == (rep.macs_after, rep.params_after, rep.kind_after)
+    after = {r.name: r for r in analyze(convgraph.load(out), rewrites=False).convs}
+    assert after["up_k2s2/conv"].macs == k2.macs_after and after["up_k2s2/conv"].kernel == (1, 1)
+
+
+@pytest.mark.parametrize("dims, kernel, strides, pads", [
+    (["N", 3, "H", "W"], [3, 3], [2, 2], [1, 1, 1, 1]),  # DepthToSpace, crop by negative Slice ends
+    (["N", 3, "H", "W"], [3, 4], [2, 3], [0, 1, 1, 0]),  # unequal strides, two unknown sizes: Shape-built shapes
+    (["N", 3, "L"], [4], [3], [1, 2]),  # 1D, one unknown size: -1 in the Reshape
+    ([1, 2, "D", 4, 5], [2, 3, 2], [2, 1, 3], [0, 1, 0, 1, 0, 1]),  # 3D, one unknown
+])
+def test_subpixel_with_unknown_input_sizes(dims, kernel, strides, pads):
+    w = random_x([dims[1], 2, *kernel], seed=8)
+    b = random_x([2], seed=9)
+    model = single_op("ConvTranspose", dims, w, b, strides=strides, pads=pads, output_padding=[s - 1 for s in strides])
+    out, reps, _ = rewrite_with(model, "transpose-subpixel")
+    assert len(reps) == 1
+    for size in (4, 7):
+        shape = [d if isinstance(d, int) else (2 if d == "N" else size) for d in dims]
+        assert_same(model, out, {"x": random_x(shape, seed=size)})
+    assert out.graph.input[0] == model.graph.input[0]  # still dynamic
+
+
+def test_subpixel_refuses_with_reasons():
+    w = random_x([3, 2, 3, 3], seed=10)
+    dynamic = single_op("ConvTranspose", [1, 3, "H", "W"], w, strides=[2, 2], output_shape=[9, 9])
+    _, reps, reasons = rewrite_with(dynamic, "transpose-subpixel")
+    assert not reps and "output_shape" in reasons["conv"] and "--input-shape" in reasons["conv"]
+    _, reps, _ = rewrite_with(dynamic, "transpose-subpixel", input_shapes={"x": [1, 3, 5, 5]})
+    assert len(reps) == 1
+    old = single_op("ConvTranspose", [1, 3, 4, 4], w, strides=[2, 2], opset=4)
+    old.ir_version = 3  # IR 3: initializers are graph inputs too
+    old.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, list(w.shape)))
+    _, reps, reasons = rewrite_with(old, "transpose-subpixel")
+    assert not reps and "opset 4" in reasons["conv"]
+    conv = single_op("Conv", [1, 2, 5, 5], random_x([3, 2, 3, 3]))
+    assert "not ConvTranspose" in rewrite_with(conv, "transpose-subpixel")[2]["conv"]
+
+
+# ---- dense ---------------------------------------------------------------------------------------
+def test_dense_on_the_dilated_sample(models_dir):
+    path = models_dir / "dilated.onnx"
+    out, reps, reasons = rewrite_with(path, "dense")
+    assert len(reps) == 2 and "not dilated" in reasons["conv_d1"]
+    kernels = [helper.get_attribute_value(a) for n in out.graph.node for a in n.attribute if a.name == "kernel_shape"]
+    assert kernels == [[3, 3], [5, 5], [9, 9]]
+    assert not [a for n in out.graph.node[1:] for a in n.attribute if a.name == "dilations"]
+    recs = {r.name: r for r in analyze(convgraph.load(path), rewrites=False).convs}
+    assert reps[0].macs_after == recs["conv_d2"].macs // 9 * 25
+    assert_same(path, out, {"x": random_x([1, 4, 32, 32])}, tol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["pytorch-converted/test_Conv2d_dilated", "pytorch-converted/test_Conv1d_dilated",
+                                  "pytorch-converted/test_Conv3d_dilated", "pytorch-converted/test_Conv3d_dilated_strided"])
+def test_dense_on_pytorch_conformance_models(case):
+    model, feeds, expected = onnx_case(ONNX_DATA / case)
+    out, reps, _ = rewrite_with(model, "dense")
+    assert len(reps) == 1 and reps[0].exact
+    assert rel_err(expected[0], run(out, feeds)[0]) <= EXACT_TOL
+
+
+def test_dense_on_a_dilated_conv_transpose():
+    w = random_x([4, 3, 3, 2], seed=11)
+    model = single_op("ConvTranspose", [1, 4, 5, 6], w, random_x([6], seed=12), group=2, strides=[2, 1],
+                      dilations=[2, 3], auto_pad="SAME_LOWER")
+    out, (rep,), _ = rewrite_with(model, "dense")
+    conv = out.graph.node[0]
+    assert conv.op_type == "ConvTranspose" and conv.name == "conv/dense"
+    assert {a.name: helper.get_attribute_value(a) for a in conv.attribute}["kernel_shape"] == [5, 4]
+    assert_same(model, out, {"x": random_x([1, 4, 5, 6])})
+
+
+# ---- fold-bn -------------------------------------------------------------------------------------
+def test_fold_bn_on_the_conv_bn_sample(models_dir):
+    path = models_dir / "conv_bn.onnx"
+    original = onnx.load(str(path))
+    bn_out = {n.input[0]: n.output[0] for n in original.graph.node if n.op_type == "BatchNormalization"}
+    out, reps, _ = rewrite_with(path, "fold-bn")
+    assert len(reps) == 2 and "BatchNormalization" not in op_types(out)
+    for rep in reps:
+        assert len(rep.removed) == 2 and rep.exact
+    convs = [n for n in out.graph.node if n.op_type == "Conv"]
+    assert [c.name for c in convs] == ["block1/conv", "block2/conv"]
+    assert all(c.output[0] in bn_out.values() for c in convs)
+    assert_same(path, out, {"x": random_x([1, 4, 16, 16])})
+
+
+def _bn_nodes(c: int, seed: int, outputs=("y",), **attrs):
+    rng = np.random.default_rng(seed)
+    params = [rng.uniform(0.5, 2, c), rng.standard_normal(c), rng.standard_normal(c), rng.uniform(0.1, 3, c)]
+    inits = [numpy_helper.from_array(p.astype(np.float32), n) for p, n in zip(params, ("s", "bb", "m", "v"))]
+    bn = helper.make_node("BatchNormalization", ["conv_out", "s", "bb", "m", "v"], list(outputs), name="bn", **attrs)
+    return [bn], inits
+
+
+@pytest.mark.parametrize("op, group", [("Conv", 1), ("Conv", 2), ("ConvTranspose", 1), ("ConvTranspose", 2)])
+def test_fold_bn_conv_and_conv_transpose(op, group):
+    w = random_x([6, 4 // group, 3, 3] if op == "Conv" else [4, 6 // group, 3, 3], seed=13)
+    bn, inits = _bn_nodes(6, 14, epsilon=1e-3)
+    model = single_op(op, [2, 4, 7, 7], w, random_x([6], seed=15), group=group, strides=[2, 2], pads=[1, 1, 0, 0],
+                      extra_nodes=bn, extra_inits=inits)
+    out, (rep,), _ = rewrite_with(model, "fold-bn")
+    assert op_types(out) == [op] and out.graph.node[0].name == "conv" and rep.removed == ["conv", "bn"]
+    assert_same(model, out, {"x": random_x([2, 4, 7, 7])})
+
+
+def test_fold_bn_refuses_with_reasons():
+    w = random_x([6, 4, 3, 3], seed=16)
+    bn, inits = _bn_nodes(6, 17, ("y", "mean", "var"), training_mode=1)
+    training = single_op("Conv", [1, 4, 5, 5], w, extra_nodes=bn, extra_inits=inits, opset=15)
+    assert "training" in rewrite_with(training, "fold-bn")[2]["conv"]
+    bn, inits = _bn_nodes(6, 18)
+    relu = helper.make_node("Relu", ["conv_out"], ["r"], name="relu")
+    shared = single_op("Conv", [1, 4, 5, 5], w, extra_nodes=[*bn, relu], extra_inits=inits)
+    shared.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [None] * 4))
+    assert "2 readers" in rewrite_with(shared, "fold-bn")[2]["conv"]
+    plain = single_op("Conv", [1, 4, 5, 5], w)
+    assert "graph output" in rewrite_with(plain, "fold-bn")[2]["conv"]
+    relu_only = single_op("Conv", [1, 4, 5, 5], w, extra_nodes=[helper.make_node("Relu", ["conv_out"], ["y"])])
+    assert "not followed by BatchNormalization" in rewrite_with(relu_only, "fold-bn")[2]["conv"]
+
+
+# ---- through the engine --------------------------------------------------------------------------
+def test_all_exact_rules_through_the_engine(models_dir):
+    from convgraph.rewrite import rewrite
+
+    result = rewrite(models_dir / "sample.onnx", ["dense", "separable", "transpose-subpixel", "fold-bn"],
+                     params={"rank": "full"})
+    rules = [c.rule for c in result.report.changes]
+    assert rules[0] == "fold-bn" and {"separable", "dense", "transpose-subpixel"} <= set(rules)
+    assert all(c.exact and c.output_error is not None and c.output_error <= EXACT_TOL for c in result.report.changes)
+    assert result.report.passed
+
+
+# ---- real models ---------------------------------------------------------------------------------
+@pytest.mark.real
+@pytest.mark.parametrize("name, rule, params, shapes, count", [
+    ("ppocr-det", "transpose-subpixel", {}, {"x": [1, 3, 320, 320]}, 2),
+    ("yolov8n", "separable", {"rank": "full"}, {"images": [1, 3, 320, 320]}, 39),
+    ("ppocr-rec", "separable", {"rank": "full"}, {"x": [1, 3, 48, 320]}, None),
+    ("ppocr-cls", "fold-bn", {}, {"x": [1, 3, 48, 192]}, 35),
+    ("ppocr-det", "fold-bn", {}, {"x": [1, 3, 320, 320]}, 2),  # BatchNormalization after its ConvTranspose
+])
+def test_exact_rules_on_real_models(real_models, name, rule, params, shapes, count):
+    from convgraph.inputs import make_inputs
+
+    path = real_models(name)
+    out, reps, _ = rewrite_with(path, rule, params, input_shapes=shapes)
+    assert reps and (count is None or len(reps) == count)
+    assert all(r.exact for r in reps)
+    if name == "ppocr-det":  # on noise the detector amplifies 1e-7 input changes to 0.3% at its output: a real page
+        feeds = {"x": page_image(*shapes["x"][2:])}
+    else:
+        (feeds,) = make_inputs(onnx.load(str(path)), samples=1, input_shapes=shapes, seed=1)
+    assert_same(path, out, feeds)
+
+
+def page_image(height: int, width: int) -> np.ndarray:
+    """scikit-image's scanned text page as a PP-OCR input: RGB, (x − 0.5) / 0.5, NCHW."""
+    from PIL import Image
+    from skimage import data
+
+    img = np.asarray(Image.fromarray(data.page()).convert("RGB").resize((width, height)), np.float32) / 255.0
+    return ((img - 0.5) / 0.5).transpose(2, 0, 1)[None].astype(np.float32)
