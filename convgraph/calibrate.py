@@ -1,0 +1,487 @@
+"""Calibration statistics: the input patches each conv really sees, accumulated over a calibration set.
+
+The model runs once over the calibration inputs with the selected convs' input tensors exposed as extra
+outputs, one batch at a time; each batch is folded into per-conv moments and dropped, so memory is the
+statistics plus one batch of activations, never the whole set. For each conv and input channel ``c``
+the patches ``x_c`` (``prod(kernel)`` values, extracted with the conv's own strides, pads and dilations)
+give
+
+* ``sum[c]`` = Σ x_c and ``sq[c]`` = Σ x_c x_cᵀ (the per-channel patch covariance, for whitened fits and
+  bias correction), and, when ``(C_in/group)·prod(kernel)`` is at most ``full_max``,
+* ``full[g]`` = Σ x_g x_gᵀ over the whole patch of a group (cross-channel terms, for least squares).
+
+With a ``reference`` model (the original, when calibrating an already rewritten one) the same tensor of
+the reference is read on the same inputs, and the cross moments Σ x_ref x_candᵀ are kept as well, so a
+fit can target the original layer's output on the original activations while taking the rewritten
+model's activations as its input (sequential fitting that corrects, rather than compounds, the errors of
+the layers before). ``targets`` names a reference tensor per conv whose values at each output position
+are correlated with the candidate conv's patches (Σ x yᵀ): the data for refitting a replacement's conv so
+that it reproduces the original output directly (least squares on real activations).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+from numpy.lib.stride_tricks import as_strided
+
+from .arithmetic import conv_pads, prod
+from .errors import ModelError, UsageError
+from .record import ConvRecord
+
+#: Largest (C_in/group)·prod(kernel) whose full patch covariance is kept (2304 = 256 channels × 3×3).
+FULL_MAX = 2304
+#: Working memory for one chunk of patches (bytes, float64).
+CHUNK_BYTES = 32 << 20
+
+
+def patches(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int],
+            dilations: Sequence[int]) -> np.ndarray:
+    """Read-only strided view ``(N, C, *out, *kernel)`` of the conv input ``x`` ``(N, C, *spatial)``.
+
+    ``pads`` are ONNX order (all begins, then all ends); the padded copy is the only allocation.
+    """
+    nd = len(kernel)
+    if x.ndim != nd + 2:
+        raise ModelError(f"conv input has shape {x.shape}, expected {nd} spatial dims")
+    width = [(0, 0), (0, 0)] + [(int(pads[i]), int(pads[i + nd])) for i in range(nd)]
+    xp = np.pad(x, width) if any(any(w) for w in width) else x
+    out = [(xp.shape[2 + i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(nd)]
+    if any(o <= 0 for o in out):
+        raise ModelError(f"conv input {x.shape} is smaller than the kernel {tuple(kernel)}")
+    shape = xp.shape[:2] + tuple(out) + tuple(kernel)
+    st = xp.strides[:2] + tuple(xp.strides[2 + i] * strides[i] for i in range(nd)) + \
+        tuple(xp.strides[2 + i] * dilations[i] for i in range(nd))
+    return as_strided(xp, shape, st, writeable=False)
+
+
+def _rows(view: np.ndarray, nd: int) -> Iterator[tuple[slice, int]]:
+    """Chunks of the first output dim of a patch view so that one chunk stays under CHUNK_BYTES."""
+    n, c = view.shape[:2]
+    out, k = view.shape[2:2 + nd], view.shape[2 + nd:]
+    per_row = n * c * prod(out[1:]) * prod(k) * 8
+    step = max(1, CHUNK_BYTES // max(per_row, 1))
+    for r in range(0, out[0], step):
+        yield slice(r, min(out[0], r + step)), min(out[0], r + step) - r
+
+
+def _by_channel(view: np.ndarray, nd: int) -> np.ndarray:
+    """(N, C, *out, *k) → (C, M, K) float64 (a copy)."""
+    c = view.shape[1]
+    perm = (1, 0) + tuple(range(2, 2 + nd)) + tuple(range(2 + nd, 2 + 2 * nd))
+    return np.ascontiguousarray(view.transpose(perm), dtype=np.float64).reshape(c, -1, prod(view.shape[2 + nd:]))
+
+
+def _by_group(view: np.ndarray, nd: int, groups: int) -> np.ndarray:
+    """(N, C, *out, *k) → (G, M, C/G·K) float64, the patch row of a group in (channel, tap) order."""
+    n, c = view.shape[:2]
+    k = prod(view.shape[2 + nd:])
+    cg = c // groups
+    perm = (0,) + tuple(range(2, 2 + nd)) + (1,) + tuple(range(2 + nd, 2 + 2 * nd))
+    x = np.ascontiguousarray(view.transpose(perm), dtype=np.float64).reshape(-1, groups, cg * k)
+    return x.transpose(1, 0, 2)
+
+
+@dataclass
+class ConvStats:
+    """Moments of one conv's input patches (float64 sums; divide by ``count`` for means)."""
+
+    node_id: str
+    input: str
+    output: str
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple  # ONNX order; None entries resolved per batch from auto_pad
+    dilations: tuple[int, ...]
+    group: int
+    channels: int
+    auto_pad: str = "NOTSET"
+    count: int = 0  # patches seen (per channel)
+    sum: np.ndarray | None = None  # (C, K)
+    sq: np.ndarray | None = None  # (C, K, K)
+    full: np.ndarray | None = None  # (G, D, D), D = C/G·K
+    ref_sum: np.ndarray | None = None  # (C, K): reference patches
+    cross: np.ndarray | None = None  # (C, K, K): Σ x_ref x_candᵀ
+    full_cross: np.ndarray | None = None  # (G, D, D)
+    target: str | None = None  # reference tensor whose values are matched per output position
+    target_sum: np.ndarray | None = None  # (O,)
+    target_cross: np.ndarray | None = None  # (G, D, O/G): Σ x y_gᵀ
+    batches: int = 0
+    holdout: "ConvStats | None" = None  # the same sums over every other batch only (see split)
+
+    @classmethod
+    def empty(cls, node_id: str, channels: int, kernel: Sequence[int], *, strides=None, pads=None, dilations=None,
+              group: int = 1, auto_pad: str = "NOTSET", input: str = "", output: str = "",
+              full_max: int = FULL_MAX, reference: bool = False, target: str | None = None,
+              holdout: bool = False) -> "ConvStats":
+        """Zeroed sums for a conv of ``channels`` inputs and ``kernel`` (defaults: stride 1, no pads);
+        ``holdout`` keeps every other batch's sums apart as well, for validating fits (:meth:`split`)."""
+        nd = len(kernel)
+        if channels % group:
+            raise ModelError(f"conv {node_id}: {channels} input channels do not split into {group} groups")
+        k = prod(kernel)
+        d = channels // group * k
+        s = cls(node_id, input, output, tuple(int(v) for v in kernel), tuple(strides or (1,) * nd),
+                tuple(pads if pads is not None else (0,) * (2 * nd)), tuple(dilations or (1,) * nd), int(group),
+                int(channels), auto_pad, target=target)
+        if len(s.strides) != nd or len(s.dilations) != nd or len(s.pads) != 2 * nd:
+            raise ModelError(f"conv {node_id}: kernel, strides, pads and dilations disagree in rank")
+        s.sum, s.sq = np.zeros((channels, k)), np.zeros((channels, k, k))
+        keep_full = d <= full_max or target is not None
+        if keep_full:
+            s.full = np.zeros((group, d, d))
+        if reference:
+            s.ref_sum, s.cross = np.zeros((channels, k)), np.zeros((channels, k, k))
+            if keep_full:
+                s.full_cross = np.zeros((group, d, d))
+        if holdout:
+            s.holdout = cls.empty(node_id, channels, kernel, strides=strides, pads=pads, dilations=dilations,
+                                  group=group, auto_pad=auto_pad, input=input, output=output, full_max=full_max,
+                                  reference=reference, target=target)
+        return s
+
+    @classmethod
+    def for_record(cls, rec: ConvRecord, full_max: int = FULL_MAX, reference: bool = False,
+                   target: str | None = None, holdout: bool = False) -> "ConvStats":
+        """Zeroed sums for the conv of an analyzer record."""
+        return cls.empty(rec.node_id, int(rec.in_channels), rec.kernel, strides=rec.strides, pads=rec.pads,
+                         dilations=rec.dilations, group=rec.group, auto_pad=rec.auto_pad, input=rec.input,
+                         output=rec.output, full_max=full_max, reference=reference, target=target,
+                         holdout=holdout)
+
+    # ---- derived ------------------------------------------------------------------------------
+    @property
+    def taps(self) -> int:
+        return prod(self.kernel)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """(C, K) mean patch of the (candidate) input."""
+        return self.sum / max(self.count, 1)
+
+    @property
+    def ref_mean(self) -> np.ndarray:
+        return (self.ref_sum if self.ref_sum is not None else self.sum) / max(self.count, 1)
+
+    def cov(self) -> np.ndarray:
+        """(C, K, K) centered per-channel patch covariance."""
+        m = self.mean
+        return self.sq / max(self.count, 1) - m[:, :, None] * m[:, None, :]
+
+    def cross_cov(self) -> np.ndarray:
+        """(C, K, K) centered E[x_ref x_candᵀ]; the covariance itself without a reference."""
+        if self.cross is None:
+            return self.cov()
+        return self.cross / max(self.count, 1) - self.ref_mean[:, :, None] * self.mean[:, None, :]
+
+    def _group_mean(self, mean: np.ndarray) -> np.ndarray:
+        return mean.reshape(self.group, -1)
+
+    def full_cov(self) -> np.ndarray | None:
+        """(G, D, D) centered covariance of a group's whole patch, or None when not kept."""
+        if self.full is None:
+            return None
+        m = self._group_mean(self.mean)
+        return self.full / max(self.count, 1) - m[:, :, None] * m[:, None, :]
+
+    def full_cross_cov(self) -> np.ndarray | None:
+        if self.full is None:
+            return None
+        if self.full_cross is None:
+            return self.full_cov()
+        mr, m = self._group_mean(self.ref_mean), self._group_mean(self.mean)
+        return self.full_cross / max(self.count, 1) - mr[:, :, None] * m[:, None, :]
+
+    def target_cov(self) -> np.ndarray | None:
+        """(G, D, O/G) centered E[x yᵀ] against the target tensor."""
+        if self.target_cross is None:
+            return None
+        m = self._group_mean(self.mean)
+        ty = self.target_sum.reshape(self.group, -1) / max(self.count, 1)
+        return self.target_cross / max(self.count, 1) - m[:, :, None] * ty[:, None, :]
+
+    @property
+    def target_mean(self) -> np.ndarray | None:
+        return None if self.target_sum is None else self.target_sum / max(self.count, 1)
+
+    # ---- accumulation -------------------------------------------------------------------------
+    def _pads(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        if self.auto_pad in ("NOTSET", "") and all(p is not None for p in self.pads):
+            return tuple(int(p) for p in self.pads)
+        return tuple(int(p) for p in conv_pads(spatial, self.kernel, self.strides, self.dilations,
+                                               [p or 0 for p in self.pads], self.auto_pad))
+
+    def update(self, x: np.ndarray, ref: np.ndarray | None = None, target: np.ndarray | None = None) -> None:
+        """Fold one batch of the conv's input (and the reference's, and the target tensor) into the sums."""
+        nd = len(self.kernel)
+        x = np.asarray(x)
+        if x.ndim != nd + 2 or x.shape[1] != self.channels:
+            raise ModelError(f"conv {self.node_id}: input batch of shape {x.shape} does not fit "
+                             f"{self.channels} channels and {nd} spatial dims")
+        pads = self._pads(x.shape[2:])
+        view = patches(x, self.kernel, self.strides, pads, self.dilations)
+        rview = None
+        if self.cross is not None:
+            if ref is None or ref.shape != x.shape:
+                raise ModelError(f"conv {self.node_id}: reference input {None if ref is None else ref.shape} "
+                                 f"does not match the candidate's {x.shape}")
+            rview = patches(np.asarray(ref), self.kernel, self.strides, pads, self.dilations)
+        if self.target is not None:
+            if target is None or target.shape[0] != x.shape[0] or tuple(target.shape[2:]) != view.shape[2:2 + nd]:
+                raise ModelError(f"conv {self.node_id}: target {self.target!r} of shape "
+                                 f"{None if target is None else target.shape} does not match the output grid "
+                                 f"{view.shape[2:2 + nd]}")
+        accs = [self]
+        if self.holdout is not None and self.batches % 2 == 1:
+            accs.append(self.holdout)  # every other batch is also kept apart, for validating fits
+        for rows, _ in _rows(view, nd):
+            sl = (slice(None), slice(None), rows)
+            xc = _by_channel(view[sl], nd)
+            _add(accs, "sum", xc.sum(axis=1))
+            _add(accs, "sq", np.matmul(xc.transpose(0, 2, 1), xc))
+            if rview is not None:
+                rc = _by_channel(rview[sl], nd)
+                _add(accs, "ref_sum", rc.sum(axis=1))
+                _add(accs, "cross", np.matmul(rc.transpose(0, 2, 1), xc))
+            del xc
+            if self.full is not None:
+                xg = _by_group(view[sl], nd, self.group)
+                _add(accs, "full", np.matmul(xg.transpose(0, 2, 1), xg))
+                if rview is not None and self.full_cross is not None:
+                    rg = _by_group(rview[sl], nd, self.group)
+                    _add(accs, "full_cross", np.matmul(rg.transpose(0, 2, 1), xg))
+                if self.target is not None:
+                    y = np.asarray(target[(slice(None), slice(None), rows)], dtype=np.float64)
+                    o = y.shape[1]
+                    yg = np.moveaxis(y, 1, -1).reshape(-1, self.group, o // self.group).transpose(1, 0, 2)
+                    _add(accs, "target_cross", np.matmul(xg.transpose(0, 2, 1), yg))
+                    _add(accs, "target_sum", yg.transpose(1, 0, 2).reshape(-1, o).sum(axis=0))
+        n = prod(view.shape[2:2 + nd]) * x.shape[0]
+        for a in accs:
+            a.count += n
+            a.batches += 1
+
+    def copy(self) -> "ConvStats":
+        """A deep copy (arrays copied)."""
+        c = replace(self, holdout=None if self.holdout is None else self.holdout.copy())
+        for f in _ARRAYS:
+            if getattr(self, f) is not None:
+                setattr(c, f, getattr(self, f).copy())
+        return c
+
+    def split(self) -> "tuple[ConvStats, ConvStats] | None":
+        """(fit part, held-out part) of these statistics, or None when no batch was held out."""
+        h = self.holdout
+        if h is None or h.count == 0 or h.count >= self.count:
+            return None
+        fit = replace(self, holdout=None)
+        for f in _ARRAYS:
+            a, b = getattr(self, f), getattr(h, f)
+            setattr(fit, f, None if a is None else (a - b if b is not None else a.copy()))
+        fit.count = self.count - h.count
+        return fit, h
+
+    def merge(self, other: "ConvStats") -> None:
+        """Add another accumulation of the same conv (e.g. from another process) into this one."""
+        if (other.node_id, other.kernel, other.channels) != (self.node_id, self.kernel, self.channels):
+            raise UsageError(f"cannot merge statistics of {other.node_id} into {self.node_id}")
+        for f in _ARRAYS:
+            a, b = getattr(self, f), getattr(other, f)
+            if a is not None and b is not None:
+                setattr(self, f, a + b)
+            elif b is not None:
+                setattr(self, f, b.copy())
+        self.count += other.count
+        self.batches += other.batches
+        if other.holdout is not None:
+            if self.holdout is None:
+                self.holdout = other.holdout.copy()
+            else:
+                self.holdout.merge(other.holdout)
+
+
+def _add(accs: list, name: str, value: np.ndarray) -> None:
+    for a in accs:
+        cur = getattr(a, name)
+        if cur is None:
+            setattr(a, name, value.copy())
+        else:
+            cur += value
+
+
+_ARRAYS = ("sum", "sq", "full", "ref_sum", "cross", "full_cross", "target_sum", "target_cross")
+_META = ("node_id", "input", "output", "kernel", "strides", "pads", "dilations", "group", "channels", "auto_pad",
+         "count", "target", "batches")
+
+
+class Calibration(dict):
+    """node_id → :class:`ConvStats`, plus how the statistics were gathered (``info``)."""
+
+    def __init__(self, *args, info: dict | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.info: dict[str, Any] = dict(info or {})
+
+    def for_conv(self, rec: ConvRecord) -> ConvStats | None:
+        """The statistics of ``rec``: by node id, else by its output tensor; None when none fit its geometry."""
+        s = self.get(rec.node_id)
+        if s is None or s.output != rec.output:
+            s = next((v for v in self.values() if v.output == rec.output), None)
+        if s is None or s.kernel != tuple(rec.kernel) or s.channels != rec.in_channels or s.group != rec.group:
+            return None
+        return s
+
+    def save(self, path) -> None:
+        """Write all statistics to one ``.npz`` (arrays) with the metadata as JSON inside it."""
+        arrays: dict[str, np.ndarray] = {}
+        meta = []
+        for i, s in enumerate(self.values()):
+            m = {f: getattr(s, f) for f in _META}
+            for prefix, part in ((f"{i}.", s), (f"{i}.h.", s.holdout)):
+                for f in _ARRAYS if part is not None else ():
+                    if getattr(part, f) is not None:
+                        arrays[prefix + f] = getattr(part, f)
+            if s.holdout is not None:
+                m["holdout"] = {"count": s.holdout.count, "batches": s.holdout.batches}
+            meta.append(m)
+        arrays["__meta__"] = np.frombuffer(json.dumps({"convs": meta, "info": self.info}).encode(), np.uint8)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        from .io import atomic_write_bytes
+
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path) -> "Calibration":
+        """Read statistics written by :meth:`save`; UsageError when the file is not one."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                doc = json.loads(bytes(z["__meta__"]).decode())
+                out = cls(info=doc.get("info"))
+                for i, m in enumerate(doc["convs"]):
+                    m = dict(m)
+                    hold = m.pop("holdout", None)
+                    for f in ("kernel", "strides", "pads", "dilations"):
+                        m[f] = tuple(m[f])
+                    s = ConvStats(**m)
+                    if hold is not None:
+                        s.holdout = ConvStats(**{**m, **hold})
+                    for prefix, part in ((f"{i}.", s), (f"{i}.h.", s.holdout)):
+                        for f in _ARRAYS if part is not None else ():
+                            if prefix + f in z:
+                                setattr(part, f, z[prefix + f])
+                    out[s.node_id] = s
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"{path}: not a convgraph calibration file ({e})") from None
+        return out
+
+
+# ---- running a model over calibration data ------------------------------------------------------------
+def calibratable(rec: ConvRecord) -> str | None:
+    """None when ``rec``'s input patches can be collected, else why not."""
+    if rec.graph:
+        return "inside a subgraph"
+    if rec.op_type != "Conv" or rec.domain not in ("", "ai.onnx"):
+        return f"{rec.op_type} is not a float Conv"
+    if rec.in_channels is None or not rec.kernel or any(k is None for k in rec.kernel):
+        return "unknown channels or kernel"
+    return None
+
+
+def _feeds(model: onnx.ModelProto, inputs, input_shapes, samples: int | None, seed: int,
+           options: Mapping[str, Any]) -> Iterable[dict[str, np.ndarray]]:
+    """Feed dicts, one batch each: an iterator as it is (consumed once); anything else through
+    :func:`convgraph.inputs.make_inputs` (an ``.npz`` path, an image folder, arrays, a list of feeds)."""
+    if isinstance(inputs, Iterator):
+        return inputs
+    from .inputs import make_inputs
+
+    return make_inputs(model, inputs, samples=samples, seed=seed, input_shapes=input_shapes, **options)
+
+
+def calibrate(model, inputs, *, nodes: Iterable[str] | None = None, reference=None,
+              targets: Mapping[str, str] | None = None, full_max: int = FULL_MAX, input_shapes=None,
+              samples: int | None = None, provider: str = "cpu", threads: int | None = None, seed: int = 0,
+              input_options: Mapping[str, Any] | None = None, holdout: bool = True,
+              progress: bool = False) -> Calibration:
+    """Run ``model`` over ``inputs`` and return the input-patch statistics of its convs.
+
+    ``inputs``: an iterator of feed dicts (one batch each, consumed once), or what
+    :func:`convgraph.inputs.make_inputs` takes (an ``.npz`` path, an image folder, a dict of arrays, a
+    list of feeds, an InputSet: all lazy), with ``input_options`` (``image_size``, ``mean``, ``std``,
+    ``layout``) for image folders and ``samples`` capping how many are used. ``nodes``: the conv node ids to collect (default: every float Conv of the main graph).
+    ``reference``: a model with the same inputs whose tensors of the same names give cross moments
+    (see the module doc); ``targets``: node id → tensor of ``reference`` to correlate with each conv's
+    patches (needs ``reference``). ``holdout``: also keep every other batch's sums apart, so that fits
+    can choose between methods by their error on data they were not fitted on.
+    """
+    from .analyze import analyze
+    from .graph import ConvGraph, load
+    from .runtime import create_session, expose_tensors
+
+    cg = model if isinstance(model, ConvGraph) else load(model, input_shapes, check=False)
+    proto = cg.to_model()
+    recs = {r.node_id: r for r in analyze(cg, rewrites=False).convs}
+    wanted = list(nodes) if nodes is not None else [n for n, r in recs.items() if calibratable(r) is None]
+    stats = Calibration(info={"full_max": full_max, "reference": reference is not None})
+    for n in wanted:
+        rec = recs.get(n)
+        if rec is None:
+            raise UsageError(f"no conv {n!r} in the model")
+        why = calibratable(rec)
+        if why:
+            raise UsageError(f"conv {n!r} cannot be calibrated: {why}")
+        tgt = (targets or {}).get(n)
+        if tgt is not None and reference is None:
+            raise UsageError("targets need a reference model")
+        stats[n] = ConvStats.for_record(rec, full_max, reference is not None, tgt, holdout)
+    if not stats:
+        return stats
+    names = sorted({s.input for s in stats.values()})
+    sess = create_session(expose_tensors(proto, names, cg.shapes), provider=provider, threads=threads)
+    ref_sess, ref_names = None, []
+    if reference is not None:
+        ref_cg = reference if isinstance(reference, ConvGraph) else load(reference, input_shapes, check=False)
+        ref_names = sorted(set(names) | {s.target for s in stats.values() if s.target})
+        missing = [t for t in ref_names if ref_cg.producer(t) is None]
+        if missing:
+            raise UsageError(f"the reference model has no tensor {missing[0]!r}")
+        ref_sess = create_session(expose_tensors(ref_cg.to_model(), ref_names, ref_cg.shapes), provider=provider,
+                                  threads=threads)
+    batches = 0
+    for feed in _progress(_feeds(proto, inputs, input_shapes, samples, seed, input_options or {}), progress):
+        got = _run(sess, feed, names)
+        ref = _run(ref_sess, feed, ref_names) if ref_sess is not None else {}
+        for s in stats.values():
+            s.update(got[s.input], ref.get(s.input), ref.get(s.target) if s.target else None)
+        del got, ref
+        batches += 1
+    if batches == 0:
+        raise UsageError("the calibration set is empty")
+    stats.info["batches"] = batches
+    return stats
+
+
+def _run(sess, feed: dict, names: list[str]) -> dict[str, np.ndarray]:
+    from .runtime import run
+
+    return dict(zip(names, run(sess, feed, names)))
+
+
+def _progress(it: Iterable, show: bool) -> Iterable:
+    if not show:
+        yield from it
+        return
+    from rich.progress import Progress
+
+    from .cli.common import err
+
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("calibrating", total=None)
+        for x in it:
+            yield x
+            bar.advance(task)

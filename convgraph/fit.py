@@ -1,0 +1,306 @@
+"""Data-aware fits: replacement weights that minimize a conv's output error on calibration activations.
+
+A rewrite replaces a conv ``y = W x + b`` (``x`` an input patch) by a constrained ``y' = W' x' + b'``.
+Weight fits minimize ‖W − W'‖; what matters is E‖(W x_ref + b) − (W' x + b')‖² over the activations the
+model really sees (``x_ref`` the original model's patches, ``x`` the patches of the model being rewritten:
+the same unless earlier layers were rewritten, see :mod:`convgraph.calibrate`). With centered moments
+Σ = Cov(x) and C = Cov(x_ref, x), the optimal bias is ``b' = b + W μ_ref − W' μ`` (bias correction) and
+the weights minimize tr(W' Σ W'ᵀ) − 2 tr(W C W'ᵀ), i.e. ‖(T − W') Σ^{1/2}‖² with the target
+T = W C Σ⁻¹ (T = W without a reference). Fits here:
+
+* :func:`separable_fit` — per input channel, rank-r factors (depthwise × pointwise): whitened SVD
+  (W'_c = U_r S_r V_rᵀ Σ_c^{−1/2} from the SVD of T_c Σ_c^{1/2}, the optimum when channels are
+  uncorrelated), then, where the full patch covariance was kept, alternating least squares over the
+  pointwise and depthwise factors with the cross-channel terms.
+* :func:`subgrid_fit` — kernels restricted to a subset of taps (``dilated``: dense k×k onto a dilated
+  grid): weighted least squares, closed form.
+* :func:`target_fit` — a conv fitted so that it reproduces a target tensor from its own input (the last
+  conv of a replacement, e.g. ``transpose-resize``): least squares on the calibration moments.
+
+Covariances are damped by ``damp`` × their mean diagonal (GPTQ's 1% rule) before inversion, so taps
+the calibration data never excites do not get unbounded weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .calibrate import ConvStats
+from .errors import ModelError
+
+#: Default damping: this fraction of the mean diagonal is added to a covariance before it is inverted.
+DAMP = 0.01
+#: Alternating least squares on the depthwise factors solves a (C/g·r·K)² system: only up to this size.
+ALS_MAX = 2304
+
+
+@dataclass
+class SeparableFactors:
+    """W'[g·Og + o, i] = pointwise[c] @ depthwise[c] for input channel c = g·Cg + i."""
+
+    depthwise: np.ndarray  # (C, r, K): r filters (flattened taps) per input channel
+    pointwise: np.ndarray  # (C, Og, r): each filter's weight in the outputs of the channel's group
+    bias: np.ndarray  # (O,) corrected bias (zeros when the conv has none and the shift is zero)
+    method: str  # "weights" | "exact" | "whitened" | "pointwise-ls" | "als"
+    scores: dict = field(default_factory=dict)  # held-out score of each method tried (lower is better)
+
+    def weight(self, kernel: tuple[int, ...], group: int) -> np.ndarray:
+        """The effective kernel (O, C/g, *kernel)."""
+        return _compose(self.depthwise, self.pointwise, kernel, group)
+
+
+def _compose(dw: np.ndarray, pw: np.ndarray, kernel, group: int) -> np.ndarray:
+    c, og = dw.shape[0], pw.shape[1]
+    cg = c // group
+    w = np.einsum("cor,crk->cok", pw, dw).reshape(group, cg, og, -1).transpose(0, 2, 1, 3)
+    return w.reshape(group * og, cg, *kernel)
+
+
+def _damped(cov: np.ndarray, damp: float) -> np.ndarray:
+    """cov + damp·mean(diag)·I for a stack of square matrices (identity where a channel is dead)."""
+    cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))
+    d = np.einsum("...ii->...i", cov).mean(axis=-1)
+    dead = ~(d > 0)
+    eye = np.eye(cov.shape[-1])
+    out = cov + (damp * np.where(dead, 1.0, d))[..., None, None] * eye
+    if dead.any():
+        out[dead] = eye
+    return out
+
+
+def _sqrt_pair(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Σ^{1/2} and Σ^{−1/2} of a stack of symmetric positive definite matrices."""
+    lam, q = np.linalg.eigh(cov)
+    lam = np.maximum(lam, lam[..., -1:] * 1e-12 + 1e-300)
+    s = np.sqrt(lam)
+    half = (q * s[..., None, :]) @ np.swapaxes(q, -1, -2)
+    inv_half = (q / s[..., None, :]) @ np.swapaxes(q, -1, -2)
+    return half, inv_half
+
+
+def _per_channel(w: np.ndarray, group: int) -> np.ndarray:
+    """(O, C/g, *k) → (C, Og, K): the slice of each input channel."""
+    o, cg = w.shape[:2]
+    og = o // group
+    return w.reshape(group, og, cg, -1).transpose(0, 2, 1, 3).reshape(group * cg, og, -1)
+
+
+def _per_group(w: np.ndarray, group: int) -> np.ndarray:
+    """(O, C/g, *k) → (G, Og, C/g·K), columns in (channel, tap) order like the full covariance."""
+    o = w.shape[0]
+    return w.reshape(group, o // group, -1)
+
+
+def _check(w: np.ndarray, stats: ConvStats) -> None:
+    c = w.shape[1] * stats.group
+    if c != stats.channels or tuple(w.shape[2:]) != tuple(stats.kernel) or stats.count <= 0:
+        raise ModelError(f"calibration statistics of {stats.node_id} (C={stats.channels}, kernel {stats.kernel}, "
+                         f"{stats.count} patches) do not fit weights of shape {w.shape}")
+
+
+def corrected_bias(w: np.ndarray, w_new: np.ndarray, bias: np.ndarray | None, stats: ConvStats) -> np.ndarray:
+    """b' = b + W μ_ref − W' μ: the new conv keeps the original's mean output on calibration data."""
+    g = stats.group
+    wg, ng = _per_group(w.astype(np.float64), g), _per_group(w_new.astype(np.float64), g)
+    mr = stats.ref_mean.reshape(g, -1)
+    m = stats.mean.reshape(g, -1)
+    shift = (np.einsum("god,gd->go", wg, mr) - np.einsum("god,gd->go", ng, m)).reshape(-1)
+    return (np.zeros(w.shape[0]) if bias is None else bias.astype(np.float64)) + shift
+
+
+def _targets(wc: np.ndarray, stats: ConvStats, cov_damped: np.ndarray) -> np.ndarray:
+    """Per-channel targets T_c = W_c C_c Σ_c⁻¹ (W_c itself without a reference)."""
+    if stats.cross is None:
+        return wc
+    return np.linalg.solve(cov_damped, np.swapaxes(wc @ stats.cross_cov(), -1, -2)).swapaxes(-1, -2)
+
+
+def separable_fit(w: np.ndarray, bias: np.ndarray | None, rank: int, stats: ConvStats | None, *,
+                  damp: float = DAMP, als_iters: int = 4, als_max: int = ALS_MAX,
+                  select: bool = True) -> SeparableFactors:
+    """Rank-``rank`` depthwise × pointwise factors of conv weights ``w`` (O, C/g, *k).
+
+    Without ``stats``: the plain SVD of each input channel's slice (the weight fit). With them: the
+    whitened SVD and, when the full patch covariance is known, alternating least squares (``als_iters``
+    rounds; the pointwise step alone when the depthwise system is larger than ``als_max``), with the
+    bias corrected for the mean shift. With ``select`` and held-out sums in ``stats``, each method is
+    fitted on the rest and the one with the smallest held-out error is refitted on all the data (least
+    squares over whole patches can overfit where a layer sees few positions).
+    """
+    group = 1 if stats is None else stats.group
+    if stats is not None:
+        _check(w, stats)
+    wc = _per_channel(w.astype(np.float64), group)  # (C, Og, K)
+    r = int(min(rank, wc.shape[1], wc.shape[2]))
+    if stats is None or (r == min(wc.shape[1], wc.shape[2]) and stats.cross is None):  # exact at full rank
+        u, s, vt = np.linalg.svd(wc, full_matrices=False)
+        b = np.zeros(w.shape[0]) if bias is None else bias.astype(np.float64)
+        return SeparableFactors(vt[:, :r], u[:, :, :r] * s[:, None, :r], b, "weights" if stats is None else "exact")
+    methods = {"whitened": 0}
+    if stats.full is not None and als_iters > 0:
+        methods.update({"pointwise-ls": 1, "als": als_iters})
+    parts = stats.split() if select and len(methods) > 1 else None
+    scores: dict[str, float] = {}
+    if parts is not None:
+        train, held = parts
+        for name, iters in methods.items():
+            f = _separable(w, wc, bias, r, train, damp, iters, als_max)
+            scores[name] = holdout_score(w, bias, f.weight(stats.kernel, group), f.bias, held)
+        best = min(scores, key=scores.get)
+    else:
+        best = "als" if "als" in methods else "whitened"
+    f = _separable(w, wc, bias, r, stats, damp, methods[best], als_max)
+    f.method, f.scores = best, scores
+    return f
+
+
+def _separable(w, wc, bias, r, stats: ConvStats, damp, iters, als_max) -> SeparableFactors:
+    group = stats.group
+    cov = _damped(stats.cov(), damp)
+    half, inv_half = _sqrt_pair(cov)
+    t = _targets(wc, stats, cov)
+    u, s, vt = np.linalg.svd(t @ half, full_matrices=False)
+    dw = vt[:, :r] @ inv_half  # (C, r, K)
+    pw = u[:, :, :r] * s[:, None, :r]  # (C, Og, r)
+    if iters > 0:
+        dw, pw = _als(w, stats, dw, pw, damp, iters, als_max)
+    w_new = _compose(dw, pw, stats.kernel, group)
+    return SeparableFactors(dw, pw, corrected_bias(w, w_new, bias, stats), "als" if iters else "whitened")
+
+
+def holdout_score(w: np.ndarray, bias: np.ndarray | None, w_new: np.ndarray, b_new: np.ndarray,
+                  held: ConvStats) -> float:
+    """E‖(W x_ref + b) − (W' x + b')‖² on ``held`` up to a constant that does not depend on W', b'
+    (the full covariance is needed); lower is better. Without a reference the constant is included,
+    so the value is the mean squared output error itself."""
+    g, n = held.group, max(held.count, 1)
+    wg, ng = _per_group(w.astype(np.float64), g), _per_group(w_new.astype(np.float64), g)
+    b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, np.float64)
+    bg, nbg = b.reshape(g, -1), np.asarray(b_new, np.float64).reshape(g, -1)
+    mu, mr = held.mean.reshape(g, -1), held.ref_mean.reshape(g, -1)
+    full = held.full / n
+    fc = (held.full_cross if held.full_cross is not None else held.full) / n
+    nmu = np.einsum("god,gd->go", ng, mu)
+    cross = (np.einsum("god,gde,goe->", wg, fc, ng) + np.sum(np.einsum("god,gd->go", wg, mr) * nbg)
+             + np.sum(bg * nmu) + np.sum(bg * nbg))
+    own = np.einsum("god,gde,goe->", ng, full, ng) + 2 * np.sum(nbg * nmu) + np.sum(nbg**2)
+    score = own - 2 * cross
+    if held.cross is None:  # no reference: add E‖W x + b‖² back
+        wmu = np.einsum("god,gd->go", wg, mu)
+        score += np.einsum("god,gde,goe->", wg, full, wg) + 2 * np.sum(bg * wmu) + np.sum(bg**2)
+    return float(score)
+
+
+def _als(w: np.ndarray, stats: ConvStats, dw: np.ndarray, pw: np.ndarray, damp: float, iters: int,
+         als_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """Alternate: pointwise given depthwise (least squares, cross-channel), depthwise given pointwise."""
+    g = stats.group
+    c, r, k = dw.shape
+    cg, og = c // g, pw.shape[1]
+    sig = _damped(stats.full_cov(), damp)  # (G, D, D)
+    cr = stats.full_cross_cov()  # (G, D, D): ref rows, candidate columns
+    wg = _per_group(w.astype(np.float64), g)  # (G, Og, D)
+    wc_cross = wg @ cr  # (G, Og, D): E[(W x_ref) xᵀ]
+    small = cg * r * k <= als_max
+    for it in range(iters):
+        # pointwise step: z = B x (block diagonal B), P = E[y zᵀ] E[z zᵀ]⁻¹
+        bd = _block_diag(dw.reshape(g, cg, r, k))  # (G, Cg·r, D)
+        zz = _damped(bd @ sig @ np.swapaxes(bd, -1, -2), 1e-10)
+        yz = wc_cross @ np.swapaxes(bd, -1, -2)  # (G, Og, Cg·r)
+        p = np.linalg.solve(zz, np.swapaxes(yz, -1, -2)).swapaxes(-1, -2)  # (G, Og, Cg·r)
+        pw = p.reshape(g, og, cg, r).transpose(0, 2, 1, 3).reshape(c, og, r)
+        if not small or it == iters - 1:
+            break  # the last step is the pointwise one: optimal for the depthwise filters it got
+        # depthwise step: normal equations over all channels' filters at once
+        a = p.reshape(g, og, cg, r)  # A[o, c, j]
+        ata = np.einsum("gocj,godl->gcjdl", a, a)
+        s4 = sig.reshape(g, cg, k, cg, k)
+        h = np.einsum("gcjdl,gcmdn->gcjmdln", ata, s4).reshape(g, cg * r * k, cg * r * k)
+        rhs = np.einsum("gocj,godk->gcjdk", a, wc_cross.reshape(g, og, cg, k))
+        rhs = np.einsum("gcjck->gcjk", rhs).reshape(g, cg * r * k)
+        h = 0.5 * (h + np.swapaxes(h, -1, -2))
+        dh = np.einsum("gii->gi", h).mean(axis=-1)
+        h = h + (1e-10 * dh)[:, None, None] * np.eye(h.shape[-1])
+        dw = np.linalg.solve(h, rhs[..., None])[..., 0].reshape(c, r, k)
+    return dw, pw
+
+
+def _block_diag(b: np.ndarray) -> np.ndarray:
+    """(G, Cg, r, K) per-channel filters → (G, Cg·r, Cg·K) block-diagonal maps."""
+    g, cg, r, k = b.shape
+    out = np.zeros((g, cg, r, cg, k))
+    idx = np.arange(cg)
+    out[:, idx, :, idx, :] = b.transpose(1, 0, 2, 3)
+    return out.reshape(g, cg * r, cg * k)
+
+
+def subgrid_fit(w: np.ndarray, bias: np.ndarray | None, taps: np.ndarray, stats: ConvStats | None, *,
+                damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
+    """Weights on a subset of kernel taps (flat indices ``taps`` into prod(kernel)) that best reproduce ``w``.
+
+    Returns (O, C/g, len(taps)) weights and the corrected bias. Without ``stats``: the weights at
+    those taps (least squares in the weights); with them: weighted least squares on the patch moments,
+    over whole group patches when the full covariance was kept, else per channel.
+    """
+    taps = np.asarray(taps, dtype=np.int64)
+    o, cg = w.shape[:2]
+    k = int(np.prod(w.shape[2:]))
+    w64 = w.astype(np.float64).reshape(o, cg, k)
+    if stats is None:
+        b = np.zeros(o) if bias is None else bias.astype(np.float64)
+        return w64[:, :, taps], b
+    _check(w, stats)
+    g = stats.group
+    og = o // g
+    if stats.full is not None:
+        sel = (np.arange(cg)[:, None] * k + taps[None, :]).reshape(-1)
+        sig = _damped(stats.full_cov()[:, sel][:, :, sel], damp)  # (G, S, S)
+        cr = stats.full_cross_cov()[:, :, sel]  # (G, D, S)
+        rhs = _per_group(w64, g) @ cr  # (G, Og, S)
+        new = np.linalg.solve(sig, np.swapaxes(rhs, -1, -2)).swapaxes(-1, -2).reshape(o, cg, len(taps))
+    else:
+        sig = _damped(stats.cov()[:, taps][:, :, taps], damp)  # (C, S, S)
+        cr = stats.cross_cov()[:, :, taps]  # (C, K, S)
+        wc = _per_channel(w64, g)  # (C, Og, K)
+        rhs = wc @ cr  # (C, Og, S)
+        nc = np.linalg.solve(sig, np.swapaxes(rhs, -1, -2)).swapaxes(-1, -2)  # (C, Og, S)
+        new = nc.reshape(g, cg, og, -1).transpose(0, 2, 1, 3).reshape(o, cg, len(taps))
+    full_new = np.zeros_like(w64)
+    full_new[:, :, taps] = new
+    return new, corrected_bias(w64.reshape(w.shape), full_new.reshape(w.shape), bias, stats)
+
+
+def target_fit(stats: ConvStats, *, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
+    """Weights (O, C/g, *k) and bias of the conv that best reproduces ``stats.target`` from its input.
+
+    Needs statistics gathered with a target (``calibrate(..., targets=...)``).
+    """
+    tc = stats.target_cov()
+    if tc is None or stats.full is None:
+        raise ModelError(f"conv {stats.node_id}: no target statistics (calibrate with targets=...)")
+    sig = _damped(stats.full_cov(), damp)  # (G, D, D)
+    wg = np.linalg.solve(sig, tc).swapaxes(-1, -2)  # (G, Og, D)
+    g, og, _ = wg.shape
+    w = wg.reshape(g * og, stats.channels // g, *stats.kernel)
+    b = stats.target_mean - np.einsum("god,gd->go", wg, stats.mean.reshape(g, -1)).reshape(-1)
+    return w, b
+
+
+def layer_error(w: np.ndarray, w_new: np.ndarray, stats: ConvStats) -> float:
+    """Relative output error sqrt(E‖(W − W') x‖² / E‖W x‖²) on the calibration patches (centered, after
+    bias correction); from the full covariance when kept, else ignoring cross-channel terms."""
+    d = (w.astype(np.float64) - w_new.astype(np.float64))
+    g = stats.group
+    if stats.full is not None:
+        sig = stats.full_cov()
+        dg, wg = _per_group(d, g), _per_group(w.astype(np.float64), g)
+        num = np.einsum("god,gde,goe->", dg, sig, dg)
+        den = np.einsum("god,gde,goe->", wg, sig, wg)
+    else:
+        sig = stats.cov()
+        dc, wc = _per_channel(d, g), _per_channel(w.astype(np.float64), g)
+        num = np.einsum("cok,ckl,col->", dc, sig, dc)
+        den = np.einsum("cok,ckl,col->", wc, sig, wc)
+    return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
