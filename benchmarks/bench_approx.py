@@ -44,15 +44,16 @@ class Case:
 
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+PHOTOS = ["astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png"]
 MODELS = {
-    "yolov8n": Model("yolov8n", {"images": [1, 3, 320, 320]},
-                     [("astronaut.png", None), ("coffee.png", None), ("chelsea.png", None), ("motorcycle_left.png", None)],
-                     [("rocket.jpg", None), ("motorcycle_right.png", None), ("retina.jpg", None), ("hubble_deep_field.jpg", None)]),
+    "yolov8n": Model("yolov8n", {"images": [1, 3, 320, 320]}, [(f, None) for f in PHOTOS],
+                     [(f, None) for f in ("rocket.jpg", "motorcycle_right.png", "retina.jpg", "hubble_deep_field.jpg")]),
     "ppocr-det": Model("ppocr-det", {"x": [1, 3, 480, 640]}, [("page.png", None), ("text.png", None)],
                        [("page.png", (0, 0, 192, 192)), ("coins.png", None), ("camera.png", None)], **IMAGENET),
-    "ppocr-rec": Model("ppocr-rec", {"x": [1, 3, 48, 320]},
+    "ppocr-rec": Model("ppocr-rec", {"x": [1, 3, 48, 320]},  # text lines cropped from the pages
                        [("page.png", (0, 20, 384, 68)), ("page.png", (0, 90, 384, 138)), ("text.png", (0, 0, 448, 60))],
-                       [("page.png", (0, 140, 384, 188)), ("page.png", (0, 45, 384, 93))], mean=(0.5,) * 3, std=(0.5,) * 3),
+                       [("page.png", (0, 140, 384, 188)), ("page.png", (0, 45, 384, 93))],
+                       mean=(0.5,) * 3, std=(0.5,) * 3),
 }
 CASES = [
     Case("yolov8n", "spatial-separable", {"rank": "1"}),

@@ -43,7 +43,7 @@ def _best(fn, repeat: int) -> tuple[float, float, object]:
 
 def _steps(path: Path, repeat: int) -> dict[str, float]:
     """Best wall time of each step of ``load``, run separately in the order (and GC setting) load runs them."""
-    with cgraph._gc_paused():
+    with cgraph.gc_paused():
         read, _, (model, origin) = _best(lambda: read_model(path), repeat)
         build, _, cg = _best(lambda: cgraph.ConvGraph(model.graph, model), repeat)
         infer, _, (inferred, _w) = _best(lambda: cgraph._infer(model, origin.size, origin.data), repeat)

@@ -16,9 +16,9 @@ import onnx
 
 from . import arithmetic as ar
 from .errors import ModelError
-from .graph import ConvGraph
+from .graph import ConvGraph, gc_paused, real_inputs
 from .record import KINDS, ConvRecord, RewriteOption
-from .weights import constant_shape, constant_source
+from .weights import constant_shape, constant_source, elem_type
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,16 @@ CONV_OPS: dict[tuple[str, str], ConvOp] = {
     ("com.microsoft", "NhwcConv"): ConvOp(1, 2, channels_last=True),
     ("com.microsoft", "NhwcFusedConv"): ConvOp(1, 2, channels_last=True),
     ("com.microsoft", "QLinearConv"): ConvOp(3, 8, quantized=True),
-    ("com.microsoft", "ConvTransposeWithDynamicPads"): ConvOp(1, 3, transposed=True),
 }
-CONV_OP_TYPES = frozenset(op for _, op in CONV_OPS)
+
+
+#: The op types of :data:`CONV_OPS`: one set lookup rules out every other node.
+_CONV_TYPES = frozenset(op for _, op in CONV_OPS)
 
 
 def conv_op(data: dict) -> ConvOp | None:
     """The :class:`ConvOp` of a graph node's data, or None when it is not a convolution."""
-    if data.get("kind") != "op":
+    if data.get("kind") != "op" or data["op_type"] not in _CONV_TYPES:
         return None
     domain = "" if data["domain"] in ("", "ai.onnx") else data["domain"]
     return CONV_OPS.get((domain, data["op_type"]))
@@ -97,6 +99,8 @@ def _merge_shape(computed: tuple | None, inferred: tuple | None) -> tuple | None
         return inferred
     if inferred is None or len(inferred) != len(computed):
         return computed
+    if all(type(c) is int for c in computed):
+        return computed
     return tuple(c if ar.known(c) else i for c, i in zip(computed, inferred))
 
 
@@ -119,26 +123,30 @@ def conv_record(cg: ConvGraph, nid: str) -> ConvRecord | None:
     """The record of conv node ``nid`` of ``cg`` (None if it is not a conv or its weight shape is unknown)."""
     data = cg.graph.nodes[nid]
     spec = conv_op(data)
-    if spec is None:
-        return None
+    return None if spec is None else _record(cg, nid, data, spec)
+
+
+def _record(cg: ConvGraph, nid: str, data: dict, spec: ConvOp) -> ConvRecord | None:
     node, attrs = data["proto"], data["attrs"]
-    x = node.input[0] if node.input else ""
-    w = node.input[spec.weight] if len(node.input) > spec.weight else ""
-    has_b = spec.bias is not None and len(node.input) > spec.bias and node.input[spec.bias]
-    b = node.input[spec.bias] if has_b else None
+    inputs = list(node.input)  # one read of the proto's repeated field
+    x = inputs[0] if inputs else ""
+    w = inputs[spec.weight] if len(inputs) > spec.weight else ""
+    b = inputs[spec.bias] if spec.bias is not None and len(inputs) > spec.bias and inputs[spec.bias] else None
     wshape = constant_shape(cg, w) if w else None
     if wshape is None and w:
         inferred = cg.shape(w)
         wshape = tuple(inferred) if inferred is not None and all(ar.known(d) for d in inferred) else None
-    kernel = tuple(int(k) for k in attrs.get("kernel_shape", ())) or (tuple(wshape[2:]) if wshape else ())
+    kernel = attrs.get("kernel_shape")
+    kernel = tuple(map(int, kernel)) if kernel else (tuple(wshape[2:]) if wshape else ())
     if wshape is None or len(wshape) < 3 or not kernel:
         return None
     nd = len(kernel)
-    strides = tuple(int(s) for s in attrs.get("strides", ())) or (1,) * nd
-    dilations = tuple(int(d) for d in attrs.get("dilations", ())) or (1,) * nd
+    strides = tuple(map(int, attrs.get("strides", ()))) or (1,) * nd
+    dilations = tuple(map(int, attrs.get("dilations", ()))) or (1,) * nd
     group = int(attrs.get("group", 1))
     auto_pad = _str(attrs.get("auto_pad", "NOTSET")) or "NOTSET"
-    _check_geometry(nid, cg.path, kernel, strides, dilations, group, attrs.get("pads", ()), auto_pad)
+    given_pads = attrs.get("pads", ())
+    _check_geometry(nid, cg.path, kernel, strides, dilations, group, given_pads, auto_pad)
     channels_last = spec.channels_last or bool(attrs.get("channels_last", 0))
     if spec.transposed:
         in_channels, out_channels = int(wshape[0]), int(wshape[1]) * group
@@ -151,14 +159,14 @@ def conv_record(cg: ConvGraph, nid: str) -> ConvRecord | None:
         batch = in_shape[0]
     else:
         in_spatial, batch = (None,) * nd, None
-    output_padding = tuple(int(p) for p in attrs.get("output_padding", ()))
+    output_padding = tuple(map(int, attrs.get("output_padding", ())))
     if spec.transposed:
         pads, out_spatial = ar.conv_transpose_geometry(
-            in_spatial, kernel, strides, dilations, attrs.get("pads", ()), auto_pad,
-            output_padding, attrs.get("output_shape", ()))
+            in_spatial, kernel, strides, dilations, given_pads, auto_pad, output_padding,
+            attrs.get("output_shape", ()))
     else:
-        pads = ar.conv_pads(in_spatial, kernel, strides, dilations, attrs.get("pads", ()), auto_pad)
-        out_spatial = ar.conv_output_spatial(in_spatial, kernel, strides, dilations, attrs.get("pads", ()), auto_pad)
+        pads = ar.conv_pads(in_spatial, kernel, strides, dilations, given_pads, auto_pad)
+        out_spatial = ar.conv_output_spatial(in_spatial, kernel, strides, dilations, given_pads, auto_pad)
     computed = (batch, *out_spatial, out_channels) if channels_last else (batch, out_channels, *out_spatial)
     out_name = node.output[0] if node.output else ""
     output_shape = _merge_shape(computed, cg.shape(out_name) if out_name else None)
@@ -170,8 +178,10 @@ def conv_record(cg: ConvGraph, nid: str) -> ConvRecord | None:
     has_bias = b is not None
     adds = ar.bias_adds(output_shape) if has_bias else 0
     macs_bias = None if macs is None or adds is None else macs + adds
-    bias_shape = constant_shape(cg, b) if b else None
-    params = ar.prod(wshape) + ((ar.prod(bias_shape) if bias_shape is not None else out_channels) if has_bias else 0)
+    params = ar.prod(wshape)
+    if has_bias:
+        bias_shape = constant_shape(cg, b)
+        params += ar.prod(bias_shape) if bias_shape is not None else out_channels
     source = constant_source(cg, w) if w else "unknown"
     kind = classify(spec.transposed, kernel, group, in_channels)
     return ConvRecord(
@@ -183,6 +193,7 @@ def conv_record(cg: ConvGraph, nid: str) -> ConvRecord | None:
         depth_multiplier=out_channels // in_channels if kind == "depthwise" else None,
         input=x, weight=w, bias=b, output=out_name, input_shape=in_shape, output_shape=output_shape,
         macs=macs, macs_bias=macs_bias, params=params, has_bias=has_bias, weight_source=source,
+        bias_source=constant_source(cg, b) if has_bias else None,
         auto_pad=auto_pad, output_padding=output_padding,
         checkerboard=spec.transposed and checkerboard(kernel, strides, dilations),
     )
@@ -201,16 +212,6 @@ def host_simd_block() -> int:
     if "avx2" in flags:
         return 8
     return 0
-
-
-def _elem_type(cg: ConvGraph, tensor: str | None) -> int | None:
-    g = cg
-    while g is not None:
-        info = g.shapes.get(tensor)
-        if info is not None:
-            return info.elem_type
-        g = g.parent
-    return None
 
 
 def fast_depthwise(r: ConvRecord, simd_block: int, cg: ConvGraph | None = None) -> tuple[bool, str]:
@@ -232,10 +233,10 @@ def fast_depthwise(r: ConvRecord, simd_block: int, cg: ConvGraph | None = None) 
         why.append("quantized weights (NCHWc is fp32)")
     if cg is not None:
         for what, tensor in (("weight", r.weight), ("bias", r.bias)):
-            t = _elem_type(cg, tensor) if tensor else None
+            t = elem_type(cg, tensor) if tensor else None
             if t is not None and t != onnx.TensorProto.FLOAT:
                 why.append(f"{what} is {onnx.TensorProto.DataType.Name(t).lower()}, not float32")
-        if r.bias and constant_source(cg, r.bias) not in ("initializer", "Constant"):
+        if r.bias and (r.bias_source or constant_source(cg, r.bias)) not in ("initializer", "Constant"):
             why.append("bias is not a static constant")
     if r.depth_multiplier != 1:
         why.append(f"depth multiplier {r.depth_multiplier} (needs 1)")
@@ -308,13 +309,10 @@ def _model_info(cg: ConvGraph) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "graph": m.graph.name, "producer": f"{m.producer_name} {m.producer_version}".strip(),
         "ir_version": m.ir_version,
         "opsets": {(o.domain or "ai.onnx"): o.version for o in m.opset_import},
-        "nodes": sum(sum(1 for _, d in g.graph.nodes(data=True) if d["kind"] == "op") for g in cg.walk()),
+        "nodes": sum(len(g.topological_order()) for g in cg.walk()),
     }
-    inits = {t.name for t in m.graph.initializer}
     inputs = []
-    for vi in m.graph.input:
-        if vi.name in inits:
-            continue
+    for vi in real_inputs(m.graph):
         shape = cg.shape(vi.name)
         info_t = cg.shapes.get(vi.name)
         inputs.append({"name": vi.name, "shape": list(shape) if shape is not None else None,
@@ -329,10 +327,14 @@ def analyze(cg: ConvGraph, *, rewrites: bool = True, simd_block: int | None = No
     ``rewrites``: estimate each applicable rule of :func:`convgraph.registry.all_rules`.
     ``simd_block``: onnxruntime's NCHWc block size for the fast-depthwise check (default: this CPU's).
     """
+    with gc_paused():
+        return _analyze(cg, rewrites, host_simd_block() if simd_block is None else simd_block)
+
+
+def _analyze(cg: ConvGraph, rewrites: bool, block: int) -> Analysis:
     from .patterns import detect_patterns
     from .receptive import receptive_fields
 
-    block = host_simd_block() if simd_block is None else simd_block
     records: list[ConvRecord] = []
     graphs: dict[str, ConvGraph] = {}
     warnings = list(cg.warnings)
@@ -343,11 +345,13 @@ def analyze(cg: ConvGraph, *, rewrites: bool = True, simd_block: int | None = No
         rf = receptive_fields(g, rf_maps.get(g.parent.path) if g.parent is not None else None, order)
         rf_maps[g.path] = rf
         graph_records = []
+        nodes = g.graph._node  # networkx's node dict: a plain lookup per op
         for nid in order:
-            data = g.graph.nodes[nid]
-            if conv_op(data) is None:
+            data = nodes[nid]
+            spec = conv_op(data)
+            if spec is None:
                 continue
-            r = conv_record(g, nid)
+            r = _record(g, nid, data, spec)
             if r is None:
                 warnings.append(f"conv {nid!r}{' in ' + g.path if g.path else ''}: weight shape unknown; skipped")
                 continue
@@ -375,18 +379,21 @@ def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
     from .registry import all_rules
     from .rule import RuleContext
 
-    rules = [r for r in all_rules().values() if r.estimate is not None]
+    # each rule's default params and exactness once: the estimate is for the defaults
+    rules = []
+    for rule in all_rules().values():
+        if rule.estimate is not None:
+            params = rule.resolve_params({})
+            rules.append((rule, params, rule.is_exact(params)))
     if not rules:
         return
     ctx = RuleContext(g, {r.node_id: r for r in records})
     for rec in records:
-        for rule in rules:
+        for rule, params, exact in rules:
             if rule.match(rec, ctx) is not None:
                 continue
-            params = rule.resolve_params({})
             macs_after, params_after, kind_after = rule.estimate(rec, params)
-            rec.rewrites.append(RewriteOption(rule.name, params, rule.is_exact(params), macs_after, params_after,
-                                              kind_after))
+            rec.rewrites.append(RewriteOption(rule.name, dict(params), exact, macs_after, params_after, kind_after))
 
 
 def best_saving(r: ConvRecord) -> tuple[RewriteOption | None, float | None]:

@@ -8,6 +8,7 @@ Sizes may be unknown (``None`` or a symbolic name): results that depend on them 
 from __future__ import annotations
 
 import math
+import numbers
 from fractions import Fraction
 from typing import Sequence
 
@@ -18,11 +19,11 @@ AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
 def known(d) -> bool:
     """Is ``d`` a concrete size (an int, not a symbolic name or None)?"""
-    return isinstance(d, int) and not isinstance(d, bool)
+    return type(d) is int or (isinstance(d, numbers.Integral) and not isinstance(d, bool))
 
 
 def prod(values: Sequence[int]) -> int:
-    return math.prod(int(v) for v in values)
+    return math.prod(map(int, values))
 
 
 def _split_pads(pads: Sequence[int], nd: int) -> tuple[list[int], list[int]]:
@@ -126,26 +127,37 @@ def conv_transpose_geometry(in_spatial: Sequence, kernel: Sequence[int], strides
     return tuple(begins + ends), tuple(out)
 
 
+def numel(shape: Sequence | None) -> int | None:
+    """Elements of a tensor of this shape; None when the shape or any dim is unknown."""
+    if shape is None:
+        return None
+    for d in shape:
+        if type(d) is not int and not known(d):
+            return None
+    return prod(shape)
+
+
+def out_elements(shape: Sequence | None) -> int | None:
+    """Batch × spatial positions of a conv output (N, C, *spatial): its elements per channel; None when unknown."""
+    return numel((shape[0], *shape[2:])) if shape is not None and len(shape) >= 3 else None
+
+
 def conv_macs(out_shape: Sequence | None, in_channels_per_group: int | None, kernel: Sequence[int]) -> int | None:
     """Conv MACs: output elements × (C_in / group) × prod(kernel) (bias not counted; dilation adds none)."""
-    if out_shape is None or in_channels_per_group is None or not all(known(d) for d in out_shape):
-        return None
-    return prod(out_shape) * in_channels_per_group * prod(kernel)
+    n = numel(out_shape)
+    return None if n is None or in_channels_per_group is None else n * in_channels_per_group * prod(kernel)
 
 
 def conv_transpose_macs(in_shape: Sequence | None, out_channels_per_group: int | None,
                         kernel: Sequence[int]) -> int | None:
     """ConvTranspose MACs: input elements × (C_out / group) × prod(kernel) (each input pixel scatters one kernel)."""
-    if in_shape is None or out_channels_per_group is None or not all(known(d) for d in in_shape):
-        return None
-    return prod(in_shape) * out_channels_per_group * prod(kernel)
+    n = numel(in_shape)
+    return None if n is None or out_channels_per_group is None else n * out_channels_per_group * prod(kernel)
 
 
 def bias_adds(out_shape: Sequence | None) -> int | None:
     """One add per output element: what a bias costs (onnx-tool counts it into MACs)."""
-    if out_shape is None or not all(known(d) for d in out_shape):
-        return None
-    return prod(out_shape)
+    return numel(out_shape)
 
 
 def conv_params(weight_shape: Sequence[int], out_channels: int | None, has_bias: bool) -> int:

@@ -413,7 +413,8 @@ def calibrate(model, inputs, *, nodes: Iterable[str] | None = None, reference=No
     ``inputs``: an iterator of feed dicts (one batch each, consumed once), or what
     :func:`convgraph.inputs.make_inputs` takes (an ``.npz`` path, an image folder, a dict of arrays, a
     list of feeds, an InputSet: all lazy), with ``input_options`` (``image_size``, ``mean``, ``std``,
-    ``layout``) for image folders and ``samples`` capping how many are used. ``nodes``: the conv node ids to collect (default: every float Conv of the main graph).
+    ``layout``) for image folders and ``samples`` capping how many are used. ``nodes``: the conv node ids
+    to collect (default: every float Conv of the main graph).
     ``reference``: a model with the same inputs whose tensors of the same names give cross moments
     (see the module doc); ``targets``: node id → tensor of ``reference`` to correlate with each conv's
     patches (needs ``reference``). ``holdout``: also keep every other batch's sums apart, so that fits

@@ -29,6 +29,7 @@ import numpy as np
 
 from .calibrate import ConvStats
 from .errors import ModelError
+from .rule import Param
 
 #: Default damping: this fraction of the mean diagonal is added to a covariance before it is inverted.
 DAMP = 0.01
@@ -80,6 +81,11 @@ def _sqrt_pair(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return half, inv_half
 
 
+def _quad(a: np.ndarray, m: np.ndarray, b: np.ndarray) -> float:
+    """Σ over the stack of tr(A M Bᵀ) (a BLAS matmul, not an einsum loop)."""
+    return float(np.sum((a @ m) * b))
+
+
 def _per_channel(w: np.ndarray, group: int) -> np.ndarray:
     """(O, C/g, *k) → (C, Og, K): the slice of each input channel."""
     o, cg = w.shape[:2]
@@ -118,9 +124,10 @@ def _targets(wc: np.ndarray, stats: ConvStats, cov_damped: np.ndarray) -> np.nda
 
 
 def separable_fit(w: np.ndarray, bias: np.ndarray | None, rank: int, stats: ConvStats | None, *,
-                  damp: float = DAMP, als_iters: int = 4, als_max: int = ALS_MAX,
+                  group: int | None = None, damp: float = DAMP, als_iters: int = 4, als_max: int = ALS_MAX,
                   select: bool = True) -> SeparableFactors:
-    """Rank-``rank`` depthwise × pointwise factors of conv weights ``w`` (O, C/g, *k).
+    """Rank-``rank`` depthwise × pointwise factors of conv weights ``w`` (O, C/g, *k) (``group``: the
+    conv's, by default the statistics', else 1).
 
     Without ``stats``: the plain SVD of each input channel's slice (the weight fit). With them: the
     whitened SVD and, when the full patch covariance is known, alternating least squares (``als_iters``
@@ -129,9 +136,11 @@ def separable_fit(w: np.ndarray, bias: np.ndarray | None, rank: int, stats: Conv
     fitted on the rest and the one with the smallest held-out error is refitted on all the data (least
     squares over whole patches can overfit where a layer sees few positions).
     """
-    group = 1 if stats is None else stats.group
+    group = group or (1 if stats is None else stats.group)
     if stats is not None:
         _check(w, stats)
+        if group != stats.group:
+            raise ModelError(f"conv {stats.node_id}: group {group} given, the statistics have {stats.group}")
     wc = _per_channel(w.astype(np.float64), group)  # (C, Og, K)
     r = int(min(rank, wc.shape[1], wc.shape[2]))
     if stats is None or (r == min(wc.shape[1], wc.shape[2]) and stats.cross is None):  # exact at full rank
@@ -183,13 +192,13 @@ def holdout_score(w: np.ndarray, bias: np.ndarray | None, w_new: np.ndarray, b_n
     full = held.full / n
     fc = (held.full_cross if held.full_cross is not None else held.full) / n
     nmu = np.einsum("god,gd->go", ng, mu)
-    cross = (np.einsum("god,gde,goe->", wg, fc, ng) + np.sum(np.einsum("god,gd->go", wg, mr) * nbg)
+    cross = (_quad(wg, fc, ng) + np.sum(np.einsum("god,gd->go", wg, mr) * nbg)
              + np.sum(bg * nmu) + np.sum(bg * nbg))
-    own = np.einsum("god,gde,goe->", ng, full, ng) + 2 * np.sum(nbg * nmu) + np.sum(nbg**2)
+    own = _quad(ng, full, ng) + 2 * np.sum(nbg * nmu) + np.sum(nbg**2)
     score = own - 2 * cross
     if held.cross is None:  # no reference: add E‖W x + b‖² back
         wmu = np.einsum("god,gd->go", wg, mu)
-        score += np.einsum("god,gde,goe->", wg, full, wg) + 2 * np.sum(bg * wmu) + np.sum(bg**2)
+        score += _quad(wg, full, wg) + 2 * np.sum(bg * wmu) + np.sum(bg**2)
     return float(score)
 
 
@@ -296,11 +305,23 @@ def layer_error(w: np.ndarray, w_new: np.ndarray, stats: ConvStats) -> float:
     if stats.full is not None:
         sig = stats.full_cov()
         dg, wg = _per_group(d, g), _per_group(w.astype(np.float64), g)
-        num = np.einsum("god,gde,goe->", dg, sig, dg)
-        den = np.einsum("god,gde,goe->", wg, sig, wg)
+        num = _quad(dg, sig, dg)
+        den = _quad(wg, sig, wg)
     else:
         sig = stats.cov()
         dc, wc = _per_channel(d, g), _per_channel(w.astype(np.float64), g)
-        num = np.einsum("cok,ckl,col->", dc, sig, dc)
-        den = np.einsum("cok,ckl,col->", wc, sig, wc)
+        num = _quad(dc, sig, dc)
+        den = _quad(wc, sig, wc)
     return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+
+
+def fit_mode(text: str) -> str:
+    """Parse the rules' ``fit`` param: ``data`` or ``weights``."""
+    if text not in ("data", "weights"):
+        raise ValueError("must be 'data' or 'weights'")
+    return text
+
+
+#: The ``fit=weights|data`` parameter shared by the approximate rules.
+FIT_PARAM = Param("fit", "data", "'data': fit on the calibration statistics when there are some (output error on "
+                  "real activations, bias corrected); 'weights': fit the weights alone", fit_mode)

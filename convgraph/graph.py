@@ -26,6 +26,7 @@ import gc
 import numbers
 import re
 import warnings
+from operator import itemgetter
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
@@ -72,11 +73,18 @@ def _dim(d: onnx.TensorShapeProto.Dimension) -> "int | str | None":
     return d.dim_param or None
 
 
+_ATTR_VALUE = {
+    _A.FLOAT: lambda a: a.f, _A.INT: lambda a: a.i, _A.STRING: lambda a: a.s, _A.TENSOR: lambda a: a.t,
+    _A.SPARSE_TENSOR: lambda a: a.sparse_tensor, _A.TYPE_PROTO: lambda a: a.tp, _A.FLOATS: lambda a: list(a.floats),
+    _A.INTS: lambda a: list(a.ints), _A.STRINGS: lambda a: list(a.strings), _A.TENSORS: lambda a: list(a.tensors),
+    _A.SPARSE_TENSORS: lambda a: list(a.sparse_tensors), _A.TYPE_PROTOS: lambda a: list(a.type_protos),
+}
+
+
 def _attr_value(a: onnx.AttributeProto):
-    try:
-        return helper.get_attribute_value(a)
-    except ValueError:  # a reference attribute (only valid inside functions) or an unknown type
-        return None
+    """The Python value of an attribute, as onnx.helper.get_attribute_value gives it (None for a reference)."""
+    get = _ATTR_VALUE.get(a.type)
+    return None if get is None or a.ref_attr_name else get(a)
 
 
 def _sub_protos(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
@@ -157,22 +165,30 @@ class ConvGraph:
         return f"{base}_{i}"
 
     def _build(self, g: onnx.GraphProto) -> None:
-        G = self.graph
+        G, producer = self.graph, self._producer
         for i, vi in enumerate(g.input):
             nid = self._unique(f"input:{vi.name}")
             G.add_node(nid, kind="input", proto=vi, order=(i,))
-            self._producer[vi.name] = nid
+            producer[vi.name] = nid
         for i, t in enumerate(g.initializer):
             nid = self._unique(f"initializer:{t.name}")
             G.add_node(nid, kind="initializer", proto=t, order=(i,))
-            self._producer[t.name] = nid  # an initializer also listed as input: the initializer makes it
+            producer[t.name] = nid  # an initializer also listed as input: the initializer makes it
         for i, t in enumerate(g.sparse_initializer):
             nid = self._unique(f"sparse_initializer:{t.values.name}")
             G.add_node(nid, kind="sparse_initializer", proto=t, order=(i,))
-            self._producer.setdefault(t.values.name, nid)
+            producer.setdefault(t.values.name, nid)
         self._op_ids = [self._add_op(node, (i,)) for i, node in enumerate(g.node)]
-        for nid in self._op_ids:
-            self._connect(nid)
+        # _connect, inlined for the build: nothing is removed yet, so every producer found is live
+        add_edge, data = G.add_edge, G._node  # networkx's node dict: a plain lookup per node
+        for nid, node in zip(self._op_ids, g.node):
+            for slot, t in enumerate(node.input):
+                if t:
+                    src = producer.get(t) or self._source(t)
+                    add_edge(src, nid, key=(t, slot), tensor=t, index=slot, info=None)
+            if data[nid]["subgraphs"]:
+                for t in self._captures(nid):
+                    self._add_edge(self._source(t), nid, t, -1)
         for i, vi in enumerate(g.output):
             nid = self._unique(f"output:{vi.name}")
             G.add_node(nid, kind="output", proto=vi, order=(i,))
@@ -182,9 +198,10 @@ class ConvGraph:
         nid = self._unique(node.name or f"{node.op_type}_{'.'.join(map(str, order))}")
         attrs, subs = {}, {}
         for a in node.attribute:
-            if a.type == _A.GRAPH:
+            kind = a.type
+            if kind == _A.GRAPH:
                 subs[a.name] = ConvGraph(a.g, self.model, f"{self.path}/{nid}:{a.name}", self, nid)
-            elif a.type == _A.GRAPHS:
+            elif kind == _A.GRAPHS:
                 for j, body in enumerate(a.graphs):
                     key = f"{a.name}[{j}]"
                     subs[key] = ConvGraph(body, self.model, f"{self.path}/{nid}:{key}", self, nid)
@@ -192,11 +209,13 @@ class ConvGraph:
                 attrs[a.name] = _attr_value(a)
         self.graph.add_node(nid, kind="op", proto=node, op_type=node.op_type, domain=node.domain,
                             attrs=attrs, subgraphs=subs, order=order)
-        for out in node.output:
+        outputs = node.output
+        producer = self._producer
+        for out in outputs:
             if out:
-                self._producer[out] = nid
+                producer[out] = nid
         if self._names is not None or self.parent is not None:
-            for out in node.output:
+            for out in outputs:
                 self._taken(out)
         return nid
 
@@ -248,14 +267,20 @@ class ConvGraph:
     def producer(self, tensor: str) -> str | None:
         """Id of the node making ``tensor`` (an op, input, initializer or outer node)."""
         src = self._producer.get(tensor)
-        return src if src is not None and src in self.graph else None
+        return src if src is not None and src in self.graph._node else None
 
     def consumers(self, tensor: str) -> list[str]:
         """Ids of the nodes reading ``tensor`` (graph outputs included, implicit subgraph reads included)."""
         src = self.producer(tensor)
         if src is None:
             return []
-        return list(dict.fromkeys(v for _, v, k in self.graph.out_edges(src, keys=True) if k[0] == tensor))
+        out = []
+        for v, keys in self.graph._succ[src].items():  # networkx's adjacency: {reader: {(tensor, slot): data}}
+            for key in keys:
+                if key[0] == tensor:
+                    out.append(v)
+                    break
+        return out
 
     def initializer(self, tensor: str) -> onnx.TensorProto | None:
         """The initializer holding ``tensor`` in this graph, if one does."""
@@ -277,16 +302,17 @@ class ConvGraph:
     def walk(self) -> Iterator["ConvGraph"]:
         """This graph and every nested subgraph, depth first, in node order."""
         yield self
-        for nid in self.ops():
-            for sub in self.graph.nodes[nid]["subgraphs"].values():
+        data = self.graph._node  # networkx's node dict: a plain lookup per op
+        for nid in self.topological_order():
+            for sub in data[nid]["subgraphs"].values():
                 yield from sub.walk()
 
     def topological_order(self) -> list[str]:
         """Op node ids in a topological order: model order when untouched, edits in place of what they replaced."""
         if self._order_cache is None:
-            nodes = self.graph.nodes
-            ops = [n for n, d in nodes(data=True) if d["kind"] == "op"]
-            self._order_cache = sorted(ops, key=lambda n: nodes[n]["order"])
+            ops = [(d["order"], n) for n, d in self.graph._node.items() if d["kind"] == "op"]
+            ops.sort(key=itemgetter(0))  # stable: ties (none in practice) keep the graph's order
+            self._order_cache = [n for _, n in ops]
         return list(self._order_cache)
 
     # ---- edits --------------------------------------------------------------------------------
@@ -620,12 +646,17 @@ def _checked_input_shapes(input_shapes) -> dict[str, list[int]]:
     return out
 
 
+def real_inputs(g: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """The inputs of ``g`` that are not initializers (IR < 4 lists every initializer as an input too)."""
+    inits = {t.name for t in g.initializer}
+    return [vi for vi in g.input if vi.name not in inits]
+
+
 def _fixed_inputs(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> onnx.ModelProto:
     """A copy of ``model`` whose inputs have the given shapes (the model itself is left alone)."""
     if not input_shapes:
         return model
-    inits = {t.name for t in model.graph.initializer}
-    inputs = {vi.name: vi for vi in model.graph.input if vi.name not in inits}
+    inputs = {vi.name: vi for vi in real_inputs(model.graph)}
     unknown = sorted(set(input_shapes) - set(inputs))
     if unknown:
         raise UsageError(f"--input-shape names {', '.join(map(repr, unknown))}, not an input of the model "
@@ -676,34 +707,43 @@ def _infer(model: onnx.ModelProto, size: int | None = None, data: bytes | None =
         return model, f"shape inference failed ({first_line(e)}); shapes unknown"
 
 
-def _collect_shapes(cg: ConvGraph, g: onnx.GraphProto) -> None:
+def _collect_shapes(cg: ConvGraph, g: onnx.GraphProto, _types: "dict | None" = None) -> None:
     """Fill ``cg.shapes`` (and its edges' ``info``) from the inferred ``g``, subgraphs included."""
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        info = _tensor_info(vi.type)
-        if info is not None:
-            cg.shapes[vi.name] = info
+    types = {} if _types is None else _types  # serialized TypeProto -> its TensorInfo: most tensors share a few
+    shapes = cg.shapes
+    for vis in (g.input, g.output, g.value_info):
+        for vi in vis:
+            key = vi.type.SerializeToString()
+            info = types.get(key, types)
+            if info is types:
+                info = types[key] = _tensor_info(vi.type)
+            if info is not None:
+                shapes[vi.name] = info
     for t in g.initializer:
-        cg.shapes.setdefault(t.name, TensorInfo(t.data_type, tuple(t.dims)))
+        if t.name not in shapes:
+            shapes[t.name] = TensorInfo(t.data_type, tuple(t.dims))
     for s in g.sparse_initializer:
-        cg.shapes.setdefault(s.values.name, TensorInfo(s.values.data_type, tuple(s.dims)))
-    nodes = cg.graph.nodes
+        shapes.setdefault(s.values.name, TensorInfo(s.values.data_type, tuple(s.dims)))
+    G = cg.graph
+    data = G._node  # networkx's node dict: a plain lookup (G.nodes[n] builds a view call per node)
     for nid, node in zip(cg._op_ids, g.node):  # same order: the view was built from this graph
-        subs = nodes[nid]["subgraphs"]
+        subs = data[nid]["subgraphs"]
         if subs:
             for key, body in _sub_protos(node):
-                _collect_shapes(subs[key], body)
-    shapes, info = cg.shapes, cg.shape_info
-    for _, _, d in cg.graph.edges(data=True):
-        t = d["tensor"]
-        d["info"] = shapes[t] if t in shapes else info(t)
+                _collect_shapes(subs[key], body, types)
+    info = cg.shape_info
+    for nbrs in G._succ.values():  # every edge's data dict, without networkx's per-edge view tuples
+        for keys in nbrs.values():
+            for d in keys.values():
+                t = d["tensor"]
+                d["info"] = shapes[t] if t in shapes else info(t)
 
 
 def _dynamic_inputs(g: onnx.GraphProto) -> list[tuple[str, tuple | None]]:
-    inits = {t.name for t in g.initializer}
     out = []
-    for vi in g.input:
+    for vi in real_inputs(g):
         info = _tensor_info(vi.type)
-        if vi.name not in inits and info is not None and not info.static:
+        if info is not None and not info.static:
             out.append((vi.name, info.shape))
     return out
 
@@ -725,7 +765,7 @@ def load(source, input_shapes: "dict[str, list[int]] | None" = None, *, check: b
     (also kept in ``ConvGraph.warnings``), as is a failure of strict shape inference.
     """
     shapes = _checked_input_shapes(input_shapes)
-    with _gc_paused():
+    with gc_paused():
         cg = _load(source, shapes, check)
     for w in cg.warnings:
         warnings.warn(w, ConvGraphWarning, stacklevel=2)
@@ -733,15 +773,24 @@ def load(source, input_shapes: "dict[str, list[int]] | None" = None, *, check: b
 
 
 @contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector: building a graph of many small objects otherwise spends
-    a third of its time in collections that find nothing (everything built stays alive)."""
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a big graph is built or analyzed (restored after).
+
+    Building a graph allocates millions of small objects that stay alive; each allocation burst
+    otherwise triggers a scan of them all that frees nothing (a third of the load time at 20k nodes).
+    On the way out the objects made meanwhile go straight to the oldest generation (``gc.freeze()``
+    then ``gc.unfreeze()``), so the first collection after the pause does not scan them all either;
+    they stay collectable. Nested pauses are free: only the outermost restores.
+    """
     was = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if was:
+            if not gc.get_freeze_count():  # never unfreeze what the application froze itself
+                gc.freeze()
+                gc.unfreeze()
             gc.enable()
 
 
@@ -769,4 +818,5 @@ def save(graph_or_model, path, *, input_path=None, in_place: bool = False) -> Pa
     return write_model(model, path, input_path=input_path, in_place=in_place)
 
 
-__all__ = ["ConvGraph", "ConvGraphWarning", "TensorInfo", "free_names", "load", "parse_input_shape", "save"]
+__all__ = ["ConvGraph", "ConvGraphWarning", "TensorInfo", "free_names", "gc_paused", "load", "parse_input_shape",
+           "real_inputs", "save"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import tempfile
@@ -34,9 +35,12 @@ _A = onnx.AttributeProto
 
 @dataclass
 class Source:
-    """Where a model came from: its file (None for bytes/protos) and, when it has external data, the
-    model as parsed before the data was read in (small; used for the checker and shape inference of
-    models too big for one protobuf message)."""
+    """Where a model came from and what loading it needs to know later.
+
+    ``skeleton``, for a model with external data, is the model as parsed before the data was read in:
+    small, it stands in for the whole model in shape inference when that is too big for one protobuf
+    message.
+    """
 
     path: Path | None = None
     skeleton: onnx.ModelProto | None = None
@@ -51,72 +55,60 @@ class Source:
 def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Every TensorProto of ``model``: initializers, sparse initializers, Constant and other tensor
     attributes, in the main graph, all subgraphs and all model-local functions."""
-    stack = [model.graph]
-    for f in model.functions:
-        yield from _node_tensors(f.node, stack)
+    return iter(_walk(model))
+
+
+def _walk(model: onnx.ModelProto, strings: list | None = None) -> list[onnx.TensorProto]:
+    """The TensorProtos :func:`iter_tensors` gives; with ``strings``, one pass also appends to it the values
+    of the string fields convgraph reads (names, op types, domains, docs, metadata)."""
+    tensors: list[onnx.TensorProto] = []
+    keep = strings is not None
+    if keep:
+        strings += (model.producer_name, model.domain, model.doc_string)
+        strings += [x for p in model.metadata_props for x in (p.key, p.value)]
+        strings += [o.domain for o in model.opset_import]
+    stack: list = [model.graph, *model.functions]
     while stack:
         g = stack.pop()
-        yield from g.initializer
-        for s in g.sparse_initializer:
-            yield s.values
-            yield s.indices
-        yield from _node_tensors(g.node, stack)
-
-
-def _node_tensors(nodes, stack: list) -> Iterator[onnx.TensorProto]:
-    for node in nodes:
-        for a in node.attribute:
-            t = a.type
-            if t == _A.TENSOR:
-                yield a.t
-            elif t == _A.GRAPH:
-                stack.append(a.g)
-            elif t == _A.TENSORS:
-                yield from a.tensors
-            elif t == _A.GRAPHS:
-                stack.extend(a.graphs)
-            elif t == _A.SPARSE_TENSOR:
-                yield a.sparse_tensor.values
-                yield a.sparse_tensor.indices
-            elif t == _A.SPARSE_TENSORS:
-                for s in a.sparse_tensors:
-                    yield s.values
-                    yield s.indices
-
-
-def _strings(model: onnx.ModelProto) -> list:
-    """The values of the string fields of ``model`` that convgraph reads (names, types, docs, metadata)."""
-    out = [model.producer_name, model.domain, model.doc_string]
-    out += [x for p in model.metadata_props for x in (p.key, p.value)]
-    out += [o.domain for o in model.opset_import]
-    stack: list = [model.graph]
-    for f in model.functions:
-        out += [f.name, f.domain, *f.input, *f.output]
-        stack.append(f)
-    extend = out.extend
-    while stack:
-        g = stack.pop()
-        out += [g.name, g.doc_string]
         if isinstance(g, onnx.GraphProto):
-            out += [vi.name for vi in (*g.input, *g.output, *g.value_info)]
-            out += [t.name for t in g.initializer]
-            out += [sp.values.name for sp in g.sparse_initializer]
+            tensors += g.initializer
+            for sp in g.sparse_initializer:
+                tensors += (sp.values, sp.indices)
+            if keep:
+                strings += (g.name, g.doc_string)
+                strings += [vi.name for vi in (*g.input, *g.output, *g.value_info)]
+                strings += [t.name for t in g.initializer]
+                strings += [sp.values.name for sp in g.sparse_initializer]
+        elif keep:  # a model-local function
+            strings += (g.name, g.domain, g.doc_string, *g.input, *g.output)
         for node in g.node:
-            extend((node.name, node.op_type, node.domain))
-            extend(node.input)
-            extend(node.output)
-            for at in node.attribute:
-                out.append(at.name)
-                if at.type == _A.GRAPH:
-                    stack.append(at.g)
-                elif at.type == _A.GRAPHS:
-                    stack.extend(at.graphs)
-    return out
+            if keep:
+                strings += (node.name, node.op_type, node.domain)
+                strings += node.input
+                strings += node.output
+            for a in node.attribute:
+                if keep:
+                    strings.append(a.name)
+                t = a.type
+                if t == _A.TENSOR:
+                    tensors.append(a.t)
+                elif t == _A.GRAPH:
+                    stack.append(a.g)
+                elif t == _A.TENSORS:
+                    tensors += a.tensors
+                elif t == _A.GRAPHS:
+                    stack += a.graphs
+                elif t == _A.SPARSE_TENSOR:
+                    tensors += (a.sparse_tensor.values, a.sparse_tensor.indices)
+                elif t == _A.SPARSE_TENSORS:
+                    for sp in a.sparse_tensors:
+                        tensors += (sp.values, sp.indices)
+    return tensors
 
 
-def _check_strings(model: onnx.ModelProto, what: str) -> None:
+def _check_strings(strings: list, what: str) -> None:
     """Refuse text that is not UTF-8: protobuf hands such proto2 strings back as bytes, not str."""
-    if bytes in set(map(type, _strings(model))):
+    if bytes in set(map(type, strings)):
         raise ModelError(f"{what}: a name or text field is not valid UTF-8; the file is corrupt")
 
 
@@ -144,19 +136,19 @@ def read_model(source, *, check: bool = True) -> tuple[onnx.ModelProto, Source]:
             raise UsageError(f"cannot load a model from a {type(source).__name__}; give a path, bytes or ModelProto")
         model = _parse(data, what)
         origin.size, origin.data = len(data), data
-    _check_strings(model, what)
-    tensors = list(iter_tensors(model))
-    _check_sizes(tensors, what)  # before any data is read: absurd dims never reach an allocation
-    external = [t for t in tensors if external_data_helper.uses_external_data(t)]
+    strings: list = []
+    tensors = _walk(model, strings)
+    _check_strings(strings, what)
+    counts = _check_sizes(tensors, what)  # before any data is read: absurd dims never reach an allocation
+    external = [t for t in tensors if t.data_location == _T.EXTERNAL]
     if external:
         if origin.path is None:
             raise ModelError(f"{what}: the model uses external data; load it from its file path instead")
         origin.skeleton = onnx.ModelProto()
         origin.skeleton.CopyFrom(model)
-        _load_external(external, origin.folder, what)
+        origin.size += _load_external(external, origin.folder, what)
         origin.data = None  # the bytes lack the external data now read in
-        origin.size += sum(len(t.raw_data) for t in external)
-    _check_data(tensors, what)
+    _check_data(tensors, counts, what)
     if check:
         check_model(model, origin=origin)
     return model, origin
@@ -211,7 +203,8 @@ def check_model(model: onnx.ModelProto, full: bool = False, *, origin: Source | 
             onnx.checker.check_model(data, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError, RuntimeError,
             OSError) as e:
-        raise ModelError(f"model fails onnx.checker: {first_line(e)}") from None
+        where = f"{origin.path}: " if origin is not None and origin.path is not None else ""
+        raise ModelError(f"{where}model fails onnx.checker: {first_line(e)}") from None
 
 
 def first_line(e: BaseException) -> str:
@@ -232,12 +225,14 @@ def _external_info(t: onnx.TensorProto, what: str) -> tuple[str, int, int | None
     return info.get("location", ""), offset, length
 
 
-def _load_external(tensors: list[onnx.TensorProto], root: Path, what: str) -> None:
-    """Read external data into ``tensors``, only from files inside ``root`` (the model's folder).
+def _load_external(tensors: list[onnx.TensorProto], root: Path, what: str) -> int:
+    """Read external data into ``tensors``, only from files inside ``root`` (the model's folder); returns
+    the number of bytes read.
 
     A symlink is followed only when where it leads is inside ``root`` too; the data is read from that
     resolved path, so nothing outside can be swapped in between the check and the read.
     """
+    total = 0
     for t in tensors:
         loc, offset, length = _external_info(t, what)
         p = Path(loc)
@@ -263,39 +258,40 @@ def _load_external(tensors: list[onnx.TensorProto], root: Path, what: str) -> No
             raise ModelError(f"{what}: cannot read external data {loc!r} ({e.strerror or e})") from None
         t.data_location = _T.DEFAULT  # as onnx.load leaves it: the data is in the tensor now
         del t.external_data[:]
+        total += size
+    return total
 
 
 def _elements(t: onnx.TensorProto, what: str) -> int:
-    n = 1
-    for d in t.dims:
-        if d < 0:
-            raise ModelError(f"{what}: tensor {t.name!r} has a negative dim {list(t.dims)}")
-        n *= d
-    return n
+    dims = t.dims
+    if dims and min(dims) < 0:
+        raise ModelError(f"{what}: tensor {t.name!r} has a negative dim {list(dims)}")
+    return math.prod(dims)
 
 
 def _expected_bytes(t: onnx.TensorProto) -> int:
     return _elements(t, "") * _ITEMSIZE.get(t.data_type, 1)
 
 
-def _check_sizes(tensors: list[onnx.TensorProto], what: str) -> None:
-    for t in tensors:
-        n = _elements(t, what)
-        if n > MAX_ELEMENTS:
-            raise ModelError(f"{what}: tensor {t.name!r} claims {n:.3g} elements (dims {list(t.dims)}); refused as absurd")
+def _check_sizes(tensors: list[onnx.TensorProto], what: str) -> list[int]:
+    """Refuse absurd element counts (before any data is read); returns each tensor's element count."""
+    counts = [_elements(t, what) for t in tensors]
+    if counts and max(counts) > MAX_ELEMENTS:
+        t, n = next((t, n) for t, n in zip(tensors, counts) if n > MAX_ELEMENTS)
+        raise ModelError(f"{what}: tensor {t.name!r} claims {n:.3g} elements (dims {list(t.dims)}); refused as absurd")
+    return counts
 
 
-def _check_data(tensors: list[onnx.TensorProto], what: str) -> None:
+def _check_data(tensors: list[onnx.TensorProto], counts: list[int], what: str) -> None:
     """Refuse tensors whose data disagrees with their dims (nothing is allocated for the check)."""
-    for t in tensors:
-        if t.data_type == _T.STRING or external_data_helper.uses_external_data(t):
+    for t, n in zip(tensors, counts):
+        if t.data_type == _T.STRING or t.data_location == _T.EXTERNAL:
             continue
-        n = _elements(t, what)
-        if t.raw_data:
-            itemsize = _ITEMSIZE.get(t.data_type)
-            if itemsize and len(t.raw_data) != n * itemsize:
+        if t.HasField("raw_data"):
+            itemsize, have = _ITEMSIZE.get(t.data_type), len(t.raw_data)
+            if itemsize and have != n * itemsize:
                 raise ModelError(f"{what}: tensor {t.name!r} dims {list(t.dims)} need {n * itemsize} bytes, "
-                                 f"its raw data has {len(t.raw_data)}")
+                                 f"its raw data has {have}")
         elif n > 0 and not any(len(getattr(t, f)) for f in _TYPED_FIELDS):
             raise ModelError(f"{what}: tensor {t.name!r} claims {n} elements (dims {list(t.dims)}) but holds no data")
 
@@ -303,8 +299,7 @@ def _check_data(tensors: list[onnx.TensorProto], what: str) -> None:
 def validate_tensors(model: onnx.ModelProto) -> None:
     """Refuse tensors whose dims are absurd or disagree with the data they hold (no allocation happens)."""
     tensors = list(iter_tensors(model))
-    _check_sizes(tensors, "model")
-    _check_data(tensors, "model")
+    _check_data(tensors, _check_sizes(tensors, "model"), "model")
 
 
 def _new_file_mode(path: Path) -> int:

@@ -155,10 +155,11 @@ def _pad_last_axis(cg, d: dict) -> tuple[int, int] | None:
 
 
 def _shuffles(cg, order: list[str]) -> list[tuple[str, str, int]]:
-    """(input of the first Reshape, output of the last, spatial dims) per Reshape → Transpose(swap 1, 2) → Reshape."""
+    """(first Reshape input, last Reshape output, spatial dims) per Reshape → Transpose(swap 1, 2) → Reshape."""
     found = []
+    nodes = cg.graph._node  # networkx's node dict: a plain lookup per op
     for nid in order:
-        d = cg.graph.nodes[nid]
+        d = nodes[nid]
         if d["op_type"] != "Transpose":
             continue
         perm = list(d["attrs"].get("perm", []))

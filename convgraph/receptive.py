@@ -41,23 +41,28 @@ def receptive_fields(cg, outer: "dict[str, RF] | None" = None, order: "list[str]
     ``outer``: the map of the enclosing graph (for a subgraph); ``order``: ``cg``'s ops in topological order.
     """
     rf: dict[str, RF] = {}
-    inits = {cg.graph.nodes[n]["proto"].name for n, d in cg.graph.nodes(data=True) if d["kind"] == "initializer"}
+    nodes = cg.graph._node  # networkx's node dict: a plain lookup per op
     if cg.parent is None:
-        for n, d in cg.graph.nodes(data=True):
-            if d["kind"] != "input" or d["proto"].name in inits:
-                continue
-            shape = cg.shape(d["proto"].name)
-            if shape is not None and len(shape) >= 3:
-                rf[d["proto"].name] = ((1, 1),) * (len(shape) - 2)
+        inputs, inits = [], set()
+        for d in nodes.values():
+            if d["kind"] == "input":
+                inputs.append(d["proto"].name)
+            elif d["kind"] == "initializer":
+                inits.add(d["proto"].name)
+        for name in inputs:
+            shape = cg.shape(name)
+            if name not in inits and shape is not None and len(shape) >= 3:
+                rf[name] = ((1, 1),) * (len(shape) - 2)
     elif outer:
         for t in cg.outer_refs():
             if t in outer:
                 rf[t] = outer[t]
+    get = rf.get
     for nid in order if order is not None else cg.ops():
-        d = cg.graph.nodes[nid]
+        d = nodes[nid]
         node = d["proto"]
-        ins = [rf.get(t) if t else None for t in node.input]
-        if not any(i is not None for i in ins):
+        ins = [get(t) for t in node.input]  # "" (an omitted input) is never a key
+        if ins.count(None) == len(ins):
             continue
         for t, v in _step(cg, d, node, ins).items():
             if v is not None:
@@ -137,7 +142,8 @@ def _resize(cg, node, attrs: dict, x) -> RF | None:
 
 
 def _collapsed(shape, nd: int) -> bool:
-    return _static(shape) and len(shape) >= nd and all(s == 1 for s in shape[len(shape) - nd:])
+    return (shape is not None and len(shape) >= nd and all(s == 1 for s in shape[len(shape) - nd:])
+            and _static(shape))
 
 
 def _elementwise(cg, node, ins: list, outs: list[str], crop: bool) -> dict[str, RF | None]:
@@ -149,14 +155,18 @@ def _elementwise(cg, node, ins: list, outs: list[str], crop: bool) -> dict[str, 
         candidates = [v for t, v in traced if not _collapsed(cg.shape(t), len(v))] or [v for _, v in traced]
     if not candidates or len({len(v) for v in candidates}) != 1:
         return {}
-    merged = tuple((max(c[i][0] for c in candidates), max(c[i][1] for c in candidates))
-                   for i in range(len(candidates[0])))
+    if len(candidates) == 1:
+        merged = candidates[0]
+    else:
+        merged = tuple((max(c[i][0] for c in candidates), max(c[i][1] for c in candidates))
+                       for i in range(len(candidates[0])))
+    nd = len(merged)
     result = {}
     for o in outs:
         shape = cg.shape(o)
-        if shape is not None and len(shape) < len(merged) + 2:
+        if shape is not None and len(shape) < nd + 2:
             continue
-        if not crop and _collapsed(shape, len(merged)) and not _collapsed(cg.shape(node.input[0]), len(merged)):
+        if not crop and _collapsed(shape, nd) and not _collapsed(cg.shape(node.input[0]), nd):
             continue  # collapsed the grid
         result[o] = merged
     return result

@@ -61,6 +61,7 @@ class ConvRecord:
     has_bias: bool
     weight_source: str  # initializer | Constant | ConstantOfShape | DequantizeLinear | input | unknown
     auto_pad: str = "NOTSET"
+    bias_source: str | None = None  # as weight_source, for the bias (None: no bias, or not looked up)
     output_padding: tuple[int, ...] = ()
     receptive_field: tuple[int, ...] | None = None
     effective_stride: tuple[int, ...] | None = None
@@ -71,12 +72,18 @@ class ConvRecord:
     rewrites: list[RewriteOption] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples stay tuples, which JSON writes as lists); fast: no deep copy of the scalars."""
-        d = {name: getattr(self, name) for name in _RECORD_FIELDS}
+        """JSON-ready dict of the fields (tuples stay tuples, which JSON writes as lists); no deep copy of scalars."""
+        d = _fields(self, _RECORD_FIELDS)
         d["patterns"] = list(self.patterns)
-        d["rewrites"] = [{**{name: getattr(o, name) for name in _REWRITE_FIELDS}, "params": dict(o.params)}
-                         for o in self.rewrites]
+        d["rewrites"] = [{**_fields(o, _REWRITE_FIELDS), "params": dict(o.params)} for o in self.rewrites]
         return d
+
+
+def _fields(obj, names: tuple[str, ...]) -> dict[str, Any]:
+    """A dataclass's fields as a new dict, in order: one C-level copy of its ``__dict__`` (this runs for every
+    conv of a big model); attributes set on it beyond its fields stay out."""
+    d = dict(obj.__dict__)
+    return d if len(d) == len(names) else {name: d[name] for name in names}
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(ConvRecord))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterable
-
-from rich.table import Table
+from typing import TYPE_CHECKING, Iterable
 
 from .analyze import Analysis, best_saving, conv_op
 from .errors import UsageError
 from .record import KINDS, ConvRecord
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 SORT_KEYS = ("macs", "params", "name")
 
@@ -97,6 +98,8 @@ COLUMNS = ("name", "kind", "kernel stride dil group", "in→out", "output", "MAC
 
 def tables(a: Analysis, sort: str | None = None, top: int | None = None) -> tuple[Table, Table]:
     """The per-conv table and the per-kind totals table."""
+    from rich.table import Table  # here: importing rich is for the tables only, not for --json or markdown
+
     total = a.totals["macs"]
     t = Table(title=f"{len(a.convs)} convolutions", title_justify="left")
     for col in COLUMNS:
@@ -159,8 +162,8 @@ def dot(a: Analysis) -> str:
             indent = "    "
         for nid, d in g.graph.nodes(data=True):
             kind = d["kind"]
-            if kind in ("initializer", "sparse_initializer", "outer"):
-                continue
+            if kind in ("initializer", "sparse_initializer", "outer") or d.get("op_type") == "Constant":
+                continue  # weights, not the data flow
             key = _q(f"{path}|{nid}")
             if kind == "op":
                 r = records.get((path, nid))
@@ -178,7 +181,8 @@ def dot(a: Analysis) -> str:
                 label = _q(name, _dims(shape)) if shape is not None else _q(name)
                 lines.append(f'{indent}{key} [label={label}, shape=ellipse, fillcolor="white"];')
         for u, v, data in g.graph.edges(data=True):
-            if g.graph.nodes[u]["kind"] in ("initializer", "sparse_initializer", "outer"):
+            du = g.graph.nodes[u]
+            if du["kind"] in ("initializer", "sparse_initializer", "outer") or du.get("op_type") == "Constant":
                 continue
             style = ", style=dashed" if data.get("implicit") else ""
             lines.append(f"{indent}{_q(f'{path}|{u}')} -> {_q(f'{path}|{v}')} [tooltip={_q(data['tensor'])}{style}];")

@@ -111,11 +111,20 @@ class RuleContext:
         return self.graph.node(node_id)
 
 
-def int_or_full(text: str) -> "int | str":
-    """Parse a rank: a positive integer or ``full``."""
-    if str(text).lower() == "full":
-        return "full"
-    v = int(text)
-    if v < 1:
-        raise ValueError("must be >= 1 or 'full'")
-    return v
+def int_or(word: str) -> Callable[[str], "int | str"]:
+    """A param parser taking a positive integer or ``word`` (any case): ``int_or("full")``, ``int_or("auto")``."""
+
+    def parse(text: str) -> "int | str":
+        if str(text).lower() == word:
+            return word
+        v = int(text)
+        if v < 1:
+            raise ValueError(f"must be a positive integer or {word!r}")
+        return v
+
+    parse.__name__ = parse.__qualname__ = f"int_or_{word}"
+    return parse
+
+
+#: Parse a rank: a positive integer or ``full``.
+int_or_full = int_or("full")

@@ -49,8 +49,11 @@ def providers(provider: str) -> list:
     if PROVIDERS["cuda"] not in available:
         raise UsageError(f"--provider cuda: this onnxruntime ({rt.__version__}) has no CUDAExecutionProvider "
                          f"(it has {', '.join(available)}); install it with {CUDA_INSTALL}")
+    if hasattr(rt, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels, where installed (ORT ≥ 1.21)
+        rt.preload_dlls()
     # EXHAUSTIVE is onnxruntime's default; said explicitly because warm-up runs are there to pay for it.
-    return [(PROVIDERS["cuda"], {"device_id": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
+    return [(PROVIDERS["cuda"], {"device_id": 0, "cudnn_conv_algo_search": "EXHAUSTIVE",
+                                 "use_tf32": 0}), "CPUExecutionProvider"]
 
 
 def session_options(*, threads: int | None = None, opt_level: str = "all", config: Mapping[str, str] | None = None):

@@ -21,56 +21,71 @@ _PASS = ("Identity", "Cast")
 
 
 def _resolve(cg, tensor: str):
-    """(graph, producer id) of ``tensor``, following outer-scope references to the enclosing graphs."""
+    """(graph, producer id, its node data) of ``tensor``, following outer-scope references to the enclosing
+    graphs; (None, None, None) when nothing makes it."""
     g = cg
     while g is not None:
-        if f"initializer:{tensor}" in g.graph:
-            return g, f"initializer:{tensor}"
-        src = g.producer(tensor)
-        if src is None or (src.startswith("outer:") and g.graph.nodes[src]["kind"] == "outer"):
+        nodes = g.graph._node  # networkx's node dict: plain lookups (this runs several times per conv)
+        nid = f"initializer:{tensor}"
+        d = nodes.get(nid)
+        if d is not None:
+            return g, nid, d
+        nid = g._producer.get(tensor)
+        d = nodes.get(nid) if nid is not None else None
+        if d is None or d["kind"] == "outer":
             g = g.parent
             continue
-        return g, src
-    return None, None
+        return g, nid, d
+    return None, None, None
 
 
-def _op(g, nid: str) -> str | None:
-    d = g.graph.nodes[nid]
+def _op(d: dict) -> str | None:
     return d["op_type"] if d["kind"] == "op" and d["domain"] in ("", "ai.onnx") else None
 
 
 def constant_source(cg, tensor: str, _depth: int = 0) -> str:
     """Where a constant comes from: initializer, Constant, ConstantOfShape, DequantizeLinear, input or unknown."""
-    g, nid = _resolve(cg, tensor)
+    g, nid, d = _resolve(cg, tensor)
     if g is None or _depth > MAX_DEPTH:
         return "unknown"
-    kind = g.graph.nodes[nid]["kind"]
+    kind = d["kind"]
     if kind in ("initializer", "sparse_initializer"):
         return "initializer"
     if kind == "input":
         return "input"
-    op = _op(g, nid)
+    op = _op(d)
     if op in ("Constant", "ConstantOfShape", "DequantizeLinear"):
         return op
     if op in _PASS:
-        return constant_source(g, g.node(nid).input[0], _depth + 1)
+        return constant_source(g, d["proto"].input[0], _depth + 1)
     return "unknown"
+
+
+def elem_type(cg, tensor: str) -> int | None:
+    """The ONNX element type of ``tensor`` (from shape inference or the initializer, in this or an enclosing graph)."""
+    g = cg
+    while g is not None:
+        info = g.shapes.get(tensor)
+        if info is not None:
+            return info.elem_type
+        g = g.parent
+    return None
 
 
 def constant_shape(cg, tensor: str, _depth: int = 0) -> tuple[int, ...] | None:
     """Shape of a constant tensor without computing its value; None when it is not a constant."""
-    g, nid = _resolve(cg, tensor)
+    g, nid, d = _resolve(cg, tensor)
     if g is None or _depth > MAX_DEPTH:
         return None
-    d = g.graph.nodes[nid]
-    if d["kind"] == "initializer":
+    kind = d["kind"]
+    if kind == "initializer" or kind == "sparse_initializer":
         return tuple(d["proto"].dims)
-    if d["kind"] == "sparse_initializer":
-        return tuple(d["proto"].dims)
-    op = _op(g, nid)
-    node = g.node(nid) if op else None
+    op = _op(d)
+    if op is None:
+        return None
     if op == "Constant":
         return _constant_attr_shape(d["attrs"])
+    node = d["proto"]
     if op == "ConstantOfShape":
         shape = constant_value(g, node.input[0], _depth + 1) if node.input and node.input[0] else None
         return tuple(int(v) for v in shape.reshape(-1)) if shape is not None else None
@@ -108,18 +123,17 @@ def _too_big(shape) -> bool:
 
 def constant_value(cg, tensor: str, _depth: int = 0) -> np.ndarray | None:
     """The value of a constant tensor; None when it is not constant (or too large to materialize)."""
-    g, nid = _resolve(cg, tensor)
+    g, nid, d = _resolve(cg, tensor)
     if g is None or _depth > MAX_DEPTH:
         return None
-    d = g.graph.nodes[nid]
     if d["kind"] == "initializer":
         return numpy_helper.to_array(d["proto"])
     if d["kind"] == "sparse_initializer":
         return _sparse_to_array(d["proto"])
-    op = _op(g, nid)
+    op = _op(d)
     if op is None:
         return None
-    node, attrs = g.node(nid), d["attrs"]
+    node, attrs = d["proto"], d["attrs"]
     if op == "Constant":
         return _constant_attr_value(attrs)
     if op == "ConstantOfShape":

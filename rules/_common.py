@@ -8,9 +8,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from convgraph.arithmetic import prod
+from convgraph.arithmetic import out_elements, prod  # noqa: F401  (out_elements: the rules import it from here)
 from convgraph.record import ConvRecord
 from convgraph.rule import RuleContext
+from convgraph.weights import constant_source
+from convgraph.weights import elem_type as graph_elem_type
 
 #: Where a weight may come from for a rule to rebuild it (ctx.value resolves all of these).
 CONSTANT_SOURCES = ("initializer", "Constant", "ConstantOfShape", "DequantizeLinear")
@@ -31,25 +33,17 @@ def plain_conv_reason(rec: ConvRecord, ctx: RuleContext, op_types: tuple[str, ..
         return f"{dom}{rec.op_type} is not {' or '.join(op_types)}"
     if rec.weight_source not in CONSTANT_SOURCES:
         return f"weight {rec.weight!r} is not a constant (it comes from {rec.weight_source})"
-    if rec.bias and _source(ctx, rec.bias) not in CONSTANT_SOURCES:
+    if rec.bias and (rec.bias_source or constant_source(ctx.graph, rec.bias)) not in CONSTANT_SOURCES:
         return f"bias {rec.bias!r} is not a constant"
     return float_type_reason(ctx, rec.weight)
 
 
-def _source(ctx: RuleContext, tensor: str) -> str:
-    from convgraph.weights import constant_source
-
-    return constant_source(ctx.graph, tensor)
-
-
 def elem_type(ctx: RuleContext, tensor: str) -> int | None:
-    """The ONNX element type of ``tensor`` as shape inference (or the initializer) says, None if unknown."""
-    g = ctx.graph
-    while g is not None:
-        info = g.shapes.get(tensor)
-        if info is not None:
-            return info.elem_type
-        g = g.parent
+    """The ONNX element type of ``tensor`` as shape inference (or the initializer) says, else its constant
+    value's; None if unknown."""
+    t = graph_elem_type(ctx.graph, tensor)
+    if t is not None:
+        return t
     value = ctx.value(tensor)
     return None if value is None else helper.np_dtype_to_tensor_dtype(value.dtype)
 
@@ -130,12 +124,14 @@ class Names:
         return helper.make_node(op_type, inputs, outputs, name=name, **kwargs)
 
 
-def out_elements(shape: tuple | None) -> int | None:
-    """Batch × spatial positions of a conv output (N, C, *spatial); None when a dim is unknown."""
-    if shape is None or len(shape) < 3 or not all(isinstance(d, int) for d in (shape[0], *shape[2:])):
-        return None
-    return int(shape[0]) * prod(shape[2:])
-
-
 def bias_params(rec: ConvRecord) -> int:
     return int(rec.out_channels or 0) if rec.has_bias else 0
+
+
+def kernel_estimate(rec: ConvRecord, kernel: tuple[int, ...]) -> tuple[int | None, int, str]:
+    """(MACs, params, kind) of ``rec`` with a kernel of shape ``kernel`` instead (same channels, group and
+    output): weights and MACs scale with the taps per filter, the bias stays."""
+    k, k_new = prod(rec.kernel), prod(kernel)
+    n_weights = (rec.params - bias_params(rec)) // k * k_new
+    macs = None if rec.macs is None else rec.macs // k * k_new
+    return macs, n_weights + bias_params(rec), rec.kind

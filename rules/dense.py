@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from convgraph.arithmetic import effective_kernel, prod
+from convgraph.arithmetic import effective_kernel
 from convgraph.record import ConvRecord
 from convgraph.rule import Replacement, Rule, RuleContext
 
-from ._common import Names, attrs, bias_params, label, plain_conv_reason, weights
+from ._common import Names, attrs, kernel_estimate, label, plain_conv_reason, weights
 
 
 def dense_kernel(rec: ConvRecord) -> tuple[int, ...]:
@@ -54,10 +54,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
 
 
 def estimate(rec: ConvRecord, params: dict) -> tuple[int | None, int, str]:
-    k, k_dense = prod(rec.kernel), prod(dense_kernel(rec))
-    n_weights = (rec.params - bias_params(rec)) // k * k_dense
-    macs = None if rec.macs is None else rec.macs // k * k_dense
-    return macs, n_weights + bias_params(rec), rec.kind
+    return kernel_estimate(rec, dense_kernel(rec))
 
 
 RULE = Rule(

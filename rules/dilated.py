@@ -27,13 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from convgraph import fit
-from convgraph.arithmetic import known, prod
+from convgraph.arithmetic import known
 from convgraph.errors import UsageError
 from convgraph.record import ConvRecord
-from convgraph.rule import Param, Replacement, Rule, RuleContext
+from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or
 
 from . import _lsq
-from ._common import Names, attrs, bias_params, label, plain_conv_reason, weights
+from ._common import Names, attrs, kernel_estimate, label, plain_conv_reason, weights
 
 #: Axes with at least this many taps shrink by default.
 DEFAULT_MIN_TAPS = 5
@@ -41,13 +41,7 @@ DEFAULT_MIN_TAPS = 5
 DEFAULT_CORRELATION = 0.9
 
 
-def _auto_or_int(text: str) -> "int | str":
-    if str(text).lower() == "auto":
-        return "auto"
-    v = int(text)
-    if v < 1:
-        raise ValueError("must be a positive integer or 'auto'")
-    return v
+_auto_or_int = int_or("auto")
 
 
 @dataclass(frozen=True)
@@ -147,7 +141,8 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
     flat = wt.w.reshape(o * cg, -1)
     on_grid = np.zeros_like(flat)
     on_grid[:, taps] = flat[:, taps]
-    st = None if _lsq.rel_error(flat, on_grid) <= _lsq.EXACT_TOL else _lsq.stats(rec, ctx)  # on the grid: exact
+    data = params["fit"] == "data" and _lsq.rel_error(flat, on_grid) > _lsq.EXACT_TOL  # on the grid: exact
+    st = _lsq.stats(rec, ctx) if data else None
     if st is not None:
         new, bias = fit.subgrid_fit(wt.w, wt.b, taps, st)
     else:
@@ -186,11 +181,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
 
 def estimate(rec: ConvRecord, params: dict) -> tuple[int | None, int, str]:
     g = grid(rec, params)
-    kernel = rec.kernel if isinstance(g, str) else g.kernel
-    k, k_new = prod(rec.kernel), prod(kernel)
-    n_weights = (rec.params - bias_params(rec)) // k * k_new
-    macs = None if rec.macs is None else rec.macs // k * k_new
-    return macs, n_weights + bias_params(rec), rec.kind
+    return kernel_estimate(rec, rec.kernel if isinstance(g, str) else g.kernel)
 
 
 RULE = Rule(
@@ -201,6 +192,7 @@ RULE = Rule(
         Param("kernel", "auto", "taps per axis of the new kernel (axes already that small stay dense); "
               "'auto': 3 for axes of ≥ 5 taps", _auto_or_int),
         Param("dilation", "auto", "dilation of the new kernel; 'auto': the largest that fits the window", _auto_or_int),
+        fit.FIT_PARAM,
         Param("correlation", DEFAULT_CORRELATION, "data-free fit: correlation of neighbouring input pixels in [0, 1) "
               "(0 = sample the kernel at the grid)", _lsq.correlation),
     ),

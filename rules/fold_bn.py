@@ -12,6 +12,7 @@ import numpy as np
 
 from convgraph.record import ConvRecord
 from convgraph.rule import Replacement, Rule, RuleContext
+from convgraph.weights import constant_source
 
 from ._common import CONSTANT_SOURCES, attrs, bias_params, plain_conv_reason, weights
 
@@ -20,12 +21,11 @@ BN_PARAMS = ("scale", "B", "mean", "var")
 
 def _bn(rec: ConvRecord, ctx: RuleContext) -> tuple[str | None, str | None]:
     """(BatchNormalization node id, None) when the conv output feeds only one, else (None, why not)."""
-    from convgraph.weights import constant_source
-
     readers = ctx.consumers(rec.output)
     if not readers:
         return None, "its output is not read"
-    data = [ctx.graph.graph.nodes[n] for n in readers]
+    nodes = ctx.graph.graph.nodes
+    data = [nodes[n] for n in readers]
     if len(readers) > 1 or data[0]["kind"] != "op" or data[0]["op_type"] != "BatchNormalization":
         if any(d["kind"] == "output" for d in data):
             return None, "its output is a graph output"

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from convgraph import fit
 from convgraph.arithmetic import prod
 from convgraph.record import ConvRecord
 from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or_full
 
+from . import _lsq
 from ._common import Names, bias_params, geometry, label, opset, out_elements, plain_conv_reason, weights
 
 LAYOUTS = ("auto", "multiplier", "tiled")
@@ -95,6 +97,14 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
     r = rank_of(rec, params)
     layout = layout_of(rec, r, params["layout"])
     dw, pw, err = factor(wt.w, g, r)
+    bias, how = wt.b, ""
+    st = _lsq.stats(rec, ctx) if params["fit"] == "data" else None
+    if st is not None:  # data-aware: whitened SVD / ALS on calibration patches (convgraph.fit)
+        f = fit.separable_fit(wt.w, wt.b, r, st)
+        dw, pw, bias = f.depthwise.reshape(g, cig, r, -1), f.pointwise.reshape(g, cig, cog, r), f.bias
+        w_new = f.weight(kernel, g)
+        err = _lsq.rel_error(wt.w.reshape(1, -1), w_new.reshape(1, -1))
+        how = f"; fitted on calibration patches ({f.method}), output error {fit.layer_error(wt.w, w_new, st):.3g}"
     if layout == "tiled":  # channel G·Cig·r + j·Cig + c: each group's channels repeated r times
         dw = dw.transpose(0, 2, 1, 3)
         pw = pw.transpose(0, 2, 3, 1)  # (g, Cog, r, Cig)
@@ -116,15 +126,15 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
     nodes.append(names.node("Conv", [x, dw_init.name], [mid], "dw", kernel_shape=list(kernel),
                             group=c_in * r if layout == "tiled" else c_in, **geometry(ctx, rec.node_id)))
     pw_inputs = [mid, pw_init.name]
-    if wt.b is not None:
-        b_init = names.init("pw_B", wt.cast(wt.b))
+    if bias is not None:
+        b_init = names.init("pw_B", wt.cast(bias))
         inits.append(b_init)
         pw_inputs.append(b_init.name)
     pw_attrs = {"group": g} if g > 1 else {}
     nodes.append(names.node("Conv", pw_inputs, [rec.output], "pw", kernel_shape=[1] * nd, **pw_attrs))
     macs, n_params, kind = estimate(rec, params)
-    exact = r >= full_rank(rec)
-    notes = f"rank {r} of {full_rank(rec)}, layout {layout}" + (f"; {wt.notes}" if wt.notes else "")
+    exact = r >= full_rank(rec) and (st is None or f.method == "exact")
+    notes = f"rank {r} of {full_rank(rec)}, layout {layout}{how}" + (f"; {wt.notes}" if wt.notes else "")
     return Replacement(nodes, inits, exact, kind, macs, n_params, weight_error=err, notes=notes)
 
 
@@ -156,6 +166,7 @@ RULE = Rule(
     exact=lambda p: p.get("rank") == "full",
     params=(
         Param("rank", 1, "depthwise filters per input channel: an integer, or 'full' (exact)", int_or_full),
+        fit.FIT_PARAM,
         Param("layout", "auto", "for rank > 1: 'multiplier' (one depthwise conv, multiplier r), 'tiled' "
               "(input channels repeated r times, multiplier-1 depthwise), or 'auto' (tiled for 2D)", _layout),
     ),

@@ -128,7 +128,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
     h = pw[..., :r].reshape(g, cig, cog, kw, r).transpose(0, 1, 2, 4, 3).reshape(c_in, cog, r, kw)
     new_bias = None  # the original bias tensor is kept unless calibration corrects it
     how = "SVD of the weights"
-    st = _lsq.stats(rec, ctx)
+    st = _lsq.stats(rec, ctx) if params["fit"] == "data" else None
     if st is not None and err > _lsq.EXACT_TOL:
         v, h = _als(wt.w, g, v, st)
         w_new = compose(v, h, g)
@@ -203,6 +203,7 @@ RULE = Rule(
     exact=lambda p: p.get("rank") == "full",
     params=(
         Param("rank", 1, "vertical filters per input channel: an integer, or 'full' (exact)", int_or_full),
+        fit.FIT_PARAM,
     ),
     match=match,
     build=build,

@@ -28,12 +28,11 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import numpy_helper
 
 from convgraph.arithmetic import known, prod
 from convgraph.errors import UsageError
 from convgraph.record import ConvRecord
-from convgraph.rule import Param, Replacement, Rule, RuleContext
+from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or
 
 from . import _lsq
 from ._common import Names, bias_params, label, opset, out_elements, plain_conv_reason, weights
@@ -51,13 +50,7 @@ def _mode(text: str) -> str:
     return text
 
 
-def _kernel(text: str) -> "int | str":
-    if str(text).lower() == "auto":
-        return "auto"
-    v = int(text)
-    if v < 1:
-        raise ValueError("must be a positive integer or 'auto'")
-    return v
+_kernel = int_or("auto")
 
 
 def resize_taps(s: int, mode: str) -> tuple[int, np.ndarray]:

@@ -310,3 +310,70 @@ def test_invalid_conv_attributes_are_one_clear_error(attrs, message):
         cg = convgraph.load(m, check=False)
     with pytest.raises(convgraph.ModelError, match=message):
         analyze(cg)
+
+
+def test_com_microsoft_fused_and_nhwc_convs():
+    """onnxruntime's FusedConv (NCHW) and NhwcConv (channels last) are analyzed like Conv."""
+    w = numpy_helper.from_array(np.ones((16, 4, 3, 3), np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(16, np.float32), "b")
+    nodes = [helper.make_node("FusedConv", ["x", "w", "b"], ["f"], name="fused", domain="com.microsoft",
+                              activation="Relu", pads=[1, 1, 1, 1]),
+             helper.make_node("NhwcConv", ["xn", "w"], ["n"], name="nhwc", domain="com.microsoft", strides=[2, 2])]
+    g = helper.make_graph(nodes, "ms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8]),
+                                        helper.make_tensor_value_info("xn", TensorProto.FLOAT, [1, 9, 9, 4])],
+                          [helper.make_tensor_value_info("f", TensorProto.FLOAT, ["a", "b", "c", "d"]),
+                           helper.make_tensor_value_info("n", TensorProto.FLOAT, ["e", "f", "g", "h"])], [w, b])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 8
+    r = _by_name(_analyze(m, simd_block=8))
+    assert r["fused"].domain == "com.microsoft" and r["fused"].output_shape == (1, 16, 8, 8) and r["fused"].has_bias
+    assert r["fused"].macs == 16 * 8 * 8 * 4 * 9 and r["fused"].params == 16 * 4 * 9 + 16
+    assert r["nhwc"].output_shape == (1, 4, 4, 16) and r["nhwc"].macs == 16 * 4 * 4 * 4 * 9
+    assert r["nhwc"].receptive_field == (3, 3) and r["nhwc"].kind == "standard"
+
+
+def _bias_model(bias_as_input: bool) -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.ones((4, 4, 3, 3), np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(4, np.float32), "b")
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])]
+    if bias_as_input:
+        inputs.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, [4]))
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    g = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                          [w] if bias_as_input else [w, b])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_bias_source_is_recorded_and_decides_the_rules():
+    from convgraph.registry import all_rules
+    from convgraph.rule import RuleContext
+
+    for as_input, source in ((False, "initializer"), (True, "input")):
+        a = _analyze(_bias_model(as_input))
+        rec = a.convs[0]
+        assert rec.bias == "b" and rec.bias_source == source and rec.to_dict()["bias_source"] == source
+        why = all_rules()["separable"].match(rec, RuleContext(a.graphs[""], a.by_id()))
+        assert (why == "bias 'b' is not a constant") is as_input
+        assert ({o.rule for o in rec.rewrites} >= {"separable", "spatial-separable"}) is not as_input
+
+
+def test_record_to_dict_is_the_fields_in_order(sample):
+    from dataclasses import fields
+
+    from convgraph.record import ConvRecord
+
+    rec = next(r for r in sample("sample").convs if r.rewrites)
+    rec.scratch = "not a field"  # an attribute set on a record stays out of its dict
+    try:
+        d = rec.to_dict()
+    finally:
+        del rec.scratch
+    assert list(d) == [f.name for f in fields(ConvRecord)]
+    assert d["patterns"] == rec.patterns and d["patterns"] is not rec.patterns
+    assert d["rewrites"][0] == {"rule": rec.rewrites[0].rule, "params": rec.rewrites[0].params,
+                                "exact": rec.rewrites[0].exact, "macs_after": rec.rewrites[0].macs_after,
+                                "params_after": rec.rewrites[0].params_after,
+                                "kind_after": rec.rewrites[0].kind_after}
+    assert d["rewrites"][0]["params"] is not rec.rewrites[0].params

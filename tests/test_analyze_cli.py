@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -99,3 +101,31 @@ def test_kind_colours_cover_all_kinds():
     from convgraph.report import KIND_COLORS
 
     assert set(KIND_COLORS) == set(KINDS)
+
+
+@pytest.mark.real
+def test_warning_with_bracketed_dims_is_printed_verbatim(capsys, real_models):
+    """PP-OCR det's input dims are named p2o.DynamicDimension.N: rich must not eat '[...]' as markup."""
+    code, _, err = _run(capsys, str(real_models("ppocr-det")), "--top", "1")
+    assert code == 0 and "[p2o.DynamicDimension.0,3," in err.replace("\n", "")
+
+
+def test_json_run_imports_only_what_analyze_needs(models_dir):
+    """``convgraph analyze --json`` loads neither rich nor the other commands' modules (start-up time)."""
+    code = ("import sys; from convgraph.cli import main; "
+            f"rc = main(['analyze', '--json', {str(models_dir / 'sample.onnx')!r}]); "
+            "loaded = [m for m in ('rich', 'convgraph.cli.rewrite', 'convgraph.cli.verify', 'convgraph.cli.optimize', "
+            "'convgraph.cli.bench', 'convgraph.rewrite') if m in sys.modules]; "
+            "print('LOADED', rc, ','.join(loaded), file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["totals"]["convs"] == 8
+    assert r.stderr.splitlines()[-1] == "LOADED 0 "  # nothing listed
+
+
+def test_every_command_is_listed_and_runs_on_demand(capsys):
+    assert main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"  {name} " in listed for name in ("analyze", "bench", "optimize", "rewrite", "rules", "verify"))
+    assert main(["rules", "--json"]) == 0
+    assert {r["name"] for r in json.loads(capsys.readouterr().out)} >= {"dense", "fold-bn", "separable"}

@@ -627,3 +627,54 @@ def test_check_false_skips_the_checker_only() -> None:
     cg = _load(m, check=False)
     assert cg.graph.nodes["bogus"]["op_type"] == "NotAnOp"
     assert cg.shape("c0") == (1, 4, 8, 8)
+
+
+def test_gc_paused_restores_and_leaves_the_new_objects_old_but_collectable() -> None:
+    import gc
+
+    from convgraph.graph import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():  # nested: only the outermost restores
+            pass
+        assert not gc.isenabled()
+        made = [[] for _ in range(1000)]
+        assert gc.is_tracked(made[0])
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # nothing left frozen
+    oldest = {id(o) for o in gc.get_objects(generation=2)}
+    assert id(made) in oldest and id(made[-1]) in oldest  # not left for the young generations to scan
+    cycle = [made]
+    cycle.append(cycle)
+    del made, cycle
+    assert gc.collect() > 0  # a cycle made during the pause is still collected
+
+
+def test_gc_paused_keeps_what_the_application_froze() -> None:
+    import gc
+
+    from convgraph.graph import gc_paused
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with gc_paused():
+            _ = [[] for _ in range(100)]
+        assert gc.get_freeze_count() == frozen and gc.isenabled()
+    finally:
+        gc.unfreeze()
+
+
+def test_gc_paused_leaves_a_disabled_collector_disabled() -> None:
+    import gc
+
+    from convgraph.graph import gc_paused
+
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

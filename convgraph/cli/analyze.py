@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
 from pathlib import Path
-from typing import Iterator
 
 import click
 
 from .. import report
 from ..analyze import analyze as run_analysis
 from ..errors import UsageError
-from ..graph import load
+from ..graph import gc_paused, load
 from ..io import atomic_write_bytes
-from . import cli
-from .common import emit_json, err, input_shape_option, json_option, out, warn
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a big graph is built: its passes over the (acyclic, live) protos and
-    networkx dicts cost about a third of load + analysis at 20k nodes and free nothing."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
+from . import cli, common
+from .common import emit_json, input_shape_option, json_option, warn
 
 
 @cli.command()
@@ -53,7 +37,7 @@ def analyze(model: Path, input_shapes: dict, as_json: bool, fmt: str | None, sor
         raise UsageError(f"--dot: folder {dot_path.parent} does not exist")
     if dot_path is not None and dot_path.is_dir():
         raise UsageError(f"--dot: {dot_path} is a directory")
-    with _gc_paused():
+    with gc_paused():
         cg = load(model, input_shapes)
         result = run_analysis(cg)
         result.model["path"] = str(model)
@@ -61,12 +45,12 @@ def analyze(model: Path, input_shapes: dict, as_json: bool, fmt: str | None, sor
             warn(w)
         if dot_path is not None:
             atomic_write_bytes(dot_path, report.dot(result).encode())
-            err.print(f"wrote {dot_path}", markup=False, highlight=False)
+            common.console("err").print(f"wrote {dot_path}", markup=False, highlight=False)
         if fmt == "json":
             emit_json(result.to_dict(report.select(result.convs, sort, top)), indent=None)
         elif fmt == "markdown":
             click.echo(report.markdown(result, sort, top), nl=False)
         else:
             convs, kinds = report.tables(result, sort, top)
-            out.print(convs)
-            out.print(kinds)
+            common.console("out").print(convs)
+            common.console("out").print(kinds)

@@ -8,7 +8,8 @@ from rich.table import Table
 from ..bench import BenchReport, bench
 from ..runtime import OPT_LEVELS
 from . import cli
-from .common import emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, out
+from .common import (
+    emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, out, provider_option)
 
 
 def render(report: BenchReport) -> None:
@@ -40,7 +41,7 @@ def render(report: BenchReport) -> None:
 @click.option("--runs", type=int, default=100, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per model first.")
 @click.option("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's).")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@provider_option
 @click.option("--opt-level", type=click.Choice(OPT_LEVELS), default="all", show_default=True,
               help="onnxruntime graph optimization level.")
 @click.option("--spin/--no-spin", "spinning", default=None,

@@ -8,16 +8,40 @@ import os
 import sys
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import click
 import numpy as np
-from rich.console import Console
 
 from ..graph import parse_input_shape
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    out: Console
+    err: Console
+
 #: Human-facing output (tables, progress) goes to stdout unless --json; messages go to stderr.
 _WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 160))  # pipes and logs get wide tables
-out = Console(highlight=False, soft_wrap=False, width=_WIDTH)
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # messages stay one line
+#: The rich Consoles ``out`` and ``err`` (messages stay one line), made on first use: importing rich costs
+#: a tenth of a ``--json`` run's start-up, and such a run may never print through them.
+_CONSOLES = {"out": {"highlight": False, "soft_wrap": False, "width": _WIDTH},
+             "err": {"stderr": True, "highlight": False, "soft_wrap": True}}
+
+
+def __getattr__(name: str):
+    """``out`` / ``err`` (module attributes, as ``from .common import out`` reads them): made on first use."""
+    if name not in _CONSOLES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from rich.console import Console
+
+    console = globals()[name] = Console(**_CONSOLES[name])
+    return console
+
+
+def console(name: str) -> "Console":
+    """The Console ``out`` or ``err`` (for code in this module, where a bare global name skips ``__getattr__``)."""
+    return globals().get(name) or __getattr__(name)
 
 
 def _parse_shapes(ctx, param, values) -> dict[str, list[int]]:
@@ -32,10 +56,15 @@ input_shape_option = click.option(
     "--input-shape", "input_shapes", multiple=True, callback=_parse_shapes, metavar="NAME=D0,D1,...",
     help="Fix a dynamic input shape, e.g. x=1,3,640,640 (repeatable).")
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, nothing else.")
+provider_option = click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                               help="onnxruntime execution provider.")
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] {message}", markup=True, highlight=False)
+    from rich.markup import escape
+
+    console("err").print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True,
+                         highlight=False)  # [dims] are not markup
 
 
 def _default(o: Any):
@@ -62,7 +91,7 @@ def _clean(o: Any):
 
 
 def emit_json(obj: Any, indent: int | None = 2) -> None:
-    """Write ``obj`` as one JSON document on stdout (``indent=None``: compact, several times faster on big documents)."""
+    """Write ``obj`` as one JSON document on stdout (``indent=None``: compact, several times faster when big)."""
     try:
         text = json.dumps(obj, default=_default, allow_nan=False, indent=indent)
     except ValueError:  # NaN/inf somewhere: take the slow path that nulls them

@@ -9,7 +9,9 @@ from ..errors import UsageError
 from ..io import check_output_path, write_model
 from ..rewrite import Selection, rewrite
 from . import cli
-from .common import emit_json, err, input_data_kwargs, input_data_options, input_shape_option, json_option, out, warn
+from .common import (
+    emit_json, err, input_data_kwargs, input_data_options, input_shape_option, json_option, out, provider_option,
+    warn)
 
 
 def _fmt(v, spec=",") -> str:
@@ -49,7 +51,10 @@ def render(report) -> None:
         out.print("checks: " + ", ".join(f"{k} {v}" for k, v in report.checks.items()))
     if report.verification:
         v = report.verification
-        t = Table(title=f"model outputs vs original: {'PASS' if v.get('passed') else 'FAIL'}")
+        verdict = "PASS" if v.get("passed") else "FAIL"
+        if not report.tolerance_required:
+            verdict = f"{verdict.lower()} at the default tolerance (not required: give --atol/--rtol/--min-cosine)"
+        t = Table(title=f"model outputs vs original: {verdict}")
         rows = v.get("outputs", {})
         keys = [k for k in ("max_abs_err", "scaled_err", "mean_abs_err", "cosine", "snr_db", "top1") if any(k in m for m in rows.values())]
         t.add_column("output")
@@ -90,7 +95,7 @@ def _explain(report) -> None:
 @click.option("--bench/--no-bench", default=True, show_default=True, help="Time original vs rewritten (onnxruntime).")
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per model for --bench.")
 @click.option("--threads", type=int, help="onnxruntime intra-op threads for --bench (default: onnxruntime's).")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@provider_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the rewritten model.")
 @click.option("--in-place", is_flag=True, help="Allow -o to name the input model.")
 @click.option("--keep-failed", is_flag=True, help="Write the output even when a tolerance is exceeded.")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import click
 from rich.table import Table
 
 from ..registry import all_rules

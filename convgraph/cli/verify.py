@@ -12,7 +12,8 @@ from rich.table import Table
 from ..errors import CheckFailed, UsageError
 from ..verify import VerifyReport, verify
 from . import cli
-from .common import emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, out, warn
+from .common import (
+    emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, out, provider_option, warn)
 
 
 def _num(v: float | None, fmt: str = ".3g") -> str:
@@ -97,7 +98,7 @@ def render(report: VerifyReport) -> None:
               "(default: the rewrite record in the candidate's metadata).")
 @click.option("--reference", "reference_evaluator", is_flag=True,
               help="Also compare with onnx.reference.ReferenceEvaluator on the reference model (small models).")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@provider_option
 @click.option("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's).")
 @json_option
 def verify_command(reference, candidate, input_shapes, atol, rtol, min_cosine, localize, tensor_map,

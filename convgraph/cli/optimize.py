@@ -1,0 +1,113 @@
+"""``convgraph optimize``: choose per conv the rewrite with the most measured speed within an error budget."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from ..errors import UsageError
+from ..io import check_output_path, write_model
+from ..optimize import DEFAULT_RANKS, DEFAULT_RULES, METRICS, OptimizeReport, optimize, plot_pareto
+from ..rewrite import Selection
+from . import cli
+from .common import _number_list, emit_json, err, input_shape_option, json_option, out, warn
+
+
+def _names(ctx, param, value) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def render(report: OptimizeReport) -> None:
+    """The human report: per-layer choices, the evaluated prefixes, the verdict."""
+    if report.chosen:
+        t = Table(title="chosen rewrites (per conv)", title_justify="left")
+        for col in ("node", "rule", "params", "kind after", "layer saving ms", "error alone", "fit"):
+            t.add_column(col, justify="right" if col in ("layer saving ms", "error alone") else "left")
+        for c in report.chosen:
+            t.add_row(c.node, c.rule, ",".join(f"{k}={v}" for k, v in c.params.items()), c.kind_after,
+                      f"{c.saving_ms:.3f}", "?" if c.error_alone is None else f"{c.error_alone:.2e}", c.notes)
+        out.print(t)
+    if report.points:
+        t = Table(title="prefixes of the greedy sequence, built and judged on the held-out set", title_justify="left")
+        for col in ("steps", "predicted ms", "measured ms", "speed-up", report.metric, "within budget"):
+            t.add_column(col, justify="right")
+        for p in report.points:
+            t.add_row(str(p.steps), f"{p.predicted_ms:.2f}", f"{p.measured_ms:.2f}", f"{p.speedup:.2f}×",
+                      f"{p.metric:.6g}", "yes" if p.passed else "no")
+        out.print(t)
+    for n in report.notes:
+        warn(n)
+    out.print(report.summary())
+
+
+@cli.command("optimize")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--calib", required=True, type=click.Path(),
+              help="Calibration inputs: a folder of images or an .npz (arrays named after the inputs).")
+@click.option("--heldout", type=click.Path(),
+              help="Held-out inputs the budget is checked on (default: every 4th calibration sample, kept apart).")
+@click.option("--budget", type=float, default=0.99, show_default=True,
+              help="Least allowed value of --metric on the held-out set (cosine, top1: in (0,1]; snr: dB).")
+@click.option("--metric", type=click.Choice(METRICS), default="cosine", show_default=True)
+@click.option("--rules", callback=_names, default=",".join(DEFAULT_RULES), show_default=True,
+              help="Comma-separated rules to choose from.")
+@click.option("--ranks", callback=_number_list(int), default=",".join(map(str, DEFAULT_RANKS)), show_default=True,
+              help="Ranks tried for rules that take one.")
+@click.option("--tensor", "tensors", multiple=True,
+              help="Judge these tensors instead of the model outputs (repeatable; the worst counts).")
+@click.option("--nodes", help="Only convs whose name matches this regex.")
+@click.option("--exclude", help="Skip convs whose name matches this regex.")
+@click.option("--min-macs", type=int, help="Only convs with at least this many MACs.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="onnxruntime intra-op threads for every latency measured (0: onnxruntime's default).")
+@click.option("--samples", type=int, help="Use at most this many calibration samples.")
+@click.option("--image-size", callback=_number_list(int), metavar="H,W", help="Resize images to H,W.")
+@click.option("--mean", callback=_number_list(float), metavar="M[,M,M]",
+              help="Images: subtracted per channel after scaling pixels to [0,1].")
+@click.option("--std", callback=_number_list(float), metavar="S[,S,S]", help="Images: divisor per channel.")
+@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True)
+@input_shape_option
+@click.option("--max-evals", type=int, default=6, show_default=True, help="Prefixes built and judged in the search.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the error–latency front as a PNG (matplotlib).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
+@click.option("--in-place", is_flag=True, help="Allow -o to name the input model.")
+@json_option
+def optimize_command(model, calib, heldout, budget, metric, rules, ranks, tensors, nodes, exclude, min_macs, provider,
+                     threads, samples, image_size, mean, std, layout, input_shapes, max_evals, plot, output, in_place,
+                     as_json) -> None:
+    """Rewrite MODEL's convs for speed within an error budget, fitted on calibration data (--calib)."""
+    check_output_path(output, model, in_place)
+    if not rules:
+        raise UsageError("--rules is empty")
+    if not ranks or min(ranks) < 1:
+        raise UsageError("--ranks takes positive integers, e.g. 1,2,4")
+    if max_evals < 1:
+        raise UsageError("--max-evals must be at least 1")
+    options = {"image_size": image_size, "mean": mean, "std": std, "layout": layout}
+    if samples is not None:
+        options["samples"] = samples
+    status = None if as_json else err.status("optimizing")
+
+    def progress(msg: str) -> None:
+        if status is not None:
+            status.update(f"optimizing: {msg}")
+
+    if status is not None:
+        status.start()
+    try:
+        new, report = optimize(model, calib, heldout, budget=budget, metric=metric, rules=rules, ranks=ranks,
+                               selection=Selection(nodes, exclude, (), min_macs), provider=provider,
+                               threads=threads or None, input_shapes=input_shapes, input_options=options,
+                               tensors=list(tensors) or None, max_evals=max_evals, progress=progress)
+    finally:
+        if status is not None:
+            status.stop()
+    written = str(write_model(new, output, input_path=model, in_place=in_place))
+    if plot:
+        plot_pareto(report, plot)
+    if as_json:
+        emit_json({**report.to_dict(), "output": written, "plot": plot})
+    else:
+        render(report)
+        out.print(f"wrote {written}" + (f"; plot {plot}" if plot else ""))

@@ -1,0 +1,606 @@
+"""Error-budgeted optimization: choose, per conv, the rewrite that buys the most measured speed for the least
+model-level error, fit it on calibration data, and prove the result on held-out inputs.
+
+1. **Candidates.** Every selected conv × every given rule that matches it × each rank (``ranks``) or the
+   rule's defaults, keeping those that cut MACs.
+2. **Latency, measured.** Each conv and its candidate replacements run as one-layer models in
+   onnxruntime, interleaved (:func:`convgraph.bench.bench`); a candidate's saving is the layer's measured
+   time before minus after (MAC counts mislead: depthwise convs are memory-bound).
+3. **Error, measured.** Each candidate alone, fitted on the calibration statistics of the original
+   model (:mod:`convgraph.calibrate`, :mod:`convgraph.fit`), is run on a few calibration inputs and its
+   model-level output error recorded (1 − cosine, or noise/signal power for ``snr``).
+4. **Greedy.** Per conv the options form a chain of increasingly aggressive steps (the lower convex
+   hull of error against saving); all steps are ordered by saving per unit of error. The prefix whose
+   predicted error (errors add) fits the budget is the first guess.
+5. **Sequential fit, check, back-off.** A prefix is built layer by layer in topological order, each conv
+   fitted on the activations of the model rewritten so far against the original's outputs (cross
+   moments), and judged on the held-out inputs; the longest prefix within the budget is found by
+   bisection (every evaluated prefix is also timed, giving the measured error–latency front).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import networkx as nx
+import numpy as np
+import onnx
+
+from .analyze import analyze
+from .calibrate import Calibration, calibratable, calibrate
+from .errors import UsageError
+from .graph import ConvGraph, load
+from .inputs import InputSet, make_inputs
+from .record import ConvRecord
+from .registry import get_rule
+from .rewrite import Selection, rewrite
+from .rule import RuleContext
+
+METRICS = ("cosine", "snr", "top1")
+DEFAULT_RULES = ("separable", "spatial-separable", "dilated")
+#: Ranks tried for rules that take one.
+DEFAULT_RANKS = (1, 2, 3, 4)
+#: A candidate is kept only when its MACs are at most this fraction of the conv's.
+MAX_MAC_RATIO = 0.8
+#: Errors below this count as this much in saving/error ratios (exact-looking candidates).
+ERROR_FLOOR = 1e-7
+
+
+@dataclass
+class Candidate:
+    """One possible rewrite of one conv, measured alone."""
+
+    node: str
+    rule: str
+    params: dict[str, Any]
+    kind_after: str
+    macs_before: int | None
+    macs_after: int | None
+    layer_ms_before: float
+    layer_ms_after: float
+    error: float | None = None  # model-level error with this rewrite alone (calibration inputs)
+    metric: float | None = None  # the metric with this rewrite alone
+
+    @property
+    def saving_ms(self) -> float:
+        return self.layer_ms_before - self.layer_ms_after
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "saving_ms": self.saving_ms}
+
+
+@dataclass
+class Step:
+    """One move of the greedy sequence: conv ``node`` goes to ``rule``/``params``."""
+
+    node: str
+    rule: str
+    params: dict[str, Any]
+    saving_ms: float  # over the conv's previous option
+    error: float  # likewise
+    predicted_ms: float  # model latency after this step (baseline − savings so far)
+    predicted_error: float  # errors so far, added
+
+
+@dataclass
+class Point:
+    """A prefix of the sequence, built (sequential fit), judged on held-out inputs and timed."""
+
+    steps: int
+    predicted_ms: float
+    measured_ms: float | None
+    speedup: float | None  # median over interleaved pairs of original / rewritten
+    metric: float
+    error: float
+    passed: bool
+
+
+@dataclass
+class Choice:
+    """What the optimizer did to one conv in the returned model."""
+
+    node: str
+    rule: str
+    params: dict[str, Any]
+    kind_after: str
+    saving_ms: float
+    error_alone: float | None
+    notes: str = ""
+
+
+@dataclass
+class OptimizeReport:
+    model: str
+    metric: str
+    budget: float
+    rules: list[str]
+    provider: str
+    threads: int | None
+    calibration: str
+    heldout: str
+    judged: list[str]  # the tensors the metric is taken over (worst of them)
+    baseline_ms: float
+    predicted_ms: float
+    measured_ms: float
+    speedup: float
+    metric_value: float
+    passed: bool
+    chosen: list[Choice] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
+    sequence: list[Step] = field(default_factory=list)
+    points: list[Point] = field(default_factory=list)
+    outputs: dict[str, dict] = field(default_factory=dict)  # held-out metrics per output (final model)
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{len(self.chosen)} conv(s) rewritten: {self.baseline_ms:.2f} ms → {self.measured_ms:.2f} ms "
+                f"measured ({self.speedup:.2f}×; predicted {self.predicted_ms:.2f} ms), held-out {self.metric} "
+                f"{self.metric_value:.6g} (budget {self.budget:g}): {'PASS' if self.passed else 'FAIL'}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["candidates"] = [c.to_dict() for c in self.candidates]
+        d["summary"] = self.summary()
+        return d
+
+
+# ---- metrics ----------------------------------------------------------------------------------------------
+class Judge:
+    """The original model's outputs (or other ``tensors``) on a fixed input set, and the metric of a
+    candidate against them: the worst over the tensors."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: Sequence[dict], metric: str, provider: str,
+                 threads: int | None, tensors: Sequence[str] | None = None):
+        if metric not in METRICS:
+            raise UsageError(f"--metric must be one of {', '.join(METRICS)}, not {metric!r}")
+        self.feeds, self.metric, self.provider, self.threads = list(feeds), metric, provider, threads
+        if not self.feeds:
+            raise UsageError("the held-out set is empty")
+        self.names = list(tensors) if tensors else [o.name for o in model.graph.output]
+        produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+        missing = [t for t in self.names if t not in produced]
+        if missing:
+            raise UsageError(f"no tensor {missing[0]!r} in the model to judge by")
+        self.ref = self._outputs(model)
+
+    def _outputs(self, model: onnx.ModelProto) -> dict[str, list[np.ndarray]]:
+        from .runtime import create_session, expose_tensors, run
+
+        sess = create_session(expose_tensors(model, self.names), provider=self.provider, threads=self.threads)
+        outs = {n: [] for n in self.names}
+        for f in self.feeds:
+            for n, v in zip(self.names, run(sess, f, self.names)):
+                outs[n].append(v)
+        return outs
+
+    def judge(self, model: onnx.ModelProto) -> tuple[float, float, dict[str, dict]]:
+        """(metric, error, per-output metrics) of ``model`` against the original on these inputs."""
+        from .verify import compare
+
+        got = self._outputs(model)
+        per = {n: compare(self.ref[n], got[n], name=n) for n in self.names}
+        cos = min(m.cosine for m in per.values())
+        err_cos = 1.0 - cos
+        if self.metric == "cosine":
+            value, error = cos, err_cos
+        elif self.metric == "snr":
+            value = min(m.snr_db for m in per.values())
+            error = 10 ** (-value / 10) if math.isfinite(value) else 0.0
+        else:
+            tops = [m.top1 for m in per.values() if m.top1 is not None]
+            if not tops:
+                raise UsageError("--metric top1 needs an output that looks like class scores ([N, classes])")
+            value, error = min(tops), err_cos  # top-1 agreement is too coarse to rank by: cosine ranks
+        return value, error, {n: m.to_dict() for n, m in per.items()}
+
+    def allowance(self, budget: float) -> float | None:
+        """The error the budget allows, for predictions (None for top1: no error scale to predict with)."""
+        if self.metric == "cosine":
+            return 1.0 - budget
+        if self.metric == "snr":
+            return 10 ** (-budget / 10)
+        return None
+
+    def passes(self, value: float, budget: float) -> bool:
+        return bool(value >= budget)
+
+
+# ---- candidates and per-layer latency -----------------------------------------------------------------------
+def _rule_options(rule_name: str, rec: ConvRecord, ranks: Sequence[int]) -> list[dict[str, Any]]:
+    rule = get_rule(rule_name)
+    if any(p.name == "rank" for p in rule.params):
+        return [{"rank": r} for r in ranks]
+    return [{}]
+
+
+def _layer_model(cg: ConvGraph, rec: ConvRecord, nodes: Sequence[onnx.NodeProto],
+                 inits: Sequence[onnx.TensorProto]) -> onnx.ModelProto:
+    """A model of just ``nodes`` (the conv or its replacement): input the conv's input, output its output;
+    every other tensor they read becomes an initializer with its constant value."""
+    produced = {o for n in nodes for o in n.output}
+    have = {t.name for t in inits}
+    extra = []
+    for n in nodes:
+        for t in n.input:
+            if t and t != rec.input and t not in produced and t not in have:
+                v = RuleContext(cg).value(t)
+                if v is None:
+                    raise UsageError(f"conv {rec.node_id}: input {t!r} is not a constant; cannot time the layer alone")
+                extra.append(onnx.numpy_helper.from_array(v, t))
+                have.add(t)
+    elem = cg.shapes[rec.input].elem_type if rec.input in cg.shapes else onnx.TensorProto.FLOAT
+    graph = onnx.helper.make_graph(
+        list(nodes), "layer", [onnx.helper.make_tensor_value_info(rec.input, elem, list(rec.input_shape))],
+        [onnx.helper.make_tensor_value_info(rec.output, elem, list(rec.output_shape))], list(inits) + extra)
+    model = onnx.helper.make_model(graph, opset_imports=list(cg.model.opset_import))
+    model.ir_version = cg.model.ir_version
+    return model
+
+
+def _static(shape) -> bool:
+    return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
+
+
+def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str], ranks: Sequence[int], *,
+               provider: str, threads: int | None, runs: int, warmup: int,
+               progress=None) -> list[Candidate]:
+    """Every matching (conv, rule, params) that cuts MACs, with its measured one-layer latency."""
+    from .bench import bench
+
+    by_id = {r.node_id: r for r in records}
+    out: list[Candidate] = []
+    for rec in records:
+        if not (_static(rec.input_shape) and _static(rec.output_shape)):
+            raise UsageError(f"conv {rec.node_id} has dynamic shapes {rec.input_shape} → {rec.output_shape}; "
+                             "fix the input shape (--input-shape) to time its layers")
+        options = []
+        for name in rules:
+            rule = get_rule(name)
+            for given in _rule_options(name, rec, ranks):
+                params = rule.resolve_params({k: str(v) for k, v in given.items()})
+                ctx = RuleContext(cg, by_id, None, params)
+                if rule.match(rec, ctx) is not None:
+                    break  # the rule does not apply to this conv (whatever the rank)
+                macs, _, kind = rule.estimate(rec, params) if rule.estimate else (None, 0, "")
+                if macs is not None and rec.macs and macs > MAX_MAC_RATIO * rec.macs:
+                    continue
+                rep = rule.build(rec, ctx, params)
+                if any(o.get("rule") == name and o["macs"] == rep.macs_after for o in options):
+                    continue  # the rank was capped: same layer as one already listed
+                options.append({"rule": name, "params": given, "kind": rep.kind_after, "macs": rep.macs_after,
+                                "model": _layer_model(cg, rec, rep.nodes, rep.initializers)})
+        if not options:
+            continue
+        orig = _layer_model(cg, rec, [cg.node(rec.node_id)], [])
+        rep = bench([orig] + [o["model"] for o in options], runs=runs, warmup=warmup, provider=provider,
+                    threads=threads, names=["original"] + [f"{o['rule']}{o['params']}" for o in options],
+                    progress=False, spinning=False)
+        t0 = rep.models[0].median_ms
+        for o, ratio in zip(options, rep.ratios):
+            out.append(Candidate(rec.node_id, o["rule"], o["params"], o["kind"], rec.macs, o["macs"], t0,
+                                 t0 / ratio.median))
+        if progress is not None:
+            progress(rec.node_id)
+    return out
+
+
+def _select_regex(nodes: Iterable[str]) -> str:
+    return "^(?:" + "|".join(re.escape(n) for n in nodes) + ")$"
+
+
+def _apply(model: onnx.ModelProto, plan: Mapping[str, tuple[str, dict]], *, calibration, input_shapes):
+    """``model`` with each conv of ``plan`` rewritten by its (rule, params); returns (model, changes)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for node, (rule, params) in plan.items():
+        groups.setdefault((rule, repr(sorted(params.items()))), []).append(node)
+    changes = []
+    for (rule, _), nodes in groups.items():
+        params = plan[nodes[0]][1]
+        res = rewrite(model, [rule], params={k: str(v) for k, v in params.items()},
+                      selection=Selection(nodes=_select_regex(nodes)), input_shapes=input_shapes, verify=False,
+                      calibration=calibration)
+        model = res.model
+        changes += res.report.changes
+    return model, changes
+
+
+# ---- the greedy sequence ------------------------------------------------------------------------------------
+def greedy_sequence(cands: Sequence[Candidate], baseline_ms: float) -> list[Step]:
+    """Steps in order of saving per unit of error; per conv its options' lower convex hull, in order."""
+    by_node: dict[str, list[Candidate]] = {}
+    for c in cands:
+        if c.error is not None and c.saving_ms > 0 and math.isfinite(c.error):
+            by_node.setdefault(c.node, []).append(c)
+    moves = []
+    for node, opts in by_node.items():
+        opts.sort(key=lambda c: (c.error, -c.saving_ms))
+        hull: list[Candidate] = []
+        for c in opts:  # keep the options on the lower-right hull of (error, saving)
+            if hull and c.saving_ms <= hull[-1].saving_ms:
+                continue
+            while hull:
+                prev_e, prev_s = (hull[-2].error, hull[-2].saving_ms) if len(hull) > 1 else (0.0, 0.0)
+                e1, s1 = hull[-1].error - prev_e, hull[-1].saving_ms - prev_s
+                e2, s2 = c.error - prev_e, c.saving_ms - prev_s
+                if s1 * max(e2, ERROR_FLOOR) <= s2 * max(e1, ERROR_FLOOR):  # c is at least as efficient
+                    hull.pop()
+                else:
+                    break
+            hull.append(c)
+        prev_e = prev_s = 0.0
+        for i, c in enumerate(hull):
+            de, ds = max(c.error - prev_e, 0.0), c.saving_ms - prev_s
+            moves.append((ds / max(de, ERROR_FLOOR), node, i, c, ds, de))
+            prev_e, prev_s = c.error, c.saving_ms
+    # order by efficiency; a conv's later steps never before its earlier ones (the hull makes them less efficient)
+    moves.sort(key=lambda m: (-m[0], m[1], m[2]))
+    steps, ms, err = [], baseline_ms, 0.0
+    for _, node, _, c, ds, de in moves:
+        ms -= ds
+        err += de
+        steps.append(Step(node, c.rule, dict(c.params), ds, de, ms, err))
+    return steps
+
+
+def plan_of(steps: Sequence[Step]) -> dict[str, tuple[str, dict]]:
+    """node → (rule, params) after these steps (a conv's last step wins)."""
+    plan: dict[str, tuple[str, dict]] = {}
+    for s in steps:
+        plan[s.node] = (s.rule, s.params)
+    return plan
+
+
+# ---- sequential fitting ---------------------------------------------------------------------------------------
+def fit_sequential(original: onnx.ModelProto, plan: Mapping[str, tuple[str, dict]], calib, *,
+                   input_shapes=None, provider: str = "cpu", threads: int | None = None,
+                   progress=None) -> tuple[onnx.ModelProto, list]:
+    """Apply ``plan`` (node → (rule, params)) in stages, in topological order: each conv's statistics are
+    gathered on the model rewritten so far, with the original as the reference, so its fit targets the
+    original layer's output from the activations it will really get. Convs none of which lies upstream of
+    another share a stage (one calibration pass). Returns the model and the engine's changes."""
+    cg = load(original, input_shapes, check=False)
+    order = {n: i for i, n in enumerate(cg.topological_order())}
+    nodes = sorted(plan, key=lambda n: order[n])
+    chosen = set(nodes)
+    depth: dict[str, int] = {}
+    for n in nodes:
+        up = [depth[a] for a in nx.ancestors(cg.graph, n) if a in chosen]
+        depth[n] = 1 + max(up) if up else 0
+    recs = {r.node_id: r for r in analyze(cg, rewrites=False).convs}
+    model, changes = original, []
+    for stage in range(max(depth.values(), default=-1) + 1):
+        members = [n for n in nodes if depth[n] == stage]
+        calibrated = [n for n in members if calibratable(recs[n]) is None]
+        stats = Calibration()
+        if calibrated:
+            stats = calibrate(model, calib, nodes=calibrated, reference=original, input_shapes=input_shapes,
+                              provider=provider, threads=threads)
+        model, ch = _apply(model, {n: plan[n] for n in members}, calibration=stats, input_shapes=input_shapes)
+        changes += ch
+        if progress is not None:
+            progress(stage)
+    return model, changes
+
+
+# ---- the optimizer -------------------------------------------------------------------------------------------
+def _input_set(model: onnx.ModelProto, inputs, input_shapes, options: Mapping[str, Any], what: str) -> InputSet:
+    data = make_inputs(model, inputs, input_shapes=input_shapes, **options)
+    if len(data) == 0:
+        raise UsageError(f"the {what} set is empty")
+    return data
+
+
+def _subset(data: InputSet, idx: Sequence[int], describe: str) -> InputSet:
+    idx = list(idx)
+    return InputSet(len(idx), lambda i: data[idx[i]], describe, data.specs)
+
+
+def _measure(original, cg, records, rules, ranks, fit_set, judge: Judge, *, provider, threads, input_shapes,
+             layer_runs: int, seconds: dict, say) -> list[Candidate]:
+    """Phases 1–3: candidates, their one-layer latencies, and each one's error alone (fitted on ``fit_set``)."""
+    t = time.perf_counter()
+    say("timing layers")
+    cands = candidates(cg, records, rules, ranks, provider=provider, threads=threads, runs=layer_runs,
+                       warmup=max(3, layer_runs // 10))
+    seconds["layer_latency"] = time.perf_counter() - t
+    t = time.perf_counter()
+    say("calibrating")
+    by_id = {r.node_id: r for r in records}
+    calibrated = sorted({c.node for c in cands if c.saving_ms > 0 and calibratable(by_id[c.node]) is None})
+    stats = calibrate(original, fit_set, nodes=calibrated, input_shapes=input_shapes, provider=provider,
+                      threads=threads) if calibrated else Calibration()
+    seconds["calibration"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for i, c in enumerate(cands):
+        if c.saving_ms <= 0:
+            continue
+        say(f"error of {c.node} {c.rule} {c.params} ({i + 1}/{len(cands)})")
+        m, _ = _apply(original, {c.node: (c.rule, c.params)}, calibration=stats, input_shapes=input_shapes)
+        c.metric, c.error, _ = judge.judge(m)
+    seconds["candidate_errors"] = time.perf_counter() - t
+    return cands
+
+
+def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = "cosine",
+             rules: Sequence[str] = DEFAULT_RULES, ranks: Sequence[int] = DEFAULT_RANKS,
+             selection: Selection | None = None, provider: str = "cpu", threads: int | None = 1,
+             input_shapes: Mapping[str, Sequence[int]] | None = None, input_options: Mapping[str, Any] | None = None,
+             tensors: Sequence[str] | None = None, measured: Sequence[Candidate] | None = None, probe: int = 4,
+             layer_runs: int = 30, bench_runs: int = 20, max_evals: int = 6,
+             progress=None) -> tuple[onnx.ModelProto, OptimizeReport]:
+    """Rewrite the convs of ``model`` for the most measured speed within ``budget`` on held-out inputs.
+
+    ``calib``/``heldout``: what :func:`convgraph.inputs.make_inputs` takes (an image folder, an ``.npz``, a
+    list of feeds, an InputSet), with ``input_options`` (image_size, mean, std, layout, samples); without
+    ``heldout`` every fourth calibration sample is held out. ``budget``: the least allowed value of
+    ``metric`` (cosine, SNR in dB, or top-1 agreement) on the held-out set, over the model outputs or the
+    given ``tensors`` (the worst counts; e.g. a detector's class scores, which a decoded box output hides).
+    ``threads``: onnxruntime intra-op threads of every latency measured (None: its default). ``probe``:
+    calibration samples kept out of the candidates' fits to measure their errors on (the final fits use
+    all). ``measured``: the candidates of an earlier run (``report.candidates``) on the same model, data,
+    rules and metric, to try another budget without measuring them again. ``max_evals``: prefixes built
+    and judged in the final search. ``progress``: a callable taking one-line status messages.
+    Returns the optimized model (the original when nothing fits the budget) and the report.
+    """
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    say = progress or (lambda *_: None)
+    options = dict(input_options or {})
+    selection = selection or Selection()
+    selection.check()
+    if metric in ("cosine", "top1") and not 0.0 < budget <= 1.0:
+        raise UsageError(f"--budget for {metric} is the least allowed value, in (0, 1]; got {budget}")
+    for r in rules:
+        get_rule(r)
+    cg = load(model, input_shapes)
+    original = cg.to_model()
+    label = "<model>" if isinstance(model, (bytes, onnx.ModelProto, ConvGraph)) else str(model)
+
+    calib_set = _input_set(original, calib, input_shapes, options, "calibration")
+    if heldout is None:
+        if len(calib_set) < 4:
+            raise UsageError("give a held-out set (--heldout), or at least 4 calibration samples to split one off")
+        held_set = _subset(calib_set, range(3, len(calib_set), 4), f"every 4th of {calib_set.describe}")
+        calib_set = _subset(calib_set, [i for i in range(len(calib_set)) if i % 4 != 3], calib_set.describe)
+    else:
+        held_set = _input_set(original, heldout, input_shapes, options, "held-out")
+    judge_held = Judge(original, list(held_set), metric, provider, threads, tensors)
+    # candidates are fitted on most of the calibration set and their error measured on the rest (``probe``
+    # samples): errors measured on the fitting data itself flatter the fits that overfit
+    n_probe = min(probe, len(calib_set) // 2)
+    if n_probe < 1:
+        raise UsageError("at least 2 calibration samples are needed (one to fit on, one to measure errors on)")
+    fit_set = _subset(calib_set, range(len(calib_set) - n_probe), calib_set.describe)
+    judge_probe = Judge(original, [calib_set[i] for i in range(len(calib_set) - n_probe, len(calib_set))], metric,
+                        provider, threads, tensors)
+
+    records = [r for r in analyze(cg, rewrites=False).convs
+               if not r.graph and selection.why_not(r) is None]
+    from .bench import bench
+
+    base = bench(original, runs=bench_runs, warmup=3, provider=provider, threads=threads,
+                 input_shapes=input_shapes, progress=False)
+    baseline_ms = base.models[0].median_ms
+    if measured is not None:  # an earlier run's candidates: same model, data, rules and metric
+        cands = [Candidate(**asdict(c)) for c in measured]
+    else:
+        cands = _measure(original, cg, records, rules, ranks, fit_set, judge_probe, provider=provider,
+                         threads=threads, input_shapes=input_shapes, layer_runs=layer_runs, seconds=seconds, say=say)
+
+    steps = greedy_sequence(cands, baseline_ms)
+    allowance = judge_held.allowance(budget)
+    if allowance is not None:
+        guess = sum(1 for s in steps if s.predicted_error <= allowance)
+    else:
+        guess = len(steps) // 2
+
+    t = time.perf_counter()
+    points: list[Point] = []
+    built: dict[int, tuple[onnx.ModelProto, list, dict]] = {}
+
+    def evaluate(k: int) -> Point:
+        say(f"building the first {k} of {len(steps)} steps")
+        m, changes = fit_sequential(original, plan_of(steps[:k]), calib_set, input_shapes=input_shapes,
+                                    provider=provider, threads=threads)
+        value, err, per = judge_held.judge(m)
+        b = bench([original, m], runs=bench_runs, warmup=3, provider=provider, threads=threads,
+                  input_shapes=input_shapes, names=["original", "optimized"], progress=False)
+        p = Point(k, steps[k - 1].predicted_ms, b.models[1].median_ms, b.ratios[0].median, value, err,
+                  judge_held.passes(value, budget))
+        points.append(p)
+        built[k] = (m, changes, per)
+        return p
+
+    lo, hi = 0, len(steps) + 1  # lo: longest prefix known to pass; hi: shortest known to fail
+    k = min(max(guess, 1), len(steps))
+    evals = 0
+    while steps and evals < max_evals and hi - lo > 1:
+        p = evaluate(k)
+        evals += 1
+        if p.passed:
+            lo = k
+            k = min(len(steps), k + max(1, (k + 1) // 2)) if hi > len(steps) else (lo + hi) // 2
+        else:
+            hi = k
+            k = (lo + hi) // 2
+        if k <= lo or k >= hi:
+            break
+    seconds["search"] = time.perf_counter() - t
+
+    passing = [p for p in points if p.passed]
+    notes = []
+    if passing:
+        best = min(passing, key=lambda p: (p.measured_ms, -p.steps))
+        final, changes, per = built[best.steps]
+        plan = plan_of(steps[:best.steps])
+        value, measured, speedup, predicted = best.metric, best.measured_ms, best.speedup, best.predicted_ms
+    else:
+        final, changes, plan = original, [], {}
+        value, _, per = judge_held.judge(original)
+        measured, speedup, predicted = baseline_ms, 1.0, baseline_ms
+        notes.append("no rewrite kept the held-out metric within the budget: the model is returned unchanged"
+                     if steps else "no candidate rewrite saves measured time")
+    by_cand = {(c.node, c.rule, repr(sorted(c.params.items()))): c for c in cands}
+    by_change = {}
+    for ch in changes:
+        by_change[ch.node] = ch
+    chosen = []
+    for node, (rule, params) in plan.items():
+        c = by_cand[(node, rule, repr(sorted(params.items())))]
+        ch = by_change.get(node)
+        chosen.append(Choice(node, rule, dict(params), c.kind_after, c.saving_ms, c.error,
+                             ch.notes if ch else ""))
+    seconds["total"] = time.perf_counter() - t_start
+    report = OptimizeReport(
+        model=label, metric=metric, budget=budget, rules=list(rules), provider=provider, threads=threads,
+        calibration=calib_set.describe, heldout=held_set.describe, judged=list(judge_held.names),
+        baseline_ms=baseline_ms, predicted_ms=predicted,
+        measured_ms=measured, speedup=speedup, metric_value=value, passed=bool(passing) or not steps,
+        chosen=chosen, candidates=list(cands), sequence=steps, points=sorted(points, key=lambda p: p.steps),
+        outputs=per, seconds=seconds, notes=notes)
+    return final, report
+
+
+# ---- the plot --------------------------------------------------------------------------------------------------
+def plot_pareto(report: OptimizeReport, path) -> None:
+    """A PNG of the error–latency front: the greedy sequence as predicted, and the prefixes as measured."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'convgraph[plot]'") from None
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    floor = 1e-6
+    if report.sequence:
+        xs = [0.0] + [s.predicted_error for s in report.sequence]
+        ys = [report.baseline_ms] + [s.predicted_ms for s in report.sequence]
+        ax.plot([max(x, floor) for x in xs], ys, "-", color="0.6", label="greedy sequence (predicted)")
+    pts = report.points
+    if pts:
+        ax.scatter([max(p.error, floor) for p in pts], [p.measured_ms for p in pts],
+                   c=["tab:green" if p.passed else "tab:red" for p in pts], zorder=3,
+                   label="built and measured (green: within budget)")
+        for p in pts:
+            ax.annotate(str(p.steps), (max(p.error, floor), p.measured_ms), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    ax.scatter([floor], [report.baseline_ms], marker="s", color="k", zorder=3, label="original")
+    allowed = {"cosine": 1 - report.budget, "snr": 10 ** (-report.budget / 10)}.get(report.metric)
+    if allowed:
+        ax.axvline(max(allowed, floor), color="tab:blue", ls="--", lw=1,
+                   label=f"budget ({report.metric} {report.budget:g})")
+    ax.set_xscale("log")
+    ax.set_xlabel("model output error (1 − cosine)" if report.metric != "snr" else "noise / signal power")
+    ax.set_ylabel(f"latency, ms ({report.provider}, {report.threads or 'default'} thread(s))")
+    ax.set_title(f"{report.model.rsplit('/', 1)[-1]}: error vs latency")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,154 @@
+"""convgraph.optimize: candidates timed per layer, the greedy sequence, sequential fitting, the search, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from convgraph import UsageError, load
+from convgraph.cli import main
+from convgraph.optimize import (Candidate, Judge, fit_sequential, greedy_sequence, optimize, plan_of,
+                                plot_pareto)
+from convgraph.verify import compare
+
+FAST = {"layer_runs": 5, "bench_runs": 5, "max_evals": 2, "probe": 2}
+
+
+def smooth_feeds(n: int, seed: int, shape=(1, 3, 64, 64)) -> list[dict]:
+    """Image-like inputs: smooth random fields (neighbouring pixels correlated), not white noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = rng.standard_normal((shape[0], shape[1], shape[2] + 8, shape[3] + 8))
+        for _ in range(4):
+            x = (x[..., :-2, :-2] + x[..., 1:-1, 1:-1] + x[..., 2:, 2:] + x[..., 2:, :-2]) / 4
+        out.append({"x": np.ascontiguousarray(x[..., :shape[2], :shape[3]], dtype=np.float32)})
+    return out
+
+
+def cand(node, rule, rank, saving, error, before=1.0) -> Candidate:
+    return Candidate(node, rule, {"rank": rank}, "k", 100, 10, before, before - saving, error=error)
+
+
+def test_greedy_sequence_orders_steps_by_saving_per_error_along_each_convs_hull():
+    cands = [
+        cand("a", "separable", 4, 0.2, 0.001),  # a: 200 ms/unit, then 0.3 more for 0.009 (33/unit)
+        cand("a", "separable", 1, 0.5, 0.010),
+        cand("a", "separable", 2, 0.25, 0.008),  # dominated by the hull (a rank-4 → rank-1 chord is better)
+        cand("b", "separable", 1, 0.3, 0.003),  # b: 100/unit
+        cand("c", "separable", 1, -0.1, 0.0001),  # slower: never a step
+        cand("d", "separable", 1, 0.1, 0.0),  # error-free saving: first
+    ]
+    steps = greedy_sequence(cands, baseline_ms=10.0)
+    assert [(s.node, s.params["rank"]) for s in steps] == [("d", 1), ("a", 4), ("b", 1), ("a", 1)]
+    assert steps[-1].predicted_ms == pytest.approx(10.0 - 0.1 - 0.5 - 0.3)
+    assert steps[-1].predicted_error == pytest.approx(0.0 + 0.010 + 0.003)
+    assert plan_of(steps) == {"d": ("separable", {"rank": 1}), "a": ("separable", {"rank": 1}),
+                              "b": ("separable", {"rank": 1})}
+    assert plan_of(steps[:2])["a"] == ("separable", {"rank": 4})
+
+
+def test_judge_takes_the_worst_tensor(models_dir):
+    cg = load(models_dir / "sample.onnx")
+    model = cg.to_model()
+    feeds = smooth_feeds(2, 0)
+    j = Judge(model, feeds, "cosine", "cpu", 1, tensors=["logits", cg.node("block1/conv").output[0]])
+    value, error, per = j.judge(model)
+    assert value == 1.0 and error == 0.0 and set(per) == set(j.names)
+    with pytest.raises(UsageError, match="no tensor 'nope'"):
+        Judge(model, feeds, "cosine", "cpu", 1, tensors=["nope"])
+    with pytest.raises(UsageError, match="needs an output that looks like class scores"):
+        Judge(model, feeds, "top1", "cpu", 1, tensors=[cg.node("block1/conv").output[0]]).judge(model)
+
+
+def test_fit_sequential_stages_and_corrects_upstream_errors(models_dir):
+    """Two chained convs: fitted one after the other against the original, the second one sees the first
+    one's error and compensates, so the pair is closer to the original than fitting both on the original."""
+    cg = load(models_dir / "standard.onnx")
+    original = cg.to_model()
+    calib = smooth_feeds(8, 1, shape=(1, 4, 16, 16))
+    plan = {"conv3x3": ("separable", {"rank": 2}), "conv5x5_s2": ("separable", {"rank": 2})}
+    seq, changes = fit_sequential(original, plan, calib)
+    onnx.checker.check_model(seq, full_check=True)
+    assert sorted(c.node for c in changes) == sorted(plan)
+    assert all("fitted on calibration patches" in c.notes for c in changes)
+    from convgraph.calibrate import calibrate
+    from convgraph.optimize import _apply
+
+    together, _ = _apply(original, plan, calibration=calibrate(original, calib, nodes=list(plan)), input_shapes=None)
+    judge = Judge(original, calib, "cosine", "cpu", 1, tensors=[cg.node("conv5x5_s2").output[0]])
+    assert judge.judge(seq)[1] < judge.judge(together)[1]
+
+
+def test_optimize_sample_model_meets_the_budget_on_held_out_inputs(models_dir, tmp_path):
+    path = models_dir / "sample.onnx"
+    calib, held = smooth_feeds(8, 2), smooth_feeds(3, 3)
+    model, report = optimize(path, calib, held, budget=0.9, rules=["separable", "spatial-separable", "dilated"],
+                             ranks=(1, 2), **FAST)
+    onnx.checker.check_model(model, full_check=True)
+    assert report.candidates and {c.rule for c in report.candidates} >= {"separable", "dilated"}
+    assert all(c.layer_ms_before > 0 and c.layer_ms_after > 0 for c in report.candidates)
+    assert report.sequence and report.points and report.passed
+    assert report.judged == ["logits"]
+    # the reported held-out metric is what the returned model really gives
+    from convgraph.runtime import create_session, run
+
+    ref = [run(create_session(path), f)[0] for f in held]
+    got = [run(create_session(model), f)[0] for f in held]
+    cos = compare(ref, got).cosine
+    assert cos == pytest.approx(report.metric_value, abs=1e-9)
+    if report.chosen:
+        assert cos >= 0.9
+        rewritten = {n.name for n in model.graph.node}
+        assert all(c.node not in rewritten for c in report.chosen)
+        assert report.predicted_ms < report.baseline_ms
+    d = report.to_dict()
+    json.dumps(d)
+    assert d["summary"].startswith(f"{len(report.chosen)} conv(s) rewritten")
+    plot_pareto(report, tmp_path / "front.png")
+    assert (tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_unreachable_budget_returns_the_model_unchanged(models_dir):
+    calib = smooth_feeds(4, 4)
+    model, report = optimize(models_dir / "sample.onnx", calib, calib[:2], budget=1.0, rules=["separable"],
+                             ranks=(1,), **FAST)
+    assert not report.chosen and report.metric_value == 1.0 and report.speedup == 1.0
+    assert report.notes and "unchanged" in report.notes[0]
+    before = load(models_dir / "sample.onnx").to_model()
+    assert [n.name for n in model.graph.node] == [n.name for n in before.graph.node]
+
+
+def test_usage_errors(models_dir):
+    calib = smooth_feeds(2, 5)
+    with pytest.raises(UsageError, match="unknown rule 'nope'"):
+        optimize(models_dir / "sample.onnx", calib, calib, rules=["nope"])
+    with pytest.raises(UsageError, match="least allowed value"):
+        optimize(models_dir / "sample.onnx", calib, calib, budget=1.5)
+    with pytest.raises(UsageError, match="at least 4 calibration samples"):
+        optimize(models_dir / "sample.onnx", calib)
+    with pytest.raises(UsageError, match="dynamic"):
+        optimize(models_dir / "dynamic.onnx", smooth_feeds(2, 6, (1, 3, 16, 16)), rules=["separable"],
+                 heldout=smooth_feeds(1, 7, (1, 3, 16, 16)))
+
+
+def test_cli_optimize_writes_model_report_and_plot(models_dir, tmp_path, capsys):
+    np.savez(tmp_path / "calib.npz", x=np.concatenate([f["x"] for f in smooth_feeds(8, 8)]))
+    np.savez(tmp_path / "held.npz", x=np.concatenate([f["x"] for f in smooth_feeds(2, 9)]))
+    out, png = tmp_path / "opt.onnx", tmp_path / "front.png"
+    code = main(["optimize", str(models_dir / "sample.onnx"), "--calib", str(tmp_path / "calib.npz"), "--heldout",
+                 str(tmp_path / "held.npz"), "--budget", "0.9", "--rules", "separable,dilated", "--ranks", "1",
+                 "--max-evals", "1", "--plot", str(png), "-o", str(out), "--json"])
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["output"] == str(out) and doc["metric"] == "cosine" and doc["budget"] == 0.9
+    assert {"chosen", "candidates", "points", "baseline_ms", "measured_ms", "predicted_ms"} <= set(doc)
+    assert out.is_file() and png.is_file()
+    code = main(["optimize", str(models_dir / "sample.onnx"), "--calib", str(tmp_path / "nope"), "-o", str(out)])
+    assert code == 2 and "no such file or folder" in capsys.readouterr().err
+    code = main(["optimize", str(models_dir / "sample.onnx"), "--calib", str(tmp_path / "calib.npz"), "--rules",
+                 "separable,bogus", "-o", str(out)])
+    assert code == 2 and "unknown rule 'bogus'" in capsys.readouterr().err
