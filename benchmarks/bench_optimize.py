@@ -137,6 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", default="1,2,3,4")
     ap.add_argument("--max-evals", type=int, default=6)
     ap.add_argument("--plot", help="folder for the Pareto PNGs")
+    ap.add_argument("--save", help="folder to pickle each OptimizeReport into")
     ap.add_argument("--calibrate-only", metavar="MODEL", help="only calibrate MODEL (memory measurement)")
     args = ap.parse_args(argv)
     if args.calibrate_only:
@@ -163,6 +164,12 @@ def main(argv=None) -> int:
                                       tensors=tensors, measured=measured, threads=1, max_evals=args.max_evals,
                                       progress=lambda m: print(f"  [{name} {budget}] {m}", file=sys.stderr, flush=True))
                 measured = rep.candidates
+                if args.save:
+                    import pickle
+
+                    Path(args.save).mkdir(parents=True, exist_ok=True)
+                    with open(Path(args.save) / f"{name}-{budget}.pkl", "wb") as f:
+                        pickle.dump(rep, f)
                 all_threads = bench([original, model], runs=30, warmup=3, threads=None, input_shapes=shapes,
                                     names=["original", "optimized"], progress=False)
                 ref = outputs(original, list(held), tensors)

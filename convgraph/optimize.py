@@ -430,7 +430,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
              rules: Sequence[str] = DEFAULT_RULES, ranks: Sequence[int] = DEFAULT_RANKS,
              selection: Selection | None = None, provider: str = "cpu", threads: int | None = 1,
              input_shapes: Mapping[str, Sequence[int]] | None = None, input_options: Mapping[str, Any] | None = None,
-             tensors: Sequence[str] | None = None, measured: Sequence[Candidate] | None = None, probe: int = 4,
+             tensors: Sequence[str] | None = None, measured: Sequence[Candidate] | None = None, probe: int = 8,
              layer_runs: int = 30, bench_runs: int = 20, max_evals: int = 6,
              progress=None) -> tuple[onnx.ModelProto, OptimizeReport]:
     """Rewrite the convs of ``model`` for the most measured speed within ``budget`` on held-out inputs.
@@ -471,13 +471,14 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         held_set = _input_set(original, heldout, input_shapes, options, "held-out")
     judge_held = Judge(original, list(held_set), metric, provider, threads, tensors)
     # candidates are fitted on most of the calibration set and their error measured on the rest (``probe``
-    # samples): errors measured on the fitting data itself flatter the fits that overfit
+    # samples spread over the set, so that they are like it): errors measured on the fitting data itself
+    # flatter the fits that overfit
     n_probe = min(probe, len(calib_set) // 2)
     if n_probe < 1:
         raise UsageError("at least 2 calibration samples are needed (one to fit on, one to measure errors on)")
-    fit_set = _subset(calib_set, range(len(calib_set) - n_probe), calib_set.describe)
-    judge_probe = Judge(original, [calib_set[i] for i in range(len(calib_set) - n_probe, len(calib_set))], metric,
-                        provider, threads, tensors)
+    probe_idx = sorted({int(i) for i in np.linspace(len(calib_set) - 1, 0, n_probe).round()})
+    fit_set = _subset(calib_set, [i for i in range(len(calib_set)) if i not in probe_idx], calib_set.describe)
+    judge_probe = Judge(original, [calib_set[i] for i in probe_idx], metric, provider, threads, tensors)
 
     records = [r for r in analyze(cg, rewrites=False).convs
                if not r.graph and selection.why_not(r) is None]

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from .analyze import analyze
-from .errors import CheckFailed, ModelError, UsageError
+from .errors import CheckFailed, UsageError
 from .graph import ConvGraph, load
 from .record import ConvRecord
 from .registry import get_rule
@@ -131,13 +131,6 @@ class RewriteResult:
     report: RewriteReport
 
 
-def _graph_at(cg: ConvGraph, path: str) -> ConvGraph:
-    for g in cg.walk():
-        if g.path == path:
-            return g
-    raise ModelError(f"subgraph {path!r} not found")
-
-
 def _drop_orphans(graph: ConvGraph, tensors: set[str]) -> None:
     """Remove initializers and pure constant-making nodes that only the replaced nodes read."""
     G = graph.graph
@@ -161,15 +154,18 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
            dry_run: bool, calibration: dict | None) -> None:
     """One pass of ``rule`` over every selected conv of every (sub)graph."""
     analysis = analyze(cg, rewrites=False)  # the engine matches and builds; it reads no estimates
-    by_id = {(r.graph, r.node_id): r for r in analysis.convs}
+    graphs = {g.path: g for g in cg.walk()}
+    records: dict[str, dict[str, ConvRecord]] = {}  # per graph: node id -> record, built once
+    for r in analysis.convs:
+        records.setdefault(r.graph, {})[r.node_id] = r
     consumed: set[tuple[str, str]] = set()
     for rec in analysis.convs:
         label = rec.name or rec.node_id
         if (rec.graph, rec.node_id) in consumed:
             continue
         why = selection.why_not(rec)
-        graph = _graph_at(cg, rec.graph)
-        ctx = RuleContext(graph, {nid: r for (g, nid), r in by_id.items() if g == rec.graph}, calibration, params)
+        graph = graphs[rec.graph]
+        ctx = RuleContext(graph, records[rec.graph], calibration, params)
         if why is None:
             why = rule.match(rec, ctx)
         report.explain.append(Explanation(label, rule.name, why is None, why or "applies"))

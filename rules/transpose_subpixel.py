@@ -136,7 +136,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
     p = plan(rec, ctx)
     wt = weights(rec, ctx)
     names = Names(ctx, label(rec))
-    nd, dims, c_out = rec.spatial_dims, p.dims, rec.out_channels
+    dims, c_out = p.dims, rec.out_channels
     S = p.phases
     w_init = names.init("subpixel_W", wt.cast(subpixel_weight(wt.w, rec.group, dims)))
     inits = [w_init]

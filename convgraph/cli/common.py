@@ -6,9 +6,7 @@ import json
 import math
 import os
 import sys
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
@@ -40,8 +38,9 @@ def __getattr__(name: str):
 
 
 def console(name: str) -> "Console":
-    """The Console ``out`` or ``err`` (for code in this module, where a bare global name skips ``__getattr__``)."""
-    return globals().get(name) or __getattr__(name)
+    """The Console ``out`` or ``err``, made if need be (inside this module a bare global name skips ``__getattr__``)."""
+    made = globals().get(name)
+    return made if made is not None else __getattr__(name)
 
 
 def _parse_shapes(ctx, param, values) -> dict[str, list[int]]:
