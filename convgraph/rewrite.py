@@ -251,12 +251,14 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
             verify: bool = True,
             atol: float | None = None, rtol: float | None = None, min_cosine: float | None = None,
             bench: bool = False, bench_runs: int = 20, threads: int | None = None, provider: str = "cpu",
-            dry_run: bool = False,
-            calibration: dict | None = None) -> RewriteResult:
+            dry_run: bool = False, calib=None, calibration: dict | None = None) -> RewriteResult:
     """Rewrite the convs of ``source`` (path, bytes, ModelProto or ConvGraph) with ``rules`` (names, in order).
 
     ``params`` (``{"rank": "full"}``) go to every rule that declares them. ``inputs`` and ``input_options``
-    (samples, seed, image_size, mean, std, layout) are what :func:`convgraph.inputs.make_inputs` takes. With ``verify`` the result is
+    (samples, seed, image_size, mean, std, layout) are what :func:`convgraph.inputs.make_inputs` takes.
+    ``calib`` (the same kinds of inputs) runs the model once to collect each conv's input-patch
+    statistics, so that approximate rules fit on real activations (``fit=data``); ``calibration``
+    passes statistics already collected (:func:`convgraph.calibrate.calibrate`). With ``verify`` the result is
     checked with onnxruntime against the original: exact rewrites must keep each node's output within
     1e-4 relative (else CheckFailed names the node); ``atol``/``rtol``/``min_cosine`` make the model
     outputs' tolerance a requirement (report.passed False when exceeded). Returns the new model and the
@@ -280,6 +282,12 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
     label = "<model>" if isinstance(source, (bytes, onnx.ModelProto, ConvGraph)) else str(source)
     report = RewriteReport(model=label, rules=[{"rule": r.name, "params": p, "exact": r.is_exact(p)} for r, p in resolved],
                            dry_run=dry_run)
+    if calib is not None and calibration is None and not dry_run:
+        from .calibrate import calibrate
+
+        opts = dict(input_options or {})
+        calibration = calibrate(cg, calib, input_shapes=input_shapes, samples=opts.pop("samples", None),
+                                seed=opts.pop("seed", 0), input_options=opts, provider=provider)
     for i, (rule, p) in enumerate(resolved):
         if i:
             cg = load(cg.to_model(), input_shapes, check=False)  # fresh shapes and records for the next rule

@@ -177,3 +177,18 @@ def test_cli_rules_lists_every_builtin(capsys):
     names = {r["name"] for r in json.loads(capsys.readouterr().out)}
     assert {"separable", "spatial-separable", "dilated", "dense", "transpose-resize", "transpose-subpixel",
             "fold-bn"} <= names
+
+
+def test_calibrated_rewrite_beats_the_weight_fit_on_other_inputs(models_dir):
+    from convgraph.inputs import make_inputs
+
+    src = models_dir / "sample.onnx"
+    calib = [make_inputs(onnx.load(src), seed=s)[0] for s in range(1, 9)]  # verification uses seed 0
+    plain = rewrite(src, ["separable"], params={"rank": "2"})
+    fitted = rewrite(src, ["separable"], params={"rank": "2"}, calib=calib)
+    assert all("calibration" in c.notes for c in fitted.report.changes)
+    cos = lambda r: r.report.verification["outputs"]["logits"]["cosine"]  # noqa: E731
+    assert cos(fitted) > cos(plain) + 0.05
+    assert sum(c.output_error for c in fitted.report.changes) < sum(c.output_error for c in plain.report.changes)
+    forced = rewrite(src, ["separable"], params={"rank": "2", "fit": "weights"}, calib=calib)
+    assert cos(forced) == pytest.approx(cos(plain))

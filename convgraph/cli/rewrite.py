@@ -88,6 +88,8 @@ def _explain(report) -> None:
 @click.option("--min-macs", type=int, help="Only convs with at least this many MACs.")
 @input_shape_option
 @input_data_options
+@click.option("--calib", type=click.Path(), help="Calibration inputs (.npz or a folder of images): approximate "
+              "rules fit on the activations the model really sees (fit=data).")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime numerics check.")
 @click.option("--atol", type=float, help="Require model outputs within this absolute tolerance (exit 1 otherwise).")
 @click.option("--rtol", type=float, help="Require model outputs within this relative tolerance.")
@@ -102,7 +104,7 @@ def _explain(report) -> None:
 @click.option("--dry-run", is_flag=True, help="List what would change (MACs/params before → after); write nothing.")
 @click.option("--explain", is_flag=True, help="For each conv, each rule and why it did or did not apply.")
 @json_option
-def rewrite_command(model, rules, params, nodes, exclude, kinds, min_macs, input_shapes, no_verify, atol, rtol,
+def rewrite_command(model, rules, params, nodes, exclude, kinds, min_macs, input_shapes, calib, no_verify, atol, rtol,
                     min_cosine, bench, runs, threads, provider, output, in_place, keep_failed, dry_run, explain, as_json,
                     **kw) -> None:
     """Rewrite the convs of MODEL with one or more rules, check the result and write it to -o."""
@@ -112,7 +114,7 @@ def rewrite_command(model, rules, params, nodes, exclude, kinds, min_macs, input
         check_output_path(output, model, in_place)
     data = input_data_kwargs(kw)
     result = rewrite(model, list(rules), params=params, input_shapes=input_shapes, inputs=data.pop("inputs"),
-                     input_options=data,
+                     input_options=data, calib=calib,
                      selection=Selection(nodes, exclude, tuple(kinds), min_macs), verify=not no_verify, atol=atol,
                      rtol=rtol, min_cosine=min_cosine, bench=bench and not dry_run, bench_runs=runs, threads=threads, provider=provider,
                      dry_run=dry_run)
