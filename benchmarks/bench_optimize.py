@@ -55,7 +55,8 @@ def skimage_data() -> Path:
 
 def crops_folder(dest: Path, names, count: int, size: int, seed: int = 0) -> Path:
     """``count`` images made from ``names``: the whole image, then random square crops (30–100% of the
-    short side) and horizontal flips, each resized to ``size`` — more calibration views than sources."""
+    short side), horizontal flips and, one time in three, grey (the held-out set has grey photos: a
+    calibration set must cover what the model will see), each resized to ``size``."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -72,6 +73,8 @@ def crops_folder(dest: Path, names, count: int, size: int, seed: int = 0) -> Pat
                 im = im.crop((x, y, x + side, y + side))
                 if rng.random() < 0.5:
                     im = im.transpose(Image.FLIP_LEFT_RIGHT)
+                if rng.random() < 1 / 3:
+                    im = im.convert("L").convert("RGB")
             im.resize((size, size), Image.BILINEAR).save(dest / f"{i:03d}_{Path(name).stem}.png")
     return dest
 

@@ -15,7 +15,9 @@ model-level error, fit it on calibration data, and prove the result on held-out 
 5. **Sequential fit, check, back-off.** A prefix is built layer by layer in topological order, each conv
    fitted on the activations of the model rewritten so far against the original's outputs (cross
    moments), and judged on the held-out inputs; the longest prefix within the budget is found by
-   bisection (every evaluated prefix is also timed, giving the measured error–latency front).
+   bisection, and a step that alone turns a passing prefix into a failing one is backed off and the
+   search goes on past it (:func:`search`). Every evaluated prefix is also timed: the measured
+   error–latency front.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class Point:
     """A prefix of the sequence, built (sequential fit), judged on held-out inputs and timed."""
 
     steps: int
+    convs: int
     predicted_ms: float
     measured_ms: float | None
     speedup: float | None  # median over interleaved pairs of original / rewritten
@@ -355,6 +358,57 @@ def plan_of(steps: Sequence[Step]) -> dict[str, tuple[str, dict]]:
     return plan
 
 
+def search(steps: Sequence[Step], evaluate, *, allowance: float | None, max_evals: int) -> list[Step]:
+    """Find the longest passing prefix of ``steps`` with at most ``max_evals`` calls of ``evaluate(prefix)
+    -> (passed, error)``, backing off the steps that break it.
+
+    Bisection between the longest prefix known to pass and the shortest known to fail, the first guess
+    from the predicted errors (scaled by how far the measured error of the last passing prefix exceeded
+    its prediction). When the two are adjacent, the step between them alone turns a passing model into a
+    failing one: it is backed off — dropped, with the later (more aggressive) steps of the same conv —
+    and the search goes on over the rest. Returns the steps backed off.
+    """
+    seq, dropped = list(steps), []
+    lo, hi, evals, scale = 0, len(seq) + 1, 0, 1.0
+
+    def guess() -> int:
+        if allowance is None:
+            return lo + max(1, (len(seq) - lo) // 2)
+        total, k = 0.0, lo + 1
+        for i, st in enumerate(seq):
+            total += st.error
+            if i >= lo and total * scale <= allowance:
+                k = i + 1
+        return k
+
+    k = min(guess(), len(seq))
+    while seq and evals < max_evals:
+        if hi - lo == 1:
+            if hi > len(seq):
+                break  # the whole (remaining) sequence passes
+            bad = seq[hi - 1]
+            dropped += [st for st in seq[hi - 1:] if st.node == bad.node]
+            seq = seq[:hi - 1] + [st for st in seq[hi:] if st.node != bad.node]
+            hi = len(seq) + 1
+            if lo >= len(seq):
+                break
+            k = min(guess(), len(seq))
+            continue
+        passed, err = evaluate(seq[:k])
+        evals += 1
+        if passed:
+            lo = k
+            predicted = sum(st.error for st in seq[:k])
+            scale = max(scale, err / predicted) if predicted > 0 else scale
+            grow = min(len(seq), lo + max(1, (lo + 1) // 2))
+            k = max(guess(), grow) if hi > len(seq) else (lo + hi) // 2
+        else:
+            hi = k
+            k = (lo + hi) // 2
+        k = min(max(k, lo + 1), hi - 1) if hi - lo > 1 else k
+    return dropped
+
+
 # ---- sequential fitting ---------------------------------------------------------------------------------------
 def fit_sequential(original: onnx.ModelProto, plan: Mapping[str, tuple[str, dict]], calib, *,
                    input_shapes=None, provider: str = "cpu", threads: int | None = None,
@@ -495,50 +549,32 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
 
     steps = greedy_sequence(cands, baseline_ms)
     allowance = judge_held.allowance(budget)
-    if allowance is not None:
-        guess = sum(1 for s in steps if s.predicted_error <= allowance)
-    else:
-        guess = len(steps) // 2
 
     t = time.perf_counter()
     points: list[Point] = []
-    built: dict[int, tuple[onnx.ModelProto, list, dict]] = {}
+    built: list[tuple[Point, list[Step], onnx.ModelProto, list, dict]] = []
 
-    def evaluate(k: int) -> Point:
-        say(f"building the first {k} of {len(steps)} steps")
-        m, changes = fit_sequential(original, plan_of(steps[:k]), calib_set, input_shapes=input_shapes,
+    def evaluate(prefix: list[Step]) -> tuple[bool, float]:
+        say(f"building {len(prefix)} steps ({len(plan_of(prefix))} convs; {len(points) + 1} of at most {max_evals})")
+        m, changes = fit_sequential(original, plan_of(prefix), calib_set, input_shapes=input_shapes,
                                     provider=provider, threads=threads)
         value, err, per = judge_held.judge(m)
         b = bench([original, m], runs=bench_runs, warmup=3, provider=provider, threads=threads,
                   input_shapes=input_shapes, names=["original", "optimized"], progress=False)
-        p = Point(k, steps[k - 1].predicted_ms, b.models[1].median_ms, b.ratios[0].median, value, err,
-                  judge_held.passes(value, budget))
+        p = Point(len(prefix), len(plan_of(prefix)), baseline_ms - sum(s.saving_ms for s in prefix), b.models[1].median_ms,
+                  b.ratios[0].median, value, err, judge_held.passes(value, budget))
         points.append(p)
-        built[k] = (m, changes, per)
-        return p
+        built.append((p, list(prefix), m, changes, per))
+        return p.passed, err
 
-    lo, hi = 0, len(steps) + 1  # lo: longest prefix known to pass; hi: shortest known to fail
-    k = min(max(guess, 1), len(steps))
-    evals = 0
-    while steps and evals < max_evals and hi - lo > 1:
-        p = evaluate(k)
-        evals += 1
-        if p.passed:
-            lo = k
-            k = min(len(steps), k + max(1, (k + 1) // 2)) if hi > len(steps) else (lo + hi) // 2
-        else:
-            hi = k
-            k = (lo + hi) // 2
-        if k <= lo or k >= hi:
-            break
+    backed_off = search(steps, evaluate, allowance=allowance, max_evals=max_evals) if steps else []
     seconds["search"] = time.perf_counter() - t
 
-    passing = [p for p in points if p.passed]
+    passing = [b for b in built if b[0].passed]
     notes = []
     if passing:
-        best = min(passing, key=lambda p: (p.measured_ms, -p.steps))
-        final, changes, per = built[best.steps]
-        plan = plan_of(steps[:best.steps])
+        best, prefix, final, changes, per = min(passing, key=lambda b: (b[0].measured_ms, -b[0].steps))
+        plan = plan_of(prefix)
         value, measured, speedup, predicted = best.metric, best.measured_ms, best.speedup, best.predicted_ms
     else:
         final, changes, plan = original, [], {}
@@ -546,6 +582,9 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         measured, speedup, predicted = baseline_ms, 1.0, baseline_ms
         notes.append("no rewrite kept the held-out metric within the budget: the model is returned unchanged"
                      if steps else "no candidate rewrite saves measured time")
+    if backed_off:
+        notes.append("backed off (each turned a passing prefix into a failing one): " + ", ".join(
+            f"{b.node} {b.rule} {','.join(f'{k}={v}' for k, v in b.params.items())}" for b in backed_off))
     by_cand = {(c.node, c.rule, repr(sorted(c.params.items()))): c for c in cands}
     by_change = {}
     for ch in changes:

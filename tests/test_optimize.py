@@ -11,7 +11,7 @@ import pytest
 from convgraph import UsageError, load
 from convgraph.cli import main
 from convgraph.optimize import (Candidate, Judge, fit_sequential, greedy_sequence, optimize, plan_of,
-                                plot_pareto)
+                                plot_pareto, search)
 from convgraph.verify import compare
 
 FAST = {"layer_runs": 5, "bench_runs": 5, "max_evals": 2, "probe": 2}
@@ -152,3 +152,37 @@ def test_cli_optimize_writes_model_report_and_plot(models_dir, tmp_path, capsys)
     code = main(["optimize", str(models_dir / "sample.onnx"), "--calib", str(tmp_path / "calib.npz"), "--rules",
                  "separable,bogus", "-o", str(out)])
     assert code == 2 and "unknown rule 'bogus'" in capsys.readouterr().err
+
+
+def steps_of(spec) -> list:
+    from convgraph.optimize import Step
+
+    return [Step(node, "separable", {"rank": r}, 0.1, err, 0.0, 0.0) for node, r, err in spec]
+
+
+def test_search_bisects_and_backs_off_a_step_that_breaks_the_model():
+    seq = steps_of([("a", 2, 1e-4), ("b", 1, 1e-4), ("c", 2, 1e-4), ("d", 1, 1e-4), ("c", 1, 1e-4),
+                    ("e", 1, 1e-4), ("f", 1, 2e-3)])
+    calls = []
+
+    def evaluate(prefix):  # "c" breaks the model whatever its rank; "f" is over the budget
+        calls.append([f"{s.node}{s.params['rank']}" for s in prefix])
+        err = sum(s.error for s in prefix) + (0.5 if any(s.node == "c" for s in prefix) else 0.0)
+        return err <= 1e-3, err
+
+    dropped = search(seq, evaluate, allowance=1e-3, max_evals=10)
+    # c breaks the model (both its steps go); f alone takes it over the budget
+    assert [(s.node, s.params["rank"]) for s in dropped] == [("c", 2), ("c", 1), ("f", 1)]
+    passing = [c for c in calls if not any(x.startswith("c") for x in c) and "f1" not in c]
+    assert max(passing, key=len) == ["a2", "b1", "d1", "e1"]
+    assert len(calls) <= 10
+
+
+def test_search_stops_at_max_evals_and_without_allowance():
+    seq = steps_of([(n, 1, 1e-4) for n in "abcdefgh"])
+    seen = []
+    search(seq, lambda p: (seen.append(len(p)) or True, 0.0), allowance=None, max_evals=2)
+    assert len(seen) <= 2 and seen[0] == 4
+    seen.clear()
+    assert search(seq, lambda p: (seen.append(len(p)) or True, 0.0), allowance=1.0, max_evals=5) == []
+    assert seen == [8]

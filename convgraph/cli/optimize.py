@@ -29,10 +29,10 @@ def render(report: OptimizeReport) -> None:
         out.print(t)
     if report.points:
         t = Table(title="prefixes of the greedy sequence, built and judged on the held-out set", title_justify="left")
-        for col in ("steps", "predicted ms", "measured ms", "speed-up", report.metric, "within budget"):
+        for col in ("steps", "convs", "predicted ms", "measured ms", "speed-up", report.metric, "within budget"):
             t.add_column(col, justify="right")
         for p in report.points:
-            t.add_row(str(p.steps), f"{p.predicted_ms:.2f}", f"{p.measured_ms:.2f}", f"{p.speedup:.2f}×",
+            t.add_row(str(p.steps), str(p.convs), f"{p.predicted_ms:.2f}", f"{p.measured_ms:.2f}", f"{p.speedup:.2f}×",
                       f"{p.metric:.6g}", "yes" if p.passed else "no")
         out.print(t)
     for n in report.notes:
