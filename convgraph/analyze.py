@@ -196,6 +196,8 @@ def _record(cg: ConvGraph, nid: str, data: dict, spec: ConvOp) -> ConvRecord | N
         bias_source=constant_source(cg, b) if has_bias else None,
         auto_pad=auto_pad, output_padding=output_padding,
         checkerboard=spec.transposed and checkerboard(kernel, strides, dilations),
+        shape_source="measured" if (x and cg.shape_measured(x)) or (out_name and cg.shape_measured(out_name))
+        else "inferred",
     )
 
 
@@ -363,8 +365,34 @@ def _analyze(cg: ConvGraph, rewrites: bool, block: int) -> Analysis:
         if rewrites:
             _add_rewrites(g, graph_records)
         records.extend(graph_records)
+    unknown = _unknown_shapes_warning(cg, records)
+    if unknown:
+        warnings.append(unknown)
     model, inputs = _model_info(cg)
     return Analysis(records, totals(records), warnings, model, inputs, graphs)
+
+
+def _unknown_shapes_warning(cg: ConvGraph, records: list[ConvRecord]) -> str | None:
+    """The convs whose MACs are unknown although every input shape is: onnx's inference lost their shapes.
+
+    (With dynamic inputs left unset, the loader's warning already says why and what to do.)
+    """
+    lost = [r for r in records if r.macs is None]
+    if not lost or any(not (i := cg.shape_info(vi.name)) or not i.static for vi in real_inputs(cg.model.graph)):
+        return None
+    main = [r for r in lost if not r.graph]
+    parts = []
+    if main:
+        names = ", ".join(r.name or r.node_id for r in main[:5]) + (f" and {len(main) - 5} more" if len(main) > 5 else "")
+        parts.append(f"{len(main)} conv{'s' * (len(main) != 1)} with unknown shapes, so unknown MACs: {names} "
+                     f"(onnx's shape inference could not follow the graph to them)")
+    if len(lost) > len(main):
+        parts.append(f"{len(lost) - len(main)} in If/Loop/Scan bodies, which running the model cannot measure "
+                     f"(onnxruntime exposes only main-graph tensors)")
+    text = "; ".join(parts)
+    if main and not cg.measured:
+        text += "; --probe (convgraph.load(..., probe=True)) runs the model once on random inputs to measure them"
+    return text
 
 
 def _rf_of(entry, nd: int) -> tuple[tuple | None, tuple | None]:

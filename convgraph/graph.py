@@ -1,5 +1,8 @@
 """ConvGraph: a lossless ONNX model ⇄ networkx.MultiDiGraph view, with subgraphs and inferred shapes.
 
+The shapes themselves (input shapes, onnx's inference, shapes measured with onnxruntime) live in
+:mod:`convgraph.shapes`; the names other modules import from here are re-exported.
+
 Nodes of ``ConvGraph.graph``:
 
 * ONNX nodes, keyed by their name (made unique; ``"{op_type}_{index}"`` when unnamed), with data
@@ -23,12 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import numbers
-import re
 import warnings
 from operator import itemgetter
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator
 
 import networkx as nx
 import onnx
@@ -36,41 +37,17 @@ from onnx import helper
 
 from .errors import ModelError, UsageError
 from . import io as _io
-from .io import first_line, read_model, write_model
+from .io import read_model, write_model
+from .shapes import (  # TensorInfo, parse_input_shape and real_inputs lived here: still importable from here
+    TensorInfo, _checked_input_shapes, _collect_shapes, _dynamic_inputs, _dynamic_warning, _fixed_inputs, _infer,
+    parse_input_shape, probe_shapes, real_inputs,
+)
 
 _A = onnx.AttributeProto
 
 
 class ConvGraphWarning(UserWarning):
     """Something the user can fix (e.g. an unset dynamic dim); the analysis goes on."""
-
-
-class TensorInfo(NamedTuple):
-    """Element type and shape of a tensor; dims are ints, symbolic names or None (immutable)."""
-
-    elem_type: int
-    shape: tuple | None
-
-    @property
-    def static(self) -> bool:
-        return self.shape is not None and all(isinstance(d, int) for d in self.shape)
-
-
-def _tensor_info(t: onnx.TypeProto) -> TensorInfo | None:
-    if not t.HasField("tensor_type"):
-        return None
-    tt = t.tensor_type
-    if not tt.HasField("shape"):
-        return TensorInfo(tt.elem_type, None)
-    return TensorInfo(tt.elem_type, tuple(map(_dim, tt.shape.dim)))
-
-
-def _dim(d: onnx.TensorShapeProto.Dimension) -> "int | str | None":
-    """A dim as an int, a symbolic name or None; a negative dim_value (old exporters' "dynamic") is None."""
-    if d.WhichOneof("value") == "dim_value":
-        v = d.dim_value
-        return v if v >= 0 else None
-    return d.dim_param or None
 
 
 _ATTR_VALUE = {
@@ -122,6 +99,7 @@ class ConvGraph:
         self.owner = owner  # id of the If/Loop/Scan node in ``parent`` this body belongs to
         self.graph = nx.MultiDiGraph()
         self.shapes: dict[str, TensorInfo] = {}
+        self.measured: set[str] = set()  # tensors whose shapes convgraph.shapes.probe_shapes measured
         self.warnings: list[str] = []
         self.input_shapes: dict[str, list[int]] = {}
         self.source_dir: Path | None = None
@@ -298,6 +276,13 @@ class ConvGraph:
     def shape(self, tensor: str) -> tuple | None:
         info = self.shape_info(tensor)
         return info.shape if info else None
+
+    def shape_measured(self, tensor: str) -> bool:
+        """Whether the shape of ``tensor`` was measured by running the model (:func:`~convgraph.shapes.probe_shapes`)
+        rather than inferred (looked up in enclosing graphs for outer captures)."""
+        if tensor in self.measured:
+            return True
+        return self.parent is not None and tensor in self._outer and self.parent.shape_measured(tensor)
 
     def walk(self) -> Iterator["ConvGraph"]:
         """This graph and every nested subgraph, depth first, in node order."""
@@ -607,166 +592,22 @@ def _with_subgraphs(node: onnx.NodeProto, subs: dict[str, ConvGraph]) -> onnx.No
     return n
 
 
-# ---- shapes ---------------------------------------------------------------------------------------
-MAX_DIM = 2**31 - 1
-_SHAPE_HELP = "expected NAME=D0,D1,... with positive integers, e.g. x=1,3,640,640"
-
-
-def parse_input_shape(text: str) -> tuple[str, list[int]]:
-    """``"x=1,3,640,640"`` → ``("x", [1, 3, 640, 640])``; UsageError on anything else."""
-    name, sep, dims_text = str(text).rpartition("=")
-    name = name.strip()
-    if not sep or not name:
-        raise UsageError(f"bad --input-shape {text!r}: {_SHAPE_HELP}")
-    parts = [p.strip() for p in re.split(r"[,x×]", dims_text)]
-    if not all(re.fullmatch(r"[+-]?\d+", p) for p in parts):
-        raise UsageError(f"bad --input-shape {text!r}: {_SHAPE_HELP}")
-    dims = [int(p) for p in parts]
-    if any(d < 1 or d > MAX_DIM for d in dims):
-        raise UsageError(f"bad --input-shape {text!r}: dims must be integers between 1 and {MAX_DIM}")
-    return name, dims
-
-
-def _checked_input_shapes(input_shapes) -> dict[str, list[int]]:
-    """``input_shapes`` as ``{name: [int, ...]}``; UsageError on anything that is not positive integer dims."""
-    if input_shapes is None:
-        return {}
-    if not hasattr(input_shapes, "items"):
-        raise UsageError("input_shapes must map input names to dims, e.g. {'x': [1, 3, 640, 640]}")
-    out = {}
-    for name, dims in input_shapes.items():
-        try:
-            dims = list(dims)
-        except TypeError:
-            dims = [dims]
-        if not dims or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and 1 <= d <= MAX_DIM
-                                for d in dims):
-            raise UsageError(f"input shape for {name!r}: {dims!r} is not a list of integers between 1 and {MAX_DIM}")
-        out[str(name)] = [int(d) for d in dims]
-    return out
-
-
-def real_inputs(g: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
-    """The inputs of ``g`` that are not initializers (IR < 4 lists every initializer as an input too)."""
-    inits = {t.name for t in g.initializer}
-    return [vi for vi in g.input if vi.name not in inits]
-
-
-def _fixed_inputs(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> onnx.ModelProto:
-    """A copy of ``model`` whose inputs have the given shapes (the model itself is left alone)."""
-    if not input_shapes:
-        return model
-    inputs = {vi.name: vi for vi in real_inputs(model.graph)}
-    unknown = sorted(set(input_shapes) - set(inputs))
-    if unknown:
-        raise UsageError(f"--input-shape names {', '.join(map(repr, unknown))}, not an input of the model "
-                         f"(inputs: {', '.join(inputs) or 'none'})")
-    for name, dims in input_shapes.items():
-        tt = inputs[name].type
-        if not tt.HasField("tensor_type"):
-            raise UsageError(f"--input-shape {name!r}: that input is not a tensor")
-        if tt.tensor_type.HasField("shape"):
-            shape = tt.tensor_type.shape.dim
-            if len(shape) != len(dims):
-                raise UsageError(f"--input-shape {name!r} has {len(dims)} dims, the model's input has {len(shape)} "
-                                 f"({_dims_text(_tensor_info(tt).shape)})")
-            for j, (dim, d) in enumerate(zip(shape, dims)):
-                if dim.HasField("dim_value") and dim.dim_value >= 0 and dim.dim_value != d:
-                    raise UsageError(f"--input-shape {name!r}: dim {j} is fixed to {dim.dim_value} in the model, not {d}")
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for vi in m.graph.input:
-        if vi.name in input_shapes:
-            shape = vi.type.tensor_type.shape
-            shape.Clear()
-            for d in input_shapes[vi.name]:
-                shape.dim.add().dim_value = d
-    return m
-
-
-def _dims_text(shape: tuple | None) -> str:
-    return "?" if shape is None else "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
-
-
-def _infer(model: onnx.ModelProto, size: int | None = None, data: bytes | None = None) -> tuple[onnx.ModelProto, str | None]:
-    """onnx shape inference, strict first; returns the inferred model and a warning when strict failed.
-
-    ``size`` is the model's serialized size and ``data`` the serialized model, when known.
-    """
-    if (model.ByteSize() if size is None else size) > _io.PROTOBUF_LIMIT:
-        return model, "model over 2 GB given in memory: shape inference skipped (load it from its file)"
-    source = model if data is None else data
-    try:
-        return onnx.shape_inference.infer_shapes(source, check_type=True, strict_mode=True, data_prop=True), None
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError, ValueError) as e:
-        msg = first_line(e)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(source, data_prop=True)
-        return inferred, f"strict shape inference failed ({msg}); the shapes onnx could infer are used, others are unknown"
-    except Exception as e:  # noqa: BLE001 - any inference crash becomes a warning, the graph is still usable
-        return model, f"shape inference failed ({first_line(e)}); shapes unknown"
-
-
-def _collect_shapes(cg: ConvGraph, g: onnx.GraphProto, _types: "dict | None" = None) -> None:
-    """Fill ``cg.shapes`` (and its edges' ``info``) from the inferred ``g``, subgraphs included."""
-    types = {} if _types is None else _types  # serialized TypeProto -> its TensorInfo: most tensors share a few
-    shapes = cg.shapes
-    for vis in (g.input, g.output, g.value_info):
-        for vi in vis:
-            key = vi.type.SerializeToString()
-            info = types.get(key, types)
-            if info is types:
-                info = types[key] = _tensor_info(vi.type)
-            if info is not None:
-                shapes[vi.name] = info
-    for t in g.initializer:
-        if t.name not in shapes:
-            shapes[t.name] = TensorInfo(t.data_type, tuple(t.dims))
-    for s in g.sparse_initializer:
-        shapes.setdefault(s.values.name, TensorInfo(s.values.data_type, tuple(s.dims)))
-    G = cg.graph
-    data = G._node  # networkx's node dict: a plain lookup (G.nodes[n] builds a view call per node)
-    for nid, node in zip(cg._op_ids, g.node):  # same order: the view was built from this graph
-        subs = data[nid]["subgraphs"]
-        if subs:
-            for key, body in _sub_protos(node):
-                _collect_shapes(subs[key], body, types)
-    info = cg.shape_info
-    for nbrs in G._succ.values():  # every edge's data dict, without networkx's per-edge view tuples
-        for keys in nbrs.values():
-            for d in keys.values():
-                t = d["tensor"]
-                d["info"] = shapes[t] if t in shapes else info(t)
-
-
-def _dynamic_inputs(g: onnx.GraphProto) -> list[tuple[str, tuple | None]]:
-    out = []
-    for vi in real_inputs(g):
-        info = _tensor_info(vi.type)
-        if info is not None and not info.static:
-            out.append((vi.name, info.shape))
-    return out
-
-
-def _dynamic_warning(dynamic: list[tuple[str, tuple | None]]) -> str:
-    listed = "; ".join(f"{name} {_dims_text(shape)}" for name, shape in dynamic)
-    name, shape = dynamic[0]
-    example = "D0,D1,..." if shape is None else ",".join(str(d) if isinstance(d, int) else "?" for d in shape)
-    return (f"dynamic input dims left unset: {listed}; shapes and MACs that depend on them are unknown. "
-            f"Set them with --input-shape NAME=D0,D1,... (here --input-shape {name}={example} with each ? an "
-            f"integer; input_shapes= in the API)")
-
-
-def load(source, input_shapes: "dict[str, list[int]] | None" = None, *, check: bool = True) -> ConvGraph:
+def load(source, input_shapes: "dict[str, list[int]] | None" = None, *, check: bool = True,
+         probe: bool = False) -> ConvGraph:
     """Load a model (path, bytes or ModelProto) into a :class:`ConvGraph` with shapes inferred.
 
     ``input_shapes`` fixes dynamic input dims (``{"x": [1, 3, 640, 640]}``) for inference only: the
     model itself keeps its dims. Dynamic dims left unset are named in a :class:`ConvGraphWarning`
     (also kept in ``ConvGraph.warnings``), as is a failure of strict shape inference.
+    ``probe``: measure the main-graph shapes onnx's inference could not follow by running the model
+    once on random inputs (:func:`convgraph.shapes.probe_shapes`: needs onnxruntime and concrete input
+    shapes; nothing runs when every shape is known). The measured tensors are in ``ConvGraph.measured``.
     """
     shapes = _checked_input_shapes(input_shapes)
     with gc_paused():
         cg = _load(source, shapes, check)
+        if probe:
+            probe_shapes(cg)
     for w in cg.warnings:
         warnings.warn(w, ConvGraphWarning, stacklevel=2)
     return cg
@@ -819,4 +660,4 @@ def save(graph_or_model, path, *, input_path=None, in_place: bool = False) -> Pa
 
 
 __all__ = ["ConvGraph", "ConvGraphWarning", "TensorInfo", "free_names", "gc_paused", "load", "parse_input_shape",
-           "real_inputs", "save"]
+           "probe_shapes", "real_inputs", "save"]

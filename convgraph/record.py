@@ -68,6 +68,7 @@ class ConvRecord:
     checkerboard: bool = False  # transposed with a kernel not divisible by the stride
     fast_depthwise: bool | None = None  # depthwise: onnxruntime's fast CPU path can take it
     fast_depthwise_reason: str = ""
+    shape_source: str = "inferred"  # "measured" when its input or output shape came from running the model (--probe)
     patterns: list[str] = field(default_factory=list)
     rewrites: list[RewriteOption] = field(default_factory=list)
 

@@ -27,8 +27,11 @@ from .common import emit_json, input_shape_option, json_option, warn
               help="Only the first N convs (totals stay whole).")
 @click.option("--dot", "dot_path", type=click.Path(path_type=Path), default=None, metavar="OUT.dot",
               help="Also write the graph as Graphviz DOT, convs coloured by kind.")
+@click.option("--probe", is_flag=True,
+              help="Run the model once on random inputs (onnxruntime) to measure the shapes onnx's shape inference "
+                   "cannot follow; every input shape must be known (--input-shape).")
 def analyze(model: Path, input_shapes: dict, as_json: bool, fmt: str | None, sort: str | None, top: int | None,
-            dot_path: Path | None) -> None:
+            dot_path: Path | None, probe: bool) -> None:
     """Per convolution of MODEL: kind, geometry, output shape, MACs, params, receptive field, rewrites."""
     if as_json and fmt not in (None, "json"):
         raise UsageError(f"--json conflicts with --format {fmt}")
@@ -38,7 +41,7 @@ def analyze(model: Path, input_shapes: dict, as_json: bool, fmt: str | None, sor
     if dot_path is not None and dot_path.is_dir():
         raise UsageError(f"--dot: {dot_path} is a directory")
     with gc_paused():
-        cg = load(model, input_shapes)
+        cg = load(model, input_shapes, probe=probe)
         result = run_analysis(cg)
         result.model["path"] = str(model)
         for w in result.warnings:

@@ -1,0 +1,235 @@
+"""convgraph.shapes: the shape helpers split out of convgraph.graph, and shapes measured with onnxruntime
+(``probe_shapes``, ``load(..., probe=True)``, ``convgraph analyze --probe``) where onnx's inference gives up."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import convgraph
+import convgraph.graph
+import convgraph.runtime
+import convgraph.shapes
+from convgraph.analyze import analyze
+from convgraph.cli import main
+from convgraph.errors import UsageError
+from convgraph.graph import ConvGraphWarning, load
+from convgraph.inputs import input_specs, random_inputs
+from convgraph.shapes import probe_shapes, unknown_tensors
+
+pytestmark = pytest.mark.filterwarnings("ignore::convgraph.graph.ConvGraphWarning")
+
+F = TensorProto.FLOAT
+REC_SHAPE = {"x": [1, 3, 48, 320]}
+
+
+def _const(name: str, values) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], name=f"const_{name}",
+                            value=numpy_helper.from_array(np.array(values, np.int64), name))
+
+
+def _computed_reshape(*, dynamic: bool = False, body: bool = False, nonzero: bool = False) -> onnx.ModelProto:
+    """x → conv → Reshape(c, Concat(Slice(Shape(c), 0, 2), [1, -1])) → conv2 at opset 12, where onnx's
+    inference does not follow the computed target (it does from opset 14), so the Reshape output and
+    everything after it are unknown (PP-OCR rec's case). ``body``: an If whose branches run a conv on the reshaped tensor; ``nonzero``: a
+    NonZero on the output (a shape that depends on values)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w", (4, 3, 3, 3)), ("w2", (5, 4, 1, 3)), ("w3", (2, 4, 1, 1)))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Shape", ["c"], ["s"], name="shape"),
+        _const("st", [0]), _const("en", [2]), _const("ax", [0]),
+        helper.make_node("Slice", ["s", "st", "en", "ax"], ["s2"], name="slice"),
+        _const("tail", [1, -1]),
+        helper.make_node("Concat", ["s2", "tail"], ["tgt"], name="concat", axis=0),
+        helper.make_node("Reshape", ["c", "tgt"], ["r"], name="reshape"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[0, 1, 0, 1]),
+    ]
+    outputs = [helper.make_tensor_value_info("y", F, ["n", "c", "h", "w"])]
+    if body:
+        branch = [helper.make_graph([helper.make_node("Conv", ["r", "w3"], [f"{b}_y"], name=f"{b}/conv")], b, [],
+                                    [helper.make_tensor_value_info(f"{b}_y", F, None)]) for b in ("then", "else")]
+        nodes += [helper.make_node("Constant", [], ["cond"], name="const_cond",
+                                   value=numpy_helper.from_array(np.array(True), "cond")),
+                  helper.make_node("If", ["cond"], ["z"], name="if", then_branch=branch[0], else_branch=branch[1])]
+        outputs.append(helper.make_tensor_value_info("z", F, ["n", "c", "h", "w"]))
+    if nonzero:
+        nodes.append(helper.make_node("NonZero", ["y"], ["nz"], name="nonzero"))
+        outputs.append(helper.make_tensor_value_info("nz", TensorProto.INT64, [2, "k"]))
+    x = helper.make_tensor_value_info("x", F, ["N", 3, "H", "W"] if dynamic else [1, 3, 8, 8])
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], outputs, inits), opset_imports=[helper.make_opsetid("", 12)])
+    m.ir_version = 7
+    return m
+
+
+def _write(tmp: Path, model: onnx.ModelProto, name: str = "m.onnx") -> Path:
+    p = tmp / name
+    p.write_bytes(model.SerializeToString())
+    return p
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def _one_error(code: int, err: str, *needles: str) -> str:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("convgraph: error: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+# ---- the split ------------------------------------------------------------------------------------
+def test_graph_still_exports_the_shape_helpers() -> None:
+    for name in ("TensorInfo", "parse_input_shape", "real_inputs", "probe_shapes", "_infer", "_collect_shapes"):
+        assert getattr(convgraph.graph, name) is getattr(convgraph.shapes, name), name
+    assert convgraph.TensorInfo is convgraph.shapes.TensorInfo
+
+
+# ---- a synthetic model onnx cannot follow ---------------------------------------------------------
+def test_inference_gives_up_on_a_computed_reshape_target() -> None:
+    cg = load(_computed_reshape())
+    assert cg.shape("c") == (1, 4, 8, 8) and cg.shape("r") is None and cg.measured == set()
+    assert "r" in unknown_tensors(cg) and "c" not in unknown_tensors(cg)
+    rec = analyze(cg, rewrites=False).record("conv2")
+    assert rec.macs is None and rec.input_shape is None and rec.shape_source == "inferred"
+
+
+def test_probe_measures_and_fills_the_shape_table() -> None:
+    cg = load(_computed_reshape())
+    got = probe_shapes(cg)
+    assert got["r"] == (1, 4, 1, 64) and got["y"] == (1, 5, 1, 64)
+    assert set(got) == set(cg.measured) and "c" not in got  # only what inference left unknown
+    assert cg.shape_info("r") == convgraph.TensorInfo(F, (1, 4, 1, 64)) and cg.shape_measured("r")
+    G = cg.graph  # the edges carry the measured info too
+    assert G.edges["reshape", "conv2", ("r", 0)]["info"].shape == (1, 4, 1, 64)
+    assert any("ran the model once on random inputs (x [1,3,8,8]; seed 0)" in w for w in cg.warnings)
+    assert unknown_tensors(cg) == []
+    rec = analyze(cg, rewrites=False)
+    conv2, conv = rec.record("conv2"), rec.record("conv")
+    assert conv2.input_shape == (1, 4, 1, 64) and conv2.output_shape == (1, 5, 1, 64)
+    assert conv2.macs == 5 * 64 * 4 * 3 and conv2.shape_source == "measured"  # out elements × C_in × k
+    assert conv.shape_source == "inferred" and conv.macs == 4 * 64 * 3 * 9
+    assert not any("unknown MACs" in w for w in rec.warnings)
+
+
+def test_probe_named_tensors_only() -> None:
+    cg = load(_computed_reshape())
+    assert probe_shapes(cg, ["r", "r"]) == {"r": (1, 4, 1, 64)}
+    assert cg.measured == {"r"} and cg.shape("y") != (1, 5, 1, 64)
+    with pytest.raises(UsageError, match="no such tensor"):
+        probe_shapes(cg, ["nope"])
+
+
+def test_subgraph_tensors_cannot_be_exposed() -> None:
+    cg = load(_computed_reshape(body=True))
+    with pytest.raises(UsageError, match="inside the subgraph /if:then_branch: onnxruntime can only expose main-graph"):
+        probe_shapes(cg, ["then_y"])
+    probe_shapes(cg)
+    body = cg.graph.nodes["if"]["subgraphs"]["then_branch"]
+    assert body.shape("r") == (1, 4, 1, 64) and body.shape_measured("r")  # read through the outer capture
+    warning = next(w for w in cg.warnings if "--probe ran the model" in w)
+    assert "inside If/Loop/Scan bodies keep unknown shapes" in warning
+    rec = analyze(cg, rewrites=False).record("then/conv", "/if:then_branch")
+    assert rec.shape_source == "measured" and rec.macs == 2 * 64 * 4  # its output shape computed from the input
+
+
+def test_data_dependent_shapes_are_said_to_hold_for_that_input_only() -> None:
+    cg = load(_computed_reshape(nonzero=True))
+    got = probe_shapes(cg, seed=3)
+    assert got["nz"][0] == 4  # NonZero of a 4-D tensor: 4 × number of non-zeros
+    warning = next(w for w in cg.warnings if "--probe ran the model" in w)
+    assert "seed 3" in warning and "holds for this random input only (this model has NonZero)" in warning
+
+
+def test_probe_is_a_no_op_when_every_shape_is_known(monkeypatch, models_dir, capsys) -> None:
+    def no_session(*a, **k):
+        raise AssertionError("a session was created")
+
+    monkeypatch.setattr(convgraph.runtime, "create_session", no_session)
+    cg = load(models_dir / "sample.onnx")
+    assert probe_shapes(cg) == {} and cg.measured == set() and cg.warnings == []
+    code, out, err = _cli(capsys, "analyze", models_dir / "sample.onnx", "--probe", "--json")
+    assert code == 0 and err == "", err
+    assert {c["shape_source"] for c in json.loads(out)["convs"]} == {"inferred"}
+
+
+# ---- the CLI --------------------------------------------------------------------------------------
+def test_cli_hint_then_probe(tmp_path, capsys) -> None:
+    path = _write(tmp_path, _computed_reshape())
+    code, out, err = _cli(capsys, "analyze", path, "--json")
+    assert code == 0
+    hint = [line for line in err.splitlines() if "unknown MACs" in line]
+    assert len(hint) == 1 and "conv2" in hint[0], err
+    assert hint[0].endswith("--probe (convgraph.load(..., probe=True)) runs the model once on random inputs to measure them")
+    assert next(c for c in json.loads(out)["convs"] if c["name"] == "conv2")["macs"] is None
+    code, out, err = _cli(capsys, "analyze", path, "--json", "--probe")
+    assert code == 0 and "unknown MACs" not in err and "--probe ran the model" in err
+    convs = {c["name"]: c for c in json.loads(out)["convs"]}
+    assert convs["conv2"]["macs"] == 3840 and convs["conv2"]["shape_source"] == "measured"
+    assert convs["conv"]["shape_source"] == "inferred"
+
+
+def test_cli_probe_needs_fixed_inputs(tmp_path, capsys) -> None:
+    path = _write(tmp_path, _computed_reshape(dynamic=True))
+    code, out, err = _cli(capsys, "analyze", path, "--probe")
+    _one_error(code, err, "--probe runs the model", "x [N,3,H,W]", "--input-shape x=?,3,?,?")
+    assert out == ""
+    code, out, err = _cli(capsys, "analyze", path, "--probe", "--json", "--input-shape", "x=1,3,8,6")
+    assert code == 0, err
+    conv2 = next(c for c in json.loads(out)["convs"] if c["name"] == "conv2")
+    assert conv2["output_shape"] == [1, 5, 1, 48] and conv2["macs"] == 5 * 48 * 4 * 3
+
+
+def test_cli_probe_without_onnxruntime(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime → ImportError
+    path = _write(tmp_path, _computed_reshape())
+    code, out, err = _cli(capsys, "analyze", path, "--probe", "--json")
+    _one_error(code, err, "--probe", "onnxruntime is not installed", "pip install 'convgraph[cpu]'")
+    assert out == ""
+
+
+# ---- PP-OCR rec: a real model where onnx's inference gives up ------------------------------------------
+@pytest.mark.real
+def test_ppocr_rec_every_conv_gets_shapes_and_macs(real_models) -> None:
+    path = real_models("ppocr-rec")
+    before = analyze(load(path, REC_SHAPE), rewrites=False)
+    lost = [r for r in before if r.macs is None]
+    assert [r.name for r in lost] == ["p2o.Conv.35", "p2o.Conv.36", "p2o.Conv.37"]  # what inference loses
+    assert any("--probe" in w and "p2o.Conv.35" in w for w in before.warnings)
+
+    after = analyze(load(path, REC_SHAPE, probe=True), rewrites=False)
+    assert len(after) == len(before) and all(r.macs is not None and r.macs_bias is not None for r in after)
+    assert {r.name for r in after if r.shape_source == "measured"} == {r.name for r in lost}
+    # measured apart: the three convs' outputs exposed in a session of their own
+    model = onnx.load(path)
+    feed = random_inputs(input_specs(model), input_shapes=REC_SHAPE)[0]
+    got = convgraph.runtime.run_with_outputs(model, [r.output for r in lost], [feed])
+    for r in lost:
+        a = after.record(r.node_id)
+        out = got[r.output][0].shape
+        assert a.output_shape == out
+        assert a.macs == math.prod(out) * (a.in_channels // a.group) * math.prod(a.kernel)
+    # 120→480 1×1, 960→60 1×3, 60→120 1×1, each on the 1×40 sequence left of a 48×320 line
+    assert [after.record(r.node_id).macs for r in lost] == [480 * 40 * 120, 60 * 40 * 960 * 3, 120 * 40 * 60]
+    for b, a in zip(before, after):  # the convs inference could follow are untouched
+        assert b.macs is None or (a.macs == b.macs and a.shape_source == "inferred")
+    assert after.totals["macs_unknown"] == 0
+    assert after.totals["macs"] == sum(r.macs for r in before if r.macs is not None) + sum(
+        after.record(r.node_id).macs for r in lost)
+
+
+def test_load_probe_warns(recwarn) -> None:
+    load(_computed_reshape(), probe=True)
+    assert any(issubclass(w.category, ConvGraphWarning) and "--probe ran the model" in str(w.message) for w in recwarn)
