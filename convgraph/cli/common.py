@@ -110,22 +110,32 @@ def _number_list(kind):
     return parse
 
 
-def input_data_options(f):
-    """``--inputs/--samples/--seed/--image-size/--mean/--std/--layout``: what :func:`convgraph.inputs.make_inputs` takes."""
-    for opt in reversed([
-        click.option("--inputs", type=click.Path(), help="Inputs: an .npz (arrays named after the inputs, a leading "
-                     "axis of samples allowed) or a folder of images. Default: random."),
-        click.option("--samples", type=int, help="Random input sets (default 1); with --inputs, use at most this many."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."),
-        click.option("--image-size", callback=_number_list(int), metavar="H,W", help="Resize images to H,W."),
-        click.option("--mean", callback=_number_list(float), metavar="M[,M,M]",
-                     help="Images: subtracted per channel after scaling pixels to [0,1]."),
-        click.option("--std", callback=_number_list(float), metavar="S[,S,S]", help="Images: divisor per channel."),
-        click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True,
-                     help="Images: tensor layout."),
-    ]):
-        f = opt(f)
-    return f
+def _stack(options):
+    def apply(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return apply
+
+
+#: ``--image-size/--mean/--std/--layout``: how a folder of images becomes input tensors.
+image_options = _stack([
+    click.option("--image-size", callback=_number_list(int), metavar="H,W", help="Resize images to H,W."),
+    click.option("--mean", callback=_number_list(float), metavar="M[,M,M]",
+                 help="Images: subtracted per channel after scaling pixels to [0,1]."),
+    click.option("--std", callback=_number_list(float), metavar="S[,S,S]", help="Images: divisor per channel."),
+    click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True,
+                 help="Images: tensor layout."),
+])
+
+#: ``--inputs/--samples/--seed`` and :data:`image_options`: what :func:`convgraph.inputs.make_inputs` takes.
+input_data_options = _stack([
+    click.option("--inputs", type=click.Path(), help="Inputs: an .npz (arrays named after the inputs, a leading "
+                 "axis of samples allowed) or a folder of images. Default: random."),
+    click.option("--samples", type=int, help="Random input sets (default 1); with --inputs, use at most this many."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."),
+    image_options,
+])
 
 
 def input_data_kwargs(kw: dict) -> dict:

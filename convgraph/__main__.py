@@ -1,0 +1,5 @@
+"""``python -m convgraph``: the command line, as the ``convgraph`` script runs it."""
+
+from .cli import entry
+
+entry()
