@@ -12,6 +12,7 @@ and for PP-OCR det the IoU of the text map binarized at 0.3 against the original
     python benchmarks/bench_optimize.py --models yolov8n --budgets 0.99 --calib 16
     /usr/bin/time -v python benchmarks/bench_optimize.py --calibrate-only ppocr-det --calib 64   # memory
     python benchmarks/bench_optimize.py --layers yolov8n --calib 16     # weight vs data fits, per layer
+    python benchmarks/bench_optimize.py --layers yolov8n --low-rank --calib 48   # low-rank vs the others, equal MACs
 
 Every budget of a model reuses the first run's candidate measurements (``optimize(measured=...)``).
 """
@@ -202,6 +203,73 @@ def layer_fits(name: str, count: int) -> None:
           + " / ".join(f"{v:.3f}" for v in med[3:]) + " |")
 
 
+def low_rank_layers(name: str, count: int) -> None:
+    """Per 3×3 standard conv, at equal MACs: held-out relative output error of the layer alone (the rules'
+    rewrites run in onnxruntime on the held-out activations), all fitted on calibration data: separable rank 1
+    against low-rank at the largest rank within its MACs, spatial-separable rank 1 likewise."""
+    from convgraph.analyze import analyze
+    from convgraph.calibrate import calibrate
+    from convgraph.optimize import _layer_model
+    from convgraph.registry import get_rule
+    from convgraph.rule import RuleContext
+    from convgraph.rules.low_rank import full_rank
+
+    spec = MODELS[name]
+    cg = load(zoo.fetch(name), {spec[0]: [1, 3, spec[1], spec[1]]})
+    model = cg.to_model()
+    recs = [r for r in analyze(cg, rewrites=False).convs if r.kind == "standard" and r.kernel == (3, 3)]
+    by_id = {r.node_id: r for r in recs}
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = input_set(model, crops_folder(Path(tmp) / "calib", FIT_SOURCES, count, spec[1]), spec)
+        held = input_set(model, link_folder(Path(tmp) / "held", HELD_OUT), spec)
+        stats = calibrate(cg, calib, nodes=list(by_id))
+        acts = outputs(model, list(held), sorted({r.input for r in recs}))
+    low = get_rule("low-rank")
+
+    def layer(rec, ref, rule, params):
+        """(held-out relative output error against ``ref``, MACs) of ``rule`` on ``rec``, fitted on the statistics."""
+        r = get_rule(rule)
+        p = r.resolve_params({k: str(v) for k, v in params.items()})
+        rep = r.build(rec, RuleContext(cg, by_id, stats, p), p)  # every 3×3 standard conv matches all three
+        sess = create_session(_layer_model(cg, rec, rep.nodes, rep.initializers))
+        got = np.concatenate([sess.run(None, {rec.input: x})[0] for x in acts[rec.input]])
+        return float(np.linalg.norm(got - ref) / np.linalg.norm(ref)), rep.macs_after
+
+    def equal_macs(rec, form, macs):
+        """The largest low-rank rank of ``form`` whose MACs are within ``macs`` (at least 1)."""
+        best = 1
+        for rank in range(1, full_rank(rec, form) + 1):
+            m = low.estimate(rec, {"rank": rank, "form": form, "fit": "data"})[0]
+            if m > macs:
+                break
+            best = rank
+        return best
+
+    print("| conv | C_in→C_out | separable r1: MACs, error | low-rank spatial (R), channel (R) | "
+          "spatial-separable r1: MACs, error | low-rank spatial (R), channel (R) |")
+    print("|---|---|---|---|---|---|")
+    cols = []
+    for rec in recs:
+        original = create_session(_layer_model(cg, rec, [cg.node(rec.node_id)], []))
+        ref = np.concatenate([original.run(None, {rec.input: x})[0] for x in acts[rec.input]])
+        row, cells = [], []
+        for rule in ("separable", "spatial-separable"):
+            err, macs = layer(rec, ref, rule, {"rank": 1})
+            found = {}
+            for form in ("spatial", "channel"):
+                rank = equal_macs(rec, form, macs)
+                found[form] = (layer(rec, ref, "low-rank", {"rank": rank, "form": form})[0], rank)
+            row += [err, found["spatial"][0], found["channel"][0]]
+            cells += [f"{macs / rec.macs:.3f}, {err:.3f}",
+                      f"{found['spatial'][0]:.3f} ({found['spatial'][1]}), {found['channel'][0]:.3f} "
+                      f"({found['channel'][1]})"]
+        cols.append(row)
+        print(f"| {rec.node_id} | {rec.in_channels}→{rec.out_channels} | " + " | ".join(cells) + " |", flush=True)
+    med = np.median(np.array(cols), axis=0)
+    print(f"| median of {len(cols)} | | {med[0]:.3f} | {med[1]:.3f}, {med[2]:.3f} | {med[3]:.3f} | "
+          f"{med[4]:.3f}, {med[5]:.3f} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="yolov8n,ppocr-det")
@@ -214,6 +282,8 @@ def main(argv=None) -> int:
     ap.add_argument("--save", help="folder to pickle each OptimizeReport into")
     ap.add_argument("--calibrate-only", metavar="MODEL", help="only calibrate MODEL (memory measurement)")
     ap.add_argument("--layers", metavar="MODEL", help="only compare weight and data fits layer by layer")
+    ap.add_argument("--low-rank", action="store_true",
+                    help="with --layers: low-rank against separable and spatial-separable at equal MACs instead")
     ap.add_argument("--text-calib", type=int, default=0,
                     help="of the --calib images, this many are synthetic text (for the text detector)")
     ap.add_argument("--outputs-only", action="store_true",
@@ -223,7 +293,7 @@ def main(argv=None) -> int:
         calibrate_only(args.calibrate_only, args.calib)
         return 0
     if args.layers:
-        layer_fits(args.layers, args.calib)
+        (low_rank_layers if args.low_rank else layer_fits)(args.layers, args.calib)
         return 0
     budgets = [float(b) for b in args.budgets.split(",")]
     rows = []

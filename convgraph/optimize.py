@@ -43,9 +43,13 @@ from .rewrite import Selection, rewrite
 from .rule import RuleContext
 
 METRICS = ("cosine", "snr", "top1")
-DEFAULT_RULES = ("separable", "spatial-separable", "dilated")
+DEFAULT_RULES = ("separable", "spatial-separable", "dilated", "low-rank")
 #: Ranks tried for rules that take one.
 DEFAULT_RANKS = (1, 2, 3, 4)
+#: Ranks tried instead of ``ranks`` for rules whose rank spans the whole layer (R channels shared by all, where
+#: ``ranks`` count filters per input channel): shares of the rule's full rank; for a square 3×3 conv in
+#: low-rank's spatial form they cost about 1/8, 1/4, 1/2, 3/4 and 1× the MACs (the last is dropped by MAX_MAC_RATIO).
+LAYER_RANK_SHARES = {"low-rank": ("1/16", "1/8", "1/4", "3/8", "1/2")}
 #: A candidate is kept only when its MACs are at most this fraction of the conv's.
 MAX_MAC_RATIO = 0.8
 #: Errors below this count as this much in saving/error ratios (exact-looking candidates).
@@ -94,7 +98,8 @@ class Point:
 
     steps: int
     convs: int
-    predicted_ms: float
+    predicted_ms: float  # original_ms − the steps' measured one-layer savings
+    original_ms: float  # the original's median, timed interleaved with this prefix
     measured_ms: float | None
     speedup: float | None  # median over interleaved pairs of original / rewritten
     metric: float
@@ -216,6 +221,8 @@ class Judge:
 # ---- candidates and per-layer latency -----------------------------------------------------------------------
 def _rule_options(rule_name: str, rec: ConvRecord, ranks: Sequence[int]) -> list[dict[str, Any]]:
     rule = get_rule(rule_name)
+    if rule_name in LAYER_RANK_SHARES:
+        return [{"rank": r} for r in LAYER_RANK_SHARES[rule_name]]
     if any(p.name == "rank" for p in rule.params):
         return [{"rank": r} for r in ranks]
     return [{}]
@@ -420,11 +427,7 @@ def fit_sequential(original: onnx.ModelProto, plan: Mapping[str, tuple[str, dict
     cg = load(original, input_shapes, check=False)
     order = {n: i for i, n in enumerate(cg.topological_order())}
     nodes = sorted(plan, key=lambda n: order[n])
-    chosen = set(nodes)
-    depth: dict[str, int] = {}
-    for n in nodes:
-        up = [depth[a] for a in nx.ancestors(cg.graph, n) if a in chosen]
-        depth[n] = 1 + max(up) if up else 0
+    depth = _stages(cg, set(nodes))
     recs = {r.node_id: r for r in analyze(cg, rewrites=False).convs}
     model, changes = original, []
     for stage in range(max(depth.values(), default=-1) + 1):
@@ -439,6 +442,21 @@ def fit_sequential(original: onnx.ModelProto, plan: Mapping[str, tuple[str, dict
         if progress is not None:
             progress(stage)
     return model, changes
+
+
+def _stages(cg: ConvGraph, chosen: set[str]) -> dict[str, int]:
+    """Per chosen node, how many chosen nodes lie upstream of it on the longest path: one topological
+    pass (linear in the graph), so that convs with no chosen conv between them share a stage."""
+    G = cg.graph
+    above: dict[str, int] = {}  # stages completed by the chosen nodes upstream of a node, inclusive
+    depth: dict[str, int] = {}
+    for v in nx.topological_sort(G):
+        level = max((above[u] for u in G.predecessors(v)), default=0)
+        if v in chosen:
+            depth[v] = level
+            level += 1
+        above[v] = level
+    return depth
 
 
 # ---- the optimizer -------------------------------------------------------------------------------------------
@@ -561,8 +579,9 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         value, err, per = judge_held.judge(m)
         b = bench([original, m], runs=bench_runs, warmup=3, provider=provider, threads=threads,
                   input_shapes=input_shapes, names=["original", "optimized"], progress=False)
-        p = Point(len(prefix), len(plan_of(prefix)), baseline_ms - sum(s.saving_ms for s in prefix), b.models[1].median_ms,
-                  b.ratios[0].median, value, err, judge_held.passes(value, budget))
+        orig_ms = b.models[0].median_ms
+        p = Point(len(prefix), len(plan_of(prefix)), orig_ms - sum(s.saving_ms for s in prefix), orig_ms,
+                  b.models[1].median_ms, b.ratios[0].median, value, err, judge_held.passes(value, budget))
         points.append(p)
         built.append((p, list(prefix), m, changes, per))
         return p.passed, err
@@ -576,6 +595,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         best, prefix, final, changes, per = min(passing, key=lambda b: (b[0].measured_ms, -b[0].steps))
         plan = plan_of(prefix)
         value, measured, speedup, predicted = best.metric, best.measured_ms, best.speedup, best.predicted_ms
+        baseline_ms = best.original_ms  # the chosen model's ms and speed-up come from one interleaved run
     else:
         final, changes, plan = original, [], {}
         value, _, per = judge_held.judge(original)
@@ -620,7 +640,8 @@ def plot_pareto(report: OptimizeReport, path) -> None:
     floor = 1e-6
     if report.sequence:
         xs = [0.0] + [s.predicted_error for s in report.sequence]
-        ys = [report.baseline_ms] + [s.predicted_ms for s in report.sequence]
+        first = report.sequence[0]
+        ys = [first.predicted_ms + first.saving_ms] + [s.predicted_ms for s in report.sequence]
         ax.plot([max(x, floor) for x in xs], ys, "-", color="0.6", label="greedy sequence (predicted)")
     pts = report.points
     if pts:
@@ -639,7 +660,7 @@ def plot_pareto(report: OptimizeReport, path) -> None:
     ax.set_xlabel("model output error (1 − cosine)" if report.metric != "snr" else "noise / signal power")
     ax.set_ylabel(f"latency, ms ({report.provider}, {report.threads or 'default'} thread(s))")
     ax.set_title(f"{report.model.rsplit('/', 1)[-1]}: error vs latency")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="lower left", framealpha=0.6)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -135,3 +135,22 @@ def kernel_estimate(rec: ConvRecord, kernel: tuple[int, ...]) -> tuple[int | Non
     n_weights = (rec.params - bias_params(rec)) // k * k_new
     macs = None if rec.macs is None else rec.macs // k * k_new
     return macs, n_weights + bias_params(rec), rec.kind
+
+
+def split_geometry(geo: dict) -> tuple[dict, dict]:
+    """(vertical, horizontal) conv attributes: the height's strides/dilations/pads to one, the width's to the other.
+
+    auto_pad splits as it is: SAME_* pads each axis by its own kernel and stride, and a 1-tap axis with
+    stride 1 gets no pad, so both convs resolve exactly the original's pads.
+    """
+    v, h = {}, {}
+    for key in ("strides", "dilations"):
+        if key in geo:
+            (sy, sx) = geo[key]
+            v[key], h[key] = [sy, 1], [1, sx]
+    if "pads" in geo:
+        t, l, b, r = geo["pads"]
+        v["pads"], h["pads"] = [t, 0, b, 0], [0, l, 0, r]
+    if geo.get("auto_pad", "NOTSET") != "NOTSET":
+        v["auto_pad"] = h["auto_pad"] = geo["auto_pad"]
+    return v, h

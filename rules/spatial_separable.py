@@ -37,7 +37,7 @@ from convgraph.record import ConvRecord
 from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or_full
 
 from . import _lsq
-from ._common import Names, bias_params, geometry, label, out_elements, plain_conv_reason, weights
+from ._common import Names, bias_params, geometry, label, out_elements, plain_conv_reason, split_geometry, weights
 from .separable import factor
 
 #: Alternating least-squares sweeps of the data-aware fit.
@@ -139,7 +139,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
 
     names = Names(ctx, label(rec))
     geo = geometry(ctx, rec.node_id)
-    v_geo, h_geo = _split_geometry(geo)
+    v_geo, h_geo = split_geometry(geo)
     v_init = names.init("v_W", wt.cast(v.reshape(c_in * r, 1, kh, 1)))
     h_w = h.reshape(g, cig, cog, r, kw).transpose(0, 2, 1, 3, 4).reshape(c_out, cig * r, 1, kw)  # in: c·r + j
     h_init = names.init("h_W", wt.cast(h_w))
@@ -158,25 +158,6 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
     macs, n_params, kind = _cost(rec, r)
     notes = f"rank {r} of {full_rank(rec)} per input channel; {how}" + (f"; {wt.notes}" if wt.notes else "")
     return Replacement(nodes, inits, err <= _lsq.EXACT_TOL, kind, macs, n_params, weight_error=err, notes=notes)
-
-
-def _split_geometry(geo: dict) -> tuple[dict, dict]:
-    """(vertical, horizontal) conv attributes: the height's strides/dilations/pads to one, the width's to the other.
-
-    auto_pad splits as it is: SAME_* pads each axis by its own kernel and stride, and a 1-tap axis with
-    stride 1 gets no pad, so both convs resolve exactly the original's pads.
-    """
-    v, h = {}, {}
-    for key in ("strides", "dilations"):
-        if key in geo:
-            (sy, sx) = geo[key]
-            v[key], h[key] = [sy, 1], [1, sx]
-    if "pads" in geo:
-        t, l, b, r = geo["pads"]
-        v["pads"], h["pads"] = [t, 0, b, 0], [0, l, 0, r]
-    if geo.get("auto_pad", "NOTSET") != "NOTSET":
-        v["auto_pad"] = h["auto_pad"] = geo["auto_pad"]
-    return v, h
 
 
 def _cost(rec: ConvRecord, r: int) -> tuple[int | None, int, str]:

@@ -83,6 +83,23 @@ def test_fit_sequential_stages_and_corrects_upstream_errors(models_dir):
     assert judge.judge(seq)[1] < judge.judge(together)[1]
 
 
+def test_stages_count_the_chosen_convs_upstream_on_the_longest_path():
+    """A diamond a → (b, c) → d, plus e beside: b and c share a stage, d waits for both, e runs with a."""
+    from onnx import TensorProto, helper
+
+    from convgraph.optimize import _stages
+
+    relu = [helper.make_node("Relu", [i], [o], name=o) for i, o in
+            (("x", "a"), ("a", "b"), ("a", "c"), ("x", "e"), ("a", "n"), ("n", "c2"))]
+    add = helper.make_node("Add", ["b", "c2"], ["d"], name="d")
+    g = helper.make_graph(relu + [add], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info(t, TensorProto.FLOAT, [1]) for t in ("d", "c", "e")])
+    cg = load(helper.make_model(g))
+    ids = {cg.node(n).name: n for n in cg.ops()}
+    depth = _stages(cg, {ids[n] for n in ("a", "b", "c", "c2", "d", "e")})
+    assert {cg.node(n).name: d for n, d in depth.items()} == {"a": 0, "e": 0, "b": 1, "c": 1, "c2": 1, "d": 2}
+
+
 def test_optimize_sample_model_meets_the_budget_on_held_out_inputs(models_dir, tmp_path):
     path = models_dir / "sample.onnx"
     calib, held = smooth_feeds(8, 2), smooth_feeds(3, 3)

@@ -10,7 +10,8 @@ from ..io import check_output_path, write_model
 from ..optimize import DEFAULT_RANKS, DEFAULT_RULES, METRICS, OptimizeReport, optimize, plot_pareto
 from ..rewrite import Selection
 from . import cli
-from .common import _number_list, emit_json, err, input_shape_option, json_option, out, warn
+from .common import (
+    _number_list, emit_json, err, image_options, input_shape_option, json_option, out, provider_option, warn)
 
 
 def _names(ctx, param, value) -> list[str]:
@@ -29,10 +30,12 @@ def render(report: OptimizeReport) -> None:
         out.print(t)
     if report.points:
         t = Table(title="prefixes of the greedy sequence, built and judged on the held-out set", title_justify="left")
-        for col in ("steps", "convs", "predicted ms", "measured ms", "speed-up", report.metric, "within budget"):
+        for col in ("steps", "convs", "original ms", "predicted ms", "measured ms", "speed-up", report.metric,
+                    "within budget"):
             t.add_column(col, justify="right")
         for p in report.points:
-            t.add_row(str(p.steps), str(p.convs), f"{p.predicted_ms:.2f}", f"{p.measured_ms:.2f}", f"{p.speedup:.2f}×",
+            t.add_row(str(p.steps), str(p.convs), f"{p.original_ms:.2f}", f"{p.predicted_ms:.2f}",
+                      f"{p.measured_ms:.2f}", f"{p.speedup:.2f}×",
                       f"{p.metric:.6g}", "yes" if p.passed else "no")
         out.print(t)
     for n in report.notes:
@@ -58,15 +61,11 @@ def render(report: OptimizeReport) -> None:
 @click.option("--nodes", help="Only convs whose name matches this regex.")
 @click.option("--exclude", help="Skip convs whose name matches this regex.")
 @click.option("--min-macs", type=int, help="Only convs with at least this many MACs.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@provider_option
 @click.option("--threads", type=int, default=1, show_default=True,
               help="onnxruntime intra-op threads for every latency measured (0: onnxruntime's default).")
 @click.option("--samples", type=int, help="Use at most this many calibration samples.")
-@click.option("--image-size", callback=_number_list(int), metavar="H,W", help="Resize images to H,W.")
-@click.option("--mean", callback=_number_list(float), metavar="M[,M,M]",
-              help="Images: subtracted per channel after scaling pixels to [0,1].")
-@click.option("--std", callback=_number_list(float), metavar="S[,S,S]", help="Images: divisor per channel.")
-@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True)
+@image_options
 @input_shape_option
 @click.option("--max-evals", type=int, default=6, show_default=True, help="Prefixes built and judged in the search.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the error–latency front as a PNG (matplotlib).")
