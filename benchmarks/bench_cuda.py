@@ -33,6 +33,8 @@ CASES = [  # model, input shapes, rule, params
     ("yolov8n", {"images": [1, 3, 640, 640]}, "separable", {"rank": "full"}),
     ("yolov8n", {"images": [1, 3, 640, 640]}, "separable", {"rank": "1"}),
     ("yolov8n", {"images": [1, 3, 640, 640]}, "spatial-separable", {"rank": "1"}),
+    ("yolov8n", {"images": [1, 3, 640, 640]}, "low-rank", {"rank": "full"}),
+    ("yolov8n", {"images": [1, 3, 640, 640]}, "low-rank", {"rank": "1/4"}),
     ("ppocr-det", {"x": [1, 3, 640, 640]}, "transpose-subpixel", {}),
     ("ppocr-det", {"x": [1, 3, 640, 640]}, "transpose-resize", {}),
 ]

@@ -50,6 +50,8 @@ DEFAULT_RANKS = (1, 2, 3, 4)
 #: ``ranks`` count filters per input channel): shares of the rule's full rank; for a square 3×3 conv in
 #: low-rank's spatial form they cost about 1/8, 1/4, 1/2, 3/4 and 1× the MACs (the last is dropped by MAX_MAC_RATIO).
 LAYER_RANK_SHARES = {"low-rank": ("1/16", "1/8", "1/4", "3/8", "1/2")}
+#: Built prefixes whose measured speed-ups differ by less than this share count as equally fast.
+SPEED_NOISE = 0.01
 #: A candidate is kept only when its MACs are at most this fraction of the conv's.
 MAX_MAC_RATIO = 0.8
 #: Errors below this count as this much in saving/error ratios (exact-looking candidates).
@@ -590,9 +592,26 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     seconds["search"] = time.perf_counter() - t
 
     passing = [b for b in built if b[0].passed]
+    # Latency need not fall along the sequence (launch-bound on a GPU, more nodes can cost more than the
+    # MACs save): while no passing prefix beats the original, halve the shortest one.
+    tries = max(2, max_evals - len(points))
+    while passing and tries and max(b[0].speedup for b in passing) <= 1.0:
+        shortest = min((b[1] for b in passing), key=len)
+        if len(shortest) < 2:
+            break
+        evaluate(shortest[:len(shortest) // 2])
+        tries -= 1
+        passing = [b for b in built if b[0].passed]
+    faster = [b for b in passing if b[0].speedup > 1.0]
     notes = []
-    if passing:
-        best, prefix, final, changes, per = min(passing, key=lambda b: (b[0].measured_ms, -b[0].steps))
+    if passing and not faster:
+        notes.append(f"no prefix within the budget ran faster than the original (best measured speed-up "
+                     f"{max(b[0].speedup for b in passing):.3f}×, although the one-layer timings predicted "
+                     f"savings): the model is returned unchanged")
+    if faster:
+        top = max(b[0].speedup for b in faster)  # within timing noise of the fastest, the fewest steps
+        best, prefix, final, changes, per = min((b for b in faster if b[0].speedup >= top - SPEED_NOISE * top),
+                                                key=lambda b: (b[0].steps, -b[0].speedup))
         plan = plan_of(prefix)
         value, measured, speedup, predicted = best.metric, best.measured_ms, best.speedup, best.predicted_ms
         baseline_ms = best.original_ms  # the chosen model's ms and speed-up come from one interleaved run
@@ -600,8 +619,9 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         final, changes, plan = original, [], {}
         value, _, per = judge_held.judge(original)
         measured, speedup, predicted = baseline_ms, 1.0, baseline_ms
-        notes.append("no rewrite kept the held-out metric within the budget: the model is returned unchanged"
-                     if steps else "no candidate rewrite saves measured time")
+        if not passing:
+            notes.append("no rewrite kept the held-out metric within the budget: the model is returned unchanged"
+                         if steps else "no candidate rewrite saves measured time")
     if backed_off:
         notes.append("backed off (each turned a passing prefix into a failing one): " + ", ".join(
             f"{b.node} {b.rule} {','.join(f'{k}={v}' for k, v in b.params.items())}" for b in backed_off))

@@ -59,3 +59,20 @@ def test_real_model_on_cuda(real_models):
     print(f"\nyolov8n 320x320 CUDA (IO binding): median {m.median_ms:.3f} ms, IQR {m.iqr_ms:.3f} ms, "
           f"session {m.session_s:.2f} s")
     assert np.isfinite(m.throughput_per_s)
+
+
+def test_optimize_on_cuda_times_and_judges_there(models_dir):
+    """The whole optimizer on CUDA: layers and prefixes timed with IO binding, calibration and the held-out
+    judge run on the GPU; the reported metric is what the returned model gives on CPU too (TF32 off)."""
+    from test_optimize import FAST, smooth_feeds
+
+    from convgraph.optimize import optimize
+
+    p = models_dir / "sample.onnx"
+    calib, held = smooth_feeds(8, 2), smooth_feeds(3, 3)
+    model, report = optimize(p, calib, held, budget=0.9, rules=["separable", "low-rank"], ranks=(1, 2),
+                             provider="cuda", **FAST)
+    assert report.provider == "cuda" and report.candidates and report.passed
+    ref = [run(create_session(p), f)[0] for f in held]
+    got = [run(create_session(model), f)[0] for f in held]
+    assert compare(ref, got).cosine == pytest.approx(report.metric_value, abs=1e-4)

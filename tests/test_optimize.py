@@ -129,6 +129,31 @@ def test_optimize_sample_model_meets_the_budget_on_held_out_inputs(models_dir, t
     assert (tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_model_no_faster_than_the_original_is_not_returned(models_dir, monkeypatch):
+    """As on a launch-bound GPU: the one-layer timings predict savings, the built models run slower. The
+    optimizer tries shorter prefixes, then returns the original and says why."""
+    import importlib
+
+    timing = importlib.import_module("convgraph.bench")  # the module (convgraph.bench is also the function)
+    real = timing.bench
+
+    def slower(models, *a, **kw):
+        r = real(models, *a, **kw)
+        if kw.get("names") == ["original", "optimized"]:
+            r.ratios[0].median = 0.9
+        return r
+
+    monkeypatch.setattr(timing, "bench", slower)
+    path = models_dir / "sample.onnx"
+    model, report = optimize(path, smooth_feeds(8, 2), smooth_feeds(3, 3), budget=0.5, rules=["separable"],
+                             ranks=(1,), **FAST)
+    assert len(report.sequence) > 1 and len(report.points) >= 2  # the search, then a shorter prefix
+    assert min(p.steps for p in report.points) < max(p.steps for p in report.points)
+    assert not report.chosen and report.speedup == 1.0 and report.passed
+    assert any("no prefix within the budget ran faster" in n for n in report.notes)
+    assert [n.name for n in model.graph.node] == [n.name for n in onnx.load(path).graph.node]
+
+
 def test_an_unreachable_budget_returns_the_model_unchanged(models_dir):
     calib = smooth_feeds(4, 4)
     model, report = optimize(models_dir / "sample.onnx", calib, calib[:2], budget=1.0, rules=["separable"],
