@@ -680,7 +680,7 @@ def plot_pareto(report: OptimizeReport, path) -> None:
     ax.set_xlabel("model output error (1 − cosine)" if report.metric != "snr" else "noise / signal power")
     ax.set_ylabel(f"latency, ms ({report.provider}, {report.threads or 'default'} thread(s))")
     ax.set_title(f"{report.model.rsplit('/', 1)[-1]}: error vs latency")
-    ax.legend(fontsize=7, loc="lower left", framealpha=0.6)
+    ax.legend(fontsize=7, loc="best", framealpha=0.6)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

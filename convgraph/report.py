@@ -88,6 +88,8 @@ def row(r: ConvRecord, total_macs: int | None) -> list[str]:
         name = f"{r.graph}/{name}"
     rf = _dims(r.receptive_field) if r.receptive_field else "?"
     shape = _dims(r.output_shape) if r.output_shape is not None else "?"
+    if r.shape_source == "measured":
+        shape += " (measured)"  # from a run of the model (--probe), not from shape inference
     return [name, _kind(r), _geometry(r), f"{r.in_channels}→{r.out_channels}", shape, human(r.macs),
             _share(r, total_macs), human(r.params), rf, _saving(r)]
 

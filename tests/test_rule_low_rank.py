@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 from test_fit import HELD_OUT_IMAGES, FIT_IMAGES, image_folder, smooth_inputs
-from test_rules_exact import assert_same, op_types, random_x, rewrite_with, single_op
+from test_rules_exact import assert_same, drawn_conv2d, input_shape, op_types, random_x, rewrite_with, single_op
 
 import convgraph
 from convgraph import fit
@@ -98,26 +98,11 @@ def test_ranks_resolve_against_the_full_rank_of_the_form():
 @given(data=st.data())
 @HYPOTHESIS
 def test_spatial_form_full_rank_is_exact(data):
-    g = data.draw(st.integers(1, 3), "group")
-    cig, cog = data.draw(st.integers(2, 4), "C_in/g"), data.draw(st.integers(1, 4), "C_out/g")
-    kh, kw = data.draw(st.integers(2, 4), "kh"), data.draw(st.integers(2, 4), "kw")
-    strides = data.draw(st.lists(st.integers(1, 2), min_size=2, max_size=2), "strides")
-    auto_pad = data.draw(st.sampled_from(["NOTSET", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]), "auto_pad")
-    attrs = dict(kernel_shape=[kh, kw], strides=strides, group=g)
-    if auto_pad == "NOTSET":  # onnxruntime takes no dilations with SAME_*
-        attrs["pads"] = data.draw(st.lists(st.integers(0, 2), min_size=4, max_size=4), "pads")
-        attrs["dilations"] = data.draw(st.lists(st.integers(1, 2), min_size=2, max_size=2), "dilations")
-    else:
-        attrs["auto_pad"] = auto_pad
-    shape = [2, cig * g, 9, 10]
-    rng = np.random.default_rng(data.draw(st.integers(0, 99), "seed"))
-    w = rng.standard_normal((cog * g, cig, kh, kw)).astype(np.float32)
-    b = rng.standard_normal(cog * g).astype(np.float32) if data.draw(st.booleans(), "bias") else None
-    model = single_op("Conv", shape, w, b, **attrs)
+    model = drawn_conv2d(data, 2)
     out, (rep,), _ = rewrite_with(model, "low-rank", {"rank": "full", "form": "spatial"})
     assert rep.exact and rep.weight_error <= 1e-6
     assert op_types(out) == ["Conv", "Conv"]
-    assert_same(model, out, {"x": random_x(shape)})
+    assert_same(model, out, {"x": random_x(input_shape(model))})
 
 
 CHANNEL_CASES = {
@@ -143,7 +128,7 @@ def test_channel_form_full_rank_is_exact(case):
     assert (reduce_.name, expand.name) == ("conv/reduce", "conv/expand")
     k2 = {a.name: helper.get_attribute_value(a) for a in expand.attribute}["kernel_shape"]
     assert k2 == [1] * (len(shape) - 2)
-    assert_same(model, out, {"x": random_x(shape)})
+    assert_same(model, out, {"x": random_x(input_shape(model))})
 
 
 # ---- optimal weights below full rank ----------------------------------------------------------------------

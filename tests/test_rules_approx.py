@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
-from test_rules_exact import assert_same, op_types, random_x, rel_err, rewrite_with, run, single_op
+from test_rules_exact import (
+    assert_same, drawn_conv2d, input_shape, op_types, random_x, rel_err, rewrite_with, run, single_op)
 
 import convgraph
 from convgraph.analyze import analyze
@@ -76,26 +77,11 @@ def test_rules_are_registered_with_their_contract():
 @given(data=st.data())
 @HYPOTHESIS
 def test_spatial_separable_full_rank_is_exact(data):
-    g = data.draw(st.integers(1, 3), "group")
-    cig, cog = data.draw(st.integers(1, 3), "C_in/g"), data.draw(st.integers(1, 3), "C_out/g")
-    kh, kw = data.draw(st.integers(2, 4), "kh"), data.draw(st.integers(2, 4), "kw")
-    strides = data.draw(st.lists(st.integers(1, 2), min_size=2, max_size=2), "strides")
-    auto_pad = data.draw(st.sampled_from(["NOTSET", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]), "auto_pad")
-    attrs = dict(kernel_shape=[kh, kw], strides=strides, group=g)
-    if auto_pad == "NOTSET":  # onnxruntime takes no dilations with SAME_*
-        attrs["pads"] = data.draw(st.lists(st.integers(0, 2), min_size=4, max_size=4), "pads")
-        attrs["dilations"] = data.draw(st.lists(st.integers(1, 2), min_size=2, max_size=2), "dilations")
-    else:
-        attrs["auto_pad"] = auto_pad
-    shape = [2, cig * g, 9, 10]
-    rng = np.random.default_rng(data.draw(st.integers(0, 99), "seed"))
-    w = rng.standard_normal((cog * g, cig, kh, kw)).astype(np.float32)
-    b = rng.standard_normal(cog * g).astype(np.float32) if data.draw(st.booleans(), "bias") else None
-    model = single_op("Conv", shape, w, b, **attrs)
+    model = drawn_conv2d(data, 1)
     out, (rep,), _ = rewrite_with(model, "spatial-separable", {"rank": "full"})
     assert rep.exact and rep.weight_error <= 1e-6
     assert op_types(out) == ["Conv", "Conv"]
-    assert_same(model, out, {"x": random_x(shape)})
+    assert_same(model, out, {"x": random_x(input_shape(model))})
 
 
 def test_spatial_separable_error_falls_with_rank():
@@ -277,7 +263,7 @@ def test_dilated_is_exact_for_kernels_on_the_grid(data):
     node = out.graph.node[0]
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
     assert a["kernel_shape"] == [new_k] * nd and a["dilations"] == [dil] * nd
-    assert_same(model, out, {"x": random_x(shape)})
+    assert_same(model, out, {"x": random_x(input_shape(model))})
 
 
 def test_dilated_default_grid_centres_and_keeps_alignment(models_dir):
@@ -394,7 +380,7 @@ def test_transpose_resize_nearest_is_exact_for_box_kernels(data):
     out, (rep,), _ = rewrite_with(model, "transpose-resize")
     assert rep.exact and rep.weight_error <= 1e-6
     assert ("Resize" in op_types(out)) == any(sa > 1 for sa in s)
-    assert_same(model, out, {"x": random_x(shape)})
+    assert_same(model, out, {"x": random_x(input_shape(model))})
 
 
 @given(data=st.data())

@@ -41,6 +41,33 @@ def single_op(op: str, x_shape, w: np.ndarray, b: np.ndarray | None = None, *, o
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
+def input_shape(model: onnx.ModelProto) -> list[int]:
+    """The static shape of a one-input model's input."""
+    return [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+
+
+def drawn_conv2d(data, min_cig: int = 1) -> onnx.ModelProto:
+    """A hypothesis-drawn 2D Conv (groups, k_h×k_w ≥ 2, strides, pads/dilations or auto_pad, bias) on a
+    2×C×9×10 input, as a one-op model."""
+    from hypothesis import strategies as st
+
+    g = data.draw(st.integers(1, 3), "group")
+    cig, cog = data.draw(st.integers(min_cig, min_cig + 2), "C_in/g"), data.draw(st.integers(1, 3), "C_out/g")
+    kh, kw = data.draw(st.integers(2, 4), "kh"), data.draw(st.integers(2, 4), "kw")
+    strides = data.draw(st.lists(st.integers(1, 2), min_size=2, max_size=2), "strides")
+    auto_pad = data.draw(st.sampled_from(["NOTSET", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]), "auto_pad")
+    attrs = dict(kernel_shape=[kh, kw], strides=strides, group=g)
+    if auto_pad == "NOTSET":  # onnxruntime takes no dilations with SAME_*
+        attrs["pads"] = data.draw(st.lists(st.integers(0, 2), min_size=4, max_size=4), "pads")
+        attrs["dilations"] = data.draw(st.lists(st.integers(1, 2), min_size=2, max_size=2), "dilations")
+    else:
+        attrs["auto_pad"] = auto_pad
+    rng = np.random.default_rng(data.draw(st.integers(0, 99), "seed"))
+    w = rng.standard_normal((cog * g, cig, kh, kw)).astype(np.float32)
+    b = rng.standard_normal(cog * g).astype(np.float32) if data.draw(st.booleans(), "bias") else None
+    return single_op("Conv", [2, cig * g, 9, 10], w, b, **attrs)
+
+
 def rewrite_with(model, rule: str, params: dict | None = None, input_shapes=None
                  ) -> tuple[onnx.ModelProto, list[Replacement], dict[str, str]]:
     """Apply ``rule`` to every conv it matches, the way the engine does; returns the checked model,

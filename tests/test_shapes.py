@@ -122,6 +122,9 @@ def test_probe_measures_and_fills_the_shape_table() -> None:
     assert conv2.macs == 5 * 64 * 4 * 3 and conv2.shape_source == "measured"  # out elements × C_in × k
     assert conv.shape_source == "inferred" and conv.macs == 4 * 64 * 3 * 9
     assert not any("unknown MACs" in w for w in rec.warnings)
+    from convgraph.report import row  # the table says which shapes were measured
+
+    assert row(conv2, None)[4] == "1×5×1×64 (measured)" and row(conv, None)[4] == "1×4×8×8"
 
 
 def test_probe_named_tensors_only() -> None:
