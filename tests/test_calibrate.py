@@ -183,3 +183,29 @@ def test_reference_with_other_activations_gives_cross_moments():
     _, xf_c = _moments(xr.astype(np.float64) * 0.5 + 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
     np.testing.assert_allclose(s.full_cross[0], xf.T @ xf_c, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(s.ref_sum, xc.sum(1), rtol=1e-6, atol=1e-5)
+
+
+def test_whole_patch_products_over_a_position_subset(monkeypatch):
+    """Above FULL_POSITIONS output positions per image the whole-patch products come from a seeded subset,
+    scaled to stand for every position: exactly those positions' products × (positions / subset), close to
+    the products over all positions; the per-channel sums and the target's sum still use every position."""
+    monkeypatch.setattr(calmod, "FULL_POSITIONS", 1000)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 2, 80, 80)).astype(np.float32)
+    x = (x + np.roll(x, 1, 2) + np.roll(x, 1, 3)) / 3  # neighbouring pixels correlated, as in images
+    y = rng.standard_normal((1, 3, 80, 80)).astype(np.float32)
+    s = ConvStats.empty("c", 2, (3, 3), pads=(1, 1, 1, 1), reference=True, target="y")
+    s.update(x, ref=x, target=y)
+    xc, xf = _moments(x.astype(np.float64), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    np.testing.assert_allclose(s.sq, np.einsum("cmk,cml->ckl", xc, xc), rtol=1e-10, atol=1e-8)  # every position
+    np.testing.assert_allclose(s.target_sum, y.sum(axis=(0, 2, 3)), rtol=1e-6)
+    pick, scale = calmod._position_subset((80, 80), 1000, 0)
+    rows = np.ravel_multi_index(pick, (80, 80))
+    assert len(rows) == 1000 and scale == 6400 / 1000
+    np.testing.assert_allclose(s.full[0], scale * xf[rows].T @ xf[rows], rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(s.full_cross[0], s.full[0], rtol=1e-5, atol=1e-3)
+    yt = y.reshape(3, -1).T.astype(np.float64)
+    np.testing.assert_allclose(s.target_cross[0], scale * xf[rows].T @ yt[rows], rtol=1e-5, atol=1e-3)
+    exact = np.cov(xf.T, bias=True)
+    err = np.linalg.norm(s.full_cov()[0] - exact) / np.linalg.norm(exact)
+    assert err < 0.15  # 1000 of 6400 positions: a sample covariance's error is about √(D/n) = 0.13
