@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import os
+import re
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -347,8 +350,12 @@ def check_output_path(path, input_path=None, in_place: bool = False) -> Path:
 
 
 def write_model(model: onnx.ModelProto, path, *, input_path=None, in_place: bool = False) -> Path:
-    """Save ``model`` atomically; a model over 2 GB goes with its tensors in ``<name>.data`` beside it.
+    """Save ``model`` atomically; a model over 2 GB goes with its tensors in ``<name>.<digest>.data`` beside it.
 
+    The data file is named after its content, so writing it never touches the file an existing model at
+    ``path`` reads: the switch is the one rename of the model file, and a reader sees the old model with
+    its data or the new one with its data, never a mix. A data file of that same naming pattern which
+    the replaced model referred to is removed afterwards; any other file is left alone.
     Refuses (UsageError) to write over ``input_path`` unless ``in_place``.
     """
     path = check_output_path(path, input_path, in_place)
@@ -358,22 +365,54 @@ def write_model(model: onnx.ModelProto, path, *, input_path=None, in_place: bool
     if model.ByteSize() <= PROTOBUF_LIMIT:
         atomic_write_bytes(path, model.SerializeToString())
         return path
-    data_name = path.name + ".data"
+    staging = path.name + ".data"
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # convert_model_to_external_data edits the model it is given
     external_data_helper.convert_model_to_external_data(
-        copy, all_tensors_to_one_file=True, location=data_name, size_threshold=EXTERNAL_THRESHOLD,
+        copy, all_tensors_to_one_file=True, location=staging, size_threshold=EXTERNAL_THRESHOLD,
         convert_attribute=True)
+    old = _own_data_files(path)
     with tempfile.TemporaryDirectory(prefix=".convgraph-", dir=path.parent) as tmp:
         external_data_helper.write_external_data_tensors(copy, tmp)  # also drops raw_data from ``copy``
         if copy.ByteSize() > PROTOBUF_LIMIT:
             raise ModelError(f"{path}: the model is over 2 GB even without its tensors; cannot save it")
-        written = os.path.join(tmp, data_name)
+        written = os.path.join(tmp, staging)
         if os.path.exists(written):
-            os.chmod(written, _new_file_mode(path.parent / data_name))
-            os.replace(written, path.parent / data_name)
+            name = f"{path.name}.{_digest(written)}.data"
+            for t in iter_tensors(copy):
+                for entry in t.external_data:
+                    if entry.key == "location":
+                        entry.value = name
+            os.chmod(written, _new_file_mode(path.parent / name))
+            os.replace(written, path.parent / name)
+            old.discard(name)
         atomic_write_bytes(path, copy.SerializeToString())
+    for stale in old:
+        with contextlib.suppress(OSError):
+            os.unlink(path.parent / stale)
     return path
+
+
+def _digest(file: str) -> str:
+    """The first 16 hex digits of a file's SHA-256 (read in 16 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _own_data_files(path: Path) -> set[str]:
+    """The ``<name>.<digest>.data`` files that the model now at ``path`` (if any) refers to."""
+    if not path.is_file():
+        return set()
+    try:
+        old = onnx.load(str(path), load_external_data=False)
+    except (OSError, ValueError, DecodeError):  # not a model we can read: nothing of ours to remove
+        return set()
+    pattern = re.compile(re.escape(path.name) + r"\.[0-9a-f]{16}\.data")
+    return {e.value for t in iter_tensors(old) for e in t.external_data
+            if e.key == "location" and pattern.fullmatch(e.value)}
 
 
 def _same_file(a: Path, b: Path) -> bool:

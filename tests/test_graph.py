@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
 import zlib
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
@@ -462,10 +465,11 @@ def test_models_over_the_protobuf_limit_save_with_external_data(tmp_path, monkey
     assert m.ByteSize() > convgraph.io.PROTOBUF_LIMIT
     out = tmp_path / "big.onnx"
     assert convgraph.save(cg, out) == out
-    assert (tmp_path / "big.onnx.data").is_file()
     stored = onnx.load(out, load_external_data=False)
     assert all(t.data_location == TensorProto.EXTERNAL for t in stored.graph.initializer)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]  # no temp left
+    (data,) = {e.value for t in stored.graph.initializer for e in t.external_data if e.key == "location"}
+    assert re.fullmatch(r"big\.onnx\.[0-9a-f]{16}\.data", data)  # named after its content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", data]  # no temp left
     assert _inline(onnx.load(out)) == _bytes(m)
     # and it loads back: checked from its file, shapes inferred from the model without its data
     back = _load(out)
@@ -474,6 +478,36 @@ def test_models_over_the_protobuf_limit_save_with_external_data(tmp_path, monkey
     monkeypatch.undo()
     x = RNG.standard_normal((1, 8, 8, 8)).astype(np.float32)
     assert np.array_equal(_run(back.to_model(), {"x": x})[0], _run(m, {"x": x})[0])
+
+
+def test_rewriting_a_big_model_switches_model_and_data_in_one_rename(tmp_path, monkeypatch) -> None:
+    """Saving over a >2 GB model: the new data file gets a new name, so until the model file's rename the
+    old model still reads its own data; then the old data file (ours) goes, a user's file stays."""
+    monkeypatch.setattr(convgraph.io, "PROTOBUF_LIMIT", 4000)
+    out = tmp_path / "big.onnx"
+    (tmp_path / "big.onnx.data").write_bytes(b"a user's file of that name")
+    convgraph.save(_load(_chain(3, c=8)), out)
+    first = {p.name for p in tmp_path.iterdir()}
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):  # at the model file's rename, the old model must still load whole
+        if Path(dst) == out:
+            seen.append(_inline(onnx.load(out)) == _bytes(_chain(3, c=8)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    other = _chain(3, c=8)
+    for t in other.graph.initializer:
+        t.raw_data = (np.frombuffer(t.raw_data, np.float32) * 2).astype(np.float32).tobytes()
+    convgraph.save(_load(other), out)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert seen == [True]
+    after = {p.name for p in tmp_path.iterdir()}
+    assert "big.onnx.data" in after and len(after) == 3 and after != first  # old data gone, user file kept
+    assert _inline(onnx.load(out)) == _bytes(other)
+    convgraph.save(_load(other), out)  # the same content again: the same data file, nothing removed
+    assert {p.name for p in tmp_path.iterdir()} == after
 
 
 # ---- shapes -----------------------------------------------------------------------------------
