@@ -221,10 +221,11 @@ class Judge:
 
 
 # ---- candidates and per-layer latency -----------------------------------------------------------------------
-def _rule_options(rule_name: str, rec: ConvRecord, ranks: Sequence[int]) -> list[dict[str, Any]]:
+def _rule_options(rule_name: str, rec: ConvRecord, ranks: Sequence[int],
+                  shares: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rule = get_rule(rule_name)
     if rule_name in LAYER_RANK_SHARES:
-        return [{"rank": r} for r in LAYER_RANK_SHARES[rule_name]]
+        return [{"rank": r} for r in (shares or LAYER_RANK_SHARES[rule_name])]
     if any(p.name == "rank" for p in rule.params):
         return [{"rank": r} for r in ranks]
     return [{}]
@@ -259,6 +260,7 @@ def _static(shape) -> bool:
 
 
 def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str], ranks: Sequence[int], *,
+               shares: Sequence[str] | None = None,
                provider: str, threads: int | None, runs: int, warmup: int,
                progress=None) -> list[Candidate]:
     """Every matching (conv, rule, params) that cuts MACs, with its measured one-layer latency."""
@@ -273,7 +275,7 @@ def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str
         options = []
         for name in rules:
             rule = get_rule(name)
-            for given in _rule_options(name, rec, ranks):
+            for given in _rule_options(name, rec, ranks, shares):
                 params = rule.resolve_params({k: str(v) for k, v in given.items()})
                 ctx = RuleContext(cg, by_id, None, params)
                 if rule.match(rec, ctx) is not None:
@@ -474,12 +476,12 @@ def _subset(data: InputSet, idx: Sequence[int], describe: str) -> InputSet:
     return InputSet(len(idx), lambda i: data[idx[i]], describe, data.specs)
 
 
-def _measure(original, cg, records, rules, ranks, fit_set, judge: Judge, *, provider, threads, input_shapes,
+def _measure(original, cg, records, rules, ranks, shares, fit_set, judge: Judge, *, provider, threads, input_shapes,
              layer_runs: int, seconds: dict, say) -> list[Candidate]:
     """Phases 1–3: candidates, their one-layer latencies, and each one's error alone (fitted on ``fit_set``)."""
     t = time.perf_counter()
     say("timing layers")
-    cands = candidates(cg, records, rules, ranks, provider=provider, threads=threads, runs=layer_runs,
+    cands = candidates(cg, records, rules, ranks, shares=shares, provider=provider, threads=threads, runs=layer_runs,
                        warmup=max(3, layer_runs // 10))
     seconds["layer_latency"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -502,7 +504,7 @@ def _measure(original, cg, records, rules, ranks, fit_set, judge: Judge, *, prov
 
 def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = "cosine",
              rules: Sequence[str] = DEFAULT_RULES, ranks: Sequence[int] = DEFAULT_RANKS,
-             selection: Selection | None = None, provider: str = "cpu", threads: int | None = 1,
+             shares: Sequence[str] | None = None, selection: Selection | None = None, provider: str = "cpu", threads: int | None = 1,
              input_shapes: Mapping[str, Sequence[int]] | None = None, input_options: Mapping[str, Any] | None = None,
              tensors: Sequence[str] | None = None, measured: Sequence[Candidate] | None = None, probe: int = 8,
              layer_runs: int = 30, bench_runs: int = 20, max_evals: int = 6,
@@ -517,7 +519,9 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     ``threads``: onnxruntime intra-op threads of every latency measured (None: its default). ``probe``:
     calibration samples kept out of the candidates' fits to measure their errors on (the final fits use
     all). ``measured``: the candidates of an earlier run (``report.candidates``) on the same model, data,
-    rules and metric, to try another budget without measuring them again. ``max_evals``: prefixes built
+    rules and metric, to try another budget without measuring them again. ``shares``: the ranks tried for
+    the rules whose rank spans the whole layer (``low-rank``), as shares of the full rank (default
+    :data:`LAYER_RANK_SHARES`); ``ranks`` are the others'. ``max_evals``: prefixes built
     and judged in the final search. ``progress``: a callable taking one-line status messages.
     Returns the optimized model (the original when nothing fits the budget) and the report.
     """
@@ -531,6 +535,9 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         raise UsageError(f"--budget for {metric} is the least allowed value, in (0, 1]; got {budget}")
     for r in rules:
         get_rule(r)
+    for r in set(rules) & set(LAYER_RANK_SHARES):
+        for share in shares or ():
+            get_rule(r).resolve_params({"rank": str(share)})  # UsageError now, not after the calibration
     cg = load(model, input_shapes)
     original = cg.to_model()
     label = "<model>" if isinstance(model, (bytes, onnx.ModelProto, ConvGraph)) else str(model)
@@ -564,7 +571,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     if measured is not None:  # an earlier run's candidates: same model, data, rules and metric
         cands = [Candidate(**asdict(c)) for c in measured]
     else:
-        cands = _measure(original, cg, records, rules, ranks, fit_set, judge_probe, provider=provider,
+        cands = _measure(original, cg, records, rules, ranks, shares, fit_set, judge_probe, provider=provider,
                          threads=threads, input_shapes=input_shapes, layer_runs=layer_runs, seconds=seconds, say=say)
 
     steps = greedy_sequence(cands, baseline_ms)

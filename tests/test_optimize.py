@@ -228,3 +228,16 @@ def test_search_stops_at_max_evals_and_without_allowance():
     seen.clear()
     assert search(seq, lambda p: (seen.append(len(p)) or True, 0.0), allowance=1.0, max_evals=5) == []
     assert seen == [8]
+
+
+def test_shares_choose_the_low_rank_ranks_and_bad_ones_fail_early(models_dir):
+    from convgraph.analyze import analyze
+    from convgraph.optimize import _rule_options
+
+    cg = load(models_dir / "sample.onnx")
+    rec = next(r for r in analyze(cg, rewrites=False).convs if r.kind == "standard")
+    assert _rule_options("low-rank", rec, (1, 2)) == [{"rank": s} for s in ("1/16", "1/8", "1/4", "3/8", "1/2")]
+    assert _rule_options("low-rank", rec, (1, 2), ["1/3"]) == [{"rank": "1/3"}]
+    assert _rule_options("separable", rec, (1, 2), ["1/3"]) == [{"rank": 1}, {"rank": 2}]
+    with pytest.raises(UsageError, match="low-rank: bad value '2/1'"):
+        optimize(models_dir / "sample.onnx", smooth_feeds(4, 1), rules=["low-rank"], shares=["2/1"], **FAST)

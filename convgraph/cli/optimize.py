@@ -56,6 +56,8 @@ def render(report: OptimizeReport) -> None:
               help="Comma-separated rules to choose from.")
 @click.option("--ranks", callback=_number_list(int), default=",".join(map(str, DEFAULT_RANKS)), show_default=True,
               help="Ranks tried for rules that take one.")
+@click.option("--shares", callback=_names, help="Ranks tried for low-rank, as shares of its full rank "
+              "[default: 1/16,1/8,1/4,3/8,1/2].")
 @click.option("--tensor", "tensors", multiple=True,
               help="Judge these tensors instead of the model outputs (repeatable; the worst counts).")
 @click.option("--nodes", help="Only convs whose name matches this regex.")
@@ -72,9 +74,9 @@ def render(report: OptimizeReport) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 @click.option("--in-place", is_flag=True, help="Allow -o to name the input model.")
 @json_option
-def optimize_command(model, calib, heldout, budget, metric, rules, ranks, tensors, nodes, exclude, min_macs, provider,
-                     threads, samples, image_size, mean, std, layout, input_shapes, max_evals, plot, output, in_place,
-                     as_json) -> None:
+def optimize_command(model, calib, heldout, budget, metric, rules, ranks, shares, tensors, nodes, exclude, min_macs,
+                     provider, threads, samples, image_size, mean, std, layout, input_shapes, max_evals, plot, output,
+                     in_place, as_json) -> None:
     """Rewrite MODEL's convs for speed within an error budget, fitted on calibration data (--calib)."""
     check_output_path(output, model, in_place)
     if not rules:
@@ -96,6 +98,7 @@ def optimize_command(model, calib, heldout, budget, metric, rules, ranks, tensor
         status.start()
     try:
         new, report = optimize(model, calib, heldout, budget=budget, metric=metric, rules=rules, ranks=ranks,
+                               shares=shares or None,
                                selection=Selection(nodes, exclude, (), min_macs), provider=provider,
                                threads=threads or None, input_shapes=input_shapes, input_options=options,
                                tensors=list(tensors) or None, max_evals=max_evals, progress=progress)
