@@ -50,6 +50,8 @@ DEFAULT_RANKS = (1, 2, 3, 4)
 #: ``ranks`` count filters per input channel): shares of the rule's full rank; for a square 3×3 conv in
 #: low-rank's spatial form they cost about 1/8, 1/4, 1/2, 3/4 and 1× the MACs (the last is dropped by MAX_MAC_RATIO).
 LAYER_RANK_SHARES = {"low-rank": ("1/16", "1/8", "1/4", "3/8", "1/2")}
+#: A built prefix this much slower than its predicted latency has non-additive savings: shorter ones are tried.
+PREDICTION_SLACK = 1.1
 #: Built prefixes whose measured speed-ups differ by less than this share count as equally fast.
 SPEED_NOISE = 0.01
 #: A candidate is kept only when its MACs are at most this fraction of the conv's.
@@ -420,6 +422,12 @@ def search(steps: Sequence[Step], evaluate, *, allowance: float | None, max_eval
     return dropped
 
 
+def needs_shorter(p: Point) -> bool:
+    """Whether a built prefix calls for trying a shorter one: no faster than the original, or slower than
+    its layers' measured savings predict by more than PREDICTION_SLACK (latency not additive)."""
+    return p.speedup is None or p.speedup <= 1.0 or p.measured_ms > PREDICTION_SLACK * p.predicted_ms
+
+
 # ---- sequential fitting ---------------------------------------------------------------------------------------
 def fit_sequential(original: onnx.ModelProto, plan: Mapping[str, tuple[str, dict]], calib, *,
                    input_shapes=None, provider: str = "cpu", threads: int | None = None,
@@ -600,9 +608,10 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
 
     passing = [b for b in built if b[0].passed]
     # Latency need not fall along the sequence (launch-bound on a GPU, more nodes can cost more than the
-    # MACs save): while no passing prefix beats the original, halve the shortest one.
+    # MACs save): while the fastest passing prefix is no faster than the original, or its measured latency
+    # is far from the sum of its layers' savings, halve the shortest one.
     tries = max(2, max_evals - len(points))
-    while passing and tries and max(b[0].speedup for b in passing) <= 1.0:
+    while passing and tries and needs_shorter(max(passing, key=lambda b: b[0].speedup)[0]):
         shortest = min((b[1] for b in passing), key=len)
         if len(shortest) < 2:
             break

@@ -241,3 +241,15 @@ def test_shares_choose_the_low_rank_ranks_and_bad_ones_fail_early(models_dir):
     assert _rule_options("separable", rec, (1, 2), ["1/3"]) == [{"rank": 1}, {"rank": 2}]
     with pytest.raises(UsageError, match="low-rank: bad value '2/1'"):
         optimize(models_dir / "sample.onnx", smooth_feeds(4, 1), rules=["low-rank"], shares=["2/1"], **FAST)
+
+
+def test_needs_shorter_when_not_faster_or_latency_is_not_additive():
+    from convgraph.optimize import Point, needs_shorter
+
+    def point(predicted, measured, speedup):
+        return Point(10, 5, predicted, 10.0, measured, speedup, 0.99, 0.01, True)
+
+    assert not needs_shorter(point(8.0, 8.2, 1.22))  # as predicted, faster
+    assert needs_shorter(point(8.0, 10.5, 0.95))  # slower than the original
+    assert needs_shorter(point(8.0, 9.2, 1.09))  # faster, but 15% off its prediction (on a GPU: 3.22 vs 2.60 ms)
+    assert not needs_shorter(point(8.0, 8.7, 1.15))  # within 10%
