@@ -610,16 +610,21 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     # Latency need not fall along the sequence (launch-bound on a GPU, more nodes can cost more than the
     # MACs save): while the fastest passing prefix is no faster than the original, or its measured latency
     # is far from the sum of its layers' savings, halve the shortest one.
-    tries = max(2, max_evals - len(points))
+    tries, shorter = max(2, max_evals - len(points)), []
     while passing and tries and needs_shorter(max(passing, key=lambda b: b[0].speedup)[0]):
         shortest = min((b[1] for b in passing), key=len)
         if len(shortest) < 2:
             break
         evaluate(shortest[:len(shortest) // 2])
+        shorter.append(len(shortest) // 2)
         tries -= 1
         passing = [b for b in built if b[0].passed]
     faster = [b for b in passing if b[0].speedup > 1.0]
     notes = []
+    if shorter:
+        notes.append(f"latency did not follow the layers' measured savings (not faster than the original, or "
+                     f"over {PREDICTION_SLACK - 1:.0%} slower than predicted): also built the prefixes of "
+                     f"{', '.join(map(str, shorter))} steps")
     if passing and not faster:
         notes.append(f"no prefix within the budget ran faster than the original (best measured speed-up "
                      f"{max(b[0].speedup for b in passing):.3f}×, although the one-layer timings predicted "
