@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="yolov8n,ppocr-det")
     ap.add_argument("--budgets", default="0.999,0.995,0.99,0.98")
     ap.add_argument("--calib", type=int, default=32, help="calibration images (crops of the sources)")
-    ap.add_argument("--rules", default="separable,spatial-separable,dilated")
+    ap.add_argument("--rules", default="separable,spatial-separable,dilated,low-rank")
     ap.add_argument("--ranks", default="1,2,3,4")
     ap.add_argument("--max-evals", type=int, default=6)
     ap.add_argument("--plot", help="folder for the Pareto PNGs")
