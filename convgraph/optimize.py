@@ -620,7 +620,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         tries -= 1
         passing = [b for b in built if b[0].passed]
     faster = [b for b in passing if b[0].speedup > 1.0]
-    notes = []
+    notes = list(cg.warnings)  # what loading said (dynamic inputs, shapes probed)
     if shorter:
         notes.append(f"latency did not follow the layers' measured savings (not faster than the original, or "
                      f"over {PREDICTION_SLACK - 1:.0%} slower than predicted): also built the prefixes of "

@@ -110,6 +110,7 @@ class RewriteReport:
     failures: list[str] = field(default_factory=list)
     dry_run: bool = False
     tolerance_required: bool = False  # atol/rtol/min_cosine given: the outputs must pass
+    warnings: list[str] = field(default_factory=list)  # what loading the model said (shapes, probe)
 
     @property
     def totals(self) -> dict[str, Any]:
@@ -251,7 +252,7 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
             verify: bool = True,
             atol: float | None = None, rtol: float | None = None, min_cosine: float | None = None,
             bench: bool = False, bench_runs: int = 20, threads: int | None = None, provider: str = "cpu",
-            dry_run: bool = False, calib=None, calibration: dict | None = None) -> RewriteResult:
+            dry_run: bool = False, calib=None, calibration: dict | None = None, probe: bool = False) -> RewriteResult:
     """Rewrite the convs of ``source`` (path, bytes, ModelProto or ConvGraph) with ``rules`` (names, in order).
 
     ``params`` (``{"rank": "full"}``) go to every rule that declares them. ``inputs`` and ``input_options``
@@ -261,8 +262,9 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
     passes statistics already collected (:func:`convgraph.calibrate.calibrate`). With ``verify`` the result is
     checked with onnxruntime against the original: exact rewrites must keep each node's output within
     1e-4 relative (else CheckFailed names the node); ``atol``/``rtol``/``min_cosine`` make the model
-    outputs' tolerance a requirement (report.passed False when exceeded). Returns the new model and the
-    report; the input is never modified.
+    outputs' tolerance a requirement (report.passed False when exceeded). ``probe`` measures the shapes
+    onnx's inference loses (:func:`convgraph.shapes.probe_shapes`), so that those convs get MACs too.
+    Returns the new model and the report; the input is never modified.
     """
     if not rules:
         raise UsageError("no rule given; list them with `convgraph rules`")
@@ -277,11 +279,11 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
         raise UsageError(f"--param {', '.join(unknown)}: not a parameter of {', '.join(r.name for r in chosen)}")
     resolved = [(r, r.resolve_params(given)) for r in chosen]
     original = source.to_model() if isinstance(source, ConvGraph) else None
-    cg = load(original if original is not None else source, input_shapes)
+    cg = load(original if original is not None else source, input_shapes, probe=probe)
     original = original or cg.to_model()
     label = "<model>" if isinstance(source, (bytes, onnx.ModelProto, ConvGraph)) else str(source)
     report = RewriteReport(model=label, rules=[{"rule": r.name, "params": p, "exact": r.is_exact(p)} for r, p in resolved],
-                           dry_run=dry_run)
+                           dry_run=dry_run, warnings=list(cg.warnings))
     if calib is not None and calibration is None and not dry_run:
         from .calibrate import calibrate
 
@@ -290,7 +292,7 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
                                 seed=opts.pop("seed", 0), input_options=opts, provider=provider)
     for i, (rule, p) in enumerate(resolved):
         if i:
-            cg = load(cg.to_model(), input_shapes, check=False)  # fresh shapes and records for the next rule
+            cg = load(cg.to_model(), input_shapes, check=False, probe=probe)  # fresh shapes and records for the next rule
         _apply(cg, rule, p, selection, report, dry_run, calibration)
     if dry_run:
         return RewriteResult(None, report)

@@ -166,6 +166,7 @@ def test_optimize_times_convs_whose_shapes_inference_lost(tmp_path):
     model, report = optimize(path, feeds[:4], feeds[4:], budget=0.01, rules=["separable"], ranks=(1,), **FAST)
     assert {c.node for c in report.candidates} == {"conv", "conv2"}  # conv2's input shape was measured
     assert all(c.layer_ms_before > 0 for c in report.candidates)
+    assert any("--probe ran the model" in n for n in report.notes)  # the report says the shapes were measured
     onnx.checker.check_model(model, full_check=True)
 
 

@@ -236,3 +236,23 @@ def test_ppocr_rec_every_conv_gets_shapes_and_macs(real_models) -> None:
 def test_load_probe_warns(recwarn) -> None:
     load(_computed_reshape(), probe=True)
     assert any(issubclass(w.category, ConvGraphWarning) and "--probe ran the model" in str(w.message) for w in recwarn)
+
+
+def test_rewrite_probe_gives_the_lost_convs_their_macs(tmp_path, capsys) -> None:
+    """`rewrite --probe`: the conv after the computed Reshape gets MACs before → after; the warning is shown."""
+    path = _write(tmp_path, _computed_reshape())
+    argv = ["rewrite", path, "--rule", "separable", "--param", "rank=full", "--no-bench", "--json", "--dry-run"]
+    code, out, err = _cli(capsys, *argv)
+    assert code == 0, err
+    changes = {c["node"]: c for c in json.loads(out)["changes"]}
+    assert changes["conv2"]["macs_before"] is None and "--probe ran" not in err
+    code, out, err = _cli(capsys, *argv, "--probe")
+    assert code == 0, err
+    report = json.loads(out)
+    conv2 = next(c for c in report["changes"] if c["node"] == "conv2")
+    assert conv2["macs_before"] == 5 * 64 * 4 * 3 and conv2["macs_after"] == 64 * (12 * 3 + 12 * 5)  # rank 3: 12 channels, 1×3 then 1×1
+    assert report["totals"]["macs_before"] is not None
+    assert "--probe ran the model" in err and any("--probe ran the model" in w for w in report["warnings"])
+    code, out, err = _cli(capsys, "rewrite", path, "--rule", "separable", "--param", "rank=full", "--no-bench",
+                          "--probe", "-o", tmp_path / "out.onnx")  # a probed model still rewrites exactly
+    assert code == 0 and (tmp_path / "out.onnx").exists(), err

@@ -12,7 +12,7 @@ from ..errors import UsageError
 from ..graph import gc_paused, load
 from ..io import atomic_write_bytes
 from . import cli, common
-from .common import emit_json, input_shape_option, json_option, warn
+from .common import emit_json, input_shape_option, json_option, probe_option, warn
 
 
 @cli.command()
@@ -27,9 +27,7 @@ from .common import emit_json, input_shape_option, json_option, warn
               help="Only the first N convs (totals stay whole).")
 @click.option("--dot", "dot_path", type=click.Path(path_type=Path), default=None, metavar="OUT.dot",
               help="Also write the graph as Graphviz DOT, convs coloured by kind.")
-@click.option("--probe", is_flag=True,
-              help="Run the model once on random inputs (onnxruntime) to measure the shapes onnx's shape inference "
-                   "cannot follow; every input shape must be known (--input-shape).")
+@probe_option
 def analyze(model: Path, input_shapes: dict, as_json: bool, fmt: str | None, sort: str | None, top: int | None,
             dot_path: Path | None, probe: bool) -> None:
     """Per convolution of MODEL: kind, geometry, output shape, MACs, params, receptive field, rewrites."""

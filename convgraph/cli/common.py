@@ -54,6 +54,10 @@ def _parse_shapes(ctx, param, values) -> dict[str, list[int]]:
 input_shape_option = click.option(
     "--input-shape", "input_shapes", multiple=True, callback=_parse_shapes, metavar="NAME=D0,D1,...",
     help="Fix a dynamic input shape, e.g. x=1,3,640,640 (repeatable).")
+probe_option = click.option(
+    "--probe", is_flag=True,
+    help="Run the model once on random inputs (onnxruntime) to measure the shapes onnx's shape inference cannot "
+         "follow; every input shape must be known (--input-shape).")
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, nothing else.")
 provider_option = click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
                                help="onnxruntime execution provider.")

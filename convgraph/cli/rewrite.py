@@ -10,7 +10,8 @@ from ..io import check_output_path, write_model
 from ..rewrite import Selection, rewrite
 from . import cli
 from .common import (
-    emit_json, err, input_data_kwargs, input_data_options, input_shape_option, json_option, out, provider_option,
+    emit_json, err, input_data_kwargs, input_data_options, input_shape_option, json_option, out, probe_option,
+    provider_option,
     warn)
 
 
@@ -103,10 +104,11 @@ def _explain(report) -> None:
 @click.option("--keep-failed", is_flag=True, help="Write the output even when a tolerance is exceeded.")
 @click.option("--dry-run", is_flag=True, help="List what would change (MACs/params before → after); write nothing.")
 @click.option("--explain", is_flag=True, help="For each conv, each rule and why it did or did not apply.")
+@probe_option
 @json_option
 def rewrite_command(model, rules, params, nodes, exclude, kinds, min_macs, input_shapes, calib, no_verify, atol, rtol,
-                    min_cosine, bench, runs, threads, provider, output, in_place, keep_failed, dry_run, explain, as_json,
-                    **kw) -> None:
+                    min_cosine, bench, runs, threads, provider, output, in_place, keep_failed, dry_run, explain, probe,
+                    as_json, **kw) -> None:
     """Rewrite the convs of MODEL with one or more rules, check the result and write it to -o."""
     if not output and not (dry_run or explain):
         raise UsageError("-o/--output is required (or use --dry-run / --explain)")
@@ -117,8 +119,10 @@ def rewrite_command(model, rules, params, nodes, exclude, kinds, min_macs, input
                      input_options=data, calib=calib,
                      selection=Selection(nodes, exclude, tuple(kinds), min_macs), verify=not no_verify, atol=atol,
                      rtol=rtol, min_cosine=min_cosine, bench=bench and not dry_run, bench_runs=runs, threads=threads, provider=provider,
-                     dry_run=dry_run)
+                     dry_run=dry_run, probe=probe)
     report = result.report
+    for w in report.warnings:
+        warn(w)
     written = None
     if output and result.model is not None and (report.passed or keep_failed) and not dry_run:
         written = str(write_model(result.model, output, input_path=model, in_place=in_place))
