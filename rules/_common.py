@@ -38,6 +38,18 @@ def plain_conv_reason(rec: ConvRecord, ctx: RuleContext, op_types: tuple[str, ..
     return float_type_reason(ctx, rec.weight)
 
 
+def channel_mixing_reason(rec: ConvRecord, ctx: RuleContext, depthwise: str) -> str | None:
+    """As :func:`plain_conv_reason`, and the conv must mix input channels (``depthwise`` says why not)."""
+    why = plain_conv_reason(rec, ctx)
+    if why:
+        return why
+    if rec.in_channels is None or rec.out_channels is None:
+        return "channel counts unknown"
+    if rec.in_channels // rec.group == 1:
+        return depthwise
+    return None
+
+
 def elem_type(ctx: RuleContext, tensor: str) -> int | None:
     """The ONNX element type of ``tensor`` as shape inference (or the initializer) says, else its constant
     value's; None if unknown."""

@@ -47,7 +47,7 @@ from convgraph.rule import Param, Replacement, Rule, RuleContext
 
 from . import _lsq
 from ._common import (
-    Names, bias_params, geometry, label, out_elements, plain_conv_reason, split_geometry, weights)
+    Names, bias_params, channel_mixing_reason, geometry, label, out_elements, split_geometry, weights)
 
 FORMS = ("auto", "spatial", "channel")
 #: The default rank: this share of the full rank.
@@ -111,13 +111,10 @@ def rank_of(rec: ConvRecord, params: dict) -> int:
 
 
 def match(rec: ConvRecord, ctx: RuleContext) -> str | None:
-    why = plain_conv_reason(rec, ctx)
+    why = channel_mixing_reason(rec, ctx, "one input channel per group (depthwise): no channels to share a basis; "
+                                          "see spatial-separable")
     if why:
         return why
-    if rec.in_channels is None or rec.out_channels is None:
-        return "channel counts unknown"
-    if rec.in_channels // rec.group == 1:
-        return "one input channel per group (depthwise): no channels to share a basis; see spatial-separable"
     try:
         form = form_of(rec, _form(str(ctx.params.get("form", "auto"))))
     except ValueError as e:

@@ -27,7 +27,7 @@ from convgraph.record import ConvRecord
 from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or_full
 
 from . import _lsq
-from ._common import Names, bias_params, geometry, label, opset, out_elements, plain_conv_reason, weights
+from ._common import Names, bias_params, channel_mixing_reason, geometry, label, opset, out_elements, weights
 
 LAYOUTS = ("auto", "multiplier", "tiled")
 #: layout=auto tiles 2D convs whose depthwise stage has at least this many channels (C_in·r).
@@ -61,13 +61,9 @@ def layout_of(rec: ConvRecord, r: int, layout: str) -> str:
 
 
 def match(rec: ConvRecord, ctx: RuleContext) -> str | None:
-    why = plain_conv_reason(rec, ctx)
+    why = channel_mixing_reason(rec, ctx, "already depthwise (one input channel per group)")
     if why:
         return why
-    if rec.in_channels is None or rec.out_channels is None:
-        return "channel counts unknown"
-    if rec.in_channels // rec.group == 1:
-        return "already depthwise (one input channel per group)"
     if prod(rec.kernel) == 1:
         return "1×1 kernel: already pointwise"
     return None

@@ -206,25 +206,29 @@ def image_folder(tmp_path: Path, names) -> Path:
     return tmp_path
 
 
-@pytest.mark.real
-def test_data_fit_beats_weight_fit_on_held_out_images_yolov8n(real_models, tmp_path):
-    """YOLOv8n's /model.6/m.0/cv1 (64→64, 3×3) as separable rank 1 and 4: fitted on 6 sample images,
-    judged on 3 others; the layer's output error must fall well below the weight fit's."""
+def yolo_layer(path, tmp_path, node: str = "/model.6/m.0/cv1/conv/Conv"):
+    """A real YOLOv8n (320×320) conv: its calibration statistics on FIT_IMAGES, weight, bias, and its input
+    on HELD_OUT_IMAGES (stacked)."""
+    from convgraph.inputs import make_inputs
     from convgraph.runtime import create_session, expose_tensors, run
 
     shapes = {"images": [1, 3, 320, 320]}
-    cg = load(real_models("yolov8n"), shapes)
-    node = "/model.6/m.0/cv1/conv/Conv"
+    cg = load(path, shapes)
     opts = {"image_size": (320, 320)}
     stats = calibrate(cg, str(image_folder(tmp_path / "fit", FIT_IMAGES)), nodes=[node], input_options=opts)
     s = stats[node]
     w, b = constant_value(cg, cg.node(node).input[1]), constant_value(cg, cg.node(node).input[2])
     sess = create_session(expose_tensors(cg.to_model(), [s.input], cg.shapes))
-    from convgraph.inputs import make_inputs
-
     held = make_inputs(cg.to_model(), str(image_folder(tmp_path / "held", HELD_OUT_IMAGES)), input_shapes=shapes,
                        **opts)
-    x = np.concatenate([run(sess, feed, [s.input])[0] for feed in held])
+    return s, w, b, np.concatenate([run(sess, feed, [s.input])[0] for feed in held])
+
+
+@pytest.mark.real
+def test_data_fit_beats_weight_fit_on_held_out_images_yolov8n(real_models, tmp_path):
+    """YOLOv8n's /model.6/m.0/cv1 (64→64, 3×3) as separable rank 1 and 4: fitted on 6 sample images,
+    judged on 3 others; the layer's output error must fall well below the weight fit's."""
+    s, w, b, x = yolo_layer(real_models("yolov8n"), tmp_path)
     y = conv(x, w, b)
     errors = {}
     for r in (1, 4):

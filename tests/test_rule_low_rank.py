@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper
-from test_fit import HELD_OUT_IMAGES, FIT_IMAGES, image_folder, smooth_inputs
+from test_fit import smooth_inputs, yolo_layer
 from test_rules_exact import assert_same, drawn_conv2d, input_shape, op_types, random_x, rewrite_with, single_op
 
 import convgraph
@@ -315,22 +315,7 @@ def test_rule_fits_calibration_statistics(models_dir):
 def test_data_fit_beats_weight_fit_on_held_out_images_yolov8n(real_models, tmp_path):
     """YOLOv8n's /model.6/m.0/cv1 (64→64, 3×3) in the spatial form at 1/16 and 1/8 of the full rank (12
     and 24 of 192: about 0.13 and 0.25 of the MACs): fitted on 6 sample images, judged on 3 others."""
-    from convgraph.inputs import make_inputs
-    from convgraph.runtime import create_session, expose_tensors
-    from convgraph.runtime import run as run_session
-    from convgraph.weights import constant_value
-
-    shapes = {"images": [1, 3, 320, 320]}
-    cg = convgraph.load(real_models("yolov8n"), shapes)
-    node = "/model.6/m.0/cv1/conv/Conv"
-    opts = {"image_size": (320, 320)}
-    stats = calibrate(cg, str(image_folder(tmp_path / "fit", FIT_IMAGES)), nodes=[node], input_options=opts)
-    s = stats[node]
-    w, b = constant_value(cg, cg.node(node).input[1]), constant_value(cg, cg.node(node).input[2])
-    sess = create_session(expose_tensors(cg.to_model(), [s.input], cg.shapes))
-    held = make_inputs(cg.to_model(), str(image_folder(tmp_path / "held", HELD_OUT_IMAGES)), input_shapes=shapes,
-                       **opts)
-    x = np.concatenate([run_session(sess, feed, [s.input])[0] for feed in held])
+    s, w, b, x = yolo_layer(real_models("yolov8n"), tmp_path)
     y = conv_nd(x, w, b, pads=(1, 1, 1, 1))
     errors = {}
     for r in (12, 24):
