@@ -497,7 +497,7 @@ def _measure(original, cg, records, rules, ranks, shares, fit_set, judge: Judge,
     by_id = {r.node_id: r for r in records}
     calibrated = sorted({c.node for c in cands if c.saving_ms > 0 and calibratable(by_id[c.node]) is None})
     stats = calibrate(original, fit_set, nodes=calibrated, input_shapes=input_shapes, provider=provider,
-                      threads=threads) if calibrated else Calibration()
+                      threads=None) if calibrated else Calibration()
     seconds["calibration"] = time.perf_counter() - t
     t = time.perf_counter()
     for i, c in enumerate(cands):
@@ -524,7 +524,8 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     ``heldout`` every fourth calibration sample is held out. ``budget``: the least allowed value of
     ``metric`` (cosine, SNR in dB, or top-1 agreement) on the held-out set, over the model outputs or the
     given ``tensors`` (the worst counts; e.g. a detector's class scores, which a decoded box output hides).
-    ``threads``: onnxruntime intra-op threads of every latency measured (None: its default). ``probe``:
+    ``threads``: onnxruntime intra-op threads of every latency measured (None: its default); the runs
+    that only compute (calibration, judging errors) use onnxruntime's default, every core. ``probe``:
     calibration samples kept out of the candidates' fits to measure their errors on (the final fits use
     all). ``measured``: the candidates of an earlier run (``report.candidates``) on the same model, data,
     rules and metric, to try another budget without measuring them again. ``shares``: the ranks tried for
@@ -558,7 +559,8 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         calib_set = _subset(calib_set, [i for i in range(len(calib_set)) if i % 4 != 3], calib_set.describe)
     else:
         held_set = _input_set(original, heldout, input_shapes, options, "held-out")
-    judge_held = Judge(original, list(held_set), metric, provider, threads, tensors)
+    # ``threads`` is for what is timed; runs that only compute (judging, calibration) use every core
+    judge_held = Judge(original, list(held_set), metric, provider, None, tensors)
     # candidates are fitted on most of the calibration set and their error measured on the rest (``probe``
     # samples spread over the set, so that they are like it): errors measured on the fitting data itself
     # flatter the fits that overfit
@@ -567,7 +569,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         raise UsageError("at least 2 calibration samples are needed (one to fit on, one to measure errors on)")
     probe_idx = sorted({int(i) for i in np.linspace(len(calib_set) - 1, 0, n_probe).round()})
     fit_set = _subset(calib_set, [i for i in range(len(calib_set)) if i not in probe_idx], calib_set.describe)
-    judge_probe = Judge(original, [calib_set[i] for i in probe_idx], metric, provider, threads, tensors)
+    judge_probe = Judge(original, [calib_set[i] for i in probe_idx], metric, provider, None, tensors)
 
     records = [r for r in analyze(cg, rewrites=False).convs
                if not r.graph and selection.why_not(r) is None]
@@ -592,7 +594,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     def evaluate(prefix: list[Step]) -> tuple[bool, float]:
         say(f"building {len(prefix)} steps ({len(plan_of(prefix))} convs; {len(points) + 1} of at most {max_evals})")
         m, changes = fit_sequential(original, plan_of(prefix), calib_set, input_shapes=input_shapes,
-                                    provider=provider, threads=threads)
+                                    provider=provider)
         value, err, per = judge_held.judge(m)
         b = bench([original, m], runs=bench_runs, warmup=3, provider=provider, threads=threads,
                   input_shapes=input_shapes, names=["original", "optimized"], progress=False)

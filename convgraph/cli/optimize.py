@@ -65,7 +65,8 @@ def render(report: OptimizeReport) -> None:
 @click.option("--min-macs", type=int, help="Only convs with at least this many MACs.")
 @provider_option
 @click.option("--threads", type=int, default=1, show_default=True,
-              help="onnxruntime intra-op threads for every latency measured (0: onnxruntime's default).")
+              help="onnxruntime intra-op threads for every latency measured (0: onnxruntime's default); "
+                   "calibration and error runs use every core.")
 @click.option("--samples", type=int, help="Use at most this many calibration samples.")
 @image_options
 @input_shape_option
