@@ -59,6 +59,9 @@ class Rule:
     build: Callable[[ConvRecord, "RuleContext", dict], Replacement]
     estimate: "Callable[[ConvRecord, dict], tuple[int | None, int, str]] | None" = None  # macs, params, kind after
     prepass: bool = False  # run before the others (fold-bn)
+    #: the rule approximates to save compute: an approximate rewrite that would add MACs is not applied
+    #: unless the user named the node (False for rules that approximate for another end)
+    saves_macs: bool = True
 
     def is_exact(self, params: dict) -> bool:
         return self.exact(params) if callable(self.exact) else bool(self.exact)

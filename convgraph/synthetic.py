@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Discs per image (the dead-leaves model).
-DISCS = 300
+#: Discs per image (the dead-leaves model): one per this many pixels, within DISCS.
+PIXELS_PER_DISC = 500
+DISCS = (20, 300)
 
 
 def _glyph(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -37,7 +38,8 @@ def natural_image(rng: np.random.Generator, channels: int, height: int, width: i
     img = np.empty((channels, height, width), np.float32)
     img[:] = rng.random((channels, 1, 1))
     rmin, rmax = max(1.0, min(height, width) / 100), max(1.5, min(height, width) / 4)
-    for _ in range(DISCS):  # dead leaves: radii with density ~ r^-3, as in natural scenes
+    discs = int(min(max(height * width // PIXELS_PER_DISC, DISCS[0]), DISCS[1]))
+    for _ in range(discs):  # dead leaves: radii with density ~ r^-3, as in natural scenes
         r = (rmin ** -2 + rng.random() * (rmax ** -2 - rmin ** -2)) ** -0.5
         cy, cx = rng.random() * height, rng.random() * width
         y0, y1 = int(max(0, cy - r)), int(min(height, cy + r + 1))

@@ -48,6 +48,7 @@ class Localization:
     tensor: Metrics | None = None
     inputs: list[dict] = field(default_factory=list)  # the shared tensors it reads, with their metrics
     divergent: int = 0  # tensors out of tolerance among those compared
+    shown_at_node: str | None = None  # an unchanged node whose output first left tolerance (error from upstream)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -118,6 +119,9 @@ class VerifyReport:
             text += f"; first divergent node: {self.first_divergent_node}"
             if self.first_divergent_origin:
                 text += f" (replacing {self.first_divergent_origin})"
+            shown = self.localization.shown_at_node if self.localization else None
+            if shown:
+                text += f", first out of tolerance at the output of {shown}"
         return text
 
     def to_dict(self) -> dict:
@@ -260,6 +264,53 @@ def _chunks(pairs: list[tuple[str, str]], cand: ConvGraph, budget: int) -> list[
     return chunks
 
 
+def _changed(ref_cg: ConvGraph, cand_cg: ConvGraph, nid: str, tensor_map: Mapping[str, str], new_names: set) -> bool:
+    """Whether candidate node ``nid`` may compute something else than the reference node making the same
+    tensor: made by a rewrite, or another op, attributes, inputs or constant input values."""
+    from .weights import constant_value
+
+    node = cand_cg.node(nid)
+    if (node.name or nid) in new_names or nid in new_names or not node.output:
+        return True
+    ref_id = ref_cg.producer(tensor_map.get(node.output[0], node.output[0]))
+    if ref_id is None or ref_cg.graph.nodes[ref_id]["kind"] != "op":
+        return True
+    ref = ref_cg.node(ref_id)
+    if (node.op_type, node.domain) != (ref.op_type, ref.domain) or list(node.attribute) != list(ref.attribute):
+        return True
+    if [tensor_map.get(t, t) for t in node.input] != list(ref.input):
+        return True
+    for a, b in zip(node.input, ref.input):
+        va, vb = constant_value(cand_cg, a), constant_value(ref_cg, b)
+        if (va is None) != (vb is None) or (va is not None and not np.array_equal(va, vb)):
+            return True
+    return False
+
+
+def _culprit(ref_cg: ConvGraph, cand_cg: ConvGraph, node: str, active: set[str], tensor_map: Mapping[str, str],
+             new_names: set) -> str:
+    """The node to blame for a divergence first seen at ``node``'s output: ``node`` itself when it was
+    changed; else (an unchanged node only carries the error its inputs bring, amplified) the nearest changed
+    node upstream of it, in the tensors that depend on the inputs."""
+    if _changed(ref_cg, cand_cg, node, tensor_map, new_names):
+        return node
+    G = cand_cg.graph
+    found, seen, stack = [], {node}, [node]
+    while stack:
+        for u in G.predecessors(stack.pop()):
+            if u in seen or u not in active:
+                continue
+            seen.add(u)
+            if _changed(ref_cg, cand_cg, u, tensor_map, new_names):
+                found.append(u)
+            else:
+                stack.append(u)
+    if not found:
+        return node
+    order = {n: i for i, n in enumerate(cand_cg.topological_order())}
+    return max(found, key=order.__getitem__)
+
+
 def _localize(ref_model, cand_model, ref_cg: ConvGraph, cand_cg: ConvGraph, ref_feeds, cand_feeds, sample: int,
               tol: Tolerance, tensor_map: Mapping[str, str], record: dict | None, run_opts: dict) -> Localization:
     ref_act, cand_act = _activations(ref_cg), _activations(cand_cg)
@@ -299,6 +350,10 @@ def _localize(ref_model, cand_model, ref_cg: ConvGraph, cand_cg: ConvGraph, ref_
         return loc
     node = cand_act[first]
     G = cand_cg.graph
+    new_names = {n for e in (record or {}).get("rewrites", []) for n in (e.get("new_nodes") or [])}
+    culprit = _culprit(ref_cg, cand_cg, node, set(cand_act.values()), tensor_map, new_names)
+    if culprit != node:
+        loc.shown_at_node, node = node, culprit
     loc.first_divergent_node, loc.first_divergent_tensor = node, first
     loc.first_divergent_op = G.nodes[node]["op_type"]
     loc.tensor = metrics[first]

@@ -239,5 +239,6 @@ RULE = Rule(
     ),
     match=match,
     build=build,
+    saves_macs=False,  # it is for checkerboard-free output, not speed
     estimate=estimate,
 )

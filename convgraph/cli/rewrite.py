@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from ..errors import UsageError
+from ..errors import CheckFailed, UsageError
 from ..io import check_output_path, write_model
 from ..rewrite import Selection, rewrite
 from . import cli
@@ -44,15 +44,19 @@ def render(report) -> None:
                       _fmt(c.weight_error, ".3g"), _fmt(c.output_error, ".3g"), _fmt(c.output_cosine, ".6f"))
         out.print(t)
         tot = report.totals
-        ratio = (f" ({tot['macs_before'] / tot['macs_after']:.2f}× fewer)"
-                 if tot["macs_after"] and tot["macs_before"] else "")
-        out.print(f"{tot['rewritten']} node(s): MACs {_fmt(tot['macs_before'])} → {_fmt(tot['macs_after'])}{ratio}, "
+        before, after = tot["macs_before"], tot["macs_after"]
+        ratio = ""
+        if before and after and before != after:
+            ratio = f" ({before / after:.2f}× fewer)" if after < before else f" ({after / before:.2f}× more)"
+        n = tot["rewritten"]
+        steps = f" in {tot['changes']} changes" if tot["changes"] != n else ""
+        out.print(f"{n} conv{'s' * (n != 1)} rewritten{steps}: MACs {_fmt(before)} → {_fmt(after)}{ratio}, "
                   f"params {_fmt(tot['params_before'])} → {_fmt(tot['params_after'])}")
     if report.checks:
         out.print("checks: " + ", ".join(f"{k} {v}" for k, v in report.checks.items()))
     if report.verification:
         v = report.verification
-        verdict = "PASS" if v.get("passed") else "FAIL"
+        verdict = {"passed": "PASS", "failed": "FAIL"}.get(v.get("verdict"), "INCONCLUSIVE")
         if not report.tolerance_required:
             verdict = f"{verdict.lower()} at the default tolerance (not required: give --atol/--rtol/--min-cosine)"
         t = Table(title=f"model outputs vs original: {verdict}")
@@ -115,11 +119,20 @@ def rewrite_command(model, rules, params, nodes, exclude, kinds, min_macs, input
     if output:
         check_output_path(output, model, in_place)
     data = input_data_kwargs(kw)
-    result = rewrite(model, list(rules), params=params, input_shapes=input_shapes, inputs=data.pop("inputs"),
-                     input_options=data, calib=calib,
-                     selection=Selection(nodes, exclude, tuple(kinds), min_macs), verify=not no_verify, atol=atol,
-                     rtol=rtol, min_cosine=min_cosine, bench=bench and not dry_run, bench_runs=runs, threads=threads, provider=provider,
-                     dry_run=dry_run, probe=probe)
+    try:
+        result = rewrite(model, list(rules), params=params, input_shapes=input_shapes, inputs=data.pop("inputs"),
+                         input_options=data, calib=calib,
+                         selection=Selection(nodes, exclude, tuple(kinds), min_macs), verify=not no_verify, atol=atol,
+                         rtol=rtol, min_cosine=min_cosine, bench=bench and not dry_run, bench_runs=runs, threads=threads,
+                         provider=provider, dry_run=dry_run, probe=probe)
+    except CheckFailed as e:  # a refused rewrite: the report says what was found, then the one-line error
+        refused = getattr(e, "report", None)
+        if refused is not None:
+            if as_json:
+                emit_json({**refused.to_dict(), "refused": str(e), "output": None})
+            else:
+                render(refused)
+        raise
     report = result.report
     for w in report.warnings:
         warn(w)

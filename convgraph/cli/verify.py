@@ -79,6 +79,9 @@ def render(report: VerifyReport) -> None:
             if loc.first_divergent_origin:
                 rule = (loc.rewrite or {}).get("rule")
                 out.print(f"  it replaced {loc.first_divergent_origin}" + (f" (rule {rule})" if rule else ""))
+            if loc.shown_at_node:
+                out.print(f"  the tolerance is first left at the output of {loc.shown_at_node}, an unchanged node "
+                          f"that carries the error from upstream")
             if len(loc.region) > 1:
                 out.print(f"  candidate nodes between its inputs and that tensor: {', '.join(loc.region)}")
             ins = ", ".join(i["tensor"] + (" (graph input)" if i.get("graph_input") else f" (max abs err {_num(i['max_abs_err'])})")
