@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+#: Metadata key (``metadata_props`` of a rewritten model) of the rewrite engine's record: what replaced what.
+REWRITES_KEY = "convgraph.rewrites"
 #: Values of ConvRecord.kind.
 KINDS = ("standard", "pointwise", "depthwise", "grouped", "pointwise_grouped", "transposed")
 #: Values that may appear in ConvRecord.patterns.

@@ -21,14 +21,13 @@ from . import regions
 from .analyze import analyze
 from .errors import CheckFailed, UsageError
 from .graph import ConvGraph, load
-from .record import ConvRecord
+from .record import REWRITES_KEY as METADATA_KEY, ConvRecord
 from .registry import get_rule
 from .rule import Rule, RuleContext
 
 #: Exact rewrites must keep every rewritten node's output within this relative error (max abs error / max abs
 #: reference, the new nodes against the old ones alone), float32 accumulation order being the only difference.
 EXACT_RTOL = 1e-4
-METADATA_KEY = "convgraph.rewrites"
 #: Ops whose outputs depend only on their inputs: safe to drop once nothing reads them.
 _PURE_CONST_OPS = {"Constant", "ConstantOfShape", "DequantizeLinear", "Identity", "Cast", "Reshape",
                    "Transpose", "Unsqueeze", "Squeeze", "Mul", "Add", "Div", "Sub"}

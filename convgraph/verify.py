@@ -23,9 +23,8 @@ from .errors import ModelError, UsageError
 from .graph import ConvGraph, load
 from .inputs import InputSpec, make_inputs, input_specs
 from .metrics import DEFAULT_ATOL, DEFAULT_RTOL, Accumulator, Metrics, Tolerance, compare  # noqa: F401 - re-exported
+from .record import REWRITES_KEY
 
-#: Metadata key (in the rewritten model's ``metadata_props``) holding the rewrite engine's record.
-REWRITES_KEY = "convgraph.rewrites"
 #: Localization exposes intermediates in chunks of at most this many bytes per model and run.
 LOCALIZE_CHUNK_BYTES = 512 * 2**20
 
