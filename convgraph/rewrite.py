@@ -180,9 +180,9 @@ def _adds_macs(rec: ConvRecord, macs: int | None) -> str | None:
 
 
 def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report: RewriteReport,
-           dry_run: bool, calibration: dict | None, checks: dict[int, "regions.Region | str"]) -> None:
-    """One pass of ``rule`` over every selected conv of every (sub)graph; ``checks`` gets, per change (its
-    index in the report), the region to check it alone on, or why there is none."""
+           dry_run: bool, calibration: dict | None, checks: "dict[int, regions.Region | str] | None") -> None:
+    """One pass of ``rule`` over every selected conv of every (sub)graph; ``checks`` (when the result will be
+    verified) gets, per change (its index in the report), the region to check it alone on, or why there is none."""
     analysis = analyze(cg, rewrites=False)  # the engine matches and builds; it reads no estimates
     graphs = {g.path: g for g in cg.walk()}
     records: dict[str, dict[str, ConvRecord]] = {}  # per graph: node id -> record, built once
@@ -222,13 +222,14 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
         read = {t for n in removed for t in graph.node(n).input if t}
         for n in removed:
             consumed.add((rec.graph, n))
-        old = regions.capture(graph, [graph.node(n) for n in removed])
+        old = regions.capture(graph, [graph.node(n) for n in removed]) if checks is not None else None
         new_ids = graph.replace(removed, rep.nodes, rep.initializers)
         _drop_orphans(graph, read)
         outputs = [o for n in rep.nodes for o in n.output]
         out = rec.output if rec.output in outputs else rep.nodes[-1].output[0]
-        region = regions.build(graph, old, [graph.node(n) for n in new_ids], cg.model) if old is not None else None
-        checks[len(report.changes)] = region if region is not None else "the replaced nodes cannot run alone"
+        if checks is not None:
+            region = regions.build(graph, old, [graph.node(n) for n in new_ids], cg.model) if old else None
+            checks[len(report.changes)] = region or "the replaced nodes cannot run alone"
         report.changes.append(Change(
             rule.name, label, rec.graph, rec.kind, rep.kind_after, rec.macs, rep.macs_after, rec.params,
             rep.params_after, rep.exact, out, [graph.node(n).name or n for n in new_ids], old_names,
@@ -339,7 +340,7 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
         opts = dict(input_options or {})
         calibration = calibrate(cg, calib, input_shapes=input_shapes, samples=opts.pop("samples", None),
                                 seed=opts.pop("seed", 0), input_options=opts, provider=provider)
-    checks: dict[int, regions.Region | str] = {}
+    checks: dict[int, regions.Region | str] | None = {} if verify and not dry_run else None
     for i, (rule, p) in enumerate(resolved):
         if i:
             cg = load(cg.to_model(), input_shapes, check=False, probe=probe)  # fresh shapes and records for the next rule
