@@ -19,6 +19,11 @@ group. Nodes with no or duplicate names are given unique ones in the copy onnxru
 mapping never guesses. Reorders are charged apart (``reorder_ms``) to the convs they feed or drain.
 On CUDA, kernel times are the GPU's where the trace has CUPTI kernel events; builds without them time the
 launch on the host only, which the profile says (``timing``).
+
+Times are medians over the timed runs: the model's run (``time_ms``) and each kernel's. Shares are of
+``kernels_ms``, the sum of every kernel's median plus the median time a run spends outside kernels, so they
+add up: on a quiet machine it is the median run, on a busy one less (the time other processes take lands on
+random kernels, so the median run grows while each kernel's median does not), which a warning says.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ REORDERS = frozenset({"ReorderInput", "ReorderOutput"})
 CONV_KERNELS = frozenset({"Conv", "ConvTranspose", "FusedConv", "NhwcConv", "NhwcFusedConv", "ConvInteger",
                           "QLinearConv"})
 _NCHWC_NAME = re.compile(r"^(.*)_nchwc(?:_token_\d+)?$")
+#: A median run this much longer than its kernels' medians (plus the executor's time) means a busy machine.
+BUSY = 1.15
 #: How many producers back from an NCHWc node's tensor the conv may be (conv → BN → activation → ...).
 _FUSED_DEPTH = 4
 
@@ -74,9 +81,10 @@ class Profile:
     inputs: str
     timing: str  # "kernel": per-kernel times; "host": CUDA launch times only (no GPU kernel events in the trace)
     time_ms: float  # median run time of the model (the profiler's model_run)
-    convs_time_ms: float  # median over runs of all convs' time in the run (Σ of the convs' medians on a quiet machine)
-    reorder_ms: float  # all NCHWc layout reorders
-    other_ms: dict[str, float]  # op type → median time of the other kernels, largest first
+    kernels_ms: float  # Σ of every kernel's median + the median time of a run outside kernels: what shares are of
+    convs_time_ms: float  # Σ of the convs' time_ms
+    reorder_ms: float  # Σ of the NCHWc layout reorders' medians
+    other_ms: dict[str, float]  # op type → Σ of the other kernels' medians, largest first
     convs: dict[tuple[str, str], ConvTime] = field(repr=False)  # (graph path, node id) → its time
     unmapped: list[str] = field(default_factory=list)  # conv kernels of the optimized graph no conv claimed
     missing: list[str] = field(default_factory=list)  # convs no kernel ran (onnxruntime folded them away)
@@ -84,7 +92,8 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         return {"provider": self.provider, "threads": self.threads, "opt_level": self.opt_level,
                 "warmup": self.warmup, "runs": self.runs, "inputs": self.inputs, "timing": self.timing,
-                "time_ms": self.time_ms, "convs_time_ms": self.convs_time_ms, "reorder_ms": self.reorder_ms,
+                "time_ms": self.time_ms, "kernels_ms": self.kernels_ms, "convs_time_ms": self.convs_time_ms,
+                "reorder_ms": self.reorder_ms,
                 "other_ms": dict(self.other_ms), "unmapped": list(self.unmapped), "missing": list(self.missing)}
 
     def warnings(self) -> list[str]:
@@ -92,6 +101,10 @@ class Profile:
         if self.timing == "host":
             out.append("this onnxruntime records no GPU kernel events (CUPTI): CUDA times are the host's launch "
                        "times of each kernel, not GPU time")
+        if self.time_ms > BUSY * self.kernels_ms:
+            out.append(f"the machine was busy: the median run took {self.time_ms:.3f} ms, {self.time_ms / self.kernels_ms:.1f}× "
+                       f"the {self.kernels_ms:.3f} ms of its kernels' medians; time other processes took lands on "
+                       f"random kernels, so per-conv times and shares (of {self.kernels_ms:.3f} ms) leave it out")
         if self.unmapped:
             out.append(f"{len(self.unmapped)} conv kernel(s) of onnxruntime's optimized graph map to no conv "
                        f"(their time is not in any conv's): {', '.join(self.unmapped[:5])}")
@@ -310,49 +323,47 @@ def profile(cg: ConvGraph, inputs=None, *, input_shapes: Mapping[str, Sequence[i
     model_ms, per_run, device = _node_times(events, warmup)
     if not model_ms:
         raise ModelError("onnxruntime's profile has no timed run of the model")
+    names_run = list(dict.fromkeys(n for run in per_run for n in run))
+    node_ms = {n: _median([run.get(n, 0.0) for run in per_run]) for n in names_run}  # each kernel's median
+    outside = _median([m - sum(run.values()) for m, run in zip(model_ms, per_run)])  # executor, between kernels
     mapper = _Mapper(names, optimized)
-    conv_runs: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0] * len(per_run))
-    reorder_runs: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0] * len(per_run))
+    conv_ms: dict[tuple[str, str], float] = defaultdict(float)
+    reorder_ms: dict[tuple[str, str], float] = defaultdict(float)
     kernels: dict[tuple[str, str], list[str]] = defaultdict(list)
-    reorders, other = [0.0] * len(per_run), defaultdict(lambda: [0.0] * len(per_run))
-    unmapped: dict[str, None] = {}
-    for i, run in enumerate(per_run):
-        for name, ms in run.items():
-            node = mapper.nodes.get(name)
-            op = node.op_type if node is not None else "?"
-            if op in REORDERS and node.domain == NCHWC:
-                reorders[i] += ms
-                targets = mapper.reorder_targets(name)
-                for t in targets:
-                    reorder_runs[t][i] += ms / len(targets)
-                continue
-            key = mapper.conv(name)
-            if key is not None:
-                conv_runs[key][i] += ms
-                if name not in kernels[key]:
-                    kernels[key].append(name)
-            elif op in CONV_KERNELS:
-                unmapped[name] = None
-                other[op][i] += ms
-            else:
-                other[op][i] += ms
+    other: dict[str, float] = defaultdict(float)
+    reorders = 0.0
+    unmapped = []
+    for name, ms in node_ms.items():
+        node = mapper.nodes.get(name)
+        op = node.op_type if node is not None else "?"
+        if op in REORDERS and node.domain == NCHWC:
+            reorders += ms
+            targets = mapper.reorder_targets(name)
+            for t in targets:
+                reorder_ms[t] += ms / len(targets)
+            continue
+        key = mapper.conv(name)
+        if key is not None:
+            conv_ms[key] += ms
+            kernels[key].append(name)
+            continue
+        if op in CONV_KERNELS:
+            unmapped.append(name)
+        other[op] += ms
     convs = {}
     missing = []
     for g in cg.walk():
         for nid in g.topological_order():
-            if conv_op(g.graph.nodes[nid]) is None:
-                continue
-            key = (g.path, nid)
-            if key not in conv_runs and not g.path:
-                missing.append(nid)
-            convs[key] = ConvTime(_median(conv_runs.get(key, ())), _median(reorder_runs.get(key, ())),
-                                  kernels.get(key, []))
-    other_ms = {op: _median(v) for op, v in other.items()}
+            if conv_op(g.graph.nodes[nid]) is not None:
+                key = (g.path, nid)
+                if key not in kernels and not g.path:
+                    missing.append(nid)
+                convs[key] = ConvTime(conv_ms.get(key, 0.0), reorder_ms.get(key, 0.0), kernels.get(key, []))
     return Profile(provider=provider, threads=threads, opt_level=opt_level, warmup=warmup, runs=runs,
                    inputs=data.describe, timing="host" if provider == "cuda" and not device else "kernel",
-                   time_ms=_median(model_ms), convs_time_ms=_median([sum(col) for col in zip(*conv_runs.values())]),
-                   reorder_ms=_median(reorders),
-                   other_ms=dict(sorted(other_ms.items(), key=lambda kv: -kv[1])), convs=convs,
+                   time_ms=_median(model_ms), kernels_ms=sum(node_ms.values()) + max(outside, 0.0),
+                   convs_time_ms=sum(c.time_ms for c in convs.values()), reorder_ms=reorders,
+                   other_ms=dict(sorted(other.items(), key=lambda kv: -kv[1])), convs=convs,
                    unmapped=list(unmapped), missing=missing)
 
 
@@ -363,7 +374,7 @@ def attach(analysis: Analysis, prof: Profile, roofline=None) -> None:
         if t is None:
             continue
         r.time_ms, r.reorder_ms = t.time_ms, t.reorder_ms
-        r.time_share = t.time_ms / prof.time_ms if prof.time_ms > 0 else None
+        r.time_share = t.time_ms / prof.kernels_ms if prof.kernels_ms > 0 else None
         r.gmacs = r.macs / t.time_ms / 1e6 if r.macs is not None and t.time_ms > 0 else None
         least = roofline.least_ms(r.macs, None if r.weight_bytes is None or r.activation_bytes is None
                                   else r.weight_bytes + r.activation_bytes) if roofline is not None else None
@@ -371,7 +382,8 @@ def attach(analysis: Analysis, prof: Profile, roofline=None) -> None:
         for opt in r.rewrites:
             opt.time_saved_ms = saved_ms(t.time_ms, r.macs, opt.macs_after)
     analysis.profile = prof
-    analysis.totals.update(time_ms=prof.time_ms, convs_time_ms=prof.convs_time_ms, reorder_ms=prof.reorder_ms)
+    analysis.totals.update(time_ms=prof.time_ms, kernels_ms=prof.kernels_ms, convs_time_ms=prof.convs_time_ms,
+                           reorder_ms=prof.reorder_ms)
 
 
 def saved_ms(time_ms: float | None, macs: int | None, macs_after: int | None) -> float | None:

@@ -79,7 +79,7 @@ class ConvRecord:
     bound: str | None = None  # "compute" or "memory": the roof its intensity meets on this machine's roofline
     # measured (convgraph.profile, analyze --profile); None unless profiled
     time_ms: float | None = None  # median per run of the kernels it became (fused activation, BN, Add included)
-    time_share: float | None = None  # time_ms / the model's median run time
+    time_share: float | None = None  # time_ms / the run composed of every kernel's median (Profile.kernels_ms)
     reorder_ms: float | None = None  # NCHWc layout reorders of its input and output, apart from time_ms
     gmacs: float | None = None  # achieved GMAC/s: macs / time_ms
     roofline_gap: float | None = None  # time_ms / the roofline's least time for it (1: on the roof)

@@ -180,10 +180,10 @@ def cost_notes(a: Analysis) -> list[str]:
     p = a.profile
     if p is not None:
         threads = "default threads" if p.threads is None else f"{p.threads} thread{'s' * (p.threads != 1)}"
-        share = f" ({100 * p.convs_time_ms / p.time_ms:.0f}%)" if p.time_ms > 0 else ""
+        share = f" ({100 * p.convs_time_ms / p.kernels_ms:.0f}%)" if p.kernels_ms > 0 else ""
         lines.append(f"model {p.time_ms:.3f} ms (median of {p.runs} runs after {p.warmup} warm-up, {p.provider}, "
-                     f"{threads}, optimization {p.opt_level}); convs {p.convs_time_ms:.3f} ms{share}; NCHWc reorders "
-                     f"{p.reorder_ms:.3f} ms")
+                     f"{threads}, optimization {p.opt_level}); kernels' medians {p.kernels_ms:.3f} ms, of which "
+                     f"convs {p.convs_time_ms:.3f} ms{share}, NCHWc reorders {p.reorder_ms:.3f} ms")
         if p.other_ms:
             lines.append("other ops: " + ", ".join(f"{op} {ms:.3f} ms" for op, ms in list(p.other_ms.items())[:6]))
     return lines

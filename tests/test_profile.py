@@ -101,16 +101,19 @@ def test_mapping_on_real_models(real_models, name, shapes, level):
 
 @pytest.mark.real
 def test_yolov8n_convs_add_up_to_the_model_time(real_models):
-    """The must-show: at 320×320, 1 thread, every conv gets a time and the convs' time is 50–105% of the model's."""
+    """The must-show: at 320×320, 1 thread, every conv gets a time and the convs' time is 50–105% of the model's
+    (the run composed of the kernels' medians, which the shares are of)."""
     cg = convgraph.load(real_models("yolov8n"), {"images": [1, 3, 320, 320]})
     a = analyze(cg)
     prof = profile(cg, threads=1, runs=20, warmup=3)
     attach(a, prof)
     assert all(r.time_ms > 0 and r.time_share > 0 for r in a.convs) and len(a.convs) == 64
-    share = prof.convs_time_ms / prof.time_ms
-    print(f"\nyolov8n 320, 1 thread: model {prof.time_ms:.2f} ms, convs {prof.convs_time_ms:.2f} ms ({share:.0%}), "
-          f"reorders {prof.reorder_ms:.2f} ms")
-    assert 0.5 <= share <= 1.05
+    share = prof.convs_time_ms / prof.kernels_ms
+    print(f"\nyolov8n 320, 1 thread: median run {prof.time_ms:.2f} ms, kernels' medians {prof.kernels_ms:.2f} ms, "
+          f"convs {prof.convs_time_ms:.2f} ms ({share:.0%}), reorders {prof.reorder_ms:.2f} ms")
+    assert 0.5 <= share <= 1.05 and sum(r.time_share for r in a.convs) == pytest.approx(share)
+    # on a quiet machine the shares' total is the median run; a busy one makes the median run longer, never shorter
+    assert prof.time_ms >= 0.95 * prof.kernels_ms
 
 
 def test_attach_fills_the_records(models_dir):
@@ -122,8 +125,11 @@ def test_attach_fills_the_records(models_dir):
     roof = Roofline(50e9, 10e9, "cpu", 1, "m", "now", "x")
     attach(a, prof, roof)
     assert a.totals["time_ms"] == prof.time_ms and a.totals["convs_time_ms"] == prof.convs_time_ms
+    assert prof.convs_time_ms == pytest.approx(sum(r.time_ms for r in a.convs))
+    parts = prof.convs_time_ms + prof.reorder_ms + sum(prof.other_ms.values())
+    assert parts <= prof.kernels_ms and parts == pytest.approx(prof.kernels_ms, rel=0.5)
     for r in a.convs:
-        assert r.time_ms == prof.convs[("", r.node_id)].time_ms and r.time_share == r.time_ms / prof.time_ms
+        assert r.time_ms == prof.convs[("", r.node_id)].time_ms and r.time_share == r.time_ms / prof.kernels_ms
         assert r.gmacs == pytest.approx(r.macs / (r.time_ms / 1e3) / 1e9)
         least = roof.least_ms(r.macs, r.weight_bytes + r.activation_bytes)
         assert r.roofline_gap == pytest.approx(r.time_ms / least)
