@@ -201,6 +201,8 @@ def test_cli_inputs_from_npz(capsys, models_dir, tmp_path):
     (["--sort", "time"], "--profile"),
     (["--profile", "--runs", "0"], "--runs"),
     (["--plot", "MODEL"], "input model"),
+    (["--dot", "MODEL"], "input model"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_cli_usage_errors(capsys, models_dir, argv, message):
     model = str(models_dir / "standard.onnx")
