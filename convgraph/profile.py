@@ -449,8 +449,9 @@ def plot(analysis: Analysis, path, top: int = 20) -> None:
     ax.set_yticks(y, names, fontsize=7)
     ax.set_xlabel("% of the model")
     p = analysis.profile
-    ax.set_title(f"top {len(rs)} convs by time: {p.time_ms:.2f} ms per run ({p.provider}, "
-                 f"{'default' if p.threads is None else p.threads} thread(s))", fontsize=9)
+    threads = "default threads" if p.threads is None else f"{p.threads} thread{'s' * (p.threads != 1)}"
+    ax.set_title(f"top {len(rs)} convs by time ({p.provider}, {threads}): shares of {p.kernels_ms:.2f} ms, the "
+                 f"kernels' medians (median run {p.time_ms:.2f} ms)", fontsize=8)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     buf = _io.BytesIO()

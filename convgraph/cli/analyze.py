@@ -38,7 +38,8 @@ from .common import (emit_json, input_data_kwargs, input_data_options, input_sha
 @provider_option
 @input_data_options
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, metavar="OUT.png",
-              help="Also draw the top convs by measured time beside their MAC share (implies --profile; matplotlib).")
+              help="Also draw the top convs (--top, default 20) by measured time beside their MAC share (implies --profile; "
+                   "matplotlib).")
 def analyze(model: Path, input_shapes: dict, as_json: bool, fmt: str | None, sort: str | None, top: int | None,
             dot_path: Path | None, probe: bool, profiled: bool, runs: int, warmup: int, threads: int | None,
             provider: str, plot_path: Path | None, **kw) -> None:
@@ -70,7 +71,7 @@ def analyze(model: Path, input_shapes: dict, as_json: bool, fmt: str | None, sor
         if plot_path is not None:
             from ..profile import plot
 
-            plot(result, plot_path)
+            plot(result, plot_path, top or 20)
             common.console("err").print(f"wrote {plot_path}", markup=False, highlight=False)
         if dot_path is not None:
             atomic_write_bytes(dot_path, report.dot(result).encode())
