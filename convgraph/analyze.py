@@ -18,6 +18,7 @@ from . import arithmetic as ar
 from .errors import ModelError
 from .graph import ConvGraph, gc_paused, real_inputs
 from .record import KINDS, ConvRecord, RewriteOption
+from .roofline import memory_cost
 from .weights import constant_shape, constant_source, elem_type
 
 
@@ -262,6 +263,8 @@ class Analysis:
     model: dict[str, Any]
     inputs: list[dict[str, Any]]
     graphs: dict[str, ConvGraph] = field(default_factory=dict, repr=False)  # subgraph path → ConvGraph
+    roofline: Any = None  # the convgraph.roofline.Roofline that set each record's bound, if any
+    profile: Any = None  # the convgraph.profile.Profile whose times the records carry, if profiled
 
     def by_id(self, graph: str = "") -> dict[str, ConvRecord]:
         """node_id → record for the convs of one graph (the main graph by default)."""
@@ -285,8 +288,12 @@ class Analysis:
 
         ``convs``: the records to list (e.g. sorted, or the top N); default all. Totals stay whole.
         """
-        return {"model": self.model, "inputs": self.inputs,
-                "convs": [r.to_dict() for r in (self.convs if convs is None else convs)], "totals": self.totals}
+        d = {"model": self.model, "inputs": self.inputs,
+             "convs": [r.to_dict() for r in (self.convs if convs is None else convs)], "totals": self.totals}
+        for key in ("roofline", "profile"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key).to_dict()
+        return d
 
 
 def _sum(values: list[int | None]) -> int | None:
@@ -360,6 +367,7 @@ def _analyze(cg: ConvGraph, rewrites: bool, block: int) -> Analysis:
             r.receptive_field, r.effective_stride = _rf_of(rf.get(r.output), r.spatial_dims)
             if r.kind == "depthwise":
                 r.fast_depthwise, r.fast_depthwise_reason = fast_depthwise(r, block, g)
+            memory_cost(g, r)
             graph_records.append(r)
         detect_patterns(g, graph_records, order)
         if rewrites:

@@ -145,16 +145,32 @@ def _stats(times_ns: list[int]) -> dict[str, float]:
             "min_ms": float(t.min()), "mean_ms": float(t.mean())}
 
 
-def _environment(provider: str) -> dict:
-    rt = runtime.ort()
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo), else what ``platform`` says."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"onnxruntime": rt.__version__, "provider": provider, "cpu": cpu, "cpu_count": os.cpu_count(),
+    return cpu
+
+
+def _environment(provider: str) -> dict:
+    rt = runtime.ort()
+    return {"onnxruntime": rt.__version__, "provider": provider, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
             "python": platform.python_version()}
+
+
+def checked_runs(runs: int, warmup: int, provider: str) -> int:
+    """Refuse (UsageError) fewer than one timed run or negative warm-up; the warm-up runs to do (on CUDA at
+    least one: the first run does cuDNN's algorithm search, never timed). ``provider`` must be available."""
+    if runs < 1:
+        raise UsageError(f"--runs must be at least 1, got {runs}")
+    if warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {warmup}")
+    runtime.providers(provider)
+    return max(warmup, 1) if provider == "cuda" else warmup
 
 
 def bench(models, *, inputs=None, input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0,
@@ -172,14 +188,8 @@ def bench(models, *, inputs=None, input_shapes: Mapping[str, Sequence[int]] | No
     (measured: YOLOv8n, 2 threads on 2 busy cores, 121 ms interleaved with spinning, 83 ms alone; 42 ms
     and 39 ms without).
     """
-    if runs < 1:
-        raise UsageError(f"--runs must be at least 1, got {runs}")
-    if warmup < 0:
-        raise UsageError(f"--warmup must be >= 0, got {warmup}")
     provider = provider.lower()
-    runtime.providers(provider)
-    if provider == "cuda":
-        warmup = max(warmup, 1)  # the first CUDA run does cuDNN's algorithm search: never timed
+    warmup = checked_runs(runs, warmup, provider)
     sources = [models] if _is_single(models) else list(models)
     if not sources:
         raise UsageError("no model to benchmark")

@@ -23,6 +23,7 @@ class RewriteOption:
     macs_after: int | None
     params_after: int
     kind_after: str
+    time_saved_ms: float | None = None  # profiled: an estimate, the conv's time_ms × (1 − macs_after / macs)
 
 
 @dataclass
@@ -73,6 +74,17 @@ class ConvRecord:
     shape_source: str = "inferred"  # "measured" when its input or output shape came from running the model (--probe)
     patterns: list[str] = field(default_factory=list)
     rewrites: list[RewriteOption] = field(default_factory=list)
+    # cost (convgraph.roofline): bytes each counted once, as stored (dtype-aware); None where a shape is unknown
+    weight_bytes: int | None = None  # weights + bias
+    activation_bytes: int | None = None  # input + output activations
+    intensity: float | None = None  # arithmetic intensity: MACs per byte moved (weights + activations)
+    bound: str | None = None  # "compute" or "memory": the roof its intensity meets on this machine's roofline
+    # measured (convgraph.profile, analyze --profile); None unless profiled
+    time_ms: float | None = None  # median per run of the kernels it became (fused activation, BN, Add included)
+    time_share: float | None = None  # time_ms / the run composed of every kernel's median (Profile.kernels_ms)
+    reorder_ms: float | None = None  # NCHWc layout reorders of its input and output, apart from time_ms
+    gmacs: float | None = None  # achieved GMAC/s: macs / time_ms
+    roofline_gap: float | None = None  # time_ms / the roofline's least time for it (1: on the roof)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of the fields (tuples stay tuples, which JSON writes as lists); no deep copy of scalars."""

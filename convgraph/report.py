@@ -11,7 +11,9 @@ from .record import KINDS, ConvRecord
 if TYPE_CHECKING:
     from rich.table import Table
 
-SORT_KEYS = ("macs", "params", "name")
+SORT_KEYS = ("macs", "params", "name", "time")
+#: Record attribute each numeric sort key orders by (largest first).
+_SORT_FIELDS = {"macs": "macs", "params": "params", "time": "time_ms"}
 
 #: Fill colour of each conv kind in the DOT output.
 KIND_COLORS = {
@@ -31,14 +33,15 @@ def human(n: "int | float | None") -> str:
 
 
 def select(records: list[ConvRecord], sort: str | None = None, top: int | None = None) -> list[ConvRecord]:
-    """Records in model order, or sorted (MACs/params descending, unknown last; name ascending); the first ``top``."""
+    """Records in model order, or sorted (MACs/params/time descending, unknown last; name ascending); the first ``top``."""
     if sort is not None and sort not in SORT_KEYS:
         raise UsageError(f"unknown sort key {sort!r}; use one of {', '.join(SORT_KEYS)}")
     rs = list(records)
     if sort == "name":
         rs.sort(key=lambda r: (r.graph, r.name or r.node_id))
-    elif sort in ("macs", "params"):
-        rs.sort(key=lambda r: (getattr(r, sort) is None, -(getattr(r, sort) or 0)))
+    elif sort in _SORT_FIELDS:
+        attr = _SORT_FIELDS[sort]
+        rs.sort(key=lambda r: (getattr(r, attr) is None, -(getattr(r, attr) or 0)))
     return rs[:top] if top is not None else rs
 
 
@@ -78,7 +81,10 @@ def _saving(r: ConvRecord) -> str:
         return ""
     change = -100 * share
     sign = "−" if round(change) < 0 else "+" if round(change) > 0 else "±"
-    return f"{opt.rule} {sign}{abs(change):.0f}%{'' if opt.exact else ' ≈'}"
+    text = f"{opt.rule} {sign}{abs(change):.0f}%{'' if opt.exact else ' ≈'}"
+    if opt.time_saved_ms is not None:  # profiled: the estimate in time (measured time × MAC saving)
+        text += f" (est. {'−' if opt.time_saved_ms >= 0 else '+'}{abs(opt.time_saved_ms):.2f} ms)"
+    return text
 
 
 def row(r: ConvRecord, total_macs: int | None) -> list[str]:
@@ -142,6 +148,69 @@ def markdown(a: Analysis, sort: str | None = None, top: int | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
+# ---- memory and time ------------------------------------------------------------------------------
+COST_COLUMNS = ("name", "kind", "% MACs", "weights", "activations", "MAC/B", "bound")
+TIME_COLUMNS = ("time ms", "% time", "reorder ms", "GMAC/s", "× roofline")
+
+
+def _num(v: "float | None", spec: str) -> str:
+    return "?" if v is None else format(v, spec)
+
+
+def cost_rows(a: Analysis, sort: str | None = None, top: int | None = None) -> tuple[tuple[str, ...], list[list[str]]]:
+    """Columns and rows of the memory/time table: bytes, intensity, bound, and the measured time when profiled."""
+    timed = a.profile is not None
+    columns = COST_COLUMNS + (TIME_COLUMNS if timed else ())
+    rows = []
+    for r in select(a.convs, sort, top):
+        name = f"{r.graph}/{r.name or r.node_id}" if r.graph else (r.name or r.node_id)
+        cells = [name, _kind(r), _share(r, a.totals["macs"]), human(r.weight_bytes) + "B" if r.weight_bytes is not None
+                 else "?", human(r.activation_bytes) + "B" if r.activation_bytes is not None else "?",
+                 _num(r.intensity, ".1f"), r.bound or "?"]
+        if timed:
+            cells += [_num(r.time_ms, ".3f"), _num(None if r.time_share is None else 100 * r.time_share, ".1f"),
+                      _num(r.reorder_ms, ".3f"), _num(r.gmacs, ".1f"), _num(r.roofline_gap, ".1f")]
+        rows.append(cells)
+    return columns, rows
+
+
+def cost_notes(a: Analysis) -> list[str]:
+    """The lines under the memory/time table: the roofline, and the profile's totals."""
+    lines = [a.roofline.summary() if a.roofline is not None else "roofline: not measured (needs onnxruntime)"]
+    p = a.profile
+    if p is not None:
+        threads = "default threads" if p.threads is None else f"{p.threads} thread{'s' * (p.threads != 1)}"
+        share = f" ({100 * p.convs_time_ms / p.kernels_ms:.0f}%)" if p.kernels_ms > 0 else ""
+        lines.append(f"model {p.time_ms:.3f} ms (median of {p.runs} runs after {p.warmup} warm-up, {p.provider}, "
+                     f"{threads}, optimization {p.opt_level}); kernels' medians {p.kernels_ms:.3f} ms, of which "
+                     f"convs {p.convs_time_ms:.3f} ms{share}, NCHWc reorders {p.reorder_ms:.3f} ms")
+        if p.other_ms:
+            lines.append("other ops: " + ", ".join(f"{op} {ms:.3f} ms" for op, ms in list(p.other_ms.items())[:6]))
+    return lines
+
+
+def cost_table(a: Analysis, sort: str | None = None, top: int | None = None) -> "Table":
+    """The memory/time table (rich); :func:`cost_notes` go under it."""
+    from rich.table import Table
+
+    columns, rows = cost_rows(a, sort, top)
+    t = Table(title="memory and time per conv", title_justify="left")
+    for col in columns:
+        t.add_column(col, justify="left" if col in ("name", "kind", "bound") else "right", overflow="fold")
+    for cells in rows:
+        t.add_row(*cells)
+    return t
+
+
+def cost_markdown(a: Analysis, sort: str | None = None, top: int | None = None) -> str:
+    """The memory/time table as GitHub markdown, its notes below it."""
+    columns, rows = cost_rows(a, sort, top)
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join("---" if c in ("name", "kind", "bound") else "---:" for c in columns) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in rows]
+    return "\n".join(lines + [""] + cost_notes(a)) + "\n"
+
+
 # ---- Graphviz DOT ---------------------------------------------------------------------------------
 def _q(*lines: str) -> str:
     """A quoted DOT string; several lines are joined by DOT's line break."""
@@ -149,13 +218,25 @@ def _q(*lines: str) -> str:
     return '"' + "\\n".join(esc) + '"'
 
 
+def heat_color(x: float) -> str:
+    """White (0) to red (1), as a DOT colour."""
+    v = round(255 * (1 - min(max(x, 0.0), 1.0)))
+    return f"#ff{v:02x}{v:02x}"
+
+
 def dot(a: Analysis) -> str:
-    """Graphviz DOT of the model's ops (subgraphs as clusters), convs filled by kind; initializers left out."""
+    """Graphviz DOT of the model's ops (subgraphs as clusters), convs filled by kind, or by their share of the
+    model's time when profiled; initializers left out."""
     records = {(r.graph, r.node_id): r for r in a.convs}
+    shares = [r.time_share for r in a.convs if r.time_share]
+    heat = max(shares) if a.profile is not None and shares else None
     lines = ["digraph convgraph {", "  rankdir=TB;", '  node [shape=box, style="rounded,filled", fillcolor="#eeeeee", '
              'fontname="Helvetica", fontsize=10];', '  edge [color="#777777", arrowsize=0.6];']
-    for kind, color in KIND_COLORS.items():
-        lines.append(f"  // {kind}: {color}")
+    if heat is None:
+        for kind, color in KIND_COLORS.items():
+            lines.append(f"  // {kind}: {color}")
+    else:
+        lines.append(f"  // convs filled white → red by share of the model's time (red: {100 * heat:.1f}%)")
     for n, (path, g) in enumerate(a.graphs.items()):
         indent = "  "
         if path:
@@ -170,10 +251,13 @@ def dot(a: Analysis) -> str:
             if kind == "op":
                 r = records.get((path, nid))
                 if r is not None:
-                    label = _q(r.name or nid, f"{r.kind} {_geometry(r)}",
-                               f"{r.in_channels}→{r.out_channels}  {human(r.macs)} MACs")
-                    fill = KIND_COLORS[r.kind]
-                    lines.append(f'{indent}{key} [label={label}, fillcolor="{fill}", fontcolor="white"];')
+                    text = [r.name or nid, f"{r.kind} {_geometry(r)}", f"{r.in_channels}→{r.out_channels}  {human(r.macs)} MACs"]
+                    if heat is None:
+                        fill, font = KIND_COLORS[r.kind], "white"
+                    else:  # profiled: white → red by share of the model's time
+                        fill, font = heat_color((r.time_share or 0) / heat), "black"
+                        text.append(f"{_num(r.time_ms, '.3f')} ms, {100 * (r.time_share or 0):.1f}% of time")
+                    lines.append(f'{indent}{key} [label={_q(*text)}, fillcolor="{fill}", fontcolor="{font}"];')
                 else:
                     style = ', fillcolor="#cccccc"' if conv_op(d) is not None else ""
                     lines.append(f"{indent}{key} [label={_q(d['op_type'])}{style}];")

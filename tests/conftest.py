@@ -39,3 +39,21 @@ def real_models() -> Callable[[str], Path]:
             pytest.skip(failed[requirement])
 
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def roofline_cache(tmp_path_factory):
+    """The roofline cache (``$XDG_CACHE_HOME/convgraph``) in a temporary folder, never the user's, measured
+    once for the default threads so that ``analyze`` says nothing about measuring it."""
+    import os
+
+    from convgraph import roofline
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    roofline.machine_roofline("cpu", None)
+    yield roofline.cache_path()
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old

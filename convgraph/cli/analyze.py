@@ -10,9 +10,10 @@ from .. import report
 from ..analyze import analyze as run_analysis
 from ..errors import UsageError
 from ..graph import gc_paused, load
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, check_output_path
 from . import cli, common
-from .common import emit_json, input_shape_option, json_option, probe_option, warn
+from .common import (emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, probe_option,
+                     provider_option, warn)
 
 
 @cli.command()
@@ -22,28 +23,56 @@ from .common import emit_json, input_shape_option, json_option, probe_option, wa
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default=None,
               help="Output format (default: table; --json is --format json).")
 @click.option("--sort", type=click.Choice(report.SORT_KEYS), default=None,
-              help="Order of the convs (default: model order; macs and params largest first).")
+              help="Order of the convs (default: model order; macs, params and time largest first).")
 @click.option("--top", type=click.IntRange(min=1), default=None, metavar="N",
               help="Only the first N convs (totals stay whole).")
 @click.option("--dot", "dot_path", type=click.Path(path_type=Path), default=None, metavar="OUT.dot",
-              help="Also write the graph as Graphviz DOT, convs coloured by kind.")
+              help="Also write the graph as Graphviz DOT, convs coloured by kind (by time share with --profile).")
 @probe_option
+@click.option("--profile", "profiled", is_flag=True,
+              help="Run the model under onnxruntime's profiler and give each conv its measured time.")
+@click.option("--runs", type=int, default=20, show_default=True, help="--profile: timed runs.")
+@click.option("--warmup", type=int, default=3, show_default=True, help="--profile: warm-up runs.")
+@click.option("--threads", type=int, default=None,
+              help="onnxruntime intra-op threads for --profile and the roofline (default: onnxruntime's).")
+@provider_option
+@input_data_options
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, metavar="OUT.png",
+              help="Also draw the top convs (--top, default 20) by measured time beside their MAC share (implies --profile; "
+                   "matplotlib).")
 def analyze(model: Path, input_shapes: dict, as_json: bool, fmt: str | None, sort: str | None, top: int | None,
-            dot_path: Path | None, probe: bool) -> None:
-    """Per convolution of MODEL: kind, geometry, output shape, MACs, params, receptive field, rewrites."""
+            dot_path: Path | None, probe: bool, profiled: bool, runs: int, warmup: int, threads: int | None,
+            provider: str, plot_path: Path | None, **kw) -> None:
+    """Per convolution of MODEL: kind, geometry, output shape, MACs, params, receptive field, rewrites, memory
+    cost and its bound on this machine's roofline; with --profile, the time each conv takes."""
     if as_json and fmt not in (None, "json"):
         raise UsageError(f"--json conflicts with --format {fmt}")
     fmt = "json" if as_json else (fmt or "table")
-    if dot_path is not None and not dot_path.parent.exists():
-        raise UsageError(f"--dot: folder {dot_path.parent} does not exist")
-    if dot_path is not None and dot_path.is_dir():
-        raise UsageError(f"--dot: {dot_path} is a directory")
+    data = input_data_kwargs(kw)
+    profiled = profiled or plot_path is not None
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    if sort == "time" and not profiled:
+        raise UsageError("--sort time needs measured times: add --profile")
+    for path in (dot_path, plot_path):
+        if path is not None:
+            check_output_path(path, model)
+    if plot_path is not None:
+        from ..profile import pyplot
+
+        pyplot()  # before any work: a missing matplotlib fails at once
     with gc_paused():
         cg = load(model, input_shapes, probe=probe)
         result = run_analysis(cg)
         result.model["path"] = str(model)
+        _measure(cg, result, profiled, provider, threads, runs, warmup, data)
         for w in result.warnings:
             warn(w)
+        if plot_path is not None:
+            from ..profile import plot
+
+            plot(result, plot_path, top or 20)
+            common.console("err").print(f"wrote {plot_path}", markup=False, highlight=False)
         if dot_path is not None:
             atomic_write_bytes(dot_path, report.dot(result).encode())
             common.console("err").print(f"wrote {dot_path}", markup=False, highlight=False)
@@ -51,7 +80,38 @@ def analyze(model: Path, input_shapes: dict, as_json: bool, fmt: str | None, sor
             emit_json(result.to_dict(report.select(result.convs, sort, top)), indent=None)
         elif fmt == "markdown":
             click.echo(report.markdown(result, sort, top), nl=False)
+            click.echo("\n" + report.cost_markdown(result, sort, top), nl=False)
         else:
             convs, kinds = report.tables(result, sort, top)
             common.console("out").print(convs)
+            common.console("out").print(report.cost_table(result, sort, top))
+            for line in report.cost_notes(result):
+                common.console("out").print(line, markup=False)
             common.console("out").print(kinds)
+
+
+def _measure(cg, result, profiled: bool, provider: str, threads: int | None, runs: int, warmup: int,
+             data: dict) -> None:
+    """The roofline (cached, else measured once) and, with --profile, each conv's measured time."""
+    from .. import roofline
+
+    roof = roofline.cached_roofline(provider, threads)  # no onnxruntime needed when cached
+    if roof is None:
+        try:
+            roof = roofline.machine_roofline(provider, threads, on_measure=lambda path: common.console("err").print(
+                f"measuring this machine's roofline once ({provider}; cached in {path})", markup=False,
+                highlight=False))
+        except UsageError:
+            if profiled or provider != "cpu":
+                raise
+            roof = None  # no onnxruntime: the static analysis goes on, bounds unknown
+    roofline.apply(result.convs, roof)
+    result.roofline = roof
+    if profiled:
+        from ..profile import attach, profile
+
+        prof = profile(cg, data.pop("inputs"), input_shapes=cg.input_shapes or None, seed=data.pop("seed"),
+                       provider=provider, threads=threads, runs=runs, warmup=warmup,
+                       input_options=data)
+        attach(result, prof, roof)
+        result.warnings.extend(prof.warnings())
