@@ -86,8 +86,10 @@ def as_model(source) -> onnx.ModelProto:
 
 
 def create_session(model, *, provider: str = "cpu", threads: int | None = None, opt_level: str = "all",
-                   config: Mapping[str, str] | None = None):
+                   config: Mapping[str, str] | None = None, quiet: bool = False):
     """An onnxruntime InferenceSession for a model (path, bytes, ModelProto or ConvGraph).
+
+    ``quiet``: onnxruntime logs nothing, not even its errors (they come back as one ModelError line).
 
     With ``provider="cuda"`` the session must really run on CUDA: onnxruntime-gpu falls back to CPU
     when the CUDA libraries fail to load, which raises a UsageError here instead.
@@ -95,6 +97,8 @@ def create_session(model, *, provider: str = "cpu", threads: int | None = None, 
     rt = ort()
     provs = providers(provider)
     so = session_options(threads=threads, opt_level=opt_level, config=config)
+    if quiet:
+        so.log_severity_level = 4
     proto = model if isinstance(model, onnx.ModelProto) else as_model(model)  # protos: onnxruntime validates
     errors = ort_errors()
     try:
