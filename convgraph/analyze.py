@@ -399,7 +399,7 @@ def _unknown_shapes_warning(cg: ConvGraph, records: list[ConvRecord]) -> str | N
 
     (With dynamic inputs left unset, the loader's warning already says why and what to do.)
     """
-    lost = [r for r in records if r.macs is None]
+    lost = [r for r in records if r.macs_expr is None]
     if not lost or any(not (i := cg.shape_info(vi.name)) or not i.static for vi in real_inputs(cg.model.graph)):
         return None
     main = [r for r in lost if not r.graph]

@@ -12,6 +12,7 @@ Symbols stand for dims ≥ 1. Operations mix freely with Python ints; an Expr wi
 
 from __future__ import annotations
 
+import ast
 import math
 from fractions import Fraction
 from numbers import Rational
@@ -323,3 +324,31 @@ def minimum(a, b):
     if isinstance(diff, Expr):
         return None
     return a if diff <= 0 else b
+
+
+_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+        ast.FloorDiv: lambda a, b: a // b}
+
+
+def parse(text: str) -> "Expr | int":
+    """The Expr of a Python integer expression (``+ - * //``, parentheses, integers, identifiers), as
+    ``str(Expr)`` writes it; ValueError for anything else."""
+
+    def build(node):
+        if isinstance(node, ast.Expression):
+            return build(node.body)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](build(node.left), build(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = build(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.Name):
+            return Expr.symbol(node.id)
+        raise ValueError(f"not an integer expression: {text!r}")
+
+    try:
+        return build(ast.parse(str(text), mode="eval"))
+    except SyntaxError:
+        raise ValueError(f"not an integer expression: {text!r}") from None

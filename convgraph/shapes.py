@@ -351,18 +351,23 @@ def probe_shapes(cg: "ConvGraph", tensors: "list[str] | None" = None, *, seed: i
     model = cg.to_model() if cg.dirty else cg.model
     specs = input_specs(model)
     given = {s.name: cg.shape(s.name) for s in specs}
-    dynamic = [(n, s) for n, s in given.items() if s is None or not all(isinstance(d, int) for d in s)]
+    dynamic = [(n, s) for n, s in given.items() if s is None or not all(type(d) is int for d in s)]
     if dynamic:
         listed = "; ".join(f"{n} {_dims_text(s)}" for n, s in dynamic)
         raise UsageError(f"--probe runs the model, so every input needs a concrete shape; dynamic: {listed}. "
                          f"Set {'them' if len(dynamic) > 1 else 'it'} with {_fix_hint(dynamic)}")
-    feeds = random_inputs(specs, seed=seed, input_shapes=given)[0]
+    feeds = {**random_inputs(specs, seed=seed, input_shapes=given)[0], **cg.input_values}
     try:
-        # one run: graph optimizations would cost more session time than they save
-        session = create_session(expose_tensors(model, names, cg.shapes), provider=provider, opt_level="disable")
+        # one run: graph optimizations would cost more session time than they save; onnxruntime's own error
+        # log stays silent (its error comes back as one line)
+        session = create_session(expose_tensors(model, names, cg.shapes), provider=provider, opt_level="disable",
+                                 quiet=True)
         values = run(session, feeds, names)
     except ModelError as e:
-        raise ModelError(f"--probe: {e}") from None
+        steering = sorted({t for _, _, ts in cg.undecided for t in ts} - set(cg.input_values))
+        hint = (f"; the model branches on input {', '.join(map(repr, steering))}: a random value may take the wrong "
+                f"branch, --input-value {steering[0]}=V fixes it" if steering else "")
+        raise ModelError(f"--probe: {e}{hint}") from None
     measured: dict[str, TensorInfo] = {}
     conflicts: dict[str, tuple] = {}
     for t, v in zip(names, values):

@@ -12,12 +12,13 @@ from ..errors import UsageError
 from ..graph import gc_paused, load
 from ..io import atomic_write_bytes
 from . import cli, common
-from .common import emit_json, input_shape_option, json_option, probe_option, warn
+from .common import emit_json, input_shape_option, input_value_option, json_option, probe_option, warn
 
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @input_shape_option
+@input_value_option
 @json_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default=None,
               help="Output format (default: table; --json is --format json).")
@@ -28,9 +29,12 @@ from .common import emit_json, input_shape_option, json_option, probe_option, wa
 @click.option("--dot", "dot_path", type=click.Path(path_type=Path), default=None, metavar="OUT.dot",
               help="Also write the graph as Graphviz DOT, convs coloured by kind.")
 @probe_option
-def analyze(model: Path, input_shapes: dict, as_json: bool, fmt: str | None, sort: str | None, top: int | None,
+def analyze(model: Path, input_shapes: dict, input_values: dict, as_json: bool, fmt: str | None, sort: str | None, top: int | None,
             dot_path: Path | None, probe: bool) -> None:
-    """Per convolution of MODEL: kind, geometry, output shape, MACs, params, receptive field, rewrites."""
+    """Per convolution of MODEL: kind, geometry, output shape, MACs, params, receptive field, rewrites.
+
+    Dynamic input dims left unset are symbols: shapes and MACs are then formulas over them.
+    """
     if as_json and fmt not in (None, "json"):
         raise UsageError(f"--json conflicts with --format {fmt}")
     fmt = "json" if as_json else (fmt or "table")
@@ -39,7 +43,7 @@ def analyze(model: Path, input_shapes: dict, as_json: bool, fmt: str | None, sor
     if dot_path is not None and dot_path.is_dir():
         raise UsageError(f"--dot: {dot_path} is a directory")
     with gc_paused():
-        cg = load(model, input_shapes, probe=probe)
+        cg = load(model, input_shapes, probe=probe, input_values=input_values)
         result = run_analysis(cg)
         result.model["path"] = str(model)
         for w in result.warnings:
