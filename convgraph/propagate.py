@@ -420,7 +420,7 @@ class _Walk:
         if op in SAME_SHAPE:
             f = _UNARY_VALUES.get(op)
             value = _elementwise(f, x.value) if f is not None and x is not None and x.value is not None else None
-            return [Val(0, shape, value)]
+            return [Val(0, shape, value)] + [Val(_BOOL, shape)] * (op == "Dropout" and n_out > 1)
         if op in _BINARY or op == "Div":
             a, b = ins[0], ins[1]
             if a is None or b is None:

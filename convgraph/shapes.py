@@ -350,6 +350,7 @@ def probe_shapes(cg: "ConvGraph", tensors: "list[str] | None" = None, *, seed: i
         raise UsageError(f"--probe: {e}") from None
     model = cg.to_model() if cg.dirty else cg.model
     specs = input_specs(model)
+    specs = [s for s in specs if s.name not in cg.input_values]  # the fixed values are fed as they are
     given = {s.name: cg.shape(s.name) for s in specs}
     dynamic = [(n, s) for n, s in given.items() if s is None or not all(type(d) is int for d in s)]
     if dynamic:
@@ -380,7 +381,7 @@ def probe_shapes(cg: "ConvGraph", tensors: "list[str] | None" = None, *, seed: i
             conflicts[t] = old.shape
         measured[t] = TensorInfo(old.elem_type if old is not None and old.elem_type else _elem_type(v.dtype), shape)
     _store(cg, measured)
-    note = _probe_warning(cg, measured, [s.name for s in specs], inner, conflicts, seed)
+    note = _probe_warning(cg, measured, [s.name for s in specs] + list(cg.input_values), inner, conflicts, seed)
     if note:
         cg.warnings.append(note)
     return {t: i.shape for t, i in measured.items()}
