@@ -42,7 +42,7 @@ class Floor:
 
 
 def _atom_key(a) -> tuple:
-    return (0, a) if isinstance(a, str) else (1, a._key)
+    return (0, a) if isinstance(a, str) else (1, a.k, a._key)  # floors by divisor: ⌈H/2⌉ before ⌈H/16⌉
 
 
 def _mono_key(m: tuple) -> tuple:
