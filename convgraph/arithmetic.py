@@ -28,7 +28,7 @@ def known(d) -> bool:
 
 def sized(d) -> bool:
     """A concrete or symbolic size (an int or an :class:`~convgraph.expr.Expr`), not unknown."""
-    return isinstance(d, Expr) or known(d)
+    return type(d) is int or isinstance(d, Expr) or known(d)
 
 
 def prod(values: Sequence[int]) -> int:

@@ -25,11 +25,13 @@ from onnx import numpy_helper
 
 from .expr import Expr, floor_div, is_dim
 
-SMALL = 1024  #: tensors with at most this many elements carry their values
+SMALL = 1024  #: integer tensors with at most this many elements carry their values
+SMALL_FLOAT = 64  #: float tensors likewise (Resize scales, constants of shape arithmetic; weights do not)
 _BIG = 2**30  #: a slice bound at least this is "to the end"
 _INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
               onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
 _BOOL = onnx.TensorProto.BOOL
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
 class Val(NamedTuple):
@@ -102,13 +104,13 @@ def _number(x):
 
 
 def array_value(a: np.ndarray) -> np.ndarray | None:
-    """A numpy array as a value (object array of exact numbers), when small and numeric."""
-    if a.size > SMALL or a.dtype.kind not in "biuf":
+    """A numpy array as a value (object array of exact numbers), when small and numeric: integer tensors of
+    up to :data:`SMALL` elements, float ones of up to :data:`SMALL_FLOAT` (scales, not weights)."""
+    if a.size > (SMALL_FLOAT if a.dtype.kind == "f" else SMALL) or a.dtype.kind not in "biuf":
         return None
     out = np.empty(a.shape, dtype=object)
-    flat = out.reshape(-1)
-    for i, x in enumerate(a.reshape(-1).tolist()):
-        flat[i] = _number(x)
+    items = a.reshape(-1).tolist()  # Python ints and bools already
+    out.reshape(-1)[:] = [_number(x) for x in items] if a.dtype.kind == "f" else items
     return out
 
 
@@ -257,7 +259,7 @@ _BINARY = {
 _UNARY_VALUES = {
     "Neg": lambda a: -a, "Abs": lambda a: abs(a) if not isinstance(a, Expr) else a, "Floor": _floor, "Ceil": _ceil,
     "Not": lambda a: not a, "Identity": lambda a: a, "Sign": lambda a: (a > 0) - (a < 0),
-    "Reciprocal": lambda a: 1 / Fraction(a), "Relu": lambda a: max(a, 0),
+    "Reciprocal": lambda a: 1 / Fraction(a),
 }
 #: Ops whose (first) output has the shape of their first input.
 SAME_SHAPE = frozenset("""Relu Sigmoid Tanh HardSigmoid HardSwish LeakyRelu Clip Exp Log Softmax LogSoftmax
@@ -267,7 +269,10 @@ IsInf Shrink QuantizeLinear DequantizeLinear CumSum Neg Abs Floor Ceil Not Ident
 MeanVarianceNormalization SimplifiedLayerNormalization FastGelu BiasGelu QuickGelu""".split())
 _VARIADIC = {"Min": _min, "Max": _max, "Sum": lambda a, b: a + b, "Mean": None}
 CONV_LIKE = frozenset({"Conv", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool", "FusedConv",
-                       "ConvTranspose"})
+                       "ConvTranspose", "NhwcConv", "NhwcFusedConv"})
+#: Ops whose rules never read their inputs' values.
+_NO_VALUES = CONV_LIKE | {"MatMul", "Gemm", "PRelu", "BatchNormalization", "InstanceNormalization",
+                          "LayerNormalization", "GroupNormalization", "GlobalAveragePool", "GlobalMaxPool"}
 
 
 # ---- the walk -------------------------------------------------------------------------------------------
@@ -281,11 +286,19 @@ class _Walk:
     def graph(self, cg, env: dict, parent_env: "dict | None") -> None:
         from .analyze import conv_op
 
-        nodes = cg.graph._node
+        nodes, shapes = cg.graph._node, cg.shapes
         for nid in cg.topological_order():
             data = nodes[nid]
             node = data["proto"]
-            ins = [self.get(cg, env, parent_env, t) if t else None for t in node.input]
+            op = data["op_type"]
+            if op in _SHAPE_ONLY and not data["subgraphs"]:  # fast path: onnx's static shapes are the answer
+                infos = [shapes.get(t) for t in node.output if t]
+                if all(i is not None and i.shape is not None and all(type(d) is int for d in i.shape) for i in infos):
+                    for t, i in zip((t for t in node.output if t), infos):
+                        env[t] = Val(i.elem_type, i.shape)
+                    continue
+            want = op not in _NO_VALUES  # a conv's weights are never read as values
+            ins = [self.get(cg, env, parent_env, t, want) if t else None for t in node.input]
             outs = None
             try:
                 if data["subgraphs"]:
@@ -299,7 +312,8 @@ class _Walk:
                     mine = outs[j] if outs is not None and j < len(outs) else None
                     env[t] = self.merge(cg, t, mine, data)
 
-    def get(self, cg, env, parent_env, t: str) -> Val:
+    def get(self, cg, env, parent_env, t: str, want: bool = True) -> Val:
+        """What is known of ``t``; an initializer's value is read once a consumer may use it (``want``)."""
         v = env.get(t)
         if v is None and parent_env is not None:
             v = parent_env.get(t)
@@ -310,7 +324,10 @@ class _Walk:
             init = g.initializer(t)
             if init is not None:
                 n = math.prod(init.dims)
-                value = array_value(numpy_helper.to_array(init)) if n <= SMALL and not init.external_data else None
+                if not want:
+                    return Val(init.data_type, tuple(init.dims))  # not cached: a later reader may want the value
+                small = SMALL_FLOAT if init.data_type in _FLOAT_TYPES else SMALL
+                value = _init_value(init) if n <= small and not init.external_data else None
                 v = Val(init.data_type, tuple(init.dims), value)
             else:
                 v = self.merge(cg, t, None, None)
@@ -461,6 +478,14 @@ class _Walk:
             return [_conv_like(op, attrs, ins, conv)]
         if op in ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"):
             return [Val(0, None if shape is None else (*shape[:2], *(1,) * (len(shape) - 2)))]
+        return None
+
+
+def _init_value(t: onnx.TensorProto) -> np.ndarray | None:
+    """A small initializer's value; None when onnx cannot read it (a type it does not know, bad data)."""
+    try:
+        return array_value(numpy_helper.to_array(t))
+    except (KeyError, TypeError, ValueError):
         return None
 
 
@@ -971,6 +996,10 @@ def _conv_like(op: str, attrs: dict, ins: list, conv) -> Val:
     return Val(0, shape)
 
 
+_SHAPE_ONLY = _NO_VALUES | (SAME_SHAPE - set(_UNARY_VALUES)) | {
+    "Transpose", "Resize", "Upsample", "Pad", "ReduceMean", "ReduceMax", "ReduceSum", "ArgMax", "ArgMin",
+    "DepthToSpace", "SpaceToDepth", "Flatten", "Relu"}
+
 _HANDLERS = {
     "Shape": _shape_op, "Size": _size, "Constant": _constant, "ConstantOfShape": _constant_of_shape, "Cast": _cast,
     "Gather": _gather, "Slice": _slice, "Concat": _concat, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze,
@@ -1017,9 +1046,9 @@ def propagate(cg, values: "dict[str, np.ndarray] | None" = None) -> None:
     for g in cg.walk():
         genv = envs.get(g.path, {})
         for t, v in genv.items():
-            if t in g._outer:
-                continue
             old = g.shapes.get(t)
+            if t in g._outer or (old is not None and old.shape == v.shape):
+                continue
             g.shapes[t] = TensorInfo(old.elem_type if old is not None and old.elem_type else v.elem, v.shape)
         refresh_edges(g)
     cg.symbols = symbols

@@ -288,7 +288,7 @@ def _collect_shapes(cg: "ConvGraph", g: onnx.GraphProto, _types: "dict | None" =
         if subs:
             for key, body in _sub_protos(node):
                 _collect_shapes(subs[key], body, types)
-    refresh_edges(cg)
+    # the edges' info is set by convgraph.propagate.propagate, which runs next and completes these shapes
 
 
 def refresh_edges(cg: "ConvGraph") -> None:

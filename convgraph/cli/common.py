@@ -148,9 +148,12 @@ input_data_options = _stack([
     click.option("--samples", type=int, help="Random input sets (default 1); with --inputs, use at most this many."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."),
     image_options,
+    input_value_option,
 ])
 
 
 def input_data_kwargs(kw: dict) -> dict:
     """Pop the :func:`input_data_options` values from a command's kwargs, named as make_inputs wants them."""
-    return {k: kw.pop(k) for k in ("inputs", "samples", "seed", "image_size", "mean", "std", "layout")}
+    out = {k: kw.pop(k) for k in ("inputs", "samples", "seed", "image_size", "mean", "std", "layout")}
+    out["values"] = kw.pop("input_values", None) or None  # --input-value: make_inputs(values=)
+    return out
