@@ -282,3 +282,18 @@ def test_bad_input_values_are_usage_errors(models_dir) -> None:
     for values, needle in (({"nope": 1}, "not an input"), ({"x": [1, 2]}, "do not fill")):
         with pytest.raises(UsageError, match=needle):
             _load(models_dir / "dynamic.onnx", {"x": [1, 3, 4, 4]}, values)
+
+
+def test_verify_and_bench_feed_input_values(tmp_path, capsys) -> None:
+    """A rank-0 input with --input-value runs through verify and bench (rank-0 shapes were refused before)."""
+    path = tmp_path / "b.onnx"
+    path.write_bytes(_branching().SerializeToString())
+    code = main(["verify", str(path), str(path), "--input-shape", "x=1,3,8,8", "--input-value", "sr=16000", "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["passed"]
+    code = main(["bench", str(path), "--input-shape", "x=1,3,8,8", "--input-value", "sr=3", "--runs", "2",
+                 "--warmup", "1", "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["models"][0]["runs"] == 2
+    from convgraph.verify import verify
+
+    report = verify(path, path, input_shapes={"x": [1, 3, 8, 8], "sr": []}, values={"sr": 16000})
+    assert report.passed
