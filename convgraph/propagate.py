@@ -534,6 +534,15 @@ def _inputs_read(cg, tensor: str) -> list[str]:
 
 
 # ---- shape rules ---------------------------------------------------------------------------------------
+def _shaped(rule):
+    """A rule that needs its first input's shape, called with that input and its rank; without it, None
+    (onnx's shape is taken)."""
+    def apply(w, attrs, ins, n):
+        x = ins[0] if ins else None
+        return None if x is None or x.shape is None else rule(w, attrs, ins, n, x, len(x.shape))
+    return apply
+
+
 def _axis(a: int, rank: int) -> int:
     return a + rank if a < 0 else a
 
@@ -685,12 +694,9 @@ def _axes(w, attrs, ins):
     return list(a) if a is not None else None
 
 
-def _squeeze(w, attrs, ins, n):
-    x = ins[0]
-    if x.shape is None:
-        return None
+@_shaped
+def _squeeze(w, attrs, ins, n, x: Val, r: int):
     axes = _axes(w, attrs, ins)
-    r = len(x.shape)
     if axes is None:
         if (w.opset >= 13 and len(ins) > 1 and ins[1] is not None) or not all(is_dim(d) for d in x.shape):
             return None
@@ -744,11 +750,9 @@ def _reshape(w, attrs, ins, n):
     return [Val(x.elem, shape, value)]
 
 
-def _flatten(w, attrs, ins, n):
-    x = ins[0]
-    if x.shape is None:
-        return None
-    axis = _axis(int(attrs.get("axis", 1)), len(x.shape))
+@_shaped
+def _flatten(w, attrs, ins, n, x: Val, r: int):
+    axis = _axis(int(attrs.get("axis", 1)), r)
     return [Val(x.elem, (_numel(x.shape[:axis]), _numel(x.shape[axis:])))]
 
 
@@ -789,21 +793,18 @@ def _range(w, attrs, ins, n):
     return [Val(elem, (count,), value)]
 
 
-def _transpose(w, attrs, ins, n):
-    x = ins[0]
-    if x.shape is None:
-        return None
-    perm = attrs.get("perm") or list(range(len(x.shape)))[::-1]
+@_shaped
+def _transpose(w, attrs, ins, n, x: Val, r: int):
+    perm = attrs.get("perm") or list(range(r))[::-1]
     return [Val(x.elem, tuple(x.shape[p] for p in perm),
                 np.transpose(x.value, perm) if x.value is not None else None)]
 
 
-def _pad(w, attrs, ins, n):
-    x = ins[0]
+@_shaped
+def _pad(w, attrs, ins, n, x: Val, r: int):
     pads = _ints(ins[1].value) if w.opset >= 11 and len(ins) > 1 and ins[1] is not None else attrs.get("pads")
-    if x.shape is None or pads is None:
+    if pads is None:
         return None
-    r = len(x.shape)
     axes = _consts(ins[3].value) if w.opset >= 18 and len(ins) > 3 and ins[3] is not None else list(range(r))
     if axes is None:
         return None
@@ -816,11 +817,8 @@ def _pad(w, attrs, ins, n):
     return [Val(x.elem, tuple(shape))]
 
 
-def _resize(w, attrs, ins, n):
-    x = ins[0]
-    if x.shape is None:
-        return None
-    r = len(x.shape)
+@_shaped
+def _resize(w, attrs, ins, n, x: Val, r: int):
     if w.opset >= 11:
         scales = ins[2] if len(ins) > 2 else None
         sizes = ins[3] if len(ins) > 3 else None
@@ -852,11 +850,8 @@ def _resize(w, attrs, ins, n):
     return [Val(x.elem, tuple(shape))]
 
 
-def _split(w, attrs, ins, n):
-    x = ins[0]
-    if x.shape is None:
-        return None
-    r = len(x.shape)
+@_shaped
+def _split(w, attrs, ins, n, x: Val, r: int):
     axis = _axis(int(attrs.get("axis", 0)), r)
     if w.opset >= 13:
         sizes = _ints(ins[1].value) if len(ins) > 1 and ins[1] is not None else None
@@ -882,11 +877,8 @@ def _split(w, attrs, ins, n):
     return out
 
 
-def _reduce(w, attrs, ins, n):
-    x = ins[0]
-    if x.shape is None:
-        return None
-    r = len(x.shape)
+@_shaped
+def _reduce(w, attrs, ins, n, x: Val, r: int):
     axes = attrs.get("axes")
     if len(ins) > 1:  # ReduceSum-13, every Reduce-18
         if ins[1] is None:
@@ -905,11 +897,8 @@ def _reduce(w, attrs, ins, n):
     return [Val(x.elem, shape)]
 
 
-def _argmax(w, attrs, ins, n):
-    x = ins[0]
-    if x.shape is None:
-        return None
-    r = len(x.shape)
+@_shaped
+def _argmax(w, attrs, ins, n, x: Val, r: int):
     axis = _axis(int(attrs.get("axis", 0)), r)
     keep = int(attrs.get("keepdims", 1))
     return [Val(onnx.TensorProto.INT64, tuple(1 if j == axis else d for j, d in enumerate(x.shape)
