@@ -266,6 +266,7 @@ class Analysis:
     model: dict[str, Any]
     inputs: list[dict[str, Any]]
     graphs: dict[str, ConvGraph] = field(default_factory=dict, repr=False)  # subgraph path → ConvGraph
+    symbols: dict[str, dict] = field(default_factory=dict)  # identifier → {"input", "axis"} of each dynamic dim
 
     def by_id(self, graph: str = "") -> dict[str, ConvRecord]:
         """node_id → record for the convs of one graph (the main graph by default)."""
@@ -285,11 +286,11 @@ class Analysis:
         return len(self.convs)
 
     def to_dict(self, convs: "list[ConvRecord] | None" = None) -> dict[str, Any]:
-        """``{"model", "inputs", "convs", "totals"}``, JSON-ready (warnings are not part of it).
+        """``{"model", "inputs", "symbols", "convs", "totals"}``, JSON-ready (warnings are not part of it).
 
         ``convs``: the records to list (e.g. sorted, or the top N); default all. Totals stay whole.
         """
-        return {"model": self.model, "inputs": self.inputs, "symbols": self.model.get("symbols", {}),
+        return {"model": self.model, "inputs": self.inputs, "symbols": self.symbols,
                 "convs": [r.to_dict() for r in (self.convs if convs is None else convs)], "totals": self.totals}
 
 
@@ -389,9 +390,8 @@ def _analyze(cg: ConvGraph, rewrites: bool, block: int) -> Analysis:
         if g.taken is not None or (g.parent is not None and branches.get(g.parent.path) == "not taken"):
             branches[g.path] = "not taken" if g.taken is False or branches.get(g.parent.path) == "not taken" else "taken"
     skipped = {p for p, b in branches.items() if b == "not taken"}
-    model["symbols"] = dict(cg.symbols)
-    model["branches"] = branches
-    return Analysis(records, totals(records, skipped), warnings, model, inputs, graphs)
+    model["branches"] = branches  # If bodies: "taken" / "not taken" where the condition is known
+    return Analysis(records, totals(records, skipped), warnings, model, inputs, graphs, dict(cg.symbols))
 
 
 def _unknown_shapes_warning(cg: ConvGraph, records: list[ConvRecord]) -> str | None:

@@ -195,8 +195,8 @@ class Expr:
             self._str = _text(self, _mono_text, "*", _num)
         return self._str
 
-    def __repr__(self) -> str:
-        return f"Expr({self})"
+    def __repr__(self) -> str:  # as in messages: (N, 16, (H+1)//2)
+        return str(self)
 
     def compact(self) -> str:
         """Short human form: ``7.9k·H·W``, ``⌈H/4⌉`` for ``(H+3)//4``, ``⌊H/4⌋`` for ``H//4``."""

@@ -80,7 +80,7 @@ def _check_formulas(path: Path, concrete: dict) -> int:
     """Analyze symbolically and at ``concrete``; every conv's formula at that shape equals the concrete MACs."""
     sym = analyze(_load(path), rewrites=False)
     values = {}
-    for name, info in sym.model["symbols"].items():
+    for name, info in sym.symbols.items():
         values[name] = concrete[info["input"]][info["axis"]]
     fixed = analyze(_load(path, concrete), rewrites=False)
     assert len(sym) == len(fixed)
@@ -121,20 +121,20 @@ def test_sample_model_formulas_evaluate_to_the_concrete_macs(models_dir) -> None
 
 def test_named_symbols_for_partly_fixed_shapes(models_dir, capsys) -> None:
     a = analyze(_load(models_dir / "dynamic.onnx", {"x": [1, 3, "h", "w"]}), rewrites=False)
-    assert a.model["symbols"] == {"h": {"input": "x", "axis": 2}, "w": {"input": "x", "axis": 3}}
+    assert a.symbols == {"h": {"input": "x", "axis": 2}, "w": {"input": "x", "axis": 3}}
     assert str(a.convs[0].macs_expr) == "216*h*w"
     code = main(["analyze", str(models_dir / "dynamic.onnx"), "--json", "--input-shape", "x=2,3,h,w"])
     doc = json.loads(capsys.readouterr().out)
-    assert code == 0 and doc["symbols"] == a.model["symbols"] and doc["convs"][0]["macs_expr"] == "432*h*w"
+    assert code == 0 and doc["symbols"] == a.symbols and doc["convs"][0]["macs_expr"] == "432*h*w"
     assert doc["convs"][0]["macs"] is None and doc["convs"][0]["output_shape"] == [2, 8, "h", "w"]
 
 
 def test_model_dim_names_become_python_identifiers(real_models) -> None:
     a = analyze(_load(real_models("ppocr-det")), rewrites=False)  # dims named p2o.DynamicDimension.0/1/2
-    assert a.model["symbols"] == {"N": {"input": "x", "axis": 0}, "H": {"input": "x", "axis": 2},
+    assert a.symbols == {"N": {"input": "x", "axis": 0}, "H": {"input": "x", "axis": 2},
                                   "W": {"input": "x", "axis": 3}}
     cls = analyze(_load(real_models("ppocr-cls")), rewrites=False)  # two dims both named "?": two symbols
-    assert set(cls.model["symbols"]) == {"N", "H", "W"}
+    assert set(cls.symbols) == {"N", "H", "W"}
 
 
 def test_table_shows_formulas_compactly(models_dir, capsys) -> None:
