@@ -181,7 +181,7 @@ def dot(a: Analysis) -> str:
                 r = records.get((path, nid))
                 if r is not None:
                     label = _q(r.name or nid, f"{r.kind} {_geometry(r)}",
-                               f"{r.in_channels}→{r.out_channels}  {human(r.macs)} MACs")
+                               f"{r.in_channels}→{r.out_channels}  {cost(r.macs, r.macs_expr)} MACs")
                     fill = KIND_COLORS[r.kind]
                     lines.append(f'{indent}{key} [label={label}, fillcolor="{fill}", fontcolor="white"];')
                 else:
