@@ -318,14 +318,6 @@ def is_dim(d) -> bool:
     return isinstance(d, Expr) or (isinstance(d, int) and not isinstance(d, bool))
 
 
-def minimum(a, b):
-    """min(a, b) when decidable (their difference a constant, or both numbers), else None."""
-    diff = a - b
-    if isinstance(diff, Expr):
-        return None
-    return a if diff <= 0 else b
-
-
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
         ast.FloorDiv: lambda a, b: a // b}
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import keyword
 import math
 import re
+from collections import ChainMap
 from fractions import Fraction
 from typing import Callable, NamedTuple
 
@@ -362,8 +363,7 @@ class _Walk:
     # ---- If / Loop / Scan ----
     def control(self, cg, nid, data, ins, env, parent_env):
         op, subs, attrs = data["op_type"], data["subgraphs"], data["attrs"]
-        scope = dict(parent_env or {})
-        scope.update(env)  # bodies see every tensor visible here (one flat copy per control op)
+        scope = ChainMap(env, parent_env) if parent_env is not None else env  # what the bodies see (no copy)
         if op == "If":
             cond = ins[0].value if ins and ins[0] is not None else None
             c = cond.reshape(-1)[0] if cond is not None and cond.size == 1 else None
@@ -545,14 +545,6 @@ def _shaped(rule):
 
 def _axis(a: int, rank: int) -> int:
     return a + rank if a < 0 else a
-
-
-def _arg(w, attrs, ins, name: str, index: int, since: int):
-    """An op parameter given as an attribute before opset ``since`` and as input ``index`` from it on."""
-    if w.opset >= since:
-        v = ins[index] if len(ins) > index else None
-        return None if v is None else (_ints(v.value) if v.value is not None else "unknown")
-    return attrs.get(name)
 
 
 def _shape_op(w, attrs, ins, n):
