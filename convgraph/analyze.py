@@ -172,13 +172,17 @@ def _record(cg: ConvGraph, nid: str, data: dict, spec: ConvOp) -> ConvRecord | N
     out_name = node.output[0] if node.output else ""
     output_shape = _merge_shape(computed, cg.shape(out_name) if out_name else None)
 
+    # MACs as an int, or an Expr over the input symbols (dims left dynamic)
     if spec.transposed:
-        macs = ar.conv_transpose_macs(in_shape, out_channels // group, kernel)
+        n, per = ar.elements(in_shape), out_channels // group * ar.prod(kernel)
     else:
-        macs = ar.conv_macs(output_shape, in_channels // group, kernel)
+        n, per = ar.elements(output_shape), in_channels // group * ar.prod(kernel)
+    macs_expr = None if n is None else n * per
     has_bias = b is not None
-    adds = ar.bias_adds(output_shape) if has_bias else 0
-    macs_bias = None if macs is None or adds is None else macs + adds
+    adds = ar.elements(output_shape) if has_bias else 0
+    bias_expr = None if macs_expr is None or adds is None else macs_expr + adds
+    macs = macs_expr if type(macs_expr) is int else None
+    macs_bias = bias_expr if type(bias_expr) is int else None
     params = ar.prod(wshape)
     if has_bias:
         bias_shape = constant_shape(cg, b)
@@ -193,7 +197,7 @@ def _record(cg: ConvGraph, nid: str, data: dict, spec: ConvOp) -> ConvRecord | N
         in_channels=in_channels, out_channels=out_channels,
         depth_multiplier=out_channels // in_channels if kind == "depthwise" else None,
         input=x, weight=w, bias=b, output=out_name, input_shape=in_shape, output_shape=output_shape,
-        macs=macs, macs_bias=macs_bias, params=params, has_bias=has_bias, weight_source=source,
+        macs=macs, macs_bias=macs_bias, params=params, macs_expr=macs_expr, macs_bias_expr=bias_expr, has_bias=has_bias, weight_source=source,
         bias_source=constant_source(cg, b) if has_bias else None,
         auto_pad=auto_pad, output_padding=output_padding,
         checkerboard=spec.transposed and checkerboard(kernel, strides, dilations),
@@ -265,6 +269,7 @@ class Analysis:
     graphs: dict[str, ConvGraph] = field(default_factory=dict, repr=False)  # subgraph path → ConvGraph
     roofline: Any = None  # the convgraph.roofline.Roofline that set each record's bound, if any
     profile: Any = None  # the convgraph.profile.Profile whose times the records carry, if profiled
+    symbols: dict[str, dict] = field(default_factory=dict)  # identifier → {"input", "axis"} of each dynamic dim
 
     def by_id(self, graph: str = "") -> dict[str, ConvRecord]:
         """node_id → record for the convs of one graph (the main graph by default)."""
@@ -284,11 +289,11 @@ class Analysis:
         return len(self.convs)
 
     def to_dict(self, convs: "list[ConvRecord] | None" = None) -> dict[str, Any]:
-        """``{"model", "inputs", "convs", "totals"}``, JSON-ready (warnings are not part of it).
+        """``{"model", "inputs", "symbols", "convs", "totals"}``, JSON-ready (warnings are not part of it).
 
         ``convs``: the records to list (e.g. sorted, or the top N); default all. Totals stay whole.
         """
-        d = {"model": self.model, "inputs": self.inputs,
+        d = {"model": self.model, "inputs": self.inputs, "symbols": self.symbols,
              "convs": [r.to_dict() for r in (self.convs if convs is None else convs)], "totals": self.totals}
         for key in ("roofline", "profile"):
             if getattr(self, key) is not None:
@@ -296,16 +301,26 @@ class Analysis:
         return d
 
 
-def _sum(values: list[int | None]) -> int | None:
+def _sum(values: list) -> Any:
     return None if any(v is None for v in values) else sum(values)
 
 
-def totals(records: list[ConvRecord]) -> dict[str, Any]:
-    """Count, MACs (None when any is unknown), MACs with bias and params: overall and per kind."""
+def totals(records: list[ConvRecord], skipped: "set[str] | frozenset" = frozenset()) -> dict[str, Any]:
+    """Count, MACs (None when any is unknown), MACs with bias and params: overall and per kind.
+
+    ``macs_expr`` / ``macs_bias_expr``: the MACs as a Python integer expression over the input symbols
+    (the number's text when every shape is known). ``skipped``: graph paths of If branches not taken,
+    whose convs are listed but not counted.
+    """
 
     def block(rs: list[ConvRecord]) -> dict[str, Any]:
-        return {"convs": len(rs), "macs": _sum([r.macs for r in rs]), "macs_bias": _sum([r.macs_bias for r in rs]),
-                "params": sum(r.params for r in rs), "macs_unknown": sum(r.macs is None for r in rs)}
+        counted = [r for r in rs if r.graph not in skipped]
+        macs, bias = _sum([r.macs_expr for r in counted]), _sum([r.macs_bias_expr for r in counted])
+        return {"convs": len(rs), "macs": macs if type(macs) is int else None,
+                "macs_bias": bias if type(bias) is int else None,
+                "macs_expr": None if macs is None else str(macs), "macs_bias_expr": None if bias is None else str(bias),
+                "params": sum(r.params for r in rs), "macs_unknown": sum(r.macs_expr is None for r in counted)}
+
 
     out = block(records)
     out["by_kind"] = {k: block([r for r in records if r.kind == k]) for k in KINDS if any(r.kind == k for r in records)}
@@ -324,7 +339,8 @@ def _model_info(cg: ConvGraph) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     for vi in real_inputs(m.graph):
         shape = cg.shape(vi.name)
         info_t = cg.shapes.get(vi.name)
-        inputs.append({"name": vi.name, "shape": list(shape) if shape is not None else None,
+        inputs.append({"name": vi.name, "shape": [d if d is None or type(d) is int else str(d) for d in shape]
+                       if shape is not None else None,
                        "elem_type": info_t.elem_type if info_t else None,
                        "fixed": vi.name in getattr(cg, "input_shapes", {})})
     return info, inputs
@@ -377,7 +393,13 @@ def _analyze(cg: ConvGraph, rewrites: bool, block: int) -> Analysis:
     if unknown:
         warnings.append(unknown)
     model, inputs = _model_info(cg)
-    return Analysis(records, totals(records), warnings, model, inputs, graphs)
+    branches = {}
+    for g in cg.walk():
+        if g.taken is not None or (g.parent is not None and branches.get(g.parent.path) == "not taken"):
+            branches[g.path] = "not taken" if g.taken is False or branches.get(g.parent.path) == "not taken" else "taken"
+    skipped = {p for p, b in branches.items() if b == "not taken"}
+    model["branches"] = branches  # If bodies: "taken" / "not taken" where the condition is known
+    return Analysis(records, totals(records, skipped), warnings, model, inputs, graphs, symbols=dict(cg.symbols))
 
 
 def _unknown_shapes_warning(cg: ConvGraph, records: list[ConvRecord]) -> str | None:
@@ -385,7 +407,7 @@ def _unknown_shapes_warning(cg: ConvGraph, records: list[ConvRecord]) -> str | N
 
     (With dynamic inputs left unset, the loader's warning already says why and what to do.)
     """
-    lost = [r for r in records if r.macs is None]
+    lost = [r for r in records if r.macs_expr is None]
     if not lost or any(not (i := cg.shape_info(vi.name)) or not i.static for vi in real_inputs(cg.model.graph)):
         return None
     main = [r for r in lost if not r.graph]

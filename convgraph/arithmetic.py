@@ -1,7 +1,9 @@
 """Pure convolution arithmetic: resolved pads, output sizes, MACs, params, receptive-field steps.
 
 Per spatial dim: input size ``i``, kernel ``k``, stride ``s``, dilation ``d``, pads ``p_b``/``p_e``.
-Sizes may be unknown (``None`` or a symbolic name): results that depend on them are ``None``.
+Sizes may be unknown (``None`` or a symbolic name): results that depend on them are ``None``. The output
+sizes also take :class:`~convgraph.expr.Expr` sizes (dims left dynamic) and give Exprs; MAC counts stay
+ints (:func:`elements` is the symbolic count).
 ``pads`` are ONNX order: all begins, then all ends.
 """
 
@@ -12,6 +14,8 @@ import numbers
 from fractions import Fraction
 from typing import Sequence
 
+from .expr import Expr
+
 Dim = "int | str | None"
 
 AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
@@ -20,6 +24,11 @@ AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 def known(d) -> bool:
     """Is ``d`` a concrete size (an int, not a symbolic name or None)?"""
     return type(d) is int or (isinstance(d, numbers.Integral) and not isinstance(d, bool))
+
+
+def sized(d) -> bool:
+    """A concrete or symbolic size (an int or an :class:`~convgraph.expr.Expr`), not unknown."""
+    return type(d) is int or isinstance(d, Expr) or known(d)
 
 
 def prod(values: Sequence[int]) -> int:
@@ -68,14 +77,34 @@ def conv_output_spatial(in_spatial: Sequence, kernel: Sequence[int], strides: Se
     """Spatial output size of an ONNX Conv (or pool with these attributes); None per unknown dim."""
     nd = len(kernel)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        return tuple(-(-i // s) if known(i) else None for i, s in zip(in_spatial, strides))
-    rp = conv_pads(in_spatial, kernel, strides, dilations, pads, auto_pad)
+        return tuple(-(-i // s) if sized(i) else None for i, s in zip(in_spatial, strides))
+    rp = conv_pads((0,) * nd, kernel, strides, dilations, pads, auto_pad)  # NOTSET/VALID: no size needed
     out = []
     for j, (i, k, s, d) in enumerate(zip(in_spatial, kernel, strides, dilations)):
-        if not known(i):
+        if not sized(i):
             out.append(None)
             continue
         out.append((i + rp[j] + rp[j + nd] - effective_kernel(k, d)) // s + 1)
+    return tuple(out)
+
+
+def pool_output_spatial_ceil(in_spatial: Sequence, kernel: Sequence[int], strides: Sequence[int],
+                             dilations: Sequence[int], pads: Sequence[int] = (), auto_pad: str = "NOTSET") -> tuple:
+    """A pool's output size with ``ceil_mode=1``: ⌈(i + p_b + p_e − k_eff)/s⌉ + 1, less the last window when it
+    would start in the end padding (decided for ints; Exprs assume it does not)."""
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID"):
+        return conv_output_spatial(in_spatial, kernel, strides, dilations, pads, auto_pad)
+    nd = len(kernel)
+    b, e = _split_pads(pads, nd)
+    out = []
+    for j, (i, k, s, d) in enumerate(zip(in_spatial, kernel, strides, dilations)):
+        if not sized(i):
+            out.append(None)
+            continue
+        o = -(-(i + b[j] + e[j] - effective_kernel(k, d)) // s) + 1
+        if known(i) and (o - 1) * s >= i + b[j]:
+            o -= 1
+        out.append(o)
     return tuple(out)
 
 
@@ -105,10 +134,10 @@ def conv_transpose_geometry(in_spatial: Sequence, kernel: Sequence[int], strides
     pb, pe = _split_pads(pads, nd)
     begins, ends, out = [], [], []
     for j, (i, k, s, d) in enumerate(zip(in_spatial, kernel, strides, dilations)):
-        full = s * (i - 1) + adj[j] + effective_kernel(k, d) if known(i) else None
+        full = s * (i - 1) + adj[j] + effective_kernel(k, d) if sized(i) else None
         if explicit is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            target = explicit[j] if explicit is not None else (i * s if known(i) else None)
-            if full is None or target is None:
+            target = explicit[j] if explicit is not None else (i * s if sized(i) else None)
+            if full is None or target is None or not known(full):
                 begins.append(None)
                 ends.append(None)
                 out.append(target)
@@ -135,6 +164,18 @@ def numel(shape: Sequence | None) -> int | None:
         if type(d) is not int and not known(d):
             return None
     return prod(shape)
+
+
+def elements(shape: Sequence | None) -> "int | Expr | None":
+    """Elements of a tensor of this shape as an int or an Expr over the symbols; None when a dim is unknown."""
+    if shape is None:
+        return None
+    n = 1
+    for d in shape:
+        if not sized(d):
+            return None
+        n = n * d
+    return n
 
 
 def out_elements(shape: Sequence | None) -> int | None:

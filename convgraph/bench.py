@@ -176,7 +176,8 @@ def checked_runs(runs: int, warmup: int, provider: str) -> int:
 def bench(models, *, inputs=None, input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0,
           runs: int = 100, warmup: int = 10, provider: str = "cpu", threads: int | None = None,
           opt_level: str = "all", names: Sequence[str] | None = None, progress: bool | None = None,
-          spinning: bool | None = None, image_size=None, mean=None, std=None, layout: str = "nchw") -> BenchReport:
+          spinning: bool | None = None, image_size=None, mean=None, std=None, layout: str = "nchw",
+          values=None) -> BenchReport:
     """Time one model or several (paths, bytes, ModelProtos or ConvGraphs) with onnxruntime.
 
     Each model gets the first input sample made from its own input specs (``inputs``/``input_shapes``/
@@ -209,7 +210,7 @@ def bench(models, *, inputs=None, input_shapes: Mapping[str, Sequence[int]] | No
     calls, session_s, batches, described = [], [], [], ""
     for proto in protos:
         data = make_inputs(input_specs(proto), inputs, samples=1, seed=seed, input_shapes=input_shapes,
-                           image_size=image_size, mean=mean, std=std, layout=layout)
+                           image_size=image_size, mean=mean, std=std, layout=layout, values=values)
         described = described or data.describe
         feeds = data[0]
         first = next(iter(feeds.values()), None)

@@ -40,7 +40,7 @@ from . import io as _io
 from .io import read_model, write_model
 from .shapes import (  # TensorInfo, parse_input_shape and real_inputs lived here: still importable from here
     TensorInfo, _checked_input_shapes, _collect_shapes, _dynamic_inputs, _dynamic_warning, _fixed_inputs, _infer,
-    parse_input_shape, probe_shapes, real_inputs,
+    _undecided_warning, checked_input_values, parse_input_shape, probe_shapes, real_inputs,
 )
 
 _A = onnx.AttributeProto
@@ -101,7 +101,11 @@ class ConvGraph:
         self.shapes: dict[str, TensorInfo] = {}
         self.measured: set[str] = set()  # tensors whose shapes convgraph.shapes.probe_shapes measured
         self.warnings: list[str] = []
-        self.input_shapes: dict[str, list[int]] = {}
+        self.input_shapes: dict[str, list] = {}
+        self.input_values: dict = {}  # input name → the numpy array the user fixed (--input-value)
+        self.symbols: dict[str, dict] = {}  # main graph: identifier → {"input", "axis"} of each dynamic dim
+        self.undecided: list = []  # main graph: (graph path, If node, inputs read) of Ifs with unknown conditions
+        self.taken: bool | None = None  # an If branch: taken (True), not taken (False), or unknown
         self.source_dir: Path | None = None
         self._producer: dict[str, str] = {}
         self._outer: dict[str, str] = {}  # captured tensor -> its "outer:" node
@@ -593,7 +597,7 @@ def _with_subgraphs(node: onnx.NodeProto, subs: dict[str, ConvGraph]) -> onnx.No
 
 
 def load(source, input_shapes: "dict[str, list[int]] | None" = None, *, check: bool = True,
-         probe: bool = False) -> ConvGraph:
+         probe: bool = False, input_values: "dict | None" = None) -> ConvGraph:
     """Load a model (path, bytes or ModelProto) into a :class:`ConvGraph` with shapes inferred.
 
     ``input_shapes`` fixes dynamic input dims (``{"x": [1, 3, 640, 640]}``) for inference only: the
@@ -602,10 +606,16 @@ def load(source, input_shapes: "dict[str, list[int]] | None" = None, *, check: b
     ``probe``: measure the main-graph shapes onnx's inference could not follow by running the model
     once on random inputs (:func:`convgraph.shapes.probe_shapes`: needs onnxruntime and concrete input
     shapes; nothing runs when every shape is known). The measured tensors are in ``ConvGraph.measured``.
+    ``input_values``: input name → values (``{"sr": 16000}``, ``--input-value``): the analysis uses them
+    (shape arithmetic, If conditions) and so do the inputs ``probe`` feeds.
+
+    Shapes come from onnx's inference completed by :func:`convgraph.propagate.propagate`: dims left
+    dynamic are symbols (``ConvGraph.symbols``) and the shapes that depend on them
+    :class:`~convgraph.expr.Expr` formulas; ``input_shapes`` may name symbols too (``["N", 3, "H", "W"]``).
     """
     shapes = _checked_input_shapes(input_shapes)
     with gc_paused():
-        cg = _load(source, shapes, check)
+        cg = _load(source, shapes, check, input_values)
         if probe:
             probe_shapes(cg)
     for w in cg.warnings:
@@ -635,8 +645,12 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _load(source, shapes: dict[str, list[int]], check: bool) -> ConvGraph:
+def _load(source, shapes: dict[str, list[int]], check: bool, input_values=None) -> ConvGraph:
+    from .propagate import propagate
+
     model, origin = read_model(source, check=check)
+    values = checked_input_values(model, input_values, shapes)
+    shapes = {**{k: list(v.shape) for k, v in values.items()}, **shapes}
     # a model over 2 GB is inferred from its skeleton: the model before its external data was read
     big = origin.skeleton is not None and origin.size > _io.PROTOBUF_LIMIT
     fixed = _fixed_inputs(origin.skeleton if big else model, shapes)  # a bad --input-shape fails before the build
@@ -647,9 +661,14 @@ def _load(source, shapes: dict[str, list[int]], check: bool) -> ConvGraph:
     if warn:
         cg.warnings.append(warn)
     _collect_shapes(cg, inferred.graph)
+    cg.input_values = values
+    propagate(cg, values)
     dynamic = _dynamic_inputs(inferred.graph)
     if dynamic:
-        cg.warnings.append(_dynamic_warning(dynamic))
+        cg.warnings.append(_dynamic_warning(dynamic, cg.symbols))
+    undecided = _undecided_warning(cg)
+    if undecided:
+        cg.warnings.append(undecided)
     return cg
 
 

@@ -411,14 +411,23 @@ def _check_names(specs: list[InputSpec], input_shapes: Mapping[str, Sequence[int
 
 def make_inputs(model_or_specs, inputs=None, *, samples: int | None = None, seed: int = 0,
                 input_shapes: Mapping[str, Sequence[int]] | None = None, image_size: Sequence[int] | None = None,
-                mean=None, std=None, layout: str = "nchw") -> InputSet:
+                mean=None, std=None, layout: str = "nchw", values: Mapping | None = None) -> InputSet:
     """Input samples for a model (ModelProto or list of :class:`InputSpec`).
 
     ``inputs``: None (random: ``samples`` sets, default 1), a path to an ``.npz`` or a folder of images,
     a dict name → array (a leading axis of samples allowed), a list of such dicts, or an InputSet.
     For given inputs, ``samples`` caps how many are used (default: all).
+    ``values``: input name → fixed value (``--input-value``), that input's value in every sample.
     """
     specs = input_specs(model_or_specs) if isinstance(model_or_specs, onnx.ModelProto) else list(model_or_specs)
+    if values:
+        by_name = {s.name: s for s in specs}
+        fixed = {k: np.asarray(v, by_name[k].dtype if k in by_name else None) for k, v in values.items()}
+        fixed = {k: v.reshape(()) if k in by_name and by_name[k].shape == () else v for k, v in fixed.items()}
+        base = make_inputs(specs, inputs, samples=samples, seed=seed, image_size=image_size, mean=mean, std=std,
+                           layout=layout, input_shapes={**{k: v.shape for k, v in fixed.items()}, **(input_shapes or {})})
+        return InputSet(len(base), lambda i: {**base[i], **fixed},
+                        f"{base.describe}; {', '.join(fixed)} fixed by --input-value", specs)
     if samples is not None and samples < 1:
         raise UsageError(f"--samples must be at least 1, got {samples}")
     _check_names(specs, input_shapes)

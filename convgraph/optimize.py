@@ -547,7 +547,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     for r in set(rules) & set(LAYER_RANK_SHARES):
         for share in shares or ():
             get_rule(r).resolve_params({"rank": str(share)})  # UsageError now, not after the calibration
-    cg = load(model, input_shapes, probe=True)  # timing a layer needs its shapes: measure what inference lost
+    cg = load(model, input_shapes, probe=True, input_values=options.get("values"))  # timing a layer needs shapes
     original = cg.to_model()
     label = "<model>" if isinstance(model, (bytes, onnx.ModelProto, ConvGraph)) else str(model)
 

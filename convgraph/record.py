@@ -30,7 +30,8 @@ class RewriteOption:
 class ConvRecord:
     """Everything convgraph knows about one convolution node.
 
-    Shapes are tuples of ints, or None (or contain None) where a dynamic dim is unknown. Spatial
+    Shapes are tuples of ints, or None (or contain None) where a dim is unknown; a dim left dynamic is an
+    :class:`~convgraph.expr.Expr` over the input symbols (a string in ``to_dict``). Spatial
     lists (kernel, strides, dilations, receptive_field, effective_stride) have one entry per spatial
     dim; ``pads`` is ONNX order (all begins, then all ends), resolved from auto_pad.
     """
@@ -71,6 +72,8 @@ class ConvRecord:
     checkerboard: bool = False  # transposed with a kernel not divisible by the stride
     fast_depthwise: bool | None = None  # depthwise: onnxruntime's fast CPU path can take it
     fast_depthwise_reason: str = ""
+    macs_expr: Any = None  # macs (bias-free) as an int or an Expr over the input symbols; None when unknown
+    macs_bias_expr: Any = None  # macs_bias likewise
     shape_source: str = "inferred"  # "measured" when its input or output shape came from running the model (--probe)
     patterns: list[str] = field(default_factory=list)
     rewrites: list[RewriteOption] = field(default_factory=list)
@@ -89,6 +92,13 @@ class ConvRecord:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of the fields (tuples stay tuples, which JSON writes as lists); no deep copy of scalars."""
         d = _fields(self, _RECORD_FIELDS)
+        for key in ("macs_expr", "macs_bias_expr"):  # JSON: a Python integer expression over the symbols
+            if d[key] is not None:
+                d[key] = str(d[key])
+        for key in ("input_shape", "output_shape"):
+            shape = d[key]
+            if shape is not None and not all(type(x) is int for x in shape):
+                d[key] = tuple(x if x is None or type(x) is int else str(x) for x in shape)
         d["patterns"] = list(self.patterns)
         d["rewrites"] = [{**_fields(o, _REWRITE_FIELDS), "params": dict(o.params)} for o in self.rewrites]
         return d

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from .analyze import Analysis, best_saving, conv_op
 from .errors import UsageError
+from .expr import parse
 from .record import KINDS, ConvRecord
 
 if TYPE_CHECKING:
@@ -32,6 +33,15 @@ def human(n: "int | float | None") -> str:
     return str(int(n))
 
 
+def cost(n: "int | None", expr=None) -> str:
+    """MACs for a table: ``human(n)``, or the formula over the symbols (an Expr or its text) in short form
+    (``7.9k·H·W``)."""
+    if n is None and expr is not None:
+        e = parse(expr) if isinstance(expr, str) else expr
+        return e.compact() if hasattr(e, "compact") else human(e)
+    return human(n)
+
+
 def select(records: list[ConvRecord], sort: str | None = None, top: int | None = None) -> list[ConvRecord]:
     """Records in model order, or sorted (MACs/params/time descending, unknown last; name ascending); the first ``top``."""
     if sort is not None and sort not in SORT_KEYS:
@@ -46,7 +56,7 @@ def select(records: list[ConvRecord], sort: str | None = None, top: int | None =
 
 
 def _dims(values: Iterable) -> str:
-    return "×".join("?" if v is None else str(v) for v in values)
+    return "×".join("?" if v is None else v.compact() if hasattr(v, "compact") else str(v) for v in values)
 
 
 def _geometry(r: ConvRecord) -> str:
@@ -96,7 +106,7 @@ def row(r: ConvRecord, total_macs: int | None) -> list[str]:
     shape = _dims(r.output_shape) if r.output_shape is not None else "?"
     if r.shape_source == "measured":
         shape += " (measured)"  # from a run of the model (--probe), not from shape inference
-    return [name, _kind(r), _geometry(r), f"{r.in_channels}→{r.out_channels}", shape, human(r.macs),
+    return [name, _kind(r), _geometry(r), f"{r.in_channels}→{r.out_channels}", shape, cost(r.macs, r.macs_expr),
             _share(r, total_macs), human(r.params), rf, _saving(r)]
 
 
@@ -119,9 +129,9 @@ def tables(a: Analysis, sort: str | None = None, top: int | None = None) -> tupl
     for col in ("kind", "convs", "MACs", "% MACs", "MACs + bias", "params"):
         k.add_column(col, justify="left" if col == "kind" else "right")
     for kind, v in _kind_rows(a):
-        k.add_row(kind, str(v["convs"]), human(v["macs"]),
+        k.add_row(kind, str(v["convs"]), cost(v["macs"], v.get("macs_expr")),
                   f"{100 * v['macs'] / total:.1f}%" if v["macs"] is not None and total else "?",
-                  human(v["macs_bias"]), human(v["params"]))
+                  cost(v["macs_bias"], v.get("macs_bias_expr")), human(v["params"]))
     return t, k
 
 
@@ -143,7 +153,7 @@ def markdown(a: Analysis, sort: str | None = None, top: int | None = None) -> st
                                                               for c in COLUMNS) + "|"]
     lines += ["| " + " | ".join(esc(c) for c in row(r, total)) + " |" for r in select(a.convs, sort, top)]
     lines += ["", "| kind | convs | MACs | MACs + bias | params |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {kind} | {v['convs']} | {human(v['macs'])} | {human(v['macs_bias'])} | {human(v['params'])} |"
+    lines += [f"| {kind} | {v['convs']} | {cost(v['macs'], v.get('macs_expr'))} | {cost(v['macs_bias'], v.get('macs_bias_expr'))} | {human(v['params'])} |"
               for kind, v in _kind_rows(a)]
     return "\n".join(lines) + "\n"
 
@@ -251,7 +261,7 @@ def dot(a: Analysis) -> str:
             if kind == "op":
                 r = records.get((path, nid))
                 if r is not None:
-                    text = [r.name or nid, f"{r.kind} {_geometry(r)}", f"{r.in_channels}→{r.out_channels}  {human(r.macs)} MACs"]
+                    text = [r.name or nid, f"{r.kind} {_geometry(r)}", f"{r.in_channels}→{r.out_channels}  {cost(r.macs, r.macs_expr)} MACs"]
                     if heat is None:
                         fill, font = KIND_COLORS[r.kind], "white"
                     else:  # profiled: white → red by share of the model's time

@@ -329,7 +329,8 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
         raise UsageError(f"--param {', '.join(unknown)}: not a parameter of {', '.join(r.name for r in chosen)}")
     resolved = [(r, r.resolve_params(given)) for r in chosen]
     original = source.to_model() if isinstance(source, ConvGraph) else None
-    cg = load(original if original is not None else source, input_shapes, probe=probe)
+    cg = load(original if original is not None else source, input_shapes, probe=probe,
+              input_values=(input_options or {}).get("values"))
     original = original or cg.to_model()
     label = "<model>" if isinstance(source, (bytes, onnx.ModelProto, ConvGraph)) else str(source)
     report = RewriteReport(model=label, rules=[{"rule": r.name, "params": p, "exact": r.is_exact(p)} for r, p in resolved],

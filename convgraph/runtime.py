@@ -86,10 +86,12 @@ def as_model(source) -> onnx.ModelProto:
 
 
 def create_session(model, *, provider: str = "cpu", threads: int | None = None, opt_level: str = "all",
-                   config: Mapping[str, str] | None = None, options: Mapping[str, object] | None = None):
+                   config: Mapping[str, str] | None = None, options: Mapping[str, object] | None = None,
+                   quiet: bool = False):
     """An onnxruntime InferenceSession for a model (path, bytes, ModelProto or ConvGraph).
 
     ``options``: further SessionOptions attributes, e.g. ``{"enable_profiling": True}``.
+    ``quiet``: onnxruntime logs nothing, not even its errors (they come back as one ModelError line).
 
     With ``provider="cuda"`` the session must really run on CUDA: onnxruntime-gpu falls back to CPU
     when the CUDA libraries fail to load, which raises a UsageError here instead.
@@ -99,6 +101,8 @@ def create_session(model, *, provider: str = "cpu", threads: int | None = None, 
     so = session_options(threads=threads, opt_level=opt_level, config=config)
     for k, v in (options or {}).items():
         setattr(so, k, v)
+    if quiet:
+        so.log_severity_level = 4
     proto = model if isinstance(model, onnx.ModelProto) else as_model(model)  # protos: onnxruntime validates
     errors = ort_errors()
     try:

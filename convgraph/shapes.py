@@ -10,6 +10,7 @@ running the model once on random inputs with those tensors exposed as outputs.
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from typing import TYPE_CHECKING, NamedTuple
@@ -60,37 +61,99 @@ def _dim(d: onnx.TensorShapeProto.Dimension) -> "int | str | None":
 
 
 # ---- input shapes ---------------------------------------------------------------------------------
-def parse_input_shape(text: str) -> tuple[str, list[int]]:
-    """``"x=1,3,640,640"`` → ``("x", [1, 3, 640, 640])``; UsageError on anything else."""
+def parse_input_shape(text: str) -> tuple[str, list]:
+    """``"x=1,3,640,640"`` → ``("x", [1, 3, 640, 640])``; ``"x=1,3,H,W"`` names symbols; ``"sr="`` is rank 0."""
     name, sep, dims_text = str(text).rpartition("=")
     name = name.strip()
     if not sep or not name:
         raise UsageError(f"bad --input-shape {text!r}: {_SHAPE_HELP}")
-    parts = [p.strip() for p in re.split(r"[,x×]", dims_text)]
-    if not all(re.fullmatch(r"[+-]?\d+", p) for p in parts):
+    parts = [p.strip() for p in re.split(r"[,×]", dims_text)] if dims_text.strip() else []
+    if not all(re.fullmatch(r"[+-]?\d+", p) or p.isidentifier() for p in parts):
         raise UsageError(f"bad --input-shape {text!r}: {_SHAPE_HELP}")
-    dims = [int(p) for p in parts]
-    if any(d < 1 or d > MAX_DIM for d in dims):
-        raise UsageError(f"bad --input-shape {text!r}: dims must be integers between 1 and {MAX_DIM}")
+    dims = [int(p) if p[-1].isdigit() else p for p in parts]
+    if any(isinstance(d, int) and (d < 1 or d > MAX_DIM) for d in dims):
+        raise UsageError(f"bad --input-shape {text!r}: dims must be integers between 1 and {MAX_DIM} or names")
     return name, dims
 
 
-def _checked_input_shapes(input_shapes) -> dict[str, list[int]]:
-    """``input_shapes`` as ``{name: [int, ...]}``; UsageError on anything that is not positive integer dims."""
+def _checked_input_shapes(input_shapes) -> dict[str, list]:
+    """``input_shapes`` as ``{name: [dim, ...]}`` (dims: positive ints, or identifiers naming symbols);
+    UsageError on anything else. ``[]`` is a rank-0 input."""
     if input_shapes is None:
         return {}
     if not hasattr(input_shapes, "items"):
         raise UsageError("input_shapes must map input names to dims, e.g. {'x': [1, 3, 640, 640]}")
     out = {}
     for name, dims in input_shapes.items():
+        if isinstance(dims, str):
+            dims = [dims]
         try:
             dims = list(dims)
         except TypeError:
             dims = [dims]
-        if not dims or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and 1 <= d <= MAX_DIM
-                                for d in dims):
-            raise UsageError(f"input shape for {name!r}: {dims!r} is not a list of integers between 1 and {MAX_DIM}")
-        out[str(name)] = [int(d) for d in dims]
+        if not all((isinstance(d, numbers.Integral) and not isinstance(d, bool) and 1 <= d <= MAX_DIM)
+                   or (isinstance(d, str) and d.isidentifier()) for d in dims):
+            raise UsageError(f"input shape for {name!r}: {dims!r} is not a list of integers between 1 and {MAX_DIM} "
+                             f"or names")
+        out[str(name)] = [d if isinstance(d, str) else int(d) for d in dims]
+    return out
+
+
+def parse_input_value(text: str) -> tuple[str, list]:
+    """``"sr=16000"`` → ``("sr", [16000])``; ``"m=1,0.5"`` → ``("m", [1, 0.5])``; UsageError on anything else."""
+    name, sep, values = str(text).rpartition("=")
+    name = name.strip()
+    try:
+        parts = [float(p) if re.search(r"[.eE]|inf|nan", p.strip(), re.I) else int(p)
+                 for p in values.split(",") if p.strip()]
+    except ValueError:
+        parts = None
+    if not sep or not name or not parts:
+        raise UsageError(f"bad --input-value {text!r}: expected NAME=V[,V...] with numbers, e.g. sample_rate=16000")
+    return name, parts
+
+
+def checked_input_values(model: onnx.ModelProto, values, input_shapes: dict | None = None) -> dict[str, np.ndarray]:
+    """``values`` (input name → numbers or array) as arrays of each input's dtype and shape (rank 0 for one
+    value of a rank-0 input; a vector for a 1-D one; else the input's shape, from the model or
+    ``input_shapes``). UsageError (one line) for an unknown input or a count that does not fit."""
+    if not values:
+        return {}
+    if not hasattr(values, "items"):
+        raise UsageError("input_values must map input names to values, e.g. {'sample_rate': 16000}")
+    inputs = {vi.name: vi for vi in real_inputs(model.graph)}
+    out = {}
+    for name, v in values.items():
+        vi = inputs.get(name)
+        if vi is None:
+            raise UsageError(f"--input-value names {name!r}, not an input of the model "
+                             f"(inputs: {', '.join(inputs) or 'none'})")
+        info = _tensor_info(vi.type)
+        if info is None:
+            raise UsageError(f"--input-value {name!r}: that input is not a tensor")
+        try:
+            dtype = helper.tensor_dtype_to_np_dtype(info.elem_type)
+            arr = np.asarray(v).astype(dtype)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"--input-value {name!r}: {first_line(e)}") from None
+        shape = (input_shapes or {}).get(name) or info.shape
+        if shape is not None and len(shape) == 0:
+            want = ()
+        elif shape is not None and len(shape) == 1:
+            want = (arr.size,)
+        elif shape is not None and all(isinstance(d, int) for d in shape):
+            want = tuple(shape)
+        else:
+            want = arr.shape
+        if math.prod(want) != arr.size:
+            raise UsageError(f"--input-value {name!r}: {arr.size} value{'s' * (arr.size != 1)} do not fill the input's "
+                             f"shape {_dims_text(info.shape if shape is None else tuple(shape))}")
+        arr = arr.reshape(want)
+        if shape is not None and (len(shape) != arr.ndim or any(isinstance(d, int) and d != a
+                                                                  for d, a in zip(shape, arr.shape))):
+            raise UsageError(f"--input-value {name!r}: shape {list(arr.shape)} does not fit the input's "
+                             f"{_dims_text(tuple(shape))}")
+        out[str(name)] = arr
     return out
 
 
@@ -119,7 +182,8 @@ def _fixed_inputs(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) ->
                 raise UsageError(f"--input-shape {name!r} has {len(dims)} dims, the model's input has {len(shape)} "
                                  f"({_dims_text(_tensor_info(tt).shape)})")
             for j, (dim, d) in enumerate(zip(shape, dims)):
-                if dim.HasField("dim_value") and dim.dim_value >= 0 and dim.dim_value != d:
+                if dim.HasField("dim_value") and dim.dim_value >= 0 and dim.dim_value != d and not (
+                        isinstance(d, str) and dim.dim_value == 0):
                     raise UsageError(f"--input-shape {name!r}: dim {j} is fixed to {dim.dim_value} in the model, not {d}")
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -128,7 +192,10 @@ def _fixed_inputs(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) ->
             shape = vi.type.tensor_type.shape
             shape.Clear()
             for d in input_shapes[vi.name]:
-                shape.dim.add().dim_value = d
+                if isinstance(d, str):
+                    shape.dim.add().dim_param = d
+                else:
+                    shape.dim.add().dim_value = d
     return m
 
 
@@ -152,10 +219,27 @@ def _fix_hint(dynamic: list[tuple[str, tuple | None]]) -> str:
     return f"--input-shape {name}={example} with each ? an integer; input_shapes= in the API"
 
 
-def _dynamic_warning(dynamic: list[tuple[str, tuple | None]]) -> str:
+def _dynamic_warning(dynamic: list[tuple[str, tuple | None]], symbols: "dict | None" = None) -> str:
     listed = "; ".join(f"{name} {_dims_text(shape)}" for name, shape in dynamic)
+    if symbols:
+        named = ", ".join(f"{s} = {v['input']}[{v['axis']}]" for s, v in symbols.items())
+        return (f"dynamic input dims left unset: {listed}; they are symbols ({named}) and the MACs that depend on "
+                f"them formulas. Numbers: --input-shape NAME=D0,D1,... (here {_fix_hint(dynamic)})")
     return (f"dynamic input dims left unset: {listed}; shapes and MACs that depend on them are unknown. "
             f"Set them with --input-shape NAME=D0,D1,... (here {_fix_hint(dynamic)})")
+
+
+def _undecided_warning(cg: "ConvGraph") -> str | None:
+    """Which inputs decide the Ifs whose condition is unknown (both branches are then counted)."""
+    if not cg.undecided:
+        return None
+    reads = sorted({t for _, _, ts in cg.undecided for t in ts})
+    nodes = ", ".join(repr(nid) for _, nid, _ in cg.undecided[:3]) + (" ..." if len(cg.undecided) > 3 else "")
+    hint = (f"; --input-value {reads[0]}=V (input_values= in the API) decides it" if reads
+            else "; it is computed in the model, not from an input")
+    return (f"{len(cg.undecided)} If node{'s' * (len(cg.undecided) != 1)} ({nodes}) with a condition not known "
+            f"statically: both branches are analyzed and counted" + (f", the condition reads input "
+            f"{', '.join(map(repr, reads))}" if reads else "") + hint)
 
 
 # ---- onnx's shape inference -----------------------------------------------------------------------
@@ -204,8 +288,13 @@ def _collect_shapes(cg: "ConvGraph", g: onnx.GraphProto, _types: "dict | None" =
         if subs:
             for key, body in _sub_protos(node):
                 _collect_shapes(subs[key], body, types)
-    info = cg.shape_info
-    for nbrs in G._succ.values():  # every edge's data dict, without networkx's per-edge view tuples
+    # the edges' info is set by convgraph.propagate.propagate, which runs next and completes these shapes
+
+
+def refresh_edges(cg: "ConvGraph") -> None:
+    """Set every edge's ``info`` of ``cg`` (not its bodies) from ``cg.shapes``."""
+    shapes, info = cg.shapes, cg.shape_info
+    for nbrs in cg.graph._succ.values():  # every edge's data dict, without networkx's per-edge view tuples
         for keys in nbrs.values():
             for d in keys.values():
                 t = d["tensor"]
@@ -261,19 +350,25 @@ def probe_shapes(cg: "ConvGraph", tensors: "list[str] | None" = None, *, seed: i
         raise UsageError(f"--probe: {e}") from None
     model = cg.to_model() if cg.dirty else cg.model
     specs = input_specs(model)
+    specs = [s for s in specs if s.name not in cg.input_values]  # the fixed values are fed as they are
     given = {s.name: cg.shape(s.name) for s in specs}
-    dynamic = [(n, s) for n, s in given.items() if s is None or not all(isinstance(d, int) for d in s)]
+    dynamic = [(n, s) for n, s in given.items() if s is None or not all(type(d) is int for d in s)]
     if dynamic:
         listed = "; ".join(f"{n} {_dims_text(s)}" for n, s in dynamic)
         raise UsageError(f"--probe runs the model, so every input needs a concrete shape; dynamic: {listed}. "
                          f"Set {'them' if len(dynamic) > 1 else 'it'} with {_fix_hint(dynamic)}")
-    feeds = random_inputs(specs, seed=seed, input_shapes=given)[0]
+    feeds = {**random_inputs(specs, seed=seed, input_shapes=given)[0], **cg.input_values}
     try:
-        # one run: graph optimizations would cost more session time than they save
-        session = create_session(expose_tensors(model, names, cg.shapes), provider=provider, opt_level="disable")
+        # one run: graph optimizations would cost more session time than they save; onnxruntime's own error
+        # log stays silent (its error comes back as one line)
+        session = create_session(expose_tensors(model, names, cg.shapes), provider=provider, opt_level="disable",
+                                 quiet=True)
         values = run(session, feeds, names)
     except ModelError as e:
-        raise ModelError(f"--probe: {e}") from None
+        steering = sorted({t for _, _, ts in cg.undecided for t in ts} - set(cg.input_values))
+        hint = (f"; the model branches on input {', '.join(map(repr, steering))}: a random value may take the wrong "
+                f"branch, --input-value {steering[0]}=V fixes it" if steering else "")
+        raise ModelError(f"--probe: {e}{hint}") from None
     measured: dict[str, TensorInfo] = {}
     conflicts: dict[str, tuple] = {}
     for t, v in zip(names, values):
@@ -286,7 +381,7 @@ def probe_shapes(cg: "ConvGraph", tensors: "list[str] | None" = None, *, seed: i
             conflicts[t] = old.shape
         measured[t] = TensorInfo(old.elem_type if old is not None and old.elem_type else _elem_type(v.dtype), shape)
     _store(cg, measured)
-    note = _probe_warning(cg, measured, [s.name for s in specs], inner, conflicts, seed)
+    note = _probe_warning(cg, measured, [s.name for s in specs] + list(cg.input_values), inner, conflicts, seed)
     if note:
         cg.warnings.append(note)
     return {t: i.shape for t, i in measured.items()}

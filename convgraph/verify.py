@@ -394,12 +394,13 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
            rtol: float | None = None, min_cosine: float | None = None, localize: bool = False,
            provider: str = "cpu", reference_evaluator: bool = False, tensor_map: Mapping[str, str] | None = None,
            seed: int = 0, threads: int | None = None, opt_level: str = "all", image_size=None, mean=None, std=None,
-           layout: str = "nchw") -> VerifyReport:
+           layout: str = "nchw", values=None) -> VerifyReport:
     """Run ``reference`` and ``candidate`` (path, bytes, ModelProto or ConvGraph) on the same inputs and
     compare their outputs.
 
     ``inputs``: None for ``samples`` random sets (default 1, seeded by ``seed``), an ``.npz`` path, a
-    folder of images (``image_size``, ``mean``, ``std``, ``layout``), a dict of arrays or a list of dicts.
+    folder of images (``image_size``, ``mean``, ``std``, ``layout``), a dict of arrays or a list of dicts;
+    ``values`` fixes inputs' values in every set (``--input-value``).
     Tolerance: ``atol``/``rtol`` (defaults 1e-4/1e-3) and/or ``min_cosine`` (see :class:`Tolerance`).
     ``localize``: find the first candidate node whose output leaves tolerance (tensors matched by name,
     or through ``tensor_map`` {candidate: reference}, by default the one the rewrite stored in the
@@ -414,7 +415,7 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
     cand_specs = {s.name: s for s in input_specs(cand_model)}
     _check_specs(ref_specs, cand_specs)
     data = make_inputs(list(ref_specs.values()), inputs, samples=samples, seed=seed, input_shapes=input_shapes,
-                       image_size=image_size, mean=mean, std=std, layout=layout)
+                       image_size=image_size, mean=mean, std=std, layout=layout, values=values)
     shapes = {k: list(v) for k, v in data.shapes().items()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

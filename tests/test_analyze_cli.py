@@ -22,7 +22,7 @@ def test_json_is_one_object_with_the_issue_layout(capsys, models_dir):
     code, out, err = _run(capsys, str(models_dir / "sample.onnx"), "--json")
     assert code == 0 and err == ""
     doc = json.loads(out)
-    assert list(doc) == ["model", "inputs", "convs", "totals", "roofline"]  # "profile" too with --profile
+    assert list(doc) == ["model", "inputs", "symbols", "convs", "totals", "roofline"]  # "profile" too with --profile
     assert doc["model"]["path"].endswith("sample.onnx")
     assert [c["name"] for c in doc["convs"]][:2] == ["stem/conv", "block1/conv"]
     assert doc["totals"]["convs"] == 8 and doc["totals"]["macs"] == sum(c["macs"] for c in doc["convs"])

@@ -170,7 +170,7 @@ def test_cli_profile_json_and_sort_time(capsys, models_dir):
     code, out, err = _run(capsys, str(models_dir / "sample.onnx"), "--profile", "--threads", "1", "--runs", "3",
                           "--json", "--sort", "time")
     doc = json.loads(out)
-    assert code == 0 and list(doc) == ["model", "inputs", "convs", "totals", "roofline", "profile"]
+    assert code == 0 and list(doc) == ["model", "inputs", "symbols", "convs", "totals", "roofline", "profile"]
     times = [c["time_ms"] for c in doc["convs"]]
     assert all(t > 0 for t in times) and times == sorted(times, reverse=True)
     assert doc["totals"]["time_ms"] == doc["profile"]["time_ms"] > 0

@@ -40,11 +40,14 @@ from .common import (emit_json, input_data_kwargs, input_data_options, input_sha
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, metavar="OUT.png",
               help="Also draw the top convs (--top, default 20) by measured time beside their MAC share (implies --profile; "
                    "matplotlib).")
-def analyze(model: Path, input_shapes: dict, as_json: bool, fmt: str | None, sort: str | None, top: int | None,
+def analyze(model: Path, input_shapes: dict, input_values: dict, as_json: bool, fmt: str | None, sort: str | None, top: int | None,
             dot_path: Path | None, probe: bool, profiled: bool, runs: int, warmup: int, threads: int | None,
             provider: str, plot_path: Path | None, **kw) -> None:
     """Per convolution of MODEL: kind, geometry, output shape, MACs, params, receptive field, rewrites, memory
-    cost and its bound on this machine's roofline; with --profile, the time each conv takes."""
+    cost and its bound on this machine's roofline; with --profile, the time each conv takes.
+
+    Dynamic input dims left unset are symbols: shapes and MACs are then formulas over them.
+    """
     if as_json and fmt not in (None, "json"):
         raise UsageError(f"--json conflicts with --format {fmt}")
     fmt = "json" if as_json else (fmt or "table")
@@ -62,7 +65,7 @@ def analyze(model: Path, input_shapes: dict, as_json: bool, fmt: str | None, sor
 
         pyplot()  # before any work: a missing matplotlib fails at once
     with gc_paused():
-        cg = load(model, input_shapes, probe=probe)
+        cg = load(model, input_shapes, probe=probe, input_values=input_values)
         result = run_analysis(cg)
         result.model["path"] = str(model)
         _measure(cg, result, profiled, provider, threads, runs, warmup, data)
@@ -112,6 +115,6 @@ def _measure(cg, result, profiled: bool, provider: str, threads: int | None, run
 
         prof = profile(cg, data.pop("inputs"), input_shapes=cg.input_shapes or None, seed=data.pop("seed"),
                        provider=provider, threads=threads, runs=runs, warmup=warmup,
-                       input_options=data)
+                       input_options={**data, "values": cg.input_values or None})
         attach(result, prof, roof)
         result.warnings.extend(prof.warnings())

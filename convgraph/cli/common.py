@@ -12,6 +12,7 @@ import click
 import numpy as np
 
 from ..graph import parse_input_shape
+from ..shapes import parse_input_value
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -54,6 +55,14 @@ def _parse_shapes(ctx, param, values) -> dict[str, list[int]]:
 input_shape_option = click.option(
     "--input-shape", "input_shapes", multiple=True, callback=_parse_shapes, metavar="NAME=D0,D1,...",
     help="Fix a dynamic input shape, e.g. x=1,3,640,640 (repeatable).")
+def _parse_values(ctx, param, values) -> dict[str, list]:
+    return dict(parse_input_value(v) for v in values)
+
+
+input_value_option = click.option(
+    "--input-value", "input_values", multiple=True, callback=_parse_values, metavar="NAME=V[,V...]",
+    help="Fix an input's value, e.g. sample_rate=16000 (repeatable): the analysis uses it (shapes, If conditions) "
+         "and every input set fed to the model carries it.")
 probe_option = click.option(
     "--probe", is_flag=True,
     help="Run the model once on random inputs (onnxruntime) to measure the shapes onnx's shape inference cannot "
@@ -135,13 +144,16 @@ image_options = _stack([
 #: ``--inputs/--samples/--seed`` and :data:`image_options`: what :func:`convgraph.inputs.make_inputs` takes.
 input_data_options = _stack([
     click.option("--inputs", type=click.Path(), help="Inputs: an .npz (arrays named after the inputs, a leading "
-                 "axis of samples allowed) or a folder of images. Default: random."),
+                 "axis of samples allowed) or a folder of images. Default: generated (pictures for image inputs)."),
     click.option("--samples", type=int, help="Random input sets (default 1); with --inputs, use at most this many."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."),
     image_options,
+    input_value_option,
 ])
 
 
 def input_data_kwargs(kw: dict) -> dict:
     """Pop the :func:`input_data_options` values from a command's kwargs, named as make_inputs wants them."""
-    return {k: kw.pop(k) for k in ("inputs", "samples", "seed", "image_size", "mean", "std", "layout")}
+    out = {k: kw.pop(k) for k in ("inputs", "samples", "seed", "image_size", "mean", "std", "layout")}
+    out["values"] = kw.pop("input_values", None) or None  # --input-value: make_inputs(values=)
+    return out

@@ -11,7 +11,7 @@ from ..optimize import DEFAULT_RANKS, DEFAULT_RULES, METRICS, OptimizeReport, op
 from ..rewrite import Selection
 from . import cli
 from .common import (
-    _number_list, emit_json, err, image_options, input_shape_option, json_option, out, provider_option, warn)
+    _number_list, emit_json, err, image_options, input_shape_option, input_value_option, json_option, out, provider_option, warn)
 
 
 def _names(ctx, param, value) -> list[str]:
@@ -70,14 +70,15 @@ def render(report: OptimizeReport) -> None:
 @click.option("--samples", type=int, help="Use at most this many calibration samples.")
 @image_options
 @input_shape_option
+@input_value_option
 @click.option("--max-evals", type=int, default=6, show_default=True, help="Prefixes built and judged in the search.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the error–latency front as a PNG (matplotlib).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 @click.option("--in-place", is_flag=True, help="Allow -o to name the input model.")
 @json_option
 def optimize_command(model, calib, heldout, budget, metric, rules, ranks, shares, tensors, nodes, exclude, min_macs,
-                     provider, threads, samples, image_size, mean, std, layout, input_shapes, max_evals, plot, output,
-                     in_place, as_json) -> None:
+                     provider, threads, samples, image_size, mean, std, layout, input_shapes, input_values, max_evals,
+                     plot, output, in_place, as_json) -> None:
     """Rewrite MODEL's convs for speed within an error budget, fitted on calibration data (--calib)."""
     check_output_path(output, model, in_place)
     if not rules:
@@ -86,7 +87,7 @@ def optimize_command(model, calib, heldout, budget, metric, rules, ranks, shares
         raise UsageError("--ranks takes positive integers, e.g. 1,2,4")
     if max_evals < 1:
         raise UsageError("--max-evals must be at least 1")
-    options = {"image_size": image_size, "mean": mean, "std": std, "layout": layout}
+    options = {"image_size": image_size, "mean": mean, "std": std, "layout": layout, "values": input_values or None}
     if samples is not None:
         options["samples"] = samples
     status = None if as_json else err.status("optimizing")

@@ -1,0 +1,298 @@
+"""The static shape engine (convgraph.propagate, convgraph.expr): shapes and MACs without running the model,
+as formulas over the dims left dynamic, cross-checked against shapes measured by onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import convgraph
+from convgraph.analyze import analyze
+from convgraph.cli import main
+from convgraph.errors import ModelError, UsageError
+from convgraph.expr import Expr, parse
+from convgraph.inputs import make_inputs
+from convgraph.shapes import probe_shapes
+
+import test_roundtrip as rt  # the conformance models onnxruntime runs, and their shipped inputs
+
+pytestmark = pytest.mark.filterwarnings("ignore::convgraph.graph.ConvGraphWarning")
+F = TensorProto.FLOAT
+H, W = Expr.symbol("H"), Expr.symbol("W")
+
+
+def _load(source, shapes=None, values=None) -> convgraph.ConvGraph:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convgraph.load(source, shapes, input_values=values)
+
+
+# ---- expressions ----------------------------------------------------------------------------------------
+def test_nested_floor_divisions_collapse() -> None:
+    e = ((H - 1) // 2 + 1 - 1) // 2 + 1
+    assert e == parse("(H-1)//4+1") and str(e) == "(H+3)//4" and e.size() == 5
+    assert -(-H // 2) == (H + 2 - 3) // 2 + 1  # SAME padding's ceil and explicit pads meet in one form
+    assert str((3 * H) // 2) == "H+H//2" and (H * W * 6).exact_div(H * 2) == 3 * W
+    assert (7920 * H * W).compact() == "7.9k·H·W" and ((H + 3) // 4).compact() == "⌈H/4⌉"
+    assert str(-((H + 1) // 2)) == "-((H+1)//2)"  # a leading minus binds tighter than //
+
+
+def test_expressions_equal_integer_arithmetic() -> None:
+    """Random +, −, ·, //, ceil, mod chains: the Expr, its text and its evaluation agree with plain ints."""
+    points = [(h, w) for h in range(1, 9) for w in (1, 3, 7)]
+    for trial in range(20):
+        rng = random.Random(trial)
+        exprs = [H, W, H + 1, 2 * H - 1]
+        vals = {p: [p[0], p[1], p[0] + 1, 2 * p[0] - 1] for p in points}
+        for _ in range(150):
+            i, j, k, c = rng.randrange(len(exprs)), rng.randrange(len(exprs)), rng.randint(1, 5), rng.randint(-3, 3)
+            f = rng.choice([lambda a, b: a + b, lambda a, b: a - b, lambda a, b: a // k, lambda a, b: a * c,
+                            lambda a, b: -(-a // k), lambda a, b: a % k])
+            r = f(exprs[i], exprs[j])
+            if isinstance(r, Expr) and r.size() > 40:
+                continue
+            exprs.append(r)
+            for p in points:
+                vals[p].append(f(vals[p][i], vals[p][j]))
+        for n, e in enumerate(exprs):
+            for p in points:
+                env = {"H": p[0], "W": p[1]}
+                want = vals[p][n]
+                assert (e.evaluate(env) if isinstance(e, Expr) else e) == want
+                assert eval(str(e), {"__builtins__": {}}, env) == want and parse(str(e)) == e
+
+
+def test_parse_refuses_what_is_not_an_integer_expression() -> None:
+    for text in ("H ** 2", "__import__('os')", "H / 2", "1.5 * H", "H +"):
+        with pytest.raises(ValueError):
+            parse(text)
+
+
+# ---- the formulas equal the concrete analysis -----------------------------------------------------------
+def _check_formulas(path: Path, concrete: dict) -> int:
+    """Analyze symbolically and at ``concrete``; every conv's formula at that shape equals the concrete MACs."""
+    sym = analyze(_load(path), rewrites=False)
+    values = {}
+    for name, info in sym.symbols.items():
+        values[name] = concrete[info["input"]][info["axis"]]
+    fixed = analyze(_load(path, concrete), rewrites=False)
+    assert len(sym) == len(fixed)
+    for a, b in zip(sym, fixed):
+        assert a.macs_expr is not None and b.macs is not None, (path.name, a.name)
+        got = eval(a.to_dict()["macs_expr"], {"__builtins__": {}}, dict(values))
+        assert got == b.macs, (path.name, a.name, a.macs_expr)
+        assert parse(a.to_dict()["macs_bias_expr"]).evaluate(values) == b.macs_bias if isinstance(
+            a.macs_bias_expr, Expr) else a.macs_bias_expr == b.macs_bias
+    total = sym.totals["macs_expr"]
+    assert eval(total, {"__builtins__": {}}, dict(values)) == fixed.totals["macs"]
+    assert all(k.isidentifier() for k in values)
+    return len(sym)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", sorted(rt.REAL))
+def test_real_model_formulas_evaluate_to_the_concrete_macs(real_models, name: str) -> None:
+    path = real_models(name)
+    assert _check_formulas(path, rt.REAL[name]) > 30
+    for shape in ([2, 3, 96, 160], [1, 3, 64, 224]):  # more points (det and yolo need multiples of 32)
+        n = rt.REAL[name]
+        _check_formulas(path, {k: shape for k in n})
+
+
+def test_sample_model_formulas_evaluate_to_the_concrete_macs(models_dir) -> None:
+    dynamic = [p for p in sorted(models_dir.glob("*.onnx")) if any(
+        not d.HasField("dim_value") for vi in onnx.load(p, load_external_data=False).graph.input
+        for d in vi.type.tensor_type.shape.dim)]
+    assert dynamic
+    for p in dynamic:
+        model = onnx.load(p, load_external_data=False)
+        shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else 5 + 3 * j
+                            for j, d in enumerate(vi.type.tensor_type.shape.dim)] for vi in model.graph.input
+                  if vi.name not in {t.name for t in model.graph.initializer}}
+        _check_formulas(p, shapes)
+
+
+def test_named_symbols_for_partly_fixed_shapes(models_dir, capsys) -> None:
+    a = analyze(_load(models_dir / "dynamic.onnx", {"x": [1, 3, "h", "w"]}), rewrites=False)
+    assert a.symbols == {"h": {"input": "x", "axis": 2}, "w": {"input": "x", "axis": 3}}
+    assert str(a.convs[0].macs_expr) == "216*h*w"
+    code = main(["analyze", str(models_dir / "dynamic.onnx"), "--json", "--input-shape", "x=2,3,h,w"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["symbols"] == a.symbols and doc["convs"][0]["macs_expr"] == "432*h*w"
+    assert doc["convs"][0]["macs"] is None and doc["convs"][0]["output_shape"] == [2, 8, "h", "w"]
+
+
+def test_model_dim_names_become_python_identifiers(real_models) -> None:
+    a = analyze(_load(real_models("ppocr-det")), rewrites=False)  # dims named p2o.DynamicDimension.0/1/2
+    assert a.symbols == {"N": {"input": "x", "axis": 0}, "H": {"input": "x", "axis": 2},
+                                  "W": {"input": "x", "axis": 3}}
+    cls = analyze(_load(real_models("ppocr-cls")), rewrites=False)  # two dims both named "?": two symbols
+    assert set(cls.symbols) == {"N", "H", "W"}
+
+
+def test_table_shows_formulas_compactly(models_dir, capsys) -> None:
+    assert main(["analyze", str(models_dir / "dynamic.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "216·H·N·W" in out and "1.2k·N·⌈H/2⌉·⌈W/2⌉" in out and "N×8×H×W" in out
+
+
+# ---- long chains stay linear with small expressions -----------------------------------------------------
+def test_expressions_stay_small_on_a_1000_layer_chain() -> None:
+    from benchmarks.make_chain import make_chain
+
+    model = make_chain(1000)
+    vi = model.graph.input[0].type.tensor_type.shape
+    vi.dim[2].dim_param, vi.dim[3].dim_param = "H", "W"
+    a = analyze(_load(model), rewrites=False)
+    assert len(a) == 500 and all(str(r.macs_expr) == "576*H*W" for r in a)
+    assert a.totals["macs_expr"] == "288000*H*W"
+    nodes, inits, x = [], [], "x"
+    for i in range(1000):  # stride-2 3×3 convs, pads 1: sizes (s·…+1)//2 nest 1000 deep, stay one floor
+        inits.append(numpy_helper.from_array(np.zeros((1, 1, 3, 3), np.float32), f"w{i}"))
+        nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], strides=[2, 2], pads=[1, 1, 1, 1]))
+        x = f"c{i}"
+    g = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", F, [1, 1, "H", "W"])],
+                          [helper.make_tensor_value_info(x, F, [1, 1, None, None])], inits)
+    strided = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    b = analyze(_load(strided), rewrites=False)
+    assert max(r.macs_expr.size() for r in b if isinstance(r.macs_expr, Expr)) <= 12
+    assert str(b.convs[2].output_shape[2]) == "(H+7)//8"
+
+
+# ---- the probe agrees with the static shapes -----------------------------------------------------------
+def _static_vs_probe(cg: convgraph.ConvGraph) -> tuple[int, int]:
+    """(tensors whose static shape equals the measured one, tensors measured); asserts no static shape is wrong."""
+    names = [t for nid in cg.topological_order() for t in cg.graph.nodes[nid]["proto"].output if t]
+    static = {t: cg.shape(t) for t in names}
+    measured = probe_shapes(cg, names)
+    agree = 0
+    for t, got in measured.items():
+        s = static[t]
+        if s is None or not all(type(d) is int for d in s):
+            continue  # unknown statically: allowed, counted
+        assert tuple(s) == tuple(got), (t, s, got)
+        agree += 1
+    return agree, len(measured)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", sorted(rt.REAL))
+def test_real_models_static_shapes_equal_probed_shapes(real_models, name: str) -> None:
+    agree, measured = _static_vs_probe(_load(real_models(name), rt.REAL[name]))
+    assert agree == measured > 100  # every tensor of the main graph is known statically, and right
+
+
+def test_conformance_models_static_shapes_equal_probed_shapes() -> None:
+    agree = measured = models = 0
+    for path in rt.BACKEND + rt.LIGHT:
+        runs, _ = rt._original_run(str(path))
+        model = onnx.load(path)
+        feeds = None if not runs else rt._light_inputs(model) if path in rt.LIGHT else rt._shipped_inputs(path, model)
+        if not runs or not all(isinstance(v, np.ndarray) for v in feeds.values()):
+            continue
+        cg = _load(path, values=feeds)  # the shipped inputs fix every input: shapes, values and the probe's feed
+        try:
+            a, m = _static_vs_probe(cg)
+        except ModelError:
+            continue  # an output onnxruntime will not expose
+        agree, measured, models = agree + a, measured + m, models + 1
+    assert models >= 100 and agree >= 0.995 * measured, (models, agree, measured)  # 109 models: 4143 of 4145
+
+
+# ---- If conditions, input values, rank-0 inputs ---------------------------------------------------------
+def _branching(cond_from_input: bool = True) -> onnx.ModelProto:
+    """x [1,3,H,W]; if sr > 8000 (a rank-0 int64 input) a 3×3 conv, else a 1×1 conv."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "wa"),
+             numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "wb"),
+             numpy_helper.from_array(np.array(8000, np.int64), "limit")]
+    then = helper.make_graph([helper.make_node("Conv", ["x", "wa"], ["ya"], name="big", pads=[1, 1, 1, 1])], "then",
+                             [], [helper.make_tensor_value_info("ya", F, [1, 4, "H", "W"])])
+    other = helper.make_graph([helper.make_node("Conv", ["x", "wb"], ["yb"], name="small")], "else", [],
+                              [helper.make_tensor_value_info("yb", F, [1, 4, "H", "W"])])
+    nodes = [helper.make_node("Greater", ["sr", "limit"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then, else_branch=other)]
+    g = helper.make_graph(nodes, "branching", [helper.make_tensor_value_info("x", F, [1, 3, "H", "W"]),
+                                                 helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                          [helper.make_tensor_value_info("y", F, [1, 4, "H", "W"])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_known_condition_takes_one_branch() -> None:
+    cg = _load(_branching(), values={"sr": 16000})
+    a = analyze(cg, rewrites=False)
+    assert a.model["branches"] == {"/if:then_branch": "taken", "/if:else_branch": "not taken"}
+    assert {r.name: str(r.macs_expr) for r in a} == {"big": "108*H*W", "small": "12*H*W"}  # both analyzed
+    assert a.totals["macs_expr"] == "108*H*W" and cg.shape("y") == (1, 4, H, W)
+    low = analyze(_load(_branching(), values={"sr": 4000}), rewrites=False)
+    assert low.totals["macs_expr"] == "12*H*W" and low.model["branches"]["/if:else_branch"] == "taken"
+
+
+def test_unknown_condition_names_the_input_that_decides_it() -> None:
+    cg = _load(_branching())
+    assert cg.undecided == [("", "if", ["sr"])]
+    warning = next(w for w in cg.warnings if "If node" in w)
+    assert "'sr'" in warning and "--input-value sr=V" in warning
+    a = analyze(cg, rewrites=False)
+    assert a.model["branches"] == {} and a.totals["macs_expr"] == "120*H*W"  # both counted
+
+
+def test_input_values_reach_the_probe_and_every_input_set(tmp_path, capsys) -> None:
+    path = tmp_path / "b.onnx"
+    path.write_bytes(_branching().SerializeToString())
+    code = main(["analyze", str(path), "--json", "--probe", "--input-shape", "x=1,3,8,8", "--input-value", "sr=16000",
+                 "--input-shape", "sr="])
+    cap = capsys.readouterr()
+    doc = json.loads(cap.out)
+    assert code == 0 and doc["totals"]["macs"] == 108 * 64 and "If node" not in cap.err, cap.err
+    data = make_inputs(onnx.load(path), samples=2, input_shapes={"x": [1, 3, 8, 8]}, values={"sr": [16000]})
+    assert all(s["sr"].shape == () and s["sr"].dtype == np.int64 and int(s["sr"]) == 16000 for s in data)
+    assert "sr fixed by --input-value" in data.describe
+
+
+def test_probe_failure_is_one_line_naming_the_input_value(tmp_path, capfd) -> None:
+    m = _branching()
+    m.graph.node[1].attribute[0].g.node[0].input[1] = "wb"  # the 3×3 branch now runs a 1×1 weight with 3×3 pads
+    m.graph.node[1].attribute[0].g.node[0].attribute.append(helper.make_attribute("kernel_shape", [3, 3]))
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(m.SerializeToString())
+    cg = _load(path, {"x": [1, 3, 8, 8]}, values=None)
+    with pytest.raises(ModelError, match="--input-value sr=V") as e:
+        _probe_all(cg)
+    assert "\n" not in str(e.value)
+    assert capfd.readouterr().err == ""  # onnxruntime's own error log (written to fd 2) stays silent
+
+
+def _probe_all(cg):
+    names = [t for nid in cg.topological_order() for t in cg.graph.nodes[nid]["proto"].output if t]
+    return probe_shapes(cg, names, seed=1)
+
+
+def test_bad_input_values_are_usage_errors(models_dir) -> None:
+    for values, needle in (({"nope": 1}, "not an input"), ({"x": [1, 2]}, "do not fill")):
+        with pytest.raises(UsageError, match=needle):
+            _load(models_dir / "dynamic.onnx", {"x": [1, 3, 4, 4]}, values)
+
+
+def test_verify_and_bench_feed_input_values(tmp_path, capsys) -> None:
+    """A rank-0 input with --input-value runs through verify and bench (rank-0 shapes were refused before)."""
+    path = tmp_path / "b.onnx"
+    path.write_bytes(_branching().SerializeToString())
+    code = main(["verify", str(path), str(path), "--input-shape", "x=1,3,8,8", "--input-value", "sr=16000", "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["passed"]
+    code = main(["bench", str(path), "--input-shape", "x=1,3,8,8", "--input-value", "sr=3", "--runs", "2",
+                 "--warmup", "1", "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["models"][0]["runs"] == 2
+    from convgraph.verify import verify
+
+    report = verify(path, path, input_shapes={"x": [1, 3, 8, 8], "sr": []}, values={"sr": 16000})
+    assert report.passed
