@@ -13,6 +13,16 @@ from ..graph import gc_paused, load
 from ..io import atomic_write_bytes
 from . import cli, common
 from .common import emit_json, input_shape_option, json_option, probe_option, warn
+from .tables import Column, show, wide_option
+
+#: How each of report.COLUMNS is drawn; at narrow widths the droppable ones go, lowest rank first.
+_COLUMNS = {
+    "name": Column("name", "name"), "kind": Column("kind"),
+    "kernel stride dil group": Column("kernel stride dil group", "num", "left", drop=4, brief="kernel"),
+    "in→out": Column("in→out", "num", "left", drop=3), "output": Column("output", "num", "left", drop=2),
+    "MACs": Column("MACs", "num"), "% MACs": Column("% MACs", "num", drop=6), "params": Column("params", "num", drop=5),
+    "receptive field": Column("receptive field", "num", "left", drop=1, brief="RF"), "best rewrite": Column("best rewrite", drop=7),
+}
 
 
 @cli.command()
@@ -28,6 +38,7 @@ from .common import emit_json, input_shape_option, json_option, probe_option, wa
 @click.option("--dot", "dot_path", type=click.Path(path_type=Path), default=None, metavar="OUT.dot",
               help="Also write the graph as Graphviz DOT, convs coloured by kind.")
 @probe_option
+@wide_option
 def analyze(model: Path, input_shapes: dict, as_json: bool, fmt: str | None, sort: str | None, top: int | None,
             dot_path: Path | None, probe: bool) -> None:
     """Per convolution of MODEL: kind, geometry, output shape, MACs, params, receptive field, rewrites."""
@@ -52,6 +63,8 @@ def analyze(model: Path, input_shapes: dict, as_json: bool, fmt: str | None, sor
         elif fmt == "markdown":
             click.echo(report.markdown(result, sort, top), nl=False)
         else:
-            convs, kinds = report.tables(result, sort, top)
-            common.console("out").print(convs)
-            common.console("out").print(kinds)
+            total = result.totals["macs"]
+            show([_COLUMNS[c] for c in report.COLUMNS], [report.row(r, total) for r in report.select(result.convs, sort, top)],
+                 title=f"{len(result.convs)} convolutions", hint="--wide or --format markdown shows them")
+            show([Column(c, "num" if c in report.NUMERIC else "text") for c in report.KIND_COLUMNS],
+                 report.kind_rows(result), title="totals by kind")
