@@ -17,7 +17,7 @@ YOLO = ("yolov8n", "images=1,3,320,320")
 DET = ("ppocr-det", "x=1,3,640,640")
 
 
-def _cli(*argv: str, columns: int | None = 80) -> subprocess.CompletedProcess:
+def _cli(*argv: str, columns: int | str | None = 80) -> subprocess.CompletedProcess:
     """The CLI in a pipe, as a log or `| less` would see it; COLUMNS as given."""
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     if columns is not None:
@@ -136,3 +136,8 @@ def test_pipes_stay_wide_unless_columns_is_set(models_dir):
     r = _cli("analyze", models_dir / "sample.onnx", columns=60)
     _fits(r.stdout, 60)
     assert "hidden to fit 60 columns" in r.stdout
+
+
+def test_a_columns_value_that_is_no_width_is_ignored():
+    r = _cli("rules", columns="wide")
+    assert r.returncode == 0 and r.stderr == "" and "transpose-subpixel" in r.stdout
