@@ -10,6 +10,7 @@ when the stages end. Elsewhere (pipes, logs, CI): one line per stage that runs l
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import threading
 import time
@@ -87,7 +88,10 @@ class Lines:
         count = f" {top.done}/{top.total}" if top.total else f" {top.done}" if top.done else ""
         now = time.monotonic()
         line = f"convgraph: {' › '.join(e.name for e in self._stack)}{count} [{now - self._t0:.0f} s]"
-        print(line, file=sys.stderr, flush=True)
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # stderr closed or a broken pipe: progress is not worth an error
+            self._stop.set()
         for e in self._stack:
             e.told = True
         self._last = now
@@ -134,8 +138,8 @@ class Live:
 @contextmanager
 def shown() -> Iterator[None]:
     """Show the stages of the library calls made inside this block on stderr."""
-    err = common.console("err")
-    reporter = Live(err) if err.is_terminal and not err.is_dumb_terminal else Lines()
+    terminal = sys.stderr.isatty() and os.environ.get("TERM", "") != "dumb"  # rich not imported unless needed
+    reporter = Live(common.console("err")) if terminal else Lines()
     try:
         with reporting(reporter):
             yield
