@@ -10,16 +10,15 @@ Library code marks its slow parts and prints nothing itself::
             ...
 
 Nobody listens unless a caller installs a :class:`Reporter` for the current context with
-:func:`reporting` (the CLI does: a live display on a terminal, lines on stderr otherwise). Stages nest
-(verify's inside rewrite's); :func:`silenced` hides the stages of a call, e.g. the many small
-benchmarks an optimizer runs.
+:func:`reporting` (the CLI does: a live display on a terminal, lines on stderr otherwise); ``reporting(None)``
+hides the stages of a block. Stages nest (verify's inside rewrite's).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Protocol, TypeVar
 
@@ -47,11 +46,6 @@ def reporting(reporter: Reporter | None) -> Iterator[None]:
         yield
     finally:
         _REPORTER.reset(token)
-
-
-def silenced() -> AbstractContextManager[None]:
-    """A block whose stages nobody hears."""
-    return reporting(None)
 
 
 class Stage:
