@@ -12,7 +12,6 @@ import gc
 import math
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,9 +23,8 @@ import onnx
 from . import runtime
 from .errors import ModelError, UsageError
 from .inputs import input_specs, make_inputs
+from .progress import track
 
-#: A progress bar is shown when the timed runs are expected to take longer than this.
-PROGRESS_AFTER_S = 1.0
 
 
 @dataclass
@@ -182,8 +180,8 @@ def bench(models, *, inputs=None, input_shapes: Mapping[str, Sequence[int]] | No
 
     Each model gets the first input sample made from its own input specs (``inputs``/``input_shapes``/
     ``seed`` as in :func:`convgraph.inputs.make_inputs`). ``warmup`` untimed runs, then ``runs`` timed
-    ones, interleaved across models; ratios are against the first model. ``progress``: show a progress
-    bar on stderr when the timed runs take over a second (None: only when stderr is a terminal).
+    ones, interleaved across models; ratios are against the first model. The runs are reported as stages
+    (:mod:`convgraph.progress`) unless ``progress`` is False.
     ``spinning``: onnxruntime's intra-op threads busy-wait between runs (its default). None: off when
     several models are timed, since one session's spinning threads then steal the cores of the next
     (measured: YOLOv8n, 2 threads on 2 busy cores, 121 ms interleaved with spinning, 83 ms alone; 42 ms
@@ -221,33 +219,25 @@ def bench(models, *, inputs=None, input_shapes: Mapping[str, Sequence[int]] | No
         calls.append(_runner(sess, feeds, provider))
 
     n = len(calls)
-    warm_ns = [[] for _ in range(n)]
-    for _ in range(warmup):
-        for j, call in enumerate(calls):
-            t0 = time.perf_counter_ns()
+
+    def rounds(count: int, name: str):
+        return range(count) if progress is False else track(range(count), f"benchmarking: {name}")
+
+    for _ in rounds(warmup, f"{warmup} warm-up runs"):
+        for call in calls:
             call()
-            warm_ns[j].append(time.perf_counter_ns() - t0)
-    if warmup:
-        per_round_s = sum(float(np.median(w)) for w in warm_ns) / 1e9
-    else:
-        per_round_s = math.inf  # unknown: assume long
     times: list[list[int]] = [[] for _ in range(n)]
-    bar = _progress(progress, per_round_s * runs, runs)
     gc_was = gc.isenabled()
     gc.disable()
     try:
-        for i in range(runs):
+        for _ in rounds(runs, f"{runs} timed runs"):
             for j, call in enumerate(calls):
                 t0 = time.perf_counter_ns()
                 call()
                 times[j].append(time.perf_counter_ns() - t0)
-            if bar is not None:
-                bar.advance()
     finally:
         if gc_was:
             gc.enable()
-        if bar is not None:
-            bar.close()
 
     timings = []
     for j in range(n):
@@ -277,30 +267,3 @@ def _start_environment(provider: str) -> None:
     g = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "warm", [x], [y])
     m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
     runtime.create_session(m, provider=provider)
-
-
-class _Bar:
-    """A rich progress bar on stderr, for the timed runs."""
-
-    def __init__(self, total: int):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._p = Progress(TextColumn("timing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                           console=Console(stderr=True), transient=True)
-        self._p.start()
-        self._task = self._p.add_task("timing", total=total)
-
-    def advance(self) -> None:
-        self._p.advance(self._task)
-
-    def close(self) -> None:
-        self._p.stop()
-
-
-def _progress(enabled: bool | None, expected_s: float, total: int) -> _Bar | None:
-    if enabled is False or expected_s <= PROGRESS_AFTER_S:
-        return None
-    if enabled is None and not sys.stderr.isatty():
-        return None
-    return _Bar(total)

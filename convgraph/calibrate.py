@@ -32,6 +32,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from .arithmetic import conv_pads, prod
 from .errors import ModelError, UsageError
+from .progress import track
 from .record import ConvRecord
 
 #: Largest (C_in/group)·prod(kernel) whose full patch covariance is kept (2304 = 256 channels × 3×3).
@@ -454,7 +455,7 @@ def calibrate(model, inputs, *, nodes: Iterable[str] | None = None, reference=No
               targets: Mapping[str, str] | None = None, full_max: int = FULL_MAX, input_shapes=None,
               samples: int | None = None, provider: str = "cpu", threads: int | None = None, seed: int = 0,
               input_options: Mapping[str, Any] | None = None, holdout: bool = True,
-              progress: bool = False) -> Calibration:
+              progress: bool = True) -> Calibration:
     """Run ``model`` over ``inputs`` and return the input-patch statistics of its convs.
 
     ``inputs``: an iterator of feed dicts (one batch each, consumed once), or what
@@ -465,7 +466,8 @@ def calibrate(model, inputs, *, nodes: Iterable[str] | None = None, reference=No
     ``reference``: a model with the same inputs whose tensors of the same names give cross moments
     (see the module doc); ``targets``: node id → tensor of ``reference`` to correlate with each conv's
     patches (needs ``reference``). ``holdout``: also keep every other batch's sums apart, so that fits
-    can choose between methods by their error on data they were not fitted on.
+    can choose between methods by their error on data they were not fitted on. ``progress``: report
+    the batches as the stage "calibrating" (:mod:`convgraph.progress`).
     """
     from .analyze import analyze
     from .graph import ConvGraph, load
@@ -501,7 +503,8 @@ def calibrate(model, inputs, *, nodes: Iterable[str] | None = None, reference=No
         ref_sess = create_session(expose_tensors(ref_cg.to_model(), ref_names, ref_cg.shapes), provider=provider,
                                   threads=threads)
     batches = 0
-    for feed in _progress(_feeds(proto, inputs, input_shapes, samples, seed, input_options or {}), progress):
+    feeds = _feeds(proto, inputs, input_shapes, samples, seed, input_options or {})
+    for feed in track(feeds, "calibrating") if progress else feeds:
         got = _run(sess, feed, names)
         ref = _run(ref_sess, feed, ref_names) if ref_sess is not None else {}
         for s in stats.values():
@@ -518,18 +521,3 @@ def _run(sess, feed: dict, names: list[str]) -> dict[str, np.ndarray]:
     from .runtime import run
 
     return dict(zip(names, run(sess, feed, names)))
-
-
-def _progress(it: Iterable, show: bool) -> Iterable:
-    if not show:
-        yield from it
-        return
-    from rich.progress import Progress
-
-    from .cli.common import err
-
-    with Progress(console=err, transient=True) as bar:
-        task = bar.add_task("calibrating", total=None)
-        for x in it:
-            yield x
-            bar.advance(task)

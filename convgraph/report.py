@@ -1,16 +1,13 @@
-"""Rendering an :class:`~convgraph.analyze.Analysis`: a rich table, markdown, and Graphviz DOT."""
+"""Rendering an :class:`~convgraph.analyze.Analysis`: table rows (the CLI draws them), markdown, Graphviz DOT."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 from .analyze import Analysis, best_saving, conv_op
 from .errors import UsageError
 from .expr import parse
 from .record import KINDS, ConvRecord
-
-if TYPE_CHECKING:
-    from rich.table import Table
 
 SORT_KEYS = ("macs", "params", "name", "time")
 #: Record attribute each numeric sort key orders by (largest first).
@@ -114,48 +111,31 @@ COLUMNS = ("name", "kind", "kernel stride dil group", "in→out", "output", "MAC
            "receptive field", "best rewrite")
 
 
-def tables(a: Analysis, sort: str | None = None, top: int | None = None) -> tuple[Table, Table]:
-    """The per-conv table and the per-kind totals table."""
-    from rich.table import Table  # here: importing rich is for the tables only, not for --json or markdown
+KIND_COLUMNS = ("kind", "convs", "MACs", "% MACs", "MACs + bias", "params")
+#: Right-aligned columns of both tables.
+NUMERIC = frozenset({"convs", "MACs", "% MACs", "MACs + bias", "params", "weights", "activations", "MAC/B",
+                     "time ms", "% time", "reorder ms", "GMAC/s", "× roofline"})
 
+
+def kind_rows(a: Analysis) -> list[list[str]]:
+    """The totals per conv kind present, then "all" (the model's totals), as cells under KIND_COLUMNS."""
     total = a.totals["macs"]
-    t = Table(title=f"{len(a.convs)} convolutions", title_justify="left")
-    for col in COLUMNS:
-        t.add_column(col, justify="right" if col in ("MACs", "% MACs", "params") else "left",
-                     overflow="fold")
-    for r in select(a.convs, sort, top):
-        t.add_row(*row(r, total))
-    k = Table(title="totals by kind", title_justify="left")
-    for col in ("kind", "convs", "MACs", "% MACs", "MACs + bias", "params"):
-        k.add_column(col, justify="left" if col == "kind" else "right")
-    for kind, v in _kind_rows(a):
-        k.add_row(kind, str(v["convs"]), cost(v["macs"], v.get("macs_expr")),
-                  f"{100 * v['macs'] / total:.1f}%" if v["macs"] is not None and total else "?",
-                  cost(v["macs_bias"], v.get("macs_bias_expr")), human(v["params"]))
-    return t, k
+    pairs = [(kind, a.totals["by_kind"][kind]) for kind in KINDS if kind in a.totals["by_kind"]] + [("all", a.totals)]
+    return [[kind, str(v["convs"]), cost(v["macs"], v.get("macs_expr")),
+             f"{100 * v['macs'] / total:.1f}%" if v["macs"] is not None and total else "?",
+             cost(v["macs_bias"], v.get("macs_bias_expr")), human(v["params"])] for kind, v in pairs]
 
 
-def _kind_rows(a: Analysis):
-    for kind in KINDS:
-        if kind in a.totals["by_kind"]:
-            yield kind, a.totals["by_kind"][kind]
-    yield "all", a.totals
+def _markdown_table(columns: Iterable[str], rows: Iterable[list[str]]) -> list[str]:
+    columns = list(columns)
+    return (["| " + " | ".join(columns) + " |", "|" + "|".join("---:" if c in NUMERIC else "---" for c in columns) + "|"]
+            + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows])
 
 
 def markdown(a: Analysis, sort: str | None = None, top: int | None = None) -> str:
     """The same two tables as GitHub markdown."""
-    total = a.totals["macs"]
-
-    def esc(s: str) -> str:
-        return s.replace("|", "\\|")
-
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---:" if c in ("MACs", "% MACs", "params") else "---"
-                                                              for c in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(esc(c) for c in row(r, total)) + " |" for r in select(a.convs, sort, top)]
-    lines += ["", "| kind | convs | MACs | MACs + bias | params |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {kind} | {v['convs']} | {cost(v['macs'], v.get('macs_expr'))} | {cost(v['macs_bias'], v.get('macs_bias_expr'))} | {human(v['params'])} |"
-              for kind, v in _kind_rows(a)]
-    return "\n".join(lines) + "\n"
+    convs = [row(r, a.totals["macs"]) for r in select(a.convs, sort, top)]
+    return "\n".join(_markdown_table(COLUMNS, convs) + [""] + _markdown_table(KIND_COLUMNS, kind_rows(a))) + "\n"
 
 
 # ---- memory and time ------------------------------------------------------------------------------
@@ -199,26 +179,10 @@ def cost_notes(a: Analysis) -> list[str]:
     return lines
 
 
-def cost_table(a: Analysis, sort: str | None = None, top: int | None = None) -> "Table":
-    """The memory/time table (rich); :func:`cost_notes` go under it."""
-    from rich.table import Table
-
-    columns, rows = cost_rows(a, sort, top)
-    t = Table(title="memory and time per conv", title_justify="left")
-    for col in columns:
-        t.add_column(col, justify="left" if col in ("name", "kind", "bound") else "right", overflow="fold")
-    for cells in rows:
-        t.add_row(*cells)
-    return t
-
-
 def cost_markdown(a: Analysis, sort: str | None = None, top: int | None = None) -> str:
     """The memory/time table as GitHub markdown, its notes below it."""
     columns, rows = cost_rows(a, sort, top)
-    lines = ["| " + " | ".join(columns) + " |",
-             "|" + "|".join("---" if c in ("name", "kind", "bound") else "---:" for c in columns) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in rows]
-    return "\n".join(lines + [""] + cost_notes(a)) + "\n"
+    return "\n".join(_markdown_table(columns, rows) + [""] + cost_notes(a)) + "\n"
 
 
 # ---- Graphviz DOT ---------------------------------------------------------------------------------

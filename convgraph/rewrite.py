@@ -21,6 +21,7 @@ from . import regions
 from .analyze import analyze
 from .errors import CheckFailed, UsageError
 from .graph import ConvGraph, load
+from .progress import staged, track
 from .record import REWRITES_KEY as METADATA_KEY, ConvRecord
 from .registry import get_rule
 from .rule import Rule, RuleContext
@@ -179,6 +180,7 @@ def _adds_macs(rec: ConvRecord, macs: int | None) -> str | None:
     return None
 
 
+@staged(lambda cg, rule, *_: f"applying {rule.name}")
 def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report: RewriteReport,
            dry_run: bool, calibration: dict | None, checks: "dict[int, regions.Region | str] | None") -> None:
     """One pass of ``rule`` over every selected conv of every (sub)graph; ``checks`` (when the result will be
@@ -249,6 +251,7 @@ def _metadata(model: onnx.ModelProto, changes: list[Change]) -> None:
     model.metadata_props.add(key=METADATA_KEY, value=json.dumps(record))
 
 
+@staged("checking the result (onnx.checker, shape inference)")
 def _structural_checks(model: onnx.ModelProto) -> dict[str, Any]:
     """Full onnx.checker and strict shape inference; CheckFailed naming what broke."""
     try:
@@ -276,7 +279,7 @@ def _change_errors(model: onnx.ModelProto, changes: list[Change], checks: dict, 
     wanted = sorted({t for i, r in checks.items() if isinstance(r, regions.Region) and not changes[i].graph
                      for t in r.inputs if t in produced})
     acts = {k: v[0] for k, v in run_with_outputs(model, wanted, [feed], provider=provider).items()} if wanted else {}
-    for i, c in enumerate(changes):
+    for i, c in enumerate(track(changes, "checking each rewrite alone")):
         region = checks.get(i)
         if not isinstance(region, regions.Region):
             c.checked_on = f"not checked alone: {region or 'no region'}"
@@ -372,6 +375,7 @@ def _refuse(report: RewriteReport, message: str) -> CheckFailed:
     return e
 
 
+@staged("verifying numerics")
 def _numerics(original, model, report: RewriteReport, checks, input_shapes, inputs, input_options, atol, rtol,
               min_cosine, provider) -> None:
     from .inputs import make_inputs

@@ -23,6 +23,7 @@ from .errors import ModelError, UsageError
 from .graph import ConvGraph, load
 from .inputs import InputSpec, make_inputs, input_specs
 from .metrics import DEFAULT_ATOL, DEFAULT_RTOL, Accumulator, Metrics, Tolerance, compare  # noqa: F401 - re-exported
+from .progress import staged, track
 from .record import REWRITES_KEY
 
 #: Localization exposes intermediates in chunks of at most this many bytes per model and run.
@@ -310,6 +311,7 @@ def _culprit(ref_cg: ConvGraph, cand_cg: ConvGraph, node: str, active: set[str],
     return max(found, key=order.__getitem__)
 
 
+@staged("localizing")
 def _localize(ref_model, cand_model, ref_cg: ConvGraph, cand_cg: ConvGraph, ref_feeds, cand_feeds, sample: int,
               tol: Tolerance, tensor_map: Mapping[str, str], record: dict | None, run_opts: dict) -> Localization:
     ref_act, cand_act = _activations(ref_cg), _activations(cand_cg)
@@ -429,7 +431,7 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
     accs = {n: Accumulator(n, tol) for n in out_names}
     ev_accs = {k: {n: Accumulator(n, tol) for n in out_names} for k in ("reference", "candidate")} if evaluator else None
     first_bad: int | None = None
-    for i in range(len(data)):
+    for i in track(range(len(data)), "comparing outputs"):
         sample = data[i]
         ref_out = dict(zip(out_names, runtime.run(rs, _cast_feeds(sample, ref_specs), out_names)))
         cand_out = dict(zip(out_names, runtime.run(cs, _cast_feeds(sample, cand_specs), out_names)))

@@ -79,16 +79,6 @@ def test_cuda_without_the_provider_is_refused(models_dir):
         bench(models_dir / "sample.onnx", provider="cuda")
 
 
-def test_progress_only_when_long_and_wanted(monkeypatch):
-    assert bench_mod._progress(None, 5.0, 10) is None  # pytest's stderr is not a terminal
-    assert bench_mod._progress(True, 0.5, 10) is None  # short runs: no bar
-    assert bench_mod._progress(False, 100.0, 10) is None
-    bar = bench_mod._progress(True, 5.0, 10)
-    assert bar is not None
-    bar.advance()
-    bar.close()
-
-
 def test_cli_table_and_json(models_dir, capsys):
     p = str(models_dir / "sample.onnx")
     assert main(["bench", p, p, "--runs", "5", "--warmup", "1", "--threads", "1"]) == 0

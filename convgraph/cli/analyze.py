@@ -14,6 +14,24 @@ from ..io import atomic_write_bytes, check_output_path
 from . import cli, common
 from .common import (emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, probe_option,
                      provider_option, warn)
+from .tables import Column, show, wide_option
+
+#: How each of report.COLUMNS is drawn; at narrow widths the droppable ones go, lowest rank first.
+_COLUMNS = {
+    "name": Column("name", "name"), "kind": Column("kind"),
+    "kernel stride dil group": Column("kernel stride dil group", "num", "left", drop=4, brief="kernel"),
+    "in→out": Column("in→out", "num", "left", drop=3), "output": Column("output", "num", "left", drop=2),
+    "MACs": Column("MACs", "num"), "% MACs": Column("% MACs", "num", drop=6), "params": Column("params", "num", drop=5),
+    "receptive field": Column("receptive field", "num", "left", drop=1, brief="RF"), "best rewrite": Column("best rewrite", drop=7),
+}
+#: The memory/time table's columns (report.COST_COLUMNS, then report.TIME_COLUMNS when profiled).
+_COST = {
+    "name": Column("name", "name"), "kind": Column("kind", drop=3), "% MACs": Column("% MACs", "num", drop=2),
+    "weights": Column("weights", "num"), "activations": Column("activations", "num", brief="acts"),
+    "MAC/B": Column("MAC/B", "num"), "bound": Column("bound"), "time ms": Column("time ms", "num"),
+    "% time": Column("% time", "num"), "reorder ms": Column("reorder ms", "num", drop=1, brief="reorder"),
+    "GMAC/s": Column("GMAC/s", "num", drop=4), "× roofline": Column("× roofline", "num", drop=5, brief="×roof"),
+}
 
 
 @cli.command()
@@ -40,6 +58,7 @@ from .common import (emit_json, input_data_kwargs, input_data_options, input_sha
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, metavar="OUT.png",
               help="Also draw the top convs (--top, default 20) by measured time beside their MAC share (implies --profile; "
                    "matplotlib).")
+@wide_option
 def analyze(model: Path, input_shapes: dict, input_values: dict, as_json: bool, fmt: str | None, sort: str | None, top: int | None,
             dot_path: Path | None, probe: bool, profiled: bool, runs: int, warmup: int, threads: int | None,
             provider: str, plot_path: Path | None, **kw) -> None:
@@ -85,12 +104,16 @@ def analyze(model: Path, input_shapes: dict, input_values: dict, as_json: bool, 
             click.echo(report.markdown(result, sort, top), nl=False)
             click.echo("\n" + report.cost_markdown(result, sort, top), nl=False)
         else:
-            convs, kinds = report.tables(result, sort, top)
-            common.console("out").print(convs)
-            common.console("out").print(report.cost_table(result, sort, top))
+            total = result.totals["macs"]
+            show([_COLUMNS[c] for c in report.COLUMNS], [report.row(r, total) for r in report.select(result.convs, sort, top)],
+                 title=f"{len(result.convs)} convolutions", hint="--wide or --format markdown shows them")
+            columns, rows = report.cost_rows(result, sort, top)
+            show([_COST[c] for c in columns], rows, title="memory and time per conv",
+                 hint="--wide or --format markdown shows them")
             for line in report.cost_notes(result):
                 common.console("out").print(line, markup=False)
-            common.console("out").print(kinds)
+            show([Column(c, "num" if c in report.NUMERIC else "text") for c in report.KIND_COLUMNS],
+                 report.kind_rows(result), title="totals by kind")
 
 
 def _measure(cg, result, profiled: bool, provider: str, threads: int | None, runs: int, warmup: int,

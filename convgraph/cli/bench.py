@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
 
 from ..bench import BenchReport, bench
 from ..runtime import OPT_LEVELS
 from . import cli
 from .common import (
     emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, out, provider_option)
+from .progress import shows_progress
+from .tables import Column, show, wide_option
 
 
 def render(report: BenchReport) -> None:
@@ -20,20 +21,22 @@ def render(report: BenchReport) -> None:
               f"{' (IO binding)' if report.io_binding else ''}, threads {threads}"
               f"{'' if report.spinning else ' (no spinning)'}, opt level {report.opt_level}; "
               f"{env['cpu']} ({env['cpu_count']} cores); inputs: {report.inputs}")
-    t = Table(title_justify="left")
-    for col in ("model", "session s", "median ms", "IQR ms", "min ms", "items/s", "runs"):
-        t.add_column(col, justify="left" if col == "model" else "right")
-    ratio_by_name = {r.name: r for r in report.ratios}
+    columns = [Column("model", "name"), Column("session s", "num", drop=2), Column("median ms", "num"),
+               Column("IQR ms", "num", drop=4), Column("min ms", "num", drop=3), Column("items/s", "num", drop=1),
+               Column("runs", "num", drop=5)]
     if report.ratios:
-        t.add_column(f"speed-up vs {report.models[0].name} (median [IQR] of pairs)", justify="right")
+        columns.append(Column(f"speed-up vs {report.models[0].name} (median [IQR] of pairs)", "num",
+                              brief="speed-up [IQR]"))
+    ratio_by_name = {r.name: r for r in report.ratios}
+    rows = []
     for m in report.models:
         row = [m.name, f"{m.session_s:.3f}", f"{m.median_ms:.3f}", f"{m.iqr_ms:.3f}", f"{m.min_ms:.3f}",
                f"{m.throughput_per_s:.1f}", f"{m.runs} (+{m.warmup} warm-up)"]
         if report.ratios:
             r = ratio_by_name.get(m.name)
             row.append("baseline" if r is None else f"{r.median:.3f}× [{r.q1:.3f}–{r.q3:.3f}]")
-        t.add_row(*row)
-    out.print(t)
+        rows.append(row)
+    show(columns, rows)
 
 
 @cli.command("bench")
@@ -49,13 +52,14 @@ def render(report: BenchReport) -> None:
 @input_data_options
 @input_shape_option
 @json_option
+@wide_option
+@shows_progress
 def bench_command(models, runs, warmup, threads, provider, opt_level, spinning, input_shapes, as_json, **kw) -> None:
     """Time MODEL (and MODEL2 ... interleaved with it: A B A B, ratios pair by pair) with onnxruntime."""
     data = input_data_kwargs(kw)
     data.pop("samples")  # the first sample feeds every run
     report = bench(list(models), input_shapes=input_shapes, runs=runs, warmup=warmup, provider=provider,
-                   threads=threads, opt_level=opt_level, spinning=spinning, progress=False if as_json else None,
-                   **data)
+                   threads=threads, opt_level=opt_level, spinning=spinning, **data)
     if as_json:
         emit_json(report.to_dict())
     else:

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     err: Console
 
 #: Human-facing output (tables, progress) goes to stdout unless --json; messages go to stderr.
-_WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 160))  # pipes and logs get wide tables
+_COLUMNS = os.environ.get("COLUMNS", "").strip()
+_WIDTH = None if sys.stdout.isatty() else int(_COLUMNS) if _COLUMNS.isdigit() and int(_COLUMNS) > 0 else 160  # pipes, logs: wide
 #: The rich Consoles ``out`` and ``err`` (messages stay one line), made on first use: importing rich costs
 #: a tenth of a ``--json`` run's start-up, and such a run may never print through them.
 _CONSOLES = {"out": {"highlight": False, "soft_wrap": False, "width": _WIDTH},

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
 
 from ..errors import UsageError
 from ..io import check_output_path, write_model
 from ..optimize import DEFAULT_RANKS, DEFAULT_RULES, METRICS, OptimizeReport, optimize, plot_pareto
+from ..progress import stage
 from ..rewrite import Selection
 from . import cli
 from .common import (
-    _number_list, emit_json, err, image_options, input_shape_option, input_value_option, json_option, out, provider_option, warn)
+    _number_list, emit_json, image_options, input_shape_option, input_value_option, json_option, out, provider_option, warn)
+from .progress import shows_progress
+from .tables import Column, show, wide_option
 
 
 def _names(ctx, param, value) -> list[str]:
@@ -21,23 +23,18 @@ def _names(ctx, param, value) -> list[str]:
 def render(report: OptimizeReport) -> None:
     """The human report: per-layer choices, the evaluated prefixes, the verdict."""
     if report.chosen:
-        t = Table(title="chosen rewrites (per conv)", title_justify="left")
-        for col in ("node", "rule", "params", "kind after", "layer saving ms", "error alone", "fit"):
-            t.add_column(col, justify="right" if col in ("layer saving ms", "error alone") else "left")
-        for c in report.chosen:
-            t.add_row(c.node, c.rule, ",".join(f"{k}={v}" for k, v in c.params.items()), c.kind_after,
-                      f"{c.saving_ms:.3f}", "?" if c.error_alone is None else f"{c.error_alone:.2e}", c.notes)
-        out.print(t)
+        show([Column("node", "name"), Column("rule"), Column("params", drop=2), Column("kind after", drop=1),
+              Column("layer saving ms", "num"), Column("error alone", "num"), Column("fit", drop=3)],
+             [(c.node, c.rule, ",".join(f"{k}={v}" for k, v in c.params.items()), c.kind_after, f"{c.saving_ms:.3f}",
+               "?" if c.error_alone is None else f"{c.error_alone:.2e}", c.notes) for c in report.chosen],
+             title="chosen rewrites (per conv)")
     if report.points:
-        t = Table(title="prefixes of the greedy sequence, built and judged on the held-out set", title_justify="left")
-        for col in ("steps", "convs", "original ms", "predicted ms", "measured ms", "speed-up", report.metric,
-                    "within budget"):
-            t.add_column(col, justify="right")
-        for p in report.points:
-            t.add_row(str(p.steps), str(p.convs), f"{p.original_ms:.2f}", f"{p.predicted_ms:.2f}",
-                      f"{p.measured_ms:.2f}", f"{p.speedup:.2f}×",
-                      f"{p.metric:.6g}", "yes" if p.passed else "no")
-        out.print(t)
+        show([Column("steps", "num"), Column("convs", "num", drop=2), Column("original ms", "num", drop=1),
+              Column("predicted ms", "num", drop=3), Column("measured ms", "num"), Column("speed-up", "num"),
+              Column(report.metric, "num"), Column("within budget")],
+             [(str(p.steps), str(p.convs), f"{p.original_ms:.2f}", f"{p.predicted_ms:.2f}", f"{p.measured_ms:.2f}",
+               f"{p.speedup:.2f}×", f"{p.metric:.6g}", "yes" if p.passed else "no") for p in report.points],
+             title="prefixes of the greedy sequence, built and judged on the held-out set")
     for n in report.notes:
         warn(n)
     out.print(report.summary())
@@ -76,6 +73,8 @@ def render(report: OptimizeReport) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 @click.option("--in-place", is_flag=True, help="Allow -o to name the input model.")
 @json_option
+@wide_option
+@shows_progress
 def optimize_command(model, calib, heldout, budget, metric, rules, ranks, shares, tensors, nodes, exclude, min_macs,
                      provider, threads, samples, image_size, mean, std, layout, input_shapes, input_values, max_evals,
                      plot, output, in_place, as_json) -> None:
@@ -90,23 +89,12 @@ def optimize_command(model, calib, heldout, budget, metric, rules, ranks, shares
     options = {"image_size": image_size, "mean": mean, "std": std, "layout": layout, "values": input_values or None}
     if samples is not None:
         options["samples"] = samples
-    status = None if as_json else err.status("optimizing")
-
-    def progress(msg: str) -> None:
-        if status is not None:
-            status.update(f"optimizing: {msg}")
-
-    if status is not None:
-        status.start()
-    try:
+    with stage("optimizing") as optimizing:
         new, report = optimize(model, calib, heldout, budget=budget, metric=metric, rules=rules, ranks=ranks,
                                shares=shares or None,
                                selection=Selection(nodes, exclude, (), min_macs), provider=provider,
                                threads=threads or None, input_shapes=input_shapes, input_options=options,
-                               tensors=list(tensors) or None, max_evals=max_evals, progress=progress)
-    finally:
-        if status is not None:
-            status.stop()
+                               tensors=list(tensors) or None, max_evals=max_evals, progress=optimizing.step)
     written = str(write_model(new, output, input_path=model, in_place=in_place))
     if plot:
         plot_pareto(report, plot)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
 
 from ..errors import CheckFailed, UsageError
 from ..io import check_output_path, write_model
@@ -13,6 +12,16 @@ from .common import (
     emit_json, err, input_data_kwargs, input_data_options, input_shape_option, json_option, out, probe_option,
     provider_option,
     warn)
+from .progress import shows_progress
+from .tables import Column, show, wide_option
+
+#: The rewritten-nodes table; at narrow widths the droppable columns go, lowest rank first.
+_CHANGE_COLUMNS = (
+    Column("node", "name"), Column("rule"), Column("kind before → after", drop=3),
+    Column("MACs before → after", "num"), Column("params before → after", "num", drop=4),
+    Column("exact", drop=5), Column("weight err", "num", drop=2), Column("output err", "num", drop=6),
+    Column("output cos", "num", drop=1),
+)
 
 
 def _fmt(v, spec=",") -> str:
@@ -34,15 +43,11 @@ def render(report) -> None:
     if report.explain and not report.changes:
         out.print("[yellow]nothing to rewrite[/yellow]")
     if report.changes:
-        t = Table(title="dry run: would rewrite" if report.dry_run else "rewritten nodes")
-        for col in ("node", "rule", "kind before → after", "MACs before → after", "params before → after", "exact",
-                    "weight err", "output err", "output cos"):
-            t.add_column(col, justify="right" if "MACs" in col or "params" in col or "err" in col or "cos" in col else "left")
-        for c in report.changes:
-            t.add_row(c.node, c.rule, f"{c.kind_before} → {c.kind_after}", f"{_fmt(c.macs_before)} → {_fmt(c.macs_after)}",
-                      f"{c.params_before:,} → {c.params_after:,}", "yes" if c.exact else "no",
-                      _fmt(c.weight_error, ".3g"), _fmt(c.output_error, ".3g"), _fmt(c.output_cosine, ".6f"))
-        out.print(t)
+        show(_CHANGE_COLUMNS, [(c.node, c.rule, f"{c.kind_before} → {c.kind_after}",
+                                f"{_fmt(c.macs_before)} → {_fmt(c.macs_after)}", f"{c.params_before:,} → {c.params_after:,}",
+                                "yes" if c.exact else "no", _fmt(c.weight_error, ".3g"), _fmt(c.output_error, ".3g"),
+                                _fmt(c.output_cosine, ".6f")) for c in report.changes],
+             title="dry run: would rewrite" if report.dry_run else "rewritten nodes")
         tot = report.totals
         before, after = tot["macs_before"], tot["macs_after"]
         ratio = ""
@@ -59,27 +64,20 @@ def render(report) -> None:
         verdict = {"passed": "PASS", "failed": "FAIL"}.get(v.get("verdict"), "INCONCLUSIVE")
         if not report.tolerance_required:
             verdict = f"{verdict.lower()} at the default tolerance (not required: give --atol/--rtol/--min-cosine)"
-        t = Table(title=f"model outputs vs original: {verdict}")
         rows = v.get("outputs", {})
         keys = [k for k in ("max_abs_err", "scaled_err", "mean_abs_err", "cosine", "snr_db", "top1") if any(k in m for m in rows.values())]
-        t.add_column("output")
-        for k in keys:
-            t.add_column(k, justify="right")
-        for name, m in rows.items():
-            t.add_row(name, *[_fmt(m.get(k), ".4g") for k in keys])
-        out.print(t)
+        show([Column("output", "name"), *(Column(k, "num") for k in keys)],
+             [(name, *[_fmt(m.get(k), ".4g") for k in keys]) for name, m in rows.items()],
+             title=f"model outputs vs original: {verdict}")
     if report.latency:
         lat = report.latency
         out.print("latency: " + lat.get("summary", str(lat)))
 
 
 def _explain(report) -> None:
-    t = Table(title="rule matching, per conv")
-    for col in ("node", "rule", "applies", "reason"):
-        t.add_column(col)
-    for e in report.explain:
-        t.add_row(e.node, e.rule, "yes" if e.applies else "no", e.reason)
-    out.print(t)
+    show([Column("node", "name"), Column("rule"), Column("applies"), Column("reason")],
+         [(e.node, e.rule, "yes" if e.applies else "no", e.reason) for e in report.explain],
+         title="rule matching, per conv")
 
 
 def _time_estimates(model, report, input_shapes, data, threads, provider) -> dict:
@@ -99,12 +97,9 @@ def _time_estimates(model, report, input_shapes, data, threads, provider) -> dic
 
 def _render_estimates(estimates: dict) -> None:
     p = estimates["profile"]
-    t = Table(title="expected time saved (estimate: measured time × MAC saving)")
-    for col in ("node", "rule", "time ms", "saved ms (est.)"):
-        t.add_column(col, justify="right" if "ms" in col else "left")
-    for e in estimates["time_estimates"]:
-        t.add_row(e["node"], e["rule"], _fmt(e["time_ms"], ".3f"), _fmt(e["saved_ms_estimate"], ".3f"))
-    out.print(t)
+    show([Column("node", "name"), Column("rule"), Column("time ms", "num"), Column("saved ms (est.)", "num")],
+         [[e["node"], e["rule"], _fmt(e["time_ms"], ".3f"), _fmt(e["saved_ms_estimate"], ".3f")]
+          for e in estimates["time_estimates"]], title="expected time saved (estimate: measured time × MAC saving)")
     saved = [e["saved_ms_estimate"] for e in estimates["time_estimates"] if e["saved_ms_estimate"] is not None]
     if saved:
         out.print(f"estimated total: {sum(saved):.3f} ms of the model's {p['time_ms']:.3f} ms (median, profiled)")
@@ -141,6 +136,8 @@ def _render_estimates(estimates: dict) -> None:
               "--threads/--provider) and show each change's expected time saved: an estimate, the conv's measured "
               "time × its MAC saving.")
 @json_option
+@wide_option
+@shows_progress
 def rewrite_command(model, rules, params, nodes, exclude, kinds, min_macs, input_shapes, calib, no_verify, atol, rtol,
                     min_cosine, bench, runs, threads, provider, output, in_place, keep_failed, dry_run, explain, probe,
                     as_json, profiled=False, **kw) -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from rich.table import Table
-
 from ..registry import all_rules
 from . import cli
-from .common import emit_json, json_option, out
+from .common import emit_json, json_option
+from .tables import Column, show
 
 
 def _exactness(rule) -> str:
@@ -25,10 +24,6 @@ def rules_command(as_json: bool) -> None:
                     "params": [{"name": p.name, "default": p.default, "help": p.help} for p in r.params]}
                    for r in rules.values()])
         return
-    table = Table(title="convgraph rules")
-    for col in ("rule", "exact", "summary", "params (default)"):
-        table.add_column(col)
-    for r in rules.values():
-        params = "\n".join(f"{p.name}={p.default}: {p.help}" for p in r.params) or "-"
-        table.add_row(r.name, _exactness(r), r.summary, params)
-    out.print(table)
+    show([Column("rule"), Column("exact"), Column("summary"), Column("params (default)")],
+         [(r.name, _exactness(r), r.summary, "\n".join(f"{p.name}={p.default}: {p.help}" for p in r.params) or "-")
+          for r in rules.values()], title="convgraph rules")

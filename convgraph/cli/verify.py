@@ -7,13 +7,15 @@ import math
 from pathlib import Path
 
 import click
-from rich.table import Table
+from rich.text import Text
 
 from ..errors import CheckFailed, UsageError
 from ..verify import VerifyReport, verify
 from . import cli
 from .common import (
     emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, out, provider_option, warn)
+from .progress import shows_progress
+from .tables import Column, show, wide_option
 
 
 def _num(v: float | None, fmt: str = ".3g") -> str:
@@ -36,34 +38,40 @@ def _tensor_map(path: str | None) -> dict[str, str] | None:
     return data
 
 
-def _metrics_table(title: str, metrics: dict) -> Table:
-    t = Table(title=title, title_justify="left")
-    for col in ("output", "shape", "max abs", "max rel", "mean abs", "cosine", "SNR dB", "top-1", "min atol",
-                "min rtol", ""):
-        t.add_column(col, justify="left" if col in ("output", "shape", "") else "right")
+#: The metrics table; at narrow widths the droppable columns go, lowest rank first.
+_METRIC_COLUMNS = (
+    Column("output", "name"), Column("shape", "num", "left", drop=6), Column("max abs", "num"),
+    Column("max rel", "num", drop=4), Column("mean abs", "num", drop=5), Column("cosine", "num"),
+    Column("SNR dB", "num", drop=7), Column("top-1", "num", drop=3), Column("min atol", "num", drop=2),
+    Column("min rtol", "num", drop=1), Column(""),
+)
+
+
+def _metrics_table(title: str, metrics: dict) -> None:
+    rows = []
     for name, m in metrics.items():
         verdict = ("[green]ok[/green]" if m.passed else "[yellow]INCONCLUSIVE[/yellow]" if m.inconclusive
                    else "[red]FAIL[/red]")
         if m.degenerate_samples and m.samples > 1:
             verdict += f" ({len(m.degenerate_samples)}/{m.samples} uninformative)"
         if m.error:
-            t.add_row(name, "x".join(map(str, m.shape or ())), *["-"] * 8, f"{verdict} {m.error}")
+            rows.append((name, "x".join(map(str, m.shape or ())), *["-"] * 8, Text.from_markup(f"{verdict} {m.error}")))
             continue
-        t.add_row(name, "x".join(map(str, m.shape or ())), _num(m.max_abs_err), _num(m.max_rel_err),
-                  _num(m.mean_abs_err), _num(m.cosine, ".6f"), _num(m.snr_db, ".1f"),
-                  "-" if m.top1 is None else f"{m.top1:.0%}", _num(m.min_atol), _num(m.min_rtol),
-                  verdict + (f" ({m.nan} NaN)" if m.nan else ""))
-    return t
+        rows.append((name, "x".join(map(str, m.shape or ())), _num(m.max_abs_err), _num(m.max_rel_err),
+                     _num(m.mean_abs_err), _num(m.cosine, ".6f"), _num(m.snr_db, ".1f"),
+                     "-" if m.top1 is None else f"{m.top1:.0%}", _num(m.min_atol), _num(m.min_rtol),
+                     Text.from_markup(verdict + (f" ({m.nan} NaN)" if m.nan else ""))))
+    show(_METRIC_COLUMNS, rows, title=title)
 
 
 def render(report: VerifyReport) -> None:
     """The human-readable report on stdout."""
     out.print(f"inputs: {report.inputs}; provider {report.provider}; tolerance {report.tolerance.describe()}")
-    out.print(_metrics_table("candidate vs reference (onnxruntime)", report.outputs))
+    _metrics_table("candidate vs reference (onnxruntime)", report.outputs)
     ev = report.reference_evaluator
     if ev:
-        out.print(_metrics_table("onnxruntime vs onnx.reference, reference model", ev["reference"]))
-        out.print(_metrics_table("candidate (onnxruntime) vs onnx.reference on the reference model", ev["candidate"]))
+        _metrics_table("onnxruntime vs onnx.reference, reference model", ev["reference"])
+        _metrics_table("candidate (onnxruntime) vs onnx.reference on the reference model", ev["candidate"])
     loc = report.localization
     if loc is not None:
         where = f"sample {loc.sample}, {loc.compared} shared intermediate tensors compared"
@@ -109,6 +117,8 @@ def render(report: VerifyReport) -> None:
 @provider_option
 @click.option("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's).")
 @json_option
+@wide_option
+@shows_progress
 def verify_command(reference, candidate, input_shapes, atol, rtol, min_cosine, localize, tensor_map,
                    reference_evaluator, provider, threads, as_json, **kw) -> None:
     """Run REFERENCE and CANDIDATE on the same inputs and compare their outputs.
