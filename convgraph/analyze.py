@@ -451,6 +451,8 @@ def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
             if rule.match(rec, ctx) is not None:
                 continue
             macs_after, params_after, kind_after = rule.estimate(rec, params)
+            if rule.makes_dearer(params, rec.macs, macs_after):
+                continue
             rec.rewrites.append(RewriteOption(rule.name, dict(params), exact, macs_after, params_after, kind_after))
 
 

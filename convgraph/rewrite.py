@@ -173,14 +173,13 @@ def _drop_orphans(graph: ConvGraph, tensors: set[str]) -> None:
             todo.extend(inputs)
 
 
-def _adds_macs(rec: ConvRecord, macs: int | None) -> str | None:
-    if macs is not None and rec.macs is not None and macs > rec.macs:
+def _dearer(rule: Rule, params: dict, rec: ConvRecord, macs: int | None) -> str | None:
+    if rule.makes_dearer(params, rec.macs, macs):
         return (f"would add MACs ({rec.macs:,} → {macs:,}), which an approximate rule is not for; "
                 f"name the node with --nodes to rewrite it anyway")
     return None
 
 
-@staged(lambda cg, rule, *_: f"applying {rule.name}")
 def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report: RewriteReport,
            dry_run: bool, calibration: dict | None, checks: "dict[int, regions.Region | str] | None") -> None:
     """One pass of ``rule`` over every selected conv of every (sub)graph; ``checks`` (when the result will be
@@ -192,7 +191,7 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
         records.setdefault(r.graph, {})[r.node_id] = r
     consumed: set[tuple[str, str]] = set()
     # an approximate rule that would make a conv dearer is not applied unless the user named the node
-    guard_macs = rule.saves_macs and not rule.is_exact(params) and not selection.nodes
+    guard_macs = not selection.nodes
     for rec in analysis.convs:
         label = rec.name or rec.node_id
         if (rec.graph, rec.node_id) in consumed:
@@ -204,12 +203,12 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
             why = rule.match(rec, ctx)
         estimate = rule.estimate(rec, params) if why is None and rule.estimate is not None else None
         if why is None and guard_macs and estimate is not None:
-            why = _adds_macs(rec, estimate[0])
+            why = _dearer(rule, params, rec, estimate[0])
         rep = None
         if why is None and not dry_run:
             rep = rule.build(rec, ctx, params)
             if guard_macs:
-                why = _adds_macs(rec, rep.macs_after)
+                why = _dearer(rule, params, rec, rep.macs_after)
         report.explain.append(Explanation(label, rule.name, why is None, why or "applies"))
         if why is not None:
             continue

@@ -66,6 +66,12 @@ class Rule:
     def is_exact(self, params: dict) -> bool:
         return self.exact(params) if callable(self.exact) else bool(self.exact)
 
+    def makes_dearer(self, params: dict, macs_before: "int | None", macs_after: "int | None") -> bool:
+        """Whether this is an approximation for speed that would add MACs: the engine leaves such a conv alone
+        unless the user names it, and the analyzer does not offer it."""
+        return (self.saves_macs and not self.is_exact(params) and macs_before is not None and macs_after is not None
+                and macs_after > macs_before)
+
     def resolve_params(self, given: dict[str, str]) -> dict[str, Any]:
         """Defaults overlaid with ``given`` (strings parsed); UsageError on an unknown or bad value."""
         known = {p.name: p for p in self.params}
