@@ -22,10 +22,12 @@ model-level error, fit it on calibration data, and prove the result on held-out 
 
 from __future__ import annotations
 
+import io
 import math
-import re
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import networkx as nx
@@ -34,9 +36,10 @@ import onnx
 
 from .analyze import analyze
 from .calibrate import Calibration, calibratable, calibrate
-from .errors import UsageError
+from .errors import CheckFailed, UsageError
 from .graph import ConvGraph, load
 from .inputs import InputSet, make_inputs
+from .io import atomic_write_bytes, check_output_path
 from .record import ConvRecord
 from .registry import get_rule
 from .rewrite import Selection, rewrite
@@ -140,7 +143,7 @@ class OptimizeReport:
     measured_ms: float
     speedup: float
     metric_value: float
-    passed: bool
+    passed: bool  # a rewritten model, within the budget and faster than the original, is returned
     chosen: list[Choice] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
     sequence: list[Step] = field(default_factory=list)
@@ -149,15 +152,35 @@ class OptimizeReport:
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def best_metric(self) -> float | None:
+        """The best held-out metric of any rewritten prefix built (None when none was built)."""
+        return max((p.metric for p in self.points), default=None)
+
+    @property
+    def best_speedup(self) -> float | None:
+        """The best measured speed-up of any prefix built, within the budget or not."""
+        return max((p.speedup for p in self.points if p.speedup is not None), default=None)
+
+    def reached(self) -> str:
+        """What the search got to, for a run that did not meet its budget."""
+        if not self.points:
+            return "no rewrite was built (no candidate saves measured time)"
+        fast = max(self.points, key=lambda p: p.speedup or 0.0)
+        return (f"best held-out {self.metric} of a rewritten model {self.best_metric:.6g} (budget {self.budget:g}); "
+                f"best speed-up {self.best_speedup:.2f}× (at {self.metric} {fast.metric:.6g})")
+
     def summary(self) -> str:
+        if not self.passed:
+            return f"no faster model within the budget: {self.reached()}; the model is returned unchanged"
         return (f"{len(self.chosen)} conv(s) rewritten: {self.baseline_ms:.2f} ms → {self.measured_ms:.2f} ms "
                 f"measured ({self.speedup:.2f}×; predicted {self.predicted_ms:.2f} ms), held-out {self.metric} "
-                f"{self.metric_value:.6g} (budget {self.budget:g}): {'PASS' if self.passed else 'FAIL'}")
+                f"{self.metric_value:.6g} (budget {self.budget:g}): PASS")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["candidates"] = [c.to_dict() for c in self.candidates]
-        d["summary"] = self.summary()
+        d.update(summary=self.summary(), best_metric=self.best_metric, best_speedup=self.best_speedup)
         return d
 
 
@@ -305,12 +328,41 @@ def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str
     return out
 
 
-def _select_regex(nodes: Iterable[str]) -> str:
-    return "^(?:" + "|".join(re.escape(n) for n in nodes) + ")$"
+def _unique_names(cg: ConvGraph) -> dict[str, str]:
+    """Name every main-graph op after its node id where the two differ (unnamed ops, repeated names), so
+    that ids survive rewriting and reloading (an unnamed op's id is its position, a repeated name's its
+    rank among the repeats: both move when other nodes are rewritten). Edits ``cg``; returns id → the
+    original name, for :func:`_restore_names`."""
+    renamed = {}
+    for nid in cg.ops():
+        proto = cg.node(nid)
+        if proto.name != nid:
+            renamed[nid] = proto.name
+            proto.name = nid
+    if renamed:
+        cg.dirty = True
+    return renamed
+
+
+def _restore_names(model: onnx.ModelProto, renamed: Mapping[str, str]) -> onnx.ModelProto:
+    """Give the ops :func:`_unique_names` renamed, and that survive in ``model``, their names back."""
+    for n in model.graph.node:
+        if n.name in renamed:
+            n.name = renamed[n.name]
+    return model
 
 
 def _apply(model: onnx.ModelProto, plan: Mapping[str, tuple[str, dict]], *, calibration, input_shapes):
-    """``model`` with each conv of ``plan`` rewritten by its (rule, params); returns (model, changes)."""
+    """``model`` with each conv of ``plan`` (node id → (rule, params)) rewritten; returns (model, changes).
+
+    The plan's ids must be the names of its convs, once each (:func:`_unique_names`); what the engine
+    applied is compared with the plan, and a difference is an error naming the nodes."""
+    names = {}
+    for n in model.graph.node:
+        names[n.name] = names.get(n.name, 0) + 1
+    unnamed = sorted(n for n in plan if names.get(n) != 1)
+    if unnamed:
+        raise UsageError(f"plan names node(s) that are not one uniquely named op of the model: {', '.join(unnamed)}")
     groups: dict[tuple[str, str], list[str]] = {}
     for node, (rule, params) in plan.items():
         groups.setdefault((rule, repr(sorted(params.items()))), []).append(node)
@@ -318,8 +370,18 @@ def _apply(model: onnx.ModelProto, plan: Mapping[str, tuple[str, dict]], *, cali
     for (rule, _), nodes in groups.items():
         params = plan[nodes[0]][1]
         res = rewrite(model, [rule], params={k: str(v) for k, v in params.items()},
-                      selection=Selection(nodes=_select_regex(nodes)), input_shapes=input_shapes, verify=False,
+                      selection=Selection(node_ids=frozenset(nodes)), input_shapes=input_shapes, verify=False,
                       calibration=calibration)
+        applied = [c.node for c in res.report.changes if c.rule == rule]
+        missing = sorted(set(nodes) - set(applied))
+        extra = sorted(set(c.node for c in res.report.changes) - set(nodes))
+        if missing or extra or len(applied) != len(nodes):
+            why = {e.node: e.reason for e in res.report.explain if e.node in missing and not e.applies}
+            raise CheckFailed("the rewrite differs from the plan: " + "; ".join(
+                [f"{rule} not applied to {n} ({why.get(n, 'no reason given')})" for n in missing]
+                + [f"{n} rewritten though not planned for {rule}" for n in extra]
+                + ([f"{rule} applied {len(applied)} time(s) to {len(nodes)} planned node(s)"]
+                   if not (missing or extra) else [])))
         model = res.model
         changes += res.report.changes
     return model, changes
@@ -548,6 +610,9 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         for share in shares or ():
             get_rule(r).resolve_params({"rank": str(share)})  # UsageError now, not after the calibration
     cg = load(model, input_shapes, probe=True)  # timing a layer needs its shapes: measure what inference lost
+    records = [r for r in analyze(cg, rewrites=False).convs
+               if not r.graph and selection.why_not(r) is None]
+    renamed = _unique_names(cg)  # plans go by node id: ids must survive rewriting (names restored at the end)
     original = cg.to_model()
     label = "<model>" if isinstance(model, (bytes, onnx.ModelProto, ConvGraph)) else str(model)
 
@@ -571,8 +636,6 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     fit_set = _subset(calib_set, [i for i in range(len(calib_set)) if i not in probe_idx], calib_set.describe)
     judge_probe = Judge(original, [calib_set[i] for i in probe_idx], metric, provider, None, tensors)
 
-    records = [r for r in analyze(cg, rewrites=False).convs
-               if not r.graph and selection.why_not(r) is None]
     from .bench import bench
 
     base = bench(original, runs=bench_runs, warmup=3, provider=provider, threads=threads,
@@ -663,15 +726,14 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         model=label, metric=metric, budget=budget, rules=list(rules), provider=provider, threads=threads,
         calibration=calib_set.describe, heldout=held_set.describe, judged=list(judge_held.names),
         baseline_ms=baseline_ms, predicted_ms=predicted,
-        measured_ms=measured, speedup=speedup, metric_value=value, passed=bool(passing) or not steps,
+        measured_ms=measured, speedup=speedup, metric_value=value, passed=bool(chosen),
         chosen=chosen, candidates=list(cands), sequence=steps, points=sorted(points, key=lambda p: p.steps),
         outputs=per, seconds=seconds, notes=notes)
-    return final, report
+    return _restore_names(final, renamed), report
 
 
 # ---- the plot --------------------------------------------------------------------------------------------------
-def plot_pareto(report: OptimizeReport, path) -> None:
-    """A PNG of the error–latency front: the greedy sequence as predicted, and the prefixes as measured."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -679,6 +741,33 @@ def plot_pareto(report: OptimizeReport, path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'convgraph[plot]'") from None
+    return plt
+
+
+def check_plot_path(path, model=None, output=None) -> Path:
+    """Refuse (UsageError) a plot path before any work: matplotlib missing, a format it cannot write, the
+    input model or the output model, a folder or a missing folder (:func:`convgraph.io.check_output_path`)."""
+    p = Path(os.fspath(path))
+    for other, what in ((model, "the input model"), (output, "the output model")):
+        if other is not None and p.resolve() == Path(os.fspath(other)).resolve():
+            raise UsageError(f"--plot {p} is {what}; give the plot a file of its own")
+    check_output_path(p, model)  # also a hard link to the input, a folder, a missing folder
+    fmt = p.suffix[1:].lower()
+    _pyplot()
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if fmt not in formats:
+        raise UsageError(f"--plot {p}: matplotlib cannot write {'.' + fmt if fmt else 'files without an extension'}; "
+                         f"name a .png (or {', '.join('.' + f for f in sorted(formats) if f != 'png')})")
+    return p
+
+
+def plot_pareto(report: OptimizeReport, path) -> None:
+    """A picture of the error–latency front (format from the file's extension, written atomically): the
+    greedy sequence as predicted, and the prefixes as measured."""
+    path = check_plot_path(path)
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     floor = 1e-6
     if report.sequence:
@@ -706,5 +795,7 @@ def plot_pareto(report: OptimizeReport, path) -> None:
     ax.legend(fontsize=7, loc="best", framealpha=0.6)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix[1:].lower())
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

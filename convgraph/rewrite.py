@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import onnx
@@ -41,9 +41,12 @@ class Selection:
     exclude: str | None = None
     kinds: Sequence[str] = ()
     min_macs: int | None = None
+    node_ids: Collection[str] | None = None  # exact node ids (names can repeat; ids cannot), as plans give them
 
     def why_not(self, rec: ConvRecord) -> str | None:
         """None when ``rec`` is selected, else the reason it is not."""
+        if self.node_ids is not None and rec.node_id not in self.node_ids:
+            return "node id not in the selected ids"
         label = rec.name or rec.node_id
         if self.nodes and not re.search(self.nodes, label):
             return f"name does not match --nodes {self.nodes!r}"

@@ -149,7 +149,8 @@ def test_a_model_no_faster_than_the_original_is_not_returned(models_dir, monkeyp
                              ranks=(1,), **FAST)
     assert len(report.sequence) > 1 and len(report.points) >= 2  # the search, then a shorter prefix
     assert min(p.steps for p in report.points) < max(p.steps for p in report.points)
-    assert not report.chosen and report.speedup == 1.0 and report.passed
+    assert not report.chosen and report.speedup == 1.0 and not report.passed  # nothing faster: a failed run
+    assert report.best_speedup == pytest.approx(0.9) and "best speed-up 0.90×" in report.summary()
     assert any("no prefix within the budget ran faster" in n for n in report.notes)
     assert any("also built the prefixes of" in n for n in report.notes)
     assert [n.name for n in model.graph.node] == [n.name for n in onnx.load(path).graph.node]
@@ -174,8 +175,10 @@ def test_an_unreachable_budget_returns_the_model_unchanged(models_dir):
     calib = smooth_feeds(4, 4)
     model, report = optimize(models_dir / "sample.onnx", calib, calib[:2], budget=1.0, rules=["separable"],
                              ranks=(1,), **FAST)
-    assert not report.chosen and report.metric_value == 1.0 and report.speedup == 1.0
+    assert not report.chosen and report.metric_value == 1.0 and report.speedup == 1.0 and not report.passed
     assert report.notes and "unchanged" in report.notes[0]
+    assert report.best_metric == max(p.metric for p in report.points) < 1.0
+    assert report.summary().startswith("no faster model within the budget: best held-out cosine of a rewritten")
     before = load(models_dir / "sample.onnx").to_model()
     assert [n.name for n in model.graph.node] == [n.name for n in before.graph.node]
 
@@ -269,3 +272,117 @@ def test_needs_shorter_when_not_faster_or_latency_is_not_additive():
     assert needs_shorter(point(8.0, 10.5, 0.95))  # slower than the original
     assert needs_shorter(point(8.0, 9.2, 1.09))  # faster, but 15% off its prediction (on a GPU: 3.22 vs 2.60 ms)
     assert not needs_shorter(point(8.0, 8.7, 1.15))  # within 10%
+
+
+def twin_convs(path):
+    """x → Conv "conv" → Relu → Conv "conv" → y: two convs named alike (node ids conv, conv_1)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal(s).astype(np.float32) * 0.3 for s in ((8, 3, 3, 3), (8, 8, 3, 3)))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name=""),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "twins", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_plans_apply_by_node_id_when_convs_share_a_name(tmp_path):
+    """A plan for the second of two convs named "conv" rewrites that one only (a name regex got both or
+    neither); the applied changes are checked against the plan."""
+    from convgraph.errors import CheckFailed
+    from convgraph.optimize import _apply, _unique_names
+
+    cg = load(twin_convs(tmp_path / "twins.onnx"))
+    convs = [n for n in cg.ops() if cg.node(n).op_type == "Conv"]
+    assert convs == ["conv", "conv_1"]
+    renamed = _unique_names(cg)
+    assert renamed == {"conv_1": "conv", "Relu_1": ""}
+    model = cg.to_model()
+    new, changes = _apply(model, {"conv_1": ("separable", {"rank": 1})}, calibration=None, input_shapes=None)
+    assert [c.node for c in changes] == ["conv_1"]
+    ops = [(n.op_type, n.name) for n in new.graph.node]
+    assert ops[0] == ("Conv", "conv") and ops[1][0] == "Relu" and len(ops) == 4  # conv_1 became two convs
+    assert all(name.startswith("conv_1") for _, name in ops[2:])
+    # a plan the engine cannot carry out is an error naming the node, not a silent partial rewrite
+    with pytest.raises(CheckFailed, match=r"differs from the plan: fold-bn not applied to conv_1 \("):
+        _apply(model, {"conv": ("separable", {"rank": 1}), "conv_1": ("fold-bn", {})},
+               calibration=None, input_shapes=None)
+    # a plan naming a node that is not one uniquely named op
+    with pytest.raises(UsageError, match="not one uniquely named op of the model: conv"):
+        _apply(load(tmp_path / "twins.onnx").to_model(), {"conv": ("separable", {"rank": 1})}, calibration=None,
+               input_shapes=None)
+
+
+def test_optimize_a_model_with_convs_named_alike_keeps_their_names(tmp_path):
+    path = twin_convs(tmp_path / "twins.onnx")
+    feeds = smooth_feeds(10, 11, shape=(1, 3, 16, 16))
+    model, report = optimize(path, feeds[:8], feeds[8:], budget=0.01, rules=["separable"], ranks=(1,), **FAST)
+    assert {c.node for c in report.candidates} == {"conv", "conv_1"}
+    onnx.checker.check_model(model, full_check=True)
+    names = [n.name for n in model.graph.node]
+    # the ops left untouched keep their original names (the Relu stays unnamed)
+    assert "" in names and names.count("conv") == (0 if "conv" in {c.node for c in report.chosen} else 1)
+
+
+def test_cli_optimize_that_cannot_meet_its_budget_exits_1_and_says_what_it_reached(models_dir, tmp_path, capsys):
+    np.savez(tmp_path / "calib.npz", x=np.concatenate([f["x"] for f in smooth_feeds(4, 4)]))
+    out = tmp_path / "opt.onnx"
+    args = ["optimize", str(models_dir / "sample.onnx"), "--calib", str(tmp_path / "calib.npz"), "--heldout",
+            str(tmp_path / "calib.npz"), "--budget", "1.0", "--rules", "separable", "--ranks", "1", "--max-evals",
+            "1", "-o", str(out)]
+    assert main(args) == 1
+    cap = capsys.readouterr()
+    assert "best held-out cosine of a rewritten model 0.9" in cap.err and "best speed-up" in cap.err
+    assert f"{out} not written" in cap.err.splitlines()[-1]
+    assert not out.exists()
+    assert main(args + ["--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["passed"] is False and doc["output"] is None and doc["best_metric"] < 1.0 and doc["best_speedup"]
+
+
+@pytest.mark.parametrize("plot, message", [
+    ("front.onnx", "matplotlib cannot write .onnx"),
+    ("front", "matplotlib cannot write files without an extension"),
+    ("{model}", "is the input model"),
+    ("{out}", "is the output model"),
+    ("missing/front.png", "output folder does not exist"),
+])
+def test_cli_optimize_refuses_a_bad_plot_path_before_any_work(models_dir, tmp_path, capsys, monkeypatch, plot,
+                                                               message):
+    import convgraph.optimize as opt
+
+    def never(*a, **kw):
+        raise AssertionError("the search ran before --plot was checked")
+
+    monkeypatch.setattr(opt, "load", never)
+    model = tmp_path / "m.onnx"
+    model.write_bytes((models_dir / "sample.onnx").read_bytes())
+    out = tmp_path / "opt.onnx"
+    plot = tmp_path / plot.format(model="m.onnx", out="opt.onnx")
+    code = main(["optimize", str(model), "--calib", str(tmp_path), "--plot", str(plot), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert model.read_bytes() == (models_dir / "sample.onnx").read_bytes() and not out.exists()
+
+
+def test_plot_is_written_atomically_in_the_format_its_name_says(models_dir, tmp_path, monkeypatch):
+    calib = smooth_feeds(6, 12)
+    _, report = optimize(models_dir / "sample.onnx", calib[:4], calib[4:], budget=0.5, rules=["separable"],
+                         ranks=(1,), **FAST)
+    plot_pareto(report, tmp_path / "front.svg")
+    assert b"<svg" in (tmp_path / "front.svg").read_bytes()[:500]
+    png = tmp_path / "front.png"
+    png.write_bytes(b"old")
+
+    def broken(path, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("convgraph.optimize.atomic_write_bytes", broken)
+    with pytest.raises(OSError):
+        plot_pareto(report, png)
+    assert png.read_bytes() == b"old"  # matplotlib never wrote to the file itself

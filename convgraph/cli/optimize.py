@@ -7,7 +7,8 @@ from rich.table import Table
 
 from ..errors import UsageError
 from ..io import check_output_path, write_model
-from ..optimize import DEFAULT_RANKS, DEFAULT_RULES, METRICS, OptimizeReport, optimize, plot_pareto
+from ..optimize import (
+    DEFAULT_RANKS, DEFAULT_RULES, METRICS, OptimizeReport, check_plot_path, optimize, plot_pareto)
 from ..rewrite import Selection
 from . import cli
 from .common import (
@@ -80,6 +81,8 @@ def optimize_command(model, calib, heldout, budget, metric, rules, ranks, shares
                      in_place, as_json) -> None:
     """Rewrite MODEL's convs for speed within an error budget, fitted on calibration data (--calib)."""
     check_output_path(output, model, in_place)
+    if plot:
+        check_plot_path(plot, model, output)  # before the search: a bad --plot must not cost a whole run
     if not rules:
         raise UsageError("--rules is empty")
     if not ranks or min(ranks) < 1:
@@ -106,11 +109,18 @@ def optimize_command(model, calib, heldout, budget, metric, rules, ranks, shares
     finally:
         if status is not None:
             status.stop()
-    written = str(write_model(new, output, input_path=model, in_place=in_place))
+    # a run that found no faster model within the budget returns the original: nothing worth writing
+    written = str(write_model(new, output, input_path=model, in_place=in_place)) if report.passed else None
     if plot:
         plot_pareto(report, plot)
     if as_json:
         emit_json({**report.to_dict(), "output": written, "plot": plot})
     else:
         render(report)
-        out.print(f"wrote {written}" + (f"; plot {plot}" if plot else ""))
+        if written:
+            out.print(f"wrote {written}" + (f"; plot {plot}" if plot else ""))
+        elif plot:
+            out.print(f"wrote plot {plot}")
+    if not report.passed:
+        err.print(f"convgraph: optimize: {report.reached()}; {output} not written", markup=False)
+        raise click.exceptions.Exit(1)
