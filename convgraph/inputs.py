@@ -138,18 +138,55 @@ class InputSet(Sequence):
         return {k: tuple(v.shape) for k, v in self[0].items()} if self._count else {}
 
 
+def image_layout(shape: Sequence[int], dtype: np.dtype) -> str | None:
+    """``"nchw"`` or ``"nhwc"`` when an input of this concrete shape and dtype looks like a batch of images
+    (4 dims, 1–4 channels, at least 8×8, float or uint8), else None."""
+    if len(shape) != 4 or not (np.dtype(dtype).kind == "f" or np.dtype(dtype) == np.uint8):
+        return None
+    if shape[1] <= 4 and min(shape[2], shape[3]) >= 8:
+        return "nchw"
+    if shape[3] <= 4 and min(shape[1], shape[2]) >= 8:
+        return "nhwc"
+    return None
+
+
 def random_inputs(specs: list[InputSpec], *, samples: int = 1, seed: int = 0,
-                  input_shapes: Mapping[str, Sequence[int]] | None = None) -> InputSet:
-    """``samples`` random input sets; sample ``i`` depends only on ``(seed, i)``."""
+                  input_shapes: Mapping[str, Sequence[int]] | None = None, mean=None, std=None) -> InputSet:
+    """``samples`` generated input sets; sample ``i`` depends only on ``(seed, i)``. Inputs that look like
+    images (:func:`image_layout`) get image-like pictures (:mod:`convgraph.synthetic`) in [0, 1] (uint8:
+    0–255), then ``(x - mean) / std`` per channel when given; others random values of their dtype."""
+    from .synthetic import natural_image
+
     shapes = {s.name: resolve_shape(s, input_shapes) for s in specs}
+    layouts = {s.name: image_layout(shapes[s.name], s.dtype) for s in specs}
     for s in specs:
         s.dtype  # noqa: B018 - fail early on types numpy cannot hold
+    norm = {}
+    for s in specs:
+        if layouts[s.name] and s.dtype.kind == "f":
+            c = shapes[s.name][1 if layouts[s.name] == "nchw" else 3]
+            norm[s.name] = (_floats(mean, "mean", c), _floats(std, "std", c))
+
+    def images(rng: np.random.Generator, s: InputSpec) -> np.ndarray:
+        n, *dims = shapes[s.name]
+        c, h, w = dims if layouts[s.name] == "nchw" else (dims[2], dims[0], dims[1])
+        batch = np.stack([natural_image(rng, c, h, w) for _ in range(n)])  # N C H W in [0, 1]
+        if s.dtype == np.uint8:
+            batch = np.round(batch * 255)
+        else:
+            m, d = norm[s.name]
+            batch = (batch - m[:, None, None]) / d[:, None, None]
+        if layouts[s.name] == "nhwc":
+            batch = batch.transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(batch, dtype=s.dtype)
 
     def make(i: int) -> Sample:
         rng = np.random.default_rng([seed, i])
-        return {s.name: random_array(rng, shapes[s.name], s.dtype) for s in specs}
+        return {s.name: images(rng, s) if layouts[s.name] else random_array(rng, shapes[s.name], s.dtype)
+                for s in specs}
 
-    return InputSet(samples, make, f"{samples} random sample{'s' * (samples != 1)} (seed {seed})", specs)
+    kind = "image-like" if any(layouts.values()) else "random"
+    return InputSet(samples, make, f"{samples} generated {kind} sample{'s' * (samples != 1)} (seed {seed})", specs)
 
 
 # ---- .npz -----------------------------------------------------------------------------------------
@@ -363,6 +400,15 @@ def image_inputs(folder, specs: list[InputSpec], *, image_size: Sequence[int] | 
 
 
 # ---- one entry point ------------------------------------------------------------------------------
+def _check_names(specs: list[InputSpec], input_shapes: Mapping[str, Sequence[int]] | None) -> None:
+    """Every name given a shape must be an input of the model (a typo is named, not taken for a missing shape)."""
+    names = [s.name for s in specs]
+    unknown = [k for k in (input_shapes or {}) if k not in names]
+    if unknown:
+        raise UsageError(f"--input-shape {unknown[0]}: the model has no input {unknown[0]!r}; its inputs: "
+                         f"{', '.join(names) or 'none'}")
+
+
 def make_inputs(model_or_specs, inputs=None, *, samples: int | None = None, seed: int = 0,
                 input_shapes: Mapping[str, Sequence[int]] | None = None, image_size: Sequence[int] | None = None,
                 mean=None, std=None, layout: str = "nchw") -> InputSet:
@@ -375,8 +421,9 @@ def make_inputs(model_or_specs, inputs=None, *, samples: int | None = None, seed
     specs = input_specs(model_or_specs) if isinstance(model_or_specs, onnx.ModelProto) else list(model_or_specs)
     if samples is not None and samples < 1:
         raise UsageError(f"--samples must be at least 1, got {samples}")
+    _check_names(specs, input_shapes)
     if inputs is None:
-        return random_inputs(specs, samples=samples or 1, seed=seed, input_shapes=input_shapes)
+        return random_inputs(specs, samples=samples or 1, seed=seed, input_shapes=input_shapes, mean=mean, std=std)
     if isinstance(inputs, InputSet):
         return inputs
     if isinstance(inputs, (str, os.PathLike)):

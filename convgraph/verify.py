@@ -22,216 +22,12 @@ from . import runtime
 from .errors import ModelError, UsageError
 from .graph import ConvGraph, load
 from .inputs import InputSpec, make_inputs, input_specs
+from .metrics import DEFAULT_ATOL, DEFAULT_RTOL, Accumulator, Metrics, Tolerance, compare  # noqa: F401 - re-exported
 
-DEFAULT_ATOL = 1e-4
-DEFAULT_RTOL = 1e-3
 #: Metadata key (in the rewritten model's ``metadata_props``) holding the rewrite engine's record.
 REWRITES_KEY = "convgraph.rewrites"
 #: Localization exposes intermediates in chunks of at most this many bytes per model and run.
 LOCALIZE_CHUNK_BYTES = 512 * 2**20
-TOPK = 5
-
-
-# ---- tolerance and metrics ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Tolerance:
-    """What passes: elementwise atol/rtol (polygraphy's rule), cosine similarity, or both.
-
-    Given only ``min_cosine``, the cosine alone decides (atol = rtol = 0 then only serve to report
-    the smallest tolerances that would pass); otherwise unset atol/rtol take the defaults.
-    """
-
-    atol: float
-    rtol: float
-    min_cosine: float | None
-    elementwise: bool
-
-    @classmethod
-    def make(cls, atol: float | None = None, rtol: float | None = None, min_cosine: float | None = None) -> "Tolerance":
-        for name, v in (("atol", atol), ("rtol", rtol)):
-            if v is not None and not (v >= 0 and math.isfinite(v)):
-                raise UsageError(f"--{name} must be a finite number >= 0, got {v}")
-        if min_cosine is not None and not -1 <= min_cosine <= 1:
-            raise UsageError(f"--min-cosine must be between -1 and 1, got {min_cosine}")
-        if min_cosine is not None and atol is None and rtol is None:
-            return cls(0.0, 0.0, float(min_cosine), False)
-        return cls(DEFAULT_ATOL if atol is None else float(atol), DEFAULT_RTOL if rtol is None else float(rtol),
-                   None if min_cosine is None else float(min_cosine), True)
-
-    def describe(self) -> str:
-        parts = [f"atol {self.atol:g}, rtol {self.rtol:g}"] if self.elementwise else []
-        if self.min_cosine is not None:
-            parts.append(f"cosine >= {self.min_cosine:g}")
-        return " and ".join(parts)
-
-
-@dataclass
-class Metrics:
-    """Differences between a reference tensor and a candidate tensor, over all samples compared."""
-
-    name: str
-    shape: tuple | None = None  # the reference's, first sample
-    dtype: str = ""
-    samples: int = 0
-    elements: int = 0
-    max_abs_err: float = 0.0
-    max_rel_err: float = 0.0
-    mean_abs_err: float = 0.0
-    max_abs_ref: float = 0.0  # largest |reference| element: the scale for scaled_err
-    scaled_err: float = 0.0  # max_abs_err / max_abs_ref: the "relative error" of exact-rewrite checks
-    cosine: float = 1.0
-    snr_db: float = math.inf
-    nan: int = 0  # elements that are NaN in either model (always failures)
-    mismatches: int = 0  # elements outside atol/rtol (NaN included)
-    min_atol: float = 0.0  # smallest atol that passes every element at the given rtol
-    min_rtol: float = 0.0  # smallest rtol that passes every element at the given atol
-    top1: float | None = None  # class-score-like outputs: fraction of rows with the same argmax
-    topk: float | None = None  # ... mean overlap of the top-k sets
-    k: int | None = None
-    passed: bool = True
-    error: str | None = None  # e.g. a shape mismatch: then nothing else is meaningful
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["shape"] = None if self.shape is None else list(self.shape)
-        return d
-
-
-class _Accumulator:
-    """Folds (reference, candidate) pairs of one tensor into :class:`Metrics`, sample by sample."""
-
-    def __init__(self, name: str, tol: Tolerance):
-        self.m, self.tol = Metrics(name), tol
-        self._sum_abs = self._dot = self._rr = self._cc = self._noise = 0.0
-        self._finite = 0
-        self._rows = self._top1 = 0
-        self._topk = 0.0
-
-    def update(self, ref: np.ndarray, cand: np.ndarray) -> bool:
-        """Add one sample; True when it is within tolerance."""
-        m, tol = self.m, self.tol
-        ref, cand = np.asarray(ref), np.asarray(cand)
-        if m.samples == 0:
-            m.shape, m.dtype = tuple(ref.shape), ref.dtype.name if ref.dtype == cand.dtype else f"{ref.dtype.name}/{cand.dtype.name}"
-        m.samples += 1
-        if ref.shape != cand.shape:
-            m.error = f"shape {list(cand.shape)} in the candidate, {list(ref.shape)} in the reference"
-            m.passed = False
-            return False
-        if ref.dtype.kind not in "fiubc" or cand.dtype.kind not in "fiubc":
-            m.error = f"non-numeric tensor ({ref.dtype.name}); compared for equality"
-            ok = bool(np.array_equal(ref, cand))
-            m.passed &= ok
-            return ok
-        r, c = ref.astype(np.float64, copy=False).ravel(), cand.astype(np.float64, copy=False).ravel()
-        m.elements += r.size
-        finite_ref = r[np.isfinite(r)]
-        if finite_ref.size:
-            m.max_abs_ref = max(m.max_abs_ref, float(np.abs(finite_ref).max()))
-        self._update_topk(ref, cand)
-        if ref.dtype == cand.dtype and np.array_equal(ref, cand):  # identical, NaN-free: the common case
-            rr = float(r @ r)
-            if math.isfinite(rr):
-                self._finite += r.size
-                self._dot, self._rr, self._cc = self._dot + rr, self._rr + rr, self._cc + rr
-                return True
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            d = c - r
-            absdiff = np.abs(d)
-            finite_all = bool(np.isfinite(absdiff).all())
-            if not finite_all:
-                absdiff[r == c] = 0.0  # equal infinities: no error
-            rel = absdiff / np.abs(r)  # x / 0 = inf
-            rel[absdiff == 0] = 0.0
-            if not finite_all:
-                rel[np.isinf(absdiff)] = np.inf
-        nan = np.isnan(absdiff) if not finite_all else None  # NaN in either model
-        nan_count = int(np.count_nonzero(nan)) if nan is not None else 0
-        bad = (absdiff > tol.atol) & (rel > tol.rtol)
-        if nan_count:
-            bad |= nan
-        mism = int(np.count_nonzero(bad))
-        m.nan += nan_count
-        m.mismatches += mism
-        fails = mism > 0 if tol.elementwise else nan_count > 0
-        a, rv = (absdiff, rel) if not nan_count else (absdiff[~nan], rel[~nan])
-        if a.size:
-            m.max_abs_err = max(m.max_abs_err, float(a.max()))
-            m.max_rel_err = max(m.max_rel_err, float(rv.max()))
-            self._sum_abs += float(a.sum())
-            need_atol = a[rv > tol.rtol]
-            need_rtol = rv[a > tol.atol]
-            m.min_atol = max(m.min_atol, float(need_atol.max()) if need_atol.size else 0.0)
-            m.min_rtol = max(m.min_rtol, float(need_rtol.max()) if need_rtol.size else 0.0)
-        if not finite_all:
-            keep = np.isfinite(r) & np.isfinite(c)
-            r, c, d = r[keep], c[keep], d[keep]
-        self._finite += r.size
-        self._dot += float(r @ c)
-        self._rr += float(r @ r)
-        self._cc += float(c @ c)
-        self._noise += float(d @ d)
-        ok = not fails
-        m.passed &= ok
-        return ok
-
-    def _update_topk(self, ref: np.ndarray, cand: np.ndarray) -> None:
-        shape = list(ref.shape)
-        while len(shape) > 2 and shape[-1] == 1:
-            shape.pop()
-        if ref.dtype.kind != "f" or len(shape) != 2 or shape[1] < 2 or shape[0] < 1:
-            return
-        r, c = ref.reshape(shape).astype(np.float64), cand.reshape(shape).astype(np.float64)
-        if np.isnan(r).any() or np.isnan(c).any():
-            return
-        k = min(TOPK, shape[1] - 1) or 1
-        self.m.k = k
-        self._rows += shape[0]
-        self._top1 += int(np.count_nonzero(r.argmax(1) == c.argmax(1)))
-        tr, tc = np.argpartition(-r, k - 1, axis=1)[:, :k], np.argpartition(-c, k - 1, axis=1)[:, :k]
-        self._topk += sum(len(set(a) & set(b)) / k for a, b in zip(tr.tolist(), tc.tolist()))
-
-    def result(self) -> Metrics:
-        m = self.m
-        if m.error is not None and m.elements == 0:
-            m.cosine, m.snr_db = math.nan, math.nan
-            return m
-        valid = m.elements - m.nan
-        m.scaled_err = m.max_abs_err / m.max_abs_ref if m.max_abs_ref else (0.0 if m.max_abs_err == 0 else math.inf)
-        m.mean_abs_err = self._sum_abs / valid if valid else math.nan
-        norm = math.sqrt(self._rr) * math.sqrt(self._cc)
-        if self._finite == 0:
-            m.cosine = math.nan
-        elif norm == 0:
-            m.cosine = 1.0 if self._rr == self._cc == 0 else 0.0
-        else:
-            m.cosine = max(-1.0, min(1.0, self._dot / norm))
-        if self._noise == 0:
-            m.snr_db = math.inf
-            if self._finite and self._rr > 0:
-                m.cosine = 1.0  # identical: no rounding in the ratio
-        else:
-            m.snr_db = 10 * math.log10(self._rr / self._noise) if self._rr > 0 else -math.inf
-        if self._rows:
-            m.top1, m.topk = self._top1 / self._rows, self._topk / self._rows
-        if self.tol.min_cosine is not None and not (m.cosine >= self.tol.min_cosine):
-            m.passed = False
-        if m.nan:
-            m.passed = False
-        return m
-
-
-def compare(reference, candidate, *, atol: float | None = None, rtol: float | None = None,
-            min_cosine: float | None = None, name: str = "") -> Metrics:
-    """Metrics of ``candidate`` against ``reference``: two arrays, or two equally long lists of arrays
-    (samples), with the same tolerance rules as :func:`verify`."""
-    acc = _Accumulator(name, Tolerance.make(atol, rtol, min_cosine))
-    many = isinstance(reference, (list, tuple))
-    if many and (not isinstance(candidate, (list, tuple)) or len(reference) != len(candidate)):
-        raise UsageError("compare: give two arrays or two lists of arrays of the same length")
-    for r, c in zip(reference, candidate) if many else [(reference, candidate)]:
-        acc.update(r, c)
-    return acc.result()
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -261,7 +57,7 @@ class Localization:
 
 @dataclass
 class VerifyReport:
-    """Outcome of :func:`verify`; ``passed`` is the verdict."""
+    """Outcome of :func:`verify`; ``passed`` is the verdict, ``verdict`` says why not."""
 
     passed: bool
     outputs: dict[str, Metrics]
@@ -275,6 +71,16 @@ class VerifyReport:
     reference_evaluator: dict | None = None  # {"reference": {out: Metrics}, "candidate": {...}, "passed": bool}
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def verdict(self) -> str:
+        """``passed``; ``failed`` when a difference was seen; ``inconclusive`` when an output's reference
+        says nothing on every sample (so no difference could be seen there) and nothing failed."""
+        if self.passed:
+            return "passed"
+        ev = (self.reference_evaluator or {}).get("candidate", {})
+        seen = [m for m in [*self.outputs.values(), *ev.values()] if not m.passed and not m.inconclusive]
+        return "failed" if seen else "inconclusive"
+
     def failures(self) -> list[str]:
         """Names of the outputs out of tolerance (against onnxruntime, then the evaluator)."""
         bad = [n for n, m in self.outputs.items() if not m.passed]
@@ -284,17 +90,29 @@ class VerifyReport:
 
     def summary(self) -> str:
         """One line: the verdict, the worst output, the first divergent node."""
+        n_s = f"{self.samples} sample{'s' * (self.samples != 1)}"
         if self.passed:
-            return f"within tolerance ({self.tolerance.describe()}) on {self.samples} sample{'s' * (self.samples != 1)}"
+            text = f"within tolerance ({self.tolerance.describe()}) on {n_s}"
+            skipped = {n: m for n, m in self.outputs.items() if m.degenerate_samples and not m.inconclusive}
+            if skipped:
+                text += "; " + ", ".join(f"{n}: {len(m.degenerate_samples)} sample(s) uninformative, not judged"
+                                        for n, m in skipped.items())
+            return text
+        if self.verdict == "inconclusive":
+            dead = [f"{n} ({m.degenerate_reason})" for n, m in self.outputs.items() if m.inconclusive]
+            return (f"inconclusive: the reference's output{'s' * (len(dead) > 1)} {'; '.join(dead)} on every one of the "
+                    f"{n_s} ({self.inputs}), so no difference could show; pass inputs like the model's real data "
+                    f"(--inputs DIR|FILE.npz with --image-size/--mean/--std)")
         parts = []
         for n, m in self.outputs.items():
-            if not m.passed:
-                detail = m.error or (f"max abs err {m.max_abs_err:.3g}, cosine {m.cosine:.6g}, "
+            if not m.passed and not m.inconclusive:
+                worst = f" (worst: sample {m.worst_sample})" if m.worst_sample is not None and m.samples > 1 else ""
+                detail = m.error or (f"max abs err {m.max_abs_err:.3g}, cosine {m.cosine:.6g}{worst}, "
                                      f"{m.mismatches} of {m.elements} elements out" + (f", {m.nan} NaN" if m.nan else ""))
                 parts.append(f"{n} ({detail})")
         if self.reference_evaluator:
             parts += [f"{n} vs onnx.reference (max abs err {m.max_abs_err:.3g})"
-                      for n, m in self.reference_evaluator["candidate"].items() if not m.passed]
+                      for n, m in self.reference_evaluator["candidate"].items() if not m.passed and not m.inconclusive]
         text = f"outside tolerance ({self.tolerance.describe()}): {'; '.join(parts)}"
         if self.first_divergent_node:
             text += f"; first divergent node: {self.first_divergent_node}"
@@ -309,6 +127,7 @@ class VerifyReport:
                   **{k: {n: m.to_dict() for n, m in self.reference_evaluator[k].items()} for k in ("reference", "candidate")}}
         return {
             "passed": self.passed,
+            "verdict": self.verdict,
             "outputs": {n: m.to_dict() for n, m in self.outputs.items()},
             "first_divergent_node": self.first_divergent_node,
             "first_divergent_origin": self.first_divergent_origin,
@@ -465,7 +284,7 @@ def _localize(ref_model, cand_model, ref_cg: ConvGraph, cand_cg: ConvGraph, ref_
             rv, cv = ref_vals.pop(r, None), cand_vals.pop(c, None)
             if not isinstance(rv, np.ndarray) or not isinstance(cv, np.ndarray):
                 continue  # sequences and maps are not compared
-            acc = _Accumulator(c, tol)
+            acc = Accumulator(c, tol)
             acc.update(rv, cv)
             m = acc.result()
             metrics[c] = m
@@ -552,8 +371,8 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
 
     rs, cs = runtime.create_session(ref_model, **run_opts), runtime.create_session(cand_model, **run_opts)
     evaluator = _evaluator(ref_model) if reference_evaluator else None
-    accs = {n: _Accumulator(n, tol) for n in out_names}
-    ev_accs = {k: {n: _Accumulator(n, tol) for n in out_names} for k in ("reference", "candidate")} if evaluator else None
+    accs = {n: Accumulator(n, tol) for n in out_names}
+    ev_accs = {k: {n: Accumulator(n, tol) for n in out_names} for k in ("reference", "candidate")} if evaluator else None
     first_bad: int | None = None
     for i in range(len(data)):
         sample = data[i]

@@ -42,7 +42,10 @@ def _metrics_table(title: str, metrics: dict) -> Table:
                 "min rtol", ""):
         t.add_column(col, justify="left" if col in ("output", "shape", "") else "right")
     for name, m in metrics.items():
-        verdict = "[green]ok[/green]" if m.passed else "[red]FAIL[/red]"
+        verdict = ("[green]ok[/green]" if m.passed else "[yellow]INCONCLUSIVE[/yellow]" if m.inconclusive
+                   else "[red]FAIL[/red]")
+        if m.degenerate_samples and m.samples > 1:
+            verdict += f" ({len(m.degenerate_samples)}/{m.samples} uninformative)"
         if m.error:
             t.add_row(name, "x".join(map(str, m.shape or ())), *["-"] * 8, f"{verdict} {m.error}")
             continue
@@ -82,7 +85,9 @@ def render(report: VerifyReport) -> None:
                             for i in loc.inputs)
             if ins:
                 out.print(f"  its inputs, within tolerance: {ins}")
-    out.print("[green]PASSED[/green]: " + report.summary() if report.passed else "[red]FAILED[/red]: " + report.summary())
+    label = {"passed": "[green]PASSED[/green]", "failed": "[red]FAILED[/red]",
+             "inconclusive": "[yellow]INCONCLUSIVE[/yellow]"}[report.verdict]
+    out.print(f"{label}: {report.summary()}")
 
 
 @cli.command("verify")
@@ -105,7 +110,9 @@ def verify_command(reference, candidate, input_shapes, atol, rtol, min_cosine, l
                    reference_evaluator, provider, threads, as_json, **kw) -> None:
     """Run REFERENCE and CANDIDATE on the same inputs and compare their outputs.
 
-    Exit 0 within tolerance, 1 outside, 2 for unusable models or arguments.
+    Exit 0 within tolerance, 1 outside or inconclusive (an output of the reference says nothing on every
+    input: pass real data with --inputs), 2 for unusable models or arguments. Cosine and SNR are judged
+    per sample: the worst counts.
     """
     data = input_data_kwargs(kw)
     report = verify(reference, candidate, input_shapes=input_shapes, atol=atol, rtol=rtol, min_cosine=min_cosine,
