@@ -151,6 +151,12 @@ class OptimizeReport:
     outputs: dict[str, dict] = field(default_factory=dict)  # held-out metrics per output (final model)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    quantile: float | None = None  # the budget holds on this share of the held-out samples (None: on every one)
+    excluded: dict[str, list[dict]] = field(default_factory=dict)  # per judged tensor: samples left out, and why
+
+    @property
+    def held_on(self) -> str:
+        return "worst sample" if self.quantile is None else f"{self.quantile:g} of the samples"
 
     @property
     def best_metric(self) -> float | None:
@@ -175,7 +181,7 @@ class OptimizeReport:
             return f"no faster model within the budget: {self.reached()}; the model is returned unchanged"
         return (f"{len(self.chosen)} conv(s) rewritten: {self.baseline_ms:.2f} ms → {self.measured_ms:.2f} ms "
                 f"measured ({self.speedup:.2f}×; predicted {self.predicted_ms:.2f} ms), held-out {self.metric} "
-                f"{self.metric_value:.6g} (budget {self.budget:g}): PASS")
+                f"{self.metric_value:.6g} on the {self.held_on} (budget {self.budget:g}): PASS")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -187,21 +193,43 @@ class OptimizeReport:
 # ---- metrics ----------------------------------------------------------------------------------------------
 class Judge:
     """The original model's outputs (or other ``tensors``) on a fixed input set, and the metric of a
-    candidate against them: the worst over the tensors."""
+    candidate against them, **per sample**: per tensor the worst informative sample (or, with ``quantile``
+    q, the value that a share q of them reach), and the worst tensor counts. A sample whose reference is
+    degenerate for the metric (:func:`convgraph.metrics.degenerate`: every value tiny, constant or
+    saturated; PP-OCR det's text map on a picture without text) is left out of that tensor's figures and
+    named in :attr:`excluded`; with ``strict`` a tensor with no informative sample is an error, else it
+    is judged on all samples pooled. ``names``: what to call the samples (default: their index)."""
 
     def __init__(self, model: onnx.ModelProto, feeds: Sequence[dict], metric: str, provider: str,
-                 threads: int | None, tensors: Sequence[str] | None = None):
+                 threads: int | None, tensors: Sequence[str] | None = None, *, quantile: float | None = None,
+                 names: Sequence[str] | None = None, strict: bool = True):
+        from .metrics import degenerate
+
         if metric not in METRICS:
             raise UsageError(f"--metric must be one of {', '.join(METRICS)}, not {metric!r}")
+        if quantile is not None and not 0.0 < quantile <= 1.0:
+            raise UsageError(f"--quantile is the share of held-out samples the budget must hold on, in (0, 1]; "
+                             f"got {quantile}")
         self.feeds, self.metric, self.provider, self.threads = list(feeds), metric, provider, threads
+        self.quantile = quantile
         if not self.feeds:
             raise UsageError("the held-out set is empty")
+        self.sample_names = list(names) if names is not None else [f"#{i}" for i in range(len(self.feeds))]
         self.names = list(tensors) if tensors else [o.name for o in model.graph.output]
         produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
         missing = [t for t in self.names if t not in produced]
         if missing:
             raise UsageError(f"no tensor {missing[0]!r} in the model to judge by")
         self.ref = self._outputs(model)
+        #: per tensor: (sample name, why its reference cannot show a difference), for the samples left out
+        self.excluded: dict[str, list[tuple[str, str]]] = {}
+        for n, refs in self.ref.items():
+            out = [(self.sample_names[i], why) for i, r in enumerate(refs) if (why := degenerate(r)) is not None]
+            if out and metric != "top1":
+                self.excluded[n] = out
+            if strict and metric != "top1" and len(out) == len(refs):
+                raise UsageError(f"the reference {n!r} says nothing on any held-out sample ({out[0][1]}, e.g. on "
+                                 f"sample {out[0][0]}): give held-out inputs on which it does (--heldout, --calib)")
 
     def _outputs(self, model: onnx.ModelProto) -> dict[str, list[np.ndarray]]:
         from .runtime import create_session, expose_tensors, run
@@ -213,25 +241,49 @@ class Judge:
                 outs[n].append(v)
         return outs
 
+    def _value(self, m, snr: bool = False) -> float:
+        """A tensor's :class:`~convgraph.metrics.Metrics` → the figure the budget is held on: the worst
+        informative sample, or the lower (1 − quantile) quantile; pooled when no sample is informative."""
+        vals = np.array([v for v in (m.sample_snr_db if snr else m.sample_cosine) if v is not None], np.float64)
+        if vals.size == 0:
+            return float(m.snr_db if snr else m.cosine)
+        if self.quantile is None:
+            return float(vals.min())
+        return float(np.quantile(vals, 1.0 - self.quantile, method="lower"))
+
     def judge(self, model: onnx.ModelProto) -> tuple[float, float, dict[str, dict]]:
-        """(metric, error, per-output metrics) of ``model`` against the original on these inputs."""
-        from .verify import compare
+        """(metric, error, per-tensor metrics with the per-sample distribution) of ``model`` against the
+        original on these inputs."""
+        from .metrics import compare
 
         got = self._outputs(model)
         per = {n: compare(self.ref[n], got[n], name=n) for n in self.names}
-        cos = min(m.cosine for m in per.values())
+        field_ = "sample_snr_db" if self.metric == "snr" else "sample_cosine"
+        cos = min(self._value(m) for m in per.values())
         err_cos = 1.0 - cos
         if self.metric == "cosine":
             value, error = cos, err_cos
         elif self.metric == "snr":
-            value = min(m.snr_db for m in per.values())
+            value = min(self._value(m, snr=True) for m in per.values())
             error = 10 ** (-value / 10) if math.isfinite(value) else 0.0
         else:
             tops = [m.top1 for m in per.values() if m.top1 is not None]
             if not tops:
                 raise UsageError("--metric top1 needs an output that looks like class scores ([N, classes])")
             value, error = min(tops), err_cos  # top-1 agreement is too coarse to rank by: cosine ranks
-        return value, error, {n: m.to_dict() for n, m in per.items()}
+        out = {}
+        for n, m in per.items():
+            d = m.to_dict()
+            vals = [v for v in getattr(m, field_) if v is not None]
+            d["distribution"] = {
+                "metric": "snr_db" if self.metric == "snr" else "cosine", "judged": len(vals),
+                "min": min(vals, default=None),
+                "p5": float(np.quantile(vals, 0.05, method="lower")) if vals else None,
+                "median": float(np.median(vals)) if vals else None,
+                "worst_sample": self.sample_names[m.worst_sample] if m.worst_sample is not None else None,
+                "excluded": [{"sample": s, "why": w} for s, w in self.excluded.get(n, [])]}
+            out[n] = d
+        return value, error, out
 
     def allowance(self, budget: float) -> float | None:
         """The error the budget allows, for predictions (None for top1: no error scale to predict with)."""
@@ -345,10 +397,11 @@ def _unique_names(cg: ConvGraph) -> dict[str, str]:
 
 
 def _restore_names(model: onnx.ModelProto, renamed: Mapping[str, str]) -> onnx.ModelProto:
-    """Give the ops :func:`_unique_names` renamed, and that survive in ``model``, their names back."""
+    """Make the ops :func:`_unique_names` named unnamed again; repeated names are not restored
+    (onnxruntime refuses a model with two nodes of one name)."""
     for n in model.graph.node:
-        if n.name in renamed:
-            n.name = renamed[n.name]
+        if renamed.get(n.name) == "":
+            n.name = ""
     return model
 
 
@@ -546,6 +599,22 @@ def _subset(data: InputSet, idx: Sequence[int], describe: str) -> InputSet:
     return InputSet(len(idx), lambda i: data[idx[i]], describe, data.specs)
 
 
+#: Fewer calibration (held-out) samples than this get a warning that says what it risks.
+FEW_CALIBRATION, FEW_HELDOUT = 16, 8
+
+
+def _few_samples(calibration: int, heldout: int) -> list[str]:
+    out = []
+    if calibration < FEW_CALIBRATION:
+        out.append(f"only {calibration} calibration sample(s): the fits see few activations (a layer with many "
+                   f"inputs per output can fit them and miss other data); give {FEW_CALIBRATION}+ varied ones "
+                   "(other scenes and sources than the held-out set)")
+    if heldout < FEW_HELDOUT:
+        out.append(f"the budget is checked on {heldout} held-out sample(s) only: it may not hold on other "
+                   f"inputs; give {FEW_HELDOUT}+ (--heldout), unlike the calibration set")
+    return out
+
+
 def _measure(original, cg, records, rules, ranks, shares, fit_set, judge: Judge, *, provider, threads, input_shapes,
              layer_runs: int, seconds: dict, say) -> list[Candidate]:
     """Phases 1–3: candidates, their one-layer latencies, and each one's error alone (fitted on ``fit_set``)."""
@@ -577,7 +646,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
              shares: Sequence[str] | None = None, selection: Selection | None = None, provider: str = "cpu", threads: int | None = 1,
              input_shapes: Mapping[str, Sequence[int]] | None = None, input_options: Mapping[str, Any] | None = None,
              tensors: Sequence[str] | None = None, measured: Sequence[Candidate] | None = None, probe: int = 8,
-             layer_runs: int = 30, bench_runs: int = 20, max_evals: int = 6,
+             layer_runs: int = 30, bench_runs: int = 20, max_evals: int = 6, quantile: float | None = None,
              progress=None) -> tuple[onnx.ModelProto, OptimizeReport]:
     """Rewrite the convs of ``model`` for the most measured speed within ``budget`` on held-out inputs.
 
@@ -592,7 +661,9 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     all). ``measured``: the candidates of an earlier run (``report.candidates``) on the same model, data,
     rules and metric, to try another budget without measuring them again. ``shares``: the ranks tried for
     the rules whose rank spans the whole layer (``low-rank``), as shares of the full rank (default
-    :data:`LAYER_RANK_SHARES`); ``ranks`` are the others'. ``max_evals``: prefixes built
+    :data:`LAYER_RANK_SHARES`); ``ranks`` are the others'. The budget holds per held-out sample: on the
+    worst one, or with ``quantile`` q on a share q of them (:class:`Judge`; samples whose reference is
+    degenerate are left out and named in the report). ``max_evals``: prefixes built
     and judged in the final search. ``progress``: a callable taking one-line status messages.
     Returns the optimized model (the original when nothing fits the budget) and the report.
     """
@@ -625,7 +696,13 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     else:
         held_set = _input_set(original, heldout, input_shapes, options, "held-out")
     # ``threads`` is for what is timed; runs that only compute (judging, calibration) use every core
-    judge_held = Judge(original, list(held_set), metric, provider, None, tensors)
+    if heldout is None:
+        held_names = [f"calibration sample {i}" for i in range(3, len(calib_set) + len(held_set), 4)]
+    else:
+        held_names = getattr(held_set, "names", None)
+    judge_held = Judge(original, list(held_set), metric, provider, None, tensors, quantile=quantile,
+                       names=held_names)
+    risks = _few_samples(len(calib_set), len(held_set))
     # candidates are fitted on most of the calibration set and their error measured on the rest (``probe``
     # samples spread over the set, so that they are like it): errors measured on the fitting data itself
     # flatter the fits that overfit
@@ -634,7 +711,8 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         raise UsageError("at least 2 calibration samples are needed (one to fit on, one to measure errors on)")
     probe_idx = sorted({int(i) for i in np.linspace(len(calib_set) - 1, 0, n_probe).round()})
     fit_set = _subset(calib_set, [i for i in range(len(calib_set)) if i not in probe_idx], calib_set.describe)
-    judge_probe = Judge(original, [calib_set[i] for i in probe_idx], metric, provider, None, tensors)
+    judge_probe = Judge(original, [calib_set[i] for i in probe_idx], metric, provider, None, tensors,
+                        quantile=quantile, strict=False)
 
     from .bench import bench
 
@@ -685,7 +763,14 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         tries -= 1
         passing = [b for b in built if b[0].passed]
     faster = [b for b in passing if b[0].speedup > 1.0]
-    notes = list(cg.warnings)  # what loading said (dynamic inputs, shapes probed)
+    notes = list(cg.warnings) + risks  # what loading said (dynamic inputs, shapes probed), too few samples
+    repeated = sorted(n for n, old in renamed.items() if old)
+    if repeated:
+        notes.append(f"{len(repeated)} op(s) shared a name with another (onnxruntime refuses such a model): the "
+                     f"result names them after their ids: {', '.join(repeated[:5])}{' …' if len(repeated) > 5 else ''}")
+    for name, out in judge_held.excluded.items():
+        notes.append(f"{len(out)} of {len(held_set)} held-out sample(s) left out of judging {name!r}, their "
+                     f"reference saying nothing to compare with: " + "; ".join(f"{s_} ({why})" for s_, why in out))
     if shorter:
         notes.append(f"latency did not follow the layers' measured savings (not faster than the original, or "
                      f"over {PREDICTION_SLACK - 1:.0%} slower than predicted): also built the prefixes of "
@@ -728,7 +813,8 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         baseline_ms=baseline_ms, predicted_ms=predicted,
         measured_ms=measured, speedup=speedup, metric_value=value, passed=bool(chosen),
         chosen=chosen, candidates=list(cands), sequence=steps, points=sorted(points, key=lambda p: p.steps),
-        outputs=per, seconds=seconds, notes=notes)
+        outputs=per, seconds=seconds, notes=notes, quantile=quantile,
+        excluded={n: [{"sample": s_, "why": w} for s_, w in out] for n, out in judge_held.excluded.items()})
     return _restore_names(final, renamed), report
 
 

@@ -39,6 +39,17 @@ def render(report: OptimizeReport) -> None:
                       f"{p.measured_ms:.2f}", f"{p.speedup:.2f}×",
                       f"{p.metric:.6g}", "yes" if p.passed else "no")
         out.print(t)
+    if report.outputs:
+        t = Table(title=f"held-out {report.metric} per sample, returned model (budget on the {report.held_on})",
+                  title_justify="left")
+        for col in ("tensor", "samples", "left out", "min", "5th pct", "median", "worst sample"):
+            t.add_column(col, justify="left" if col in ("tensor", "worst sample") else "right")
+        for name, m in report.outputs.items():
+            d = m.get("distribution") or {}
+            t.add_row(name, str(d.get("judged", "")), str(len(d.get("excluded", []))),
+                      *("" if d.get(k) is None else f"{d[k]:.6g}" for k in ("min", "p5", "median")),
+                      str(d.get("worst_sample") or ""))
+        out.print(t)
     for n in report.notes:
         warn(n)
     out.print(report.summary())
@@ -59,6 +70,8 @@ def render(report: OptimizeReport) -> None:
               help="Ranks tried for rules that take one.")
 @click.option("--shares", callback=_names, help="Ranks tried for low-rank, as shares of its full rank "
               "[default: 1/16,1/8,1/4,3/8,1/2].")
+@click.option("--quantile", type=float, help="Hold the budget on this share of the held-out samples (e.g. 0.95) "
+              "instead of on every one (the worst).")
 @click.option("--tensor", "tensors", multiple=True,
               help="Judge these tensors instead of the model outputs (repeatable; the worst counts).")
 @click.option("--nodes", help="Only convs whose name matches this regex.")
@@ -76,7 +89,7 @@ def render(report: OptimizeReport) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 @click.option("--in-place", is_flag=True, help="Allow -o to name the input model.")
 @json_option
-def optimize_command(model, calib, heldout, budget, metric, rules, ranks, shares, tensors, nodes, exclude, min_macs,
+def optimize_command(model, calib, heldout, budget, quantile, metric, rules, ranks, shares, tensors, nodes, exclude, min_macs,
                      provider, threads, samples, image_size, mean, std, layout, input_shapes, max_evals, plot, output,
                      in_place, as_json) -> None:
     """Rewrite MODEL's convs for speed within an error budget, fitted on calibration data (--calib)."""
@@ -105,7 +118,8 @@ def optimize_command(model, calib, heldout, budget, metric, rules, ranks, shares
                                shares=shares or None,
                                selection=Selection(nodes, exclude, (), min_macs), provider=provider,
                                threads=threads or None, input_shapes=input_shapes, input_options=options,
-                               tensors=list(tensors) or None, max_evals=max_evals, progress=progress)
+                               tensors=list(tensors) or None, max_evals=max_evals, quantile=quantile,
+                               progress=progress)
     finally:
         if status is not None:
             status.stop()
