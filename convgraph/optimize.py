@@ -23,6 +23,7 @@ model-level error, fit it on calibration data, and prove the result on held-out 
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import time
@@ -59,6 +60,9 @@ PREDICTION_SLACK = 1.1
 SPEED_NOISE = 0.01
 #: A candidate is kept only when its MACs are at most this fraction of the conv's.
 MAX_MAC_RATIO = 0.8
+#: A candidate layer counts as faster only when it beat the original in at least this share of the
+#: interleaved pairs: a median saving that load on a shared machine can flip is no saving.
+STABLE_SHARE = 0.75
 #: Errors below this count as this much in saving/error ratios (exact-looking candidates).
 ERROR_FLOOR = 1e-7
 
@@ -77,6 +81,7 @@ class Candidate:
     layer_ms_after: float
     error: float | None = None  # model-level error with this rewrite alone (calibration inputs)
     metric: float | None = None  # the metric with this rewrite alone
+    faster_share: float | None = None  # share of the interleaved pairs in which this layer beat the original
 
     @property
     def saving_ms(self) -> float:
@@ -112,6 +117,7 @@ class Point:
     metric: float
     error: float
     passed: bool
+    faster_share: float | None = None  # share of the interleaved pairs in which it beat the original
 
 
 @dataclass
@@ -125,6 +131,7 @@ class Choice:
     saving_ms: float
     error_alone: float | None
     notes: str = ""
+    faster_share: float | None = None  # share of the interleaved pairs in which the layer beat the original
 
 
 @dataclass
@@ -336,16 +343,99 @@ def _static(shape) -> bool:
     return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
 
 
+class TimingCache:
+    """One-layer timings kept across runs in a small JSON file (default under the user's cache folder).
+
+    An entry is a conv and all the options timed with it, interleaved: the original layer's median and,
+    per option, its median over the pairs and the share of pairs it won. The key is a digest of the
+    layers' structure — ops, attributes, shapes and dtypes of every tensor, weights' shapes but not their
+    values, which do not change a dense kernel's time; names replaced by their order — with the provider, thread count, timed runs,
+    onnxruntime version, processor and core count: another machine, setting or layer never matches."""
+
+    VERSION = 1
+
+    def __init__(self, path):
+        self.path = Path(os.fspath(path))
+        try:
+            data = json.loads(self.path.read_text())
+            self.entries = data["entries"] if data.get("version") == self.VERSION else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self.entries = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def default_path() -> Path:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return Path(base) / "convgraph" / "layer-timings.json"
+
+    @staticmethod
+    def key(layers: Sequence[onnx.ModelProto], provider: str, threads: int | None, runs: int) -> str:
+        import hashlib
+        import platform
+
+        from .runtime import ort
+
+        h = hashlib.sha256()
+        for m in layers:
+            shell = onnx.ModelProto()
+            shell.CopyFrom(m)
+            g = shell.graph
+            names: dict[str, str] = {}  # tensors renamed by first appearance: builds name them afresh each time
+
+            def canon(t: str) -> str:
+                return names.setdefault(t, f"t{len(names)}") if t else t
+
+            for vi in list(g.input) + list(g.output):
+                vi.name = canon(vi.name)
+            for t in g.initializer:  # shapes and dtypes stay; values go
+                t.name = canon(t.name)
+                t.ClearField("raw_data")
+                for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    t.ClearField(f)
+            for n in g.node:
+                n.name, n.doc_string = "", ""
+                n.input[:] = [canon(t) for t in n.input]
+                n.output[:] = [canon(t) for t in n.output]
+            h.update(shell.SerializeToString(deterministic=True))
+            h.update(b"\0")
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+        except OSError:
+            pass
+        h.update(json.dumps([provider, threads, runs, ort().__version__, cpu, os.cpu_count()]).encode())
+        return h.hexdigest()
+
+    def get(self, key: str) -> dict | None:
+        hit = self.entries.get(key)
+        self.hits += hit is not None
+        self.misses += hit is None
+        return hit
+
+    def put(self, key: str, value: dict) -> None:
+        self.entries[key] = value
+
+    def save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, json.dumps({"version": self.VERSION, "entries": self.entries}).encode())
+        except OSError:
+            pass  # a cache that cannot be written costs time, never a result
+
+
 def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str], ranks: Sequence[int], *,
                shares: Sequence[str] | None = None,
                provider: str, threads: int | None, runs: int, warmup: int,
-               progress=None) -> list[Candidate]:
-    """Every matching (conv, rule, params) that cuts MACs, with its measured one-layer latency."""
+               progress=None, cache: TimingCache | None = None) -> list[Candidate]:
+    """Every matching (conv, rule, params) that cuts MACs, with its measured one-layer latency (from
+    ``cache`` when the same layers were timed before in the same setting)."""
     from .bench import bench
 
     by_id = {r.node_id: r for r in records}
     out: list[Candidate] = []
-    for rec in records:
+    t_start = time.perf_counter()
+    for done, rec in enumerate(records):
         if not (_static(rec.input_shape) and _static(rec.output_shape)):
             raise UsageError(f"conv {rec.node_id} has dynamic shapes {rec.input_shape} → {rec.output_shape}; "
                              "fix the input shape (--input-shape) to time its layers")
@@ -367,17 +457,34 @@ def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str
                                 "model": _layer_model(cg, rec, rep.nodes, rep.initializers)})
         if not options:
             continue
-        orig = _layer_model(cg, rec, [cg.node(rec.node_id)], [])
-        rep = bench([orig] + [o["model"] for o in options], runs=runs, warmup=warmup, provider=provider,
-                    threads=threads, names=["original"] + [f"{o['rule']}{o['params']}" for o in options],
-                    progress=False, spinning=False)
-        t0 = rep.models[0].median_ms
-        for o, ratio in zip(options, rep.ratios):
+        layers = [_layer_model(cg, rec, [cg.node(rec.node_id)], [])] + [o["model"] for o in options]
+        key = TimingCache.key(layers, provider, threads, runs) if cache is not None else ""
+        timed = cache.get(key) if cache is not None else None
+        if timed is None:
+            rep = bench(layers, runs=runs, warmup=warmup, provider=provider, threads=threads,
+                        names=["original"] + [f"{o['rule']}{o['params']}" for o in options], progress=False,
+                        spinning=False)
+            base = np.asarray(rep.models[0].times_ms)
+            timed = {"before_ms": rep.models[0].median_ms,
+                     "ratios": [r.median for r in rep.ratios],  # medians over interleaved pairs
+                     "won": [float(np.mean(base > np.asarray(m.times_ms))) for m in rep.models[1:]]}
+            if cache is not None:
+                cache.put(key, timed)
+        t0 = timed["before_ms"]
+        for o, ratio, won in zip(options, timed["ratios"], timed["won"]):
             out.append(Candidate(rec.node_id, o["rule"], o["params"], o["kind"], rec.macs, o["macs"], t0,
-                                 t0 / ratio.median))
+                                 t0 / ratio, faster_share=won))
         if progress is not None:
-            progress(rec.node_id)
+            progress(f"timing layers: {done + 1}/{len(records)} convs{_eta(t_start, done + 1, len(records))}")
     return out
+
+
+def _eta(t_start: float, done: int, total: int) -> str:
+    """``, about N s left`` at the rate so far (empty when nothing is left or known)."""
+    if done <= 0 or done >= total:
+        return ""
+    left = (time.perf_counter() - t_start) / done * (total - done)
+    return f", about {left:.0f} s left" if left < 120 else f", about {left / 60:.0f} min left"
 
 
 def _unique_names(cg: ConvGraph) -> dict[str, str]:
@@ -445,7 +552,8 @@ def greedy_sequence(cands: Sequence[Candidate], baseline_ms: float) -> list[Step
     """Steps in order of saving per unit of error; per conv its options' lower convex hull, in order."""
     by_node: dict[str, list[Candidate]] = {}
     for c in cands:
-        if c.error is not None and c.saving_ms > 0 and math.isfinite(c.error):
+        if c.error is not None and c.saving_ms > 0 and math.isfinite(c.error) and (
+                c.faster_share is None or c.faster_share >= STABLE_SHARE):
             by_node.setdefault(c.node, []).append(c)
     moves = []
     for node, opts in by_node.items():
@@ -486,7 +594,7 @@ def plan_of(steps: Sequence[Step]) -> dict[str, tuple[str, dict]]:
     return plan
 
 
-def search(steps: Sequence[Step], evaluate, *, allowance: float | None, max_evals: int) -> list[Step]:
+def search(steps: Sequence[Step], evaluate, *, allowance: float | None, max_evals: int, stop=None) -> list[Step]:
     """Find the longest passing prefix of ``steps`` with at most ``max_evals`` calls of ``evaluate(prefix)
     -> (passed, error)``, backing off the steps that break it.
 
@@ -494,7 +602,7 @@ def search(steps: Sequence[Step], evaluate, *, allowance: float | None, max_eval
     from the predicted errors (scaled by how far the measured error of the last passing prefix exceeded
     its prediction). When the two are adjacent, the step between them alone turns a passing model into a
     failing one: it is backed off — dropped, with the later (more aggressive) steps of the same conv —
-    and the search goes on over the rest. Returns the steps backed off.
+    and the search goes on over the rest; ``stop()`` true ends it (a time budget). Returns the steps backed off.
     """
     seq, dropped = list(steps), []
     lo, hi, evals, scale = 0, len(seq) + 1, 0, 1.0
@@ -510,7 +618,7 @@ def search(steps: Sequence[Step], evaluate, *, allowance: float | None, max_eval
         return k
 
     k = min(guess(), len(seq))
-    while seq and evals < max_evals:
+    while seq and evals < max_evals and not (stop is not None and stop()):
         if hi - lo == 1:
             if hi > len(seq):
                 break  # the whole (remaining) sequence passes
@@ -546,19 +654,29 @@ def needs_shorter(p: Point) -> bool:
 # ---- sequential fitting ---------------------------------------------------------------------------------------
 def fit_sequential(original: onnx.ModelProto, plan: Mapping[str, tuple[str, dict]], calib, *,
                    input_shapes=None, provider: str = "cpu", threads: int | None = None,
-                   progress=None) -> tuple[onnx.ModelProto, list]:
+                   progress=None, cache: dict | None = None) -> tuple[onnx.ModelProto, list]:
     """Apply ``plan`` (node → (rule, params)) in stages, in topological order: each conv's statistics are
     gathered on the model rewritten so far, with the original as the reference, so its fit targets the
     original layer's output from the activations it will really get. Convs none of which lies upstream of
-    another share a stage (one calibration pass). Returns the model and the engine's changes."""
+    another share a stage (one calibration pass). ``cache`` (a dict kept between calls with the same
+    ``original`` and ``calib``) keeps the model after each run of stages: a plan whose first stages are
+    those of an earlier plan (same convs, rules and params in each) starts after them. Returns the model
+    and the engine's changes."""
     cg = load(original, input_shapes, check=False)
     order = {n: i for i, n in enumerate(cg.topological_order())}
     nodes = sorted(plan, key=lambda n: order[n])
     depth = _stages(cg, set(nodes))
     recs = {r.node_id: r for r in analyze(cg, rewrites=False).convs}
-    model, changes = original, []
-    for stage in range(max(depth.values(), default=-1) + 1):
-        members = [n for n in nodes if depth[n] == stage]
+    stages = [[n for n in nodes if depth[n] == k] for k in range(max(depth.values(), default=-1) + 1)]
+    keys = [tuple((n, plan[n][0], repr(sorted(plan[n][1].items()))) for n in members) for members in stages]
+    model, changes, start = original, [], 0
+    for j in range(len(stages), 0, -1) if cache is not None else ():
+        hit = cache.get(tuple(keys[:j]))
+        if hit is not None:
+            model, changes, start = hit[0], list(hit[1]), j
+            break
+    for stage in range(start, len(stages)):
+        members = stages[stage]
         calibrated = [n for n in members if calibratable(recs[n]) is None]
         stats = Calibration()
         if calibrated:
@@ -566,9 +684,23 @@ def fit_sequential(original: onnx.ModelProto, plan: Mapping[str, tuple[str, dict
                               provider=provider, threads=threads)
         model, ch = _apply(model, {n: plan[n] for n in members}, calibration=stats, input_shapes=input_shapes)
         changes += ch
+        if cache is not None:
+            _keep(cache, tuple(keys[:stage + 1]), (model, list(changes), model.ByteSize()))
         if progress is not None:
             progress(stage)
     return model, changes
+
+
+#: Models kept by fit_sequential's cache, in bytes (the oldest go first).
+FIT_CACHE_BYTES = 384 << 20
+
+
+def _keep(cache: dict, key, entry) -> None:
+    cache[key] = entry
+    total = sum(e[2] for e in cache.values())
+    while total > FIT_CACHE_BYTES and len(cache) > 1:
+        oldest = next(iter(cache))
+        total -= cache.pop(oldest)[2]
 
 
 def _stages(cg: ConvGraph, chosen: set[str]) -> dict[str, int]:
@@ -615,13 +747,39 @@ def _few_samples(calibration: int, heldout: int) -> list[str]:
     return out
 
 
+def _alone(original: onnx.ModelProto, cg: ConvGraph, by_id: Mapping[str, ConvRecord], c: Candidate, stats,
+           input_shapes) -> onnx.ModelProto | None:
+    """``original`` with the one conv of candidate ``c`` replaced, fitted on ``stats``: the rule's nodes
+    spliced into a copy of the model in the conv's place (no reload, analysis or checks of the whole
+    model: they cost more than the fit). Through the engine (:func:`_apply`) when the replacement does not
+    simply stand in for the conv; None when the rule refuses the conv with these statistics."""
+    rec, rule = by_id[c.node], get_rule(c.rule)
+    params = rule.resolve_params({k: str(v) for k, v in c.params.items()})
+    ctx = RuleContext(cg, by_id, stats, params)
+    if rule.match(rec, ctx) is not None:
+        return None
+    rep = rule.build(rec, ctx, params)
+    if (rep.removed and list(rep.removed) != [rec.node_id]) or rec.output not in {o for n in rep.nodes for o in n.output}:
+        return _apply(original, {c.node: (c.rule, c.params)}, calibration=stats, input_shapes=input_shapes)[0]
+    m = onnx.ModelProto()
+    m.CopyFrom(original)
+    nodes = list(m.graph.node)
+    i = next(k for k, n in enumerate(nodes) if n.name == c.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes[:i] + list(rep.nodes) + nodes[i + 1:])
+    m.graph.initializer.extend(rep.initializers)  # the conv's own weights stay, unread: onnxruntime drops them
+    return m
+
+
 def _measure(original, cg, records, rules, ranks, shares, fit_set, judge: Judge, *, provider, threads, input_shapes,
-             layer_runs: int, seconds: dict, say) -> list[Candidate]:
-    """Phases 1–3: candidates, their one-layer latencies, and each one's error alone (fitted on ``fit_set``)."""
+             layer_runs: int, seconds: dict, say, deadline: float, cache: TimingCache | None,
+             notes: list[str]) -> list[Candidate]:
+    """Phases 1–3: candidates, their one-layer latencies, and each one's error alone (fitted on ``fit_set``);
+    past ``deadline`` the remaining candidates get no error (they are not chosen)."""
     t = time.perf_counter()
     say("timing layers")
     cands = candidates(cg, records, rules, ranks, shares=shares, provider=provider, threads=threads, runs=layer_runs,
-                       warmup=max(3, layer_runs // 10))
+                       warmup=max(3, layer_runs // 10), progress=say, cache=cache)
     seconds["layer_latency"] = time.perf_counter() - t
     t = time.perf_counter()
     say("calibrating")
@@ -631,12 +789,16 @@ def _measure(original, cg, records, rules, ranks, shares, fit_set, judge: Judge,
                       threads=None) if calibrated else Calibration()
     seconds["calibration"] = time.perf_counter() - t
     t = time.perf_counter()
-    for i, c in enumerate(cands):
-        if c.saving_ms <= 0:
-            continue
-        say(f"error of {c.node} {c.rule} {c.params} ({i + 1}/{len(cands)})")
-        m, _ = _apply(original, {c.node: (c.rule, c.params)}, calibration=stats, input_shapes=input_shapes)
-        c.metric, c.error, _ = judge.judge(m)
+    todo = [c for c in cands if c.saving_ms > 0]
+    for i, c in enumerate(todo):
+        if time.perf_counter() > deadline:
+            notes.append(f"--time-budget ran out while measuring the candidates' errors: {len(todo) - i} of "
+                         f"{len(todo)} were not measured and not considered")
+            break
+        say(f"errors of the candidates: {i + 1}/{len(todo)}{_eta(t, i, len(todo))}")
+        m = _alone(original, cg, by_id, c, stats, input_shapes)
+        if m is not None:
+            c.metric, c.error, _ = judge.judge(m)
     seconds["candidate_errors"] = time.perf_counter() - t
     return cands
 
@@ -647,6 +809,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
              input_shapes: Mapping[str, Sequence[int]] | None = None, input_options: Mapping[str, Any] | None = None,
              tensors: Sequence[str] | None = None, measured: Sequence[Candidate] | None = None, probe: int = 8,
              layer_runs: int = 30, bench_runs: int = 20, max_evals: int = 6, quantile: float | None = None,
+             time_budget: float | None = None, timing_cache: "TimingCache | str | os.PathLike | None" = None,
              progress=None) -> tuple[onnx.ModelProto, OptimizeReport]:
     """Rewrite the convs of ``model`` for the most measured speed within ``budget`` on held-out inputs.
 
@@ -661,14 +824,21 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     all). ``measured``: the candidates of an earlier run (``report.candidates``) on the same model, data,
     rules and metric, to try another budget without measuring them again. ``shares``: the ranks tried for
     the rules whose rank spans the whole layer (``low-rank``), as shares of the full rank (default
-    :data:`LAYER_RANK_SHARES`); ``ranks`` are the others'. The budget holds per held-out sample: on the
+    :data:`LAYER_RANK_SHARES`); ``ranks`` are the others'. ``time_budget``: seconds the whole run may
+    take; when they run out the search stops and the best verified result so far is returned, with a note.
+    ``timing_cache``: a :class:`TimingCache` (or its file) keeping one-layer timings across runs. The budget holds per held-out sample: on the
     worst one, or with ``quantile`` q on a share q of them (:class:`Judge`; samples whose reference is
     degenerate are left out and named in the report). ``max_evals``: prefixes built
     and judged in the final search. ``progress``: a callable taking one-line status messages.
     Returns the optimized model (the original when nothing fits the budget) and the report.
     """
     t_start = time.perf_counter()
+    deadline = t_start + time_budget if time_budget is not None else math.inf
+    if time_budget is not None and not time_budget > 0:
+        raise UsageError(f"--time-budget must be a positive number of seconds, got {time_budget}")
     seconds: dict[str, float] = {}
+    run_notes: list[str] = []  # what the run itself has to say (cache, time budget)
+    fits: dict = {}  # fitted stages shared between prefixes (fit_sequential's cache)
     say = progress or (lambda *_: None)
     options = dict(input_options or {})
     selection = selection or Selection()
@@ -722,8 +892,15 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     if measured is not None:  # an earlier run's candidates: same model, data, rules and metric
         cands = [Candidate(**asdict(c)) for c in measured]
     else:
+        cache = timing_cache if isinstance(timing_cache, TimingCache) or timing_cache is None else \
+            TimingCache(timing_cache)
         cands = _measure(original, cg, records, rules, ranks, shares, fit_set, judge_probe, provider=provider,
-                         threads=threads, input_shapes=input_shapes, layer_runs=layer_runs, seconds=seconds, say=say)
+                         threads=threads, input_shapes=input_shapes, layer_runs=layer_runs, seconds=seconds, say=say,
+                         deadline=deadline, cache=cache, notes=run_notes)
+        if cache is not None:
+            cache.save()
+            run_notes.append(f"one-layer timings: {cache.hits} conv(s) from the cache ({cache.path}), "
+                             f"{cache.misses} timed")
 
     steps = greedy_sequence(cands, baseline_ms)
     allowance = judge_held.allowance(budget)
@@ -733,20 +910,25 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     built: list[tuple[Point, list[Step], onnx.ModelProto, list, dict]] = []
 
     def evaluate(prefix: list[Step]) -> tuple[bool, float]:
-        say(f"building {len(prefix)} steps ({len(plan_of(prefix))} convs; {len(points) + 1} of at most {max_evals})")
+        say(f"search: building and judging {len(prefix)} steps ({len(plan_of(prefix))} convs), prefix "
+            f"{len(points) + 1} of at most {max_evals}{_eta(t, len(points), max_evals)}")
         m, changes = fit_sequential(original, plan_of(prefix), calib_set, input_shapes=input_shapes,
-                                    provider=provider)
+                                    provider=provider, cache=fits)
         value, err, per = judge_held.judge(m)
         b = bench([original, m], runs=bench_runs, warmup=3, provider=provider, threads=threads,
                   input_shapes=input_shapes, names=["original", "optimized"], progress=False)
         orig_ms = b.models[0].median_ms
+        won = float(np.mean(np.asarray(b.models[0].times_ms) > np.asarray(b.models[1].times_ms)))
         p = Point(len(prefix), len(plan_of(prefix)), orig_ms - sum(s.saving_ms for s in prefix), orig_ms,
-                  b.models[1].median_ms, b.ratios[0].median, value, err, judge_held.passes(value, budget))
+                  b.models[1].median_ms, b.ratios[0].median, value, err, judge_held.passes(value, budget), won)
         points.append(p)
         built.append((p, list(prefix), m, changes, per))
         return p.passed, err
 
-    backed_off = search(steps, evaluate, allowance=allowance, max_evals=max_evals) if steps else []
+    def out_of_time() -> bool:
+        return time.perf_counter() > deadline
+
+    backed_off = search(steps, evaluate, allowance=allowance, max_evals=max_evals, stop=out_of_time) if steps else []
     seconds["search"] = time.perf_counter() - t
 
     passing = [b for b in built if b[0].passed]
@@ -754,7 +936,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     # MACs save): while the fastest passing prefix is no faster than the original, or its measured latency
     # is far from the sum of its layers' savings, halve the shortest one.
     tries, shorter = max(2, max_evals - len(points)), []
-    while passing and tries and needs_shorter(max(passing, key=lambda b: b[0].speedup)[0]):
+    while passing and tries and not out_of_time() and needs_shorter(max(passing, key=lambda b: b[0].speedup)[0]):
         shortest = min((b[1] for b in passing), key=len)
         if len(shortest) < 2:
             break
@@ -763,7 +945,10 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         tries -= 1
         passing = [b for b in built if b[0].passed]
     faster = [b for b in passing if b[0].speedup > 1.0]
-    notes = list(cg.warnings) + risks  # what loading said (dynamic inputs, shapes probed), too few samples
+    notes = list(cg.warnings) + risks + run_notes  # loading (dynamic inputs, shapes probed), few samples, the run
+    if out_of_time() and steps:
+        notes.append(f"--time-budget of {time_budget:g} s ran out: the search stopped after {len(points)} prefix(es) "
+                     "built; the result is the best verified so far")
     repeated = sorted(n for n, old in renamed.items() if old)
     if repeated:
         notes.append(f"{len(repeated)} op(s) shared a name with another (onnxruntime refuses such a model): the "
@@ -805,7 +990,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         c = by_cand[(node, rule, repr(sorted(params.items())))]
         ch = by_change.get(node)
         chosen.append(Choice(node, rule, dict(params), c.kind_after, c.saving_ms, c.error,
-                             ch.notes if ch else ""))
+                             ch.notes if ch else "", c.faster_share))
     seconds["total"] = time.perf_counter() - t_start
     report = OptimizeReport(
         model=label, metric=metric, budget=budget, rules=list(rules), provider=provider, threads=threads,

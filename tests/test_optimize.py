@@ -17,6 +17,12 @@ from convgraph.verify import compare
 FAST = {"layer_runs": 5, "bench_runs": 5, "max_evals": 2, "probe": 2}
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """The CLI keeps layer timings under the user's cache folder: the tests' go to a temporary one."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 def smooth_feeds(n: int, seed: int, shape=(1, 3, 64, 64)) -> list[dict]:
     """Image-like inputs: smooth random fields (neighbouring pixels correlated), not white noise."""
     rng = np.random.default_rng(seed)
@@ -453,3 +459,115 @@ def test_optimize_reports_the_per_sample_distribution_and_the_samples_left_out(t
     doc = json.loads(capsys.readouterr().out)
     assert code in (0, 1) and doc["quantile"] == 0.9 and doc["excluded"]["y"][0]["sample"] == "#2"
     assert {"min", "p5", "median", "judged", "excluded"} <= set(doc["outputs"]["y"]["distribution"])
+
+
+def test_a_candidate_alone_is_spliced_in_as_the_engine_would_build_it(models_dir):
+    """Measuring a candidate's error splices its nodes into a copy of the model instead of running the
+    whole engine (load, analysis, checks): the same model, numerically."""
+    from convgraph.analyze import analyze
+    from convgraph.calibrate import calibrate
+    from convgraph.optimize import _alone, _apply, _unique_names
+    from convgraph.runtime import create_session, run
+
+    cg = load(models_dir / "sample.onnx")
+    _unique_names(cg)
+    original = cg.to_model()
+    by_id = {r.node_id: r for r in analyze(cg, rewrites=False).convs}
+    feeds = smooth_feeds(3, 30)
+    node = next(n for n, r in by_id.items() if r.kind == "standard")
+    stats = calibrate(original, feeds, nodes=[node])
+    for rule, params in (("separable", {"rank": 1}), ("spatial-separable", {"rank": 1})):
+        c = Candidate(node, rule, params, "", None, None, 1.0, 0.5)
+        fast = _alone(original, cg, by_id, c, stats, None)
+        slow, _ = _apply(original, {node: (rule, params)}, calibration=stats, input_shapes=None)
+        a, b = run(create_session(fast), feeds[0]), run(create_session(slow), feeds[0])
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_fit_sequential_reuses_the_stages_two_plans_share(models_dir, monkeypatch):
+    import convgraph.optimize as opt
+
+    cg = load(models_dir / "standard.onnx")
+    original = cg.to_model()
+    calib = smooth_feeds(4, 31, shape=(1, 4, 16, 16))
+    first = {"conv3x3": ("separable", {"rank": 2})}
+    both = {**first, "conv5x5_s2": ("separable", {"rank": 1})}
+    fresh, _ = fit_sequential(original, both, calib)
+    calls = []
+    real = opt.calibrate
+    monkeypatch.setattr(opt, "calibrate", lambda *a, **kw: calls.append(kw["nodes"]) or real(*a, **kw))
+    cache: dict = {}
+    fit_sequential(original, first, calib, cache=cache)
+    assert calls == [["conv3x3"]]
+    reused, changes = fit_sequential(original, both, calib, cache=cache)
+    assert calls == [["conv3x3"], ["conv5x5_s2"]]  # conv3x3's stage came from the cache
+    assert sorted(c.node for c in changes) == sorted(both)
+    assert reused.SerializeToString() == fresh.SerializeToString()
+    fit_sequential(original, {"conv3x3": ("separable", {"rank": 1}), "conv5x5_s2": ("separable", {"rank": 1})},
+                   calib, cache=cache)
+    assert calls[2:] == [["conv3x3"], ["conv5x5_s2"]]  # another fit of the first stage: nothing reused
+
+
+def test_timing_cache_keys_layers_by_structure_and_setting(models_dir, tmp_path, monkeypatch):
+    import importlib
+
+    import convgraph.optimize as opt
+    from convgraph.analyze import analyze
+    from convgraph.optimize import TimingCache, candidates
+
+    cg = load(models_dir / "sample.onnx")
+    records = [r for r in analyze(cg, rewrites=False).convs if r.kind == "standard"][:1]
+    path = tmp_path / "t.json"
+
+    def run(cache):
+        return candidates(cg, records, ["separable"], (1, 2), provider="cpu", threads=1, runs=5, warmup=1,
+                          cache=cache)
+
+    cold = TimingCache(path)
+    first = run(cold)
+    assert (cold.hits, cold.misses) == (0, 1) and first and all(0.0 <= c.faster_share <= 1.0 for c in first)
+    cold.save()
+    timing = importlib.import_module("convgraph.bench")
+
+    def never(*a, **kw):
+        raise AssertionError("timed although cached")
+
+    monkeypatch.setattr(timing, "bench", never)
+    warm = TimingCache(path)
+    again = run(warm)
+    assert (warm.hits, warm.misses) == (1, 0)
+    assert [(c.layer_ms_before, c.layer_ms_after, c.faster_share) for c in again] == [
+        (c.layer_ms_before, c.layer_ms_after, c.faster_share) for c in first]
+    # another thread count, or another layer shape, never matches; other weight values do
+    layer = opt._layer_model(cg, records[0], [cg.node(records[0].node_id)], [])
+    key = TimingCache.key([layer], "cpu", 1, 5)
+    assert key != TimingCache.key([layer], "cpu", 2, 5) and key != TimingCache.key([layer], "cuda", 1, 5)
+    wider = onnx.ModelProto()
+    wider.CopyFrom(layer)
+    wider.graph.input[0].type.tensor_type.shape.dim[3].dim_value += 1
+    assert key != TimingCache.key([wider], "cpu", 1, 5)
+    other = onnx.ModelProto()
+    other.CopyFrom(layer)
+    w = other.graph.initializer[0]
+    w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * 2, w.name))
+    assert key == TimingCache.key([other], "cpu", 1, 5)  # values do not change a dense kernel's time
+    path.write_text("{not json")
+    assert TimingCache(path).entries == {}  # a broken cache file is a cold cache, not an error
+
+
+def test_a_time_budget_stops_the_search_with_a_note(models_dir):
+    calib = smooth_feeds(6, 32)
+    model, report = optimize(models_dir / "sample.onnx", calib[:4], calib[4:], budget=0.5, rules=["separable"],
+                             ranks=(1,), time_budget=1e-3, **FAST)
+    assert not report.points and not report.chosen and not report.passed
+    assert any("--time-budget ran out while measuring the candidates' errors" in n for n in report.notes)
+    with pytest.raises(UsageError, match="--time-budget must be a positive"):
+        optimize(models_dir / "sample.onnx", calib[:4], calib[4:], time_budget=0, **FAST)
+
+
+def test_a_layer_that_won_too_few_interleaved_pairs_is_not_a_step():
+    steady = cand("a", "separable", 1, 0.3, 0.001)
+    steady.faster_share = 0.9
+    flaky = cand("b", "separable", 1, 0.3, 0.001)
+    flaky.faster_share = 0.6  # a median saving that the machine's load can flip
+    assert [s.node for s in greedy_sequence([steady, flaky], 10.0)] == ["a"]

@@ -8,7 +8,7 @@ from rich.table import Table
 from ..errors import UsageError
 from ..io import check_output_path, write_model
 from ..optimize import (
-    DEFAULT_RANKS, DEFAULT_RULES, METRICS, OptimizeReport, check_plot_path, optimize, plot_pareto)
+    DEFAULT_RANKS, DEFAULT_RULES, METRICS, OptimizeReport, TimingCache, check_plot_path, optimize, plot_pareto)
 from ..rewrite import Selection
 from . import cli
 from .common import (
@@ -23,20 +23,22 @@ def render(report: OptimizeReport) -> None:
     """The human report: per-layer choices, the evaluated prefixes, the verdict."""
     if report.chosen:
         t = Table(title="chosen rewrites (per conv)", title_justify="left")
-        for col in ("node", "rule", "params", "kind after", "layer saving ms", "error alone", "fit"):
-            t.add_column(col, justify="right" if col in ("layer saving ms", "error alone") else "left")
+        for col in ("node", "rule", "params", "kind after", "layer saving ms", "won", "error alone", "fit"):
+            t.add_column(col, justify="right" if col in ("layer saving ms", "won", "error alone") else "left")
         for c in report.chosen:
             t.add_row(c.node, c.rule, ",".join(f"{k}={v}" for k, v in c.params.items()), c.kind_after,
-                      f"{c.saving_ms:.3f}", "?" if c.error_alone is None else f"{c.error_alone:.2e}", c.notes)
+                      f"{c.saving_ms:.3f}", "" if c.faster_share is None else f"{c.faster_share:.0%}",
+                      "?" if c.error_alone is None else f"{c.error_alone:.2e}", c.notes)
         out.print(t)
     if report.points:
         t = Table(title="prefixes of the greedy sequence, built and judged on the held-out set", title_justify="left")
-        for col in ("steps", "convs", "original ms", "predicted ms", "measured ms", "speed-up", report.metric,
+        for col in ("steps", "convs", "original ms", "predicted ms", "measured ms", "speed-up", "won", report.metric,
                     "within budget"):
             t.add_column(col, justify="right")
         for p in report.points:
             t.add_row(str(p.steps), str(p.convs), f"{p.original_ms:.2f}", f"{p.predicted_ms:.2f}",
                       f"{p.measured_ms:.2f}", f"{p.speedup:.2f}×",
+                      "" if p.faster_share is None else f"{p.faster_share:.0%}",
                       f"{p.metric:.6g}", "yes" if p.passed else "no")
         out.print(t)
     if report.outputs:
@@ -85,12 +87,15 @@ def render(report: OptimizeReport) -> None:
 @image_options
 @input_shape_option
 @click.option("--max-evals", type=int, default=6, show_default=True, help="Prefixes built and judged in the search.")
+@click.option("--time-budget", type=float, help="Seconds the run may take: then the best verified result so far.")
+@click.option("--no-timing-cache", is_flag=True, help="Time every layer afresh instead of reusing timings of "
+              "identical layers (same setting, machine, onnxruntime) kept in ~/.cache/convgraph.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the error–latency front as a PNG (matplotlib).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 @click.option("--in-place", is_flag=True, help="Allow -o to name the input model.")
 @json_option
 def optimize_command(model, calib, heldout, budget, quantile, metric, rules, ranks, shares, tensors, nodes, exclude, min_macs,
-                     provider, threads, samples, image_size, mean, std, layout, input_shapes, max_evals, plot, output,
+                     provider, threads, samples, image_size, mean, std, layout, input_shapes, max_evals, time_budget, no_timing_cache, plot, output,
                      in_place, as_json) -> None:
     """Rewrite MODEL's convs for speed within an error budget, fitted on calibration data (--calib)."""
     check_output_path(output, model, in_place)
@@ -119,6 +124,8 @@ def optimize_command(model, calib, heldout, budget, quantile, metric, rules, ran
                                selection=Selection(nodes, exclude, (), min_macs), provider=provider,
                                threads=threads or None, input_shapes=input_shapes, input_options=options,
                                tensors=list(tensors) or None, max_evals=max_evals, quantile=quantile,
+                               time_budget=time_budget,
+                               timing_cache=None if no_timing_cache else TimingCache(TimingCache.default_path()),
                                progress=progress)
     finally:
         if status is not None:
