@@ -561,6 +561,10 @@ def test_a_time_budget_stops_the_search_with_a_note(models_dir):
                              ranks=(1,), time_budget=1e-3, **FAST)
     assert not report.points and not report.chosen and not report.passed
     assert any("--time-budget ran out while measuring the candidates' errors" in n for n in report.notes)
+    _, split = optimize(models_dir / "sample.onnx", calib, budget=0.5, rules=["separable"], ranks=(1,),
+                        time_budget=1e-3, **FAST)
+    assert any("split off the calibration set" in n for n in split.notes)
+    assert not any("split off the calibration set" in n for n in report.notes)
     with pytest.raises(UsageError, match="--time-budget must be a positive"):
         optimize(models_dir / "sample.onnx", calib[:4], calib[4:], time_budget=0, **FAST)
 
