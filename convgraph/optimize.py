@@ -160,6 +160,7 @@ class OptimizeReport:
     notes: list[str] = field(default_factory=list)
     quantile: float | None = None  # the budget holds on this share of the held-out samples (None: on every one)
     excluded: dict[str, list[dict]] = field(default_factory=dict)  # per judged tensor: samples left out, and why
+    timed_out: bool = False  # the time budget ended the run before the search did
 
     @property
     def held_on(self) -> str:
@@ -178,7 +179,8 @@ class OptimizeReport:
     def reached(self) -> str:
         """What the search got to, for a run that did not meet its budget."""
         if not self.points:
-            return "no rewrite was built (no candidate saves measured time)"
+            return ("no rewrite was built: " + ("the time budget ran out first" if self.timed_out else
+                                                 "no candidate saves measured time (in enough interleaved pairs)"))
         fast = max(self.points, key=lambda p: p.speedup or 0.0)
         return (f"best held-out {self.metric} of a rewritten model {self.best_metric:.6g} (budget {self.budget:g}); "
                 f"best speed-up {self.best_speedup:.2f}× (at {self.metric} {fast.metric:.6g})")
@@ -731,6 +733,9 @@ def _subset(data: InputSet, idx: Sequence[int], describe: str) -> InputSet:
     return InputSet(len(idx), lambda i: data[idx[i]], describe, data.specs)
 
 
+#: The share of a time budget (from the start) after which no more candidate errors are measured: the
+#: rest is left for building and judging prefixes.
+ERRORS_SHARE = 0.6
 #: Fewer calibration (held-out) samples than this get a warning that says what it risks.
 FEW_CALIBRATION, FEW_HELDOUT = 16, 8
 
@@ -796,11 +801,12 @@ def _measure(original, cg, records, rules, ranks, shares, fit_set, judge: Judge,
                       threads=None) if calibrated else Calibration()
     seconds["calibration"] = time.perf_counter() - t
     t = time.perf_counter()
-    todo = [c for c in cands if c.saving_ms > 0]
+    # the largest savings first: when a time budget runs out, what is left unmeasured is worth the least
+    todo = sorted((c for c in cands if c.saving_ms > 0), key=lambda c: -c.saving_ms)
     for i, c in enumerate(todo):
         if time.perf_counter() > deadline:
-            notes.append(f"--time-budget ran out while measuring the candidates' errors: {len(todo) - i} of "
-                         f"{len(todo)} were not measured and not considered")
+            notes.append(f"--time-budget: {len(todo) - i} of {len(todo)} candidates (the smallest savings) had no "
+                         f"time left for measuring their errors and were not considered")
             break
         say(f"errors of the candidates: {i + 1}/{len(todo)}{_eta(t, i, len(todo))}")
         m = _alone(original, cg, by_id, c, stats, input_shapes)
@@ -901,9 +907,11 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     else:
         cache = timing_cache if isinstance(timing_cache, TimingCache) or timing_cache is None else \
             TimingCache(timing_cache)
+        # the candidates' errors may take a share of a time budget; the rest is the search's
+        errors_until = t_start + ERRORS_SHARE * time_budget if time_budget is not None else math.inf
         cands = _measure(original, cg, records, rules, ranks, shares, fit_set, judge_probe, provider=provider,
                          threads=threads, input_shapes=input_shapes, layer_runs=layer_runs, seconds=seconds, say=say,
-                         deadline=deadline, cache=cache, notes=run_notes)
+                         deadline=errors_until, cache=cache, notes=run_notes)
         if cache is not None:
             cache.save()
             run_notes.append(f"one-layer timings: {cache.hits} conv(s) from the cache ({cache.path}), "
@@ -953,6 +961,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         passing = [b for b in built if b[0].passed]
     faster = [b for b in passing if b[0].speedup > 1.0]
     notes = list(cg.warnings) + risks + run_notes  # loading (dynamic inputs, shapes probed), few samples, the run
+    timed_out = out_of_time() or any(n.startswith("--time-budget") for n in run_notes)
     if out_of_time() and steps:
         notes.append(f"--time-budget of {time_budget:g} s ran out: the search stopped after {len(points)} prefix(es) "
                      "built; the result is the best verified so far")
@@ -984,7 +993,8 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         measured, speedup, predicted = baseline_ms, 1.0, baseline_ms
         if not passing:
             notes.append("no rewrite kept the held-out metric within the budget: the model is returned unchanged"
-                         if steps else "no candidate rewrite saves measured time")
+                         if points else "no prefix was built: the model is returned unchanged" if steps else
+                         "no candidate rewrite saves measured time")
     if backed_off:
         notes.append("backed off (each turned a passing prefix into a failing one): " + ", ".join(
             f"{b.node} {b.rule} {','.join(f'{k}={v}' for k, v in b.params.items())}" for b in backed_off))
@@ -1005,7 +1015,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         baseline_ms=baseline_ms, predicted_ms=predicted,
         measured_ms=measured, speedup=speedup, metric_value=value, passed=bool(chosen),
         chosen=chosen, candidates=list(cands), sequence=steps, points=sorted(points, key=lambda p: p.steps),
-        outputs=per, seconds=seconds, notes=notes, quantile=quantile,
+        outputs=per, seconds=seconds, notes=notes, quantile=quantile, timed_out=timed_out,
         excluded={n: [{"sample": s_, "why": w} for s_, w in out] for n, out in judge_held.excluded.items()})
     return _restore_names(final, renamed), report
 
