@@ -29,7 +29,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import networkx as nx
 import numpy as np
@@ -351,8 +351,9 @@ class TimingCache:
     An entry is a conv and all the options timed with it, interleaved: the original layer's median and,
     per option, its median over the pairs and the share of pairs it won. The key is a digest of the
     layers' structure — ops, attributes, shapes and dtypes of every tensor, weights' shapes but not their
-    values, which do not change a dense kernel's time; names replaced by their order — with the provider, thread count, timed runs,
-    onnxruntime version, processor and core count: another machine, setting or layer never matches."""
+    values, which do not change a dense kernel's time; names replaced by their order — with the provider,
+    thread count, timed runs, onnxruntime version, processor and core count: another machine, setting or
+    layer never matches."""
 
     VERSION = 1
 
@@ -771,7 +772,8 @@ def _alone(original: onnx.ModelProto, cg: ConvGraph, by_id: Mapping[str, ConvRec
     if rule.match(rec, ctx) is not None:
         return None
     rep = rule.build(rec, ctx, params)
-    if (rep.removed and list(rep.removed) != [rec.node_id]) or rec.output not in {o for n in rep.nodes for o in n.output}:
+    made = {o for n in rep.nodes for o in n.output}
+    if (rep.removed and list(rep.removed) != [rec.node_id]) or rec.output not in made:
         return _apply(original, {c.node: (c.rule, c.params)}, calibration=stats, input_shapes=input_shapes)[0]
     m = onnx.ModelProto()
     m.CopyFrom(original)
@@ -839,11 +841,12 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     the rules whose rank spans the whole layer (``low-rank``), as shares of the full rank (default
     :data:`LAYER_RANK_SHARES`); ``ranks`` are the others'. ``time_budget``: seconds the whole run may
     take; when they run out the search stops and the best verified result so far is returned, with a note.
-    ``timing_cache``: a :class:`TimingCache` (or its file) keeping one-layer timings across runs. The budget holds per held-out sample: on the
-    worst one, or with ``quantile`` q on a share q of them (:class:`Judge`; samples whose reference is
-    degenerate are left out and named in the report). ``max_evals``: prefixes built
-    and judged in the final search. ``progress``: a callable taking one-line status messages.
-    Returns the optimized model (the original when nothing fits the budget) and the report.
+    ``timing_cache``: a :class:`TimingCache` (or its file) keeping one-layer timings across runs. The
+    budget holds per held-out sample: on the worst one, or with ``quantile`` q on a share q of them
+    (:class:`Judge`; samples whose reference is degenerate are left out and named in the report).
+    ``max_evals``: prefixes built and judged in the final search. ``progress``: a callable taking one-line
+    status messages (stage, count, time left). Returns the optimized model (the original when no faster
+    model fits the budget; ``report.passed`` then False) and the report.
     """
     t_start = time.perf_counter()
     deadline = t_start + time_budget if time_budget is not None else math.inf
@@ -968,7 +971,8 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     repeated = sorted(n for n, old in renamed.items() if old)
     if repeated:
         notes.append(f"{len(repeated)} op(s) shared a name with another (onnxruntime refuses such a model): the "
-                     f"result names them after their ids: {', '.join(repeated[:5])}{' …' if len(repeated) > 5 else ''}")
+                     f"result names them after their ids: {', '.join(repeated[:5])}"
+                     f"{' …' if len(repeated) > 5 else ''}")
     for name, out in judge_held.excluded.items():
         notes.append(f"{len(out)} of {len(held_set)} held-out sample(s) left out of judging {name!r}, their "
                      f"reference saying nothing to compare with: " + "; ".join(f"{s_} ({why})" for s_, why in out))

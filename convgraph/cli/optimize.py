@@ -94,9 +94,9 @@ def render(report: OptimizeReport) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 @click.option("--in-place", is_flag=True, help="Allow -o to name the input model.")
 @json_option
-def optimize_command(model, calib, heldout, budget, quantile, metric, rules, ranks, shares, tensors, nodes, exclude, min_macs,
-                     provider, threads, samples, image_size, mean, std, layout, input_shapes, max_evals, time_budget, no_timing_cache, plot, output,
-                     in_place, as_json) -> None:
+def optimize_command(model, calib, heldout, budget, quantile, metric, rules, ranks, shares, tensors, nodes, exclude,
+                     min_macs, provider, threads, samples, image_size, mean, std, layout, input_shapes, max_evals,
+                     time_budget, no_timing_cache, plot, output, in_place, as_json) -> None:
     """Rewrite MODEL's convs for speed within an error budget, fitted on calibration data (--calib)."""
     check_output_path(output, model, in_place)
     if plot:
