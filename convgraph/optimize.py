@@ -22,11 +22,14 @@ model-level error, fit it on calibration data, and prove the result on held-out 
 
 from __future__ import annotations
 
+import io
+import json
 import math
-import re
+import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import networkx as nx
 import numpy as np
@@ -34,9 +37,10 @@ import onnx
 
 from .analyze import analyze
 from .calibrate import Calibration, calibratable, calibrate
-from .errors import UsageError
+from .errors import CheckFailed, UsageError
 from .graph import ConvGraph, load
 from .inputs import InputSet, make_inputs
+from .io import atomic_write_bytes, check_output_path
 from .record import ConvRecord
 from .registry import get_rule
 from .rewrite import Selection, rewrite
@@ -56,6 +60,9 @@ PREDICTION_SLACK = 1.1
 SPEED_NOISE = 0.01
 #: A candidate is kept only when its MACs are at most this fraction of the conv's.
 MAX_MAC_RATIO = 0.8
+#: A candidate layer counts as faster only when it beat the original in at least this share of the
+#: interleaved pairs: a median saving that load on a shared machine can flip is no saving.
+STABLE_SHARE = 0.75
 #: Errors below this count as this much in saving/error ratios (exact-looking candidates).
 ERROR_FLOOR = 1e-7
 
@@ -74,6 +81,7 @@ class Candidate:
     layer_ms_after: float
     error: float | None = None  # model-level error with this rewrite alone (calibration inputs)
     metric: float | None = None  # the metric with this rewrite alone
+    faster_share: float | None = None  # share of the interleaved pairs in which this layer beat the original
 
     @property
     def saving_ms(self) -> float:
@@ -109,6 +117,7 @@ class Point:
     metric: float
     error: float
     passed: bool
+    faster_share: float | None = None  # share of the interleaved pairs in which it beat the original
 
 
 @dataclass
@@ -122,6 +131,7 @@ class Choice:
     saving_ms: float
     error_alone: float | None
     notes: str = ""
+    faster_share: float | None = None  # share of the interleaved pairs in which the layer beat the original
 
 
 @dataclass
@@ -140,7 +150,7 @@ class OptimizeReport:
     measured_ms: float
     speedup: float
     metric_value: float
-    passed: bool
+    passed: bool  # a rewritten model, within the budget and faster than the original, is returned
     chosen: list[Choice] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
     sequence: list[Step] = field(default_factory=list)
@@ -148,37 +158,87 @@ class OptimizeReport:
     outputs: dict[str, dict] = field(default_factory=dict)  # held-out metrics per output (final model)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    quantile: float | None = None  # the budget holds on this share of the held-out samples (None: on every one)
+    excluded: dict[str, list[dict]] = field(default_factory=dict)  # per judged tensor: samples left out, and why
+    timed_out: bool = False  # the time budget ended the run before the search did
+
+    @property
+    def held_on(self) -> str:
+        return "worst sample" if self.quantile is None else f"{self.quantile:g} of the samples"
+
+    @property
+    def best_metric(self) -> float | None:
+        """The best held-out metric of any rewritten prefix built (None when none was built)."""
+        return max((p.metric for p in self.points), default=None)
+
+    @property
+    def best_speedup(self) -> float | None:
+        """The best measured speed-up of any prefix built, within the budget or not."""
+        return max((p.speedup for p in self.points if p.speedup is not None), default=None)
+
+    def reached(self) -> str:
+        """What the search got to, for a run that did not meet its budget."""
+        if not self.points:
+            return ("no rewrite was built: " + ("the time budget ran out first" if self.timed_out else
+                                                 "no candidate saves measured time (in enough interleaved pairs)"))
+        fast = max(self.points, key=lambda p: p.speedup or 0.0)
+        return (f"best held-out {self.metric} of a rewritten model {self.best_metric:.6g} (budget {self.budget:g}); "
+                f"best speed-up {self.best_speedup:.2f}× (at {self.metric} {fast.metric:.6g})")
 
     def summary(self) -> str:
+        if not self.passed:
+            return f"no faster model within the budget: {self.reached()}; the model is returned unchanged"
         return (f"{len(self.chosen)} conv(s) rewritten: {self.baseline_ms:.2f} ms → {self.measured_ms:.2f} ms "
                 f"measured ({self.speedup:.2f}×; predicted {self.predicted_ms:.2f} ms), held-out {self.metric} "
-                f"{self.metric_value:.6g} (budget {self.budget:g}): {'PASS' if self.passed else 'FAIL'}")
+                f"{self.metric_value:.6g} on the {self.held_on} (budget {self.budget:g}): PASS")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["candidates"] = [c.to_dict() for c in self.candidates]
-        d["summary"] = self.summary()
+        d.update(summary=self.summary(), best_metric=self.best_metric, best_speedup=self.best_speedup)
         return d
 
 
 # ---- metrics ----------------------------------------------------------------------------------------------
 class Judge:
     """The original model's outputs (or other ``tensors``) on a fixed input set, and the metric of a
-    candidate against them: the worst over the tensors."""
+    candidate against them, **per sample**: per tensor the worst informative sample (or, with ``quantile``
+    q, the value that a share q of them reach), and the worst tensor counts. A sample whose reference is
+    degenerate for the metric (:func:`convgraph.metrics.degenerate`: every value tiny, constant or
+    saturated; PP-OCR det's text map on a picture without text) is left out of that tensor's figures and
+    named in :attr:`excluded`; with ``strict`` a tensor with no informative sample is an error, else it
+    is judged on all samples pooled. ``names``: what to call the samples (default: their index)."""
 
     def __init__(self, model: onnx.ModelProto, feeds: Sequence[dict], metric: str, provider: str,
-                 threads: int | None, tensors: Sequence[str] | None = None):
+                 threads: int | None, tensors: Sequence[str] | None = None, *, quantile: float | None = None,
+                 names: Sequence[str] | None = None, strict: bool = True):
+        from .metrics import degenerate
+
         if metric not in METRICS:
             raise UsageError(f"--metric must be one of {', '.join(METRICS)}, not {metric!r}")
+        if quantile is not None and not 0.0 < quantile <= 1.0:
+            raise UsageError(f"--quantile is the share of held-out samples the budget must hold on, in (0, 1]; "
+                             f"got {quantile}")
         self.feeds, self.metric, self.provider, self.threads = list(feeds), metric, provider, threads
+        self.quantile = quantile
         if not self.feeds:
             raise UsageError("the held-out set is empty")
+        self.sample_names = list(names) if names is not None else [f"#{i}" for i in range(len(self.feeds))]
         self.names = list(tensors) if tensors else [o.name for o in model.graph.output]
         produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
         missing = [t for t in self.names if t not in produced]
         if missing:
             raise UsageError(f"no tensor {missing[0]!r} in the model to judge by")
         self.ref = self._outputs(model)
+        #: per tensor: (sample name, why its reference cannot show a difference), for the samples left out
+        self.excluded: dict[str, list[tuple[str, str]]] = {}
+        for n, refs in self.ref.items():
+            out = [(self.sample_names[i], why) for i, r in enumerate(refs) if (why := degenerate(r)) is not None]
+            if out and metric != "top1":
+                self.excluded[n] = out
+            if strict and metric != "top1" and len(out) == len(refs):
+                raise UsageError(f"the reference {n!r} says nothing on any held-out sample ({out[0][1]}, e.g. on "
+                                 f"sample {out[0][0]}): give held-out inputs on which it does (--heldout, --calib)")
 
     def _outputs(self, model: onnx.ModelProto) -> dict[str, list[np.ndarray]]:
         from .runtime import create_session, expose_tensors, run
@@ -190,25 +250,49 @@ class Judge:
                 outs[n].append(v)
         return outs
 
+    def _value(self, m, snr: bool = False) -> float:
+        """A tensor's :class:`~convgraph.metrics.Metrics` → the figure the budget is held on: the worst
+        informative sample, or the lower (1 − quantile) quantile; pooled when no sample is informative."""
+        vals = np.array([v for v in (m.sample_snr_db if snr else m.sample_cosine) if v is not None], np.float64)
+        if vals.size == 0:
+            return float(m.snr_db if snr else m.cosine)
+        if self.quantile is None:
+            return float(vals.min())
+        return float(np.quantile(vals, 1.0 - self.quantile, method="lower"))
+
     def judge(self, model: onnx.ModelProto) -> tuple[float, float, dict[str, dict]]:
-        """(metric, error, per-output metrics) of ``model`` against the original on these inputs."""
-        from .verify import compare
+        """(metric, error, per-tensor metrics with the per-sample distribution) of ``model`` against the
+        original on these inputs."""
+        from .metrics import compare
 
         got = self._outputs(model)
         per = {n: compare(self.ref[n], got[n], name=n) for n in self.names}
-        cos = min(m.cosine for m in per.values())
+        field_ = "sample_snr_db" if self.metric == "snr" else "sample_cosine"
+        cos = min(self._value(m) for m in per.values())
         err_cos = 1.0 - cos
         if self.metric == "cosine":
             value, error = cos, err_cos
         elif self.metric == "snr":
-            value = min(m.snr_db for m in per.values())
+            value = min(self._value(m, snr=True) for m in per.values())
             error = 10 ** (-value / 10) if math.isfinite(value) else 0.0
         else:
             tops = [m.top1 for m in per.values() if m.top1 is not None]
             if not tops:
                 raise UsageError("--metric top1 needs an output that looks like class scores ([N, classes])")
             value, error = min(tops), err_cos  # top-1 agreement is too coarse to rank by: cosine ranks
-        return value, error, {n: m.to_dict() for n, m in per.items()}
+        out = {}
+        for n, m in per.items():
+            d = m.to_dict()
+            vals = [v for v in getattr(m, field_) if v is not None]
+            d["distribution"] = {
+                "metric": "snr_db" if self.metric == "snr" else "cosine", "judged": len(vals),
+                "min": min(vals, default=None),
+                "p5": float(np.quantile(vals, 0.05, method="lower")) if vals else None,
+                "median": float(np.median(vals)) if vals else None,
+                "worst_sample": self.sample_names[m.worst_sample] if m.worst_sample is not None else None,
+                "excluded": [{"sample": s, "why": w} for s, w in self.excluded.get(n, [])]}
+            out[n] = d
+        return value, error, out
 
     def allowance(self, budget: float) -> float | None:
         """The error the budget allows, for predictions (None for top1: no error scale to predict with)."""
@@ -261,16 +345,100 @@ def _static(shape) -> bool:
     return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
 
 
+class TimingCache:
+    """One-layer timings kept across runs in a small JSON file (default under the user's cache folder).
+
+    An entry is a conv and all the options timed with it, interleaved: the original layer's median and,
+    per option, its median over the pairs and the share of pairs it won. The key is a digest of the
+    layers' structure — ops, attributes, shapes and dtypes of every tensor, weights' shapes but not their
+    values, which do not change a dense kernel's time; names replaced by their order — with the provider,
+    thread count, timed runs, onnxruntime version, processor and core count: another machine, setting or
+    layer never matches."""
+
+    VERSION = 1
+
+    def __init__(self, path):
+        self.path = Path(os.fspath(path))
+        try:
+            data = json.loads(self.path.read_text())
+            self.entries = data["entries"] if data.get("version") == self.VERSION else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self.entries = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def default_path() -> Path:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return Path(base) / "convgraph" / "layer-timings.json"
+
+    @staticmethod
+    def key(layers: Sequence[onnx.ModelProto], provider: str, threads: int | None, runs: int) -> str:
+        import hashlib
+        import platform
+
+        from .runtime import ort
+
+        h = hashlib.sha256()
+        for m in layers:
+            shell = onnx.ModelProto()
+            shell.CopyFrom(m)
+            g = shell.graph
+            names: dict[str, str] = {}  # tensors renamed by first appearance: builds name them afresh each time
+
+            def canon(t: str) -> str:
+                return names.setdefault(t, f"t{len(names)}") if t else t
+
+            for vi in list(g.input) + list(g.output):
+                vi.name = canon(vi.name)
+            for t in g.initializer:  # shapes and dtypes stay; values go
+                t.name = canon(t.name)
+                t.ClearField("raw_data")
+                for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    t.ClearField(f)
+            for n in g.node:
+                n.name, n.doc_string = "", ""
+                n.input[:] = [canon(t) for t in n.input]
+                n.output[:] = [canon(t) for t in n.output]
+            h.update(shell.SerializeToString(deterministic=True))
+            h.update(b"\0")
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+        except OSError:
+            pass
+        h.update(json.dumps([provider, threads, runs, ort().__version__, cpu, os.cpu_count()]).encode())
+        return h.hexdigest()
+
+    def get(self, key: str) -> dict | None:
+        hit = self.entries.get(key)
+        self.hits += hit is not None
+        self.misses += hit is None
+        return hit
+
+    def put(self, key: str, value: dict) -> None:
+        self.entries[key] = value
+
+    def save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, json.dumps({"version": self.VERSION, "entries": self.entries}).encode())
+        except OSError:
+            pass  # a cache that cannot be written costs time, never a result
+
+
 def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str], ranks: Sequence[int], *,
                shares: Sequence[str] | None = None,
                provider: str, threads: int | None, runs: int, warmup: int,
-               progress=None) -> list[Candidate]:
-    """Every matching (conv, rule, params) that cuts MACs, with its measured one-layer latency."""
+               progress=None, cache: TimingCache | None = None) -> list[Candidate]:
+    """Every matching (conv, rule, params) that cuts MACs, with its measured one-layer latency (from
+    ``cache`` when the same layers were timed before in the same setting)."""
     from .bench import bench
 
     by_id = {r.node_id: r for r in records}
     out: list[Candidate] = []
-    for rec in records:
+    t_start = time.perf_counter()
+    for done, rec in enumerate(records):
         if not (_static(rec.input_shape) and _static(rec.output_shape)):
             raise UsageError(f"conv {rec.node_id} has dynamic shapes {rec.input_shape} → {rec.output_shape}; "
                              "fix the input shape (--input-shape) to time its layers")
@@ -292,25 +460,72 @@ def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str
                                 "model": _layer_model(cg, rec, rep.nodes, rep.initializers)})
         if not options:
             continue
-        orig = _layer_model(cg, rec, [cg.node(rec.node_id)], [])
-        rep = bench([orig] + [o["model"] for o in options], runs=runs, warmup=warmup, provider=provider,
-                    threads=threads, names=["original"] + [f"{o['rule']}{o['params']}" for o in options],
-                    progress=False, spinning=False)
-        t0 = rep.models[0].median_ms
-        for o, ratio in zip(options, rep.ratios):
+        layers = [_layer_model(cg, rec, [cg.node(rec.node_id)], [])] + [o["model"] for o in options]
+        key = TimingCache.key(layers, provider, threads, runs) if cache is not None else ""
+        timed = cache.get(key) if cache is not None else None
+        if timed is None:
+            rep = bench(layers, runs=runs, warmup=warmup, provider=provider, threads=threads,
+                        names=["original"] + [f"{o['rule']}{o['params']}" for o in options], progress=False,
+                        spinning=False)
+            base = np.asarray(rep.models[0].times_ms)
+            timed = {"before_ms": rep.models[0].median_ms,
+                     "ratios": [r.median for r in rep.ratios],  # medians over interleaved pairs
+                     "won": [float(np.mean(base > np.asarray(m.times_ms))) for m in rep.models[1:]]}
+            if cache is not None:
+                cache.put(key, timed)
+        t0 = timed["before_ms"]
+        for o, ratio, won in zip(options, timed["ratios"], timed["won"]):
             out.append(Candidate(rec.node_id, o["rule"], o["params"], o["kind"], rec.macs, o["macs"], t0,
-                                 t0 / ratio.median))
+                                 t0 / ratio, faster_share=won))
         if progress is not None:
-            progress(rec.node_id)
+            progress(f"timing layers: {done + 1}/{len(records)} convs{_eta(t_start, done + 1, len(records))}")
     return out
 
 
-def _select_regex(nodes: Iterable[str]) -> str:
-    return "^(?:" + "|".join(re.escape(n) for n in nodes) + ")$"
+def _eta(t_start: float, done: int, total: int) -> str:
+    """``, about N s left`` at the rate so far (empty when nothing is left or known)."""
+    if done <= 0 or done >= total:
+        return ""
+    left = (time.perf_counter() - t_start) / done * (total - done)
+    return f", about {left:.0f} s left" if left < 120 else f", about {left / 60:.0f} min left"
+
+
+def _unique_names(cg: ConvGraph) -> dict[str, str]:
+    """Name every main-graph op after its node id where the two differ (unnamed ops, repeated names), so
+    that ids survive rewriting and reloading (an unnamed op's id is its position, a repeated name's its
+    rank among the repeats: both move when other nodes are rewritten). Edits ``cg``; returns id → the
+    original name, for :func:`_restore_names`."""
+    renamed = {}
+    for nid in cg.ops():
+        proto = cg.node(nid)
+        if proto.name != nid:
+            renamed[nid] = proto.name
+            proto.name = nid
+    if renamed:
+        cg.dirty = True
+    return renamed
+
+
+def _restore_names(model: onnx.ModelProto, renamed: Mapping[str, str]) -> onnx.ModelProto:
+    """Make the ops :func:`_unique_names` named unnamed again; repeated names are not restored
+    (onnxruntime refuses a model with two nodes of one name)."""
+    for n in model.graph.node:
+        if renamed.get(n.name) == "":
+            n.name = ""
+    return model
 
 
 def _apply(model: onnx.ModelProto, plan: Mapping[str, tuple[str, dict]], *, calibration, input_shapes):
-    """``model`` with each conv of ``plan`` rewritten by its (rule, params); returns (model, changes)."""
+    """``model`` with each conv of ``plan`` (node id → (rule, params)) rewritten; returns (model, changes).
+
+    The plan's ids must be the names of its convs, once each (:func:`_unique_names`); what the engine
+    applied is compared with the plan, and a difference is an error naming the nodes."""
+    names = {}
+    for n in model.graph.node:
+        names[n.name] = names.get(n.name, 0) + 1
+    unnamed = sorted(n for n in plan if names.get(n) != 1)
+    if unnamed:
+        raise UsageError(f"plan names node(s) that are not one uniquely named op of the model: {', '.join(unnamed)}")
     groups: dict[tuple[str, str], list[str]] = {}
     for node, (rule, params) in plan.items():
         groups.setdefault((rule, repr(sorted(params.items()))), []).append(node)
@@ -318,8 +533,18 @@ def _apply(model: onnx.ModelProto, plan: Mapping[str, tuple[str, dict]], *, cali
     for (rule, _), nodes in groups.items():
         params = plan[nodes[0]][1]
         res = rewrite(model, [rule], params={k: str(v) for k, v in params.items()},
-                      selection=Selection(nodes=_select_regex(nodes)), input_shapes=input_shapes, verify=False,
+                      selection=Selection(node_ids=frozenset(nodes)), input_shapes=input_shapes, verify=False,
                       calibration=calibration)
+        applied = [c.node for c in res.report.changes if c.rule == rule]
+        missing = sorted(set(nodes) - set(applied))
+        extra = sorted(set(c.node for c in res.report.changes) - set(nodes))
+        if missing or extra or len(applied) != len(nodes):
+            why = {e.node: e.reason for e in res.report.explain if e.node in missing and not e.applies}
+            raise CheckFailed("the rewrite differs from the plan: " + "; ".join(
+                [f"{rule} not applied to {n} ({why.get(n, 'no reason given')})" for n in missing]
+                + [f"{n} rewritten though not planned for {rule}" for n in extra]
+                + ([f"{rule} applied {len(applied)} time(s) to {len(nodes)} planned node(s)"]
+                   if not (missing or extra) else [])))
         model = res.model
         changes += res.report.changes
     return model, changes
@@ -330,7 +555,8 @@ def greedy_sequence(cands: Sequence[Candidate], baseline_ms: float) -> list[Step
     """Steps in order of saving per unit of error; per conv its options' lower convex hull, in order."""
     by_node: dict[str, list[Candidate]] = {}
     for c in cands:
-        if c.error is not None and c.saving_ms > 0 and math.isfinite(c.error):
+        if c.error is not None and c.saving_ms > 0 and math.isfinite(c.error) and (
+                c.faster_share is None or c.faster_share >= STABLE_SHARE):
             by_node.setdefault(c.node, []).append(c)
     moves = []
     for node, opts in by_node.items():
@@ -371,7 +597,7 @@ def plan_of(steps: Sequence[Step]) -> dict[str, tuple[str, dict]]:
     return plan
 
 
-def search(steps: Sequence[Step], evaluate, *, allowance: float | None, max_evals: int) -> list[Step]:
+def search(steps: Sequence[Step], evaluate, *, allowance: float | None, max_evals: int, stop=None) -> list[Step]:
     """Find the longest passing prefix of ``steps`` with at most ``max_evals`` calls of ``evaluate(prefix)
     -> (passed, error)``, backing off the steps that break it.
 
@@ -379,7 +605,7 @@ def search(steps: Sequence[Step], evaluate, *, allowance: float | None, max_eval
     from the predicted errors (scaled by how far the measured error of the last passing prefix exceeded
     its prediction). When the two are adjacent, the step between them alone turns a passing model into a
     failing one: it is backed off — dropped, with the later (more aggressive) steps of the same conv —
-    and the search goes on over the rest. Returns the steps backed off.
+    and the search goes on over the rest; ``stop()`` true ends it (a time budget). Returns the steps backed off.
     """
     seq, dropped = list(steps), []
     lo, hi, evals, scale = 0, len(seq) + 1, 0, 1.0
@@ -395,7 +621,7 @@ def search(steps: Sequence[Step], evaluate, *, allowance: float | None, max_eval
         return k
 
     k = min(guess(), len(seq))
-    while seq and evals < max_evals:
+    while seq and evals < max_evals and not (stop is not None and stop()):
         if hi - lo == 1:
             if hi > len(seq):
                 break  # the whole (remaining) sequence passes
@@ -431,19 +657,29 @@ def needs_shorter(p: Point) -> bool:
 # ---- sequential fitting ---------------------------------------------------------------------------------------
 def fit_sequential(original: onnx.ModelProto, plan: Mapping[str, tuple[str, dict]], calib, *,
                    input_shapes=None, provider: str = "cpu", threads: int | None = None,
-                   progress=None) -> tuple[onnx.ModelProto, list]:
+                   progress=None, cache: dict | None = None) -> tuple[onnx.ModelProto, list]:
     """Apply ``plan`` (node → (rule, params)) in stages, in topological order: each conv's statistics are
     gathered on the model rewritten so far, with the original as the reference, so its fit targets the
     original layer's output from the activations it will really get. Convs none of which lies upstream of
-    another share a stage (one calibration pass). Returns the model and the engine's changes."""
+    another share a stage (one calibration pass). ``cache`` (a dict kept between calls with the same
+    ``original`` and ``calib``) keeps the model after each run of stages: a plan whose first stages are
+    those of an earlier plan (same convs, rules and params in each) starts after them. Returns the model
+    and the engine's changes."""
     cg = load(original, input_shapes, check=False)
     order = {n: i for i, n in enumerate(cg.topological_order())}
     nodes = sorted(plan, key=lambda n: order[n])
     depth = _stages(cg, set(nodes))
     recs = {r.node_id: r for r in analyze(cg, rewrites=False).convs}
-    model, changes = original, []
-    for stage in range(max(depth.values(), default=-1) + 1):
-        members = [n for n in nodes if depth[n] == stage]
+    stages = [[n for n in nodes if depth[n] == k] for k in range(max(depth.values(), default=-1) + 1)]
+    keys = [tuple((n, plan[n][0], repr(sorted(plan[n][1].items()))) for n in members) for members in stages]
+    model, changes, start = original, [], 0
+    for j in range(len(stages), 0, -1) if cache is not None else ():
+        hit = cache.get(tuple(keys[:j]))
+        if hit is not None:
+            model, changes, start = hit[0], list(hit[1]), j
+            break
+    for stage in range(start, len(stages)):
+        members = stages[stage]
         calibrated = [n for n in members if calibratable(recs[n]) is None]
         stats = Calibration()
         if calibrated:
@@ -451,9 +687,23 @@ def fit_sequential(original: onnx.ModelProto, plan: Mapping[str, tuple[str, dict
                               provider=provider, threads=threads)
         model, ch = _apply(model, {n: plan[n] for n in members}, calibration=stats, input_shapes=input_shapes)
         changes += ch
+        if cache is not None:
+            _keep(cache, tuple(keys[:stage + 1]), (model, list(changes), model.ByteSize()))
         if progress is not None:
             progress(stage)
     return model, changes
+
+
+#: Models kept by fit_sequential's cache, in bytes (the oldest go first).
+FIT_CACHE_BYTES = 384 << 20
+
+
+def _keep(cache: dict, key, entry) -> None:
+    cache[key] = entry
+    total = sum(e[2] for e in cache.values())
+    while total > FIT_CACHE_BYTES and len(cache) > 1:
+        oldest = next(iter(cache))
+        total -= cache.pop(oldest)[2]
 
 
 def _stages(cg: ConvGraph, chosen: set[str]) -> dict[str, int]:
@@ -484,13 +734,66 @@ def _subset(data: InputSet, idx: Sequence[int], describe: str) -> InputSet:
     return InputSet(len(idx), lambda i: data[idx[i]], describe, data.specs)
 
 
+#: The share of a time budget (from the start) after which no more candidate errors are measured: the
+#: rest is left for building and judging prefixes.
+ERRORS_SHARE = 0.6
+#: Fewer calibration (held-out) samples than this get a warning that says what it risks.
+FEW_CALIBRATION, FEW_HELDOUT = 16, 8
+
+
+def _sample_risks(calibration: int, heldout: int, split: bool) -> list[str]:
+    """Warnings for a calibration or held-out set too small, or a held-out set split off the calibration
+    set (alike to the data fitted on: the budget it passes says little about other data)."""
+    out = []
+    if calibration < FEW_CALIBRATION:
+        out.append(f"only {calibration} calibration sample(s): the fits see few activations (a layer with many "
+                   f"inputs per output can fit them and miss other data); give {FEW_CALIBRATION}+ varied ones "
+                   "(other scenes and sources than the held-out set)")
+    if heldout < FEW_HELDOUT:
+        out.append(f"the budget is checked on {heldout} held-out sample(s) only: it may not hold on other "
+                   f"inputs; give {FEW_HELDOUT}+ (--heldout), unlike the calibration set")
+    if split:
+        out.append("the held-out samples were split off the calibration set: they are like the data the fits "
+                   "saw, and a budget held on them can fail on other data (seen: YOLOv8n class scores at "
+                   "cosine 0.74 on other photos while crops of the calibration photos passed); give --heldout "
+                   "from other sources")
+    return out
+
+
+def _alone(original: onnx.ModelProto, cg: ConvGraph, by_id: Mapping[str, ConvRecord], c: Candidate, stats,
+           input_shapes) -> onnx.ModelProto | None:
+    """``original`` with the one conv of candidate ``c`` replaced, fitted on ``stats``: the rule's nodes
+    spliced into a copy of the model in the conv's place (no reload, analysis or checks of the whole
+    model: they cost more than the fit). Through the engine (:func:`_apply`) when the replacement does not
+    simply stand in for the conv; None when the rule refuses the conv with these statistics."""
+    rec, rule = by_id[c.node], get_rule(c.rule)
+    params = rule.resolve_params({k: str(v) for k, v in c.params.items()})
+    ctx = RuleContext(cg, by_id, stats, params)
+    if rule.match(rec, ctx) is not None:
+        return None
+    rep = rule.build(rec, ctx, params)
+    made = {o for n in rep.nodes for o in n.output}
+    if (rep.removed and list(rep.removed) != [rec.node_id]) or rec.output not in made:
+        return _apply(original, {c.node: (c.rule, c.params)}, calibration=stats, input_shapes=input_shapes)[0]
+    m = onnx.ModelProto()
+    m.CopyFrom(original)
+    nodes = list(m.graph.node)
+    i = next(k for k, n in enumerate(nodes) if n.name == c.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes[:i] + list(rep.nodes) + nodes[i + 1:])
+    m.graph.initializer.extend(rep.initializers)  # the conv's own weights stay, unread: onnxruntime drops them
+    return m
+
+
 def _measure(original, cg, records, rules, ranks, shares, fit_set, judge: Judge, *, provider, threads, input_shapes,
-             layer_runs: int, seconds: dict, say) -> list[Candidate]:
-    """Phases 1–3: candidates, their one-layer latencies, and each one's error alone (fitted on ``fit_set``)."""
+             layer_runs: int, seconds: dict, say, deadline: float, cache: TimingCache | None,
+             notes: list[str]) -> list[Candidate]:
+    """Phases 1–3: candidates, their one-layer latencies, and each one's error alone (fitted on ``fit_set``);
+    past ``deadline`` the remaining candidates get no error (they are not chosen)."""
     t = time.perf_counter()
     say("timing layers")
     cands = candidates(cg, records, rules, ranks, shares=shares, provider=provider, threads=threads, runs=layer_runs,
-                       warmup=max(3, layer_runs // 10))
+                       warmup=max(3, layer_runs // 10), progress=say, cache=cache)
     seconds["layer_latency"] = time.perf_counter() - t
     t = time.perf_counter()
     say("calibrating")
@@ -500,12 +803,17 @@ def _measure(original, cg, records, rules, ranks, shares, fit_set, judge: Judge,
                       threads=None) if calibrated else Calibration()
     seconds["calibration"] = time.perf_counter() - t
     t = time.perf_counter()
-    for i, c in enumerate(cands):
-        if c.saving_ms <= 0:
-            continue
-        say(f"error of {c.node} {c.rule} {c.params} ({i + 1}/{len(cands)})")
-        m, _ = _apply(original, {c.node: (c.rule, c.params)}, calibration=stats, input_shapes=input_shapes)
-        c.metric, c.error, _ = judge.judge(m)
+    # the largest savings first: when a time budget runs out, what is left unmeasured is worth the least
+    todo = sorted((c for c in cands if c.saving_ms > 0), key=lambda c: -c.saving_ms)
+    for i, c in enumerate(todo):
+        if time.perf_counter() > deadline:
+            notes.append(f"--time-budget: {len(todo) - i} of {len(todo)} candidates (the smallest savings) had no "
+                         f"time left for measuring their errors and were not considered")
+            break
+        say(f"errors of the candidates: {i + 1}/{len(todo)}{_eta(t, i, len(todo))}")
+        m = _alone(original, cg, by_id, c, stats, input_shapes)
+        if m is not None:
+            c.metric, c.error, _ = judge.judge(m)
     seconds["candidate_errors"] = time.perf_counter() - t
     return cands
 
@@ -515,7 +823,8 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
              shares: Sequence[str] | None = None, selection: Selection | None = None, provider: str = "cpu", threads: int | None = 1,
              input_shapes: Mapping[str, Sequence[int]] | None = None, input_options: Mapping[str, Any] | None = None,
              tensors: Sequence[str] | None = None, measured: Sequence[Candidate] | None = None, probe: int = 8,
-             layer_runs: int = 30, bench_runs: int = 20, max_evals: int = 6,
+             layer_runs: int = 30, bench_runs: int = 20, max_evals: int = 6, quantile: float | None = None,
+             time_budget: float | None = None, timing_cache: "TimingCache | str | os.PathLike | None" = None,
              progress=None) -> tuple[onnx.ModelProto, OptimizeReport]:
     """Rewrite the convs of ``model`` for the most measured speed within ``budget`` on held-out inputs.
 
@@ -530,12 +839,22 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     all). ``measured``: the candidates of an earlier run (``report.candidates``) on the same model, data,
     rules and metric, to try another budget without measuring them again. ``shares``: the ranks tried for
     the rules whose rank spans the whole layer (``low-rank``), as shares of the full rank (default
-    :data:`LAYER_RANK_SHARES`); ``ranks`` are the others'. ``max_evals``: prefixes built
-    and judged in the final search. ``progress``: a callable taking one-line status messages.
-    Returns the optimized model (the original when nothing fits the budget) and the report.
+    :data:`LAYER_RANK_SHARES`); ``ranks`` are the others'. ``time_budget``: seconds the whole run may
+    take; when they run out the search stops and the best verified result so far is returned, with a note.
+    ``timing_cache``: a :class:`TimingCache` (or its file) keeping one-layer timings across runs. The
+    budget holds per held-out sample: on the worst one, or with ``quantile`` q on a share q of them
+    (:class:`Judge`; samples whose reference is degenerate are left out and named in the report).
+    ``max_evals``: prefixes built and judged in the final search. ``progress``: a callable taking one-line
+    status messages (stage, count, time left). Returns the optimized model (the original when no faster
+    model fits the budget; ``report.passed`` then False) and the report.
     """
     t_start = time.perf_counter()
+    deadline = t_start + time_budget if time_budget is not None else math.inf
+    if time_budget is not None and not time_budget > 0:
+        raise UsageError(f"--time-budget must be a positive number of seconds, got {time_budget}")
     seconds: dict[str, float] = {}
+    run_notes: list[str] = []  # what the run itself has to say (cache, time budget)
+    fits: dict = {}  # fitted stages shared between prefixes (fit_sequential's cache)
     say = progress or (lambda *_: None)
     options = dict(input_options or {})
     selection = selection or Selection()
@@ -548,6 +867,9 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         for share in shares or ():
             get_rule(r).resolve_params({"rank": str(share)})  # UsageError now, not after the calibration
     cg = load(model, input_shapes, probe=True, input_values=options.get("values"))  # timing a layer needs shapes
+    records = [r for r in analyze(cg, rewrites=False).convs
+               if not r.graph and selection.why_not(r) is None]
+    renamed = _unique_names(cg)  # plans go by node id: ids must survive rewriting (names restored at the end)
     original = cg.to_model()
     label = "<model>" if isinstance(model, (bytes, onnx.ModelProto, ConvGraph)) else str(model)
 
@@ -560,7 +882,13 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     else:
         held_set = _input_set(original, heldout, input_shapes, options, "held-out")
     # ``threads`` is for what is timed; runs that only compute (judging, calibration) use every core
-    judge_held = Judge(original, list(held_set), metric, provider, None, tensors)
+    if heldout is None:
+        held_names = [f"calibration sample {i}" for i in range(3, len(calib_set) + len(held_set), 4)]
+    else:
+        held_names = getattr(held_set, "names", None)
+    judge_held = Judge(original, list(held_set), metric, provider, None, tensors, quantile=quantile,
+                       names=held_names)
+    risks = _sample_risks(len(calib_set), len(held_set), heldout is None)
     # candidates are fitted on most of the calibration set and their error measured on the rest (``probe``
     # samples spread over the set, so that they are like it): errors measured on the fitting data itself
     # flatter the fits that overfit
@@ -569,10 +897,9 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         raise UsageError("at least 2 calibration samples are needed (one to fit on, one to measure errors on)")
     probe_idx = sorted({int(i) for i in np.linspace(len(calib_set) - 1, 0, n_probe).round()})
     fit_set = _subset(calib_set, [i for i in range(len(calib_set)) if i not in probe_idx], calib_set.describe)
-    judge_probe = Judge(original, [calib_set[i] for i in probe_idx], metric, provider, None, tensors)
+    judge_probe = Judge(original, [calib_set[i] for i in probe_idx], metric, provider, None, tensors,
+                        quantile=quantile, strict=False)
 
-    records = [r for r in analyze(cg, rewrites=False).convs
-               if not r.graph and selection.why_not(r) is None]
     from .bench import bench
 
     base = bench(original, runs=bench_runs, warmup=3, provider=provider, threads=threads,
@@ -581,8 +908,17 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     if measured is not None:  # an earlier run's candidates: same model, data, rules and metric
         cands = [Candidate(**asdict(c)) for c in measured]
     else:
+        cache = timing_cache if isinstance(timing_cache, TimingCache) or timing_cache is None else \
+            TimingCache(timing_cache)
+        # the candidates' errors may take a share of a time budget; the rest is the search's
+        errors_until = t_start + ERRORS_SHARE * time_budget if time_budget is not None else math.inf
         cands = _measure(original, cg, records, rules, ranks, shares, fit_set, judge_probe, provider=provider,
-                         threads=threads, input_shapes=input_shapes, layer_runs=layer_runs, seconds=seconds, say=say)
+                         threads=threads, input_shapes=input_shapes, layer_runs=layer_runs, seconds=seconds, say=say,
+                         deadline=errors_until, cache=cache, notes=run_notes)
+        if cache is not None:
+            cache.save()
+            run_notes.append(f"one-layer timings: {cache.hits} conv(s) from the cache ({cache.path}), "
+                             f"{cache.misses} timed")
 
     steps = greedy_sequence(cands, baseline_ms)
     allowance = judge_held.allowance(budget)
@@ -592,20 +928,25 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     built: list[tuple[Point, list[Step], onnx.ModelProto, list, dict]] = []
 
     def evaluate(prefix: list[Step]) -> tuple[bool, float]:
-        say(f"building {len(prefix)} steps ({len(plan_of(prefix))} convs; {len(points) + 1} of at most {max_evals})")
+        say(f"search: building and judging {len(prefix)} steps ({len(plan_of(prefix))} convs), prefix "
+            f"{len(points) + 1} of at most {max_evals}{_eta(t, len(points), max_evals)}")
         m, changes = fit_sequential(original, plan_of(prefix), calib_set, input_shapes=input_shapes,
-                                    provider=provider)
+                                    provider=provider, cache=fits)
         value, err, per = judge_held.judge(m)
         b = bench([original, m], runs=bench_runs, warmup=3, provider=provider, threads=threads,
                   input_shapes=input_shapes, names=["original", "optimized"], progress=False)
         orig_ms = b.models[0].median_ms
+        won = float(np.mean(np.asarray(b.models[0].times_ms) > np.asarray(b.models[1].times_ms)))
         p = Point(len(prefix), len(plan_of(prefix)), orig_ms - sum(s.saving_ms for s in prefix), orig_ms,
-                  b.models[1].median_ms, b.ratios[0].median, value, err, judge_held.passes(value, budget))
+                  b.models[1].median_ms, b.ratios[0].median, value, err, judge_held.passes(value, budget), won)
         points.append(p)
         built.append((p, list(prefix), m, changes, per))
         return p.passed, err
 
-    backed_off = search(steps, evaluate, allowance=allowance, max_evals=max_evals) if steps else []
+    def out_of_time() -> bool:
+        return time.perf_counter() > deadline
+
+    backed_off = search(steps, evaluate, allowance=allowance, max_evals=max_evals, stop=out_of_time) if steps else []
     seconds["search"] = time.perf_counter() - t
 
     passing = [b for b in built if b[0].passed]
@@ -613,7 +954,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     # MACs save): while the fastest passing prefix is no faster than the original, or its measured latency
     # is far from the sum of its layers' savings, halve the shortest one.
     tries, shorter = max(2, max_evals - len(points)), []
-    while passing and tries and needs_shorter(max(passing, key=lambda b: b[0].speedup)[0]):
+    while passing and tries and not out_of_time() and needs_shorter(max(passing, key=lambda b: b[0].speedup)[0]):
         shortest = min((b[1] for b in passing), key=len)
         if len(shortest) < 2:
             break
@@ -622,7 +963,19 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         tries -= 1
         passing = [b for b in built if b[0].passed]
     faster = [b for b in passing if b[0].speedup > 1.0]
-    notes = list(cg.warnings)  # what loading said (dynamic inputs, shapes probed)
+    notes = list(cg.warnings) + risks + run_notes  # loading (dynamic inputs, shapes probed), few samples, the run
+    timed_out = out_of_time() or any(n.startswith("--time-budget") for n in run_notes)
+    if out_of_time() and steps:
+        notes.append(f"--time-budget of {time_budget:g} s ran out: the search stopped after {len(points)} prefix(es) "
+                     "built; the result is the best verified so far")
+    repeated = sorted(n for n, old in renamed.items() if old)
+    if repeated:
+        notes.append(f"{len(repeated)} op(s) shared a name with another (onnxruntime refuses such a model): the "
+                     f"result names them after their ids: {', '.join(repeated[:5])}"
+                     f"{' …' if len(repeated) > 5 else ''}")
+    for name, out in judge_held.excluded.items():
+        notes.append(f"{len(out)} of {len(held_set)} held-out sample(s) left out of judging {name!r}, their "
+                     f"reference saying nothing to compare with: " + "; ".join(f"{s_} ({why})" for s_, why in out))
     if shorter:
         notes.append(f"latency did not follow the layers' measured savings (not faster than the original, or "
                      f"over {PREDICTION_SLACK - 1:.0%} slower than predicted): also built the prefixes of "
@@ -644,7 +997,8 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         measured, speedup, predicted = baseline_ms, 1.0, baseline_ms
         if not passing:
             notes.append("no rewrite kept the held-out metric within the budget: the model is returned unchanged"
-                         if steps else "no candidate rewrite saves measured time")
+                         if points else "no prefix was built: the model is returned unchanged" if steps else
+                         "no candidate rewrite saves measured time")
     if backed_off:
         notes.append("backed off (each turned a passing prefix into a failing one): " + ", ".join(
             f"{b.node} {b.rule} {','.join(f'{k}={v}' for k, v in b.params.items())}" for b in backed_off))
@@ -657,21 +1011,21 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         c = by_cand[(node, rule, repr(sorted(params.items())))]
         ch = by_change.get(node)
         chosen.append(Choice(node, rule, dict(params), c.kind_after, c.saving_ms, c.error,
-                             ch.notes if ch else ""))
+                             ch.notes if ch else "", c.faster_share))
     seconds["total"] = time.perf_counter() - t_start
     report = OptimizeReport(
         model=label, metric=metric, budget=budget, rules=list(rules), provider=provider, threads=threads,
         calibration=calib_set.describe, heldout=held_set.describe, judged=list(judge_held.names),
         baseline_ms=baseline_ms, predicted_ms=predicted,
-        measured_ms=measured, speedup=speedup, metric_value=value, passed=bool(passing) or not steps,
+        measured_ms=measured, speedup=speedup, metric_value=value, passed=bool(chosen),
         chosen=chosen, candidates=list(cands), sequence=steps, points=sorted(points, key=lambda p: p.steps),
-        outputs=per, seconds=seconds, notes=notes)
-    return final, report
+        outputs=per, seconds=seconds, notes=notes, quantile=quantile, timed_out=timed_out,
+        excluded={n: [{"sample": s_, "why": w} for s_, w in out] for n, out in judge_held.excluded.items()})
+    return _restore_names(final, renamed), report
 
 
 # ---- the plot --------------------------------------------------------------------------------------------------
-def plot_pareto(report: OptimizeReport, path) -> None:
-    """A PNG of the error–latency front: the greedy sequence as predicted, and the prefixes as measured."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -679,6 +1033,33 @@ def plot_pareto(report: OptimizeReport, path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'convgraph[plot]'") from None
+    return plt
+
+
+def check_plot_path(path, model=None, output=None) -> Path:
+    """Refuse (UsageError) a plot path before any work: matplotlib missing, a format it cannot write, the
+    input model or the output model, a folder or a missing folder (:func:`convgraph.io.check_output_path`)."""
+    p = Path(os.fspath(path))
+    for other, what in ((model, "the input model"), (output, "the output model")):
+        if other is not None and p.resolve() == Path(os.fspath(other)).resolve():
+            raise UsageError(f"--plot {p} is {what}; give the plot a file of its own")
+    check_output_path(p, model)  # also a hard link to the input, a folder, a missing folder
+    fmt = p.suffix[1:].lower()
+    _pyplot()
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if fmt not in formats:
+        raise UsageError(f"--plot {p}: matplotlib cannot write {'.' + fmt if fmt else 'files without an extension'}; "
+                         f"name a .png (or {', '.join('.' + f for f in sorted(formats) if f != 'png')})")
+    return p
+
+
+def plot_pareto(report: OptimizeReport, path) -> None:
+    """A picture of the error–latency front (format from the file's extension, written atomically): the
+    greedy sequence as predicted, and the prefixes as measured."""
+    path = check_plot_path(path)
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     floor = 1e-6
     if report.sequence:
@@ -706,5 +1087,7 @@ def plot_pareto(report: OptimizeReport, path) -> None:
     ax.legend(fontsize=7, loc="best", framealpha=0.6)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix[1:].lower())
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

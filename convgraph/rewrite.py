@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import onnx
@@ -42,9 +42,12 @@ class Selection:
     exclude: str | None = None
     kinds: Sequence[str] = ()
     min_macs: int | None = None
+    node_ids: Collection[str] | None = None  # exact node ids (names can repeat; ids cannot), as plans give them
 
     def why_not(self, rec: ConvRecord) -> str | None:
         """None when ``rec`` is selected, else the reason it is not."""
+        if self.node_ids is not None and rec.node_id not in self.node_ids:
+            return "node id not in the selected ids"
         label = rec.name or rec.node_id
         if self.nodes and not re.search(self.nodes, label):
             return f"name does not match --nodes {self.nodes!r}"
@@ -180,6 +183,7 @@ def _dearer(rule: Rule, params: dict, rec: ConvRecord, macs: int | None) -> str 
     return None
 
 
+@staged(lambda cg, rule, *_: f"applying {rule.name}")
 def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report: RewriteReport,
            dry_run: bool, calibration: dict | None, checks: "dict[int, regions.Region | str] | None") -> None:
     """One pass of ``rule`` over every selected conv of every (sub)graph; ``checks`` (when the result will be
