@@ -22,7 +22,7 @@ from .errors import CheckFailed, UsageError
 from .graph import ConvGraph, load
 from .record import ConvRecord
 from .registry import get_rule
-from .rule import Rule, RuleContext
+from .rule import Rule, RuleContext, Skip
 
 #: Exact rewrites must keep every rewritten node's output within this relative error
 #: (max abs error / max abs reference), float32 accumulation order being the only difference.
@@ -93,6 +93,7 @@ class Explanation:
     rule: str
     applies: bool
     reason: str
+    skipped: bool = False  # the rule matched but could not build (reason says why)
 
 
 @dataclass
@@ -179,7 +180,12 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
             report.changes.append(Change(rule.name, label, rec.graph, rec.kind, kind, rec.macs, macs, rec.params, prm,
                                          rule.is_exact(params), rec.output))
             continue
-        rep = rule.build(rec, ctx, params)
+        try:
+            rep = rule.build(rec, ctx, params)
+        except (Skip, np.linalg.LinAlgError) as e:  # this conv cannot be rewritten after all: say why, go on
+            why = str(e) if isinstance(e, Skip) else f"the fit failed ({e})"
+            report.explain[-1] = Explanation(label, rule.name, False, f"skipped: {why}", skipped=True)
+            continue
         removed = rep.removed or [rec.node_id]
         old_names = [graph.node(n).name or n for n in removed]
         read = {t for n in removed for t in graph.node(n).input if t}
@@ -294,6 +300,10 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
         if i:
             cg = load(cg.to_model(), input_shapes, check=False, probe=probe)  # fresh shapes and records for the next rule
         _apply(cg, rule, p, selection, report, dry_run, calibration)
+    skipped = [f"{e.node} ({e.rule}): {e.reason.removeprefix('skipped: ')}" for e in report.explain if e.skipped]
+    if skipped:
+        report.warnings.append(("nothing rewritten: every conv the rules matched was skipped: " if not report.changes
+                                else f"{len(skipped)} conv(s) skipped: ") + "; ".join(skipped))
     if dry_run:
         return RewriteResult(None, report)
     model = cg.to_model()

@@ -10,7 +10,7 @@ from onnx import helper
 
 from convgraph.arithmetic import out_elements, prod  # noqa: F401  (out_elements: the rules import it from here)
 from convgraph.record import ConvRecord
-from convgraph.rule import RuleContext
+from convgraph.rule import RuleContext, Skip
 from convgraph.weights import constant_source
 from convgraph.weights import elem_type as graph_elem_type
 
@@ -83,9 +83,14 @@ class Weights:
 
 
 def weights(rec: ConvRecord, ctx: RuleContext) -> Weights:
-    """The weight (and bias) of a conv that :func:`plain_conv_reason` accepted."""
+    """The weight (and bias) of a conv that :func:`plain_conv_reason` accepted; :class:`Skip` when they hold
+    NaN or Inf (no factorization or fit of them means anything)."""
     w = ctx.value(rec.weight)
     b = ctx.value(rec.bias) if rec.bias else None
+    for what, v in (("weights", w), ("bias", b)):
+        if v is not None and not np.isfinite(v).all():
+            bad = int(v.size - np.count_nonzero(np.isfinite(v)))
+            raise Skip(f"{what} of node {label(rec)!r} are not finite ({bad} NaN/Inf values)")
     dtype = np.dtype(FLOAT_TYPES.get(helper.np_dtype_to_tensor_dtype(w.dtype), "float32"))
     notes = ""
     if rec.weight_source == "DequantizeLinear":

@@ -1,0 +1,139 @@
+"""Degenerate data never crashes a rewrite: singular fits fall back, non-finite weights skip the conv with its
+reason, and whatever else goes wrong is one line on stderr (``--debug`` shows the traceback)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import convgraph.cli.analyze as cli_analyze
+from convgraph import fit
+from convgraph.cli import main
+
+NAN_CONV = "block1/conv"
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def _no_traceback(err: str) -> None:
+    assert "Traceback" not in err and "LinAlgError" not in err, err
+
+
+@pytest.fixture
+def one_image(tmp_path) -> Path:
+    skimage = pytest.importorskip("skimage")
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shutil.copy(Path(skimage.__file__).parent / "data" / "astronaut.png", folder)
+    return folder
+
+
+def _with_nan_weights(models_dir: Path, tmp_path: Path, value: float = np.nan) -> Path:
+    """models/sample.onnx with one weight of ``block1/conv`` set to ``value``."""
+    m = onnx.load(str(models_dir / "sample.onnx"))
+    node = next(n for n in m.graph.node if n.name == NAN_CONV)
+    init = next(i for i in m.graph.initializer if i.name == node.input[1])
+    w = numpy_helper.to_array(init).copy()
+    w.flat[3] = value
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    p = tmp_path / "nan.onnx"
+    onnx.save(m, str(p))
+    return p
+
+
+def test_solve_falls_back_on_singular_matrices() -> None:
+    a = np.stack([np.zeros((3, 3)), np.diag([1.0, 2.0, 0.0]), np.eye(3) * 2])
+    b = np.ones((3, 3, 2))
+    x = fit.solve(a, b)
+    assert np.all(x[0] == 0)  # least-norm solution of 0·x = 1
+    np.testing.assert_allclose(x[1], [[1, 1], [0.5, 0.5], [0, 0]])
+    np.testing.assert_allclose(x[2], 0.5)
+
+
+def test_spatial_separable_calibrated_on_one_image(models_dir, one_image, tmp_path, capsys) -> None:
+    """One calibration image leaves dead channels: ALS met a zero system and raised 'Singular matrix'."""
+    out = tmp_path / "x.onnx"
+    code, _, err = _cli(capsys, "rewrite", models_dir / "sample.onnx", "--rule", "spatial-separable",
+                        "--calib", one_image, "-o", out, "--no-bench", "--json")
+    _no_traceback(err)
+    assert code == 0, err
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+@pytest.mark.parametrize("rule", ["separable", "spatial-separable", "low-rank"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weights_skip_the_conv(models_dir, tmp_path, capsys, rule, value) -> None:
+    model = _with_nan_weights(models_dir, tmp_path, value)
+    code, out, err = _cli(capsys, "rewrite", model, "--rule", rule, "--nodes", "^block1/conv$", "-o",
+                          tmp_path / "o.onnx", "--no-bench", "--json")
+    _no_traceback(err)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["changes"] == []
+    (skip,) = [e for e in report["explain"] if e["skipped"]]
+    assert skip["node"] == NAN_CONV and "not finite" in skip["reason"] and NAN_CONV in skip["reason"]
+    assert "nothing rewritten: every conv the rules matched was skipped" in err
+    assert any("nothing rewritten" in w for w in report["warnings"])
+
+
+def test_non_finite_weights_other_convs_still_rewritten(models_dir, tmp_path, capsys) -> None:
+    model = _with_nan_weights(models_dir, tmp_path)
+    code, out, err = _cli(capsys, "rewrite", model, "--rule", "separable", "-o", tmp_path / "o.onnx",
+                          "--no-verify", "--no-bench", "--json")
+    _no_traceback(err)
+    assert code == 0, err
+    report = json.loads(out)
+    assert NAN_CONV not in [c["node"] for c in report["changes"]] and len(report["changes"]) >= 3
+    assert "1 conv(s) skipped" in err
+
+
+def test_calibration_activations_not_finite_skip(models_dir, one_image, tmp_path, capsys) -> None:
+    """Downstream of a NaN conv every activation is NaN: the data fits skip those convs, naming why."""
+    model = _with_nan_weights(models_dir, tmp_path)
+    code, out, err = _cli(capsys, "rewrite", model, "--rule", "spatial-separable", "--calib", one_image,
+                          "--exclude", "^block1/conv$", "-o", tmp_path / "o.onnx", "--no-verify", "--no-bench",
+                          "--json")
+    _no_traceback(err)
+    assert code == 0, err
+    reasons = [e["reason"] for e in json.loads(out)["explain"] if e["skipped"]]
+    assert reasons and all("calibration activations" in r and "not finite" in r for r in reasons)
+
+
+def _boom(*a, **k):
+    raise RuntimeError("something nobody foresaw\nsecond line")
+
+
+def test_unexpected_error_is_one_line(models_dir, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(cli_analyze, "run_analysis", _boom)
+    monkeypatch.delenv("CONVGRAPH_DEBUG", raising=False)
+    code, out, err = _cli(capsys, "analyze", models_dir / "sample.onnx")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("convgraph: error: unexpected RuntimeError: something nobody foresaw second line")
+    assert "--debug" in lines[0]
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback(models_dir, capsys, monkeypatch, how) -> None:
+    monkeypatch.setattr(cli_analyze, "run_analysis", _boom)
+    argv = ["analyze", str(models_dir / "sample.onnx")]
+    if how == "flag":
+        monkeypatch.delenv("CONVGRAPH_DEBUG", raising=False)
+        argv.insert(0, "--debug")
+    else:
+        monkeypatch.setenv("CONVGRAPH_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="nobody foresaw"):
+        main(argv)
+    monkeypatch.delenv("CONVGRAPH_DEBUG", raising=False)
+    assert main(["analyze", str(models_dir / "sample.onnx")]) == 2  # --debug does not stick to the next run
