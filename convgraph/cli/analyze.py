@@ -10,7 +10,7 @@ from .. import report
 from ..analyze import analyze as run_analysis
 from ..errors import UsageError
 from ..graph import gc_paused, load
-from ..io import atomic_write_bytes
+from ..io import check_output_path, write_output
 from . import cli, common
 from .common import emit_json, input_shape_option, json_option, probe_option, warn
 
@@ -34,10 +34,8 @@ def analyze(model: Path, input_shapes: dict, as_json: bool, fmt: str | None, sor
     if as_json and fmt not in (None, "json"):
         raise UsageError(f"--json conflicts with --format {fmt}")
     fmt = "json" if as_json else (fmt or "table")
-    if dot_path is not None and not dot_path.parent.exists():
-        raise UsageError(f"--dot: folder {dot_path.parent} does not exist")
-    if dot_path is not None and dot_path.is_dir():
-        raise UsageError(f"--dot: {dot_path} is a directory")
+    if dot_path is not None:
+        check_output_path(dot_path, model, flag="--dot")
     with gc_paused():
         cg = load(model, input_shapes, probe=probe)
         result = run_analysis(cg)
@@ -45,7 +43,7 @@ def analyze(model: Path, input_shapes: dict, as_json: bool, fmt: str | None, sor
         for w in result.warnings:
             warn(w)
         if dot_path is not None:
-            atomic_write_bytes(dot_path, report.dot(result).encode())
+            write_output(dot_path, report.dot(result), model, flag="--dot")
             common.console("err").print(f"wrote {dot_path}", markup=False, highlight=False)
         if fmt == "json":
             emit_json(result.to_dict(report.select(result.convs, sort, top)), indent=None)
