@@ -65,13 +65,20 @@ def _say(text: str) -> None:
     common.console("err").print(text, markup=False, highlight=False)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Any other warning (a plugin that failed to import, numpy's) as one line, not Python's two."""
+    common.warn(" ".join(str(message).split()))
+
+
 def main(argv: "list[str] | None" = None) -> int:
     """Run the CLI; turn every failure into one line on stderr and an exit code (see the module doc)."""
     global _DEBUG
     _DEBUG = os.environ.get("CONVGRAPH_DEBUG", "") not in ("", "0")
-    warnings.simplefilter("ignore", ConvGraphWarning)  # commands print the graph's warnings themselves
     try:
-        rv = cli.main(args=argv, prog_name="convgraph", standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvGraphWarning)  # commands print the graph's warnings themselves
+            warnings.showwarning = _show_warning
+            rv = cli.main(args=argv, prog_name="convgraph", standalone_mode=False)
         return rv if isinstance(rv, int) else 0  # click returns ctx.exit()'s code here
     except ConvGraphError as e:
         _say(f"convgraph: error: {e}")
