@@ -19,6 +19,9 @@ CONSTANT_SOURCES = ("initializer", "Constant", "ConstantOfShape", "DequantizeLin
 #: Element types the rules rebuild weights for (computed in float64, cast back).
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                onnx.TensorProto.DOUBLE: "float64"}
+#: Largest stride or dilated kernel extent (per axis) a rule plans for: the rules' plans and fitting matrices
+#: grow with them (real models stay far below; a fuzzed 2^31 would never finish).
+MAX_EXTENT = 4096
 #: Attributes of Conv/ConvTranspose that fix where the kernel is applied (carried over unchanged).
 GEOMETRY_ATTRS = ("auto_pad", "pads", "strides", "dilations")
 
@@ -31,6 +34,10 @@ def plain_conv_reason(rec: ConvRecord, ctx: RuleContext, op_types: tuple[str, ..
     if rec.op_type not in op_types or rec.domain not in ("", "ai.onnx"):
         dom = f"{rec.domain}." if rec.domain not in ("", "ai.onnx") else ""
         return f"{dom}{rec.op_type} is not {' or '.join(op_types)}"
+    extent = max([d * (k - 1) + 1 for k, d in zip(rec.kernel, rec.dilations)] + list(rec.strides), default=1)
+    if extent > MAX_EXTENT:
+        return (f"kernel {list(rec.kernel)}, dilations {list(rec.dilations)}, strides {list(rec.strides)}: "
+                f"over {MAX_EXTENT} taps per axis, too large to rewrite")
     if rec.weight_source not in CONSTANT_SOURCES:
         return f"weight {rec.weight!r} is not a constant (it comes from {rec.weight_source})"
     if rec.bias and (rec.bias_source or constant_source(ctx.graph, rec.bias)) not in CONSTANT_SOURCES:

@@ -62,7 +62,8 @@ def _set_debug(value: bool) -> None:
 
 
 def _say(text: str) -> None:
-    common.console("err").print(text, markup=False, highlight=False)
+    """One line on stderr, whatever line breaks a name in the message carries."""
+    common.console("err").print(" ".join(text.splitlines()), markup=False, highlight=False)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
