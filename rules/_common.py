@@ -34,6 +34,9 @@ def plain_conv_reason(rec: ConvRecord, ctx: RuleContext, op_types: tuple[str, ..
     if rec.op_type not in op_types or rec.domain not in ("", "ai.onnx"):
         dom = f"{rec.domain}." if rec.domain not in ("", "ai.onnx") else ""
         return f"{dom}{rec.op_type} is not {' or '.join(op_types)}"
+    channels = [c for c in (rec.in_channels, rec.out_channels) if c is not None]
+    if any(c < 1 or c % rec.group for c in channels):
+        return f"group {rec.group} does not divide the channels {rec.in_channels}→{rec.out_channels}"
     extent = max([d * (k - 1) + 1 for k, d in zip(rec.kernel, rec.dilations)] + list(rec.strides), default=1)
     if extent > MAX_EXTENT:
         return (f"kernel {list(rec.kernel)}, dilations {list(rec.dilations)}, strides {list(rec.strides)}: "

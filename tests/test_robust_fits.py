@@ -137,3 +137,41 @@ def test_debug_shows_the_traceback(models_dir, capsys, monkeypatch, how) -> None
         main(argv)
     monkeypatch.delenv("CONVGRAPH_DEBUG", raising=False)
     assert main(["analyze", str(models_dir / "sample.onnx")]) == 2  # --debug does not stick to the next run
+
+
+def _set(node: onnx.NodeProto, name: str, value) -> None:
+    for a in [a for a in node.attribute if a.name == name]:
+        node.attribute.remove(a)
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def test_onnxruntime_failure_is_one_line(models_dir, tmp_path) -> None:
+    """onnxruntime logged its own error line on stderr (fd 2, past Python) before convgraph's."""
+    import subprocess
+    import sys
+
+    m = onnx.load(str(models_dir / "constant_weights.onnx"))
+    node = next(n for n in m.graph.node if n.name == "conv_c/W_dequant")
+    _set(node, "axis", 2**40)  # the checker takes it; onnxruntime fails
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    done = subprocess.run([str(Path(sys.executable).with_name("convgraph")), "verify", str(path), str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
+    assert done.stderr.startswith("convgraph: error: onnxruntime failed to run the model")
+
+
+def test_group_not_dividing_the_channels(models_dir, tmp_path, capsys) -> None:
+    """group 2^62 on a ConvTranspose: the sub-pixel and resize rules reshaped its weight into 2^62 groups."""
+    m = onnx.load(str(models_dir / "transposed.onnx"))
+    node = next(n for n in m.graph.node if n.name == "up_k2s2")
+    _set(node, "group", 2**62)
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    for rule in ("transpose-subpixel", "transpose-resize"):
+        code, out, err = _cli(capsys, "rewrite", path, "--rule", rule, "--nodes", "^up_k2s2$", "--dry-run", "--explain")
+        assert code == 0 and "does not divide the channels" in out, out
+        code, out, err = _cli(capsys, "rewrite", path, "--rule", rule, "--nodes", "^up_k2s2$", "-o",
+                              tmp_path / "o.onnx", "--no-bench")  # the full checker refuses the model itself
+        assert code in (1, 2) and "unexpected" not in err and len(err.strip().splitlines()) == 1, err
