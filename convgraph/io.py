@@ -32,6 +32,8 @@ _ITEMSIZE = {
     _T.FLOAT16: 2, _T.DOUBLE: 8, _T.UINT32: 4, _T.UINT64: 8, _T.COMPLEX64: 8, _T.COMPLEX128: 16, _T.BFLOAT16: 2,
     _T.FLOAT8E4M3FN: 1, _T.FLOAT8E4M3FNUZ: 1, _T.FLOAT8E5M2: 1, _T.FLOAT8E5M2FNUZ: 1,
 }
+#: The element types onnx defines (UNDEFINED, 0, is not one a tensor can hold).
+_DTYPES = frozenset(_T.DataType.values()) - {_T.UNDEFINED}
 _TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
 _A = onnx.AttributeProto
 
@@ -293,6 +295,8 @@ def _check_sizes(tensors: list[onnx.TensorProto], what: str) -> list[int]:
 def _check_data(tensors: list[onnx.TensorProto], counts: list[int], what: str) -> None:
     """Refuse tensors whose data disagrees with their dims (nothing is allocated for the check)."""
     for t, n in zip(tensors, counts):
+        if t.data_type not in _DTYPES:
+            raise ModelError(f"{what}: tensor {t.name!r} has data type {t.data_type}, which onnx does not define")
         if t.data_type == _T.STRING or t.data_location == _T.EXTERNAL:
             continue
         if t.HasField("raw_data"):

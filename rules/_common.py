@@ -117,7 +117,7 @@ def attrs(ctx: RuleContext, node_id: str) -> dict:
 def geometry(ctx: RuleContext, node_id: str) -> dict:
     """The attributes fixing where a conv's kernel is applied (auto_pad, pads, strides, dilations), as given."""
     a = attrs(ctx, node_id)
-    return {k: a[k] for k in GEOMETRY_ATTRS if k in a}
+    return {k: a[k] for k in GEOMETRY_ATTRS if k in a and not (isinstance(a[k], list) and not a[k])}  # [] = default
 
 
 def opset(ctx: RuleContext) -> int:

@@ -156,6 +156,14 @@ def test_raw_data_disagreeing_with_dims() -> None:
         _load(m)
 
 
+def test_undefined_data_type() -> None:
+    """data_type 99 passed the checker and reached numpy_helper in the rules ('Invalid tensor data type 99')."""
+    m = _model()
+    m.graph.initializer[1].data_type = 99
+    with pytest.raises(ModelError, match="tensor 'b' has data type 99, which onnx does not define"):
+        _load(m)
+
+
 def test_dims_without_data() -> None:
     m = _model()
     m.graph.initializer[1].ClearField("raw_data")

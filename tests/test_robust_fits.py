@@ -142,7 +142,7 @@ def test_debug_shows_the_traceback(models_dir, capsys, monkeypatch, how) -> None
 def _set(node: onnx.NodeProto, name: str, value) -> None:
     for a in [a for a in node.attribute if a.name == name]:
         node.attribute.remove(a)
-    node.attribute.append(onnx.helper.make_attribute(name, value))
+    node.attribute.append(onnx.helper.make_attribute(name, value, attr_type=onnx.AttributeProto.INTS if value == [] else None))
 
 
 def test_onnxruntime_failure_is_one_line(models_dir, tmp_path) -> None:
@@ -175,3 +175,21 @@ def test_group_not_dividing_the_channels(models_dir, tmp_path, capsys) -> None:
         code, out, err = _cli(capsys, "rewrite", path, "--rule", rule, "--nodes", "^up_k2s2$", "-o",
                               tmp_path / "o.onnx", "--no-bench")  # the full checker refuses the model itself
         assert code in (1, 2) and "unexpected" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("rule", ["separable", "spatial-separable", "low-rank"])
+def test_empty_pads_attribute_means_the_default(models_dir, tmp_path, capsys, rule) -> None:
+    """pads=[] (legal: no pads) was copied to the new nodes: make_node failed, the 4-way unpack too."""
+    m = onnx.load(str(models_dir / "grouped.onnx"))
+    node = next(n for n in m.graph.node if n.name == "gconv3x3_g4")
+    _set(node, "pads", [])  # its output shrinks from 16×16 to 14×14: drop the shapes stored for 16
+    del m.graph.value_info[:]
+    for o in m.graph.output:
+        for i, d in enumerate(o.type.tensor_type.shape.dim):
+            d.dim_param = f"d{i}"
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    code, out, err = _cli(capsys, "rewrite", path, "--rule", rule, "--nodes", "^gconv3x3_g4$", "-o",
+                          tmp_path / "o.onnx", "--no-bench", "--no-verify", "--json")  # onnxruntime refuses pads=[]
+    assert code == 0, err
+    assert [c["node"] for c in json.loads(out)["changes"]] == ["gconv3x3_g4"]
