@@ -346,15 +346,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def check_output_path(path, input_path=None, in_place: bool = False, *, flag: str = "") -> Path:
-    """Refuse (UsageError) an output path that names an input (``input_path``: one path or several; allowed
-    with ``in_place``), a folder, or a file in a folder that does not exist; call it before long work so a bad
-    ``-o`` fails at once. ``flag`` (``--dot``) starts the message."""
+    """Refuse (UsageError) an output path that names an input (``input_path``: one path, or several with the
+    model first, e.g. ``[model, -o output]`` for ``--plot``; allowed with ``in_place``), a folder, or a file in
+    a folder that does not exist; call it before long work so a bad ``-o`` fails at once. ``flag`` (``--dot``)
+    starts the message."""
     path = Path(os.fspath(path))
     where = f"{flag}: " if flag else ""
     inputs = [input_path] if isinstance(input_path, (str, os.PathLike)) else list(input_path or ())
-    if not in_place and any(_same_file(path, Path(os.fspath(i))) for i in inputs):
+    same = next((i for i in inputs if _same_file(path, Path(os.fspath(i)))), None) if not in_place else None
+    if same is not None:
+        what = "the input model" if same is inputs[0] else f"the same file as {os.fspath(same)}"
         again = " (pass --in-place to allow)" if not flag else ""
-        raise UsageError(f"{where}{path} is the input model; refusing to overwrite it{again}")
+        raise UsageError(f"{where}{path} is {what}; refusing to overwrite it{again}")
     if path.is_dir():
         raise UsageError(f"{where}{path}: is a directory")
     if not path.parent.is_dir():
