@@ -218,7 +218,7 @@ def _structural_checks(model: onnx.ModelProto) -> dict[str, Any]:
     """Full onnx.checker and strict shape inference; CheckFailed naming what broke."""
     try:
         onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:  # ValueError: Cast to=0
         raise CheckFailed(f"rewritten model fails onnx.checker: {str(e).strip().splitlines()[0]}") from None
     try:
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)

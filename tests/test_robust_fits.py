@@ -193,3 +193,14 @@ def test_empty_pads_attribute_means_the_default(models_dir, tmp_path, capsys, ru
                           tmp_path / "o.onnx", "--no-bench", "--no-verify", "--json")  # onnxruntime refuses pads=[]
     assert code == 0, err
     assert [c["node"] for c in json.loads(out)["changes"]] == ["gconv3x3_g4"]
+
+
+def test_full_check_value_error_is_one_line(models_dir, tmp_path, capsys) -> None:
+    """Cast to=0 passes the loader's checker; the full check of the result raised a bare ValueError."""
+    m = onnx.load(str(models_dir / "quantized.onnx"))
+    _set(next(n for n in m.graph.node if n.op_type == "Cast"), "to", 0)
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    code, _, err = _cli(capsys, "rewrite", path, "--rule", "fold-bn", "-o", tmp_path / "o.onnx", "--no-bench")
+    assert code == 1 and err.startswith("convgraph: error: rewritten model fails onnx.checker: "), err
+    assert len(err.strip().splitlines()) == 1
