@@ -1,12 +1,14 @@
-"""Loader fuzz: hypothesis mutations of real model bytes, each run through ``convgraph analyze``.
+"""Loader fuzz: hypothesis mutations of real model bytes, each run through ``convgraph analyze`` (and
+``rewrite`` for some).
 
 Seeds: every committed ``models/*.onnx`` and PP-OCR cls from ``.cache/models`` when it was fetched.
 Mutations: truncation, bit flips, byte splices, and protobuf field edits made through onnx and serialized
 again (dims of tensors and inputs made huge, negative or zero; op types changed; node inputs dropped;
-attributes edited or retyped; opset versions changed). Every case must end in exit 0, 1 or 2, print no
-traceback, at most one error line (``convgraph: error: ...``, last) and otherwise only one-line warnings,
-within a per-case deadline; a few cases also run as a subprocess under a hard timeout, which a hang in C
-code cannot escape. Cases: FUZZ_CASES in-process (+ REAL_CASES on the real model) + SUBPROCESS_CASES.
+attributes edited or retyped; data types, opsets and names changed). Every case must end in exit 0, 1 or
+2, print no traceback, at most one error line (``convgraph: error: ...``, last) and otherwise only
+one-line warnings or progress lines, within a per-case deadline; a few cases also run as a subprocess under
+a hard timeout, which a hang in C code cannot escape. Cases: FUZZ_CASES + REAL_CASES (the real model) +
+REWRITE_CASES (protobuf edits; what analyze accepts is rewritten too) + SUBPROCESS_CASES.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def _check_outcome(code: int, err: str, what: str) -> None:
     assert code in (0, 1, 2), f"{what}: exit {code}\n{err}"
     assert "Traceback" not in err, f"{what}: traceback\n{err}"
     errors = [i for i, line in enumerate(lines) if line.startswith("convgraph: error: ")]
-    others = [line for line in lines if not line.startswith(("convgraph: error: ", "warning: "))]
+    others = [line for line in lines if not line.startswith(("convgraph: ", "warning: "))]  # errors, progress, warnings
     assert not others, f"{what}: stray stderr lines\n{err}"
     assert len(errors) <= 1, f"{what}: several error lines\n{err}"
     if code != 0:
