@@ -141,6 +141,9 @@ def _record(cg: ConvGraph, nid: str, data: dict, spec: ConvOp) -> ConvRecord | N
     kernel = tuple(map(int, kernel)) if kernel else (tuple(wshape[2:]) if wshape else ())
     if wshape is None or len(wshape) < 3 or not kernel:
         return None
+    if len(wshape) == len(kernel) + 2 and tuple(wshape[2:]) != kernel:  # no runtime accepts it; rules would trust it
+        raise ModelError(f"conv {nid!r}" + (f" in {cg.path}" if cg.path else "") + f": kernel_shape {list(kernel)} "
+                         f"disagrees with its weight's shape {list(wshape)}")
     nd = len(kernel)
     strides = tuple(map(int, attrs.get("strides", ()))) or (1,) * nd
     dilations = tuple(map(int, attrs.get("dilations", ()))) or (1,) * nd

@@ -74,6 +74,16 @@ def _damped(cov: np.ndarray, damp: float) -> np.ndarray:
     return out
 
 
+def solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``np.linalg.solve(a, b)`` for a stack of square ``a``; where a matrix is singular (a channel the
+    calibration data never excites, a factor that came out zero) the least-norm least-squares solution
+    (pseudo-inverse) instead of an error."""
+    try:
+        return np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(a) @ b
+
+
 def _sqrt_pair(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Σ^{1/2} and Σ^{−1/2} of a stack of symmetric positive definite matrices."""
     lam, q = np.linalg.eigh(cov)
@@ -123,7 +133,7 @@ def _targets(wc: np.ndarray, stats: ConvStats, cov_damped: np.ndarray) -> np.nda
     """Per-channel targets T_c = W_c C_c Σ_c⁻¹ (W_c itself without a reference)."""
     if stats.cross is None:
         return wc
-    return np.linalg.solve(cov_damped, np.swapaxes(wc @ stats.cross_cov(), -1, -2)).swapaxes(-1, -2)
+    return solve(cov_damped, np.swapaxes(wc @ stats.cross_cov(), -1, -2)).swapaxes(-1, -2)
 
 
 def separable_fit(w: np.ndarray, bias: np.ndarray | None, rank: int, stats: ConvStats | None, *,
@@ -221,7 +231,7 @@ def _als(w: np.ndarray, stats: ConvStats, dw: np.ndarray, pw: np.ndarray, damp: 
         bd = _block_diag(dw.reshape(g, cg, r, k))  # (G, Cg·r, D)
         zz = _damped(bd @ sig @ np.swapaxes(bd, -1, -2), 1e-10)
         yz = wc_cross @ np.swapaxes(bd, -1, -2)  # (G, Og, Cg·r)
-        p = np.linalg.solve(zz, np.swapaxes(yz, -1, -2)).swapaxes(-1, -2)  # (G, Og, Cg·r)
+        p = solve(zz, np.swapaxes(yz, -1, -2)).swapaxes(-1, -2)  # (G, Og, Cg·r)
         pw = p.reshape(g, og, cg, r).transpose(0, 2, 1, 3).reshape(c, og, r)
         if not small or it == iters - 1:
             break  # the last step is the pointwise one: optimal for the depthwise filters it got
@@ -235,7 +245,7 @@ def _als(w: np.ndarray, stats: ConvStats, dw: np.ndarray, pw: np.ndarray, damp: 
         h = 0.5 * (h + np.swapaxes(h, -1, -2))
         dh = np.einsum("gii->gi", h).mean(axis=-1)
         h = h + (1e-10 * dh)[:, None, None] * np.eye(h.shape[-1])
-        dw = np.linalg.solve(h, rhs[..., None])[..., 0].reshape(c, r, k)
+        dw = solve(h, rhs[..., None])[..., 0].reshape(c, r, k)
     return dw, pw
 
 
@@ -271,13 +281,13 @@ def subgrid_fit(w: np.ndarray, bias: np.ndarray | None, taps: np.ndarray, stats:
         sig = _damped(stats.full_cov()[:, sel][:, :, sel], damp)  # (G, S, S)
         cr = stats.full_cross_cov()[:, :, sel]  # (G, D, S)
         rhs = _per_group(w64, g) @ cr  # (G, Og, S)
-        new = np.linalg.solve(sig, np.swapaxes(rhs, -1, -2)).swapaxes(-1, -2).reshape(o, cg, len(taps))
+        new = solve(sig, np.swapaxes(rhs, -1, -2)).swapaxes(-1, -2).reshape(o, cg, len(taps))
     else:
         sig = _damped(stats.cov()[:, taps][:, :, taps], damp)  # (C, S, S)
         cr = stats.cross_cov()[:, :, taps]  # (C, K, S)
         wc = _per_channel(w64, g)  # (C, Og, K)
         rhs = wc @ cr  # (C, Og, S)
-        nc = np.linalg.solve(sig, np.swapaxes(rhs, -1, -2)).swapaxes(-1, -2)  # (C, Og, S)
+        nc = solve(sig, np.swapaxes(rhs, -1, -2)).swapaxes(-1, -2)  # (C, Og, S)
         new = nc.reshape(g, cg, og, -1).transpose(0, 2, 1, 3).reshape(o, cg, len(taps))
     full_new = np.zeros_like(w64)
     full_new[:, :, taps] = new
@@ -293,7 +303,7 @@ def target_fit(stats: ConvStats, *, damp: float = DAMP) -> tuple[np.ndarray, np.
     if tc is None or stats.full is None:
         raise ModelError(f"conv {stats.node_id}: no target statistics (calibrate with targets=...)")
     sig = _damped(stats.full_cov(), damp)  # (G, D, D)
-    wg = np.linalg.solve(sig, tc).swapaxes(-1, -2)  # (G, Og, D)
+    wg = solve(sig, tc).swapaxes(-1, -2)  # (G, Og, D)
     g, og, _ = wg.shape
     w = wg.reshape(g * og, stats.channels // g, *stats.kernel)
     b = stats.target_mean - np.einsum("god,gd->go", wg, stats.mean.reshape(g, -1)).reshape(-1)
@@ -387,9 +397,9 @@ class _Metric:
     def solve(self, x: np.ndarray) -> np.ndarray:
         """x M⁻¹ for x (G, m, D) and a symmetric M."""
         if not self.blocks:
-            return np.linalg.solve(self.mats, np.swapaxes(x, -1, -2)).swapaxes(-1, -2)
+            return solve(self.mats, np.swapaxes(x, -1, -2)).swapaxes(-1, -2)
         m = self.mats.reshape(self.group, 1, -1, *self.mats.shape[1:])  # (G, 1, Cg, K, K)
-        return np.linalg.solve(m, self._b(x)[..., None])[..., 0].reshape(x.shape)
+        return solve(m, self._b(x)[..., None])[..., 0].reshape(x.shape)
 
     def kron(self, p: int, q: int) -> tuple[np.ndarray, np.ndarray]:
         """Factors of Σ ≈ Σ_v ⊗ Σ_h over taps split (c, p) × q: partial traces, Σ_v (G, Cg·P, Cg·P) and
@@ -455,7 +465,7 @@ def _lr_second(first: np.ndarray, wc: np.ndarray, sig: _Metric, q: int) -> np.nd
     e = np.einsum("grcp,qs->grqcps", first, np.eye(q)).reshape(g, r * q, cg * p * q)
     zz = _damped(e @ np.swapaxes(sig.mul(e), -1, -2), 1e-10)
     yz = wc @ np.swapaxes(e, -1, -2)  # (G, Og, R·Q)
-    sec = np.linalg.solve(zz, np.swapaxes(yz, -1, -2)).swapaxes(-1, -2)
+    sec = solve(zz, np.swapaxes(yz, -1, -2)).swapaxes(-1, -2)
     return sec.reshape(g, -1, r, q)
 
 
@@ -485,7 +495,7 @@ def _lr_first(first: np.ndarray, second: np.ndarray, wc: np.ndarray, sig: _Metri
         return np.einsum("grqb,gbcq->grc", gram, z.reshape(g, r * q, cg * p, q), optimize=True)
 
     def precond(res: np.ndarray) -> np.ndarray:
-        return np.linalg.solve(gk, res) @ isv
+        return solve(gk, res) @ isv
 
     b = contract(wc)
     x = first.reshape(g, r, cg * p)
@@ -520,7 +530,7 @@ def _low_rank(w: np.ndarray, bias, rank: int, q: int, stats: ConvStats, damp: fl
     first, second = _lr_whitened(t, sig, shape, rank)
     if iters > 0:
         sv, sh = sig.kron(shape[3], q)
-        prec = (sh, np.linalg.inv(sv))
+        prec = (sh, solve(sv, np.broadcast_to(np.eye(sv.shape[-1]), sv.shape)))
         for _ in range(iters):
             second = _lr_second(first, wc, sig, q)
             first = _lr_first(first, second, wc, sig, prec, cg_iters)

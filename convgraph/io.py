@@ -32,6 +32,8 @@ _ITEMSIZE = {
     _T.FLOAT16: 2, _T.DOUBLE: 8, _T.UINT32: 4, _T.UINT64: 8, _T.COMPLEX64: 8, _T.COMPLEX128: 16, _T.BFLOAT16: 2,
     _T.FLOAT8E4M3FN: 1, _T.FLOAT8E4M3FNUZ: 1, _T.FLOAT8E5M2: 1, _T.FLOAT8E5M2FNUZ: 1,
 }
+#: The element types onnx defines (UNDEFINED, 0, is not one a tensor can hold).
+_DTYPES = frozenset(_T.DataType.values()) - {_T.UNDEFINED}
 _TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
 _A = onnx.AttributeProto
 
@@ -233,7 +235,9 @@ def _load_external(tensors: list[onnx.TensorProto], root: Path, what: str) -> in
     the number of bytes read.
 
     A symlink is followed only when where it leads is inside ``root`` too; the data is read from that
-    resolved path, so nothing outside can be swapped in between the check and the read.
+    resolved path, so nothing outside can be swapped in between the check and the read. A file with more
+    than one hard link is refused: its other name may be anywhere (onnx ≥ 1.21 refuses it too,
+    CVE-2026-34446). The link count is checked on the file as opened, the one that is read.
     """
     total = 0
     for t in tensors:
@@ -249,12 +253,15 @@ def _load_external(tensors: list[onnx.TensorProto], root: Path, what: str) -> in
         if not full.is_file():
             raise ModelError(f"{what}: tensor {t.name!r} external data {loc!r} is not a regular file")
         size = length if length is not None else _expected_bytes(t)
-        have = full.stat().st_size
-        if have < offset + size:
-            raise ModelError(f"{what}: external data file {loc!r} is too short for tensor {t.name!r} "
-                             f"(needs {offset + size} bytes, has {have})")
         try:
             with open(full, "rb") as f:
+                st = os.fstat(f.fileno())
+                if st.st_nlink > 1:
+                    raise ModelError(f"{what}: tensor {t.name!r} external data {loc!r} has {st.st_nlink} hard "
+                                     f"links (another name may lie outside the model's folder); refused")
+                if st.st_size < offset + size:
+                    raise ModelError(f"{what}: external data file {loc!r} is too short for tensor {t.name!r} "
+                                     f"(needs {offset + size} bytes, has {st.st_size})")
                 f.seek(offset)
                 t.raw_data = f.read(size)
         except OSError as e:
@@ -288,6 +295,8 @@ def _check_sizes(tensors: list[onnx.TensorProto], what: str) -> list[int]:
 def _check_data(tensors: list[onnx.TensorProto], counts: list[int], what: str) -> None:
     """Refuse tensors whose data disagrees with their dims (nothing is allocated for the check)."""
     for t, n in zip(tensors, counts):
+        if t.data_type not in _DTYPES:
+            raise ModelError(f"{what}: tensor {t.name!r} has data type {t.data_type}, which onnx does not define")
         if t.data_type == _T.STRING or t.data_location == _T.EXTERNAL:
             continue
         if t.HasField("raw_data"):
@@ -336,16 +345,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def check_output_path(path, input_path=None, in_place: bool = False) -> Path:
-    """Refuse (UsageError) an output path that names the input (unless ``in_place``), a folder, or a file in
-    a folder that does not exist; call it before long work so a bad ``-o`` fails at once."""
+def check_output_path(path, input_path=None, in_place: bool = False, *, flag: str = "") -> Path:
+    """Refuse (UsageError) an output path that names an input (``input_path``: one path, or several with the
+    model first, e.g. ``[model, -o output]`` for ``--plot``; allowed with ``in_place``), a folder, or a file in
+    a folder that does not exist; call it before long work so a bad ``-o`` fails at once. ``flag`` (``--dot``)
+    starts the message."""
     path = Path(os.fspath(path))
-    if input_path is not None and not in_place and _same_file(path, Path(os.fspath(input_path))):
-        raise UsageError(f"{path} is the input model; refusing to overwrite it (pass --in-place to allow)")
+    where = f"{flag}: " if flag else ""
+    inputs = [input_path] if isinstance(input_path, (str, os.PathLike)) else list(input_path or ())
+    same = next((i for i in inputs if _same_file(path, Path(os.fspath(i)))), None) if not in_place else None
+    if same is not None:
+        what = "the input model" if same is inputs[0] else f"the same file as {os.fspath(same)}"
+        again = " (pass --in-place to allow)" if not flag else ""
+        raise UsageError(f"{where}{path} is {what}; refusing to overwrite it{again}")
     if path.is_dir():
-        raise UsageError(f"{path}: is a directory")
+        raise UsageError(f"{where}{path}: is a directory")
     if not path.parent.is_dir():
-        raise UsageError(f"{path.parent}: output folder does not exist")
+        raise UsageError(f"{where}{path.parent}: output folder does not exist")
+    return path
+
+
+def write_output(path, data: "str | bytes", input_path=None, *, flag: str = "") -> Path:
+    """Write an auxiliary output (``--dot``, ``--plot``: text or bytes) atomically to ``path``, after the same
+    checks as :func:`check_output_path` (never over an input; check early too, before the long work)."""
+    path = check_output_path(path, input_path, flag=flag)
+    atomic_write_bytes(path, data.encode() if isinstance(data, str) else bytes(data))
     return path
 
 

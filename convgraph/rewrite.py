@@ -24,7 +24,7 @@ from .graph import ConvGraph, load
 from .progress import staged, track
 from .record import REWRITES_KEY as METADATA_KEY, ConvRecord
 from .registry import get_rule
-from .rule import Rule, RuleContext
+from .rule import Rule, RuleContext, Skip
 
 #: Exact rewrites must keep every rewritten node's output within this relative error (max abs error / max abs
 #: reference, the new nodes against the old ones alone), float32 accumulation order being the only difference.
@@ -98,6 +98,7 @@ class Explanation:
     rule: str
     applies: bool
     reason: str
+    skipped: bool = False  # the rule matched but could not build (reason says why)
 
 
 @dataclass
@@ -208,12 +209,15 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
         estimate = rule.estimate(rec, params) if why is None and rule.estimate is not None else None
         if why is None and guard_macs and estimate is not None:
             why = _dearer(rule, params, rec, estimate[0])
-        rep = None
+        rep, skipped = None, False
         if why is None and not dry_run:
-            rep = rule.build(rec, ctx, params)
-            if guard_macs:
+            try:
+                rep = rule.build(rec, ctx, params)
+            except (Skip, np.linalg.LinAlgError) as e:  # this conv cannot be rewritten after all: say why, go on
+                why, skipped = "skipped: " + (str(e) if isinstance(e, Skip) else f"the fit failed ({e})"), True
+            if rep is not None and guard_macs:
                 why = _dearer(rule, params, rec, rep.macs_after)
-        report.explain.append(Explanation(label, rule.name, why is None, why or "applies"))
+        report.explain.append(Explanation(label, rule.name, why is None, why or "applies", skipped))
         if why is not None:
             continue
         if rep is None:  # dry run
@@ -259,7 +263,7 @@ def _structural_checks(model: onnx.ModelProto) -> dict[str, Any]:
     """Full onnx.checker and strict shape inference; CheckFailed naming what broke."""
     try:
         onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:  # ValueError: Cast to=0
         raise CheckFailed(f"rewritten model fails onnx.checker: {str(e).strip().splitlines()[0]}") from None
     try:
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
@@ -352,6 +356,10 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
         if i:
             cg = load(cg.to_model(), input_shapes, check=False, probe=probe)  # fresh shapes and records for the next rule
         _apply(cg, rule, p, selection, report, dry_run, calibration, checks)
+    skipped = [f"{e.node} ({e.rule}): {e.reason.removeprefix('skipped: ')}" for e in report.explain if e.skipped]
+    if skipped:
+        report.warnings.append(("nothing rewritten: every conv the rules matched was skipped: " if not report.changes
+                                else f"{len(skipped)} conv(s) skipped: ") + "; ".join(skipped))
     if dry_run:
         return RewriteResult(None, report)
     model = cg.to_model()

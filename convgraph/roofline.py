@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import socket
 from dataclasses import asdict, dataclass
@@ -49,7 +50,7 @@ def _tensor_bytes(cg, tensor: str | None, elements: int | None) -> int | None:
 def _elements(shape) -> int | None:
     if shape is None or not all(type(d) is int for d in shape):
         return None
-    return int(np.prod(shape, dtype=np.int64))
+    return math.prod(shape)  # exact: absurd dims must not overflow
 
 
 def memory_cost(cg, r: ConvRecord) -> None:

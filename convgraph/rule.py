@@ -14,8 +14,13 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from .errors import UsageError
+from .errors import ModelError, UsageError
 from .record import ConvRecord
+
+
+class Skip(ModelError):
+    """Raised by a rule's ``build`` when it cannot rewrite this conv after all (weights that are not finite,
+    calibration data that is not, a fit that failed): the engine leaves the conv as it was and records why."""
 
 
 @dataclass(frozen=True)

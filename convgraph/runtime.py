@@ -72,7 +72,7 @@ def session_options(*, threads: int | None = None, opt_level: str = "all", confi
     if threads is not None:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    so.log_severity_level = 3  # errors only: onnxruntime's warnings go to stderr and would garble the output
+    so.log_severity_level = 4  # fatal only: its errors come back as exceptions (one line each), its log would add more
     for k, v in (config or {}).items():
         so.add_session_config_entry(k, v)
     return so

@@ -10,7 +10,7 @@ from onnx import helper
 
 from convgraph.arithmetic import out_elements, prod  # noqa: F401  (out_elements: the rules import it from here)
 from convgraph.record import ConvRecord
-from convgraph.rule import RuleContext
+from convgraph.rule import RuleContext, Skip
 from convgraph.weights import constant_source
 from convgraph.weights import elem_type as graph_elem_type
 
@@ -19,6 +19,9 @@ CONSTANT_SOURCES = ("initializer", "Constant", "ConstantOfShape", "DequantizeLin
 #: Element types the rules rebuild weights for (computed in float64, cast back).
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                onnx.TensorProto.DOUBLE: "float64"}
+#: Largest stride or dilated kernel extent (per axis) a rule plans for: the rules' plans and fitting matrices
+#: grow with them (real models stay far below; a fuzzed 2^31 would never finish).
+MAX_EXTENT = 4096
 #: Attributes of Conv/ConvTranspose that fix where the kernel is applied (carried over unchanged).
 GEOMETRY_ATTRS = ("auto_pad", "pads", "strides", "dilations")
 
@@ -31,6 +34,13 @@ def plain_conv_reason(rec: ConvRecord, ctx: RuleContext, op_types: tuple[str, ..
     if rec.op_type not in op_types or rec.domain not in ("", "ai.onnx"):
         dom = f"{rec.domain}." if rec.domain not in ("", "ai.onnx") else ""
         return f"{dom}{rec.op_type} is not {' or '.join(op_types)}"
+    channels = [c for c in (rec.in_channels, rec.out_channels) if c is not None]
+    if any(c < 1 or c % rec.group for c in channels):
+        return f"group {rec.group} does not divide the channels {rec.in_channels}→{rec.out_channels}"
+    extent = max([d * (k - 1) + 1 for k, d in zip(rec.kernel, rec.dilations)] + list(rec.strides), default=1)
+    if extent > MAX_EXTENT:
+        return (f"kernel {list(rec.kernel)}, dilations {list(rec.dilations)}, strides {list(rec.strides)}: "
+                f"over {MAX_EXTENT} taps per axis, too large to rewrite")
     if rec.weight_source not in CONSTANT_SOURCES:
         return f"weight {rec.weight!r} is not a constant (it comes from {rec.weight_source})"
     if rec.bias and (rec.bias_source or constant_source(ctx.graph, rec.bias)) not in CONSTANT_SOURCES:
@@ -83,9 +93,14 @@ class Weights:
 
 
 def weights(rec: ConvRecord, ctx: RuleContext) -> Weights:
-    """The weight (and bias) of a conv that :func:`plain_conv_reason` accepted."""
+    """The weight (and bias) of a conv that :func:`plain_conv_reason` accepted; :class:`Skip` when they hold
+    NaN or Inf (no factorization or fit of them means anything)."""
     w = ctx.value(rec.weight)
     b = ctx.value(rec.bias) if rec.bias else None
+    for what, v in (("weights", w), ("bias", b)):
+        if v is not None and not np.isfinite(v).all():
+            bad = int(v.size - np.count_nonzero(np.isfinite(v)))
+            raise Skip(f"{what} of node {label(rec)!r} are not finite ({bad} NaN/Inf values)")
     dtype = np.dtype(FLOAT_TYPES.get(helper.np_dtype_to_tensor_dtype(w.dtype), "float32"))
     notes = ""
     if rec.weight_source == "DequantizeLinear":
@@ -102,7 +117,7 @@ def attrs(ctx: RuleContext, node_id: str) -> dict:
 def geometry(ctx: RuleContext, node_id: str) -> dict:
     """The attributes fixing where a conv's kernel is applied (auto_pad, pads, strides, dilations), as given."""
     a = attrs(ctx, node_id)
-    return {k: a[k] for k in GEOMETRY_ATTRS if k in a}
+    return {k: a[k] for k in GEOMETRY_ATTRS if k in a and not (isinstance(a[k], list) and not a[k])}  # [] = default
 
 
 def opset(ctx: RuleContext) -> int:

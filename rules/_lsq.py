@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from convgraph.record import ConvRecord
-from convgraph.rule import RuleContext
+from convgraph.rule import RuleContext, Skip
 
 #: A relative weight residual at or below this counts as exact (float64 fit of float32 weights).
 EXACT_TOL = 1e-6
@@ -66,6 +66,15 @@ def rel_error(target: np.ndarray, approx: np.ndarray, omega: np.ndarray | None =
 
 
 def stats(rec: ConvRecord, ctx: RuleContext):
-    """The calibration statistics of ``rec``'s input patches when the engine was given some, else None."""
+    """The calibration statistics of ``rec``'s input patches when the engine was given some, else None;
+    :class:`Skip` when they are not finite (NaN/Inf activations: nothing can be fitted on them)."""
     for_conv = getattr(ctx.calibration, "for_conv", None)
-    return for_conv(rec) if for_conv is not None else None
+    st = for_conv(rec) if for_conv is not None else None
+    if st is not None and not _finite(st):
+        raise Skip(f"calibration activations at node {rec.name or rec.node_id!r} are not finite (NaN/Inf upstream)")
+    return st
+
+
+def _finite(st) -> bool:
+    """Whether every sum held by calibration statistics ``st`` (a ConvStats) is finite."""
+    return all(np.isfinite(v).all() for v in vars(st).values() if isinstance(v, np.ndarray))

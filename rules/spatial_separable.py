@@ -87,7 +87,7 @@ def _als(w: np.ndarray, group: int, v: np.ndarray, st) -> tuple[np.ndarray, np.n
     def solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # a (C, n, n), b (C, n, m): a tiny ridge
         n = a.shape[-1]
         a = a + 1e-9 * np.einsum("cii->c", a)[:, None, None] / n * np.eye(n)
-        return np.linalg.solve(a, b)
+        return fit.solve(a, b)
 
     def h_given(v: np.ndarray) -> np.ndarray:  # one (r·kw)² system per channel, its outputs as right-hand sides
         a = np.einsum("cjy,cyxzw,clz->cjxlw", v, cov, v, optimize=True).reshape(c, r * kw, r * kw)

@@ -24,6 +24,9 @@ from convgraph.rule import Replacement, Rule, RuleContext
 
 from ._common import Names, attrs, bias_params, label, opset, out_elements, plain_conv_reason, weights
 
+#: Most output phases (product of the strides) a sub-pixel conv is planned for: each is a stack of channels.
+MAX_PHASES = 4096
+
 INT64_MAX = 2**63 - 1
 
 
@@ -88,6 +91,8 @@ class Plan:
 
 def plan(rec: ConvRecord, ctx: RuleContext) -> "Plan | str":
     """The geometry of the rewrite, or why there is none."""
+    if prod(rec.strides) > MAX_PHASES:  # planning takes stride × kernel steps per dim, the weight S× the channels
+        return f"strides {list(rec.strides)} give over {MAX_PHASES} output phases"
     a = attrs(ctx, rec.node_id)
     nd = rec.spatial_dims
     in_shape = rec.input_shape if rec.input_shape and len(rec.input_shape) == nd + 2 else (None,) * (nd + 2)

@@ -84,7 +84,9 @@ def test_dynamic_warns_once_and_input_shape_fixes(capsys, models_dir):
 ])
 def test_usage_errors(capsys, models_dir, argv, message):
     code, out, err = _run(capsys, str(models_dir / "standard.onnx"), *argv)
-    assert code == 2 and out == "" and message in err and "Traceback" not in err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert out == "" if "--json" not in argv else json.loads(out) == {"error": err.strip().removeprefix(
+        "convgraph: error: "), "exit_code": 2}  # --json: one document, the error too
     assert len(err.strip().splitlines()) == 1
 
 

@@ -156,6 +156,14 @@ def test_raw_data_disagreeing_with_dims() -> None:
         _load(m)
 
 
+def test_undefined_data_type() -> None:
+    """data_type 99 passed the checker and reached numpy_helper in the rules ('Invalid tensor data type 99')."""
+    m = _model()
+    m.graph.initializer[1].data_type = 99
+    with pytest.raises(ModelError, match="tensor 'b' has data type 99, which onnx does not define"):
+        _load(m)
+
+
 def test_dims_without_data() -> None:
     m = _model()
     m.graph.initializer[1].ClearField("raw_data")
@@ -221,6 +229,33 @@ def test_external_data_symlink_leading_out_refused(tmp_path) -> None:
     (tmp_path / "w.bin").write_bytes(data)
     with pytest.raises(ModelError, match="resolves outside the model's folder; refused"):
         _load(path)
+
+
+def test_external_data_hard_link_refused(tmp_path) -> None:
+    """A hard link inside the folder to a file elsewhere reads like a plain file: refused by its link count."""
+    path, data = _external(tmp_path, "w.bin")
+    (tmp_path / "secret.bin").write_bytes(data)
+    os.link(tmp_path / "secret.bin", path.parent / "w.bin")
+    with pytest.raises(ModelError, match="'w.bin' has 2 hard links .*; refused"):
+        _load(path)
+    (tmp_path / "secret.bin").unlink()  # the last other name gone: the same file is fine
+    _load(path)
+
+
+@pytest.mark.parametrize("how", ["hardlink", "symlink"])
+def test_external_data_link_leading_out_cli(tmp_path, capsys, how) -> None:
+    from convgraph.cli import main
+
+    path, data = _external(tmp_path, "w.bin")
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(data)
+    if how == "hardlink":
+        os.link(secret, path.parent / "w.bin")
+    else:
+        (path.parent / "w.bin").symlink_to(secret)
+    assert main(["analyze", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("convgraph: error: ") and err[0].endswith("refused"), err
 
 
 def test_external_data_missing_file(tmp_path) -> None:
@@ -319,6 +354,36 @@ def test_bad_output_paths(tmp_path) -> None:
     with pytest.raises(UsageError, match="is a directory"):
         cio.check_output_path(tmp_path)
     assert cio.check_output_path(str(tmp_path / "m.onnx")) == tmp_path / "m.onnx"
+
+
+def test_write_output_never_over_an_input(tmp_path) -> None:
+    src = tmp_path / "m.onnx"
+    src.write_bytes(b"model")
+    link = tmp_path / "hard.dot"
+    os.link(src, link)
+    for target in (src, link, tmp_path / "." / "m.onnx"):
+        with pytest.raises(UsageError, match="^--dot: .* is the input model; refusing to overwrite it$"):
+            cio.write_output(target, "digraph {}", src, flag="--dot")
+    with pytest.raises(UsageError, match=f"m.onnx is the same file as {src}; refusing"):  # any of several paths
+        cio.write_output(tmp_path / "m.onnx", b"x", [tmp_path / "calib.npz", src], flag="--plot")
+    assert src.read_bytes() == b"model"
+    out = cio.write_output(tmp_path / "g.dot", "digraph {}", src)
+    assert out.read_text() == "digraph {}" and sorted(p.name for p in tmp_path.iterdir()) == ["g.dot", "hard.dot", "m.onnx"]
+
+
+def test_analyze_dot_never_overwrites_the_model(tmp_path, capsys) -> None:
+    from convgraph.cli import main
+
+    src = tmp_path / "m.onnx"
+    src.write_bytes(_model().SerializeToString())
+    before = src.read_bytes()
+    assert main(["analyze", str(src), "--dot", str(src)]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.strip().splitlines() == [
+        f"convgraph: error: --dot: {src} is the input model; refusing to overwrite it"]
+    assert src.read_bytes() == before
+    assert main(["analyze", str(src), "--dot", str(tmp_path / "m.dot")]) == 0
+    assert (tmp_path / "m.dot").read_text().startswith("digraph") and src.read_bytes() == before
 
 
 def test_iter_tensors_sees_every_tensor() -> None:

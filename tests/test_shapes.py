@@ -207,7 +207,7 @@ def test_cli_probe_without_onnxruntime(tmp_path, capsys, monkeypatch) -> None:
     path = _write(tmp_path, _computed_reshape())
     code, out, err = _cli(capsys, "analyze", path, "--probe", "--json")
     _one_error(code, err, "--probe", "onnxruntime is not installed", "pip install 'convgraph[cpu]'")
-    assert out == ""
+    assert json.loads(out)["exit_code"] == 2  # --json: the error as the one document
 
 
 # ---- PP-OCR rec: a real model where onnx's inference gives up ------------------------------------------

@@ -228,3 +228,17 @@ def test_totals_count_distinct_convs_and_match_the_analyzer(models_dir, capsys, 
 def test_usage_error_for_unknown_input_in_library(models_dir):
     with pytest.raises(UsageError, match="no input 'nope'"):
         verify(models_dir / "sample.onnx", models_dir / "sample.onnx", input_shapes={"nope": [1]})
+
+
+def test_every_json_outcome_is_one_document(models_dir, tmp_path, capsys):
+    """Errors too: a pipeline reading stdout always gets one JSON document."""
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    for args, code in ((["analyze", str(bad), "--json"], 2),
+                       (["verify", str(models_dir / "sample.onnx"), str(bad), "--json"], 2),
+                       (["rewrite", str(models_dir / "sample.onnx"), "--rule", "nope", "-o", str(tmp_path / "o.onnx"),
+                         "--json"], 2),
+                       (["bench", str(models_dir / "sample.onnx"), "--runs", "x", "--json"], 2)):
+        assert main(args) == code
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["exit_code"] == code and doc["error"]

@@ -1,12 +1,14 @@
 """The ``convgraph`` command: a click group; each subcommand lives in a module of this package.
 
-Exit codes: 0 success, 1 a check that ran and failed, 2 unusable input or usage.
+Exit codes: 0 success, 1 a check that ran and failed, 2 unusable input or usage (and any unexpected
+error: one line, the traceback only with ``--debug`` or ``CONVGRAPH_DEBUG=1``).
 """
 
 from __future__ import annotations
 
 import gc
 import importlib
+import os
 import sys
 import warnings
 
@@ -44,30 +46,69 @@ def _load_command(name: str) -> None:
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="convgraph")
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=lambda ctx, p, v: _set_debug(v),
+              help="Show the traceback of an unexpected error (also: CONVGRAPH_DEBUG=1).")
 def cli() -> None:
     """Analyze and rewrite the convolution layers of ONNX models, verified with onnxruntime."""
 
 
+#: Set by ``--debug`` (or CONVGRAPH_DEBUG=1): unexpected errors are raised with their traceback.
+_DEBUG = False
+
+
+def _set_debug(value: bool) -> None:
+    global _DEBUG
+    _DEBUG = _DEBUG or value
+
+
+def _say(text: str) -> None:
+    """One line on stderr, whatever line breaks a name in the message carries."""
+    common.console("err").print(" ".join(text.splitlines()), markup=False, highlight=False)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Any other warning (a plugin that failed to import, numpy's) as one line, not Python's two."""
+    common.warn(" ".join(str(message).split()))
+
+
 def main(argv: "list[str] | None" = None) -> int:
-    """Run the CLI; turn every expected failure into one line on stderr and an exit code."""
-    warnings.simplefilter("ignore", ConvGraphWarning)  # commands print the graph's warnings themselves
+    """Run the CLI; turn every failure into one line on stderr and an exit code (see the module doc); under
+    ``--json``, a failure before the command printed its document prints ``{"error", "exit_code"}``."""
+    global _DEBUG
+    _DEBUG = os.environ.get("CONVGRAPH_DEBUG", "") not in ("", "0")
+    args = list(sys.argv[1:] if argv is None else argv)
+    common.JSON_WRITTEN["done"] = False
+
+    def fail(message: str, code: int) -> int:
+        _say(message)
+        if "--json" in args and not common.JSON_WRITTEN["done"]:
+            common.emit_json({"error": message.removeprefix("convgraph: error: "), "exit_code": code})
+        return code
+
     try:
-        rv = cli.main(args=argv, prog_name="convgraph", standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvGraphWarning)  # commands print the graph's warnings themselves
+            warnings.showwarning = _show_warning
+            rv = cli.main(args=args, prog_name="convgraph", standalone_mode=False)
         return rv if isinstance(rv, int) else 0  # click returns ctx.exit()'s code here
     except ConvGraphError as e:
-        common.console("err").print(f"convgraph: error: {e}", markup=False, highlight=False)
-        return e.exit_code
+        return fail(f"convgraph: error: {e}", e.exit_code)
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:
-        e.show()
-        return 2
+        if "--json" not in args:
+            e.show()
+            return 2
+        return fail(f"convgraph: error: {e.format_message()}", 2)
     except click.exceptions.Abort:
-        common.console("err").print("convgraph: aborted", markup=False)
-        return 130
+        return fail("convgraph: aborted", 130)
     except MemoryError:
-        common.console("err").print("convgraph: error: out of memory (are the input shapes sane?)", markup=False)
-        return 2
+        return fail("convgraph: error: out of memory (are the input shapes sane?)", 2)
+    except Exception as e:  # a bug or an input nothing above foresaw: still one line, never a traceback
+        if _DEBUG:
+            raise
+        what = " ".join(str(e).split())[:300] or "no message"
+        return fail(f"convgraph: error: unexpected {type(e).__name__}: {what}; run with --debug for the traceback", 2)
 
 
 def entry() -> None:

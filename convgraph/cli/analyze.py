@@ -10,7 +10,7 @@ from .. import report
 from ..analyze import analyze as run_analysis
 from ..errors import UsageError
 from ..graph import gc_paused, load
-from ..io import atomic_write_bytes, check_output_path
+from ..io import check_output_path, write_output
 from . import cli, common
 from .common import (emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, probe_option,
                      provider_option, warn)
@@ -76,9 +76,9 @@ def analyze(model: Path, input_shapes: dict, input_values: dict, as_json: bool, 
         raise UsageError(f"--threads must be at least 1, got {threads}")
     if sort == "time" and not profiled:
         raise UsageError("--sort time needs measured times: add --profile")
-    for path in (dot_path, plot_path):
+    for flag, path in (("--dot", dot_path), ("--plot", plot_path)):
         if path is not None:
-            check_output_path(path, model)
+            check_output_path(path, model, flag=flag)
     if plot_path is not None:
         from ..profile import pyplot
 
@@ -96,7 +96,7 @@ def analyze(model: Path, input_shapes: dict, input_values: dict, as_json: bool, 
             plot(result, plot_path, top or 20)
             common.console("err").print(f"wrote {plot_path}", markup=False, highlight=False)
         if dot_path is not None:
-            atomic_write_bytes(dot_path, report.dot(result).encode())
+            write_output(dot_path, report.dot(result), model, flag="--dot")
             common.console("err").print(f"wrote {dot_path}", markup=False, highlight=False)
         if fmt == "json":
             emit_json(result.to_dict(report.select(result.convs, sort, top)), indent=None)

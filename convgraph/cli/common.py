@@ -103,8 +103,13 @@ def _clean(o: Any):
     return o
 
 
+#: Whether this run has printed its JSON document (``main`` prints an error document only when not).
+JSON_WRITTEN = {"done": False}
+
+
 def emit_json(obj: Any, indent: int | None = 2) -> None:
     """Write ``obj`` as one JSON document on stdout (``indent=None``: compact, several times faster when big)."""
+    JSON_WRITTEN["done"] = True
     try:
         text = json.dumps(obj, default=_default, allow_nan=False, indent=indent)
     except ValueError:  # NaN/inf somewhere: take the slow path that nulls them
