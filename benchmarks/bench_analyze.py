@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Time ``convgraph analyze --json`` (the whole process) against onnx-tool's profile on long conv chains.
 
-Usage: ``python benchmarks/bench_analyze.py [--sizes 5000,10000,20000,40000] [--repeat 1] [--no-onnx-tool]``.
-Each size is a model of that many nodes from :func:`make_chain.make_chain`. Both tools run in a fresh
+Usage: ``python benchmarks/bench_analyze.py [--sizes 5000,10000,20000,40000] [--repeat 1] [--no-onnx-tool]
+[--symbolic]``. Each size is a model of that many nodes from :func:`make_chain.make_chain`; ``--symbolic``
+also times convgraph on the same chain with its batch, height and width dynamic (MACs as formulas over N,
+H, W) and reports its time against the concrete run. Both tools run in a fresh
 process (import, load, shape inference, analysis/profile, output), best of ``--repeat`` runs. onnx-tool
 is quadratic in the node count: its 40k-node run takes about 100 s.
 
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="5000,10000,20000,40000", help="comma-separated node counts")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool and size (best is kept)")
     ap.add_argument("--no-onnx-tool", action="store_true", help="time convgraph only")
+    ap.add_argument("--symbolic", action="store_true", help="also time convgraph on the chain with dynamic N, H, W")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     rows = []
@@ -90,23 +93,29 @@ def main(argv: list[str] | None = None) -> int:
             onnx.save(make_chain(n), str(path))
             cg = timed(_convgraph_cmd(path), args.repeat, env)
             ot = None if args.no_onnx_tool else timed([sys.executable, "-c", ONNX_TOOL, str(path)], args.repeat, env)
-            rows.append((n, cg, ot))
+            sym = None
+            if args.symbolic:
+                onnx.save(make_chain(n, dynamic=True), str(path))
+                sym = timed(_convgraph_cmd(path), args.repeat, env)
+            rows.append((n, cg, ot, sym))
             os.unlink(path)
             _print(rows)
     return 0
 
 
 def _print(rows) -> None:
-    """Wall seconds (CPU seconds), µs of wall time per node, and the wall-time speed-up."""
+    """Wall seconds (CPU seconds), µs of wall time per node, the wall-time speed-up, and with --symbolic the
+    symbolic run's wall seconds and its ratio to the concrete run."""
     print(f"\n{'nodes':>7} | {'convgraph s (cpu)':>18} {'µs/node':>8} | {'onnx-tool s (cpu)':>18} {'µs/node':>8} | "
-          f"{'speed-up':>8}")
-    for n, (cw, cc), ot in rows:
+          f"{'speed-up':>8} | {'symbolic s':>10} {'÷ concrete':>10}")
+    for n, (cw, cc), ot, sym in rows:
         line = f"{n:7d} | {cw:9.2f} ({cc:6.2f}) {1e6 * cw / n:8.0f} | "
         if ot is None:
             line += f"{'-':>18} {'-':>8} | {'-':>8}"
         else:
             ow, oc = ot
             line += f"{ow:9.2f} ({oc:6.2f}) {1e6 * ow / n:8.0f} | {ow / cw:7.1f}×"
+        line += f" | {sym[0]:10.2f} {sym[0] / cw:9.2f}×" if sym is not None else f" | {'-':>10} {'-':>10}"
         print(line, flush=True)
 
 

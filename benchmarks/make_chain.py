@@ -20,8 +20,9 @@ CHANNELS = 8
 SIZE = 16
 
 
-def make_chain(n_nodes: int, channels: int = CHANNELS, size: int = SIZE) -> onnx.ModelProto:
-    """A valid opset-17 model of ``n_nodes`` nodes: Conv, Relu, Conv, Relu, ... (the last may be a Conv)."""
+def make_chain(n_nodes: int, channels: int = CHANNELS, size: int = SIZE, dynamic: bool = False) -> onnx.ModelProto:
+    """A valid opset-17 model of ``n_nodes`` nodes: Conv, Relu, Conv, Relu, ... (the last may be a Conv);
+    ``dynamic``: the input's batch, height and width are the dim names N, H, W (symbols for the analyzer)."""
     if n_nodes < 1:
         raise ValueError("n_nodes must be at least 1")
     rng = np.random.default_rng(0)
@@ -38,7 +39,7 @@ def make_chain(n_nodes: int, channels: int = CHANNELS, size: int = SIZE) -> onnx
         else:
             nodes.append(helper.make_node("Relu", [x], [y], name=f"relu{i}"))
         x = y
-    shape = [1, channels, size, size]
+    shape = ["N", channels, "H", "W"] if dynamic else [1, channels, size, size]
     graph = helper.make_graph(nodes, f"chain{n_nodes}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="convgraph-make_chain")
