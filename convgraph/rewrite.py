@@ -172,11 +172,16 @@ def _drop_orphans(graph: ConvGraph, tensors: set[str]) -> None:
             todo.extend(inputs)
 
 
-def _adds_macs(rec: ConvRecord, macs: int | None) -> str | None:
-    if macs is not None and rec.macs is not None and macs > rec.macs:
-        return (f"would add MACs ({rec.macs:,} → {macs:,}), which an approximate rule is not for; "
+def _adds_macs(rec: ConvRecord, macs: int | None, before: int | None = None) -> str | None:
+    before = rec.macs if before is None else before
+    if macs is not None and before is not None and macs > before:
+        return (f"would add MACs ({before:,} → {macs:,}), which an approximate rule is not for; "
                 f"name the node with --nodes to rewrite it anyway")
     return None
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report: RewriteReport,
@@ -198,16 +203,17 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
         why = selection.why_not(rec)
         graph = graphs[rec.graph]
         ctx = RuleContext(graph, records[rec.graph], calibration, params)
+        found = None
         if why is None:
-            why = rule.match(rec, ctx)
+            why, found = rule.check(rec, ctx)
         estimate = rule.estimate(rec, params) if why is None and rule.estimate is not None else None
         if why is None and guard_macs and estimate is not None:
             why = _adds_macs(rec, estimate[0])
         rep = None
         if why is None and not dry_run:
-            rep = rule.build(rec, ctx, params)
+            rep = rule.make(rec, ctx, params, found)
             if guard_macs:
-                why = _adds_macs(rec, rep.macs_after)
+                why = _adds_macs(rec, rep.macs_after, rep.macs_before)
         report.explain.append(Explanation(label, rule.name, why is None, why or "applies"))
         if why is not None:
             continue
@@ -231,8 +237,8 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
             region = regions.build(graph, old, [graph.node(n) for n in new_ids], cg.model) if old else None
             checks[len(report.changes)] = region or "the replaced nodes cannot run alone"
         report.changes.append(Change(
-            rule.name, label, rec.graph, rec.kind, rep.kind_after, rec.macs, rep.macs_after, rec.params,
-            rep.params_after, rep.exact, out, [graph.node(n).name or n for n in new_ids], old_names,
+            rule.name, label, rec.graph, rec.kind, rep.kind_after, _or(rep.macs_before, rec.macs), rep.macs_after,
+            _or(rep.params_before, rec.params), rep.params_after, rep.exact, out, [graph.node(n).name or n for n in new_ids], old_names,
             rep.weight_error, notes=rep.notes))
 
 
