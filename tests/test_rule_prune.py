@@ -1,0 +1,194 @@
+"""Rule prune: channel pruning between a conv and its consumer convs, refitted by least squares.
+
+Checked with onnxruntime: the exact variant (keep=dead) against the original to 1e-4 by the engine, the
+approximate one by the consumers' output error, which the data-aware refit must make smaller than both
+dropping the same channels without refit and choosing by the weights alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from test_rules_approx import smooth
+from test_rules_exact import assert_same, rewrite_with, run
+
+from convgraph.calibrate import calibrate
+from convgraph.rewrite import Selection, rewrite
+
+RNG = np.random.default_rng(0)
+
+
+def conv(name, x, y, w, b=None, **attrs):
+    """(node, initializers) of a Conv ``name`` reading ``x``; 3×3 kernels get pads 1 unless ``pads`` is given."""
+    inits = [numpy_helper.from_array(np.asarray(w, np.float32), f"{name}_W")]
+    if b is not None:
+        inits.append(numpy_helper.from_array(np.asarray(b, np.float32), f"{name}_B"))
+    if w.shape[-1] == 3 and "pads" not in attrs and "auto_pad" not in attrs:
+        attrs["pads"] = [1, 1, 1, 1]
+    return helper.make_node("Conv", [x, *(i.name for i in inits)], [y], name=name, **attrs), inits
+
+
+def model(parts, outputs, c_in=4, hw=12, opset=17):
+    """A model of input x (1, c_in, hw, hw) from (node, initializers) parts and bare nodes."""
+    nodes, inits = [], []
+    for p in parts:
+        n, i = p if isinstance(p, tuple) else (p, [])
+        nodes.append(n)
+        inits += i
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c_in, hw, hw])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None] * 4) for o in outputs], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(m)
+    return m
+
+
+def bn(name, x, y, c, seed=1):
+    r = np.random.default_rng(seed)
+    vals = [r.uniform(0.5, 1.5, c), r.normal(0, 0.5, c), r.normal(0, 0.5, c), r.uniform(0.5, 2, c)]
+    inits = [numpy_helper.from_array(v.astype(np.float32), f"{name}_{k}") for v, k in zip(vals, "sbmv")]
+    return helper.make_node("BatchNormalization", [x] + [i.name for i in inits], [y], name=name), inits
+
+
+def w(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32) / np.sqrt(np.prod(shape[1:]))
+
+
+def conv_bn_relu_conv(producer_w=None, relu=True):
+    pw = w(8, 4, 3, 3) if producer_w is None else producer_w
+    parts = [conv("p", "x", "a", pw, np.zeros(8)), bn("bn", "a", "b", 8)]
+    parts.append(helper.make_node("Relu" if relu else "Identity", ["b"], ["c"], name="act"))
+    parts.append(conv("q", "c", "y", w(5, 8, 3, 3, seed=2), np.full(5, 0.1)))
+    return model(parts, ["y"])
+
+
+def feeds(n, seed=0, hw=12, c=4):
+    return [{"x": smooth([1, c, hw, hw], seed=seed + i)} for i in range(n)]
+
+
+def error(original, rewritten, tests):
+    """Relative L2 error of the model output over ``tests``."""
+    ref = np.concatenate([run(original, f)[0].ravel() for f in tests])
+    got = np.concatenate([run(rewritten, f)[0].ravel() for f in tests])
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+def ablate(monkeypatch, how: str):
+    """Keep the data-aware choice of channels but not its refit: ``mean`` (bias keeps the mean output) or
+    ``none`` (the channels are just dropped)."""
+    import convgraph.rules.prune as prune
+
+    real = prune._choose
+
+    def choose(rec, ctx, params, span, ws):
+        dropped, _, means, note = real(rec, ctx, params, span, ws)
+        return dropped, ws, means if how == "mean" else None, note
+
+    monkeypatch.setattr(prune, "_choose", choose)
+
+
+def test_refit_recovers_channels_that_the_kept_ones_explain():
+    """Producer filters that are combinations of 3 filters and a linear path: keeping 4 of 8 channels and
+    refitting by least squares is exact up to the ridge, while dropping them without refit is far off."""
+    basis = w(3, 4, 3, 3, seed=5)
+    pw = np.einsum("ij,jklm->iklm", RNG.standard_normal((8, 3)), basis).astype(np.float32)
+    m = conv_bn_relu_conv(pw, relu=False)
+    tests = feeds(3, seed=50)
+    res = rewrite(m, ["prune"], params={"keep": "0.5"}, calib=feeds(4))
+    (c,) = res.report.changes
+    assert "least squares" in c.notes and "kept 4 of 8" in c.notes and not c.exact
+    assert error(m, res.model, tests) < 1e-2
+    weights = rewrite(m, ["prune"], params={"keep": "0.5", "fit": "weights"}, calib=feeds(4)).model
+    assert error(m, weights, tests) > 0.2
+
+
+def test_conv_bn_relu_conv_data_refit_beats_no_refit_and_weight_choice(monkeypatch):
+    m = conv_bn_relu_conv()
+    tests = feeds(3, seed=50)
+    res = rewrite(m, ["prune"], params={"keep": "0.5"}, calib=feeds(6))
+    (c,) = res.report.changes
+    assert (c.macs_before, c.macs_after) == (8 * 4 * 9 * 144 + 5 * 8 * 9 * 144, 4 * 4 * 9 * 144 + 5 * 4 * 9 * 144)
+    assert (c.params_before, c.params_after) == (8 * 36 + 8 + 5 * 72 + 5, 4 * 36 + 4 + 5 * 36 + 5)
+    assert c.old_nodes == c.new_nodes == ["p", "bn", "act", "q"] and c.output == "y"
+    got = {"data": error(m, res.model, tests)}
+    got["weights"] = error(m, rewrite(m, ["prune"], params={"keep": "0.5", "fit": "weights"}).model, tests)
+    for how in ("mean", "none"):
+        with monkeypatch.context() as mp:
+            ablate(mp, how)
+            got[how] = error(m, rewrite(m, ["prune"], params={"keep": "0.5"}, calib=feeds(6)).model, tests)
+    assert got["data"] < 0.8 * min(got["weights"], got["mean"], got["none"]), got
+    bn = {i.name: numpy_helper.to_array(i) for i in res.model.graph.initializer}
+    assert bn[next(n for n in bn if n.startswith("bn_s"))].shape == (4,)  # the BatchNormalization was sliced too
+    more = rewrite(m, ["prune"], params={"channels": "6"}, calib=feeds(6))
+    assert "kept 6 of 8" in more.report.changes[0].notes and error(m, more.model, tests) < got["data"]
+
+
+def silu_two_consumers(c=6):
+    parts = [conv("p", "x", "a", w(c, 4, 3, 3), np.linspace(-1, 1, c)),
+             helper.make_node("Sigmoid", ["a"], ["s"], name="sig"), helper.make_node("Mul", ["a", "s"], ["b"], name="silu"),
+             conv("q1", "b", "y1", w(3, c, 1, 1, seed=3)), conv("q2", "b", "y2", w(2, c, 3, 3, seed=4), np.ones(2))]
+    return model(parts, ["y1", "y2"])
+
+
+def test_silu_with_two_consumers_prunes_both():
+    m = silu_two_consumers()
+    res = rewrite(m, ["prune"], params={"channels": "4"}, calib=feeds(4))
+    (c,) = res.report.changes
+    assert set(c.old_nodes) == {"p", "sig", "silu", "q1", "q2"} and "2 consumer(s)" in c.notes
+    shapes = {i.name: numpy_helper.to_array(i).shape for i in res.model.graph.initializer}
+    assert shapes["q1/pruned_W"] == (3, 4, 1, 1) and shapes["q2/pruned_W"] == (2, 4, 3, 3) and shapes["p/pruned_W"][0] == 4
+    tests = feeds(2, seed=40)
+    for k in (0, 1):  # both consumers' outputs close to the original's
+        ref = np.concatenate([run(m, f)[k].ravel() for f in tests])
+        got = np.concatenate([run(res.model, f)[k].ravel() for f in tests])
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.5
+
+
+def dead_model(consumer_kernel):
+    pw = w(6, 4, 3, 3)
+    pw[1] = 0.0  # bias -1 → Relu → 0: dead and foldable anywhere
+    pw[4] = 0.0  # bias 0.5 → Relu → 0.5: foldable only without padding
+    b = np.array([0.1, -1.0, 0.2, 0.0, 0.5, -0.2], np.float32)
+    parts = [conv("p", "x", "a", pw, b), helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             conv("q", "r", "y", w(3, 6, consumer_kernel, consumer_kernel, seed=3))]
+    return model(parts, ["y"])
+
+
+@pytest.mark.parametrize("kernel, kept", [(3, 5), (1, 4)])
+def test_dead_channels_are_removed_exactly(kernel, kept):
+    m = dead_model(kernel)
+    res = rewrite(m, ["prune"], params={"keep": "dead"})
+    (c,) = res.report.changes
+    assert c.exact and f"kept {kept} of 6" in c.notes and c.output_error <= 1e-4  # the engine's exact checks passed
+    for f in feeds(2, seed=9):
+        assert_same(m, res.model, f)
+    assert "no channel is provably constant" in rewrite_with(conv_bn_relu_conv(), "prune", {"keep": "dead"})[2]["p"]
+
+
+def test_weight_choice_drops_dead_channels_first_and_folds_them():
+    m = dead_model(1)
+    res = rewrite(m, ["prune"], params={"channels": "4", "fit": "weights"})
+    for f in feeds(2, seed=9):
+        assert_same(m, res.model, f)
+
+
+def test_refusals_say_why():
+    def reason(parts, outputs=("y",), **params):
+        return rewrite_with(model(parts, list(outputs)), "prune", params or None)[2]["p"]
+
+    p = conv("p", "x", "a", w(6, 4, 3, 3))
+    q = conv("q", "a", "y", w(3, 6, 1, 1))
+    assert "graph output" in reason([p, q], ("y", "a"))
+    concat = helper.make_node("Concat", ["a", "a"], ["y"], axis=1, name="cat")
+    assert "feeds Concat 'cat', which is not a per-channel op" in reason([p, concat])
+    side = conv("side", "x", "s", w(6, 4, 3, 3))
+    add = helper.make_node("Add", ["a", "s"], ["z"], name="res")
+    assert "mixes in 's' from outside" in reason([p, side, add, conv("q", "z", "y", w(3, 6, 1, 1))])
+    dw = conv("q", "a", "y", w(6, 1, 3, 3), group=6)
+    assert "grouped (group=6)" in reason([p, dw])
+    grouped = conv("p", "x", "a", w(6, 2, 3, 3), group=2)
+    assert "producer is grouped" in reason([grouped, q])
+    row = helper.make_node("Mul", ["a", "k"], ["z"], name="scale"), [numpy_helper.from_array(np.ones((1, 1, 1, 12), np.float32), "k")]
+    assert "not one value per channel" in reason([p, row, conv("q", "z", "y", w(3, 6, 1, 1))])
+    assert "drops none" in reason([p, q], channels="6")
