@@ -218,6 +218,7 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
         if why is not None:
             continue
         if rep is None:  # dry run
+            consumed.update((rec.graph, n) for n in (found.nodes if found else ()))
             if estimate is not None:
                 macs, prm, kind = estimate
                 report.changes.append(Change(rule.name, label, rec.graph, rec.kind, kind, rec.macs, macs, rec.params,

@@ -192,3 +192,73 @@ def test_refusals_say_why():
     row = helper.make_node("Mul", ["a", "k"], ["z"], name="scale"), [numpy_helper.from_array(np.ones((1, 1, 1, 12), np.float32), "k")]
     assert "not one value per channel" in reason([p, row, conv("q", "z", "y", w(3, 6, 1, 1))])
     assert "drops none" in reason([p, q], channels="6")
+
+
+def test_on_the_committed_sample_model(models_dir):
+    """sample.onnx: the stem (→ BN/Relu → conv) and block2's pointwise conv are pruned; the rest refuse with
+    the reason (a ConvTranspose, a global pool, the producer itself depthwise)."""
+    from convgraph.inputs import make_inputs
+
+    path = models_dir / "sample.onnx"
+    cal = list(make_inputs(onnx.load(path), None, samples=6, seed=1))
+    res = rewrite(path, ["prune"], params={"keep": "0.5"}, calib=cal)
+    assert sorted(c.node for c in res.report.changes) == ["block2/pw", "stem/conv"]
+    why = {e.node: e.reason for e in res.report.explain if not e.applies}
+    assert "block1/conv" not in why  # the stem's consumer: pruned with it
+    assert "ConvTranspose" in why["block4/conv5x5"]
+    assert "GlobalAveragePool" in why["head/conv1x1"] and "producer is grouped" in why["block2/dw"]
+    tests = list(make_inputs(onnx.load(path), None, samples=3, seed=7))
+    weights = rewrite(path, ["prune"], params={"keep": "0.5", "fit": "weights"}).model
+    assert error(path, res.model, tests) < error(path, weights, tests)
+    dry = rewrite(path, ["prune"], params={"keep": "0.5"}, dry_run=True)  # a consumer pruned with its producer
+    assert sorted(c.node for c in dry.report.changes) == ["block2/pw", "stem/conv"]  # is not listed again
+
+
+def yolo_crops(names, size):
+    """Four size×size crops of each photo (the photo at twice the size), as YOLOv8n feeds."""
+    from test_rules_approx import picture
+
+    out = []
+    for n in names:
+        big = picture(n, 2 * size, 2 * size)
+        out += [{"images": np.ascontiguousarray(big[:, :, i:i + size, j:j + size])} for i in (0, size) for j in (0, size)]
+    return out
+
+
+@pytest.mark.real
+def test_data_refit_on_a_yolov8n_layer(real_models, monkeypatch):
+    """/model.6/m.0/cv1 (64 channels → SiLU → 3×3 conv) at keep=0.5, calibrated on crops of 8 photos and judged
+    on 6 other photos: the consumer's relative output error with the least-squares refit is well below
+    dropping the same channels unrefitted (with or without the mean in the bias) and the weight-norm choice."""
+    from test_rules_approx import picture
+
+    import convgraph
+    from convgraph.analyze import analyze
+    from convgraph.runtime import run_with_outputs
+
+    path, size = real_models("yolov8n"), 320
+    shapes = {"images": [1, 3, size, size]}
+    node = "/model.6/m.0/cv1/conv/Conv"
+    recs = {r.name: r for r in analyze(convgraph.load(path, shapes), rewrites=False).convs}
+    consumer = recs["/model.6/m.0/cv2/conv/Conv"]
+    cal = calibrate(path, yolo_crops(["astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+                                      "hubble_deep_field.jpg", "camera.png", "brick.png", "gravel.png"], size),
+                    nodes=[consumer.node_id], input_shapes=shapes)
+    tests = [{"images": picture(n, size, size)} for n in
+             ("chelsea.png", "retina.jpg", "coins.png", "grass.png", "horse.png", "page.png")]
+    (ref,) = run_with_outputs(path, [consumer.output], tests).values()
+
+    def err(params, **kw):
+        res = rewrite(path, ["prune"], params=params, selection=Selection(nodes=f"^{node}$"), input_shapes=shapes, **kw)
+        (c,) = res.report.changes
+        assert c.old_nodes[-1] == consumer.name and c.output == consumer.output
+        (got,) = run_with_outputs(res.model, [consumer.output], tests).values()
+        return float(np.sqrt(sum(np.sum((g - r) ** 2) for g, r in zip(got, ref)) / sum(np.sum(r * r) for r in ref)))
+
+    got = {"data": err({"keep": "0.5"}, calibration=cal), "weights": err({"keep": "0.5", "fit": "weights"})}
+    for how in ("mean", "none"):
+        with monkeypatch.context() as mp:
+            ablate(mp, how)
+            got[how] = err({"keep": "0.5"}, calibration=cal)
+    print(got)  # measured: data 0.29, weights 0.62, none 0.61, mean 0.39
+    assert got["data"] < 0.85 * got["mean"] and got["data"] < 0.6 * min(got["weights"], got["none"]), got
