@@ -1,19 +1,22 @@
 """Rule ``prune``: drop output channels of a conv and refit the convs that read them (channel pruning).
 
-The match spans a *producer* conv, the per-channel ops after it (BatchNormalization, Relu, Sigmoid,
-HardSigmoid, HardSwish, LeakyRelu, Clip, Tanh, Elu, Selu, Softplus, PRelu, Identity, and Mul/Add/Sub/Div
+The match spans a *producer* conv (plain, group 1), the per-channel ops after it (BatchNormalization, Relu,
+Sigmoid, HardSigmoid, HardSwish, LeakyRelu, Clip, Tanh, Elu, Selu, Softplus, PRelu, Identity, Mul/Add/Sub/Div
 of those tensors with each other — SiLU as Mul(x, Sigmoid(x)) — or with constants of one value per
-channel, [C,1,1] / [1,C,1,1]) and the *consumer* convs reading the result (plain, group 1). Anything else
-reading a channel tensor (Concat, Reshape, a residual Add with another branch, a graph output, a grouped
-or depthwise conv…) refuses the match: the channels would have to be dropped there too.
+channel, [C,1,1] / [1,C,1,1], and depthwise convs of one filter per channel, as in MobileNet blocks) and
+the *consumer* convs reading the result (plain, group 1). Anything else reading a channel tensor (Concat,
+Reshape, a residual Add with another branch, a graph output, a grouped conv…) refuses the match: the
+channels would have to be dropped there too.
 
-Dropping channel c removes the producer's filter c (and bias), the per-channel ops' constants of c, and
-the consumers' input channel c; MACs and params of producer and consumers shrink by the share dropped.
+Dropping channel c removes the producer's filter c (and bias), the per-channel ops' constants of c (a
+depthwise conv's filter c), and the consumers' input channel c; MACs and params of the convs shrink by the
+share dropped.
 
 * ``keep=dead`` (exact): drop only channels that are provably constant — the producer's filter is all
   zero, so the channel is its bias carried through the per-channel ops (evaluated with onnxruntime;
   e.g. Relu of a negative bias is 0) — folding the constant into the consumers' bias. A nonzero constant
-  is folded only into a consumer without padding (zero padding would make its border differ).
+  is folded only into a consumer without padding (zero padding would make its border differ), and only a
+  zero passes a depthwise conv between (it leaves the conv's bias everywhere, whatever the padding).
 * ``keep=0.5`` / ``channels=N`` (approximate): keep that share / that many channels. With calibration
   statistics of every consumer (``fit=data``): the consumer input's whole-patch covariance Σ (over
   (channel, tap)) gives the least-squares refit of the kept channels, ``W'_K = W_K + W_D Σ_DK Σ_KK⁻¹``
@@ -24,7 +27,8 @@ the consumers' input channel c; MACs and params of producer and consumers shrink
   re-inversion). Where a consumer's patch was too wide for the whole-patch covariance, its per-channel
   covariances are used: a channel scores ``tr(W_c Σ_cc W_cᵀ)`` and a dropped one is replaced by its mean
   (bias correction; no cross-channel refit). Without statistics (``fit=weights``) a channel scores
-  ‖producer filter‖₂ × |per-channel scales between| (BatchNormalization's γ/√(var+ε), constant Mul/Div) ×
+  ‖producer filter‖₂ × |per-channel scales between| (BatchNormalization's γ/√(var+ε), constant Mul/Div,
+  ‖depthwise filter‖₂) ×
   ‖consumer weights reading it‖₂, and the kept weights are not refitted. Provably dead channels go
   first in every mode, folded exactly.
 """
@@ -71,13 +75,18 @@ def _channels(text: str) -> "int | None":
 
 @dataclass
 class Span:
-    """The nodes a pruning spans: per-channel ops (in graph order) with the channel axis of each constant
-    input (None: a scalar, kept as is), and the consumer convs."""
+    """The nodes a pruning spans: per-channel ops (in graph order; depthwise convs of one filter per channel
+    among them) with the channel axis of each constant input (None: a scalar, kept as is), and the consumer
+    convs."""
 
     tensors: set[str]
     ops: list[str]
     axes: dict[tuple[str, int], "int | None"]  # (op id, input slot) -> channel axis of that constant
     consumers: list[str]
+
+    def depthwise(self, ctx: RuleContext) -> list[str]:
+        """The depthwise convs among the ops."""
+        return [n for n in self.ops if ctx.node(n).op_type == "Conv"]
 
 
 def _const_axis(v: np.ndarray | None, c: int, op: str) -> "tuple[int | None, str | None]":
@@ -86,8 +95,9 @@ def _const_axis(v: np.ndarray | None, c: int, op: str) -> "tuple[int | None, str
         return None, "is not a constant"
     if v.size == 1:
         return None, None
-    if op == "BatchNormalization":
-        return (0, None) if v.shape == (c,) else (None, f"has shape {list(v.shape)}, not [{c}]")
+    if op in ("BatchNormalization", "Conv"):  # parameters / depthwise weight and bias: one row per channel
+        ok = v.shape[0] == c and (op == "Conv" or v.ndim == 1)
+        return (0, None) if ok else (None, f"has shape {list(v.shape)}, not [{c}]")
     # broadcast against (N, C, *spatial): one value per channel needs C at axis -3 and 1 elsewhere
     if v.ndim >= 3 and v.shape[-3] == c and v.size == c:
         return v.ndim - 3, None
@@ -120,12 +130,18 @@ def _span(rec: ConvRecord, ctx: RuleContext) -> "tuple[Span | None, str | None]"
                 crec = ctx.records.get(n)
                 if crec is None or list(p.input).index(t) != 0 or t in p.input[1:]:
                     return None, f"channel tensor {t!r} is a weight or bias of {what}"
-                if crec.group != 1:
-                    return None, (f"consumer {what} is grouped (group={crec.group}): dropping an input channel "
-                                  "would drop its output channels too")
                 why = plain_conv_reason(crec, ctx)
                 if why:
-                    return None, f"consumer {what}: {why}"
+                    return None, f"conv {what}: {why}"
+                if crec.group == crec.in_channels == crec.out_channels == c:  # depthwise: a per-channel op
+                    ops.append(n)
+                    tensors.add(p.output[0])
+                    todo.append(p.output[0])
+                    continue
+                if crec.group != 1:
+                    return None, (f"consumer {what} is grouped (group={crec.group}): dropping an input channel "
+                                  "would drop its output channels too (only a depthwise conv of one filter per "
+                                  "channel is carried through)")
                 consumers.append(n)
             elif d["op_type"] in PER_CHANNEL:
                 if d["op_type"] == "BatchNormalization" and (attrs(ctx, n).get("training_mode", 0)
@@ -155,12 +171,14 @@ def _span(rec: ConvRecord, ctx: RuleContext) -> "tuple[Span | None, str | None]"
 
 
 def _constants(rec: ConvRecord, ctx: RuleContext, span: Span, values: np.ndarray) -> dict[str, np.ndarray]:
-    """Consumer id -> (C,) value at its input when the producer's output channels are ``values`` everywhere
-    (the per-channel ops evaluated by onnxruntime on a 1×1 map)."""
+    """Node id -> (C,) value at its input, for the consumers and the depthwise convs between, when the
+    producer's output channels are ``values`` everywhere (the ops evaluated by onnxruntime on a 1×1 map:
+    exact for position-wise ops; a depthwise conv is exact there only on a zero input, see :func:`_dead`)."""
     from convgraph.runtime import create_session, run
 
     nodes = [ctx.node(n) for n in span.ops]
-    outs = sorted({ctx.records[n].input for n in span.consumers})
+    readers = span.consumers + span.depthwise(ctx)
+    outs = sorted({ctx.records[n].input for n in readers})
     inits = []
     for n, p in zip(span.ops, nodes):
         inits += [onnx.numpy_helper.from_array(ctx.value(t), t) for i, t in enumerate(p.input) if (n, i) in span.axes]
@@ -174,7 +192,7 @@ def _constants(rec: ConvRecord, ctx: RuleContext, span: Span, values: np.ndarray
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset(ctx))])
     x = values.astype(np.float32).reshape(1, c, 1, 1)
     got = dict(zip(outs, run(create_session(model, opt_level="disable"), {rec.output: x}, outs)))
-    return {n: got[ctx.records[n].input].astype(np.float64).reshape(-1) for n in span.consumers}
+    return {n: got[ctx.records[n].input].astype(np.float64).reshape(-1) for n in readers}
 
 
 def _padded(rec: ConvRecord) -> bool:
@@ -192,8 +210,8 @@ def _dead(rec: ConvRecord, ctx: RuleContext, span: Span) -> "tuple[list[int], di
     b = np.zeros(wt.w.shape[0]) if wt.b is None else wt.b
     values = _constants(rec, ctx, span, b)
     ok = zero.copy()
-    for n, v in values.items():
-        ok &= np.isfinite(v) & ((v == 0) | (not _padded(ctx.records[n])))
+    for n, v in values.items():  # a depthwise conv keeps a channel constant (its bias) whatever its padding
+        ok &= np.isfinite(v) & ((v == 0) | (n in span.consumers and not _padded(ctx.records[n])))  # only on zeros
     return [int(i) for i in np.flatnonzero(ok)], values
 
 
@@ -292,6 +310,8 @@ def _choose(rec: ConvRecord, ctx: RuleContext, params: dict, span: Span, ws: lis
         if p.op_type == "BatchNormalization":
             scale, _, _, var = (ctx.value(t).astype(np.float64).reshape(-1) for t in p.input[1:5])
             gain *= np.abs(scale) / np.sqrt(var + float(attrs(ctx, n).get("epsilon", 1e-5)))
+        elif p.op_type == "Conv":  # depthwise
+            gain *= np.linalg.norm(ctx.value(p.input[1]).astype(np.float64).reshape(c, -1), axis=1)
         elif p.op_type in ("Mul", "Div"):
             for i in (0, 1):
                 if (n, i) in span.axes:
@@ -354,18 +374,22 @@ def _replacement(rec, ctx, span, keep, cons, new_ws, new_bs, exact, how) -> Repl
                 init = ctx.initializer(f"{t}/pruned", np.ascontiguousarray(np.take(v, keep, axis=axis)))
                 inits.append(init)
                 ins.append(init.name)
-        nodes.append(_copy(p, ins, [rename[p.output[0]]]))
+        new = _copy(p, ins, [rename[p.output[0]]])
+        if p.op_type == "Conv":  # depthwise: one group per kept channel
+            del new.attribute[:]
+            new.attribute.extend(helper.make_attribute(a.name, len(keep)) if a.name == "group" else a for a in p.attribute)
+        nodes.append(new)
     for r, w, b in zip(cons, new_ws, new_bs):
         cw = weights(r, ctx)
         wi = ctx.initializer(f"{label(r)}/pruned_W", cw.cast(w[:, keep].reshape((w.shape[0], len(keep)) + tuple(r.kernel))))
         bi = ctx.initializer(f"{label(r)}/pruned_B", cw.cast(b))
         inits += [wi, bi]
         nodes.append(_copy(ctx.node(r.node_id), [rename[r.input], wi.name, bi.name], [r.output]))
-    share = len(keep) / c
-    macs_before = None if any(x.macs is None for x in [rec, *cons]) else rec.macs + sum(x.macs for x in cons)
-    macs_after = None if macs_before is None else int(round(rec.macs * share)) + sum(int(round(x.macs * share)) for x in cons)
-    p_before = rec.params + sum(x.params for x in cons)
-    p_after = _bias_and_weights(rec, len(keep) / c, len(keep) if rec.has_bias else 0) + sum(
+    share, convs = len(keep) / c, [rec, *(ctx.records[n] for n in span.depthwise(ctx)), *cons]
+    macs_before = None if any(x.macs is None for x in convs) else sum(x.macs for x in convs)
+    macs_after = None if macs_before is None else sum(int(round(x.macs * share)) for x in convs)
+    p_before = sum(x.params for x in convs)
+    p_after = sum(_bias_and_weights(x, share, len(keep) if x.has_bias else 0) for x in convs[:-len(cons)]) + sum(
         _bias_and_weights(x, share, x.out_channels) for x in cons)  # the consumers all get a bias
     return Replacement(nodes, inits, exact, rec.kind, macs_after, p_after,
                        removed=[rec.node_id, *span.ops, *span.consumers],
