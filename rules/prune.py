@@ -20,10 +20,11 @@ share dropped.
 * ``keep=0.5`` / ``channels=N`` (approximate): keep that share / that many channels. With calibration
   statistics of every consumer (``fit=data``): the consumer input's whole-patch covariance Σ (over
   (channel, tap)) gives the least-squares refit of the kept channels, ``W'_K = W_K + W_D Σ_DK Σ_KK⁻¹``
-  (He et al., ICCV'17; ThiNet), ridge λ = 1e-3 · mean(diag Σ), and the bias keeps the mean output
+  (He et al., ICCV'17; ThiNet), ridge λ = r · mean(diag Σ) with r the one of 1e-4…1 (or no refit) that errs
+  least on the calibration batches held out from the fit, and the bias keeps the mean output
   (``b' = b + W μ − W'_K μ_K``). Channels are chosen greedily: each step drops the channel whose removal
   adds the least refitted output error summed over the consumers, ``tr(W'_c (P_cc)⁻¹ W'_cᵀ)`` with P the
-  precision (Σ + λI)⁻¹ of the channels still kept, then updates W' and P (a Schur complement: no
+  precision (Σ + λI)⁻¹ (r = 1e-3) of the channels still kept, then updates W' and P (a Schur complement: no
   re-inversion). Where a consumer's patch was too wide for the whole-patch covariance, its per-channel
   covariances are used: a channel scores ``tr(W_c Σ_cc W_cᵀ)`` and a dropped one is replaced by its mean
   (bias correction; no cross-channel refit). Without statistics (``fit=weights``) a channel scores
@@ -52,8 +53,10 @@ from convgraph.fit import FIT_PARAM
 #: Ops that act on each channel alone (their other inputs: constants with one value per channel, or scalars).
 PER_CHANNEL = {"BatchNormalization", "Relu", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Clip", "Tanh",
                "Elu", "Selu", "Softplus", "PRelu", "Identity", "Mul", "Add", "Sub", "Div"}
-#: Ridge of the least-squares refit, relative to the mean diagonal of the consumer's patch covariance.
+#: Ridge of the greedy choice, relative to the mean diagonal of the consumer's patch covariance.
 RIDGE = 1e-3
+#: Ridges the final refit chooses from on held-out calibration batches (inf: no refit, only the mean kept).
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, np.inf)
 
 
 def _keep(text: str) -> "float | str":
@@ -256,9 +259,9 @@ def _matrix(rec: ConvRecord, ctx: RuleContext) -> np.ndarray:
     return w.reshape(w.shape[0], w.shape[1], -1)
 
 
-def _greedy(ws: list[np.ndarray], covs: list[np.ndarray], drop: int) -> tuple[list[int], list[np.ndarray]]:
-    """Drop ``drop`` channels one at a time, each the one adding the least least-squares output error over the
-    consumers; returns (dropped channels, refitted (O, C, K) weights with dropped columns zero)."""
+def _greedy(ws: list[np.ndarray], covs: list[np.ndarray], drop: int) -> list[int]:
+    """Drop ``drop`` channels one at a time, each the one adding the least refitted output error over the
+    consumers (ridge :data:`RIDGE`); returns the dropped channels in that order."""
     c = ws[0].shape[1]
     state = []
     for w, s in zip(ws, covs):
@@ -285,7 +288,44 @@ def _greedy(ws: list[np.ndarray], covs: list[np.ndarray], drop: int) -> tuple[li
             p[idx, :] = p[:, idx] = 0.0
         alive[j] = False
         dropped.append(j)
-    return dropped, [w.reshape(w.shape[0], c, k) for w, _, k in state]
+    return dropped
+
+
+def _refit(w: np.ndarray, keep: np.ndarray, cov: np.ndarray, ridge: float) -> np.ndarray:
+    """(O, C, K) weights on the ``keep`` channels (others zero) minimizing the output error under ``cov``:
+    W'_K = W_K + W_D Σ_DK (Σ_KK + λI)⁻¹, λ = ``ridge`` · mean(diag Σ); W_K alone for an infinite ridge."""
+    o, c, k = w.shape
+    mask = np.zeros(c, bool)
+    mask[keep] = True
+    cols = np.repeat(mask, k)
+    flat = w.reshape(o, -1)
+    out = np.zeros_like(flat)
+    out[:, cols] = flat[:, cols]
+    if np.isfinite(ridge) and (~cols).any():
+        skk = cov[np.ix_(cols, cols)]
+        lam = ridge * max(float(np.trace(cov)) / cov.shape[0], 1e-12)
+        out[:, cols] += np.linalg.solve(skk + lam * np.eye(len(skk)), cov[np.ix_(cols, ~cols)] @ flat[:, ~cols].T).T
+    return out.reshape(o, c, k)
+
+
+def _held_error(w: np.ndarray, new: np.ndarray, fit, held) -> float:
+    """Squared output error on the held-out batches ``held`` of ``new`` for ``w``, the bias keeping ``fit``'s mean."""
+    a = (w - new).reshape(w.shape[0], -1)
+    m2 = held.full[0] / max(held.count, 1)
+    off = a @ fit.mean.reshape(-1)
+    return float(np.einsum("od,de,oe->", a, m2, a) - 2 * off @ (a @ held.mean.reshape(-1)) + off @ off)
+
+
+def _ridge(ws: list[np.ndarray], stats: list, keep: np.ndarray) -> "tuple[float, str]":
+    """The ridge of :data:`RIDGES` whose refit (on the fitting batches) errs least on the held-out ones."""
+    parts = [s.split() for s in stats]
+    if any(p is None or p[0].full is None or p[1].full is None for p in parts):
+        return RIDGE, f"ridge {RIDGE:g}"
+    errs = [sum(_held_error(w, _refit(w, keep, f.full_cov()[0], r), f, h) for w, (f, h) in zip(ws, parts))
+            for r in RIDGES]
+    best = RIDGES[int(np.argmin(errs))]
+    return best, ("no refit beat keeping the mean on held-out batches" if not np.isfinite(best)
+                  else f"ridge {best:g} chosen on held-out batches")
 
 
 def _choose(rec: ConvRecord, ctx: RuleContext, params: dict, span: Span, ws: list[np.ndarray]):
@@ -294,9 +334,13 @@ def _choose(rec: ConvRecord, ctx: RuleContext, params: dict, span: Span, ws: lis
     drop = c - _count(rec, params)
     stats = [_lsq.stats(ctx.records[n], ctx) for n in span.consumers] if params["fit"] == "data" else []
     if stats and all(s is not None and s.full is not None for s in stats):
-        dropped, new = _greedy(ws, [s.full_cov()[0] for s in stats], drop)
-        return dropped, new, [s.mean for s in stats], (
-            f"chosen and refitted by least squares on calibration patches ({min(s.count for s in stats)} per channel)")
+        covs = [s.full_cov()[0] for s in stats]
+        dropped = _greedy(ws, covs, drop)
+        keep = np.setdiff1d(np.arange(c), dropped)
+        ridge, note = _ridge(ws, stats, keep)
+        return dropped, [_refit(w, keep, cov, ridge) for w, cov in zip(ws, covs)], [s.mean for s in stats], (
+            f"chosen and refitted by least squares on calibration patches ({min(s.count for s in stats)} per "
+            f"channel; {note})")
     if stats and all(s is not None for s in stats):
         score = sum(np.einsum("ock,ckl,ocl->c", w, s.cov(), w) for w, s in zip(ws, stats))
         dropped = [int(i) for i in np.argsort(score, kind="stable")[:drop]]
