@@ -47,7 +47,7 @@ from convgraph.rule import Match, Param, Replacement, Rule, RuleContext
 from convgraph.weights import constant_source
 
 from . import _lsq
-from ._common import CONSTANT_SOURCES, attrs, label, opset, plain_conv_reason, weights
+from ._common import CONSTANT_SOURCES, attrs, elem_type, label, opset, plain_conv_reason, weights
 from convgraph.fit import FIT_PARAM
 
 #: Ops that act on each channel alone (their other inputs: constants with one value per channel, or scalars).
@@ -185,15 +185,15 @@ def _constants(rec: ConvRecord, ctx: RuleContext, span: Span, values: np.ndarray
     inits = []
     for n, p in zip(span.ops, nodes):
         inits += [onnx.numpy_helper.from_array(ctx.value(t), t) for i, t in enumerate(p.input) if (n, i) in span.axes]
-    c = len(values)
+    c, elem = len(values), elem_type(ctx, rec.output) or onnx.TensorProto.FLOAT
     graph = helper.make_graph(
         [helper.make_node(p.op_type, p.input, p.output[:1], name=p.name, domain=p.domain, **{
             a.name: helper.get_attribute_value(a) for a in p.attribute}) for p in nodes],
-        "channels", [helper.make_tensor_value_info(rec.output, onnx.TensorProto.FLOAT, [1, c, 1, 1])],
-        [helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in outs],
+        "channels", [helper.make_tensor_value_info(rec.output, elem, [1, c, 1, 1])],
+        [helper.make_tensor_value_info(t, elem, None) for t in outs],
         list({t.name: t for t in inits}.values()))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset(ctx))])
-    x = values.astype(np.float32).reshape(1, c, 1, 1)
+    x = values.astype(helper.tensor_dtype_to_np_dtype(elem)).reshape(1, c, 1, 1)
     got = dict(zip(outs, run(create_session(model, opt_level="disable"), {rec.output: x}, outs)))
     return {n: got[ctx.records[n].input].astype(np.float64).reshape(-1) for n in readers}
 
