@@ -347,14 +347,14 @@ def test_the_refit_ridge_is_chosen_on_held_out_batches(monkeypatch):
 
 def test_float16_dead_channels():
     """A float16 model: the constants are evaluated in float16 and the new weights written back in it."""
-    m = dead_model(1)
+    m = mobilenet_block(dead=True)
     for t in m.graph.initializer:
         t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
     for v in [*m.graph.input, *m.graph.output]:
         v.type.tensor_type.elem_type = TensorProto.FLOAT16
     res = rewrite(m, ["prune"], params={"keep": "dead"})
     (c,) = res.report.changes
-    assert c.exact and "kept 4 of 6" in c.notes
+    assert c.exact and "kept 7 of 8" in c.notes
     assert {t.data_type for t in res.model.graph.initializer} == {TensorProto.FLOAT16}
     x = {"x": smooth([1, 4, 12, 12], seed=3).astype(np.float16)}
     np.testing.assert_allclose(run(res.model, x)[0], run(m, x)[0], rtol=1e-2, atol=1e-2)
