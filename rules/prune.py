@@ -131,7 +131,9 @@ def _span(rec: ConvRecord, ctx: RuleContext) -> "tuple[Span | None, str | None]"
                 return None, f"channel tensor {t!r} feeds {what}, which is not a per-channel op or a conv"
             if d["op_type"] == "Conv":
                 crec = ctx.records.get(n)
-                if crec is None or list(p.input).index(t) != 0 or t in p.input[1:]:
+                if crec is None:
+                    return None, f"channel tensor {t!r} feeds {what}, rewritten earlier in this pass"
+                if list(p.input).index(t) != 0 or t in p.input[1:]:
                     return None, f"channel tensor {t!r} is a weight or bias of {what}"
                 why = plain_conv_reason(crec, ctx)
                 if why:

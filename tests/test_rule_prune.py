@@ -358,3 +358,17 @@ def test_float16_dead_channels():
     assert {t.data_type for t in res.model.graph.initializer} == {TensorProto.FLOAT16}
     x = {"x": smooth([1, 4, 12, 12], seed=3).astype(np.float16)}
     np.testing.assert_allclose(run(res.model, x)[0], run(m, x)[0], rtol=1e-2, atol=1e-2)
+
+
+def test_a_pass_prunes_alternate_layers_and_a_second_pass_the_rest():
+    """conv → Relu → conv → Relu → conv: the first conv's pruning takes the second as its consumer, so one pass
+    prunes the first only; run again, the rule prunes the (refitted) second."""
+    parts = [conv("p", "x", "a", w(8, 4, 3, 3)), helper.make_node("Relu", ["a"], ["r"], name="r1"),
+             conv("q", "r", "b", w(8, 8, 3, 3, seed=1)), helper.make_node("Relu", ["b"], ["s"], name="r2"),
+             conv("z", "s", "y", w(3, 8, 1, 1, seed=2))]
+    m = model(parts, ["y"])
+    once = rewrite(m, ["prune"], params={"keep": "0.5"}, calib=feeds(4))
+    assert [c.node for c in once.report.changes] == ["p"]
+    twice = rewrite(once.model, ["prune"], params={"keep": "0.5"}, calib=feeds(4), selection=Selection(nodes="^q$"))
+    (c,) = twice.report.changes
+    assert c.old_nodes == ["q", "r2", "z"] and "kept 4 of 8" in c.notes
