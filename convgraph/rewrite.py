@@ -130,16 +130,28 @@ class RewriteReport:
 
     @property
     def totals(self) -> dict[str, Any]:
-        """Over distinct convs: the first change of each lineage for "before", its last for "after"."""
-        lines = self.lineages()
+        """Over distinct convs: "before" sums each change's before less what it took over from earlier changes'
+        results (fold-bn, then separable on the folded conv: the conv once; fold-bn on a conv, then prune over
+        it and a conv fold-bn left alone: both once), "after" the results no later change replaced."""
+        made: dict[tuple[str, str], int] = {}  # (graph, node) -> the change that made it
+        taken: set[int] = set()
+        before: dict[str, list] = {"macs": [], "params": []}
+        for i, c in enumerate(self.changes):
+            prev = {made[(c.graph, o)] for o in c.old_nodes if (c.graph, o) in made}
+            taken |= prev
+            for k in before:
+                vals = [getattr(c, f"{k}_before")] + [getattr(self.changes[j], f"{k}_after") for j in prev]
+                before[k].append(None if None in vals else vals[0] - sum(vals[1:]))
+            for n in c.new_nodes:
+                made[(c.graph, n)] = i
+        last = [c for i, c in enumerate(self.changes) if i not in taken]
 
         def total(vals):
             return None if any(v is None for v in vals) else int(sum(vals))
 
-        return {"rewritten": len(lines), "changes": len(self.changes),
-                "macs_before": total([g[0].macs_before for g in lines]), "macs_after": total([g[-1].macs_after for g in lines]),
-                "params_before": total([g[0].params_before for g in lines]),
-                "params_after": total([g[-1].params_after for g in lines])}
+        return {"rewritten": len(self.lineages()), "changes": len(self.changes),
+                "macs_before": total(before["macs"]), "macs_after": total([c.macs_after for c in last]),
+                "params_before": total(before["params"]), "params_after": total([c.params_after for c in last])}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -372,3 +372,16 @@ def test_a_pass_prunes_alternate_layers_and_a_second_pass_the_rest():
     twice = rewrite(once.model, ["prune"], params={"keep": "0.5"}, calib=feeds(4), selection=Selection(nodes="^q$"))
     (c,) = twice.report.changes
     assert c.old_nodes == ["q", "r2", "z"] and "kept 4 of 8" in c.notes
+
+
+def test_totals_after_fold_bn_count_the_consumer_once():
+    """fold-bn folds the producer's BatchNormalization, then prune takes the folded conv and its consumer: the
+    totals' before counts both convs once (not the folded producer alone) and after the pruned pair."""
+    m = conv_bn_relu_conv()
+    res = rewrite(m, ["fold-bn", "prune"], params={"keep": "0.5"}, calib=feeds(4))
+    assert [c.rule for c in res.report.changes] == ["fold-bn", "prune"]
+    prune = res.report.changes[1]
+    t = res.report.totals
+    assert (t["macs_before"], t["macs_after"]) == (prune.macs_before, prune.macs_after) == (
+        (8 * 4 + 5 * 8) * 9 * 144, (4 * 4 + 5 * 4) * 9 * 144)
+    assert (t["params_before"], t["params_after"]) == (8 * 36 + 8 + 5 * 72 + 5, prune.params_after)
