@@ -79,7 +79,8 @@ def main(argv=None) -> int:
                           calibration=stats)
             prune._choose = real_choose
             (got,) = run_with_outputs(res.model, [out], tests).values()
-            errors[how] = float(np.sqrt(sum(np.sum((g - r) ** 2) for g, r in zip(got, ref)) / sum(np.sum(r * r) for r in ref)))
+            num = sum(np.sum((g - r) ** 2) for g, r in zip(got, ref))
+            errors[how] = float(np.sqrt(num / sum(np.sum(r * r) for r in ref)))
             if how == "data":
                 notes = res.report.changes[0].notes
         kept = notes.split(" channels")[0].removeprefix("kept ")

@@ -251,7 +251,8 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
             checks[len(report.changes)] = region or "the replaced nodes cannot run alone"
         report.changes.append(Change(
             rule.name, label, rec.graph, rec.kind, rep.kind_after, _or(rep.macs_before, rec.macs), rep.macs_after,
-            _or(rep.params_before, rec.params), rep.params_after, rep.exact, out, [graph.node(n).name or n for n in new_ids], old_names,
+            _or(rep.params_before, rec.params), rep.params_after, rep.exact, out,
+            [graph.node(n).name or n for n in new_ids], old_names,
             rep.weight_error, notes=rep.notes))
 
 

@@ -42,13 +42,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from convgraph.fit import FIT_PARAM
 from convgraph.record import ConvRecord
 from convgraph.rule import Match, Param, Replacement, Rule, RuleContext
 from convgraph.weights import constant_source
 
 from . import _lsq
 from ._common import CONSTANT_SOURCES, attrs, elem_type, label, opset, plain_conv_reason, weights
-from convgraph.fit import FIT_PARAM
 
 #: Ops that act on each channel alone (their other inputs: constants with one value per channel, or scalars).
 PER_CHANNEL = {"BatchNormalization", "Relu", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Clip", "Tanh",
@@ -423,11 +423,13 @@ def _replacement(rec, ctx, span, keep, cons, new_ws, new_bs, exact, how) -> Repl
         new = _copy(p, ins, [rename[p.output[0]]])
         if p.op_type == "Conv":  # depthwise: one group per kept channel
             del new.attribute[:]
-            new.attribute.extend(helper.make_attribute(a.name, len(keep)) if a.name == "group" else a for a in p.attribute)
+            new.attribute.extend(helper.make_attribute(a.name, len(keep)) if a.name == "group" else a
+                                 for a in p.attribute)
         nodes.append(new)
     for r, w, b in zip(cons, new_ws, new_bs):
         cw = weights(r, ctx)
-        wi = ctx.initializer(f"{label(r)}/pruned_W", cw.cast(w[:, keep].reshape((w.shape[0], len(keep)) + tuple(r.kernel))))
+        kept = w[:, keep].reshape((w.shape[0], len(keep)) + tuple(r.kernel))
+        wi = ctx.initializer(f"{label(r)}/pruned_W", cw.cast(kept))
         bi = ctx.initializer(f"{label(r)}/pruned_B", cw.cast(b))
         inits += [wi, bi]
         nodes.append(_copy(ctx.node(r.node_id), [rename[r.input], wi.name, bi.name], [r.output]))

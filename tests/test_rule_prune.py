@@ -126,7 +126,8 @@ def test_conv_bn_relu_conv_data_refit_beats_no_refit_and_weight_choice(monkeypat
 
 def silu_two_consumers(c=6):
     parts = [conv("p", "x", "a", w(c, 4, 3, 3), np.linspace(-1, 1, c)),
-             helper.make_node("Sigmoid", ["a"], ["s"], name="sig"), helper.make_node("Mul", ["a", "s"], ["b"], name="silu"),
+             helper.make_node("Sigmoid", ["a"], ["s"], name="sig"),
+             helper.make_node("Mul", ["a", "s"], ["b"], name="silu"),
              conv("q1", "b", "y1", w(3, c, 1, 1, seed=3)), conv("q2", "b", "y2", w(2, c, 3, 3, seed=4), np.ones(2))]
     return model(parts, ["y1", "y2"])
 
@@ -137,7 +138,8 @@ def test_silu_with_two_consumers_prunes_both():
     (c,) = res.report.changes
     assert set(c.old_nodes) == {"p", "sig", "silu", "q1", "q2"} and "2 consumer(s)" in c.notes
     shapes = {i.name: numpy_helper.to_array(i).shape for i in res.model.graph.initializer}
-    assert shapes["q1/pruned_W"] == (3, 4, 1, 1) and shapes["q2/pruned_W"] == (2, 4, 3, 3) and shapes["p/pruned_W"][0] == 4
+    assert shapes["q1/pruned_W"] == (3, 4, 1, 1) and shapes["q2/pruned_W"] == (2, 4, 3, 3)
+    assert shapes["p/pruned_W"][0] == 4
     tests = feeds(2, seed=40)
     for k in (0, 1):  # both consumers' outputs close to the original's
         ref = np.concatenate([run(m, f)[k].ravel() for f in tests])
@@ -191,7 +193,8 @@ def test_refusals_say_why():
     assert "'y' is a graph output" in reason([p, dw])
     grouped = conv("p", "x", "a", w(6, 2, 3, 3), group=2)
     assert "producer is grouped" in reason([grouped, q])
-    row = helper.make_node("Mul", ["a", "k"], ["z"], name="scale"), [numpy_helper.from_array(np.ones((1, 1, 1, 12), np.float32), "k")]
+    row = (helper.make_node("Mul", ["a", "k"], ["z"], name="scale"),
+           [numpy_helper.from_array(np.ones((1, 1, 1, 12), np.float32), "k")])
     assert "not one value per channel" in reason([p, row, conv("q", "z", "y", w(3, 6, 1, 1))])
     assert "drops none" in reason([p, q], channels="6")
 
@@ -223,7 +226,8 @@ def yolo_crops(names, size):
     out = []
     for n in names:
         big = picture(n, 2 * size, 2 * size)
-        out += [{"images": np.ascontiguousarray(big[:, :, i:i + size, j:j + size])} for i in (0, size) for j in (0, size)]
+        out += [{"images": np.ascontiguousarray(big[:, :, i:i + size, j:j + size])}
+                for i in (0, size) for j in (0, size)]
     return out
 
 
@@ -293,7 +297,8 @@ def test_cli_prunes_with_a_calibration_folder(models_dir, tmp_path, capsys):
 
 
 def mobilenet_block(dead=False):
-    """pw → BN → HardSwish → depthwise 3×3 → BN → Relu → pw (a MobileNetV3-style block, without the skip)."""
+    """pw → BN → HardSwish → depthwise 3×3 → BN → Relu → pw (a MobileNetV3-style block, no skip); ``dead``: the
+    first BN and HardSwish become Relu and Identity and two filters are zero."""
     pw = w(8, 4, 1, 1)
     b = np.zeros(8, np.float32)
     if dead:  # channel 2: Relu(−1) = 0 reaches the depthwise conv, which leaves its bias; channel 5: Relu(0.5)
@@ -301,7 +306,7 @@ def mobilenet_block(dead=False):
         b[[2, 5]] = [-1.0, 0.5]
     parts = [conv("p", "x", "a", pw, b),
              bn("bn1", "a", "b", 8) if not dead else helper.make_node("Relu", ["a"], ["b"], name="r0"),
-             helper.make_node("HardSwish", ["b"], ["c"], name="hs") if not dead else helper.make_node("Identity", ["b"], ["c"], name="id"),
+             helper.make_node("Identity" if dead else "HardSwish", ["b"], ["c"], name="id" if dead else "hs"),
              conv("dw", "c", "d", w(8, 1, 3, 3, seed=7), np.linspace(-0.5, 0.5, 8), group=8),
              bn("bn2", "d", "e", 8, seed=3), helper.make_node("Relu", ["e"], ["f"], name="r"),
              conv("q", "f", "y", w(6, 8, 1, 1, seed=8))]
@@ -337,7 +342,8 @@ def test_the_refit_ridge_is_chosen_on_held_out_batches(monkeypatch):
     import convgraph.rules.prune as prune
 
     m = conv_bn_relu_conv(hw=5)
-    cal, tests = [{"x": smooth([1, 4, 5, 5], seed=s)} for s in range(4)], [{"x": smooth([1, 4, 5, 5], seed=60 + s)} for s in range(4)]
+    cal = [{"x": smooth([1, 4, 5, 5], seed=s)} for s in range(4)]
+    tests = [{"x": smooth([1, 4, 5, 5], seed=60 + s)} for s in range(4)]
     chosen = rewrite(m, ["prune"], params={"keep": "0.5"}, calib=cal)
     assert "chosen on held-out batches" in chosen.report.changes[0].notes
     monkeypatch.setattr(prune, "RIDGES", (1e-4,))
