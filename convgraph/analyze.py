@@ -451,7 +451,7 @@ def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
     ctx = RuleContext(g, {r.node_id: r for r in records})
     for rec in records:
         for rule, params, exact in rules:
-            if rule.match(rec, ctx) is not None:
+            if rule.why_not(rec, ctx) is not None:
                 continue
             macs_after, params_after, kind_after = rule.estimate(rec, params)
             if rule.makes_dearer(params, rec.macs, macs_after):

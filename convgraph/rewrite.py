@@ -135,16 +135,28 @@ class RewriteReport:
 
     @property
     def totals(self) -> dict[str, Any]:
-        """Over distinct convs: the first change of each lineage for "before", its last for "after"."""
-        lines = self.lineages()
+        """Over distinct convs: "before" sums each change's before less what it took over from earlier changes'
+        results (fold-bn, then separable on the folded conv: the conv once; fold-bn on a conv, then prune over
+        it and a conv fold-bn left alone: both once), "after" the results no later change replaced."""
+        made: dict[tuple[str, str], int] = {}  # (graph, node) -> the change that made it
+        taken: set[int] = set()
+        before: dict[str, list] = {"macs": [], "params": []}
+        for i, c in enumerate(self.changes):
+            prev = {made[(c.graph, o)] for o in c.old_nodes if (c.graph, o) in made}
+            taken |= prev
+            for k in before:
+                vals = [getattr(c, f"{k}_before")] + [getattr(self.changes[j], f"{k}_after") for j in prev]
+                before[k].append(None if None in vals else vals[0] - sum(vals[1:]))
+            for n in c.new_nodes:
+                made[(c.graph, n)] = i
+        last = [c for i, c in enumerate(self.changes) if i not in taken]
 
         def total(vals):
             return None if any(v is None for v in vals) else int(sum(vals))
 
-        return {"rewritten": len(lines), "changes": len(self.changes),
-                "macs_before": total([g[0].macs_before for g in lines]), "macs_after": total([g[-1].macs_after for g in lines]),
-                "params_before": total([g[0].params_before for g in lines]),
-                "params_after": total([g[-1].params_after for g in lines])}
+        return {"rewritten": len(self.lineages()), "changes": len(self.changes),
+                "macs_before": total(before["macs"]), "macs_after": total([c.macs_after for c in last]),
+                "params_before": total(before["params"]), "params_after": total([c.params_after for c in last])}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -177,11 +189,16 @@ def _drop_orphans(graph: ConvGraph, tensors: set[str]) -> None:
             todo.extend(inputs)
 
 
-def _dearer(rule: Rule, params: dict, rec: ConvRecord, macs: int | None) -> str | None:
-    if rule.makes_dearer(params, rec.macs, macs):
-        return (f"would add MACs ({rec.macs:,} → {macs:,}), which an approximate rule is not for; "
+def _dearer(rule: Rule, params: dict, rec: ConvRecord, macs: int | None, before: int | None = None) -> str | None:
+    before = rec.macs if before is None else before  # a rule replacing several convs says what they cost
+    if rule.makes_dearer(params, before, macs):
+        return (f"would add MACs ({before:,} → {macs:,}), which an approximate rule is not for; "
                 f"name the node with --nodes to rewrite it anyway")
     return None
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 @staged(lambda cg, rule, *_: f"applying {rule.name}")
@@ -204,23 +221,25 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
         why = selection.why_not(rec)
         graph = graphs[rec.graph]
         ctx = RuleContext(graph, records[rec.graph], calibration, params)
+        found = None
         if why is None:
-            why = rule.match(rec, ctx)
+            why, found = rule.check(rec, ctx)
         estimate = rule.estimate(rec, params) if why is None and rule.estimate is not None else None
         if why is None and guard_macs and estimate is not None:
             why = _dearer(rule, params, rec, estimate[0])
         rep, skipped = None, False
         if why is None and not dry_run:
             try:
-                rep = rule.build(rec, ctx, params)
+                rep = rule.make(rec, ctx, params, found)
             except (Skip, np.linalg.LinAlgError) as e:  # this conv cannot be rewritten after all: say why, go on
                 why, skipped = "skipped: " + (str(e) if isinstance(e, Skip) else f"the fit failed ({e})"), True
             if rep is not None and guard_macs:
-                why = _dearer(rule, params, rec, rep.macs_after)
+                why = _dearer(rule, params, rec, rep.macs_after, rep.macs_before)
         report.explain.append(Explanation(label, rule.name, why is None, why or "applies", skipped))
         if why is not None:
             continue
         if rep is None:  # dry run
+            consumed.update((rec.graph, n) for n in (found.nodes if found else ()))
             if estimate is not None:
                 macs, prm, kind = estimate
                 report.changes.append(Change(rule.name, label, rec.graph, rec.kind, kind, rec.macs, macs, rec.params,
@@ -240,8 +259,9 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
             region = regions.build(graph, old, [graph.node(n) for n in new_ids], cg.model) if old else None
             checks[len(report.changes)] = region or "the replaced nodes cannot run alone"
         report.changes.append(Change(
-            rule.name, label, rec.graph, rec.kind, rep.kind_after, rec.macs, rep.macs_after, rec.params,
-            rep.params_after, rep.exact, out, [graph.node(n).name or n for n in new_ids], old_names,
+            rule.name, label, rec.graph, rec.kind, rep.kind_after, _or(rep.macs_before, rec.macs), rep.macs_after,
+            _or(rep.params_before, rec.params), rep.params_after, rep.exact, out,
+            [graph.node(n).name or n for n in new_ids], old_names,
             rep.weight_error, notes=rep.notes))
 
 

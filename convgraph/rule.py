@@ -1,9 +1,11 @@
 """The rule interface: what a module in ``rules/`` defines, and the context a rule builds with.
 
 A rule module exposes ``RULE = Rule(...)``. Matching (``match``) is separate from building
-(``build``): ``match`` returns ``None`` when the rule applies to a conv, else the reason it does not.
-``build`` returns a :class:`Replacement`: new nodes and initializers computed from the matched node's
-weights. The engine (convgraph.rewrite) splices them in, names, checks and verifies.
+(``build``): ``match`` returns the reason a rule does not apply to a conv (a string), else ``None`` (it
+applies to the conv alone) or a :class:`Match` naming the nodes it spans, which ``build`` then receives
+as a fourth argument (so that it need not rediscover them). ``build`` returns a :class:`Replacement`:
+new nodes and initializers computed from the matched nodes' weights. The engine (convgraph.rewrite)
+splices them in, names, checks and verifies; callers go through :meth:`Rule.check` and :meth:`Rule.make`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,18 @@ class Param:
     parse: Callable[[str], Any] = str
 
 
+@dataclass(frozen=True)
+class Match:
+    """What ``match`` found where a rule applies: the node ids it spans (the conv first) and named bindings
+    (``match["bn"]``) for ``build``."""
+
+    nodes: tuple[str, ...]
+    bindings: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.bindings[key]
+
+
 @dataclass
 class Replacement:
     """What a rule puts in place of the matched node(s).
@@ -50,6 +64,9 @@ class Replacement:
     removed: list[str] = field(default_factory=list)  # node ids replaced; default: the matched conv
     weight_error: float | None = None  # relative Frobenius error of the effective kernel (approximate rules)
     notes: str = ""
+    #: MACs and params of all the replaced nodes when they are more than the matched conv (None: the conv's)
+    macs_before: int | None = None
+    params_before: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,8 +77,8 @@ class Rule:
     summary: str
     exact: "bool | Callable[[dict], bool]"
     params: tuple[Param, ...]
-    match: Callable[[ConvRecord, "RuleContext"], "str | None"]
-    build: Callable[[ConvRecord, "RuleContext", dict], Replacement]
+    match: Callable[[ConvRecord, "RuleContext"], "str | Match | None"]
+    build: Callable[..., Replacement]  # (rec, ctx, params), and the Match when match returned one
     estimate: "Callable[[ConvRecord, dict], tuple[int | None, int, str]] | None" = None  # macs, params, kind after
     prepass: bool = False  # run before the others (fold-bn)
     #: the rule approximates to save compute: an approximate rewrite that would add MACs is not applied
@@ -76,6 +93,19 @@ class Rule:
         unless the user names it, and the analyzer does not offer it."""
         return (self.saves_macs and not self.is_exact(params) and macs_before is not None and macs_after is not None
                 and macs_after > macs_before)
+
+    def check(self, rec: ConvRecord, ctx: "RuleContext") -> "tuple[str | None, Match | None]":
+        """(why the rule does not apply, None), or (None, what match found: its Match, None for the conv alone)."""
+        found = self.match(rec, ctx)
+        return (found, None) if isinstance(found, str) else (None, found)
+
+    def why_not(self, rec: ConvRecord, ctx: "RuleContext") -> str | None:
+        """None when the rule applies to ``rec``, else the reason."""
+        return self.check(rec, ctx)[0]
+
+    def make(self, rec: ConvRecord, ctx: "RuleContext", params: dict, found: "Match | None" = None) -> Replacement:
+        """``build``, handing it what ``match`` found when that was a :class:`Match`."""
+        return self.build(rec, ctx, params) if found is None else self.build(rec, ctx, params, found)
 
     def resolve_params(self, given: dict[str, str]) -> dict[str, Any]:
         """Defaults overlaid with ``given`` (strings parsed); UsageError on an unknown or bad value."""

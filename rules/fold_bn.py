@@ -3,7 +3,8 @@
 BatchNormalization computes y = a·(x − mean) + B per channel with a = scale / √(var + ε); on a conv
 output that is a conv with weights scaled by a (per output channel) and bias a·(b − mean) + B. The
 folded conv keeps the conv's name and writes the BatchNormalization's output. Exact. Runs as a
-pre-pass, so the other rules see the true weights.
+pre-pass, so the other rules see the true weights. ``match`` binds the BatchNormalization (``bn``) for
+``build``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from convgraph.record import ConvRecord
-from convgraph.rule import Replacement, Rule, RuleContext
+from convgraph.rule import Match, Replacement, Rule, RuleContext
 from convgraph.weights import constant_source
 
 from ._common import CONSTANT_SOURCES, attrs, bias_params, plain_conv_reason, weights
@@ -53,11 +54,12 @@ def _bn(rec: ConvRecord, ctx: RuleContext) -> tuple[str | None, str | None]:
     return bn_id, None
 
 
-def match(rec: ConvRecord, ctx: RuleContext) -> str | None:
+def match(rec: ConvRecord, ctx: RuleContext) -> str | Match:
     why = plain_conv_reason(rec, ctx, ("Conv", "ConvTranspose"))
     if why:
         return why
-    return _bn(rec, ctx)[1]
+    bn_id, why = _bn(rec, ctx)
+    return why or Match((rec.node_id, bn_id), {"bn": bn_id})
 
 
 def fold(w: np.ndarray, b: np.ndarray | None, scale: np.ndarray, beta: np.ndarray, mean: np.ndarray,
@@ -72,8 +74,9 @@ def fold(w: np.ndarray, b: np.ndarray | None, scale: np.ndarray, beta: np.ndarra
     return w * a.reshape((-1,) + (1,) * (w.ndim - 1)), a * bias + beta
 
 
-def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
-    bn_id, _ = _bn(rec, ctx)
+def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None = None) -> Replacement:
+    found = found or match(rec, ctx)
+    bn_id = found["bn"]
     wt = weights(rec, ctx)
     bn = ctx.node(bn_id)
     scale, beta, mean, var = (ctx.value(t).astype(np.float64).reshape(-1) for t in bn.input[1:5])
@@ -90,7 +93,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
     del new.output[:]
     new.output.append(bn.output[0])
     macs, n_params, kind = estimate(rec, params)
-    return Replacement([new], [w_init, b_init], True, kind, macs, n_params, removed=[rec.node_id, bn_id],
+    return Replacement([new], [w_init, b_init], True, kind, macs, n_params, removed=list(found.nodes),
                        weight_error=0.0, notes=wt.notes)
 
 

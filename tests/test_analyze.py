@@ -256,7 +256,7 @@ def test_rewrites_come_from_rules(sample):
     rules = {n: r for n, r in all_rules().items() if r.estimate is not None}
     ctx = RuleContext(a.graphs[""], a.by_id())
     for rec in a.convs:
-        expected = {n for n, rule in rules.items() if rule.match(rec, ctx) is None}
+        expected = {n for n, rule in rules.items() if rule.why_not(rec, ctx) is None}
         assert {o.rule for o in rec.rewrites} == expected
         for o in rec.rewrites:
             assert (o.macs_after, o.params_after, o.kind_after) == tuple(rules[o.rule].estimate(rec, o.params))

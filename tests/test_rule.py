@@ -26,3 +26,47 @@ def test_bad_param_value_is_a_usage_error() -> None:
     assert rule.resolve_params({"rank": "full"}) == {"rank": "full"}
     with pytest.raises(UsageError, match="bad value '0' for param 'rank'.*positive integer or 'full'"):
         rule.resolve_params({"rank": "0"})
+
+
+def test_check_and_make_hand_what_match_found_to_build() -> None:
+    """A match may return the nodes it spans (a Match); build then receives it. None still means the conv alone."""
+    from convgraph.rule import Match
+
+    got = []
+    binding = Rule("b", "binds", True, (), match=lambda r, c: Match(("conv", "bn"), {"bn": "bn"}),
+                   build=lambda r, c, p, found=None: got.append(found))
+    plain = Rule("p", "plain", True, (), match=lambda r, c: None, build=lambda r, c, p: got.append("plain"))
+    refuses = Rule("r", "refuses", True, (), match=lambda r, c: "no reason to", build=lambda r, c, p: None)
+    why, found = binding.check(None, None)
+    assert why is None and found.nodes == ("conv", "bn") and found["bn"] == "bn" and binding.why_not(None, None) is None
+    binding.make(None, None, {}, found)
+    assert plain.check(None, None) == (None, None)
+    plain.make(None, None, {}, None)  # a build of three parameters still works
+    assert refuses.check(None, None) == ("no reason to", None) and refuses.why_not(None, None) == "no reason to"
+    assert got == [found, "plain"]
+
+
+def test_fold_bn_binds_its_batchnorm_and_build_does_not_look_again(models_dir, monkeypatch) -> None:
+    import convgraph.rules.fold_bn as fold_bn
+    from convgraph.analyze import analyze
+    from convgraph.graph import load
+    from convgraph.registry import get_rule
+    from convgraph.rewrite import rewrite
+    from convgraph.rule import RuleContext
+
+    calls, real_bn = [], fold_bn._bn
+    monkeypatch.setattr(fold_bn, "_bn", lambda rec, ctx: (calls.append(rec.node_id), real_bn(rec, ctx))[1])
+    cg = load(models_dir / "conv_bn.onnx")
+    a = analyze(cg, rewrites=False)
+    rule, found = get_rule("fold-bn"), []
+    for rec in a.convs:
+        why, f = rule.check(rec, RuleContext(cg, a.by_id()))
+        if why is None:
+            assert cg.node(f["bn"]).op_type == "BatchNormalization" and f.nodes == (rec.node_id, f["bn"])
+            found.append(f)
+    matched = len(calls)
+    assert matched >= 2
+    calls.clear()
+    res = rewrite(models_dir / "conv_bn.onnx", ["fold-bn"])
+    assert len(res.report.changes) == len(found) == 2
+    assert len(calls) == matched  # the BatchNormalization was looked for once per conv, by match alone

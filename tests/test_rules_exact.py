@@ -84,12 +84,12 @@ def rewrite_with(model, rule: str, params: dict | None = None, input_shapes=None
             continue
         graph = next(g for g in cg.walk() if g.path == rec.graph)
         ctx = RuleContext(graph, analysis.by_id(rec.graph), params=params)
-        why = r.match(rec, ctx)
+        why, found = r.check(rec, ctx)
         if why is not None:
             assert isinstance(why, str) and why
             reasons[rec.name or rec.node_id] = why
             continue
-        rep = r.build(rec, ctx, p)
+        rep = r.make(rec, ctx, p, found)
         removed = rep.removed or [rec.node_id]
         done.update((rec.graph, n) for n in removed)
         graph.replace(removed, rep.nodes, rep.initializers)
