@@ -27,12 +27,14 @@ the calibration data never excites do not get unbounded weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .calibrate import ConvStats
 from .errors import ModelError
-from .rule import Param
+
+if TYPE_CHECKING:  # the statistics are calibrate's; the fits only read them
+    from .calibrate import ConvStats
 
 #: Default damping: this fraction of the mean diagonal is added to a covariance before it is inverted.
 DAMP = 0.01
@@ -326,18 +328,6 @@ def layer_error(w: np.ndarray, w_new: np.ndarray, stats: ConvStats) -> float:
         num = _quad(dc, sig, dc)
         den = _quad(wc, sig, wc)
     return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
-
-
-def fit_mode(text: str) -> str:
-    """Parse the rules' ``fit`` param: ``data`` or ``weights``."""
-    if text not in ("data", "weights"):
-        raise ValueError("must be 'data' or 'weights'")
-    return text
-
-
-#: The ``fit=weights|data`` parameter shared by the approximate rules.
-FIT_PARAM = Param("fit", "data", "'data': fit on the calibration statistics when there are some (output error on "
-                  "real activations, bias corrected); 'weights': fit the weights alone", fit_mode)
 
 
 # ---- whole-layer low rank (rule low-rank) ----------------------------------------------------------------

@@ -41,6 +41,7 @@ from .errors import CheckFailed, UsageError
 from .graph import ConvGraph, load
 from .inputs import InputSet, make_inputs
 from .io import atomic_write_bytes, check_output_path
+from .profile import pyplot
 from .record import ConvRecord
 from .registry import get_rule
 from .rewrite import Selection, rewrite
@@ -1025,17 +1026,6 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
 
 
 # ---- the plot --------------------------------------------------------------------------------------------------
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install 'convgraph[plot]'") from None
-    return plt
-
-
 def check_plot_path(path, model=None, output=None) -> Path:
     """Refuse (UsageError) a plot path before any work: matplotlib missing, a format it cannot write, the
     input model or the output model, a folder or a missing folder (:func:`convgraph.io.check_output_path`)."""
@@ -1045,7 +1035,7 @@ def check_plot_path(path, model=None, output=None) -> Path:
             raise UsageError(f"--plot {p} is {what}; give the plot a file of its own")
     check_output_path(p, model)  # also a hard link to the input, a folder, a missing folder
     fmt = p.suffix[1:].lower()
-    _pyplot()
+    pyplot()
     from matplotlib.figure import Figure
 
     formats = Figure().canvas.get_supported_filetypes()
@@ -1059,7 +1049,7 @@ def plot_pareto(report: OptimizeReport, path) -> None:
     """A picture of the error–latency front (format from the file's extension, written atomically): the
     greedy sequence as predicted, and the prefixes as measured."""
     path = check_plot_path(path)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     floor = 1e-6
     if report.sequence:

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .convops import conv_op
 from .expr import Expr, floor_div, is_dim
 
 SMALL = 1024  #: integer tensors with at most this many elements carry their values
@@ -285,8 +286,6 @@ class _Walk:
         self.envs: dict[str, dict] = {}  # graph path → tensor → Val
 
     def graph(self, cg, env: dict, parent_env: "dict | None") -> None:
-        from .analyze import conv_op
-
         nodes, shapes = cg.graph._node, cg.shapes
         for nid in cg.topological_order():
             data = nodes[nid]
