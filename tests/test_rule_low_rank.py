@@ -347,7 +347,8 @@ def test_cli_full_rank_passes_verification(models_dir, tmp_path, capsys):
 
 
 def test_optimizer_tries_shares_of_the_full_rank(models_dir):
-    from convgraph.optimize import DEFAULT_RULES, _rule_options
+    from convgraph.optimize import DEFAULT_RULES
+    from convgraph.optimize.timing import _rule_options
 
     assert "low-rank" in DEFAULT_RULES
     cg = convgraph.load(models_dir / "sample.onnx")
