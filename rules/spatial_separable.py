@@ -78,8 +78,8 @@ def _als(w: np.ndarray, group: int, v: np.ndarray, st) -> tuple[np.ndarray, np.n
     """
     c, r, kh = v.shape
     og, kw = w.shape[0] // group, w.shape[3]
-    cov = fit._damped(st.cov(), fit.DAMP).reshape(c, kh, kw, kh, kw)  # (C, K, K), taps (y, x)
-    wc = fit._per_channel(w, group)  # (C, Og, K)
+    cov = fit.damped(st.cov(), fit.DAMP).reshape(c, kh, kw, kh, kw)  # (C, K, K), taps (y, x)
+    wc = fit.per_channel(w, group)  # (C, Og, K)
     rhs = np.einsum("cok,ckl->col", wc, st.cross_cov()).reshape(c, og, kh, kw)  # E[(w·x_ref) x]
 
     def solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # a (C, n, n), b (C, n, m): a tiny ridge

@@ -23,9 +23,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("runtime", ("runtime", "inputs", "bench")),
     ("model", ("shapes", "propagate", "graph")),
     ("analysis", ("patterns", "receptive", "roofline", "regions")),
-    ("rules", ("rule", "fit", "rules", "rules.*", "registry")),
+    ("rules", ("rule", "fit", "fit.*", "rules", "rules.*", "registry")),
     ("analyzer", ("analyze", "report")),
-    ("engine and verification", ("metrics", "verify", "calibrate", "rewrite", "profile")),
+    ("engine and verification", ("metrics", "localize", "verify", "calibrate", "rewrite", "profile")),
     ("optimizer", ("optimize", "optimize.*")),
     ("interface", ("", "__main__", "cli", "cli.*")),
 ]

@@ -13,26 +13,13 @@ from convgraph.cli import main
 from convgraph.optimize import (Candidate, Judge, fit_sequential, greedy_sequence, optimize, plan_of,
                                 plot_pareto, search)
 from convgraph.verify import compare
-
-FAST = {"layer_runs": 5, "bench_runs": 5, "max_evals": 2, "probe": 2}
+from helpers import FAST, smooth_feeds
 
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     """The CLI keeps layer timings under the user's cache folder: the tests' go to a temporary one."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
-def smooth_feeds(n: int, seed: int, shape=(1, 3, 64, 64)) -> list[dict]:
-    """Image-like inputs: smooth random fields (neighbouring pixels correlated), not white noise."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        x = rng.standard_normal((shape[0], shape[1], shape[2] + 8, shape[3] + 8))
-        for _ in range(4):
-            x = (x[..., :-2, :-2] + x[..., 1:-1, 1:-1] + x[..., 2:, 2:] + x[..., 2:, :-2]) / 4
-        out.append({"x": np.ascontiguousarray(x[..., :shape[2], :shape[3]], dtype=np.float32)})
-    return out
 
 
 def cand(node, rule, rank, saving, error, before=1.0) -> Candidate:
@@ -165,10 +152,10 @@ def test_a_model_no_faster_than_the_original_is_not_returned(models_dir, monkeyp
 def test_optimize_times_convs_whose_shapes_inference_lost(tmp_path):
     """PP-OCR rec's case: onnx's inference cannot follow a computed Reshape target, so the conv after it has
     no shape to time; optimize probes the shapes once instead of refusing the model."""
-    from test_shapes import _computed_reshape
+    from helpers import computed_reshape
 
     path = tmp_path / "m.onnx"
-    path.write_bytes(_computed_reshape().SerializeToString())
+    path.write_bytes(computed_reshape().SerializeToString())
     feeds = [{"x": f["x"][..., :8, :8].copy()} for f in smooth_feeds(6, 8)]
     model, report = optimize(path, feeds[:4], feeds[4:], budget=0.01, rules=["separable"], ranks=(1,), **FAST)
     assert {c.node for c in report.candidates} == {"conv", "conv2"}  # conv2's input shape was measured

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper
-from test_fit import smooth_inputs, yolo_layer
-from test_rules_exact import assert_same, drawn_conv2d, input_shape, op_types, random_x, rewrite_with, single_op
+from helpers import (
+    assert_same, drawn_conv2d, input_shape, op_types, random_x, rewrite_with, single_op, smooth_inputs, yolo_layer)
 
 import convgraph
 from convgraph import fit
@@ -240,7 +240,7 @@ def test_channel_form_data_fit_is_reduced_rank_regression():
     x = smooth_inputs(rng, 6, 6, 12, mixing=True)
     w, b = rng.standard_normal((10, 6, 3, 3)), rng.standard_normal(10)
     s = stats_of(x, 6)
-    sig = fit._damped(s.full_cov()[0], fit.DAMP)
+    sig = fit.damped(s.full_cov()[0], fit.DAMP)
     lam, q = np.linalg.eigh(sig)
     half, inv_half = (q * np.sqrt(lam)) @ q.T, (q / np.sqrt(lam)) @ q.T
     wm = w.reshape(10, -1)

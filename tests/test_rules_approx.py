@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
-from test_rules_exact import (
+from helpers import (
     assert_same, drawn_conv2d, input_shape, op_types, random_x, rel_err, rewrite_with, run, single_op)
 
 import convgraph
