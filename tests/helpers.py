@@ -363,3 +363,18 @@ def original_run(path: str) -> tuple[bool, object]:
         return True, cpu_session(p.read_bytes()).run(None, feeds)
     except Exception as e:  # noqa: BLE001 - whatever onnxruntime raises means it cannot run this model
         return False, str(e).strip().splitlines()[0]
+
+
+def external_weight(model: onnx.ModelProto, folder: Path, location: str) -> tuple[Path, bytes]:
+    """``model`` written to ``folder/m.onnx`` with its first initializer's data moved out to ``location``
+    (relative to ``folder``, or not); the data is returned, not written: the test puts it where it wants."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    w = m.graph.initializer[0]
+    raw = w.raw_data
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    w.external_data.add(key="location", value=location)
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_model(folder, m), raw
+

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import run_cli, write_model
+from helpers import external_weight, run_cli, write_model
 
 BIN = Path(sys.executable).with_name("convgraph")
 
@@ -76,15 +76,9 @@ def _absurd(tmp: Path) -> Path:
 
 
 def _external(tmp: Path, location: str) -> Path:
-    m = _model()
-    w = m.graph.initializer[0]
-    data = w.raw_data
-    w.ClearField("raw_data")
-    w.data_location = TensorProto.EXTERNAL
-    w.external_data.add(key="location", value=location)
+    path, data = external_weight(_model(), tmp / "model", location)
     (tmp / "secret.bin").write_bytes(data)
-    (tmp / "model").mkdir()
-    return write_model(tmp / "model", m)
+    return path
 
 
 def _ext_absolute(tmp: Path) -> Path:

@@ -190,7 +190,6 @@ def test_structure_names_and_estimate(models_dir):
             assert a1["auto_pad"] == a2["auto_pad"] == b"SAME_UPPER"
         else:
             assert a1["strides"] == [2, 2] and "strides" not in a2
-        assert rule.estimate(rec, params) == (rep.macs_after, rep.params_after, rep.kind_after)
         assert rep.kind_after == ("standard+standard" if form == "spatial" else "standard+pointwise")
         g2 = convgraph.load(cg.to_model())
         g2.replace([rec.node_id], rep.nodes, rep.initializers)
