@@ -55,8 +55,8 @@ from .sequential import FIT_CACHE_BYTES, fit_sequential
 from .timing import TimingCache, _apply, _eta, _restore_names, _unique_names, candidates
 
 __all__ = [
-    "DEFAULT_RANKS", "DEFAULT_RULES", "ERROR_FLOOR", "ERRORS_SHARE", "FEW_CALIBRATION", "FEW_HELDOUT", "FIT_CACHE_BYTES",
-    "LAYER_RANK_SHARES", "MAX_MAC_RATIO", "METRICS", "PREDICTION_SLACK", "SPEED_NOISE", "STABLE_SHARE", "Candidate",
+    "DEFAULT_RANKS", "DEFAULT_RULES", "ERROR_FLOOR", "ERRORS_SHARE", "FEW_CALIBRATION", "FEW_HELDOUT",
+    "FIT_CACHE_BYTES", "LAYER_RANK_SHARES", "MAX_MAC_RATIO", "METRICS", "PREDICTION_SLACK", "SPEED_NOISE", "STABLE_SHARE", "Candidate",
     "Choice", "Judge", "OptimizeReport", "Point", "Step", "TimingCache", "candidates", "check_plot_path",
     "fit_sequential", "greedy_sequence", "needs_shorter", "optimize", "plan_of", "plot_pareto", "search",
 ]
