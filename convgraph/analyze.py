@@ -15,12 +15,12 @@ from typing import Any, Iterator
 import onnx
 
 from . import arithmetic as ar
+from .convops import CONV_OPS, ConvOp, classify, conv_op  # noqa: F401 - lived here: still importable from here
 from .errors import ModelError
 from .graph import ConvGraph, gc_paused, real_inputs
 from .record import KINDS, ConvRecord, RewriteOption
 from .roofline import memory_cost
 from .weights import constant_shape, constant_source, elem_type
-from .convops import CONV_OPS, ConvOp, classify, conv_op  # noqa: F401 - lived here: still importable from here
 
 
 def _str(v: Any) -> str:
@@ -153,7 +153,8 @@ def _record(cg: ConvGraph, nid: str, data: dict, spec: ConvOp) -> ConvRecord | N
         in_channels=in_channels, out_channels=out_channels,
         depth_multiplier=out_channels // in_channels if kind == "depthwise" else None,
         input=x, weight=w, bias=b, output=out_name, input_shape=in_shape, output_shape=output_shape,
-        macs=macs, macs_bias=macs_bias, params=params, macs_expr=macs_expr, macs_bias_expr=bias_expr, has_bias=has_bias, weight_source=source,
+        macs=macs, macs_bias=macs_bias, params=params, macs_expr=macs_expr, macs_bias_expr=bias_expr, has_bias=has_bias,
+        weight_source=source,
         bias_source=constant_source(cg, b) if has_bias else None,
         auto_pad=auto_pad, output_padding=output_padding,
         checkerboard=spec.transposed and checkerboard(kernel, strides, dilations),

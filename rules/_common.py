@@ -176,8 +176,8 @@ def split_geometry(geo: dict) -> tuple[dict, dict]:
             (sy, sx) = geo[key]
             v[key], h[key] = [sy, 1], [1, sx]
     if "pads" in geo:
-        t, l, b, r = geo["pads"]
-        v["pads"], h["pads"] = [t, 0, b, 0], [0, l, 0, r]
+        top, left, bottom, right = geo["pads"]
+        v["pads"], h["pads"] = [top, 0, bottom, 0], [0, left, 0, right]
     if geo.get("auto_pad", "NOTSET") != "NOTSET":
         v["auto_pad"] = h["auto_pad"] = geo["auto_pad"]
     return v, h

@@ -100,8 +100,8 @@ class TimingCache:
             g = shell.graph
             names: dict[str, str] = {}  # tensors renamed by first appearance: builds name them afresh each time
 
-            def canon(t: str) -> str:
-                return names.setdefault(t, f"t{len(names)}") if t else t
+            def canon(t: str) -> str:  # called within this iteration only
+                return names.setdefault(t, f"t{len(names)}") if t else t  # noqa: B023
 
             for vi in list(g.input) + list(g.output):
                 vi.name = canon(vi.name)
