@@ -124,3 +124,15 @@ def test_the_check_catches_an_upward_import(tmp_path):
     assert "convgraph.cli.common" in _imports("convgraph.io", fake)
     assert _layer("convgraph.cli.common") > _layer("convgraph.io")
     assert path.exists()
+
+
+def test_the_readme_shows_the_declared_layers():
+    """README's Development section shows LAYERS as a table; it must not drift from the declaration."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| layer | modules |"):].split("\n\n")[0].splitlines()[2:]
+    shown = [(row.split("|")[1].strip(), row.split("|")[2].split()) for row in table]
+    spelled = {"": "convgraph/__init__", "rules": "rules/*", "rules.*": None, "fit": "fit/", "fit.*": None,
+               "optimize": "optimize/", "optimize.*": None, "cli": "cli/", "cli.*": None}
+    declared = [(name, [f"`{spelled.get(m, m)}`" for m in members if spelled.get(m, m) is not None])
+                for name, members in LAYERS]
+    assert shown == declared
