@@ -2,7 +2,7 @@
 """Set up and run convgraph's jobs with nothing but Python 3.
 
     python3 tasks.py demo   # venv + install, then analyze / rewrite / verify the bundled sample model
-    python3 tasks.py test   # venv + install with test extras, then the test suite
+    python3 tasks.py test   # venv + install with test extras, ruff and mypy, then the test suite
 
 The virtual environment lives in .venv; it is (re)installed when pyproject.toml changes.
 """
@@ -53,6 +53,9 @@ def demo() -> None:
 
 def test() -> None:
     setup("cpu,test")
+    # lint and types first: cheap, and what they find is cheaper to read than a failing test
+    run(PY, "-m", "ruff", "check", "convgraph", "rules")
+    run(PY, "-m", "mypy")
     # fetch the real models once; without a network the tests that need them skip, the rest still run
     run(PY, "-m", "convgraph.zoo", check=False)
     run(PY, "-m", "pytest", "-q", *sys.argv[2:])

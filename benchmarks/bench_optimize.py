@@ -212,7 +212,7 @@ def low_rank_layers(name: str, count: int) -> None:
     against low-rank at the largest rank within its MACs, spatial-separable rank 1 likewise."""
     from convgraph.analyze import analyze
     from convgraph.calibrate import calibrate
-    from convgraph.optimize import _layer_model
+    from convgraph.optimize.timing import _layer_model
     from convgraph.registry import get_rule
     from convgraph.rule import RuleContext
     from convgraph.rules.low_rank import full_rank

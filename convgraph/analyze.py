@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import onnx
 
 from . import arithmetic as ar
+from .convops import CONV_OPS, ConvOp, classify, conv_op  # noqa: F401 - lived here: still importable from here
 from .errors import ModelError
 from .graph import ConvGraph, gc_paused, real_inputs
 from .record import KINDS, ConvRecord, RewriteOption
@@ -22,56 +23,8 @@ from .roofline import memory_cost
 from .weights import constant_shape, constant_source, elem_type
 
 
-@dataclass(frozen=True)
-class ConvOp:
-    """Where a conv op keeps its weight and bias, and how it lays out its data."""
-
-    weight: int
-    bias: int | None
-    transposed: bool = False
-    quantized: bool = False
-    channels_last: bool = False
-
-
-#: (domain, op_type) → ConvOp for every convolution op convgraph knows.
-CONV_OPS: dict[tuple[str, str], ConvOp] = {
-    ("", "Conv"): ConvOp(1, 2),
-    ("", "ConvTranspose"): ConvOp(1, 2, transposed=True),
-    ("", "ConvInteger"): ConvOp(1, None, quantized=True),
-    ("", "QLinearConv"): ConvOp(3, 8, quantized=True),
-    ("com.microsoft", "FusedConv"): ConvOp(1, 2),
-    ("com.microsoft", "NhwcConv"): ConvOp(1, 2, channels_last=True),
-    ("com.microsoft", "NhwcFusedConv"): ConvOp(1, 2, channels_last=True),
-    ("com.microsoft", "QLinearConv"): ConvOp(3, 8, quantized=True),
-}
-
-
-#: The op types of :data:`CONV_OPS`: one set lookup rules out every other node.
-_CONV_TYPES = frozenset(op for _, op in CONV_OPS)
-
-
-def conv_op(data: dict) -> ConvOp | None:
-    """The :class:`ConvOp` of a graph node's data, or None when it is not a convolution."""
-    if data.get("kind") != "op" or data["op_type"] not in _CONV_TYPES:
-        return None
-    domain = "" if data["domain"] in ("", "ai.onnx") else data["domain"]
-    return CONV_OPS.get((domain, data["op_type"]))
-
-
 def _str(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def classify(transposed: bool, kernel: tuple[int, ...], group: int, in_channels: int | None) -> str:
-    """The conv's kind (one of :data:`~convgraph.record.KINDS`)."""
-    if transposed:
-        return "transposed"
-    one = all(k == 1 for k in kernel)
-    if group == 1:
-        return "pointwise" if one else "standard"
-    if in_channels is not None and group == in_channels:
-        return "depthwise"
-    return "pointwise_grouped" if one else "grouped"
 
 
 def checkerboard(kernel: tuple[int, ...], strides: tuple[int, ...], dilations: tuple[int, ...]) -> bool:
@@ -200,7 +153,8 @@ def _record(cg: ConvGraph, nid: str, data: dict, spec: ConvOp) -> ConvRecord | N
         in_channels=in_channels, out_channels=out_channels,
         depth_multiplier=out_channels // in_channels if kind == "depthwise" else None,
         input=x, weight=w, bias=b, output=out_name, input_shape=in_shape, output_shape=output_shape,
-        macs=macs, macs_bias=macs_bias, params=params, macs_expr=macs_expr, macs_bias_expr=bias_expr, has_bias=has_bias, weight_source=source,
+        macs=macs, macs_bias=macs_bias, params=params, macs_expr=macs_expr, macs_bias_expr=bias_expr, has_bias=has_bias,
+        weight_source=source,
         bias_source=constant_source(cg, b) if has_bias else None,
         auto_pad=auto_pad, output_padding=output_padding,
         checkerboard=spec.transposed and checkerboard(kernel, strides, dilations),

@@ -19,3 +19,7 @@ class CheckFailed(ConvGraphError):
     """A check ran and failed (tolerance exceeded, exact rewrite off)."""
 
     exit_code = 1
+
+
+class ConvGraphWarning(UserWarning):
+    """Something the user can fix (e.g. an unset dynamic dim); the analysis goes on."""

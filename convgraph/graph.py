@@ -35,19 +35,15 @@ import networkx as nx
 import onnx
 from onnx import helper
 
-from .errors import ModelError, UsageError
+from .errors import ConvGraphWarning, ModelError, UsageError  # noqa: F401 - the warning lived here
 from . import io as _io
 from .io import read_model, write_model
 from .shapes import (  # TensorInfo, parse_input_shape and real_inputs lived here: still importable from here
-    TensorInfo, _checked_input_shapes, _collect_shapes, _dynamic_inputs, _dynamic_warning, _fixed_inputs, _infer,
+    TensorInfo, _checked_input_shapes, _sub_protos, _collect_shapes, _dynamic_inputs, _dynamic_warning, _fixed_inputs, _infer,
     _undecided_warning, checked_input_values, parse_input_shape, probe_shapes, real_inputs,
 )
 
 _A = onnx.AttributeProto
-
-
-class ConvGraphWarning(UserWarning):
-    """Something the user can fix (e.g. an unset dynamic dim); the analysis goes on."""
 
 
 _ATTR_VALUE = {
@@ -62,16 +58,6 @@ def _attr_value(a: onnx.AttributeProto):
     """The Python value of an attribute, as onnx.helper.get_attribute_value gives it (None for a reference)."""
     get = _ATTR_VALUE.get(a.type)
     return None if get is None or a.ref_attr_name else get(a)
-
-
-def _sub_protos(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
-    """(key, body) of each subgraph attribute: ``"then_branch"``, or ``"name[j]"`` for GRAPHS."""
-    for a in node.attribute:
-        if a.type == _A.GRAPH:
-            yield a.name, a.g
-        elif a.type == _A.GRAPHS:
-            for j, g in enumerate(a.graphs):
-                yield f"{a.name}[{j}]", g
 
 
 def free_names(g: onnx.GraphProto) -> set[str]:

@@ -19,8 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import ModelError, UsageError
-from .graph import ConvGraphWarning
+from .errors import ConvGraphWarning, ModelError, UsageError
 
 #: One input array may take at most this many bytes; more is refused as absurd (a clear error, no MemoryError).
 MAX_INPUT_BYTES = 2**31

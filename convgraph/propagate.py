@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .convops import conv_op
 from .expr import Expr, floor_div, is_dim
 
 SMALL = 1024  #: integer tensors with at most this many elements carry their values
@@ -285,8 +286,6 @@ class _Walk:
         self.envs: dict[str, dict] = {}  # graph path → tensor → Val
 
     def graph(self, cg, env: dict, parent_env: "dict | None") -> None:
-        from .analyze import conv_op
-
         nodes, shapes = cg.graph._node, cg.shapes
         for nid in cg.topological_order():
             data = nodes[nid]
@@ -773,10 +772,10 @@ def _range(w, attrs, ins, n):
     elem = ins[0].elem
     if start is None or limit is None or delta is None:
         return [Val(elem, (None,))]
-    s, l, d = start[0], limit[0], delta[0]
-    if s is None or l is None or type(d) is not int or d == 0:
+    s, e, d = start[0], limit[0], delta[0]
+    if s is None or e is None or type(d) is not int or d == 0:
         return [Val(elem, (None,))]
-    count = (l - s + d - 1) // d if d > 0 else (s - l - d - 1) // (-d)
+    count = (e - s + d - 1) // d if d > 0 else (s - e - d - 1) // (-d)
     if not isinstance(count, Expr):
         count = max(count, 0)
     value = None

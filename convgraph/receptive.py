@@ -13,7 +13,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 from . import arithmetic as ar
-from .analyze import conv_op
+from .convops import conv_op
 from .weights import constant_shape
 
 RF = tuple  # tuple[tuple[int | Fraction, int | Fraction], ...] for the last len(RF) dims

@@ -225,7 +225,8 @@ def dot(a: Analysis) -> str:
             if kind == "op":
                 r = records.get((path, nid))
                 if r is not None:
-                    text = [r.name or nid, f"{r.kind} {_geometry(r)}", f"{r.in_channels}→{r.out_channels}  {cost(r.macs, r.macs_expr)} MACs"]
+                    text = [r.name or nid, f"{r.kind} {_geometry(r)}",
+                            f"{r.in_channels}→{r.out_channels}  {cost(r.macs, r.macs_expr)} MACs"]
                     if heat is None:
                         fill, font = KIND_COLORS[r.kind], "white"
                     else:  # profiled: white → red by share of the model's time

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 import numpy as np
 import onnx
@@ -262,10 +262,18 @@ def _infer(model: onnx.ModelProto, size: int | None = None, data: bytes | None =
         return model, f"shape inference failed ({first_line(e)}); shapes unknown"
 
 
+def _sub_protos(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """(key, body) of each subgraph attribute: ``"then_branch"``, or ``"name[j]"`` for GRAPHS."""
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.name, a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for j, g in enumerate(a.graphs):
+                yield f"{a.name}[{j}]", g
+
+
 def _collect_shapes(cg: "ConvGraph", g: onnx.GraphProto, _types: "dict | None" = None) -> None:
     """Fill ``cg.shapes`` (and its edges' ``info``) from the inferred ``g``, subgraphs included."""
-    from .graph import _sub_protos
-
     types = {} if _types is None else _types  # serialized TypeProto -> its TensorInfo: most tensors share a few
     shapes = cg.shapes
     for vis in (g.input, g.output, g.value_info):

@@ -10,7 +10,7 @@ from onnx import helper
 
 from convgraph.arithmetic import out_elements, prod  # noqa: F401  (out_elements: the rules import it from here)
 from convgraph.record import ConvRecord
-from convgraph.rule import RuleContext, Skip
+from convgraph.rule import Param, RuleContext, Skip
 from convgraph.weights import constant_source
 from convgraph.weights import elem_type as graph_elem_type
 
@@ -176,8 +176,30 @@ def split_geometry(geo: dict) -> tuple[dict, dict]:
             (sy, sx) = geo[key]
             v[key], h[key] = [sy, 1], [1, sx]
     if "pads" in geo:
-        t, l, b, r = geo["pads"]
-        v["pads"], h["pads"] = [t, 0, b, 0], [0, l, 0, r]
+        top, left, bottom, right = geo["pads"]
+        v["pads"], h["pads"] = [top, 0, bottom, 0], [0, left, 0, right]
     if geo.get("auto_pad", "NOTSET") != "NOTSET":
         v["auto_pad"] = h["auto_pad"] = geo["auto_pad"]
     return v, h
+
+
+def fit_mode(text: str) -> str:
+    """Parse the rules' ``fit`` param: ``data`` or ``weights``."""
+    if text not in ("data", "weights"):
+        raise ValueError("must be 'data' or 'weights'")
+    return text
+
+
+#: The ``fit=weights|data`` parameter shared by the approximate rules.
+FIT_PARAM = Param("fit", "data", "'data': fit on the calibration statistics when there are some (output error on "
+                  "real activations, bias corrected); 'weights': fit the weights alone", fit_mode)
+
+
+def capped_rank(rank: "int | str", full: int) -> int:
+    """A ``rank`` param (an int or ``"full"``) as the rank used: ``full`` for ``"full"``, else capped at it."""
+    return full if rank == "full" else min(int(rank), full)
+
+
+def exact_at_full_rank(params: dict) -> bool:
+    """A factoring rule's ``exact``: the factors reproduce the kernel at ``rank=full`` only."""
+    return params.get("rank") == "full"

@@ -33,7 +33,7 @@ from convgraph.record import ConvRecord
 from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or
 
 from . import _lsq
-from ._common import Names, attrs, kernel_estimate, label, plain_conv_reason, weights
+from ._common import FIT_PARAM, Names, attrs, kernel_estimate, label, plain_conv_reason, weights
 
 #: Axes with at least this many taps shrink by default.
 DEFAULT_MIN_TAPS = 5
@@ -192,7 +192,7 @@ RULE = Rule(
         Param("kernel", "auto", "taps per axis of the new kernel (axes already that small stay dense); "
               "'auto': 3 for axes of ≥ 5 taps", _auto_or_int),
         Param("dilation", "auto", "dilation of the new kernel; 'auto': the largest that fits the window", _auto_or_int),
-        fit.FIT_PARAM,
+        FIT_PARAM,
         Param("correlation", DEFAULT_CORRELATION, "data-free fit: correlation of neighbouring input pixels in [0, 1) "
               "(0 = sample the kernel at the grid)", _lsq.correlation),
     ),

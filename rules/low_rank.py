@@ -40,14 +40,16 @@ from fractions import Fraction
 import numpy as np
 
 from convgraph import fit
-from convgraph.analyze import classify
 from convgraph.arithmetic import prod
+from convgraph.convops import classify
 from convgraph.record import ConvRecord
 from convgraph.rule import Param, Replacement, Rule, RuleContext
 
 from . import _lsq
 from ._common import (
-    Names, bias_params, channel_mixing_reason, geometry, label, out_elements, split_geometry, weights)
+    FIT_PARAM, Names, bias_params, capped_rank, channel_mixing_reason, exact_at_full_rank, geometry, label,
+    out_elements, split_geometry, weights,
+)
 
 FORMS = ("auto", "spatial", "channel")
 #: The default rank: this share of the full rank.
@@ -103,11 +105,9 @@ def rank_of(rec: ConvRecord, params: dict) -> int:
     r = params["rank"]
     if not isinstance(r, int):  # a share given from Python as a float or Fraction, not parsed yet
         r = parse_rank(str(r))
-    if r == "full":
-        return full
-    if isinstance(r, str):
+    if isinstance(r, str) and r != "full":  # a share of the full rank
         return max(1, min(full, math.floor(Fraction(r) * full + Fraction(1, 2))))
-    return min(int(r), full)
+    return capped_rank(r, full)
 
 
 def match(rec: ConvRecord, ctx: RuleContext) -> str | None:
@@ -216,13 +216,13 @@ RULE = Rule(
     name="low-rank",
     summary="conv → two convs through R channels shared by the whole layer: k_h×1 then 1×k_w (form=spatial, "
             "Jaderberg et al.) or k×k then 1×1 (form=channel), by SVD (exact at rank=full)",
-    exact=lambda p: p.get("rank") == "full",
+    exact=exact_at_full_rank,
     params=(
         Param("rank", DEFAULT_RANK, "intermediate channels per group: an integer, 'full' (exact), or a share of "
               "the full rank such as 1/4", parse_rank),
         Param("form", "auto", "'spatial' (k_h×1 then 1×k_w, 2D), 'channel' (k×k then 1×1), or 'auto' (spatial "
               "for 2D kernels with both sides > 1)", _form),
-        fit.FIT_PARAM,
+        FIT_PARAM,
     ),
     match=match,
     build=build,

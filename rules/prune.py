@@ -42,13 +42,12 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from convgraph.fit import FIT_PARAM
 from convgraph.record import ConvRecord
 from convgraph.rule import Match, Param, Replacement, Rule, RuleContext
 from convgraph.weights import constant_source
 
 from . import _lsq
-from ._common import CONSTANT_SOURCES, attrs, elem_type, label, opset, plain_conv_reason, weights
+from ._common import CONSTANT_SOURCES, FIT_PARAM, attrs, elem_type, label, opset, plain_conv_reason, weights
 
 #: Ops that act on each channel alone (their other inputs: constants with one value per channel, or scalars).
 PER_CHANNEL = {"BatchNormalization", "Relu", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Clip", "Tanh",

@@ -27,7 +27,10 @@ from convgraph.record import ConvRecord
 from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or_full
 
 from . import _lsq
-from ._common import Names, bias_params, channel_mixing_reason, geometry, label, opset, out_elements, weights
+from ._common import (
+    FIT_PARAM, Names, bias_params, capped_rank, channel_mixing_reason, exact_at_full_rank, geometry, label, opset,
+    out_elements, weights,
+)
 
 LAYOUTS = ("auto", "multiplier", "tiled")
 #: layout=auto tiles 2D convs whose depthwise stage has at least this many channels (C_in·r).
@@ -43,12 +46,6 @@ def _layout(text: str) -> str:
 def full_rank(rec: ConvRecord) -> int:
     """The rank at which the factorization is exact: min(C_out/g, prod(kernel))."""
     return min(int(rec.out_channels) // rec.group, prod(rec.kernel))
-
-
-def rank_of(rec: ConvRecord, params: dict) -> int:
-    """The rank actually used: the ``rank`` param, capped at the full rank."""
-    r = params["rank"]
-    return full_rank(rec) if r == "full" else min(int(r), full_rank(rec))
 
 
 def layout_of(rec: ConvRecord, r: int, layout: str) -> str:
@@ -90,7 +87,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
     wt = weights(rec, ctx)
     g, c_in, c_out = rec.group, rec.in_channels, rec.out_channels
     cig, cog, kernel, nd = c_in // g, c_out // g, rec.kernel, rec.spatial_dims
-    r = rank_of(rec, params)
+    r = capped_rank(params["rank"], full_rank(rec))
     layout = layout_of(rec, r, params["layout"])
     dw, pw, err = factor(wt.w, g, r)
     bias, how = wt.b, ""
@@ -148,7 +145,7 @@ def _tile(names: Names, x: str, group: int, r: int) -> tuple[str, list]:
 
 
 def estimate(rec: ConvRecord, params: dict) -> tuple[int | None, int, str]:
-    r = rank_of(rec, params)
+    r = capped_rank(params["rank"], full_rank(rec))
     c_in, c_out, g, k = rec.in_channels, rec.out_channels, rec.group, prod(rec.kernel)
     n = out_elements(rec.output_shape)
     macs = None if n is None else n * (c_in * r * k + c_out * (c_in // g) * r)
@@ -159,10 +156,10 @@ def estimate(rec: ConvRecord, params: dict) -> tuple[int | None, int, str]:
 RULE = Rule(
     name="separable",
     summary="standard k×k conv → depthwise k×k (multiplier r) + pointwise 1×1, by per-channel SVD (exact at rank=full)",
-    exact=lambda p: p.get("rank") == "full",
+    exact=exact_at_full_rank,
     params=(
         Param("rank", 1, "depthwise filters per input channel: an integer, or 'full' (exact)", int_or_full),
-        fit.FIT_PARAM,
+        FIT_PARAM,
         Param("layout", "auto", "for rank > 1: 'multiplier' (one depthwise conv, multiplier r), 'tiled' "
               "(input channels repeated r times, multiplier-1 depthwise), or 'auto' (tiled for 2D)", _layout),
     ),

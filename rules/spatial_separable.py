@@ -37,7 +37,10 @@ from convgraph.record import ConvRecord
 from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or_full
 
 from . import _lsq
-from ._common import Names, bias_params, geometry, label, out_elements, plain_conv_reason, split_geometry, weights
+from ._common import (
+    FIT_PARAM, Names, bias_params, capped_rank, exact_at_full_rank, geometry, label, out_elements, plain_conv_reason,
+    split_geometry, weights,
+)
 from .separable import factor
 
 #: Alternating least-squares sweeps of the data-aware fit.
@@ -48,11 +51,6 @@ def full_rank(rec: ConvRecord) -> int:
     """The rank at which the factorization is exact: min(k_h, C_out/g·k_w)."""
     kh, kw = rec.kernel
     return min(kh, rec.out_channels // rec.group * kw)
-
-
-def rank_of(rec: ConvRecord, params: dict) -> int:
-    r = params["rank"]
-    return full_rank(rec) if r == "full" else min(int(r), full_rank(rec))
 
 
 def match(rec: ConvRecord, ctx: RuleContext) -> str | None:
@@ -80,8 +78,8 @@ def _als(w: np.ndarray, group: int, v: np.ndarray, st) -> tuple[np.ndarray, np.n
     """
     c, r, kh = v.shape
     og, kw = w.shape[0] // group, w.shape[3]
-    cov = fit._damped(st.cov(), fit.DAMP).reshape(c, kh, kw, kh, kw)  # (C, K, K), taps (y, x)
-    wc = fit._per_channel(w, group)  # (C, Og, K)
+    cov = fit.damped(st.cov(), fit.DAMP).reshape(c, kh, kw, kh, kw)  # (C, K, K), taps (y, x)
+    wc = fit.per_channel(w, group)  # (C, Og, K)
     rhs = np.einsum("cok,ckl->col", wc, st.cross_cov()).reshape(c, og, kh, kw)  # E[(w·x_ref) x]
 
     def solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # a (C, n, n), b (C, n, m): a tiny ridge
@@ -115,7 +113,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
     g, c_in, c_out = rec.group, rec.in_channels, rec.out_channels
     cig, cog = c_in // g, c_out // g
     kh, kw = rec.kernel
-    r = rank_of(rec, params)
+    r = capped_rank(params["rank"], full_rank(rec))
     # M_c[(o, x), y]: the separable rule's per-channel SVD with "outputs" (o, x) and "taps" y
     wq = wt.w.transpose(0, 3, 1, 2).reshape(c_out * kw, cig, kh)
     dw, pw, _ = factor(wq, g, full_rank(rec))  # all singular values, to judge the numerical rank
@@ -174,17 +172,17 @@ def _cost(rec: ConvRecord, r: int) -> tuple[int | None, int, str]:
 
 
 def estimate(rec: ConvRecord, params: dict) -> tuple[int | None, int, str]:
-    return _cost(rec, rank_of(rec, params))
+    return _cost(rec, capped_rank(params["rank"], full_rank(rec)))
 
 
 RULE = Rule(
     name="spatial-separable",
     summary="2D k×k conv → k×1 depthwise (r per channel) + 1×k conv, by per-channel SVD (exact at rank=full "
             "or for rank-1 kernels such as Sobel)",
-    exact=lambda p: p.get("rank") == "full",
+    exact=exact_at_full_rank,
     params=(
         Param("rank", 1, "vertical filters per input channel: an integer, or 'full' (exact)", int_or_full),
-        fit.FIT_PARAM,
+        FIT_PARAM,
     ),
     match=match,
     build=build,

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from convgraph.arithmetic import conv_transpose_geometry, known, prod
+from convgraph.convops import classify
 from convgraph.record import ConvRecord
 from convgraph.rule import Replacement, Rule, RuleContext
 
@@ -224,8 +225,6 @@ def _interleave(names: Names, y: str, z: str, c_out: int, dims: tuple[DimPlan, .
 
 
 def _estimate(rec: ConvRecord, p: Plan) -> tuple[int | None, int, str]:
-    from convgraph.analyze import classify
-
     cig = rec.in_channels // rec.group
     n_out = rec.out_channels * p.phases
     spatial = p.conv_spatial()

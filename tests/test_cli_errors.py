@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from convgraph.cli import main
+from helpers import external_weight, run_cli, write_model
 
 BIN = Path(sys.executable).with_name("convgraph")
 
@@ -27,18 +27,6 @@ def _model(dynamic: bool = False) -> onnx.ModelProto:
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m
-
-
-def _write(folder: Path, model: onnx.ModelProto, name: str = "m.onnx") -> Path:
-    p = folder / name
-    p.write_bytes(model.SerializeToString())
-    return p
-
-
-def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def _assert_one_error(code: int, err: str, *needles: str) -> None:
@@ -84,19 +72,13 @@ def _absurd(tmp: Path) -> Path:
     w.ClearField("raw_data")
     del w.dims[:]
     w.dims.extend([10**5, 10**3, 10**3, 1])  # 10^11 elements, no data
-    return _write(tmp, m, "absurd.onnx")
+    return write_model(tmp, m, "absurd.onnx")
 
 
 def _external(tmp: Path, location: str) -> Path:
-    m = _model()
-    w = m.graph.initializer[0]
-    data = w.raw_data
-    w.ClearField("raw_data")
-    w.data_location = TensorProto.EXTERNAL
-    w.external_data.add(key="location", value=location)
+    path, data = external_weight(_model(), tmp / "model", location)
     (tmp / "secret.bin").write_bytes(data)
-    (tmp / "model").mkdir()
-    return _write(tmp / "model", m)
+    return path
 
 
 def _ext_absolute(tmp: Path) -> Path:
@@ -135,7 +117,7 @@ BAD_FILES = {
 def test_bad_model_file(tmp_path, capsys, case: str) -> None:
     make, needle = BAD_FILES[case]
     path = make(tmp_path)
-    code, out, err = _cli(capsys, "analyze", path)
+    code, out, err = run_cli(capsys, "analyze", path)
     _assert_one_error(code, err, needle)
     assert out == ""
 
@@ -149,7 +131,7 @@ def test_constant_of_shape_asking_for_1e11_elements_does_not_allocate(tmp_path, 
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1000, 8, 1000])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 100000, 8, 1])], [shape])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    code, out, err = _cli(capsys, "analyze", _write(tmp_path, m), "--json")
+    code, out, err = run_cli(capsys, "analyze", write_model(tmp_path, m), "--json")
     assert "Traceback" not in err and "MemoryError" not in err and "out of memory" not in err
     if code == 2:
         _assert_one_error(code, err)
@@ -173,16 +155,16 @@ def test_constant_of_shape_asking_for_1e11_elements_does_not_allocate(tmp_path, 
     ("x=1,4,8,8", "dim 1 is fixed to 3"),
 ])
 def test_bad_input_shape(tmp_path, capsys, value: str, needle: str) -> None:
-    path = _write(tmp_path, _model(dynamic=True))
-    code, out, err = _cli(capsys, "analyze", path, "--input-shape", value)
+    path = write_model(tmp_path, _model(dynamic=True))
+    code, out, err = run_cli(capsys, "analyze", path, "--input-shape", value)
     _assert_one_error(code, err, needle)
 
 
 def test_good_input_shape_and_the_dynamic_warning(tmp_path, capsys) -> None:
-    path = _write(tmp_path, _model(dynamic=True))
-    code, out, err = _cli(capsys, "analyze", path, "--input-shape", "x=1,3,32,32", "--json")
+    path = write_model(tmp_path, _model(dynamic=True))
+    code, out, err = run_cli(capsys, "analyze", path, "--input-shape", "x=1,3,32,32", "--json")
     assert code == 0 and "warning" not in err, err
-    code, out, err = _cli(capsys, "analyze", path, "--json")
+    code, out, err = run_cli(capsys, "analyze", path, "--json")
     assert code == 0
     warnings = [line for line in err.splitlines() if "dynamic input dims" in line]
     assert len(warnings) == 1 and "x [N,3,H,W]" in warnings[0] and "--input-shape" in warnings[0]
@@ -190,24 +172,24 @@ def test_good_input_shape_and_the_dynamic_warning(tmp_path, capsys) -> None:
 
 # ---- outputs ----------------------------------------------------------------------------------
 def test_output_naming_the_input_is_refused_unless_in_place(tmp_path, capsys) -> None:
-    path = _write(tmp_path, _model())
+    path = write_model(tmp_path, _model())
     before = path.read_bytes()
-    code, out, err = _cli(capsys, "rewrite", path, "--rule", "separable", "--no-bench", "-o", path)
+    code, out, err = run_cli(capsys, "rewrite", path, "--rule", "separable", "--no-bench", "-o", path)
     _assert_one_error(code, err, "is the input model", "--in-place")
     assert path.read_bytes() == before
     link = tmp_path / "link.onnx"
     link.symlink_to(path)
-    code, out, err = _cli(capsys, "rewrite", path, "--rule", "separable", "--no-bench", "-o", link)
+    code, out, err = run_cli(capsys, "rewrite", path, "--rule", "separable", "--no-bench", "-o", link)
     _assert_one_error(code, err, "is the input model")
-    code, out, err = _cli(capsys, "rewrite", path, "--rule", "separable", "--param", "rank=full", "--no-bench",
+    code, out, err = run_cli(capsys, "rewrite", path, "--rule", "separable", "--param", "rank=full", "--no-bench",
                           "-o", path, "--in-place")
     assert code == 0, err
     assert path.read_bytes() != before and onnx.load(path).graph.node  # rewritten in place
 
 
 def test_output_in_a_missing_folder(tmp_path, capsys) -> None:
-    path = _write(tmp_path, _model())
-    code, out, err = _cli(capsys, "rewrite", path, "--rule", "separable", "--no-bench", "-o", tmp_path / "no" / "o.onnx")
+    path = write_model(tmp_path, _model())
+    code, out, err = run_cli(capsys, "rewrite", path, "--rule", "separable", "--no-bench", "-o", tmp_path / "no" / "o.onnx")
     _assert_one_error(code, err, "output folder does not exist")
 
 
@@ -221,7 +203,7 @@ def test_the_installed_command_exits_2_without_traceback(tmp_path, case: str) ->
 
 
 def test_bad_input_shape_in_the_installed_command(tmp_path) -> None:
-    path = _write(tmp_path, _model(dynamic=True))
+    path = write_model(tmp_path, _model(dynamic=True))
     r = subprocess.run([str(BIN), "analyze", str(path), "--input-shape", "x=-1"], capture_output=True, text=True,
                        timeout=120)
     _assert_one_error(r.returncode, r.stderr, "--input-shape")

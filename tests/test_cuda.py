@@ -29,7 +29,7 @@ def test_session_really_runs_on_cuda_and_agrees_with_cpu(models_dir):
 
 
 def test_verify_on_cuda_passes_and_localizes(models_dir):
-    from test_verify import perturbed  # the same perturbation as the CPU tests
+    from helpers import perturbed  # the same perturbation as the CPU tests
 
     p = models_dir / "sample.onnx"
     r = verify(p, p, provider="cuda", samples=2, localize=True)
@@ -64,7 +64,7 @@ def test_real_model_on_cuda(real_models):
 def test_optimize_on_cuda_times_and_judges_there(models_dir):
     """The whole optimizer on CUDA: layers and prefixes timed with IO binding, calibration and the held-out
     judge run on the GPU; the reported metric is what the returned model gives on CPU too (TF32 off)."""
-    from test_optimize import FAST, smooth_feeds
+    from helpers import FAST, smooth_feeds
 
     from convgraph.optimize import optimize
 

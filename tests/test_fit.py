@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from convgraph import ModelError, fit, load
-from convgraph.calibrate import ConvStats, calibrate, patches
-from convgraph.weights import constant_value
+from convgraph import ModelError, fit
+from convgraph.calibrate import ConvStats, patches
+from helpers import smooth_inputs, yolo_layer
 
 KERNEL, PADS = (3, 3), (1, 1, 1, 1)
 
@@ -23,17 +21,6 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, group: int = 1, strides=(1
     wg = w.reshape(group, w.shape[0] // group, *w.shape[1:])
     y = np.einsum("ngchwij,gocij->ngohw", pg, wg).reshape(n, w.shape[0], *p.shape[2:4])
     return y + b[None, :, None, None]
-
-
-def smooth_inputs(rng, n, c, size, mixing: bool) -> np.ndarray:
-    """Spatially smooth maps (white noise through three 3×3 box filters); channels mixed from a few
-    sources (correlated) or independent."""
-    x = rng.standard_normal((n, 3 if mixing else c, size + 6, size + 6))
-    for _ in range(3):
-        x = sum(x[..., i:i + x.shape[-2] - 2, j:j + x.shape[-1] - 2] for i in range(3) for j in range(3)) / 3
-    if mixing:
-        x = np.einsum("ca,nahw->nchw", rng.standard_normal((c, 3)), x) + 0.3 * rng.standard_normal((n, c, size, size))
-    return (x + 0.5).astype(np.float32)
 
 
 def stats_of(x, c, group=1, holdout=False, **kw) -> ConvStats:
@@ -192,36 +179,6 @@ def test_statistics_that_do_not_fit_the_weights_are_refused():
 
 
 # ---- a real layer on real images ------------------------------------------------------------------
-FIT_IMAGES = ("astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png", "rocket.jpg", "horse.png")
-HELD_OUT_IMAGES = ("camera.png", "motorcycle_right.png", "coins.png")
-
-
-def image_folder(tmp_path: Path, names) -> Path:
-    import skimage
-
-    data = Path(skimage.__file__).parent / "data"
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        os.symlink(data / n, tmp_path / n)
-    return tmp_path
-
-
-def yolo_layer(path, tmp_path, node: str = "/model.6/m.0/cv1/conv/Conv"):
-    """A real YOLOv8n (320×320) conv: its calibration statistics on FIT_IMAGES, weight, bias, and its input
-    on HELD_OUT_IMAGES (stacked)."""
-    from convgraph.inputs import make_inputs
-    from convgraph.runtime import create_session, expose_tensors, run
-
-    shapes = {"images": [1, 3, 320, 320]}
-    cg = load(path, shapes)
-    opts = {"image_size": (320, 320)}
-    stats = calibrate(cg, str(image_folder(tmp_path / "fit", FIT_IMAGES)), nodes=[node], input_options=opts)
-    s = stats[node]
-    w, b = constant_value(cg, cg.node(node).input[1]), constant_value(cg, cg.node(node).input[2])
-    sess = create_session(expose_tensors(cg.to_model(), [s.input], cg.shapes))
-    held = make_inputs(cg.to_model(), str(image_folder(tmp_path / "held", HELD_OUT_IMAGES)), input_shapes=shapes,
-                       **opts)
-    return s, w, b, np.concatenate([run(sess, feed, [s.input])[0] for feed in held])
 
 
 @pytest.mark.real

@@ -13,26 +13,13 @@ from convgraph.cli import main
 from convgraph.optimize import (Candidate, Judge, fit_sequential, greedy_sequence, optimize, plan_of,
                                 plot_pareto, search)
 from convgraph.verify import compare
-
-FAST = {"layer_runs": 5, "bench_runs": 5, "max_evals": 2, "probe": 2}
+from helpers import FAST, smooth_feeds
 
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     """The CLI keeps layer timings under the user's cache folder: the tests' go to a temporary one."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
-def smooth_feeds(n: int, seed: int, shape=(1, 3, 64, 64)) -> list[dict]:
-    """Image-like inputs: smooth random fields (neighbouring pixels correlated), not white noise."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        x = rng.standard_normal((shape[0], shape[1], shape[2] + 8, shape[3] + 8))
-        for _ in range(4):
-            x = (x[..., :-2, :-2] + x[..., 1:-1, 1:-1] + x[..., 2:, 2:] + x[..., 2:, :-2]) / 4
-        out.append({"x": np.ascontiguousarray(x[..., :shape[2], :shape[3]], dtype=np.float32)})
-    return out
 
 
 def cand(node, rule, rank, saving, error, before=1.0) -> Candidate:
@@ -82,7 +69,7 @@ def test_fit_sequential_stages_and_corrects_upstream_errors(models_dir):
     assert sorted(c.node for c in changes) == sorted(plan)
     assert all("fitted on calibration patches" in c.notes for c in changes)
     from convgraph.calibrate import calibrate
-    from convgraph.optimize import _apply
+    from convgraph.optimize.timing import _apply
 
     together, _ = _apply(original, plan, calibration=calibrate(original, calib, nodes=list(plan)), input_shapes=None)
     judge = Judge(original, calib, "cosine", "cpu", 1, tensors=[cg.node("conv5x5_s2").output[0]])
@@ -93,7 +80,7 @@ def test_stages_count_the_chosen_convs_upstream_on_the_longest_path():
     """A diamond a → (b, c) → d, plus e beside: b and c share a stage, d waits for both, e runs with a."""
     from onnx import TensorProto, helper
 
-    from convgraph.optimize import _stages
+    from convgraph.optimize.sequential import _stages
 
     relu = [helper.make_node("Relu", [i], [o], name=o) for i, o in
             (("x", "a"), ("a", "b"), ("a", "c"), ("x", "e"), ("a", "n"), ("n", "c2"))]
@@ -165,10 +152,10 @@ def test_a_model_no_faster_than_the_original_is_not_returned(models_dir, monkeyp
 def test_optimize_times_convs_whose_shapes_inference_lost(tmp_path):
     """PP-OCR rec's case: onnx's inference cannot follow a computed Reshape target, so the conv after it has
     no shape to time; optimize probes the shapes once instead of refusing the model."""
-    from test_shapes import _computed_reshape
+    from helpers import computed_reshape
 
     path = tmp_path / "m.onnx"
-    path.write_bytes(_computed_reshape().SerializeToString())
+    path.write_bytes(computed_reshape().SerializeToString())
     feeds = [{"x": f["x"][..., :8, :8].copy()} for f in smooth_feeds(6, 8)]
     model, report = optimize(path, feeds[:4], feeds[4:], budget=0.01, rules=["separable"], ranks=(1,), **FAST)
     assert {c.node for c in report.candidates} == {"conv", "conv2"}  # conv2's input shape was measured
@@ -259,7 +246,7 @@ def test_search_stops_at_max_evals_and_without_allowance():
 
 def test_shares_choose_the_low_rank_ranks_and_bad_ones_fail_early(models_dir):
     from convgraph.analyze import analyze
-    from convgraph.optimize import _rule_options
+    from convgraph.optimize.timing import _rule_options
 
     cg = load(models_dir / "sample.onnx")
     rec = next(r for r in analyze(cg, rewrites=False).convs if r.kind == "standard")
@@ -303,7 +290,7 @@ def test_plans_apply_by_node_id_when_convs_share_a_name(tmp_path):
     """A plan for the second of two convs named "conv" rewrites that one only (a name regex got both or
     neither); the applied changes are checked against the plan."""
     from convgraph.errors import CheckFailed
-    from convgraph.optimize import _apply, _unique_names
+    from convgraph.optimize.timing import _apply, _unique_names
 
     cg = load(twin_convs(tmp_path / "twins.onnx"))
     convs = [n for n in cg.ops() if cg.node(n).op_type == "Conv"]
@@ -398,7 +385,7 @@ def test_plot_is_written_atomically_in_the_format_its_name_says(models_dir, tmp_
     def broken(path, data):
         raise OSError("disk full")
 
-    monkeypatch.setattr("convgraph.optimize.atomic_write_bytes", broken)
+    monkeypatch.setattr("convgraph.optimize.plot.atomic_write_bytes", broken)
     with pytest.raises(OSError):
         plot_pareto(report, png)
     assert png.read_bytes() == b"old"  # matplotlib never wrote to the file itself
@@ -466,7 +453,8 @@ def test_a_candidate_alone_is_spliced_in_as_the_engine_would_build_it(models_dir
     whole engine (load, analysis, checks): the same model, numerically."""
     from convgraph.analyze import analyze
     from convgraph.calibrate import calibrate
-    from convgraph.optimize import _alone, _apply, _unique_names
+    from convgraph.optimize import _alone
+    from convgraph.optimize.timing import _apply, _unique_names
     from convgraph.runtime import create_session, run
 
     cg = load(models_dir / "sample.onnx")
@@ -485,7 +473,7 @@ def test_a_candidate_alone_is_spliced_in_as_the_engine_would_build_it(models_dir
 
 
 def test_fit_sequential_reuses_the_stages_two_plans_share(models_dir, monkeypatch):
-    import convgraph.optimize as opt
+    import convgraph.optimize.sequential as opt
 
     cg = load(models_dir / "standard.onnx")
     original = cg.to_model()
@@ -511,9 +499,9 @@ def test_fit_sequential_reuses_the_stages_two_plans_share(models_dir, monkeypatc
 def test_timing_cache_keys_layers_by_structure_and_setting(models_dir, tmp_path, monkeypatch):
     import importlib
 
-    import convgraph.optimize as opt
     from convgraph.analyze import analyze
     from convgraph.optimize import TimingCache, candidates
+    from convgraph.optimize.timing import _layer_model
 
     cg = load(models_dir / "sample.onnx")
     records = [r for r in analyze(cg, rewrites=False).convs if r.kind == "standard"][:1]
@@ -539,7 +527,7 @@ def test_timing_cache_keys_layers_by_structure_and_setting(models_dir, tmp_path,
     assert [(c.layer_ms_before, c.layer_ms_after, c.faster_share) for c in again] == [
         (c.layer_ms_before, c.layer_ms_after, c.faster_share) for c in first]
     # another thread count, or another layer shape, never matches; other weight values do
-    layer = opt._layer_model(cg, records[0], [cg.node(records[0].node_id)], [])
+    layer = _layer_model(cg, records[0], [cg.node(records[0].node_id)], [])
     key = TimingCache.key([layer], "cpu", 1, 5)
     assert key != TimingCache.key([layer], "cpu", 2, 5) and key != TimingCache.key([layer], "cuda", 1, 5)
     wider = onnx.ModelProto()

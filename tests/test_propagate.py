@@ -20,8 +20,8 @@ from convgraph.errors import ModelError, UsageError
 from convgraph.expr import Expr, parse
 from convgraph.inputs import make_inputs
 from convgraph.shapes import probe_shapes
+from helpers import BACKEND, LIGHT, REAL, light_inputs, original_run, shipped_inputs
 
-import test_roundtrip as rt  # the conformance models onnxruntime runs, and their shipped inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::convgraph.graph.ConvGraphWarning")
 F = TensorProto.FLOAT
@@ -97,12 +97,12 @@ def _check_formulas(path: Path, concrete: dict) -> int:
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("name", sorted(rt.REAL))
+@pytest.mark.parametrize("name", sorted(REAL))
 def test_real_model_formulas_evaluate_to_the_concrete_macs(real_models, name: str) -> None:
     path = real_models(name)
-    assert _check_formulas(path, rt.REAL[name]) > 30
+    assert _check_formulas(path, REAL[name]) > 30
     for shape in ([2, 3, 96, 160], [1, 3, 64, 224]):  # more points (det and yolo need multiples of 32)
-        n = rt.REAL[name]
+        n = REAL[name]
         _check_formulas(path, {k: shape for k in n})
 
 
@@ -183,18 +183,18 @@ def _static_vs_probe(cg: convgraph.ConvGraph) -> tuple[int, int]:
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("name", sorted(rt.REAL))
+@pytest.mark.parametrize("name", sorted(REAL))
 def test_real_models_static_shapes_equal_probed_shapes(real_models, name: str) -> None:
-    agree, measured = _static_vs_probe(_load(real_models(name), rt.REAL[name]))
+    agree, measured = _static_vs_probe(_load(real_models(name), REAL[name]))
     assert agree == measured > 100  # every tensor of the main graph is known statically, and right
 
 
 def test_conformance_models_static_shapes_equal_probed_shapes() -> None:
     agree = measured = models = 0
-    for path in rt.BACKEND + rt.LIGHT:
-        runs, _ = rt._original_run(str(path))
+    for path in BACKEND + LIGHT:
+        runs, _ = original_run(str(path))
         model = onnx.load(path)
-        feeds = None if not runs else rt._light_inputs(model) if path in rt.LIGHT else rt._shipped_inputs(path, model)
+        feeds = None if not runs else light_inputs(model) if path in LIGHT else shipped_inputs(path, model)
         if not runs or not all(isinstance(v, np.ndarray) for v in feeds.values()):
             continue
         cg = _load(path, values=feeds)  # the shipped inputs fix every input: shapes, values and the probe's feed

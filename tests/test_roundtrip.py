@@ -8,8 +8,6 @@ models. The round trip must also pass ``onnx.checker.check_model(full_check=True
 
 from __future__ import annotations
 
-import functools
-import os
 import warnings
 from pathlib import Path
 
@@ -19,66 +17,12 @@ import pytest
 from onnx import numpy_helper
 
 import convgraph
+from helpers import BACKEND, LIGHT, REAL, cpu_session, graph_inputs, light_inputs, original_run, shipped_inputs
 
-DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
-BACKEND = sorted(DATA.glob("*/*/model.onnx"))
-LIGHT = sorted((DATA / "light").glob("*.onnx"))
 #: Backend models onnxruntime 1.32 runs here: 100 of 140 (the rest fail in onnxruntime itself: opset-1/6
 #: kernels it dropped, the training domain, and 4 StringNormalizer models on machines without the
 #: en_US.UTF-8 locale, which run where it is installed).
 MIN_BACKEND_RUNNABLE = 100
-
-#: Real models and the input shape their dynamic dims get (PP-OCR's are fully dynamic).
-REAL = {
-    "ppocr-det": {"x": [1, 3, 640, 640]},
-    "ppocr-rec": {"x": [1, 3, 48, 320]},
-    "ppocr-cls": {"x": [1, 3, 48, 192]},
-    "yolov8n": {"images": [1, 3, 320, 320]},
-}
-
-
-def _session(model_bytes: bytes):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = min(2, os.cpu_count() or 1)
-    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
-
-
-def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    inits = {t.name for t in model.graph.initializer}
-    return [vi for vi in model.graph.input if vi.name not in inits]
-
-
-def _read_value(path: Path, vi: onnx.ValueInfoProto):
-    """A ``test_data_set`` input file as onnxruntime takes it (tensor, sequence or optional)."""
-    data = path.read_bytes()
-    kind = vi.type.WhichOneof("value")
-    if kind == "sequence_type":
-        seq = onnx.SequenceProto()
-        seq.ParseFromString(data)
-        return numpy_helper.to_list(seq)
-    if kind == "optional_type":
-        opt = onnx.OptionalProto()
-        opt.ParseFromString(data)
-        return numpy_helper.to_optional(opt)
-    return numpy_helper.to_array(onnx.load_tensor_from_string(data))
-
-
-def _shipped_inputs(path: Path, model: onnx.ModelProto) -> dict:
-    folder = path.parent / "test_data_set_0"
-    return {vi.name: _read_value(folder / f"input_{i}.pb", vi) for i, vi in enumerate(_graph_inputs(model))}
-
-
-def _light_inputs(model: onnx.ModelProto) -> dict:
-    """What onnx's backend runner feeds the light models: arange(n)/n, unknown dims set to 1."""
-    feeds = {}
-    for vi in _graph_inputs(model):
-        shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim)
-        n = int(np.prod(shape))
-        feeds[vi.name] = (np.arange(n).reshape(shape) / n).astype(np.float32)
-    return feeds
 
 
 def _bits(value) -> list[tuple]:
@@ -93,18 +37,6 @@ def _bits(value) -> list[tuple]:
     return [(a.dtype.str, a.shape, np.ascontiguousarray(a).tobytes())]
 
 
-@functools.lru_cache(maxsize=None)
-def _original_run(path: str) -> tuple[bool, object]:
-    """(True, outputs) when onnxruntime runs the original with its shipped inputs, else (False, reason)."""
-    p = Path(path)
-    model = onnx.load(p)
-    feeds = _light_inputs(model) if p.parent.name == "light" else _shipped_inputs(p, model)
-    try:
-        return True, _session(p.read_bytes()).run(None, feeds)
-    except Exception as e:  # noqa: BLE001 - whatever onnxruntime raises means it cannot run this model
-        return False, str(e).strip().splitlines()[0]
-
-
 def _load(source, input_shapes=None) -> convgraph.ConvGraph:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", convgraph.ConvGraphWarning)
@@ -112,8 +44,8 @@ def _load(source, input_shapes=None) -> convgraph.ConvGraph:
 
 
 def _assert_same_outputs(original: bytes, roundtrip: onnx.ModelProto, feeds: dict, expected=None) -> None:
-    a = expected if expected is not None else _session(original).run(None, feeds)
-    b = _session(roundtrip.SerializeToString()).run(None, feeds)
+    a = expected if expected is not None else cpu_session(original).run(None, feeds)
+    b = cpu_session(roundtrip.SerializeToString()).run(None, feeds)
     assert len(a) == len(b)
     for i, (x, y) in enumerate(zip(a, b)):
         assert _bits(x) == _bits(y), f"output {i} differs after the round trip"
@@ -128,18 +60,18 @@ def test_backend_model_round_trip(path: Path) -> None:
     roundtrip = _load(path).to_model()
     onnx.checker.check_model(roundtrip, full_check=True)
     assert roundtrip.SerializeToString() == onnx.load(path).SerializeToString()
-    runs, result = _original_run(str(path))
+    runs, result = original_run(str(path))
     if not runs:
         with pytest.raises(Exception) as e:  # the round trip fails in onnxruntime exactly as the original
             model = onnx.load(path)
-            _session(roundtrip.SerializeToString()).run(None, _shipped_inputs(path, model))
+            cpu_session(roundtrip.SerializeToString()).run(None, shipped_inputs(path, model))
         assert str(e.value).strip().splitlines()[0] == result
         pytest.skip(f"onnxruntime cannot run the original: {result[:120]}")
-    _assert_same_outputs(path.read_bytes(), roundtrip, _shipped_inputs(path, onnx.load(path)), expected=result)
+    _assert_same_outputs(path.read_bytes(), roundtrip, shipped_inputs(path, onnx.load(path)), expected=result)
 
 
 def test_backend_runnable_count() -> None:
-    runnable = [p for p in BACKEND if _original_run(str(p))[0]]
+    runnable = [p for p in BACKEND if original_run(str(p))[0]]
     assert len(BACKEND) == 140
     assert len(runnable) >= MIN_BACKEND_RUNNABLE, f"only {len(runnable)} of {len(BACKEND)} backend models run"
 
@@ -149,11 +81,11 @@ def test_light_model_round_trip(path: Path) -> None:
     """Model-zoo architectures (IR 3, ConstantOfShape weights, initializers listed as inputs)."""
     roundtrip = _load(path).to_model()
     onnx.checker.check_model(roundtrip, full_check=True)
-    runs, result = _original_run(str(path))
+    runs, result = original_run(str(path))
     assert runs, result
     expected = numpy_helper.to_array(onnx.load_tensor(str(path.with_name(path.stem + "_output_0.pb"))))
     np.testing.assert_allclose(result[0], expected, rtol=1e-3, atol=1e-7)  # the inputs are the runner's
-    _assert_same_outputs(path.read_bytes(), roundtrip, _light_inputs(onnx.load(path)), expected=result)
+    _assert_same_outputs(path.read_bytes(), roundtrip, light_inputs(onnx.load(path)), expected=result)
 
 
 def test_light_models_are_all_there() -> None:
@@ -167,7 +99,7 @@ def _sample_feeds(model: onnx.ModelProto) -> dict:
     """Random inputs for a sample model: a symbolic batch dim becomes 1, other symbolic dims 16."""
     rng = np.random.default_rng(0)
     feeds = {}
-    for vi in _graph_inputs(model):
+    for vi in graph_inputs(model):
         tt = vi.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else (1 if i == 0 else 16) for i, d in enumerate(tt.shape.dim)]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from test_rules_exact import EXACT_TOL, assert_same, random_x, rewrite_with, single_op
+from helpers import EXACT_TOL, assert_same, random_x, rewrite_with, single_op
 
 #: CONVGRAPH_HYPOTHESIS_EXAMPLES=2000 for a deep run; 40 keeps the file fast.
 SETTINGS = settings(max_examples=int(os.environ.get("CONVGRAPH_HYPOTHESIS_EXAMPLES", "40")), deadline=None,

@@ -6,87 +6,24 @@ from __future__ import annotations
 import json
 import math
 import sys
-from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import convgraph
 import convgraph.graph
 import convgraph.runtime
 import convgraph.shapes
 from convgraph.analyze import analyze
-from convgraph.cli import main
 from convgraph.errors import UsageError
 from convgraph.graph import ConvGraphWarning, load
 from convgraph.inputs import input_specs, random_inputs
 from convgraph.shapes import probe_shapes, unknown_tensors
+from helpers import F, computed_reshape, run_cli, write_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::convgraph.graph.ConvGraphWarning")
 
-F = TensorProto.FLOAT
 REC_SHAPE = {"x": [1, 3, 48, 320]}
-
-
-def _const(name: str, values) -> onnx.NodeProto:
-    return helper.make_node("Constant", [], [name], name=f"const_{name}",
-                            value=numpy_helper.from_array(np.array(values, np.int64), name))
-
-
-def _computed_reshape(*, dynamic: bool = False, body: bool = False, nonzero: bool = False,
-                      opaque: bool = True) -> onnx.ModelProto:
-    """x → conv → Reshape(c, Concat(Slice(Shape(c), 0, 2), [1, -1])) → conv2 at opset 12, where onnx's
-    inference does not follow the computed target (it does from opset 14; PP-OCR rec's case).
-    ``opaque``: the sliced shape also goes through Cast(float) → Sqrt(t·t) → Cast(int64), which the static
-    engine does not evaluate either, so the Reshape output and everything after it stay unknown without
-    ``--probe``. ``body``: an If whose branches run a conv on the reshaped tensor; ``nonzero``: a
-    NonZero on the output (a shape that depends on values)."""
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
-             for n, s in (("w", (4, 3, 3, 3)), ("w2", (5, 4, 1, 3)), ("w3", (2, 4, 1, 1)))]
-    nodes = [
-        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("Shape", ["c"], ["s"], name="shape"),
-        _const("st", [0]), _const("en", [2]), _const("ax", [0]),
-        helper.make_node("Slice", ["s", "st", "en", "ax"], ["s2" if not opaque else "s1"], name="slice"),
-        *([helper.make_node("Cast", ["s1"], ["f"], name="tofloat", to=TensorProto.FLOAT),
-           helper.make_node("Mul", ["f", "f"], ["f2"], name="square"),
-           helper.make_node("Sqrt", ["f2"], ["f3"], name="sqrt"),
-           helper.make_node("Cast", ["f3"], ["s2"], name="toint", to=TensorProto.INT64)] if opaque else []),
-        _const("tail", [1, -1]),
-        helper.make_node("Concat", ["s2", "tail"], ["tgt"], name="concat", axis=0),
-        helper.make_node("Reshape", ["c", "tgt"], ["r"], name="reshape"),
-        helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[0, 1, 0, 1]),
-    ]
-    outputs = [helper.make_tensor_value_info("y", F, ["n", "c", "h", "w"])]
-    if body:
-        branch = [helper.make_graph([helper.make_node("Conv", ["r", "w3"], [f"{b}_y"], name=f"{b}/conv")], b, [],
-                                    [helper.make_tensor_value_info(f"{b}_y", F, None)]) for b in ("then", "else")]
-        nodes += [helper.make_node("Constant", [], ["cond"], name="const_cond",
-                                   value=numpy_helper.from_array(np.array(True), "cond")),
-                  helper.make_node("If", ["cond"], ["z"], name="if", then_branch=branch[0], else_branch=branch[1])]
-        outputs.append(helper.make_tensor_value_info("z", F, ["n", "c", "h", "w"]))
-    if nonzero:
-        nodes.append(helper.make_node("NonZero", ["y"], ["nz"], name="nonzero"))
-        outputs.append(helper.make_tensor_value_info("nz", TensorProto.INT64, [2, "k"]))
-    x = helper.make_tensor_value_info("x", F, ["N", 3, "H", "W"] if dynamic else [1, 3, 8, 8])
-    m = helper.make_model(helper.make_graph(nodes, "g", [x], outputs, inits), opset_imports=[helper.make_opsetid("", 12)])
-    m.ir_version = 7
-    return m
-
-
-def _write(tmp: Path, model: onnx.ModelProto, name: str = "m.onnx") -> Path:
-    p = tmp / name
-    p.write_bytes(model.SerializeToString())
-    return p
-
-
-def _cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def _one_error(code: int, err: str, *needles: str) -> str:
@@ -106,7 +43,7 @@ def test_graph_still_exports_the_shape_helpers() -> None:
 
 # ---- a synthetic model onnx cannot follow ---------------------------------------------------------
 def test_inference_gives_up_on_a_computed_reshape_target() -> None:
-    cg = load(_computed_reshape())
+    cg = load(computed_reshape())
     assert cg.shape("c") == (1, 4, 8, 8) and cg.shape("r") is None and cg.measured == set()
     assert "r" in unknown_tensors(cg) and "c" not in unknown_tensors(cg)
     rec = analyze(cg, rewrites=False).record("conv2")
@@ -114,7 +51,7 @@ def test_inference_gives_up_on_a_computed_reshape_target() -> None:
 
 
 def test_probe_measures_and_fills_the_shape_table() -> None:
-    cg = load(_computed_reshape())
+    cg = load(computed_reshape())
     got = probe_shapes(cg)
     assert got["r"] == (1, 4, 1, 64) and got["y"] == (1, 5, 1, 64)
     assert set(got) == set(cg.measured) and "c" not in got  # only what inference left unknown
@@ -135,7 +72,7 @@ def test_probe_measures_and_fills_the_shape_table() -> None:
 
 
 def test_probe_named_tensors_only() -> None:
-    cg = load(_computed_reshape())
+    cg = load(computed_reshape())
     assert probe_shapes(cg, ["r", "r"]) == {"r": (1, 4, 1, 64)}
     assert cg.measured == {"r"} and cg.shape("y") != (1, 5, 1, 64)
     with pytest.raises(UsageError, match="no such tensor"):
@@ -143,7 +80,7 @@ def test_probe_named_tensors_only() -> None:
 
 
 def test_subgraph_tensors_cannot_be_exposed() -> None:
-    cg = load(_computed_reshape(body=True))
+    cg = load(computed_reshape(body=True))
     with pytest.raises(UsageError, match="inside the subgraph /if:then_branch: onnxruntime can only expose main-graph"):
         probe_shapes(cg, ["then_y"])
     probe_shapes(cg)
@@ -156,7 +93,7 @@ def test_subgraph_tensors_cannot_be_exposed() -> None:
 
 
 def test_data_dependent_shapes_are_said_to_hold_for_that_input_only() -> None:
-    cg = load(_computed_reshape(nonzero=True))
+    cg = load(computed_reshape(nonzero=True))
     got = probe_shapes(cg, seed=3)
     assert got["nz"][0] == 4  # NonZero of a 4-D tensor: 4 × number of non-zeros
     warning = next(w for w in cg.warnings if "--probe ran the model" in w)
@@ -170,21 +107,21 @@ def test_probe_is_a_no_op_when_every_shape_is_known(monkeypatch, models_dir, cap
     monkeypatch.setattr(convgraph.runtime, "create_session", no_session)
     cg = load(models_dir / "sample.onnx")
     assert probe_shapes(cg) == {} and cg.measured == set() and cg.warnings == []
-    code, out, err = _cli(capsys, "analyze", models_dir / "sample.onnx", "--probe", "--json")
+    code, out, err = run_cli(capsys, "analyze", models_dir / "sample.onnx", "--probe", "--json")
     assert code == 0 and err == "", err
     assert {c["shape_source"] for c in json.loads(out)["convs"]} == {"inferred"}
 
 
 # ---- the CLI --------------------------------------------------------------------------------------
 def test_cli_hint_then_probe(tmp_path, capsys) -> None:
-    path = _write(tmp_path, _computed_reshape())
-    code, out, err = _cli(capsys, "analyze", path, "--json")
+    path = write_model(tmp_path, computed_reshape())
+    code, out, err = run_cli(capsys, "analyze", path, "--json")
     assert code == 0
     hint = [line for line in err.splitlines() if "unknown MACs" in line]
     assert len(hint) == 1 and "conv2" in hint[0], err
     assert hint[0].endswith("--probe (convgraph.load(..., probe=True)) runs the model once on random inputs to measure them")
     assert next(c for c in json.loads(out)["convs"] if c["name"] == "conv2")["macs"] is None
-    code, out, err = _cli(capsys, "analyze", path, "--json", "--probe")
+    code, out, err = run_cli(capsys, "analyze", path, "--json", "--probe")
     assert code == 0 and "unknown MACs" not in err and "--probe ran the model" in err
     convs = {c["name"]: c for c in json.loads(out)["convs"]}
     assert convs["conv2"]["macs"] == 3840 and convs["conv2"]["shape_source"] == "measured"
@@ -192,11 +129,11 @@ def test_cli_hint_then_probe(tmp_path, capsys) -> None:
 
 
 def test_cli_probe_needs_fixed_inputs(tmp_path, capsys) -> None:
-    path = _write(tmp_path, _computed_reshape(dynamic=True))
-    code, out, err = _cli(capsys, "analyze", path, "--probe")
+    path = write_model(tmp_path, computed_reshape(dynamic=True))
+    code, out, err = run_cli(capsys, "analyze", path, "--probe")
     _one_error(code, err, "--probe runs the model", "x [N,3,H,W]", "--input-shape x=?,3,?,?")
     assert out == ""
-    code, out, err = _cli(capsys, "analyze", path, "--probe", "--json", "--input-shape", "x=1,3,8,6")
+    code, out, err = run_cli(capsys, "analyze", path, "--probe", "--json", "--input-shape", "x=1,3,8,6")
     assert code == 0, err
     conv2 = next(c for c in json.loads(out)["convs"] if c["name"] == "conv2")
     assert conv2["output_shape"] == [1, 5, 1, 48] and conv2["macs"] == 5 * 48 * 4 * 3
@@ -204,8 +141,8 @@ def test_cli_probe_needs_fixed_inputs(tmp_path, capsys) -> None:
 
 def test_cli_probe_without_onnxruntime(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime → ImportError
-    path = _write(tmp_path, _computed_reshape())
-    code, out, err = _cli(capsys, "analyze", path, "--probe", "--json")
+    path = write_model(tmp_path, computed_reshape())
+    code, out, err = run_cli(capsys, "analyze", path, "--probe", "--json")
     _one_error(code, err, "--probe", "onnxruntime is not installed", "pip install 'convgraph[cpu]'")
     assert json.loads(out)["exit_code"] == 2  # --json: the error as the one document
 
@@ -232,25 +169,25 @@ def test_ppocr_rec_every_conv_gets_shapes_and_macs(real_models) -> None:
 
 
 def test_load_probe_warns(recwarn) -> None:
-    load(_computed_reshape(), probe=True)
+    load(computed_reshape(), probe=True)
     assert any(issubclass(w.category, ConvGraphWarning) and "--probe ran the model" in str(w.message) for w in recwarn)
 
 
 def test_rewrite_probe_gives_the_lost_convs_their_macs(tmp_path, capsys) -> None:
     """`rewrite --probe`: the conv after the computed Reshape gets MACs before → after; the warning is shown."""
-    path = _write(tmp_path, _computed_reshape())
+    path = write_model(tmp_path, computed_reshape())
     argv = ["rewrite", path, "--rule", "separable", "--param", "rank=full", "--no-bench", "--json", "--dry-run"]
-    code, out, err = _cli(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
     changes = {c["node"]: c for c in json.loads(out)["changes"]}
     assert changes["conv2"]["macs_before"] is None and "--probe ran" not in err
-    code, out, err = _cli(capsys, *argv, "--probe")
+    code, out, err = run_cli(capsys, *argv, "--probe")
     assert code == 0, err
     report = json.loads(out)
     conv2 = next(c for c in report["changes"] if c["node"] == "conv2")
     assert conv2["macs_before"] == 5 * 64 * 4 * 3 and conv2["macs_after"] == 64 * (12 * 3 + 12 * 5)  # rank 3: 12 channels, 1×3 then 1×1
     assert report["totals"]["macs_before"] is not None
     assert "--probe ran the model" in err and any("--probe ran the model" in w for w in report["warnings"])
-    code, out, err = _cli(capsys, "rewrite", path, "--rule", "separable", "--param", "rank=full", "--no-bench",
+    code, out, err = run_cli(capsys, "rewrite", path, "--rule", "separable", "--param", "rank=full", "--no-bench",
                           "--probe", "-o", tmp_path / "out.onnx")  # a probed model still rewrites exactly
     assert code == 0 and (tmp_path / "out.onnx").exists(), err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 
@@ -11,40 +10,19 @@ import onnx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 import convgraph
+from convgraph import localize
 from convgraph.cli import main
 from convgraph.errors import ModelError, UsageError
 from convgraph.verify import REWRITES_KEY, compare, verify
+from helpers import perturbed
 
-verify_mod = importlib.import_module("convgraph.verify")  # convgraph.verify is the function
 REAL = [("yolov8n", "images"), ("ppocr-det", "x")]
 
 
 # ---- helpers --------------------------------------------------------------------------------------
-def _weight(model: onnx.ModelProto, conv: onnx.NodeProto) -> onnx.TensorProto:
-    """The conv's weight tensor, an initializer or a Constant node's value (PP-OCR keeps weights there)."""
-    name = conv.input[1]
-    for t in model.graph.initializer:
-        if t.name == name:
-            return t
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.output[0] == name:
-            return next(a.t for a in n.attribute if a.name == "value")
-    raise AssertionError(f"no weight {name} for {conv.name}")
-
-
-def perturbed(model: onnx.ModelProto, conv_name: str, scale: float = 0.5) -> onnx.ModelProto:
-    """A copy whose conv ``conv_name`` has noise of ``scale`` × the weights' std added to its weights."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    conv = next(n for n in m.graph.node if n.name == conv_name)
-    t = _weight(m, conv)
-    w = numpy_helper.to_array(t)
-    noise = np.random.default_rng(1).standard_normal(w.shape) * scale * (w.std() or 1.0)
-    t.CopyFrom(numpy_helper.from_array((w + noise).astype(w.dtype), t.name))
-    return m
 
 
 def _middle_conv(model: onnx.ModelProto) -> str:
@@ -168,7 +146,7 @@ def test_sample_model_perturbed_conv_is_localized(models_dir):
 def test_localization_in_chunks_finds_the_same_node(models_dir, monkeypatch):
     p = models_dir / "sample.onnx"
     cand = perturbed(onnx.load(p), "block3/dilated")
-    monkeypatch.setattr(verify_mod, "LOCALIZE_CHUNK_BYTES", 1)  # one tensor per chunk
+    monkeypatch.setattr(localize, "LOCALIZE_CHUNK_BYTES", 1)  # one tensor per chunk
     r = verify(p, cand, localize=True)
     assert r.first_divergent_node == "block3/dilated"
 

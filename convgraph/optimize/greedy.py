@@ -1,0 +1,112 @@
+"""The pure search: per-conv chains of steps (the lower convex hull), their greedy order, and the prefix search."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from .report import ERROR_FLOOR, PREDICTION_SLACK, STABLE_SHARE, Candidate, Point, Step
+
+
+# ---- the greedy sequence ------------------------------------------------------------------------------------
+def greedy_sequence(cands: Sequence[Candidate], baseline_ms: float) -> list[Step]:
+    """Steps in order of saving per unit of error; per conv its options' lower convex hull, in order."""
+    by_node: dict[str, list[Candidate]] = {}
+    for c in cands:
+        if c.error is not None and c.saving_ms > 0 and math.isfinite(c.error) and (
+                c.faster_share is None or c.faster_share >= STABLE_SHARE):
+            by_node.setdefault(c.node, []).append(c)
+    moves = []
+    for node, opts in by_node.items():
+        opts.sort(key=lambda c: (c.error, -c.saving_ms))
+        hull: list[Candidate] = []
+        for c in opts:  # keep the options on the lower-right hull of (error, saving)
+            if hull and c.saving_ms <= hull[-1].saving_ms:
+                continue
+            while hull:
+                prev_e, prev_s = (hull[-2].error, hull[-2].saving_ms) if len(hull) > 1 else (0.0, 0.0)
+                e1, s1 = hull[-1].error - prev_e, hull[-1].saving_ms - prev_s
+                e2, s2 = c.error - prev_e, c.saving_ms - prev_s
+                if s1 * max(e2, ERROR_FLOOR) <= s2 * max(e1, ERROR_FLOOR):  # c is at least as efficient
+                    hull.pop()
+                else:
+                    break
+            hull.append(c)
+        prev_e = prev_s = 0.0
+        for i, c in enumerate(hull):
+            de, ds = max(c.error - prev_e, 0.0), c.saving_ms - prev_s
+            moves.append((ds / max(de, ERROR_FLOOR), node, i, c, ds, de))
+            prev_e, prev_s = c.error, c.saving_ms
+    # order by efficiency; a conv's later steps never before its earlier ones (the hull makes them less efficient)
+    moves.sort(key=lambda m: (-m[0], m[1], m[2]))
+    steps, ms, err = [], baseline_ms, 0.0
+    for _, node, _, c, ds, de in moves:
+        ms -= ds
+        err += de
+        steps.append(Step(node, c.rule, dict(c.params), ds, de, ms, err))
+    return steps
+
+
+def plan_of(steps: Sequence[Step]) -> dict[str, tuple[str, dict]]:
+    """node → (rule, params) after these steps (a conv's last step wins)."""
+    plan: dict[str, tuple[str, dict]] = {}
+    for s in steps:
+        plan[s.node] = (s.rule, s.params)
+    return plan
+
+
+def search(steps: Sequence[Step], evaluate, *, allowance: float | None, max_evals: int, stop=None) -> list[Step]:
+    """Find the longest passing prefix of ``steps`` with at most ``max_evals`` calls of ``evaluate(prefix)
+    -> (passed, error)``, backing off the steps that break it.
+
+    Bisection between the longest prefix known to pass and the shortest known to fail, the first guess
+    from the predicted errors (scaled by how far the measured error of the last passing prefix exceeded
+    its prediction). When the two are adjacent, the step between them alone turns a passing model into a
+    failing one: it is backed off — dropped, with the later (more aggressive) steps of the same conv —
+    and the search goes on over the rest; ``stop()`` true ends it (a time budget). Returns the steps backed off.
+    """
+    seq, dropped = list(steps), []
+    lo, hi, evals, scale = 0, len(seq) + 1, 0, 1.0
+
+    def guess() -> int:
+        if allowance is None:
+            return lo + max(1, (len(seq) - lo) // 2)
+        total, k = 0.0, lo + 1
+        for i, st in enumerate(seq):
+            total += st.error
+            if i >= lo and total * scale <= allowance:
+                k = i + 1
+        return k
+
+    k = min(guess(), len(seq))
+    while seq and evals < max_evals and not (stop is not None and stop()):
+        if hi - lo == 1:
+            if hi > len(seq):
+                break  # the whole (remaining) sequence passes
+            bad = seq[hi - 1]
+            dropped += [st for st in seq[hi - 1:] if st.node == bad.node]
+            seq = seq[:hi - 1] + [st for st in seq[hi:] if st.node != bad.node]
+            hi = len(seq) + 1
+            if lo >= len(seq):
+                break
+            k = min(guess(), len(seq))
+            continue
+        passed, err = evaluate(seq[:k])
+        evals += 1
+        if passed:
+            lo = k
+            predicted = sum(st.error for st in seq[:k])
+            scale = max(scale, err / predicted) if predicted > 0 else scale
+            grow = min(len(seq), lo + max(1, (lo + 1) // 2))
+            k = max(guess(), grow) if hi > len(seq) else (lo + hi) // 2
+        else:
+            hi = k
+            k = (lo + hi) // 2
+        k = min(max(k, lo + 1), hi - 1) if hi - lo > 1 else k
+    return dropped
+
+
+def needs_shorter(p: Point) -> bool:
+    """Whether a built prefix calls for trying a shorter one: no faster than the original, or slower than
+    its layers' measured savings predict by more than PREDICTION_SLACK (latency not additive)."""
+    return p.speedup is None or p.speedup <= 1.0 or p.measured_ms > PREDICTION_SLACK * p.predicted_ms

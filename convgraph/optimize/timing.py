@@ -1,0 +1,269 @@
+"""Candidates: every rule × rank that matches a conv and cuts its MACs, each timed as a one-layer model."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from ..errors import CheckFailed, UsageError
+from ..graph import ConvGraph
+from ..io import atomic_write_bytes
+from ..record import ConvRecord
+from ..registry import get_rule
+from ..rewrite import Selection, rewrite
+from ..rule import RuleContext, Skip
+from .report import LAYER_RANK_SHARES, MAX_MAC_RATIO, Candidate
+
+
+# ---- candidates and per-layer latency -----------------------------------------------------------------------
+def _rule_options(rule_name: str, rec: ConvRecord, ranks: Sequence[int],
+                  shares: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    rule = get_rule(rule_name)
+    if rule_name in LAYER_RANK_SHARES:
+        return [{"rank": r} for r in (shares or LAYER_RANK_SHARES[rule_name])]
+    if any(p.name == "rank" for p in rule.params):
+        return [{"rank": r} for r in ranks]
+    return [{}]
+
+
+def _layer_model(cg: ConvGraph, rec: ConvRecord, nodes: Sequence[onnx.NodeProto],
+                 inits: Sequence[onnx.TensorProto]) -> onnx.ModelProto:
+    """A model of just ``nodes`` (the conv or its replacement): input the conv's input, output its output;
+    every other tensor they read becomes an initializer with its constant value."""
+    produced = {o for n in nodes for o in n.output}
+    have = {t.name for t in inits}
+    extra = []
+    for n in nodes:
+        for t in n.input:
+            if t and t != rec.input and t not in produced and t not in have:
+                v = RuleContext(cg).value(t)
+                if v is None:
+                    raise UsageError(f"conv {rec.node_id}: input {t!r} is not a constant; cannot time the layer alone")
+                extra.append(onnx.numpy_helper.from_array(v, t))
+                have.add(t)
+    elem = cg.shapes[rec.input].elem_type if rec.input in cg.shapes else onnx.TensorProto.FLOAT
+    graph = onnx.helper.make_graph(
+        list(nodes), "layer", [onnx.helper.make_tensor_value_info(rec.input, elem, list(rec.input_shape))],
+        [onnx.helper.make_tensor_value_info(rec.output, elem, list(rec.output_shape))], list(inits) + extra)
+    model = onnx.helper.make_model(graph, opset_imports=list(cg.model.opset_import))
+    model.ir_version = cg.model.ir_version
+    return model
+
+
+def _static(shape) -> bool:
+    return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
+
+
+class TimingCache:
+    """One-layer timings kept across runs in a small JSON file (default under the user's cache folder).
+
+    An entry is a conv and all the options timed with it, interleaved: the original layer's median and,
+    per option, its median over the pairs and the share of pairs it won. The key is a digest of the
+    layers' structure — ops, attributes, shapes and dtypes of every tensor, weights' shapes but not their
+    values, which do not change a dense kernel's time; names replaced by their order — with the provider,
+    thread count, timed runs, onnxruntime version, processor and core count: another machine, setting or
+    layer never matches."""
+
+    VERSION = 1
+
+    def __init__(self, path):
+        self.path = Path(os.fspath(path))
+        try:
+            data = json.loads(self.path.read_text())
+            self.entries = data["entries"] if data.get("version") == self.VERSION else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self.entries = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def default_path() -> Path:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return Path(base) / "convgraph" / "layer-timings.json"
+
+    @staticmethod
+    def key(layers: Sequence[onnx.ModelProto], provider: str, threads: int | None, runs: int) -> str:
+        import hashlib
+        import platform
+
+        from ..runtime import ort
+
+        h = hashlib.sha256()
+        for m in layers:
+            shell = onnx.ModelProto()
+            shell.CopyFrom(m)
+            g = shell.graph
+            names: dict[str, str] = {}  # tensors renamed by first appearance: builds name them afresh each time
+
+            def canon(t: str) -> str:  # called within this iteration only
+                return names.setdefault(t, f"t{len(names)}") if t else t  # noqa: B023
+
+            for vi in list(g.input) + list(g.output):
+                vi.name = canon(vi.name)
+            for t in g.initializer:  # shapes and dtypes stay; values go
+                t.name = canon(t.name)
+                t.ClearField("raw_data")
+                for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    t.ClearField(f)
+            for n in g.node:
+                n.name, n.doc_string = "", ""
+                n.input[:] = [canon(t) for t in n.input]
+                n.output[:] = [canon(t) for t in n.output]
+            h.update(shell.SerializeToString(deterministic=True))
+            h.update(b"\0")
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+        except OSError:
+            pass
+        h.update(json.dumps([provider, threads, runs, ort().__version__, cpu, os.cpu_count()]).encode())
+        return h.hexdigest()
+
+    def get(self, key: str) -> dict | None:
+        hit = self.entries.get(key)
+        self.hits += hit is not None
+        self.misses += hit is None
+        return hit
+
+    def put(self, key: str, value: dict) -> None:
+        self.entries[key] = value
+
+    def save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, json.dumps({"version": self.VERSION, "entries": self.entries}).encode())
+        except OSError:
+            pass  # a cache that cannot be written costs time, never a result
+
+
+def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str], ranks: Sequence[int], *,
+               shares: Sequence[str] | None = None,
+               provider: str, threads: int | None, runs: int, warmup: int,
+               progress=None, cache: TimingCache | None = None) -> list[Candidate]:
+    """Every matching (conv, rule, params) that cuts MACs, with its measured one-layer latency (from
+    ``cache`` when the same layers were timed before in the same setting)."""
+    from ..bench import bench
+
+    by_id = {r.node_id: r for r in records}
+    out: list[Candidate] = []
+    t_start = time.perf_counter()
+    for done, rec in enumerate(records):
+        if not (_static(rec.input_shape) and _static(rec.output_shape)):
+            raise UsageError(f"conv {rec.node_id} has dynamic shapes {rec.input_shape} → {rec.output_shape}; "
+                             "fix the input shape (--input-shape) to time its layers")
+        options = []
+        for name in rules:
+            rule = get_rule(name)
+            for given in _rule_options(name, rec, ranks, shares):
+                params = rule.resolve_params({k: str(v) for k, v in given.items()})
+                ctx = RuleContext(cg, by_id, None, params)
+                why, found = rule.check(rec, ctx)
+                if why is not None or (found is not None and list(found.nodes) != [rec.node_id]):
+                    break  # the rule does not apply to this conv alone (whatever the rank): no one-layer timing
+                macs, _, kind = rule.estimate(rec, params) if rule.estimate else (None, 0, "")
+                if macs is not None and rec.macs and macs > MAX_MAC_RATIO * rec.macs:
+                    continue
+                try:
+                    rep = rule.make(rec, ctx, params, found)
+                except (Skip, np.linalg.LinAlgError):
+                    break  # non-finite weights, a singular fit: this conv is left alone
+                if any(o.get("rule") == name and o["macs"] == rep.macs_after for o in options):
+                    continue  # the rank was capped: same layer as one already listed
+                options.append({"rule": name, "params": given, "kind": rep.kind_after, "macs": rep.macs_after,
+                                "model": _layer_model(cg, rec, rep.nodes, rep.initializers)})
+        if not options:
+            continue
+        layers = [_layer_model(cg, rec, [cg.node(rec.node_id)], [])] + [o["model"] for o in options]
+        key = TimingCache.key(layers, provider, threads, runs) if cache is not None else ""
+        timed = cache.get(key) if cache is not None else None
+        if timed is None:
+            rep = bench(layers, runs=runs, warmup=warmup, provider=provider, threads=threads,
+                        names=["original"] + [f"{o['rule']}{o['params']}" for o in options], progress=False,
+                        spinning=False)
+            base = np.asarray(rep.models[0].times_ms)
+            timed = {"before_ms": rep.models[0].median_ms,
+                     "ratios": [r.median for r in rep.ratios],  # medians over interleaved pairs
+                     "won": [float(np.mean(base > np.asarray(m.times_ms))) for m in rep.models[1:]]}
+            if cache is not None:
+                cache.put(key, timed)
+        t0 = timed["before_ms"]
+        for o, ratio, won in zip(options, timed["ratios"], timed["won"]):
+            out.append(Candidate(rec.node_id, o["rule"], o["params"], o["kind"], rec.macs, o["macs"], t0,
+                                 t0 / ratio, faster_share=won))
+        if progress is not None:
+            progress(f"timing layers: {done + 1}/{len(records)} convs{_eta(t_start, done + 1, len(records))}")
+    return out
+
+
+def _eta(t_start: float, done: int, total: int) -> str:
+    """``, about N s left`` at the rate so far (empty when nothing is left or known)."""
+    if done <= 0 or done >= total:
+        return ""
+    left = (time.perf_counter() - t_start) / done * (total - done)
+    return f", about {left:.0f} s left" if left < 120 else f", about {left / 60:.0f} min left"
+
+
+def _unique_names(cg: ConvGraph) -> dict[str, str]:
+    """Name every main-graph op after its node id where the two differ (unnamed ops, repeated names), so
+    that ids survive rewriting and reloading (an unnamed op's id is its position, a repeated name's its
+    rank among the repeats: both move when other nodes are rewritten). Edits ``cg``; returns id → the
+    original name, for :func:`_restore_names`."""
+    renamed = {}
+    for nid in cg.ops():
+        proto = cg.node(nid)
+        if proto.name != nid:
+            renamed[nid] = proto.name
+            proto.name = nid
+    if renamed:
+        cg.dirty = True
+    return renamed
+
+
+def _restore_names(model: onnx.ModelProto, renamed: Mapping[str, str]) -> onnx.ModelProto:
+    """Make the ops :func:`_unique_names` named unnamed again; repeated names are not restored
+    (onnxruntime refuses a model with two nodes of one name)."""
+    for n in model.graph.node:
+        if renamed.get(n.name) == "":
+            n.name = ""
+    return model
+
+
+def _apply(model: onnx.ModelProto, plan: Mapping[str, tuple[str, dict]], *, calibration, input_shapes):
+    """``model`` with each conv of ``plan`` (node id → (rule, params)) rewritten; returns (model, changes).
+
+    The plan's ids must be the names of its convs, once each (:func:`_unique_names`); what the engine
+    applied is compared with the plan, and a difference is an error naming the nodes."""
+    names = {}
+    for n in model.graph.node:
+        names[n.name] = names.get(n.name, 0) + 1
+    unnamed = sorted(n for n in plan if names.get(n) != 1)
+    if unnamed:
+        raise UsageError(f"plan names node(s) that are not one uniquely named op of the model: {', '.join(unnamed)}")
+    groups: dict[tuple[str, str], list[str]] = {}
+    for node, (rule, params) in plan.items():
+        groups.setdefault((rule, repr(sorted(params.items()))), []).append(node)
+    changes = []
+    for (rule, _), nodes in groups.items():
+        params = plan[nodes[0]][1]
+        res = rewrite(model, [rule], params={k: str(v) for k, v in params.items()},
+                      selection=Selection(node_ids=frozenset(nodes)), input_shapes=input_shapes, verify=False,
+                      calibration=calibration)
+        applied = [c.node for c in res.report.changes if c.rule == rule]
+        missing = sorted(set(nodes) - set(applied))
+        extra = sorted(set(c.node for c in res.report.changes) - set(nodes))
+        if missing or extra or len(applied) != len(nodes):
+            why = {e.node: e.reason for e in res.report.explain if e.node in missing and not e.applies}
+            raise CheckFailed("the rewrite differs from the plan: " + "; ".join(
+                [f"{rule} not applied to {n} ({why.get(n, 'no reason given')})" for n in missing]
+                + [f"{n} rewritten though not planned for {rule}" for n in extra]
+                + ([f"{rule} applied {len(applied)} time(s) to {len(nodes)} planned node(s)"]
+                   if not (missing or extra) else [])))
+        model = res.model
+        changes += res.report.changes
+    return model, changes
