@@ -130,6 +130,7 @@ class RuleContext:
         self.records = records or {}  # node_id -> ConvRecord, for patterns spanning nodes
         self.calibration = calibration or {}  # tensor name -> statistics (data-aware fits)
         self.params = params or {}  # the rule's resolved params, for matches that depend on them
+        self.memo: dict = {}  # what checks shared by several rules found per conv (the analyzer asks every rule)
 
     def value(self, tensor: str) -> np.ndarray | None:
         """The constant value of ``tensor`` (initializer, Constant, ConstantOfShape, DequantizeLinear...)."""

@@ -27,7 +27,15 @@ GEOMETRY_ATTRS = ("auto_pad", "pads", "strides", "dilations")
 
 
 def plain_conv_reason(rec: ConvRecord, ctx: RuleContext, op_types: tuple[str, ...] = ("Conv",)) -> str | None:
-    """None when ``rec`` is a float conv of one of ``op_types`` with constant weight (and bias), else why not."""
+    """None when ``rec`` is a float conv of one of ``op_types`` with constant weight (and bias), else why not
+    (found once per conv and context: every rule asks)."""
+    key = ("plain_conv_reason", rec.graph, rec.node_id, op_types)
+    if key not in ctx.memo:
+        ctx.memo[key] = _plain_conv_reason(rec, ctx, op_types)
+    return ctx.memo[key]
+
+
+def _plain_conv_reason(rec: ConvRecord, ctx: RuleContext, op_types: tuple[str, ...]) -> str | None:
     if rec.op_type in ("ConvInteger", "QLinearConv"):
         return (f"{rec.op_type} is quantized: its integer weights, scales and zero points would have to be "
                 "requantized; rewrite the float model and quantize afterwards")

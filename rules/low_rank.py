@@ -34,6 +34,7 @@ chosen on held-out calibration batches; the bias corrected for the mean shift.
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -99,6 +100,11 @@ def full_rank(rec: ConvRecord, form: str) -> int:
     return min(rec.in_channels // rec.group * (prod(rec.kernel) // q), rec.out_channels // rec.group * q)
 
 
+@functools.lru_cache(maxsize=64)
+def _share(text: str) -> Fraction:
+    return Fraction(text)  # parsing a Fraction from text is slow, and the analyzer asks for every conv
+
+
 def rank_of(rec: ConvRecord, params: dict) -> int:
     """The rank per group asked for: the ``rank`` param resolved against (and capped at) the full rank."""
     full = full_rank(rec, form_of(rec, params["form"]))
@@ -106,7 +112,7 @@ def rank_of(rec: ConvRecord, params: dict) -> int:
     if not isinstance(r, int):  # a share given from Python as a float or Fraction, not parsed yet
         r = parse_rank(str(r))
     if isinstance(r, str) and r != "full":  # a share of the full rank
-        return max(1, min(full, math.floor(Fraction(r) * full + Fraction(1, 2))))
+        return max(1, min(full, math.floor(_share(r) * full + Fraction(1, 2))))
     return capped_rank(r, full)
 
 
