@@ -40,7 +40,7 @@ from . import io as _io
 from .io import read_model, write_model
 from .shapes import (  # TensorInfo, parse_input_shape and real_inputs lived here: still importable from here
     TensorInfo, _checked_input_shapes, _sub_protos, _collect_shapes, _dynamic_inputs, _dynamic_warning, _fixed_inputs, _infer,
-    _undecided_warning, checked_input_values, parse_input_shape, probe_shapes, real_inputs,
+    _undecided_warning, checked_input_values, parse_input_shape, probe_shapes, real_inputs, refresh_edges,
 )
 
 _A = onnx.AttributeProto
@@ -609,6 +609,20 @@ def load(source, input_shapes: "dict[str, list[int]] | None" = None, *, check: b
     return cg
 
 
+def _incomplete(cg: ConvGraph) -> bool:
+    """Whether some tensor an op makes lacks a static shape, or the graph has bodies (If/Loop/Scan)."""
+    shapes = cg.shapes
+    for d in cg.graph._node.values():
+        if d["kind"] == "op":
+            if d["subgraphs"]:
+                return True
+            for t in d["proto"].output:
+                info = shapes.get(t)
+                if t and (info is None or not info.static):
+                    return True
+    return False
+
+
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector while a big graph is built or analyzed (restored after).
@@ -648,7 +662,10 @@ def _load(source, shapes: dict[str, list[int]], check: bool, input_values=None) 
         cg.warnings.append(warn)
     _collect_shapes(cg, inferred.graph)
     cg.input_values = values
-    propagate(cg, values)
+    if values or _incomplete(cg):
+        propagate(cg, values)
+    else:  # onnx's inference knew every shape and there is no body to enter: nothing to propagate
+        refresh_edges(cg)
     dynamic = _dynamic_inputs(inferred.graph)
     if dynamic:
         cg.warnings.append(_dynamic_warning(dynamic, cg.symbols))

@@ -57,6 +57,7 @@ FORMS = ("auto", "spatial", "channel")
 DEFAULT_RANK = "1/4"
 
 
+@functools.lru_cache(maxsize=64)  # pure, and the analyzer asks for every conv: parsing a Fraction is slow
 def parse_rank(text: str) -> "int | str":
     """A rank: a positive integer, ``full``, or a share of the full rank in (0, 1] (``1/4``, ``0.25``),
     kept as the normalized string ``p/q`` (``full`` for 1)."""
@@ -102,7 +103,7 @@ def full_rank(rec: ConvRecord, form: str) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _share(text: str) -> Fraction:
-    return Fraction(text)  # parsing a Fraction from text is slow, and the analyzer asks for every conv
+    return Fraction(text)
 
 
 def rank_of(rec: ConvRecord, params: dict) -> int:

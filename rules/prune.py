@@ -108,7 +108,7 @@ def _const_axis(v: np.ndarray | None, c: int, op: str) -> "tuple[int | None, str
 
 def _span(rec: ConvRecord, ctx: RuleContext) -> "tuple[Span | None, str | None]":
     """The per-channel ops and consumer convs reading ``rec``'s output channels, or why they cannot be pruned."""
-    nodes, c = ctx.graph.graph.nodes, int(rec.out_channels)
+    nodes, c = ctx.graph.graph._node, int(rec.out_channels)  # networkx's node dict: plain lookups
     tensors, ops, consumers, seen = {rec.output}, [], [], set()
     todo = [rec.output]
     while todo:
