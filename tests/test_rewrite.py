@@ -12,8 +12,9 @@ import pytest
 import convgraph
 from convgraph.cli import main
 from convgraph.errors import CheckFailed, UsageError
+from convgraph.record import REWRITES_KEY
 from convgraph.registry import all_rules
-from convgraph.rewrite import METADATA_KEY, Selection, rewrite
+from convgraph.rewrite import Selection, rewrite
 from convgraph.rule import Replacement
 from convgraph.runtime import create_session, run
 
@@ -50,7 +51,7 @@ def test_fold_bn_is_exact_and_leaves_the_rest_alone(models_dir):
     feeds = _feeds(original)
     np.testing.assert_allclose(_outputs(m, feeds)[0], _outputs(original, feeds)[0], rtol=1e-4, atol=1e-5)
     assert all(c.output_error is not None and c.output_error < 1e-5 for c in res.report.changes)
-    record = json.loads(next(p.value for p in m.metadata_props if p.key == METADATA_KEY))
+    record = json.loads(next(p.value for p in m.metadata_props if p.key == REWRITES_KEY))
     assert {tuple(r["old_nodes"]) for r in record["rewrites"]} == {("block1/conv", "block1/bn"), ("block2/conv", "block2/bn")}
 
 
