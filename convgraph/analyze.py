@@ -378,7 +378,7 @@ def _unknown_shapes_warning(cg: ConvGraph, records: list[ConvRecord]) -> str | N
                      f"(onnxruntime exposes only main-graph tensors)")
     text = "; ".join(parts)
     if main and not cg.measured:
-        text += "; --probe (convgraph.load(..., probe=True)) runs the model once on random inputs to measure them"
+        text += "; --probe (convgraph.load(..., probe=True)) runs the model once on generated inputs to measure them"
     return text
 
 

@@ -590,7 +590,7 @@ def load(source, input_shapes: "dict[str, list[int]] | None" = None, *, check: b
     model itself keeps its dims. Dynamic dims left unset are named in a :class:`ConvGraphWarning`
     (also kept in ``ConvGraph.warnings``), as is a failure of strict shape inference.
     ``probe``: measure the main-graph shapes onnx's inference could not follow by running the model
-    once on random inputs (:func:`convgraph.shapes.probe_shapes`: needs onnxruntime and concrete input
+    once on generated inputs (:func:`convgraph.shapes.probe_shapes`: needs onnxruntime and concrete input
     shapes; nothing runs when every shape is known). The measured tensors are in ``ConvGraph.measured``.
     ``input_values``: input name → values (``{"sr": 16000}``, ``--input-value``): the analysis uses them
     (shape arithmetic, If conditions) and so do the inputs ``probe`` feeds.

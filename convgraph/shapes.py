@@ -5,7 +5,7 @@ shape inference (strict first, :func:`_infer`) on that copy and fills ``ConvGrap
 (:func:`_collect_shapes`). Where inference gives up — a Reshape whose target is computed at run time
 (Shape → Cast → Slice → Concat in models before opset 14), ops without an inference function — the shapes stay
 unknown; :func:`probe_shapes` (``load(..., probe=True)``, ``convgraph analyze --probe``) measures them by
-running the model once on random inputs with those tensors exposed as outputs.
+running the model once on generated inputs with those tensors exposed as outputs.
 """
 
 from __future__ import annotations
@@ -324,7 +324,7 @@ def unknown_tensors(cg: "ConvGraph") -> list[str]:
 
 def probe_shapes(cg: "ConvGraph", tensors: "list[str] | None" = None, *, seed: int = 0,
                  provider: str = "cpu") -> dict[str, tuple[int, ...]]:
-    """Measure tensor shapes by running the model once on random inputs with onnxruntime; fill ``cg.shapes``.
+    """Measure tensor shapes by running the model once on generated inputs with onnxruntime; fill ``cg.shapes``.
 
     ``tensors``: the main-graph tensors to measure; default every tensor made by a main-graph op whose
     shape onnx's inference left unknown or symbolic. With nothing to measure it returns ``{}`` at once
@@ -334,7 +334,7 @@ def probe_shapes(cg: "ConvGraph", tensors: "list[str] | None" = None, *, seed: i
     ``info``, their names into ``cg.measured``, and one warning (``cg.warnings``) says what was measured
     on which inputs. Only main-graph tensors can be exposed as outputs: tensors inside If/Loop/Scan
     bodies keep their unknown shapes (counted in the warning). A shape computed from the input's values
-    rather than its shape (after NonZero, NonMaxSuppression...) holds for that random input only. The
+    rather than its shape (after NonZero, NonMaxSuppression...) holds for that generated input only. The
     exposed tensors are all held at once after the run: memory up to the sum of their sizes.
 
     Returns tensor → measured shape. UsageError (one line) when onnxruntime is missing, an input shape
@@ -441,10 +441,10 @@ def _probe_warning(cg: "ConvGraph", measured: dict[str, TensorInfo], inputs: lis
         fed = ", ".join(f"{n} {_dims_text(cg.shape(n))}" for n in inputs)
         ops = sorted({d["op_type"] for g in cg.walk() for d in g.graph._node.values()
                       if d["kind"] == "op" and d["op_type"] in DATA_DEPENDENT_OPS})
-        parts.append(f"--probe ran the model once on random inputs ({fed}; seed {seed}) and measured the shapes of "
+        parts.append(f"--probe ran the model once on generated inputs ({fed}; seed {seed}) and measured the shapes of "
                      f"{len(measured)} tensor{'s' * (len(measured) != 1)} onnx's shape inference could not follow: they "
                      f"hold for inputs of these shapes, but a shape computed from the input's values rather than its "
-                     f"shape holds for this random input only"
+                     f"shape holds for this generated input only"
                      + (f" (this model has {', '.join(ops)})" if ops else ""))
     if conflicts:
         t, old = next(iter(conflicts.items()))

@@ -58,7 +58,7 @@ def test_probe_measures_and_fills_the_shape_table() -> None:
     assert cg.shape_info("r") == convgraph.TensorInfo(F, (1, 4, 1, 64)) and cg.shape_measured("r")
     G = cg.graph  # the edges carry the measured info too
     assert G.edges["reshape", "conv2", ("r", 0)]["info"].shape == (1, 4, 1, 64)
-    assert any("ran the model once on random inputs (x [1,3,8,8]; seed 0)" in w for w in cg.warnings)
+    assert any("ran the model once on generated inputs (x [1,3,8,8]; seed 0)" in w for w in cg.warnings)
     assert unknown_tensors(cg) == []
     rec = analyze(cg, rewrites=False)
     conv2, conv = rec.record("conv2"), rec.record("conv")
@@ -97,7 +97,7 @@ def test_data_dependent_shapes_are_said_to_hold_for_that_input_only() -> None:
     got = probe_shapes(cg, seed=3)
     assert got["nz"][0] == 4  # NonZero of a 4-D tensor: 4 × number of non-zeros
     warning = next(w for w in cg.warnings if "--probe ran the model" in w)
-    assert "seed 3" in warning and "holds for this random input only (this model has NonZero)" in warning
+    assert "seed 3" in warning and "holds for this generated input only (this model has NonZero)" in warning
 
 
 def test_probe_is_a_no_op_when_every_shape_is_known(monkeypatch, models_dir, capsys) -> None:
@@ -119,7 +119,7 @@ def test_cli_hint_then_probe(tmp_path, capsys) -> None:
     assert code == 0
     hint = [line for line in err.splitlines() if "unknown MACs" in line]
     assert len(hint) == 1 and "conv2" in hint[0], err
-    assert hint[0].endswith("--probe (convgraph.load(..., probe=True)) runs the model once on random inputs to measure them")
+    assert hint[0].endswith("--probe (convgraph.load(..., probe=True)) runs the model once on generated inputs to measure them")
     assert next(c for c in json.loads(out)["convs"] if c["name"] == "conv2")["macs"] is None
     code, out, err = run_cli(capsys, "analyze", path, "--json", "--probe")
     assert code == 0 and "unknown MACs" not in err and "--probe ran the model" in err

@@ -66,7 +66,7 @@ input_value_option = click.option(
          "and every input set fed to the model carries it.")
 probe_option = click.option(
     "--probe", is_flag=True,
-    help="Run the model once on random inputs (onnxruntime) to measure the shapes onnx's shape inference cannot "
+    help="Run the model once on generated inputs (onnxruntime) to measure the shapes onnx's shape inference cannot "
          "follow; every input shape must be known (--input-shape).")
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, nothing else.")
 provider_option = click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
@@ -152,7 +152,7 @@ input_data_options = _stack([
     click.option("--inputs", type=click.Path(), help="Inputs: an .npz (arrays named after the inputs, a leading "
                  "axis of samples allowed) or a folder of images. Default: generated (pictures for image inputs)."),
     click.option("--samples", type=int, help="Random input sets (default 1); with --inputs, use at most this many."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated inputs."),
     image_options,
     input_value_option,
 ])
