@@ -178,13 +178,19 @@ def host_simd_block() -> int:
     return 0
 
 
+#: onnxruntime's NCHWc transform takes a depthwise conv whose channels are a multiple of this (then pads them
+#: up to the SIMD block); measured on onnxruntime 1.32 (tests/test_analyze.py checks it against onnxruntime).
+NCHWC_CHANNEL_ALIGNMENT = 4
+
+
 def fast_depthwise(r: ConvRecord, simd_block: int, cg: ConvGraph | None = None) -> tuple[bool, str]:
     """Whether onnxruntime's NCHWc depthwise kernel takes a depthwise conv, and why (not).
 
     onnxruntime's NchwcTransformer (CPU, graph optimization level ALL) rewrites a Conv when it is 2D
     with static fp32 weights and bias, one input channel per group, C_out = group (multiplier 1) and
-    C_out a multiple of the SIMD block (8 on AVX2, 16 on AVX-512); otherwise a depthwise conv runs as
-    one small GEMM per channel (onnxruntime issue #9192). ``cg`` (the conv's graph) adds the dtype checks.
+    C_out a multiple of 4 (:data:`NCHWC_CHANNEL_ALIGNMENT`; the channels are padded up to the SIMD block,
+    8 on AVX2, 16 on AVX-512: measured on onnxruntime 1.32, 3–96 channels); otherwise a depthwise conv runs
+    as one small GEMM per channel (onnxruntime issue #9192). ``cg`` (the conv's graph) adds the dtype checks.
     """
     why = []
     if r.op_type not in ("Conv", "FusedConv"):
@@ -206,11 +212,13 @@ def fast_depthwise(r: ConvRecord, simd_block: int, cg: ConvGraph | None = None) 
         why.append(f"depth multiplier {r.depth_multiplier} (needs 1)")
     if simd_block <= 1:
         why.append("this CPU has no NCHWc path (needs AVX2 or AVX-512)")
-    elif r.out_channels is not None and r.out_channels % simd_block:
-        why.append(f"{r.out_channels} channels, not a multiple of the SIMD block {simd_block}")
+    elif r.out_channels is not None and r.out_channels % NCHWC_CHANNEL_ALIGNMENT:
+        why.append(f"{r.out_channels} channels, not a multiple of {NCHWC_CHANNEL_ALIGNMENT}")
     if why:
         return False, "slow per-channel GEMM path: " + "; ".join(why)
-    return True, f"NCHWc depthwise kernel ({r.out_channels} channels, SIMD block {simd_block})"
+    padded = "" if r.out_channels is None or not r.out_channels % simd_block else \
+        f", padded to {-(-r.out_channels // simd_block) * simd_block}"
+    return True, f"NCHWc depthwise kernel ({r.out_channels} channels{padded}, SIMD block {simd_block})"
 
 
 # ---- the analysis ---------------------------------------------------------------------------------

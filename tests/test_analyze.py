@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import convgraph
-from convgraph.analyze import Analysis, analyze
+from convgraph.analyze import Analysis, analyze, host_simd_block
 from convgraph.record import KINDS, PATTERNS
 
 
@@ -87,10 +87,10 @@ def test_depthwise_multiplier_and_fast_path(sample):
     assert r["dw3x3"].depth_multiplier == 1 and r["dw3x3"].fast_depthwise is True
     assert r["dw3x3_mult2"].depth_multiplier == 2 and r["dw3x3_mult2"].fast_depthwise is False
     assert "multiplier 2" in r["dw3x3_mult2"].fast_depthwise_reason
-    # 8 channels fit AVX2's block of 8 but not AVX-512's 16
+    # 8 channels on AVX-512: onnxruntime pads them to its block of 16 and still takes the NCHWc kernel
     a16 = analyze(sample("depthwise").graphs[""], simd_block=16)
     dw16 = _by_name(a16)["dw3x3"]
-    assert dw16.fast_depthwise is False and "not a multiple of the SIMD block 16" in dw16.fast_depthwise_reason
+    assert dw16.fast_depthwise is True and "padded to 16" in dw16.fast_depthwise_reason
     assert all(x.fast_depthwise is None for x in sample("standard").convs)
 
 
@@ -303,6 +303,27 @@ def _dw_model(dtype: int, weight_as_input: bool, weight_shape: list | None = (16
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m
+
+
+@pytest.mark.parametrize("channels", [3, 4, 6, 8, 12, 20, 24, 36])
+def test_fast_depthwise_agrees_with_onnxruntimes_nchwc_transform(channels, tmp_path):
+    """The verdict against what onnxruntime does: its optimized model holds an NCHWc Conv or not."""
+    ort = pytest.importorskip("onnxruntime")
+    if host_simd_block() <= 1:
+        pytest.skip("no NCHWc path on this CPU")
+    w = np.random.default_rng(0).random((channels, 1, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], group=channels, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 32, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 32, 32])],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(channels, np.float32), "b")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    nchwc = any(n.domain == "com.microsoft.nchwc" and n.op_type == "Conv" for n in onnx.load(so.optimized_model_filepath).graph.node)
+    assert _analyze(model).convs[0].fast_depthwise is nchwc
 
 
 def test_fast_depthwise_reasons():
