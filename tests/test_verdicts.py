@@ -242,3 +242,23 @@ def test_every_json_outcome_is_one_document(models_dir, tmp_path, capsys):
         assert main(args) == code
         doc = json.loads(capsys.readouterr().out)
         assert doc["exit_code"] == code and doc["error"]
+
+
+def test_localization_passes_over_intermediates_that_say_nothing():
+    """An intermediate that is ~0 everywhere (under atol) with tiny candidate differences is inconclusive, not
+    the first divergent tensor: the real change downstream is named."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+
+    def model(tiny: float, scale: float):
+        inits = [numpy_helper.from_array(np.full(4, tiny, np.float32), "e"),
+                 numpy_helper.from_array(np.full(4, scale, np.float32), "k")]
+        nodes = [helper.make_node("Mul", ["x", "e"], ["faint"], name="faint"),  # ~1e-7: says nothing
+                 helper.make_node("Add", ["faint", "x"], ["sum"], name="sum"),
+                 helper.make_node("Mul", ["sum", "k"], ["y"], name="scale")]
+        return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                                 opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    ref, cand = model(1e-7, 1.0), model(2e-7, 2.0)  # 'faint' moves far below atol; 'scale' doubles the output
+    r = verify(ref, cand, inputs=[{"x": np.random.default_rng(0).random((1, 4), dtype=np.float32) + 0.5}], localize=True)
+    assert r.verdict == "failed" and r.first_divergent_node == "scale"
