@@ -131,7 +131,8 @@ def degenerate(ref: np.ndarray, tiny: float = TINY) -> str | None:
     return None
 
 
-def _cos(dot: float, rr: float, cc: float) -> float:
+def cosine(dot: float, rr: float, cc: float) -> float:
+    """Cosine similarity from the sums r·c, r·r and c·c (1 for two zero tensors, 0 for one)."""
     norm = math.sqrt(rr) * math.sqrt(cc)
     if norm == 0:
         return 1.0 if rr == cc == 0 else 0.0
@@ -228,7 +229,7 @@ class Accumulator:
         self._finite += r.size
         dot, rr, cc, noise = float(r @ c), float(r @ r), float(c @ c), float(d @ d)
         self._dot, self._rr, self._cc, self._noise = self._dot + dot, self._rr + rr, self._cc + cc, self._noise + noise
-        cos = None if why or not r.size else _cos(dot, rr, cc)
+        cos = None if why or not r.size else cosine(dot, rr, cc)
         m.sample_cosine.append(cos)
         m.sample_snr_db.append(None if why or not r.size else _snr(rr, noise))
         if cos is not None and tol.min_cosine is not None and not cos >= tol.min_cosine:
@@ -266,7 +267,7 @@ class Accumulator:
         elif self._noise == 0 and self._rr > 0:
             m.pooled_cosine = 1.0  # identical: no rounding in the ratio
         else:
-            m.pooled_cosine = _cos(self._dot, self._rr, self._cc)
+            m.pooled_cosine = cosine(self._dot, self._rr, self._cc)
         judged = [(v, i) for i, v in enumerate(m.sample_cosine) if v is not None]
         if judged:  # the worst informative sample counts
             m.cosine, m.worst_sample = min(judged)

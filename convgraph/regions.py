@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .metrics import cosine
 from .weights import constant_source, constant_value
 
 
@@ -145,6 +146,4 @@ def errors(region: Region, feeds: Mapping[str, np.ndarray], provider: str = "cpu
     scale = float(np.max(np.abs(a))) if a.size else 0.0
     diff = float(np.max(np.abs(a - b))) if a.size else 0.0
     err = diff / scale if scale else (0.0 if diff == 0 else math.inf)
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    cos = float(a @ b / (na * nb)) if na and nb else (1.0 if na == nb else 0.0)
-    return err, cos
+    return err, cosine(float(a @ b), float(a @ a), float(b @ b))

@@ -19,13 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 #: A module may import modules of its own layer or of a layer below, never one above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("errors", "expr", "record", "progress", "io", "weights", "synthetic", "zoo", "arithmetic",
-                    "convops")),
+                    "convops", "metrics")),
     ("runtime", ("runtime", "inputs", "bench")),
     ("model", ("shapes", "propagate", "graph")),
     ("analysis", ("patterns", "receptive", "roofline", "regions")),
     ("rules", ("rule", "fit", "fit.*", "rules", "rules.*", "registry")),
     ("analyzer", ("analyze", "report")),
-    ("engine and verification", ("metrics", "localize", "verify", "calibrate", "rewrite_check", "rewrite", "profile")),
+    ("engine and verification", ("localize", "verify", "calibrate", "rewrite_check", "rewrite", "profile")),
     ("optimizer", ("optimize", "optimize.*")),
     ("interface", ("", "__main__", "cli", "cli.*")),
 ]
