@@ -116,21 +116,6 @@ class RewriteReport:
     tolerance_required: bool = False  # atol/rtol/min_cosine given: the outputs must pass
     warnings: list[str] = field(default_factory=list)  # what loading the model said (shapes, probe)
 
-    def lineages(self) -> list[list[Change]]:
-        """The changes grouped by the conv they started from: a rule applied to what an earlier rule built
-        (fold-bn, then separable on the folded conv) continues that conv's lineage."""
-        made: dict[tuple[str, str], int] = {}  # (graph, node) -> lineage
-        groups: list[list[Change]] = []
-        for c in self.changes:
-            k = next((made[(c.graph, o)] for o in c.old_nodes if (c.graph, o) in made), None)
-            if k is None:
-                k = len(groups)
-                groups.append([])
-            groups[k].append(c)
-            for n in c.new_nodes:
-                made[(c.graph, n)] = k
-        return groups
-
     @property
     def totals(self) -> dict[str, Any]:
         """Over distinct convs: "before" sums each change's before less what it took over from earlier changes'
@@ -138,9 +123,11 @@ class RewriteReport:
         it and a conv fold-bn left alone: both once), "after" the results no later change replaced."""
         made: dict[tuple[str, str], int] = {}  # (graph, node) -> the change that made it
         taken: set[int] = set()
+        convs = 0  # changes that start from a conv no earlier change made: distinct convs rewritten
         before: dict[str, list] = {"macs": [], "params": []}
         for i, c in enumerate(self.changes):
             prev = {made[(c.graph, o)] for o in c.old_nodes if (c.graph, o) in made}
+            convs += not prev
             taken |= prev
             for k in before:
                 vals = [getattr(c, f"{k}_before")] + [getattr(self.changes[j], f"{k}_after") for j in prev]
@@ -152,7 +139,7 @@ class RewriteReport:
         def total(vals):
             return None if any(v is None for v in vals) else int(sum(vals))
 
-        return {"rewritten": len(self.lineages()), "changes": len(self.changes),
+        return {"rewritten": convs, "changes": len(self.changes),
                 "macs_before": total(before["macs"]), "macs_after": total([c.macs_after for c in last]),
                 "params_before": total(before["params"]), "params_after": total([c.params_after for c in last])}
 
