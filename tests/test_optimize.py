@@ -103,6 +103,7 @@ def test_optimize_sample_model_meets_the_budget_on_held_out_inputs(models_dir, t
     assert all(c.layer_ms_before > 0 and c.layer_ms_after > 0 for c in report.candidates)
     assert report.sequence and report.points and report.passed
     assert report.judged == ["logits"]
+    assert report.coverage is not None and report.coverage > 0  # held-out samples vs calibration, in features
     # the reported held-out metric is what the returned model really gives
     from convgraph.runtime import create_session, run
 
@@ -453,7 +454,7 @@ def test_a_candidate_alone_is_spliced_in_as_the_engine_would_build_it(models_dir
     whole engine (load, analysis, checks): the same model, numerically."""
     from convgraph.analyze import analyze
     from convgraph.calibrate import calibrate
-    from convgraph.optimize import _alone
+    from convgraph.optimize import _Fitted
     from convgraph.optimize.timing import _apply, _unique_names
     from convgraph.runtime import create_session, run
 
@@ -465,8 +466,7 @@ def test_a_candidate_alone_is_spliced_in_as_the_engine_would_build_it(models_dir
     node = next(n for n, r in by_id.items() if r.kind == "standard")
     stats = calibrate(original, feeds, nodes=[node])
     for rule, params in (("separable", {"rank": 1}), ("spatial-separable", {"rank": 1})):
-        c = Candidate(node, rule, params, "", None, None, 1.0, 0.5)
-        fast = _alone(original, cg, by_id, c, stats, None)
+        fast = _Fitted(original, cg, by_id, stats, None).model({node: (rule, params)})[0]
         slow, _ = _apply(original, {node: (rule, params)}, calibration=stats, input_shapes=None)
         a, b = run(create_session(fast), feeds[0]), run(create_session(slow), feeds[0])
         assert all(np.array_equal(x, y) for x, y in zip(a, b))
@@ -564,3 +564,32 @@ def test_a_layer_that_won_too_few_interleaved_pairs_is_not_a_step():
     flaky = cand("b", "separable", 1, 0.3, 0.001)
     flaky.faster_share = 0.6  # a median saving that the machine's load can flip
     assert [s.node for s in greedy_sequence([steady, flaky], 10.0)] == ["a"]
+
+
+def test_the_returned_prefix_is_refitted_in_sequence_and_unstable_layers_are_never_fitted(models_dir, monkeypatch):
+    """The search builds prefixes from the candidates as fitted alone; the prefix it returns is then refitted
+    in sequence (a point of fit "sequence" with the same steps, judged on the held-out set), and a
+    candidate whose layer won too few interleaved pairs is not fitted or judged at all (it is never chosen)."""
+    import convgraph.optimize as opt
+
+    real = opt.candidates
+
+    def flaky_first(*a, **k):
+        out = real(*a, **k)
+        out[0].faster_share = 0.5
+        return out
+
+    monkeypatch.setattr(opt, "candidates", flaky_first)
+    path = models_dir / "sample.onnx"
+    calib, held = smooth_feeds(8, 2), smooth_feeds(3, 3)
+    _, report = optimize(path, calib, held, budget=0.9, rules=["separable"], ranks=(1, 2), refit=True, **FAST)
+    assert report.candidates[0].error is None and report.candidates[0].faster_share == 0.5
+    assert all(c.error is not None for c in report.candidates[1:] if c.saving_ms > 0 and c.faster_share >= 0.75)
+    alone = [p for p in report.points if p.fit == "alone"]
+    again = [p for p in report.points if p.fit == "sequence"]
+    assert alone and again and any("refitted in sequence" in n for n in report.notes)
+    if report.passed:
+        picked = next(p for p in report.points if p.metric == report.metric_value and p.passed)
+        assert any(p.steps == picked.steps for p in alone)
+    _, plain = optimize(path, calib, held, budget=0.9, rules=["separable"], ranks=(1, 2), **FAST)
+    assert {p.fit for p in plain.points} == {"alone"}

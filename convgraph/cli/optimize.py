@@ -35,10 +35,11 @@ def render(report: OptimizeReport) -> None:
     if report.points:
         show([Column("steps", "num"), Column("convs", "num", drop=2), Column("original ms", "num", drop=1),
               Column("predicted ms", "num", drop=3), Column("measured ms", "num"), Column("speed-up", "num"),
-              Column("won", "num", drop=4), Column(report.metric, "num"), Column("within budget")],
+              Column("won", "num", drop=4), Column("fit", drop=5), Column(report.metric, "num"),
+              Column("within budget")],
              [(str(p.steps), str(p.convs), f"{p.original_ms:.2f}", f"{p.predicted_ms:.2f}", f"{p.measured_ms:.2f}",
-               f"{p.speedup:.2f}×", "" if p.faster_share is None else f"{p.faster_share:.0%}", f"{p.metric:.6g}",
-               "yes" if p.passed else "no") for p in report.points],
+               f"{p.speedup:.2f}×", "" if p.faster_share is None else f"{p.faster_share:.0%}", p.fit,
+               f"{p.metric:.6g}", "yes" if p.passed else "no") for p in report.points],
              title="prefixes of the greedy sequence, built and judged on the held-out set")
     if report.outputs:
         rows = []
@@ -86,6 +87,12 @@ def render(report: OptimizeReport) -> None:
 @input_shape_option
 @input_value_option
 @click.option("--max-evals", type=int, default=6, show_default=True, help="Prefixes built and judged in the search.")
+@click.option("--refit", is_flag=True,
+              help="Refit the prefix found (and the next longer one) conv by conv on the activations of the model "
+                   "rewritten so far, and keep what judges better (slower).")
+@click.option("--judge-all", is_flag=True,
+              help="Judge every candidate in the whole model instead of two per conv, the others' errors scaled "
+                   "from their layers' own errors (slower).")
 @click.option("--time-budget", type=float, help="Seconds the run may take: then the best verified result so far.")
 @click.option("--no-timing-cache", is_flag=True, help="Time every layer afresh instead of reusing timings of "
               "identical layers (same setting, machine, onnxruntime) kept in ~/.cache/convgraph.")
@@ -97,7 +104,7 @@ def render(report: OptimizeReport) -> None:
 @shows_progress
 def optimize_command(model, calib, heldout, budget, quantile, metric, rules, ranks, shares, tensors, nodes, exclude,
                      min_macs, provider, threads, samples, image_size, mean, std, layout, input_shapes, input_values,
-                     max_evals, time_budget, no_timing_cache, plot, output, in_place, as_json) -> None:
+                     max_evals, refit, judge_all, time_budget, no_timing_cache, plot, output, in_place, as_json) -> None:
     """Rewrite MODEL's convs for speed within an error budget, fitted on calibration data (--calib)."""
     check_output_path(output, model, in_place)
     if plot:
@@ -117,7 +124,7 @@ def optimize_command(model, calib, heldout, budget, quantile, metric, rules, ran
                                selection=Selection(nodes, exclude, (), min_macs), provider=provider,
                                threads=threads or None, input_shapes=input_shapes, input_options=options,
                                tensors=list(tensors) or None, max_evals=max_evals, quantile=quantile,
-                               time_budget=time_budget,
+                               time_budget=time_budget, refit=refit, estimate_errors=not judge_all,
                                timing_cache=None if no_timing_cache else TimingCache(TimingCache.default_path()),
                                progress=optimizing.step)
     # a run that found no faster model within the budget returns the original: nothing worth writing

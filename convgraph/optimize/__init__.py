@@ -12,16 +12,17 @@ model-level error, fit it on calibration data, and prove the result on held-out 
 4. **Greedy.** Per conv the options form a chain of increasingly aggressive steps (the lower convex
    hull of error against saving); all steps are ordered by saving per unit of error. The prefix whose
    predicted error (errors add) fits the budget is the first guess.
-5. **Sequential fit, check, back-off.** A prefix is built layer by layer in topological order, each conv
-   fitted on the activations of the model rewritten so far against the original's outputs (cross
-   moments), and judged on the held-out inputs; the longest prefix within the budget is found by
-   bisection, and a step that alone turns a passing prefix into a failing one is backed off and the
-   search goes on past it (:func:`search`). Every evaluated prefix is also timed: the measured
-   error–latency front.
+5. **Prefixes, check, back-off.** A prefix is built by splicing in the candidates' replacements as fitted
+   in 3 and judged on the held-out inputs; the longest prefix within the budget is found by bisection,
+   and a step that alone turns a passing prefix into a failing one is backed off and the search goes on
+   past it (:func:`search`). Every evaluated prefix is also timed: the measured error–latency front.
+6. **Sequential refit.** The prefix to return, and the next longer one, are rebuilt conv by conv in
+   topological order, each fitted on the activations of the model rewritten so far against the original's
+   outputs (cross moments), so that later convs make up for earlier ones' errors; judged and timed again.
 
 The package's modules, bottom-up: ``report`` (tunables and the data the optimizer returns), ``judge`` (the
 model-level metric), ``timing`` (1–2: the candidates and their one-layer latencies), ``greedy`` (4, and the
-prefix search of 5), ``sequential`` (the sequential fit of 5), ``plot``; the optimizer itself (3, 5) is here.
+prefix search of 5), ``sequential`` (6), ``plot``; the optimizer itself (3, 5) is here.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import onnx
 
 from ..analyze import analyze
 from ..calibrate import Calibration, calibratable, calibrate
-from ..errors import UsageError
+from ..errors import CheckFailed, UsageError
 from ..graph import ConvGraph, load
 from ..inputs import InputSet, make_inputs
 from ..record import ConvRecord
@@ -51,6 +52,7 @@ from .report import (
     DEFAULT_RANKS, DEFAULT_RULES, ERROR_FLOOR, LAYER_RANK_SHARES, MAX_MAC_RATIO, METRICS, PREDICTION_SLACK, SPEED_NOISE,
     STABLE_SHARE, Candidate, Choice, OptimizeReport, Point, Step,
 )
+from .samples import FEW_CALIBRATION, FEW_HELDOUT, coverage, coverage_risk, features, sample_risks
 from .sequential import FIT_CACHE_BYTES, fit_sequential
 from .timing import TimingCache, _apply, _eta, _restore_names, _unique_names, candidates
 
@@ -78,35 +80,27 @@ def _subset(data: InputSet, idx: Sequence[int], describe: str) -> InputSet:
 #: The share of a time budget (from the start) after which no more candidate errors are measured: the
 #: rest is left for building and judging prefixes.
 ERRORS_SHARE = 0.6
-#: Fewer calibration (held-out) samples than this get a warning that says what it risks.
-FEW_CALIBRATION, FEW_HELDOUT = 16, 8
 
 
-def _sample_risks(calibration: int, heldout: int, split: bool) -> list[str]:
-    """Warnings for a calibration or held-out set too small, or a held-out set split off the calibration
-    set (alike to the data fitted on: the budget it passes says little about other data)."""
-    out = []
-    if calibration < FEW_CALIBRATION:
-        out.append(f"only {calibration} calibration sample(s): the fits see few activations (a layer with many "
-                   f"inputs per output can fit them and miss other data); give {FEW_CALIBRATION}+ varied ones "
-                   "(other scenes and sources than the held-out set)")
-    if heldout < FEW_HELDOUT:
-        out.append(f"the budget is checked on {heldout} held-out sample(s) only: it may not hold on other "
-                   f"inputs; give {FEW_HELDOUT}+ (--heldout), unlike the calibration set")
-    if split:
-        out.append("the held-out samples were split off the calibration set: they are like the data the fits "
-                   "saw, and a budget held on them can fail on other data (seen: YOLOv8n class scores at "
-                   "cosine 0.74 on other photos while crops of the calibration photos passed); give --heldout "
-                   "from other sources")
-    return out
+def _coverage(original: onnx.ModelProto, records: Sequence[ConvRecord], calib: InputSet, held: InputSet,
+              provider: str) -> tuple[float, str] | None:
+    """(:func:`samples.coverage` of the two sets, the tensor) in the features of the deepest conv input
+    (the smallest map, not a pooled 1×1 one, then the most channels): what the model has made of each
+    sample by then."""
+    from ..runtime import run_with_outputs
+
+    recs = [r for r in records if r.input_shape and len(r.input_shape) >= 3 and math.prod(r.input_shape[2:]) > 1]
+    if not recs:
+        return None
+    deep = min(recs, key=lambda r: (math.prod(r.input_shape[2:]), -r.input_shape[1]))
+    got = run_with_outputs(original, [deep.input], list(calib) + list(held), provider=provider)[deep.input]
+    f = features(got)
+    return coverage(f[:len(calib)], f[len(calib):]), deep.input
 
 
-def _alone(original: onnx.ModelProto, cg: ConvGraph, by_id: Mapping[str, ConvRecord], c: Candidate, stats,
-           input_shapes) -> onnx.ModelProto | None:
-    """``original`` with the one conv of candidate ``c`` replaced, fitted on ``stats``: the rule's nodes
-    spliced into a copy of the model in the conv's place (no reload, analysis or checks of the whole
-    model: they cost more than the fit). Through the engine (:func:`_apply`) when the replacement does not
-    simply stand in for the conv; None when the rule refuses the conv with these statistics."""
+def _replacement(cg: ConvGraph, by_id: Mapping[str, ConvRecord], c: Candidate, stats):
+    """The rule's replacement of candidate ``c``'s conv, fitted on ``stats`` (None when the rule refuses the
+    conv with these statistics)."""
     rec, rule = by_id[c.node], get_rule(c.rule)
     params = rule.resolve_params({k: str(v) for k, v in c.params.items()})
     ctx = RuleContext(cg, by_id, stats, params)
@@ -114,53 +108,210 @@ def _alone(original: onnx.ModelProto, cg: ConvGraph, by_id: Mapping[str, ConvRec
     if why is not None:
         return None
     try:
-        rep = rule.make(rec, ctx, params, found)
+        return rule.make(rec, ctx, params, found)
     except (Skip, np.linalg.LinAlgError):
         return None
-    made = {o for n in rep.nodes for o in n.output}
-    if (rep.removed and list(rep.removed) != [rec.node_id]) or rec.output not in made:
-        return _apply(original, {c.node: (c.rule, c.params)}, calibration=stats, input_shapes=input_shapes)[0]
+
+
+def _stands_in(rep, rec: ConvRecord) -> bool:
+    """Whether ``rep`` replaces just the conv and makes its output (it can be spliced in in its place)."""
+    return (not rep.removed or list(rep.removed) == [rec.node_id]) and rec.output in {o for n in rep.nodes
+                                                                                     for o in n.output}
+
+
+def _splice(original: onnx.ModelProto, reps: Mapping[str, Any]) -> onnx.ModelProto:
+    """``original`` with each conv ``reps`` names (node id = name, :func:`_unique_names`) replaced by its
+    replacement's nodes, in the conv's place: no reload, analysis or checks of the whole model (they cost
+    more than the fits). The convs' own weights stay, unread: onnxruntime drops them."""
     m = onnx.ModelProto()
     m.CopyFrom(original)
-    nodes = list(m.graph.node)
-    i = next(k for k, n in enumerate(nodes) if n.name == c.node)
+    nodes = []
+    for n in original.graph.node:
+        rep = reps.get(n.name)
+        nodes += list(rep.nodes) if rep is not None else [n]
     del m.graph.node[:]
-    m.graph.node.extend(nodes[:i] + list(rep.nodes) + nodes[i + 1:])
-    m.graph.initializer.extend(rep.initializers)  # the conv's own weights stay, unread: onnxruntime drops them
+    m.graph.node.extend(nodes)
+    for rep in reps.values():
+        m.graph.initializer.extend(rep.initializers)
     return m
+
+
+def _key(node: str, rule: str, params: Mapping[str, Any]) -> tuple[str, str, str]:
+    return node, rule, repr(sorted(params.items()))
+
+
+class _Fitted:
+    """The candidates' replacements fitted on the original model's calibration statistics, kept so that a
+    candidate alone or a prefix of the search is built by splicing them into a copy of the model
+    (:meth:`model`) instead of refitting and running the engine."""
+
+    def __init__(self, original: onnx.ModelProto, cg: ConvGraph, by_id: Mapping[str, ConvRecord], stats,
+                 input_shapes):
+        self.original, self.cg, self.by_id, self.stats, self.input_shapes = original, cg, by_id, stats, input_shapes
+        self.reps: dict[tuple[str, str, str], Any] = {}
+
+    def rep(self, c: Candidate):
+        k = _key(c.node, c.rule, c.params)
+        if k not in self.reps:
+            self.reps[k] = _replacement(self.cg, self.by_id, c, self.stats)
+        return self.reps[k]
+
+    def model(self, plan: Mapping[str, tuple[str, dict]]) -> tuple[onnx.ModelProto, dict[str, str]]:
+        """The original with ``plan`` applied, each conv fitted alone on the original's statistics; and per
+        conv the fit's notes. Replacements that do not simply stand in for their conv go through the engine."""
+        reps, engine = {}, {}
+        for node, (rule, params) in plan.items():
+            rep = self.rep(Candidate(node, rule, dict(params), "", None, None, 0.0, 0.0))
+            if rep is None:
+                raise CheckFailed(f"{rule} refuses {node} with the calibration statistics")
+            if _stands_in(rep, self.by_id[node]):
+                reps[node] = rep
+            else:
+                engine[node] = (rule, params)
+        m = _splice(self.original, reps)
+        notes = {n: r.notes for n, r in reps.items()}
+        if engine:
+            m, changes = _apply(m, engine, calibration=self.stats, input_shapes=self.input_shapes)
+            notes.update({ch.node: ch.notes for ch in changes})
+        return m, notes
 
 
 def _measure(original, cg, records, rules, ranks, shares, fit_set, judge: Judge, *, provider, threads, input_shapes,
              layer_runs: int, seconds: dict, say, deadline: float, cache: TimingCache | None,
-             notes: list[str]) -> list[Candidate]:
+             notes: list[str], measured: Sequence[Candidate] | None,
+             estimate: bool = True) -> tuple[list[Candidate], _Fitted]:
     """Phases 1–3: candidates, their one-layer latencies, and each one's error alone (fitted on ``fit_set``);
-    past ``deadline`` the remaining candidates get no error (they are not chosen)."""
+    past ``deadline`` the remaining candidates get no error (they are not chosen). Only candidates that
+    save time in at least STABLE_SHARE of the interleaved pairs are fitted: the others are never chosen.
+    With ``estimate`` only two candidates per conv are judged in the whole model, the others' errors
+    scaled from their layer errors (:func:`_estimate_errors`). With ``measured`` (an earlier run's
+    candidates) only the calibration is done."""
     t = time.perf_counter()
-    say("timing layers")
-    cands = candidates(cg, records, rules, ranks, shares=shares, provider=provider, threads=threads, runs=layer_runs,
-                       warmup=max(3, layer_runs // 10), progress=say, cache=cache)
-    seconds["layer_latency"] = time.perf_counter() - t
+    by_id = {r.node_id: r for r in records}
+    if measured is not None:
+        cands = [Candidate(**asdict(c)) for c in measured]
+    else:
+        say("timing layers")
+        cands = candidates(cg, records, rules, ranks, shares=shares, provider=provider, threads=threads,
+                           runs=layer_runs, warmup=max(3, layer_runs // 10), progress=say, cache=cache)
+        seconds["layer_latency"] = time.perf_counter() - t
+    todo = [c for c in cands if c.saving_ms > 0 and (c.faster_share is None or c.faster_share >= STABLE_SHARE)]
     t = time.perf_counter()
     say("calibrating")
-    by_id = {r.node_id: r for r in records}
-    calibrated = sorted({c.node for c in cands if c.saving_ms > 0 and calibratable(by_id[c.node]) is None})
+    calibrated = sorted({c.node for c in todo if calibratable(by_id[c.node]) is None})
     stats = calibrate(original, fit_set, nodes=calibrated, input_shapes=input_shapes, provider=provider,
                       threads=None) if calibrated else Calibration()
     seconds["calibration"] = time.perf_counter() - t
+    fitted = _Fitted(original, cg, by_id, stats, input_shapes)
+    if measured is not None:
+        return cands, fitted
     t = time.perf_counter()
     # the largest savings first: when a time budget runs out, what is left unmeasured is worth the least
-    todo = sorted((c for c in cands if c.saving_ms > 0), key=lambda c: -c.saving_ms)
+    todo.sort(key=lambda c: -c.saving_ms)
     for i, c in enumerate(todo):
         if time.perf_counter() > deadline:
             notes.append(f"--time-budget: {len(todo) - i} of {len(todo)} candidates (the smallest savings) had no "
                          f"time left for measuring their errors and were not considered")
             break
-        say(f"errors of the candidates: {i + 1}/{len(todo)}{_eta(t, i, len(todo))}")
-        m = _alone(original, cg, by_id, c, stats, input_shapes)
-        if m is not None:
-            c.metric, c.error, _ = judge.judge(m)
+        say(f"fitting the candidates: {i + 1}/{len(todo)}{_eta(t, i, len(todo))}")
+        fitted.rep(c)
+    fitted_now = [c for c in todo if fitted.reps.get(_key(c.node, c.rule, c.params)) is not None]
+    judged = _estimate_errors(fitted, fitted_now, judge, say) if estimate else fitted_now
+    for i, c in enumerate(judged):
+        say(f"errors of the candidates, judged: {i + 1}/{len(judged)}{_eta(t, i, len(judged))}")
+        c.metric, c.error, _ = judge.judge(fitted.model({c.node: (c.rule, c.params)})[0])
+    if estimate:
+        _scale_errors(fitted_now)
     seconds["candidate_errors"] = time.perf_counter() - t
-    return cands
+    return cands, fitted
+
+
+#: Activations (bytes) held at once while measuring the candidates' layer errors.
+LAYER_ERROR_BYTES = 256 << 20
+
+
+def _estimate_errors(fitted: _Fitted, cands: Sequence[Candidate], judge: Judge, say) -> list[Candidate]:
+    """Each candidate's layer error (``layer_error``: ‖y′ − y‖² / ‖y‖² of its replacement run alone in
+    onnxruntime on the conv's inputs in the original model, on the judge's samples); returns the candidates
+    whose model-level error must be judged: per conv the ones with the least and the most layer error
+    (the others' are scaled from them, :func:`_scale_errors`), and every one without a layer error."""
+    from ..runtime import create_session, run, run_with_outputs
+    from .timing import _layer_model
+
+    by_node: dict[str, list[Candidate]] = {}
+    judged = []
+    for c in cands:
+        if _stands_in(fitted.rep(c), fitted.by_id[c.node]):
+            by_node.setdefault(c.node, []).append(c)
+        else:
+            judged.append(c)
+    batches: list[list[str]] = [[]]
+    size = 0
+    for node in by_node:  # convs whose inputs and outputs on every sample fit in LAYER_ERROR_BYTES at once
+        rec = fitted.by_id[node]
+        b = 4 * len(judge.feeds) * (math.prod(rec.input_shape) + math.prod(rec.output_shape))
+        if batches[-1] and size + b > LAYER_ERROR_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(node)
+        size += b
+    done = 0
+    for batch in batches:
+        recs = [fitted.by_id[n] for n in batch]
+        acts = run_with_outputs(fitted.original, [t for r in recs for t in (r.input, r.output)], judge.feeds,
+                                provider=judge.provider, threads=judge.threads)
+        for rec in recs:
+            done += 1
+            say(f"layer errors of the candidates: conv {done}/{len(by_node)}")
+            ref = acts[rec.output]
+            power = sum(float(np.sum(np.square(y, dtype=np.float64))) for y in ref)
+            for c in by_node[rec.node_id]:
+                rep = fitted.rep(c)
+                sess = create_session(_layer_model(fitted.cg, rec, rep.nodes, rep.initializers),
+                                      provider=judge.provider, threads=judge.threads)
+                diff = sum(float(np.sum(np.square(run(sess, {rec.input: x})[0] - y, dtype=np.float64)))
+                           for x, y in zip(acts[rec.input], ref))
+                c.layer_error = diff / power if power > 0 else (0.0 if diff == 0 else math.inf)
+            opts = sorted(by_node[rec.node_id], key=lambda c: c.layer_error)
+            judged += [opts[0]] + ([opts[-1]] if len(opts) > 1 else [])
+        del acts
+    return judged
+
+
+def _scale_errors(cands: Sequence[Candidate]) -> None:
+    """Model-level errors of the candidates not judged, from their layer errors: per conv, the power law
+    through its two judged candidates (error ∝ layer error^p, p kept within [0.5, 2]; p = 1 with one),
+    marked ``estimated``. A model's error for a small change in one layer grows with the change's power
+    (1 − cosine ≈ ½‖δ‖²/‖y‖², δ linear in the layer's error), so a conv's options keep their order and
+    the measured pair sets the conv's sensitivity."""
+    by_node: dict[str, list[Candidate]] = {}
+    for c in cands:
+        if c.layer_error is not None:
+            by_node.setdefault(c.node, []).append(c)
+    for opts in by_node.values():
+        ref = [c for c in opts if c.error is not None and math.isfinite(c.error) and c.layer_error > 0]
+        if not ref:
+            continue
+        lo, hi = min(ref, key=lambda c: c.layer_error), max(ref, key=lambda c: c.layer_error)
+        p = 1.0
+        if hi.layer_error > lo.layer_error and lo.error > 0 and hi.error > 0:
+            p = math.log(hi.error / lo.error) / math.log(hi.layer_error / lo.layer_error)
+            p = min(max(p, 0.5), 2.0)
+        for c in opts:
+            if c.error is None and math.isfinite(c.layer_error):
+                near = lo if abs(math.log(max(c.layer_error, 1e-30) / lo.layer_error)) <= abs(
+                    math.log(max(c.layer_error, 1e-30) / hi.layer_error)) else hi
+                c.error = near.error * (c.layer_error / near.layer_error) ** p if c.layer_error > 0 else 0.0
+                c.estimated = True
+
+
+def _pick(built: Sequence[tuple]) -> tuple | None:
+    """Of built prefixes (point first), the one to return: within timing noise of the fastest, the fewest
+    steps, then the best metric (a prefix refitted in sequence beside the same one fitted alone)."""
+    if not built:
+        return None
+    top = max(b[0].speedup for b in built)
+    return min((b for b in built if b[0].speedup >= top - SPEED_NOISE * top), key=lambda b: (b[0].steps, -b[0].metric))
 
 
 def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = "cosine",
@@ -170,7 +321,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
              tensors: Sequence[str] | None = None, measured: Sequence[Candidate] | None = None, probe: int = 8,
              layer_runs: int = 30, bench_runs: int = 20, max_evals: int = 6, quantile: float | None = None,
              time_budget: float | None = None, timing_cache: "TimingCache | str | os.PathLike | None" = None,
-             progress=None) -> tuple[onnx.ModelProto, OptimizeReport]:
+             refit: bool = False, estimate_errors: bool = True, progress=None) -> tuple[onnx.ModelProto, OptimizeReport]:
     """Rewrite the convs of ``model`` for the most measured speed within ``budget`` on held-out inputs.
 
     ``calib``/``heldout``: what :func:`convgraph.inputs.make_inputs` takes (an image folder, an ``.npz``, a
@@ -189,7 +340,10 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     ``timing_cache``: a :class:`TimingCache` (or its file) keeping one-layer timings across runs. The
     budget holds per held-out sample: on the worst one, or with ``quantile`` q on a share q of them
     (:class:`Judge`; samples whose reference is degenerate are left out and named in the report).
-    ``max_evals``: prefixes built and judged in the final search. ``progress``: a callable taking one-line
+    ``max_evals``: prefixes built and judged in the search, each conv fitted alone on the original's
+    statistics; with ``refit`` the one returned and the next longer one are then refitted in sequence
+    (:func:`fit_sequential`). ``estimate_errors``: judge two candidates per conv in the whole model and
+    scale the others' errors from their layer errors (else judge every one). ``progress``: a callable taking one-line
     status messages (stage, count, time left). Returns the optimized model (the original when no faster
     model fits the budget; ``report.passed`` then False) and the report.
     """
@@ -233,7 +387,10 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         held_names = getattr(held_set, "names", None)
     judge_held = Judge(original, list(held_set), metric, provider, None, tensors, quantile=quantile,
                        names=held_names)
-    risks = _sample_risks(len(calib_set), len(held_set), heldout is None)
+    risks = sample_risks(len(calib_set), len(held_set), heldout is None)
+    covered = _coverage(original, records, calib_set, held_set, provider) if heldout is not None else None
+    if covered is not None and (risk := coverage_risk(*covered)) is not None:
+        risks.append(risk)
     # candidates are fitted on most of the calibration set and their error measured on the rest (``probe``
     # samples spread over the set, so that they are like it): errors measured on the fitting data itself
     # flatter the fits that overfit
@@ -250,42 +407,47 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     base = bench(original, runs=bench_runs, warmup=3, provider=provider, threads=threads,
                  input_shapes=input_shapes, progress=False)
     baseline_ms = base.models[0].median_ms
-    if measured is not None:  # an earlier run's candidates: same model, data, rules and metric
-        cands = [Candidate(**asdict(c)) for c in measured]
-    else:
-        cache = timing_cache if isinstance(timing_cache, TimingCache) or timing_cache is None else \
-            TimingCache(timing_cache)
-        # the candidates' errors may take a share of a time budget; the rest is the search's
-        errors_until = t_start + ERRORS_SHARE * time_budget if time_budget is not None else math.inf
-        cands = _measure(original, cg, records, rules, ranks, shares, fit_set, judge_probe, provider=provider,
-                         threads=threads, input_shapes=input_shapes, layer_runs=layer_runs, seconds=seconds, say=say,
-                         deadline=errors_until, cache=cache, notes=run_notes)
-        if cache is not None:
-            cache.save()
-            run_notes.append(f"one-layer timings: {cache.hits} conv(s) from the cache ({cache.path}), "
-                             f"{cache.misses} timed")
+    cache = timing_cache if isinstance(timing_cache, TimingCache) or timing_cache is None else \
+        TimingCache(timing_cache)
+    # the candidates' errors may take a share of a time budget; the rest is the search's
+    errors_until = t_start + ERRORS_SHARE * time_budget if time_budget is not None else math.inf
+    cands, fitted = _measure(original, cg, records, rules, ranks, shares, fit_set, judge_probe, provider=provider,
+                             threads=threads, input_shapes=input_shapes, layer_runs=layer_runs, seconds=seconds,
+                             say=say, deadline=errors_until, cache=cache, notes=run_notes, measured=measured,
+                             estimate=estimate_errors)
+    if cache is not None and measured is None:
+        cache.save()
+        run_notes.append(f"one-layer timings: {cache.hits} conv(s) from the cache ({cache.path}), "
+                         f"{cache.misses} timed")
 
     steps = greedy_sequence(cands, baseline_ms)
     allowance = judge_held.allowance(budget)
 
     t = time.perf_counter()
     points: list[Point] = []
-    built: list[tuple[Point, list[Step], onnx.ModelProto, list, dict]] = []
+    built: list[tuple[Point, list[Step], onnx.ModelProto, dict, dict]] = []
 
-    def evaluate(prefix: list[Step]) -> tuple[bool, float]:
-        say(f"search: building and judging {len(prefix)} steps ({len(plan_of(prefix))} convs), prefix "
-            f"{len(points) + 1} of at most {max_evals}{_eta(t, len(points), max_evals)}")
-        m, changes = fit_sequential(original, plan_of(prefix), calib_set, input_shapes=input_shapes,
-                                    provider=provider, cache=fits)
+    def evaluate(prefix: list[Step], sequential: bool = False) -> tuple[bool, float]:
+        plan = plan_of(prefix)
+        say(f"search: {'refitting in sequence' if sequential else 'building'} and judging {len(prefix)} steps "
+            f"({len(plan)} convs), prefix {len(points) + 1}{'' if sequential else f' of at most {max_evals}'}"
+            f"{_eta(t, len(points), max_evals) if not sequential else ''}")
+        if sequential:
+            m, changes = fit_sequential(original, plan, calib_set, input_shapes=input_shapes, provider=provider,
+                                        cache=fits)
+            fit_notes = {ch.node: ch.notes for ch in changes}
+        else:
+            m, fit_notes = fitted.model(plan)
         value, err, per = judge_held.judge(m)
         b = bench([original, m], runs=bench_runs, warmup=3, provider=provider, threads=threads,
                   input_shapes=input_shapes, names=["original", "optimized"], progress=False)
         orig_ms = b.models[0].median_ms
         won = float(np.mean(np.asarray(b.models[0].times_ms) > np.asarray(b.models[1].times_ms)))
-        p = Point(len(prefix), len(plan_of(prefix)), orig_ms - sum(s.saving_ms for s in prefix), orig_ms,
-                  b.models[1].median_ms, b.ratios[0].median, value, err, judge_held.passes(value, budget), won)
+        p = Point(len(prefix), len(plan), orig_ms - sum(s.saving_ms for s in prefix), orig_ms,
+                  b.models[1].median_ms, b.ratios[0].median, value, err, judge_held.passes(value, budget), won,
+                  fit="sequence" if sequential else "alone")
         points.append(p)
-        built.append((p, list(prefix), m, changes, per))
+        built.append((p, list(prefix), m, fit_notes, per))
         return p.passed, err
 
     def out_of_time() -> bool:
@@ -306,6 +468,20 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         evaluate(shortest[:len(shortest) // 2])
         shorter.append(len(shortest) // 2)
         tries -= 1
+        passing = [b for b in built if b[0].passed]
+    refitted = []
+    if refit:
+        # The search judged every conv fitted alone, on the original's statistics. The prefix it would
+        # return and the shortest longer one that failed (which the refit may bring within the budget) are
+        # refitted in sequence: each conv on the activations of the model rewritten so far, against the
+        # original's outputs, so that later convs make up for earlier ones' errors.
+        pick = _pick(passing)
+        failed = [b for b in built if not b[0].passed and (pick is None or b[0].steps > pick[0].steps)]
+        for b in ([pick] if pick else []) + ([min(failed, key=lambda b: b[0].steps)] if failed else []):
+            if out_of_time():
+                break
+            evaluate(b[1], sequential=True)
+            refitted.append(len(b[1]))
         passing = [b for b in built if b[0].passed]
     faster = [b for b in passing if b[0].speedup > 1.0]
     notes = list(cg.warnings) + risks + run_notes  # loading (dynamic inputs, shapes probed), few samples, the run
@@ -330,33 +506,30 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
                      f"{max(b[0].speedup for b in passing):.3f}×, although the one-layer timings predicted "
                      f"savings): the model is returned unchanged")
     if faster:
-        top = max(b[0].speedup for b in faster)  # within timing noise of the fastest, the fewest steps
-        best, prefix, final, changes, per = min((b for b in faster if b[0].speedup >= top - SPEED_NOISE * top),
-                                                key=lambda b: (b[0].steps, -b[0].speedup))
+        best, prefix, final, fit_notes, per = _pick(faster)
         plan = plan_of(prefix)
         value, measured, speedup, predicted = best.metric, best.measured_ms, best.speedup, best.predicted_ms
         baseline_ms = best.original_ms  # the chosen model's ms and speed-up come from one interleaved run
     else:
-        final, changes, plan = original, [], {}
+        final, fit_notes, plan = original, {}, {}
         value, _, per = judge_held.judge(original)
         measured, speedup, predicted = baseline_ms, 1.0, baseline_ms
         if not passing:
             notes.append("no rewrite kept the held-out metric within the budget: the model is returned unchanged"
                          if points else "no prefix was built: the model is returned unchanged" if steps else
                          "no candidate rewrite saves measured time")
+    if refitted:
+        notes.append(f"refitted in sequence (each conv on the activations of the model rewritten so far): the "
+                     f"prefix(es) of {', '.join(map(str, refitted))} steps")
     if backed_off:
         notes.append("backed off (each turned a passing prefix into a failing one): " + ", ".join(
             f"{b.node} {b.rule} {','.join(f'{k}={v}' for k, v in b.params.items())}" for b in backed_off))
-    by_cand = {(c.node, c.rule, repr(sorted(c.params.items()))): c for c in cands}
-    by_change = {}
-    for ch in changes:
-        by_change[ch.node] = ch
+    by_cand = {_key(c.node, c.rule, c.params): c for c in cands}
     chosen = []
     for node, (rule, params) in plan.items():
-        c = by_cand[(node, rule, repr(sorted(params.items())))]
-        ch = by_change.get(node)
-        chosen.append(Choice(node, rule, dict(params), c.kind_after, c.saving_ms, c.error,
-                             ch.notes if ch else "", c.faster_share))
+        c = by_cand[_key(node, rule, params)]
+        chosen.append(Choice(node, rule, dict(params), c.kind_after, c.saving_ms, c.error, fit_notes.get(node, ""),
+                             c.faster_share))
     seconds["total"] = time.perf_counter() - t_start
     report = OptimizeReport(
         model=label, metric=metric, budget=budget, rules=list(rules), provider=provider, threads=threads,
@@ -365,5 +538,6 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         measured_ms=measured, speedup=speedup, metric_value=value, passed=bool(chosen),
         chosen=chosen, candidates=list(cands), sequence=steps, points=sorted(points, key=lambda p: p.steps),
         outputs=per, seconds=seconds, notes=notes, quantile=quantile, timed_out=timed_out,
+        coverage=None if covered is None else covered[0],
         excluded={n: [{"sample": s_, "why": w} for s_, w in out] for n, out in judge_held.excluded.items()})
     return _restore_names(final, renamed), report

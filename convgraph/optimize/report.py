@@ -41,6 +41,8 @@ class Candidate:
     error: float | None = None  # model-level error with this rewrite alone (calibration inputs)
     metric: float | None = None  # the metric with this rewrite alone
     faster_share: float | None = None  # share of the interleaved pairs in which this layer beat the original
+    layer_error: float | None = None  # ‖y′ − y‖² / ‖y‖² of the layer alone, on the original's activations
+    estimated: bool = False  # ``error`` scaled from ``layer_error`` by the conv's judged options, not judged
 
     @property
     def saving_ms(self) -> float:
@@ -77,6 +79,7 @@ class Point:
     error: float
     passed: bool
     faster_share: float | None = None  # share of the interleaved pairs in which it beat the original
+    fit: str = "alone"  # each conv fitted alone on the original's statistics, or refitted in "sequence"
 
 
 @dataclass
@@ -120,6 +123,9 @@ class OptimizeReport:
     quantile: float | None = None  # the budget holds on this share of the held-out samples (None: on every one)
     excluded: dict[str, list[dict]] = field(default_factory=dict)  # per judged tensor: samples left out, and why
     timed_out: bool = False  # the time budget ended the run before the search did
+    #: held-out samples' distance to the nearest calibration sample over calibration samples' to each other
+    #: (medians, in the model's features; over 2: the calibration set does not cover the held-out one)
+    coverage: float | None = None
 
     @property
     def held_on(self) -> str:
