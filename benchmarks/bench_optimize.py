@@ -15,6 +15,8 @@ and for PP-OCR det the IoU of the text map binarized at 0.3 against the original
     python benchmarks/bench_optimize.py --models yolov8n --budgets 0.99 --split    # the search's figure vs others
     /usr/bin/time -v python benchmarks/bench_optimize.py --calibrate-only ppocr-det --calib 64   # memory
     python benchmarks/bench_optimize.py --layers yolov8n --calib 16     # weight vs data fits, per layer
+    python benchmarks/bench_optimize.py --coverage yolov8n,ppocr-det   # the coverage check, thinner calibration sets
+    python benchmarks/bench_optimize.py --estimates yolov8n --ranks 1,2   # estimated vs judged candidate errors
     python benchmarks/bench_optimize.py --layers yolov8n --low-rank --calib 48   # low-rank vs the others, equal MACs
 
 Every budget of a model reuses the first run's candidate measurements (``optimize(measured=...)``).
@@ -273,6 +275,75 @@ def low_rank_layers(name: str, count: int) -> None:
           f"{med[4]:.3f}, {med[5]:.3f} |")
 
 
+
+def coverage_table(names) -> None:
+    """The optimizer's coverage check (``OptimizeReport.coverage``) of calibration sets made of fewer and
+    fewer photos against the held-out images."""
+    from convgraph.analyze import analyze
+    from convgraph.optimize import _coverage
+
+    print("| model | calibration set | coverage of the held-out images | at tensor |")
+    print("|---|---|---|---|")
+    for name in names:
+        spec = MODELS[name]
+        cg = load(zoo.fetch(name), {spec[0]: [1, 3, spec[1], spec[1]]})
+        model, recs = cg.to_model(), analyze(cg, rewrites=False).convs
+        with tempfile.TemporaryDirectory() as tmp:
+            held = input_set(model, link_folder(Path(tmp) / "held", HELD_OUT), spec)
+            for label, sources, count in (("32 crops of 1 photo", FIT_SOURCES[1:2], 32),
+                                          ("32 crops of 3 photos", FIT_SOURCES[:3], 32),
+                                          ("32 crops of 8 photos", FIT_SOURCES[:8], 32),
+                                          ("32 crops of 18 photos", FIT_SOURCES, 32),
+                                          ("18 whole photos", FIT_SOURCES, 18)):
+                calib = input_set(model, crops_folder(Path(tmp) / label.replace(" ", "_"), sources, count, spec[1]),
+                                  spec)
+                ratio, tensor = _coverage(model, recs, calib, held, "cpu")
+                print(f"| {name} | {label} | {ratio:.2f} | {tensor} |", flush=True)
+
+
+def estimates(name: str, count: int, ranks) -> None:
+    """The optimizer's estimated candidate errors (two judged per conv, the rest scaled from layer errors)
+    against every candidate judged in the whole model."""
+    from scipy.stats import spearmanr
+
+    from convgraph.analyze import analyze
+    from convgraph.calibrate import calibratable, calibrate
+    from convgraph.optimize import Judge, _estimate_errors, _Fitted, _key, _scale_errors, candidates
+    from convgraph.optimize.report import STABLE_SHARE
+    from convgraph.optimize.timing import _unique_names
+
+    spec = MODELS[name]
+    shapes = {spec[0]: [1, 3, spec[1], spec[1]]}
+    cg = load(zoo.fetch(name), shapes)
+    recs = [r for r in analyze(cg, rewrites=False).convs if not r.graph]
+    _unique_names(cg)
+    model = cg.to_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = input_set(model, crops_folder(Path(tmp) / "calib", FIT_SOURCES, count, spec[1]), spec)
+        feeds = list(calib)
+    judge = Judge(model, feeds[::4], "cosine", "cpu", None, [o.name for o in model.graph.output] + spec[5],
+                  strict=False)
+    cands = [c for c in candidates(cg, recs, ["separable", "spatial-separable", "dilated", "low-rank"], ranks,
+                                   provider="cpu", threads=1, runs=20, warmup=3)
+             if c.saving_ms > 0 and c.faster_share >= STABLE_SHARE]
+    by_id = {r.node_id: r for r in recs}
+    stats = calibrate(model, [f for i, f in enumerate(feeds) if i % 4], input_shapes=shapes,
+                      nodes=sorted({c.node for c in cands if calibratable(by_id[c.node]) is None}))
+    fitted = _Fitted(model, cg, by_id, stats, shapes)
+    cands = [c for c in cands if fitted.rep(c) is not None]
+    judged = {_key(c.node, c.rule, c.params) for c in _estimate_errors(fitted, cands, judge, lambda *_: None)}
+    truth = {_key(c.node, c.rule, c.params): judge.judge(fitted.model({c.node: (c.rule, c.params)})[0])[1]
+             for c in cands}
+    for c in cands:
+        c.error = truth[_key(c.node, c.rule, c.params)] if _key(c.node, c.rule, c.params) in judged else None
+    _scale_errors(cands)
+    pairs = np.array([(truth[_key(c.node, c.rule, c.params)], c.error) for c in cands if c.estimated])
+    ratio = pairs[:, 1] / np.maximum(pairs[:, 0], 1e-12)
+    print(f"{name}: {len(cands)} candidates, {len(judged)} judged, {len(pairs)} estimated: Spearman "
+          f"{spearmanr(pairs[:, 0], pairs[:, 1]).statistic:.3f}, estimate/judged median {np.median(ratio):.2f}, "
+          f"10th–90th percentile {np.quantile(ratio, 0.1):.2f}–{np.quantile(ratio, 0.9):.2f}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="yolov8n,ppocr-det")
@@ -294,11 +365,19 @@ def main(argv=None) -> int:
                          "sources, which are then only reported: the gap between the two shows")
     ap.add_argument("--quantile", type=float, help="hold the budget on this share of the held-out images")
     ap.add_argument("--time-budget", type=float, help="seconds per optimize run")
+    ap.add_argument("--coverage", metavar="MODELS", help="only the coverage check of thinner calibration sets")
+    ap.add_argument("--estimates", metavar="MODEL", help="only estimated vs judged candidate errors")
     ap.add_argument("--outputs-only", action="store_true",
                     help="judge the budget on the model outputs alone (the extra tensors are still reported)")
     args = ap.parse_args(argv)
     if args.calibrate_only:
         calibrate_only(args.calibrate_only, args.calib)
+        return 0
+    if args.coverage:
+        coverage_table(args.coverage.split(","))
+        return 0
+    if args.estimates:
+        estimates(args.estimates, args.calib, [int(r) for r in args.ranks.split(",")])
         return 0
     if args.layers:
         (low_rank_layers if args.low_rank else layer_fits)(args.layers, args.calib)
