@@ -30,7 +30,8 @@ def render(report: OptimizeReport) -> None:
               Column("fit", drop=3)],
              [(c.node, c.rule, ",".join(f"{k}={v}" for k, v in c.params.items()), c.kind_after, f"{c.saving_ms:.3f}",
                "" if c.faster_share is None else f"{c.faster_share:.0%}",
-               "?" if c.error_alone is None else f"{c.error_alone:.2e}", c.notes) for c in report.chosen],
+               "?" if c.error_alone is None else f"{'≈' if c.error_estimated else ''}{c.error_alone:.2e}", c.notes)
+              for c in report.chosen],
              title="chosen rewrites (per conv)")
     if report.points:
         show([Column("steps", "num"), Column("convs", "num", drop=2), Column("original ms", "num", drop=1),

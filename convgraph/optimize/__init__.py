@@ -529,7 +529,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     for node, (rule, params) in plan.items():
         c = by_cand[_key(node, rule, params)]
         chosen.append(Choice(node, rule, dict(params), c.kind_after, c.saving_ms, c.error, fit_notes.get(node, ""),
-                             c.faster_share))
+                             c.faster_share, c.estimated))
     seconds["total"] = time.perf_counter() - t_start
     report = OptimizeReport(
         model=label, metric=metric, budget=budget, rules=list(rules), provider=provider, threads=threads,

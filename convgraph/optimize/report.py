@@ -94,6 +94,7 @@ class Choice:
     error_alone: float | None
     notes: str = ""
     faster_share: float | None = None  # share of the interleaved pairs in which the layer beat the original
+    error_estimated: bool = False  # ``error_alone`` scaled from the layer's error, not judged in the model
 
 
 @dataclass
