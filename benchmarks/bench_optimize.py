@@ -16,6 +16,7 @@ and for PP-OCR det the IoU of the text map binarized at 0.3 against the original
     /usr/bin/time -v python benchmarks/bench_optimize.py --calibrate-only ppocr-det --calib 64   # memory
     python benchmarks/bench_optimize.py --layers yolov8n --calib 16     # weight vs data fits, per layer
     python benchmarks/bench_optimize.py --layers yolov8n --low-rank --calib 48   # low-rank vs the others, equal MACs
+    python benchmarks/bench_optimize.py --layers yolov8n --activation --calib 32  # post- vs pre-activation fits
 
 Every budget of a model reuses the first run's candidate measurements (``optimize(measured=...)``).
 """
@@ -273,6 +274,114 @@ def low_rank_layers(name: str, count: int) -> None:
           f"{med[4]:.3f}, {med[5]:.3f} |")
 
 
+def _chain_model(cg, rec, nodes, inits, act):
+    """A model of ``nodes`` (the conv or its replacement) followed by the ops of activation ``act``: input the
+    conv's input, output the activation's; every other tensor they read becomes an initializer."""
+    import onnx
+
+    from convgraph.rule import RuleContext
+
+    nodes = list(nodes) + [cg.node(v) for v in act.nodes]
+    produced = {o for n in nodes for o in n.output}
+    have = {t.name for t in inits}
+    extra = []
+    for n in nodes:
+        for t in n.input:
+            if t and t != rec.input and t not in produced and t not in have:
+                extra.append(onnx.numpy_helper.from_array(RuleContext(cg).value(t), t))
+                have.add(t)
+    f32 = onnx.TensorProto.FLOAT
+    graph = onnx.helper.make_graph(nodes, "chain", [onnx.helper.make_tensor_value_info(rec.input, f32, None)],
+                                   [onnx.helper.make_tensor_value_info(act.output, f32, None)], list(inits) + extra)
+    model = onnx.helper.make_model(graph, opset_imports=list(cg.model.opset_import))
+    model.ir_version = cg.model.ir_version
+    return model
+
+
+#: (rule, params) compared by --activation, each with response=pre and response=post.
+ACTIVATION_FITS = (("low-rank", {"rank": "1/4"}), ("low-rank", {"rank": "1/8"}), ("separable", {"rank": 1}),
+                   ("separable", {"rank": 2}))
+
+
+def activation_layers(name: str, count: int) -> None:
+    """Per conv that feeds an activation: held-out relative error after the activation of the layer alone (the
+    rewrite and the activation's ops run in onnxruntime on the held-out activations, against the original's),
+    fitted to the conv's output (response=pre) and to the activation's (response=post), at equal rank; then
+    for YOLOv8n the worst held-out image's output cosine with every standard 3×3 conv at low-rank 1/4."""
+    from convgraph.analyze import analyze
+    from convgraph.calibrate import calibrate
+    from convgraph.fit import activation_of
+    from convgraph.registry import get_rule
+    from convgraph.rewrite import Selection, rewrite
+    from convgraph.rule import RuleContext
+
+    spec = MODELS[name]
+    cg = load(zoo.fetch(name), {spec[0]: [1, 3, spec[1], spec[1]]})
+    model = cg.to_model()
+    acts = {r.node_id: a for r in analyze(cg, rewrites=False).convs if (a := activation_of(cg, r.node_id))}
+    ctx0 = RuleContext(cg)
+    recs = [r for r in analyze(cg, rewrites=False).convs if r.node_id in acts
+            and get_rule("low-rank").match(r, ctx0) is None]
+    by_id = {r.node_id: r for r in recs}
+    std3 = [r.node_id for r in recs if r.kind == "standard" and r.kernel == (3, 3)]
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = input_set(model, crops_folder(Path(tmp) / "calib", FIT_SOURCES, count, spec[1]), spec)
+        held = input_set(model, link_folder(Path(tmp) / "held", HELD_OUT), spec)
+        stats = calibrate(cg, calib, nodes=list(by_id))
+        feeds = list(held)
+        xs = outputs(model, feeds, sorted({r.input for r in recs}))
+        if name == "yolov8n":
+            tensors = [o.name for o in model.graph.output] + spec[5]
+            ref_out = outputs(model, feeds, tensors)
+            whole = {}
+            for response in ("pre", "post"):
+                new = rewrite(cg, ["low-rank"], params={"rank": "1/4", "response": response},
+                              selection=Selection(node_ids=std3), input_shapes={spec[0]: [1, 3, spec[1], spec[1]]},
+                              calibration=stats, verify=False).model
+                got = outputs(new, feeds, tensors)
+                whole[response] = [min(compare([a], [b]).cosine for a, b in zip(ref_out[t], got[t])) for t in tensors]
+
+    def chain_error(rec, ref, rule, params):
+        r = get_rule(rule)
+        p = r.resolve_params({k: str(v) for k, v in params.items()})
+        rep = r.build(rec, RuleContext(cg, by_id, stats, p), p)
+        sess = create_session(_chain_model(cg, rec, rep.nodes, rep.initializers, acts[rec.node_id]))
+        got = np.concatenate([sess.run(None, {rec.input: x})[0] for x in xs[rec.input]])
+        return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+    head = " | ".join(f"{rule} {p['rank']}" for rule, p in ACTIVATION_FITS)
+    print(f"| conv | C_in→C_out, kernel | activation | {head} (each: pre / post) |")
+    print("|---|---|---|" + "---|" * len(ACTIVATION_FITS))
+    cols = []
+    for rec in recs:
+        act = acts[rec.node_id]
+        ref_sess = create_session(_chain_model(cg, rec, [cg.node(rec.node_id)], [], act))
+        ref = np.concatenate([ref_sess.run(None, {rec.input: x})[0] for x in xs[rec.input]])
+        row, cells = [], []
+        for rule, params in ACTIVATION_FITS:
+            if rule == "separable" and rec.kernel == (1, 1):
+                row += [np.nan, np.nan]
+                cells.append("–")
+                continue
+            pair = [chain_error(rec, ref, rule, {**params, "response": resp}) for resp in ("pre", "post")]
+            row += pair
+            cells.append(f"{pair[0]:.4f} / {pair[1]:.4f}")
+        cols.append(row)
+        print(f"| {rec.node_id} | {rec.in_channels}→{rec.out_channels}, {'×'.join(map(str, rec.kernel))} | "
+              f"{act.describe} | " + " | ".join(cells) + " |", flush=True)
+    a = np.array(cols)
+    med = np.nanmedian(a, axis=0)
+    wins = [int(np.sum(a[:, i + 1] < a[:, i])) for i in range(0, a.shape[1], 2)]
+    n = [int(np.sum(~np.isnan(a[:, i]))) for i in range(0, a.shape[1], 2)]
+    print(f"| median of {len(cols)} | | | " + " | ".join(
+        f"{med[i]:.4f} / {med[i + 1]:.4f} (post lower on {wins[i // 2]} of {n[i // 2]})"
+        for i in range(0, a.shape[1], 2)) + " |")
+    if name == "yolov8n":
+        print(f"\nYOLOv8n, all {len(std3)} standard 3×3 convs at low-rank 1/4, worst held-out image's cosine "
+              f"({', '.join(tensors)}): pre " + ", ".join(f"{v:.4f}" for v in whole["pre"])
+              + "; post " + ", ".join(f"{v:.4f}" for v in whole["post"]))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="yolov8n,ppocr-det")
@@ -287,6 +396,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", metavar="MODEL", help="only compare weight and data fits layer by layer")
     ap.add_argument("--low-rank", action="store_true",
                     help="with --layers: low-rank against separable and spatial-separable at equal MACs instead")
+    ap.add_argument("--activation", action="store_true",
+                    help="with --layers: fits to the output after the activation against fits to the conv's output")
     ap.add_argument("--text-calib", type=int, default=0,
                     help="of the --calib images, this many are synthetic text (for the text detector)")
     ap.add_argument("--split", action="store_true",
@@ -301,7 +412,8 @@ def main(argv=None) -> int:
         calibrate_only(args.calibrate_only, args.calib)
         return 0
     if args.layers:
-        (low_rank_layers if args.low_rank else layer_fits)(args.layers, args.calib)
+        (activation_layers if args.activation else low_rank_layers if args.low_rank else layer_fits)(
+            args.layers, args.calib)
         return 0
     budgets = [float(b) for b in args.budgets.split(",")]
     rows = []
