@@ -211,16 +211,18 @@ def response_mode(text: str) -> str:
     return text
 
 
-#: The ``response=post|pre`` parameter of the factorizing rules' data fits.
-RESPONSE_PARAM = Param("response", "post", "with fit=data: 'post' fits the output after the activation the conv "
-                       "feeds (Relu, SiLU, HardSwish, ...: each output channel's error weighted by the activation's "
-                       "slope on calibration data), 'pre' the conv's output itself", response_mode)
+def response_param(default: str) -> Param:
+    """The ``response=post|pre`` parameter of the factorizing rules' data fits, with the rule's default (post
+    where it measured better: README, "Fits to the response after the activation")."""
+    return Param("response", default, "with fit=data: 'post' fits the output after the activation the conv feeds "
+                 "(Relu, SiLU, HardSwish, ...: each output channel's error weighted by the activation's slope on "
+                 "calibration data), 'pre' the conv's output itself", response_mode)
 
 
 def fit_rows(stats, params: dict):
     """The output-channel weights of an activation-aware fit (``response=post`` and calibration statistics
     that measured an activation), else None."""
-    if stats is None or params.get("response", "post") != "post":
+    if stats is None or params.get("response") != "post":
         return None
     return row_weights(stats)
 

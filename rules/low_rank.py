@@ -48,8 +48,8 @@ from convgraph.rule import Param, Replacement, Rule, RuleContext
 
 from . import _lsq
 from ._common import (
-    FIT_PARAM, RESPONSE_PARAM, Names, bias_params, capped_rank, channel_mixing_reason, exact_at_full_rank, fit_rows,
-    geometry, label, out_elements, split_geometry, weights,
+    FIT_PARAM, Names, bias_params, capped_rank, channel_mixing_reason, exact_at_full_rank, fit_rows,
+    geometry, label, out_elements, response_param, split_geometry, weights,
 )
 
 FORMS = ("auto", "spatial", "channel")
@@ -231,7 +231,7 @@ RULE = Rule(
         Param("form", "auto", "'spatial' (k_h×1 then 1×k_w, 2D), 'channel' (k×k then 1×1), or 'auto' (spatial "
               "for 2D kernels with both sides > 1)", _form),
         FIT_PARAM,
-        RESPONSE_PARAM,
+        response_param("post"),
     ),
     match=match,
     build=build,

@@ -28,8 +28,8 @@ from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or_full
 
 from . import _lsq
 from ._common import (
-    FIT_PARAM, RESPONSE_PARAM, Names, bias_params, capped_rank, channel_mixing_reason, exact_at_full_rank, fit_rows, geometry, label, opset,
-    out_elements, weights,
+    FIT_PARAM, Names, bias_params, capped_rank, channel_mixing_reason, exact_at_full_rank, fit_rows, geometry, label,
+    opset, out_elements, response_param, weights,
 )
 
 LAYOUTS = ("auto", "multiplier", "tiled")
@@ -162,7 +162,7 @@ RULE = Rule(
     params=(
         Param("rank", 1, "depthwise filters per input channel: an integer, or 'full' (exact)", int_or_full),
         FIT_PARAM,
-        RESPONSE_PARAM,
+        response_param("pre"),
         Param("layout", "auto", "for rank > 1: 'multiplier' (one depthwise conv, multiplier r), 'tiled' "
               "(input channels repeated r times, multiplier-1 depthwise), or 'auto' (tiled for 2D)", _layout),
     ),

@@ -38,8 +38,8 @@ from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or_full
 
 from . import _lsq
 from ._common import (
-    FIT_PARAM, RESPONSE_PARAM, Names, bias_params, capped_rank, exact_at_full_rank, fit_rows, geometry, label,
-    out_elements, plain_conv_reason, split_geometry, weights,
+    FIT_PARAM, Names, bias_params, capped_rank, exact_at_full_rank, fit_rows, geometry, label,
+    out_elements, plain_conv_reason, response_param, split_geometry, weights,
 )
 from .separable import factor
 
@@ -188,7 +188,7 @@ RULE = Rule(
     params=(
         Param("rank", 1, "vertical filters per input channel: an integer, or 'full' (exact)", int_or_full),
         FIT_PARAM,
-        RESPONSE_PARAM,
+        response_param("pre"),
     ),
     match=match,
     build=build,
