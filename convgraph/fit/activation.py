@@ -102,7 +102,7 @@ def activation_of(cg, conv_id: str) -> Activation | None:
     if w is None or not node.output or not node.output[0]:
         return None
     o = w.shape[0]
-    t, scale, chain = node.output[0], np.ones(o), []
+    t, scale, chain = node.output[0], np.ones(o), list[str]()
     for _ in range(AFFINE_MAX + 1):
         readers = cg.consumers(t)
         if not readers or any(cg.graph.nodes[v]["kind"] != "op" for v in readers):
@@ -140,13 +140,17 @@ def _single(cg, v: str, n) -> tuple[str, tuple[float, ...]] | None:
     if op == "LeakyRelu":
         return "leakyrelu", (float(_attr(cg, v, "alpha", 0.01)),)
     if op == "HardSigmoid":
-        return "hardsigmoid", (float(_attr(cg, v, "alpha", 0.2)), float(_attr(cg, v, "beta", 0.5)))
+        return "hardsigmoid", _hardsigmoid(cg, v)
     if op == "HardSwish":
         return "xhardsigmoid", (1 / 6, 0.5)
     if op == "Clip":
         bounds = _clip_bounds(cg, v, n)
         return None if bounds is None else ("clip", bounds)
     return None
+
+
+def _hardsigmoid(cg, v: str) -> tuple[float, float]:
+    return float(_attr(cg, v, "alpha", 0.2)), float(_attr(cg, v, "beta", 0.5))
 
 
 def _clip_bounds(cg, v: str, n) -> tuple[float, float] | None:
@@ -169,10 +173,11 @@ def _times_gate(cg, t: str, readers: list[str], scale, chain) -> Activation | No
         return None
     g = nodes[gate]
     inner = [gate]
+    params: tuple[float, ...] = ()
     if g.op_type == "Sigmoid":
-        kind, params = "silu", ()
+        kind = "silu"
     elif g.op_type == "HardSigmoid":
-        kind, params = "xhardsigmoid", _single(cg, gate, g)[1]
+        kind, params = "xhardsigmoid", _hardsigmoid(cg, gate)
     elif g.op_type == "Add":
         c = _other_constant(cg, g, t)
         nxt = cg.consumers(g.output[0])
@@ -218,8 +223,8 @@ def _affine_slope(cg, v: str, t: str, o: int, nd: int) -> np.ndarray | float | N
     c = np.asarray(c, np.float64)
     if c.ndim > nd + 2:
         return None
-    c = c.reshape((1,) * (nd + 2 - c.ndim) + c.shape)
-    if c.shape[0] != 1 or any(s != 1 for s in c.shape[2:]) or c.shape[1] not in (1, o):
+    shape = (1,) * (nd + 2 - c.ndim) + tuple(c.shape)
+    if shape[0] != 1 or any(n != 1 for n in shape[2:]) or shape[1] not in (1, o):
         return None
     c = np.broadcast_to(c.reshape(-1), (o,))
     if op in ("Add", "Sub"):
