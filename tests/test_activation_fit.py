@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from convgraph import fit, load
-from convgraph.calibrate import ConvStats, calibrate, patches
+from convgraph.calibrate import Calibration, ConvStats, calibrate, patches
 from convgraph.rewrite import rewrite
 from convgraph.runtime import create_session, expose_tensors
 
@@ -99,12 +99,19 @@ def test_no_activation_where_the_conv_output_is_used_otherwise(case):
     assert fit.activation_of(load(m, check=False), "conv") is None
 
 
-def test_calibrated_weights_are_the_mean_squared_slope():
-    """act_sq / count is E[(a σ'(t))²] per channel, computed here from onnxruntime's t; split halves add up."""
+def test_calibrated_weights_are_the_mean_squared_slope(tmp_path):
+    """act_sq / count is E[(a σ'(t))²] per channel, computed here from onnxruntime's t; split halves add up;
+    a saved calibration keeps them."""
     tail, out, inits, opset, *_ = PATTERNS["paddle-hardswish"]
     m = _model(tail, out, inits, opset)
     feeds = _feeds(4, 2)
-    st = calibrate(m, feeds, progress=False)["conv"]
+    calib = calibrate(m, feeds, progress=False)
+    calib.save(tmp_path / "c.npz")
+    again = Calibration.load(tmp_path / "c.npz")["conv"]
+    st = calib["conv"]
+    assert again.activation == st.activation and again.holdout.activation == st.activation
+    np.testing.assert_array_equal(again.act_sq, st.act_sq)
+    np.testing.assert_array_equal(again.holdout.act_sq, st.holdout.act_sq)
     assert st.activation == "xclip(3, 0, 6)"
     t = np.concatenate([create_session(expose_tensors(m, ["t"])).run(["t"], f)[0] for f in feeds])
     u = t + 3
