@@ -18,6 +18,7 @@ and for PP-OCR det the IoU of the text map binarized at 0.3 against the original
     python benchmarks/bench_optimize.py --coverage yolov8n,ppocr-det   # the coverage check, thinner calibration sets
     python benchmarks/bench_optimize.py --estimates yolov8n --ranks 1,2   # estimated vs judged candidate errors
     python benchmarks/bench_optimize.py --layers yolov8n --low-rank --calib 48   # low-rank vs the others, equal MACs
+    python benchmarks/bench_optimize.py --layers yolov8n --activation --calib 32  # post- vs pre-activation fits
 
 Every budget of a model reuses the first run's candidate measurements (``optimize(measured=...)``).
 """
@@ -344,6 +345,102 @@ def estimates(name: str, count: int, ranks) -> None:
           f"10th–90th percentile {np.quantile(ratio, 0.1):.2f}–{np.quantile(ratio, 0.9):.2f}")
 
 
+def _chain_model(cg, rec, nodes, inits, act):
+    """A model of ``nodes`` (the conv or its replacement) followed by the ops of activation ``act``: input the
+    conv's input, output the activation's (pointwise: the conv output's shape)."""
+    from dataclasses import replace
+
+    from convgraph.optimize.timing import _layer_model
+
+    return _layer_model(cg, replace(rec, output=act.output), list(nodes) + [cg.node(v) for v in act.nodes], inits)
+
+
+#: (rule, params) compared by --activation, each with response=pre and response=post.
+ACTIVATION_FITS = (("low-rank", {"rank": "1/4"}), ("low-rank", {"rank": "1/8"}), ("separable", {"rank": 1}),
+                   ("separable", {"rank": 2}))
+
+
+def activation_layers(name: str, count: int) -> None:
+    """Per conv that feeds an activation: held-out relative error after the activation of the layer alone (the
+    rewrite and the activation's ops run in onnxruntime on the held-out activations, against the original's),
+    fitted to the conv's output (response=pre) and to the activation's (response=post), at equal rank; first,
+    for YOLOv8n, the worst held-out image's output cosine with every standard 3×3 conv at low-rank 1/4 and 1/2
+    (fitted on the original model's statistics, all at once)."""
+    from convgraph.analyze import analyze
+    from convgraph.calibrate import calibrate
+    from convgraph.fit import activation_of
+    from convgraph.registry import get_rule
+    from convgraph.rewrite import Selection, rewrite
+    from convgraph.rule import RuleContext
+
+    spec = MODELS[name]
+    cg = load(zoo.fetch(name), {spec[0]: [1, 3, spec[1], spec[1]]})
+    model = cg.to_model()
+    acts = {r.node_id: a for r in analyze(cg, rewrites=False).convs if (a := activation_of(cg, r.node_id))}
+    ctx0 = RuleContext(cg)
+    recs = [r for r in analyze(cg, rewrites=False).convs if r.node_id in acts
+            and get_rule("low-rank").match(r, ctx0) is None]
+    by_id = {r.node_id: r for r in recs}
+    std3 = [r.node_id for r in recs if r.kind == "standard" and r.kernel == (3, 3)]
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = input_set(model, crops_folder(Path(tmp) / "calib", FIT_SOURCES, count, spec[1]), spec)
+        held = input_set(model, link_folder(Path(tmp) / "held", HELD_OUT), spec)
+        stats = calibrate(cg, calib, nodes=list(by_id))
+        feeds = list(held)
+        xs = outputs(model, feeds, sorted({r.input for r in recs}))
+        if name == "yolov8n":
+            tensors = [o.name for o in model.graph.output] + spec[5]
+            ref_out = outputs(model, feeds, tensors)
+            for share in ("1/4", "1/2"):
+                whole = {}
+                for response in ("pre", "post"):
+                    new = rewrite(cg, ["low-rank"], params={"rank": share, "response": response},
+                                  selection=Selection(node_ids=std3), input_shapes={spec[0]: [1, 3, spec[1], spec[1]]},
+                                  calibration=stats, verify=False).model
+                    got = outputs(new, feeds, tensors)
+                    whole[response] = [min(compare([a], [b]).cosine for a, b in zip(ref_out[t], got[t]))
+                                       for t in tensors]
+                print(f"YOLOv8n, all {len(std3)} standard 3×3 convs at low-rank {share}, worst held-out image's "
+                      f"cosine ({', '.join(tensors)}): pre " + ", ".join(f"{v:.4f}" for v in whole["pre"])
+                      + "; post " + ", ".join(f"{v:.4f}" for v in whole["post"]) + "\n", flush=True)
+
+    def chain_error(rec, ref, rule, params):
+        r = get_rule(rule)
+        p = r.resolve_params({k: str(v) for k, v in params.items()})
+        rep = r.build(rec, RuleContext(cg, by_id, stats, p), p)
+        sess = create_session(_chain_model(cg, rec, rep.nodes, rep.initializers, acts[rec.node_id]))
+        got = np.concatenate([sess.run(None, {rec.input: x})[0] for x in xs[rec.input]])
+        return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+    head = " | ".join(f"{rule} {p['rank']}" for rule, p in ACTIVATION_FITS)
+    print(f"| conv | C_in→C_out, kernel | activation | {head} (each: pre / post) |")
+    print("|---|---|---|" + "---|" * len(ACTIVATION_FITS))
+    cols = []
+    for rec in recs:
+        act = acts[rec.node_id]
+        ref_sess = create_session(_chain_model(cg, rec, [cg.node(rec.node_id)], [], act))
+        ref = np.concatenate([ref_sess.run(None, {rec.input: x})[0] for x in xs[rec.input]])
+        row, cells = [], []
+        for rule, params in ACTIVATION_FITS:
+            if rule == "separable" and rec.kernel == (1, 1):
+                row += [np.nan, np.nan]
+                cells.append("–")
+                continue
+            pair = [chain_error(rec, ref, rule, {**params, "response": resp}) for resp in ("pre", "post")]
+            row += pair
+            cells.append(f"{pair[0]:.4f} / {pair[1]:.4f}")
+        cols.append(row)
+        print(f"| {rec.node_id} | {rec.in_channels}→{rec.out_channels}, {'×'.join(map(str, rec.kernel))} | "
+              f"{act.describe} | " + " | ".join(cells) + " |", flush=True)
+    a = np.array(cols)
+    med = np.nanmedian(a, axis=0)
+    wins = [int(np.sum(a[:, i + 1] < a[:, i])) for i in range(0, a.shape[1], 2)]
+    n = [int(np.sum(~np.isnan(a[:, i]))) for i in range(0, a.shape[1], 2)]
+    print(f"| median of {len(cols)} | | | " + " | ".join(
+        f"{med[i]:.4f} / {med[i + 1]:.4f} (post lower on {wins[i // 2]} of {n[i // 2]})"
+        for i in range(0, a.shape[1], 2)) + " |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="yolov8n,ppocr-det")
@@ -358,6 +455,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", metavar="MODEL", help="only compare weight and data fits layer by layer")
     ap.add_argument("--low-rank", action="store_true",
                     help="with --layers: low-rank against separable and spatial-separable at equal MACs instead")
+    ap.add_argument("--activation", action="store_true",
+                    help="with --layers: fits to the output after the activation against fits to the conv's output")
     ap.add_argument("--text-calib", type=int, default=0,
                     help="of the --calib images, this many are synthetic text (for the text detector)")
     ap.add_argument("--split", action="store_true",
@@ -380,7 +479,8 @@ def main(argv=None) -> int:
         estimates(args.estimates, args.calib, [int(r) for r in args.ranks.split(",")])
         return 0
     if args.layers:
-        (low_rank_layers if args.low_rank else layer_fits)(args.layers, args.calib)
+        (activation_layers if args.activation else low_rank_layers if args.low_rank else layer_fits)(
+            args.layers, args.calib)
         return 0
     budgets = [float(b) for b in args.budgets.split(",")]
     rows = []

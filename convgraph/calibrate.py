@@ -142,6 +142,8 @@ class ConvStats:
     target: str | None = None  # reference tensor whose values are matched per output position
     target_sum: np.ndarray | None = None  # (O,)
     target_cross: np.ndarray | None = None  # (G, D, O/G): Σ x y_gᵀ
+    activation: str | None = None  # the activation the conv's output feeds (see convgraph.fit.activation)
+    act_sq: np.ndarray | None = None  # (O,): Σ (a σ'(t))² over output positions, the reference's t
     batches: int = 0
     holdout: "ConvStats | None" = None  # the same sums over every other batch only (see split)
 
@@ -247,8 +249,10 @@ class ConvStats:
         return tuple(int(p) for p in conv_pads(spatial, self.kernel, self.strides, self.dilations,
                                                [p or 0 for p in self.pads], self.auto_pad))
 
-    def update(self, x: np.ndarray, ref: np.ndarray | None = None, target: np.ndarray | None = None) -> None:
-        """Fold one batch of the conv's input (and the reference's, and the target tensor) into the sums."""
+    def update(self, x: np.ndarray, ref: np.ndarray | None = None, target: np.ndarray | None = None,
+               act_sq: np.ndarray | None = None) -> None:
+        """Fold one batch of the conv's input (and the reference's, the target tensor, and the activation
+        slope sums Σ (a σ'(t))² per output channel) into the sums."""
         nd = len(self.kernel)
         x = np.asarray(x)
         if x.ndim != nd + 2 or x.shape[1] != self.channels:
@@ -293,6 +297,8 @@ class ConvStats:
             for sl, w in parts:
                 self._add_full(accs, view[sl], None if rview is None else rview[sl],
                                None if y is None else y[sl], w)
+        if act_sq is not None:
+            _add(accs, "act_sq", np.asarray(act_sq, np.float64))
         n = prod(view.shape[2:2 + nd]) * x.shape[0]
         for a in accs:
             a.count += n
@@ -362,9 +368,9 @@ def _add(accs: list, name: str, value: np.ndarray) -> None:
             cur += value
 
 
-_ARRAYS = ("sum", "sq", "full", "ref_sum", "cross", "full_cross", "target_sum", "target_cross")
+_ARRAYS = ("sum", "sq", "full", "ref_sum", "cross", "full_cross", "target_sum", "target_cross", "act_sq")
 _META = ("node_id", "input", "output", "kernel", "strides", "pads", "dilations", "group", "channels", "auto_pad",
-         "count", "target", "batches")
+         "count", "target", "activation", "batches")
 
 
 class Calibration(dict):
@@ -454,7 +460,7 @@ def _feeds(model: onnx.ModelProto, inputs, input_shapes, samples: int | None, se
 def calibrate(model, inputs, *, nodes: Iterable[str] | None = None, reference=None,
               targets: Mapping[str, str] | None = None, full_max: int = FULL_MAX, input_shapes=None,
               samples: int | None = None, provider: str = "cpu", threads: int | None = None, seed: int = 0,
-              input_options: Mapping[str, Any] | None = None, holdout: bool = True,
+              input_options: Mapping[str, Any] | None = None, holdout: bool = True, activations: bool = True,
               progress: bool = True) -> Calibration:
     """Run ``model`` over ``inputs`` and return the input-patch statistics of its convs.
 
@@ -466,10 +472,14 @@ def calibrate(model, inputs, *, nodes: Iterable[str] | None = None, reference=No
     ``reference``: a model with the same inputs whose tensors of the same names give cross moments
     (see the module doc); ``targets``: node id → tensor of ``reference`` to correlate with each conv's
     patches (needs ``reference``). ``holdout``: also keep every other batch's sums apart, so that fits
-    can choose between methods by their error on data they were not fitted on. ``progress``: report
-    the batches as the stage "calibrating" (:mod:`convgraph.progress`).
+    can choose between methods by their error on data they were not fitted on. ``activations``: for a
+    conv that feeds an activation (:func:`convgraph.fit.activation.activation_of`), also sum its slope
+    Σ (a σ'(t))² per output channel, read on the reference's t where there is one (the weights of an
+    activation-aware fit). ``progress``: report the batches as the stage "calibrating"
+    (:mod:`convgraph.progress`).
     """
     from .analyze import analyze
+    from .fit.activation import activation_of
     from .graph import ConvGraph, load
     from .runtime import create_session, expose_tensors
 
@@ -491,15 +501,24 @@ def calibrate(model, inputs, *, nodes: Iterable[str] | None = None, reference=No
         stats[n] = ConvStats.for_record(rec, full_max, reference is not None, tgt, holdout)
     if not stats:
         return stats
-    names = sorted({s.input for s in stats.values()})
-    sess = create_session(expose_tensors(proto, names, cg.shapes), provider=provider, threads=threads)
-    ref_sess, ref_names = None, []
+    acts = {n: a for n in stats if activations and (a := activation_of(cg, n)) is not None}
+    ref_cg = None
     if reference is not None:
         ref_cg = reference if isinstance(reference, ConvGraph) else load(reference, input_shapes, check=False)
-        ref_names = sorted(set(names) | {s.target for s in stats.values() if s.target})
-        missing = [t for t in ref_names if ref_cg.producer(t) is None]
+    act_ref = {n for n, a in acts.items() if ref_cg is not None and ref_cg.producer(a.tensor) is not None}
+    for n, a in acts.items():
+        for s in (stats[n], stats[n].holdout):
+            if s is not None:
+                s.activation = a.describe
+    names = sorted({s.input for s in stats.values()} | {a.tensor for n, a in acts.items() if n not in act_ref})
+    sess = create_session(expose_tensors(proto, names, cg.shapes), provider=provider, threads=threads)
+    ref_sess, ref_names = None, []
+    if ref_cg is not None:
+        wanted_ref = {s.input for s in stats.values()} | {s.target for s in stats.values() if s.target}
+        missing = sorted(t for t in wanted_ref if ref_cg.producer(t) is None)
         if missing:
             raise UsageError(f"the reference model has no tensor {missing[0]!r}")
+        ref_names = sorted(wanted_ref | {acts[n].tensor for n in act_ref})
         ref_sess = create_session(expose_tensors(ref_cg.to_model(), ref_names, ref_cg.shapes), provider=provider,
                                   threads=threads)
     batches = 0
@@ -507,8 +526,10 @@ def calibrate(model, inputs, *, nodes: Iterable[str] | None = None, reference=No
     for feed in track(feeds, "calibrating") if progress else feeds:
         got = _run(sess, feed, names)
         ref = _run(ref_sess, feed, ref_names) if ref_sess is not None else {}
-        for s in stats.values():
-            s.update(got[s.input], ref.get(s.input), ref.get(s.target) if s.target else None)
+        for n, s in stats.items():
+            a = acts.get(n)
+            act_sq = None if a is None else a.weight_sums((ref if n in act_ref else got)[a.tensor])
+            s.update(got[s.input], ref.get(s.input), ref.get(s.target) if s.target else None, act_sq)
         del got, ref
         batches += 1
     if batches == 0:

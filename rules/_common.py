@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from convgraph.fit.activation import row_weights
 from convgraph.arithmetic import out_elements, prod  # noqa: F401  (out_elements: the rules import it from here)
 from convgraph.record import ConvRecord
 from convgraph.rule import Param, RuleContext, Skip
@@ -201,6 +202,29 @@ def fit_mode(text: str) -> str:
 #: The ``fit=weights|data`` parameter shared by the approximate rules.
 FIT_PARAM = Param("fit", "data", "'data': fit on the calibration statistics when there are some (output error on "
                   "real activations, bias corrected); 'weights': fit the weights alone", fit_mode)
+
+
+def response_mode(text: str) -> str:
+    """Parse the ``response`` param: ``post`` or ``pre``."""
+    if text not in ("post", "pre"):
+        raise ValueError("must be 'post' or 'pre'")
+    return text
+
+
+def response_param(default: str) -> Param:
+    """The ``response=post|pre`` parameter of the factorizing rules' data fits, with the rule's default (post
+    where it measured better: README, "Fits to the response after the activation")."""
+    return Param("response", default, "with fit=data: 'post' fits the output after the activation the conv feeds "
+                 "(Relu, SiLU, HardSwish, ...: each output channel's error weighted by the activation's slope on "
+                 "calibration data), 'pre' the conv's output itself", response_mode)
+
+
+def fit_rows(stats, params: dict):
+    """The output-channel weights of an activation-aware fit (``response=post`` and calibration statistics
+    that measured an activation), else None."""
+    if stats is None or params.get("response") != "post":
+        return None
+    return row_weights(stats)
 
 
 def capped_rank(rank: "int | str", full: int) -> int:

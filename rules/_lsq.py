@@ -75,6 +75,11 @@ def stats(rec: ConvRecord, ctx: RuleContext):
     return st
 
 
+def response_note(st, rows) -> str:
+    """``, <activation> response`` for a note when a fit weighted its rows by the activation, else ``""``."""
+    return f", {st.activation} response" if rows is not None else ""
+
+
 def _finite(st) -> bool:
     """Whether every sum held by calibration statistics ``st`` (a ConvStats) is finite."""
     return all(np.isfinite(v).all() for v in vars(st).values() if isinstance(v, np.ndarray))

@@ -48,8 +48,8 @@ from convgraph.rule import Param, Replacement, Rule, RuleContext
 
 from . import _lsq
 from ._common import (
-    FIT_PARAM, Names, bias_params, capped_rank, channel_mixing_reason, exact_at_full_rank, geometry, label,
-    out_elements, split_geometry, weights,
+    FIT_PARAM, Names, bias_params, capped_rank, channel_mixing_reason, exact_at_full_rank, fit_rows,
+    geometry, label, out_elements, response_param, split_geometry, weights,
 )
 
 FORMS = ("auto", "spatial", "channel")
@@ -159,11 +159,12 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
     how = "SVD of the weights"
     st = _lsq.stats(rec, ctx) if params["fit"] == "data" else None
     if st is not None and err > _lsq.EXACT_TOL:
-        f = fit.low_rank_fit(wt.w, wt.b, r, st, second_taps=q)
+        rows = fit_rows(st, params)
+        f = fit.low_rank_fit(wt.w, wt.b, r, st, second_taps=q, rows=rows)
         w_new = f.weight(kernel)
         new_bias = f.bias
         err = _lsq.rel_error(wt.w.reshape(1, -1), w_new.reshape(1, -1))
-        how = (f"fitted on calibration patches ({f.method}, {_fit_note(st)}), "
+        how = (f"fitted on calibration patches ({f.method}, {_fit_note(st)}{_lsq.response_note(st, rows)}), "
                f"output error {fit.layer_error(wt.w, w_new, st):.3g}")
 
     names = Names(ctx, label(rec))
@@ -230,6 +231,7 @@ RULE = Rule(
         Param("form", "auto", "'spatial' (k_h×1 then 1×k_w, 2D), 'channel' (k×k then 1×1), or 'auto' (spatial "
               "for 2D kernels with both sides > 1)", _form),
         FIT_PARAM,
+        response_param("post"),
     ),
     match=match,
     build=build,

@@ -28,8 +28,8 @@ from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or_full
 
 from . import _lsq
 from ._common import (
-    FIT_PARAM, Names, bias_params, capped_rank, channel_mixing_reason, exact_at_full_rank, geometry, label, opset,
-    out_elements, weights,
+    FIT_PARAM, Names, bias_params, capped_rank, channel_mixing_reason, exact_at_full_rank, fit_rows, geometry, label,
+    opset, out_elements, response_param, weights,
 )
 
 LAYOUTS = ("auto", "multiplier", "tiled")
@@ -93,11 +93,13 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
     bias, how = wt.b, ""
     st = _lsq.stats(rec, ctx) if params["fit"] == "data" else None
     if st is not None:  # data-aware: whitened SVD / ALS on calibration patches (convgraph.fit)
-        f = fit.separable_fit(wt.w, wt.b, r, st)
+        rows = fit_rows(st, params)
+        f = fit.separable_fit(wt.w, wt.b, r, st, rows=rows)
         dw, pw, bias = f.depthwise.reshape(g, cig, r, -1), f.pointwise.reshape(g, cig, cog, r), f.bias
         w_new = f.weight(kernel, g)
         err = _lsq.rel_error(wt.w.reshape(1, -1), w_new.reshape(1, -1))
-        how = f"; fitted on calibration patches ({f.method}), output error {fit.layer_error(wt.w, w_new, st):.3g}"
+        how = (f"; fitted on calibration patches ({f.method}{_lsq.response_note(st, rows)}), "
+               f"output error {fit.layer_error(wt.w, w_new, st):.3g}")
     if layout == "tiled":  # channel G·Cig·r + j·Cig + c: each group's channels repeated r times
         dw = dw.transpose(0, 2, 1, 3)
         pw = pw.transpose(0, 2, 3, 1)  # (g, Cog, r, Cig)
@@ -160,6 +162,7 @@ RULE = Rule(
     params=(
         Param("rank", 1, "depthwise filters per input channel: an integer, or 'full' (exact)", int_or_full),
         FIT_PARAM,
+        response_param("pre"),
         Param("layout", "auto", "for rank > 1: 'multiplier' (one depthwise conv, multiplier r), 'tiled' "
               "(input channels repeated r times, multiplier-1 depthwise), or 'auto' (tiled for 2D)", _layout),
     ),

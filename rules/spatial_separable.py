@@ -38,8 +38,8 @@ from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or_full
 
 from . import _lsq
 from ._common import (
-    FIT_PARAM, Names, bias_params, capped_rank, exact_at_full_rank, geometry, label, out_elements, plain_conv_reason,
-    split_geometry, weights,
+    FIT_PARAM, Names, bias_params, capped_rank, exact_at_full_rank, fit_rows, geometry, label,
+    out_elements, plain_conv_reason, response_param, split_geometry, weights,
 )
 from .separable import factor
 
@@ -128,11 +128,16 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
     how = "SVD of the weights"
     st = _lsq.stats(rec, ctx) if params["fit"] == "data" else None
     if st is not None and err > _lsq.EXACT_TOL:
-        v, h = _als(wt.w, g, v, st)
+        rows = fit_rows(st, params)
+        if rows is None:
+            v, h = _als(wt.w, g, v, st)
+        else:  # the fit of the scaled rows D^{1/2}W, the horizontal factor (it carries the outputs) scaled back
+            v, h = _als(fit.scaled_rows(wt.w, None, rows)[0], g, v, st)
+            h = (h.reshape(g, cig, cog, r, kw) / np.sqrt(rows).reshape(g, 1, cog, 1, 1)).reshape(h.shape)
         w_new = compose(v, h, g)
         new_bias = fit.corrected_bias(wt.w, w_new, wt.b, st)
         err = _lsq.rel_error(wt.w.reshape(1, -1), w_new.reshape(1, -1))
-        how = (f"fitted on calibration patches ({st.count} per channel), "
+        how = (f"fitted on calibration patches ({st.count} per channel{_lsq.response_note(st, rows)}), "
                f"output error {fit.layer_error(wt.w, w_new, st):.3g}")
 
     names = Names(ctx, label(rec))
@@ -183,6 +188,7 @@ RULE = Rule(
     params=(
         Param("rank", 1, "vertical filters per input channel: an integer, or 'full' (exact)", int_or_full),
         FIT_PARAM,
+        response_param("pre"),
     ),
     match=match,
     build=build,

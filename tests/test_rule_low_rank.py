@@ -66,13 +66,14 @@ def best_weights(w: np.ndarray, group: int, rank: int, form: str) -> tuple[np.nd
 def test_registered_with_params_and_exactness():
     rule = get_rule("low-rank")
     assert rule.summary and rule.estimate is not None and not rule.prepass
-    assert rule.resolve_params({}) == {"rank": "1/4", "form": "auto", "fit": "data"}
+    assert rule.resolve_params({}) == {"rank": "1/4", "form": "auto", "fit": "data", "response": "post"}
     assert rule.resolve_params({"rank": "0.25"})["rank"] == "1/4"
-    assert rule.resolve_params({"rank": "3/8", "form": "channel"}) == {"rank": "3/8", "form": "channel", "fit": "data"}
+    assert rule.resolve_params({"rank": "3/8", "form": "channel"}) == {"rank": "3/8", "form": "channel", "fit": "data",
+                                                                       "response": "post"}
     assert rule.resolve_params({"rank": "12"})["rank"] == 12 and rule.resolve_params({"rank": "1.0"})["rank"] == "full"
     assert rule.is_exact(rule.resolve_params({"rank": "FULL"})) and not rule.is_exact(rule.resolve_params({}))
     for bad in ({"rank": "0"}, {"rank": "-1"}, {"rank": "3/2"}, {"rank": "1/0"}, {"rank": "half"}, {"form": "both"},
-                {"fit": "maybe"}):
+                {"fit": "maybe"}, {"response": "after"}):
         with pytest.raises(convgraph.UsageError, match="low-rank"):
             rule.resolve_params(bad)
 
@@ -219,7 +220,8 @@ def test_refuses_with_reasons(models_dir):
 def test_analyzer_lists_the_estimate(models_dir):
     recs = analyze(convgraph.load(models_dir / "sample.onnx")).convs
     opts = [o for r in recs for o in r.rewrites if o.rule == "low-rank"]
-    assert opts and all(o.params == {"rank": "1/4", "form": "auto", "fit": "data"} and not o.exact for o in opts)
+    assert opts and all(o.params == {"rank": "1/4", "form": "auto", "fit": "data", "response": "post"} and not o.exact
+                        for o in opts)
     assert all(o.macs_after is not None and o.params_after > 0 and "+" in o.kind_after for o in opts)
     json.dumps([r.to_dict() for r in recs])  # the params stay JSON
 

@@ -62,7 +62,7 @@ def test_rules_are_registered_with_their_contract():
     for name in ("spatial-separable", "dilated", "transpose-resize"):
         assert rules[name].summary and rules[name].estimate is not None and not rules[name].prepass
     sp = rules["spatial-separable"]
-    assert sp.resolve_params({}) == {"rank": 1, "fit": "data"}
+    assert sp.resolve_params({}) == {"rank": 1, "fit": "data", "response": "pre"}
     assert sp.is_exact(sp.resolve_params({"rank": "full"})) and not sp.is_exact(sp.resolve_params({"rank": "3"}))
     assert not rules["dilated"].is_exact({}) and not rules["transpose-resize"].is_exact({})
     assert rules["dilated"].resolve_params({}) == {"kernel": "auto", "dilation": "auto", "correlation": 0.9, "fit": "data"}

@@ -35,7 +35,7 @@ def test_rules_are_registered_with_their_contract():
     assert rules["fold-bn"].prepass and not rules["separable"].prepass
     assert rules["dense"].is_exact({}) and rules["transpose-subpixel"].is_exact({}) and rules["fold-bn"].is_exact({})
     sep = rules["separable"]
-    assert sep.resolve_params({}) == {"rank": 1, "fit": "data", "layout": "auto"}
+    assert sep.resolve_params({}) == {"rank": 1, "fit": "data", "response": "pre", "layout": "auto"}
     assert sep.is_exact(sep.resolve_params({"rank": "full"})) and not sep.is_exact(sep.resolve_params({"rank": "2"}))
     for bad in ({"rank": "0"}, {"rank": "two"}, {"layout": "diagonal"}):
         with pytest.raises(UsageError, match="separable"):

@@ -23,17 +23,23 @@ T = W C Σ⁻¹ (T = W without a reference). Fits here:
 Covariances are damped by ``damp`` × their mean diagonal (GPTQ's 1% rule) before inversion, so taps
 the calibration data never excites do not get unbounded weights.
 
+Post-activation fits: where a conv feeds an activation, the low-rank and separable fits (and the
+``spatial-separable`` rule's) can weight each output channel's error by the activation's slope measured on
+calibration data, a first-order fit of the response after the activation (:mod:`.activation`).
+
 Modules: ``moments`` (the algebra all fits share), ``separable``, ``closed_form`` (sub-grid and target fits),
-``low_rank``; the names the rules use are re-exported here (``from convgraph import fit``; ``fit.separable_fit``).
+``low_rank``, ``activation`` (the activation a conv feeds, the channel weights); the names the rules use
+are re-exported here (``from convgraph import fit``; ``fit.separable_fit``).
 """
 
+from .activation import Activation, activation_of, row_weights, scaled_rows
 from .closed_form import subgrid_fit, target_fit
 from .low_rank import LOW_RANK_ALS_ITERS, LOW_RANK_CG_ITERS, LowRankFactors, low_rank_fit
 from .moments import DAMP, corrected_bias, damped, holdout_score, layer_error, per_channel, per_group, solve
 from .separable import ALS_MAX, SeparableFactors, separable_fit
 
 __all__ = [
-    "ALS_MAX", "DAMP", "LOW_RANK_ALS_ITERS", "LOW_RANK_CG_ITERS", "LowRankFactors", "SeparableFactors",
-    "corrected_bias", "damped", "holdout_score", "layer_error", "low_rank_fit", "per_channel", "per_group",
-    "separable_fit", "solve", "subgrid_fit", "target_fit",
+    "ALS_MAX", "Activation", "DAMP", "LOW_RANK_ALS_ITERS", "LOW_RANK_CG_ITERS", "LowRankFactors", "SeparableFactors",
+    "activation_of", "corrected_bias", "damped", "holdout_score", "layer_error", "low_rank_fit", "per_channel",
+    "per_group", "row_weights", "scaled_rows", "separable_fit", "solve", "subgrid_fit", "target_fit",
 ]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ModelError
+from .activation import scaled_rows
 from .moments import DAMP, check_stats, corrected_bias, damped, holdout_score, solve, sqrt_pair
 
 if TYPE_CHECKING:  # the statistics are calibrate's; the fits only read them
@@ -227,7 +228,7 @@ def _balance(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def low_rank_fit(w: np.ndarray, bias: np.ndarray | None, rank: int, stats: ConvStats | None, *, second_taps: int = 1,
                  group: int | None = None, damp: float = DAMP, als_iters: int = LOW_RANK_ALS_ITERS,
-                 select: bool = True) -> LowRankFactors:
+                 select: bool = True, rows: np.ndarray | None = None) -> LowRankFactors:
     """Rank-``rank`` (per group) factors of conv weights ``w`` (O, C/g, *k) through R intermediate channels,
     the kernel's last ``second_taps`` taps (C order) going to the second conv (1: the channel form; k_w of a
     2D kernel: the spatial form). See :class:`LowRankFactors`.
@@ -243,8 +244,19 @@ def low_rank_fit(w: np.ndarray, bias: np.ndarray | None, rank: int, stats: ConvS
     * ``channel-whitened`` (channel form, whole-patch Σ kept): the closed form in the block-diagonal
       metric, which cannot overfit the cross-channel terms of a layer that saw few positions.
     With ``select`` and held-out sums in ``stats`` (whole-patch Σ kept), each method is fitted on the rest
-    and the one with the smallest held-out output error refitted on all the data.
+    and the one with the smallest held-out output error refitted on all the data. ``rows`` (O,) weights
+    each output channel's error (an activation-aware fit, :mod:`convgraph.fit.activation`): the fit of
+    the scaled rows D^{1/2}W, the second factor scaled back.
     """
+    if rows is not None and stats is not None:
+        ws, bs = scaled_rows(np.asarray(w, np.float64), bias, rows)
+        f = low_rank_fit(ws, bs, rank, stats, second_taps=second_taps, group=group, damp=damp, als_iters=als_iters,
+                         select=select)
+        g = f.first.shape[0]
+        sd = np.sqrt(np.asarray(rows, np.float64))
+        f.first, f.second = _balance(f.first, f.second / sd.reshape(g, -1, 1, 1))
+        f.bias = f.bias / sd
+        return f
     group = group or (1 if stats is None else stats.group)
     if stats is not None:
         check_stats(w, stats)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ModelError
+from .activation import scaled_rows
 from .moments import (
     DAMP, channel_targets, check_stats, corrected_bias, damped, holdout_score, per_channel, per_group, solve,
     sqrt_pair,
@@ -44,7 +45,7 @@ def _compose(dw: np.ndarray, pw: np.ndarray, kernel, group: int) -> np.ndarray:
 
 def separable_fit(w: np.ndarray, bias: np.ndarray | None, rank: int, stats: ConvStats | None, *,
                   group: int | None = None, damp: float = DAMP, als_iters: int = 4, als_max: int = ALS_MAX,
-                  select: bool = True) -> SeparableFactors:
+                  select: bool = True, rows: np.ndarray | None = None) -> SeparableFactors:
     """Rank-``rank`` depthwise × pointwise factors of conv weights ``w`` (O, C/g, *k) (``group``: the
     conv's, by default the statistics', else 1).
 
@@ -53,8 +54,20 @@ def separable_fit(w: np.ndarray, bias: np.ndarray | None, rank: int, stats: Conv
     rounds; the pointwise step alone when the depthwise system is larger than ``als_max``), with the
     bias corrected for the mean shift. With ``select`` and held-out sums in ``stats``, each method is
     fitted on the rest and the one with the smallest held-out error is refitted on all the data (least
-    squares over whole patches can overfit where a layer sees few positions).
+    squares over whole patches can overfit where a layer sees few positions). ``rows`` (O,) weights each
+    output channel's error (an activation-aware fit, :mod:`convgraph.fit.activation`): the fit of the
+    scaled rows D^{1/2}W, the pointwise factor scaled back.
     """
+    if rows is not None and stats is not None:
+        ws, bs = scaled_rows(np.asarray(w, np.float64), bias, rows)
+        f = separable_fit(ws, bs, rank, stats, group=group, damp=damp, als_iters=als_iters, als_max=als_max,
+                          select=select)
+        g = group or stats.group
+        sd = np.sqrt(np.asarray(rows, np.float64))
+        c, og, r = f.pointwise.shape
+        f.pointwise = (f.pointwise.reshape(g, c // g, og, r) / sd.reshape(g, 1, og, 1)).reshape(c, og, r)
+        f.bias = f.bias / sd
+        return f
     group = group or (1 if stats is None else stats.group)
     if stats is not None:
         check_stats(w, stats)
