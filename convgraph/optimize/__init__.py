@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 
 from ..analyze import analyze
-from ..calibrate import Calibration, calibratable, calibrate
+from ..calibrate import Calibration, calibrate
 from ..errors import UsageError
 from ..graph import ConvGraph, load
 from ..inputs import InputSet, make_inputs
@@ -52,7 +52,7 @@ from .report import (
     STABLE_SHARE, Candidate, Choice, OptimizeReport, Point, Step,
 )
 from .sequential import FIT_CACHE_BYTES, fit_sequential
-from .timing import TimingCache, _apply, _eta, _restore_names, _unique_names, candidates
+from .timing import TimingCache, _apply, _eta, _restore_names, _unique_names, candidates, stats_needed
 
 __all__ = [
     "DEFAULT_RANKS", "DEFAULT_RULES", "ERROR_FLOOR", "ERRORS_SHARE", "FEW_CALIBRATION", "FEW_HELDOUT",
@@ -104,9 +104,10 @@ def _sample_risks(calibration: int, heldout: int, split: bool) -> list[str]:
 def _alone(original: onnx.ModelProto, cg: ConvGraph, by_id: Mapping[str, ConvRecord], c: Candidate, stats,
            input_shapes) -> onnx.ModelProto | None:
     """``original`` with the one conv of candidate ``c`` replaced, fitted on ``stats``: the rule's nodes
-    spliced into a copy of the model in the conv's place (no reload, analysis or checks of the whole
-    model: they cost more than the fit). Through the engine (:func:`_apply`) when the replacement does not
-    simply stand in for the conv; None when the rule refuses the conv with these statistics."""
+    spliced into a copy of the model in the place of the last node they replace (no reload, analysis or
+    checks of the whole model: they cost more than the fit). Through the engine (:func:`_apply`) when the
+    replacement does not simply stand in for those nodes (an output of theirs it does not make, a reader
+    between them); None when the rule refuses the conv with these statistics."""
     rec, rule = by_id[c.node], get_rule(c.rule)
     params = rule.resolve_params({k: str(v) for k, v in c.params.items()})
     ctx = RuleContext(cg, by_id, stats, params)
@@ -118,14 +119,17 @@ def _alone(original: onnx.ModelProto, cg: ConvGraph, by_id: Mapping[str, ConvRec
     except (Skip, np.linalg.LinAlgError):
         return None
     made = {o for n in rep.nodes for o in n.output}
-    if (rep.removed and list(rep.removed) != [rec.node_id]) or rec.output not in made:
+    removed = set(rep.removed or [rec.node_id])
+    nodes = list(original.graph.node)
+    at = [k for k, n in enumerate(nodes) if n.name in removed]
+    i = at[-1] if len(at) == len(removed) else -1  # the replacement goes where the last replaced node was
+    outs = {t for n in removed for t in cg.node(n).output if t and set(cg.consumers(t)) - removed}
+    if i < 0 or not outs <= made or any(t in made for n in nodes[at[0]:i] if n.name not in removed for t in n.input):
         return _apply(original, {c.node: (c.rule, c.params)}, calibration=stats, input_shapes=input_shapes)[0]
     m = onnx.ModelProto()
     m.CopyFrom(original)
-    nodes = list(m.graph.node)
-    i = next(k for k, n in enumerate(nodes) if n.name == c.node)
     del m.graph.node[:]
-    m.graph.node.extend(nodes[:i] + list(rep.nodes) + nodes[i + 1:])
+    m.graph.node.extend([n for n in nodes[:i] if n.name not in removed] + list(rep.nodes) + nodes[i + 1:])
     m.graph.initializer.extend(rep.initializers)  # the conv's own weights stay, unread: onnxruntime drops them
     return m
 
@@ -143,7 +147,7 @@ def _measure(original, cg, records, rules, ranks, shares, fit_set, judge: Judge,
     t = time.perf_counter()
     say("calibrating")
     by_id = {r.node_id: r for r in records}
-    calibrated = sorted({c.node for c in cands if c.saving_ms > 0 and calibratable(by_id[c.node]) is None})
+    calibrated = sorted({n for c in cands if c.saving_ms > 0 for n in stats_needed(cg, by_id, c.node, c.rule, c.params)})
     stats = calibrate(original, fit_set, nodes=calibrated, input_shapes=input_shapes, provider=provider,
                       threads=None) if calibrated else Calibration()
     seconds["calibration"] = time.perf_counter() - t
