@@ -7,8 +7,10 @@ interleaved pairs) at 1 thread and at all threads, the search's own held-out fig
 on every 4th calibration crop, so that its gap to the other sources shows), the output cosine on the
 other sources' worst image (per image, not pooled), for YOLOv8n the cosine
 of the class scores (the decoded box output hides them: its cosine is dominated by anchor positions),
-and for PP-OCR det the IoU of the text map binarized at 0.3 against the original's on skimage's
-``text`` and ``page`` images.
+for PP-OCR det the IoU of the text map binarized at 0.3 against the original's on skimage's ``text`` and
+``page`` images, and for YOLOv8n the detections themselves: decoded (boxes whose best class scores 0.25 or
+more, class-wise NMS at IoU 0.45) and matched to the original's per image (same class, IoU ≥ 0.5, greedy by
+score), their F1 on the worst image and on average.
 
     python benchmarks/bench_optimize.py                       # both models, budgets 0.999 0.995 0.99 0.98
     python benchmarks/bench_optimize.py --models yolov8n --budgets 0.99 --calib 16
@@ -148,6 +150,54 @@ def text_iou(ref: list[np.ndarray], cand: list[np.ndarray], thresh: float = 0.3)
         union = np.count_nonzero(a | b)
         out.append(np.count_nonzero(a & b) / union if union else 1.0)
     return out
+
+
+def detections(out: np.ndarray, score: float = 0.25, iou: float = 0.45) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(boxes x1 y1 x2 y2, scores, classes) of a YOLOv8 output [1, 4 + classes, anchors] (cx, cy, w, h, then
+    the class scores): the anchors whose best class scores at least ``score``, after class-wise NMS at ``iou``."""
+    p = np.asarray(out, np.float64)[0]
+    cls, sc = p[4:].argmax(0), p[4:].max(0)
+    keep = sc >= score
+    cx, cy, w, h = p[:4, keep]
+    boxes, sc, cls = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1), sc[keep], cls[keep]
+    chosen = []
+    for k in np.unique(cls):
+        idx = np.flatnonzero(cls == k)
+        idx = idx[np.argsort(-sc[idx], kind="stable")]
+        while len(idx):
+            chosen.append(idx[0])
+            idx = idx[1:][box_iou(boxes[idx[:1]], boxes[idx[1:]])[0] <= iou]
+    chosen = np.array(sorted(chosen, key=lambda i: -sc[i]), int)
+    return boxes[chosen], sc[chosen], cls[chosen]
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of ``a`` (n, 4) with every box of ``b`` (m, 4), x1 y1 x2 y2."""
+    lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
+    union = _area(a)[:, None] + _area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def _area(x: np.ndarray) -> np.ndarray:
+    return np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=1)
+
+
+def detection_f1(ref, got, iou: float = 0.5) -> float:
+    """F1 of detections ``got`` against ``ref`` (each (boxes, scores, classes)): ``got``'s boxes in order of
+    score each match the unmatched ``ref`` box of its class that overlaps it most, at IoU ``iou`` or more;
+    1.0 when neither has a box."""
+    (rb, _, rc), (gb, gs, gc) = ref, got
+    if not len(rb) and not len(gb):
+        return 1.0
+    free, tp = np.ones(len(rb), bool), 0
+    ious = box_iou(gb, rb) if len(rb) and len(gb) else np.zeros((len(gb), len(rb)))
+    for i in np.argsort(-gs, kind="stable"):
+        cand = np.where(free & (rc == gc[i]) & (ious[i] >= iou), ious[i], -1.0)
+        if len(cand) and cand.max() >= 0:
+            free[int(cand.argmax())] = False
+            tp += 1
+    return 2 * tp / (len(rb) + len(gb))
 
 
 def calibrate_only(name: str, count: int) -> None:
@@ -528,6 +578,10 @@ def main(argv=None) -> int:
                        "cos_out": cos[tensors[0]], "cos_extra": cos[tensors[1]] if len(tensors) > 1 else None,
                        "search": rep.metric_value, "excluded": sum(len(v) for v in rep.excluded.values()),
                        "seconds": time.perf_counter() - t}
+                if name == "yolov8n":  # the detections themselves: decoded, NMS, matched per image
+                    out = tensors[0]
+                    f1 = [detection_f1(detections(r), detections(g)) for r, g in zip(ref[out], got[out])]
+                    row["f1"] = (min(f1), float(np.mean(f1)), sum(len(detections(r)[0]) for r in ref[out]))
                 if name == "ppocr-det":
                     out = original.graph.output[0].name
                     row["iou"] = text_iou(outputs(original, list(text), [out])[out],
@@ -540,14 +594,16 @@ def main(argv=None) -> int:
     threads = os.cpu_count()
     print(f"\n| model | budget (held-out cosine ≥) | convs rewritten | 1 thread: ms → ms (speed-up) | predicted ms "
           f"| {threads} threads: ms → ms (speed-up) | search's own held-out figure (samples left out) "
-          f"| other sources, worst image: output cosine | class-score cosine / text-map IoU@0.3 (page, text) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"| other sources, worst image: output cosine | class-score cosine / text-map IoU@0.3 (page, text) "
+          f"| detections' F1 per image, worst / mean (boxes of the original) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         extra = (f"{r['cos_extra']:.4f}" if r["cos_extra"] is not None else
                  " / ".join(f"{v:.3f}" for v in r.get("iou", [])))
         print(f"| {r['model']} | {r['budget']} | {r['rewritten']} | {r['ms_1t'][0]:.1f} → {r['ms_1t'][1]:.1f} "
               f"({r['speedup_1t']:.2f}×) | {r['predicted_ms']:.1f} | {r['ms_all'][0]:.1f} → {r['ms_all'][1]:.1f} "
-              f"({r['speedup_all']:.2f}×) | {r['search']:.4f} ({r['excluded']}) | {r['cos_out']:.4f} | {extra} |")
+              f"({r['speedup_all']:.2f}×) | {r['search']:.4f} ({r['excluded']}) | {r['cos_out']:.4f} | {extra} | "
+              + ("{:.3f} / {:.3f} ({})".format(*r["f1"]) if "f1" in r else "—") + " |")
     return 0
 
 

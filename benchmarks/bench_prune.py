@@ -12,6 +12,13 @@ rewrite keeps the name of), for
 * ``mean``: the same channels, consumer weights unchanged, bias keeping the mean output;
 * ``none``: the same channels just dropped;
 * ``weights``: channels chosen by weight norms (``fit=weights``), not refitted.
+
+``--against-low-rank MODEL [--calib N]`` (yolov8n, ppocr-det): the candidates ``convgraph optimize`` would
+weigh, without timing anything: prune at each of ``KEEP_SHARES`` on every conv it can prune, and low-rank at
+each of its shares on every conv a pruning touches; each fitted on N calibration crops and its model-level
+error alone (1 − cosine on the worst held-out photo, the worst of the judged tensors; as the optimizer's
+``_alone`` builds it) against the MACs it saves. Per keep share: the errors, and prune against the best
+low-rank candidate on the same convs that saves at least as many MACs.
 """
 
 from __future__ import annotations
@@ -28,12 +35,84 @@ HELD_OUT = ["chelsea.png", "retina.jpg", "coins.png", "grass.png", "horse.png", 
 LAYERS = ["/model.4/m.0/cv1/conv/Conv", "/model.6/m.0/cv1/conv/Conv", "/model.8/m.0/cv1/conv/Conv"]
 
 
+def against_low_rank(name: str, count: int) -> None:
+    """Prune's candidates against low-rank's on the same convs (errors alone, MACs saved); see the module doc."""
+    import tempfile
+    from pathlib import Path
+
+    import bench_optimize as bo
+
+    from convgraph import load, zoo
+    from convgraph.analyze import analyze
+    from convgraph.calibrate import calibrate
+    from convgraph.optimize import Candidate, Judge, _alone
+    from convgraph.optimize.timing import _rule_options, _unique_names, stats_needed
+    from convgraph.registry import get_rule
+    from convgraph.rule import RuleContext
+
+    spec = bo.MODELS[name]
+    shapes = {spec[0]: [1, 3, spec[1], spec[1]]}
+    cg = load(zoo.fetch(name), shapes, probe=True)
+    _unique_names(cg)
+    model = cg.to_model()
+    by_id = {r.node_id: r for r in analyze(cg, rewrites=False).convs if not r.graph}
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = list(bo.input_set(model, bo.crops_folder(Path(tmp) / "c", bo.FIT_SOURCES, count, spec[1]), spec))
+        held = list(bo.input_set(model, bo.link_folder(Path(tmp) / "h", bo.HELD_OUT), spec))
+    judge = Judge(model, held, "cosine", "cpu", None, [o.name for o in model.graph.output] + spec[5], strict=False)
+    cands = {}
+    for rule in ("prune", "low-rank"):
+        r = get_rule(rule)
+        for rec in by_id.values():
+            for given in _rule_options(rule, rec, ()):
+                p = r.resolve_params({k: str(v) for k, v in given.items()})
+                ctx = RuleContext(cg, by_id, None, p)
+                why, found = r.check(rec, ctx)
+                if why is not None:
+                    break
+                rep = r.make(rec, ctx, p, found)
+                before = rep.macs_before if rep.macs_before is not None else rec.macs
+                if rep.macs_after is not None and rep.macs_after <= 0.8 * before:
+                    cands[(rec.node_id, rule, repr(given))] = Candidate(
+                        rec.node_id, rule, given, rep.kind_after, before, rep.macs_after, 1.0, 0.5,
+                        touches=list(found.nodes) if found else [])
+    reach = {t for c in cands.values() if c.rule == "prune" for t in c.touches}
+    todo = [c for c in cands.values() if c.rule == "prune" or c.node in reach]
+    stats = calibrate(model, calib, nodes=sorted({n for c in todo for n in stats_needed(cg, by_id, c.node, c.rule,
+                                                                                        c.params)}),
+                      input_shapes=shapes)
+    for i, c in enumerate(todo):
+        c.error = judge.judge(_alone(model, cg, by_id, c, stats, shapes))[1]
+        print(f"{i + 1}/{len(todo)} {c.node} {c.rule} {c.params} saves {c.macs_before - c.macs_after} MACs: "
+              f"error {c.error:.2e}", file=sys.stderr, flush=True)
+    low = [c for c in todo if c.rule == "low-rank"]
+    print("| keep | convs | error: median (least) | under 0.001 / 0.005 / 0.01 | prune better than the best low-rank "
+          "saving ≥ as many MACs on its convs / compared | prune ÷ low-rank error, median |")
+    print("|---|---|---|---|---|---|")
+    for keep in sorted({c.params["keep"] for c in todo if c.rule == "prune"}, reverse=True):
+        ps = [c for c in todo if c.rule == "prune" and c.params["keep"] == keep]
+        pairs = [(c.error, min(o.error for o in alts)) for c in ps
+                 if (alts := [o for o in low if o.node in c.touches and o.macs_before - o.macs_after >=
+                              c.macs_before - c.macs_after])]
+        errs = np.array([c.error for c in ps])
+        print(f"| {keep} | {len(ps)} | {np.median(errs):.3g} ({errs.min():.2g}) | "
+              + " / ".join(str(int(np.sum(errs < t))) for t in (1e-3, 5e-3, 1e-2))
+              + f" | {sum(a < b for a, b in pairs)} / {len(pairs)} | "
+              + (f"{np.median([a / max(b, 1e-12) for a, b in pairs]):.2f} |" if pairs else "— |"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("layers", nargs="*", default=LAYERS)
     ap.add_argument("--keep", default="0.5")
     ap.add_argument("--size", type=int, default=320)
+    ap.add_argument("--against-low-rank", metavar="MODEL", help="prune's optimize candidates against low-rank's")
+    ap.add_argument("--calib", type=int, default=24, help="with --against-low-rank: calibration crops")
     args = ap.parse_args(argv)
+    if args.against_low_rank:
+        sys.path.insert(0, os.path.dirname(__file__))
+        against_low_rank(args.against_low_rank, args.calib)
+        return 0
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
     from test_rule_prune import yolo_crops
     from test_rules_approx import picture

@@ -84,6 +84,9 @@ class Rule:
     #: the rule approximates to save compute: an approximate rewrite that would add MACs is not applied
     #: unless the user named the node (False for rules that approximate for another end)
     saves_macs: bool = True
+    #: the convs whose calibration statistics a data-aware rewrite of a conv needs (rec, ctx) -> node ids;
+    #: None: the conv's own (``prune`` refits the consumer convs, so it needs theirs)
+    calibrates: "Callable[[ConvRecord, RuleContext], list[str]] | None" = None
 
     def is_exact(self, params: dict) -> bool:
         return self.exact(params) if callable(self.exact) else bool(self.exact)
@@ -106,6 +109,10 @@ class Rule:
     def make(self, rec: ConvRecord, ctx: "RuleContext", params: dict, found: "Match | None" = None) -> Replacement:
         """``build``, handing it what ``match`` found when that was a :class:`Match`."""
         return self.build(rec, ctx, params) if found is None else self.build(rec, ctx, params, found)
+
+    def calibrate_nodes(self, rec: ConvRecord, ctx: "RuleContext") -> list[str]:
+        """The convs whose calibration statistics a rewrite of ``rec`` by this rule fits on (default: ``rec``'s)."""
+        return [rec.node_id] if self.calibrates is None else list(self.calibrates(rec, ctx))
 
     def resolve_params(self, given: dict[str, str]) -> dict[str, Any]:
         """Defaults overlaid with ``given`` (strings parsed); UsageError on an unknown or bad value."""

@@ -458,6 +458,12 @@ def _copy(p: onnx.NodeProto, inputs: list[str], outputs: list[str]) -> onnx.Node
     return new
 
 
+def consumers(rec: ConvRecord, ctx: RuleContext) -> list[str]:
+    """The consumer convs a pruning of ``rec`` refits: those whose calibration statistics it needs."""
+    span, _ = _span(rec, ctx)
+    return list(span.consumers) if span is not None else []
+
+
 def estimate(rec: ConvRecord, params: dict) -> tuple[int | None, int, str]:
     """The producer conv's own MACs and params after pruning (the consumers shrink by the same share)."""
     c = int(rec.out_channels or 0)
@@ -482,4 +488,5 @@ RULE = Rule(
     match=match,
     build=build,
     estimate=estimate,
+    calibrates=consumers,
 )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -105,3 +107,50 @@ def test_search_keeps_to_its_evaluation_budget(case, budget):
     search(steps, evaluate, allowance=0.05, max_evals=budget)
     assert len(calls) <= budget
     assert all(c and all(isinstance(s, Step) for s in c) for c in calls)
+
+
+def test_a_step_whose_nodes_another_convs_step_touches_is_left_out():
+    """Prune of a refits its consumer b: once chosen, b's own options are out, and a's prune is out once a
+    step of b came first; a conv that loses an option goes on along the hull of what is left."""
+    def c(node, rule, saving, error, touches=()):
+        return Candidate(node, rule, {}, "x", 100, 50, 10.0, 10.0 - saving, error, touches=list(touches))
+
+    prune_a = c("a", "prune", 2.0, 0.001, ("a", "relu", "b"))  # 2000/unit: first
+    steps = greedy_sequence([prune_a, c("b", "low-rank", 1.0, 0.002), c("a", "low-rank", 0.5, 0.01)], 20.0)
+    assert [(s.node, s.rule) for s in steps] == [("a", "prune")]  # b is prune's; a's low-rank saves less
+    # b's low-rank first (1000/unit): a's prune is out, a goes on with its low-rank, which prune had hidden
+    steps = greedy_sequence([c("a", "prune", 2.0, 0.004, ("a", "relu", "b")), c("b", "low-rank", 1.0, 0.001),
+                             c("a", "low-rank", 0.5, 0.003)], 20.0)
+    assert [(s.node, s.rule, s.saving_ms, s.error) for s in steps] == [
+        ("b", "low-rank", 1.0, 0.001), ("a", "low-rank", 0.5, 0.003)]
+    assert steps[-1].predicted_ms == 18.5 and steps[-1].predicted_error == pytest.approx(0.004)
+
+
+@st.composite
+def overlapping(draw) -> list[Candidate]:
+    out = []
+    for n in range(draw(st.integers(1, 5))):
+        for k in range(draw(st.integers(1, 4))):
+            touches = draw(st.one_of(st.just([]), st.lists(st.sampled_from([f"conv{i}" for i in range(5)]), max_size=3)))
+            out.append(Candidate(f"conv{n}", "r", {"k": k}, "x", 100, 50, 10.0, draw(st.floats(0.1, 9.9)),
+                                 draw(st.floats(0.0, 0.05)), None, None, [f"conv{n}", *touches] if touches else []))
+    return out
+
+
+@SETTINGS
+@given(overlapping())
+def test_no_prefix_plans_two_rewrites_that_touch_one_node(cands):
+    """After every step, the candidates planned for different convs touch disjoint nodes; each conv's
+    steps add up to the candidate it is planned at."""
+    steps = greedy_sequence(cands, 100.0)
+    by_key = {(c.node, c.params["k"]): c for c in cands}
+    for i in range(1, len(steps) + 1):
+        chosen = [by_key[(n, p["k"])] for n, (_, p) in plan_of(steps[:i]).items()]
+        seen: dict[str, str] = {}
+        for c in chosen:
+            for t in c.touches or [c.node]:
+                assert seen.setdefault(t, c.node) == c.node
+    for node, (_, p) in plan_of(steps).items():
+        own = [s for s in steps if s.node == node]
+        assert math.isclose(sum(s.saving_ms for s in own), by_key[(node, p["k"])].saving_ms, rel_tol=1e-9)
+        assert all(s.saving_ms > 0 and s.error >= 0 for s in own)

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 from ..analyze import analyze
-from ..calibrate import Calibration, calibratable, calibrate
+from ..calibrate import Calibration, calibrate
 from ..errors import CheckFailed, UsageError
 from ..graph import ConvGraph, load
 from ..inputs import InputSet, make_inputs
@@ -54,7 +54,7 @@ from .report import (
 )
 from .samples import FEW_CALIBRATION, FEW_HELDOUT, coverage, coverage_risk, features, sample_risks
 from .sequential import FIT_CACHE_BYTES, fit_sequential
-from .timing import TimingCache, _apply, _eta, _restore_names, _unique_names, candidates
+from .timing import TimingCache, _apply, _eta, _restore_names, _unique_names, candidates, stats_needed
 
 __all__ = [
     "DEFAULT_RANKS", "DEFAULT_RULES", "ERROR_FLOOR", "ERRORS_SHARE", "FEW_CALIBRATION", "FEW_HELDOUT",
@@ -113,25 +113,39 @@ def _replacement(cg: ConvGraph, by_id: Mapping[str, ConvRecord], c: Candidate, s
         return None
 
 
-def _stands_in(rep, rec: ConvRecord) -> bool:
-    """Whether ``rep`` replaces just the conv and makes its output (it can be spliced in in its place)."""
-    return (not rep.removed or list(rep.removed) == [rec.node_id]) and rec.output in {o for n in rep.nodes
-                                                                                     for o in n.output}
+def _place(nodes: Sequence[onnx.NodeProto], order: Mapping[str, int], cg: ConvGraph, rep, rec: ConvRecord) -> int | None:
+    """Where ``rep`` can be spliced into ``nodes`` (``order``: name → index) in place of the nodes it
+    replaces: the index of the last of them; None when it does not simply stand in for them (a node it
+    replaces is not there, an output of theirs read elsewhere that it does not make, a reader of its
+    outputs between them)."""
+    made = {o for n in rep.nodes for o in n.output}
+    removed = set(rep.removed or [rec.node_id])
+    at = sorted(order[n] for n in removed if n in order)
+    if len(at) != len(removed):
+        return None
+    outs = {t for n in removed for t in cg.node(n).output if t and set(cg.consumers(t)) - removed}
+    if not outs <= made or any(t in made for n in nodes[at[0]:at[-1]] if n.name not in removed for t in n.input):
+        return None
+    return at[-1]
 
 
-def _splice(original: onnx.ModelProto, reps: Mapping[str, Any]) -> onnx.ModelProto:
-    """``original`` with each conv ``reps`` names (node id = name, :func:`_unique_names`) replaced by its
-    replacement's nodes, in the conv's place: no reload, analysis or checks of the whole model (they cost
-    more than the fits). The convs' own weights stay, unread: onnxruntime drops them."""
+def _splice(original: onnx.ModelProto, reps: Sequence[tuple[int, Any]]) -> onnx.ModelProto:
+    """``original`` with each replacement of ``reps`` ((index of the last node it replaces, replacement),
+    :func:`_place`) in place of the nodes it replaces: no reload, analysis or checks of the whole model
+    (they cost more than the fits). The convs' own weights stay, unread: onnxruntime drops them."""
     m = onnx.ModelProto()
     m.CopyFrom(original)
+    gone = {n for _, rep in reps for n in rep.removed}
+    at = {i: rep for i, rep in reps}
     nodes = []
-    for n in original.graph.node:
-        rep = reps.get(n.name)
-        nodes += list(rep.nodes) if rep is not None else [n]
+    for i, n in enumerate(original.graph.node):
+        if i in at:
+            nodes += list(at[i].nodes)
+        elif n.name not in gone:
+            nodes.append(n)
     del m.graph.node[:]
     m.graph.node.extend(nodes)
-    for rep in reps.values():
+    for _, rep in reps:
         m.graph.initializer.extend(rep.initializers)
     return m
 
@@ -149,6 +163,8 @@ class _Fitted:
                  input_shapes):
         self.original, self.cg, self.by_id, self.stats, self.input_shapes = original, cg, by_id, stats, input_shapes
         self.reps: dict[tuple[str, str, str], Any] = {}
+        self.nodes = list(original.graph.node)
+        self.order = {n.name: i for i, n in enumerate(self.nodes)}
 
     def rep(self, c: Candidate):
         k = _key(c.node, c.rule, c.params)
@@ -156,20 +172,25 @@ class _Fitted:
             self.reps[k] = _replacement(self.cg, self.by_id, c, self.stats)
         return self.reps[k]
 
+    def place(self, rep, node: str) -> int | None:
+        """:func:`_place` in the original model."""
+        return _place(self.nodes, self.order, self.cg, rep, self.by_id[node])
+
     def model(self, plan: Mapping[str, tuple[str, dict]]) -> tuple[onnx.ModelProto, dict[str, str]]:
         """The original with ``plan`` applied, each conv fitted alone on the original's statistics; and per
         conv the fit's notes. Replacements that do not simply stand in for their conv go through the engine."""
-        reps, engine = {}, {}
+        reps, engine, notes = [], {}, {}
         for node, (rule, params) in plan.items():
             rep = self.rep(Candidate(node, rule, dict(params), "", None, None, 0.0, 0.0))
             if rep is None:
                 raise CheckFailed(f"{rule} refuses {node} with the calibration statistics")
-            if _stands_in(rep, self.by_id[node]):
-                reps[node] = rep
+            at = self.place(rep, node)
+            if at is not None:
+                reps.append((at, rep))
+                notes[node] = rep.notes
             else:
                 engine[node] = (rule, params)
         m = _splice(self.original, reps)
-        notes = {n: r.notes for n, r in reps.items()}
         if engine:
             m, changes = _apply(m, engine, calibration=self.stats, input_shapes=self.input_shapes)
             notes.update({ch.node: ch.notes for ch in changes})
@@ -198,7 +219,7 @@ def _measure(original, cg, records, rules, ranks, shares, fit_set, judge: Judge,
     todo = [c for c in cands if c.saving_ms > 0 and (c.faster_share is None or c.faster_share >= STABLE_SHARE)]
     t = time.perf_counter()
     say("calibrating")
-    calibrated = sorted({c.node for c in todo if calibratable(by_id[c.node]) is None})
+    calibrated = sorted({n for c in todo for n in stats_needed(cg, by_id, c.node, c.rule, c.params)})
     stats = calibrate(original, fit_set, nodes=calibrated, input_shapes=input_shapes, provider=provider,
                       threads=None) if calibrated else Calibration()
     seconds["calibration"] = time.perf_counter() - t
@@ -234,15 +255,17 @@ def _estimate_errors(fitted: _Fitted, cands: Sequence[Candidate], judge: Judge, 
     """Each candidate's layer error (``layer_error``: ‖y′ − y‖² / ‖y‖² of its replacement run alone in
     onnxruntime on the conv's inputs in the original model, on the judge's samples); returns the candidates
     whose model-level error must be judged: per conv the ones with the least and the most layer error
-    (the others' are scaled from them, :func:`_scale_errors`), and every one without a layer error."""
+    (the others' are scaled from them, :func:`_scale_errors`), and every one without a layer error (a
+    rewrite of more than the conv: ``prune``)."""
     from ..runtime import create_session, run, run_with_outputs
     from .timing import _layer_model
 
     by_node: dict[str, list[Candidate]] = {}
     judged = []
     for c in cands:
-        if _stands_in(fitted.rep(c), fitted.by_id[c.node]):
-            by_node.setdefault(c.node, []).append(c)
+        rep = fitted.rep(c)
+        if (not rep.removed or list(rep.removed) == [c.node]) and fitted.place(rep, c.node) is not None:
+            by_node.setdefault(c.node, []).append(c)  # it stands in for the conv alone: a one-layer model
         else:
             judged.append(c)
     batches: list[list[str]] = [[]]

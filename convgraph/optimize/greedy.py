@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Sequence
 
@@ -9,41 +10,63 @@ from .report import ERROR_FLOOR, PREDICTION_SLACK, STABLE_SHARE, Candidate, Poin
 
 
 # ---- the greedy sequence ------------------------------------------------------------------------------------
+def _hull(opts: Sequence[Candidate], e0: float, s0: float) -> list[Candidate]:
+    """The options on the lower-right convex hull of (error, saving) from the point (``e0``, ``s0``), in order."""
+    hull: list[Candidate] = []
+    for c in sorted(opts, key=lambda c: (c.error, -c.saving_ms)):
+        if c.saving_ms <= (hull[-1].saving_ms if hull else s0):
+            continue
+        while hull:
+            prev_e, prev_s = (hull[-2].error, hull[-2].saving_ms) if len(hull) > 1 else (e0, s0)
+            e1, s1 = hull[-1].error - prev_e, hull[-1].saving_ms - prev_s
+            e2, s2 = c.error - prev_e, c.saving_ms - prev_s
+            if s1 * max(e2, ERROR_FLOOR) <= s2 * max(e1, ERROR_FLOOR):  # c is at least as efficient
+                hull.pop()
+            else:
+                break
+        hull.append(c)
+    return hull
+
+
 def greedy_sequence(cands: Sequence[Candidate], baseline_ms: float) -> list[Step]:
-    """Steps in order of saving per unit of error; per conv its options' lower convex hull, in order."""
+    """Steps in order of saving per unit of error; per conv its options' lower convex hull, in order.
+
+    A candidate that rewrites more than its conv (``Candidate.touches``: prune refits the consumer convs)
+    excludes the candidates of other convs touching any of those nodes: once a step of one conv claims a
+    node, the other convs' options that touch it are out, and a conv that loses options continues along
+    the hull of those left (so every prefix is a plan whose rewrites do not overlap)."""
     by_node: dict[str, list[Candidate]] = {}
     for c in cands:
         if c.error is not None and c.saving_ms > 0 and math.isfinite(c.error) and (
                 c.faster_share is None or c.faster_share >= STABLE_SHARE):
             by_node.setdefault(c.node, []).append(c)
-    moves = []
-    for node, opts in by_node.items():
-        opts.sort(key=lambda c: (c.error, -c.saving_ms))
-        hull: list[Candidate] = []
-        for c in opts:  # keep the options on the lower-right hull of (error, saving)
-            if hull and c.saving_ms <= hull[-1].saving_ms:
-                continue
-            while hull:
-                prev_e, prev_s = (hull[-2].error, hull[-2].saving_ms) if len(hull) > 1 else (0.0, 0.0)
-                e1, s1 = hull[-1].error - prev_e, hull[-1].saving_ms - prev_s
-                e2, s2 = c.error - prev_e, c.saving_ms - prev_s
-                if s1 * max(e2, ERROR_FLOOR) <= s2 * max(e1, ERROR_FLOOR):  # c is at least as efficient
-                    hull.pop()
-                else:
-                    break
-            hull.append(c)
-        prev_e = prev_s = 0.0
-        for i, c in enumerate(hull):
-            de, ds = max(c.error - prev_e, 0.0), c.saving_ms - prev_s
-            moves.append((ds / max(de, ERROR_FLOOR), node, i, c, ds, de))
-            prev_e, prev_s = c.error, c.saving_ms
-    # order by efficiency; a conv's later steps never before its earlier ones (the hull makes them less efficient)
-    moves.sort(key=lambda m: (-m[0], m[1], m[2]))
+    claims: dict[str, str] = {}  # node id -> the conv whose chosen steps touch it
+    at: dict[str, tuple[float, float]] = {}  # conv -> (error, saving) of its last step
+    heap: list = []
+
+    def free(c: Candidate) -> bool:
+        return all(claims.get(t, c.node) == c.node for t in c.touches or (c.node,))
+
+    def offer(node: str) -> None:  # the conv's next step: the first of its hull over the options still free
+        e0, s0 = at.get(node, (0.0, 0.0))
+        hull = _hull([c for c in by_node[node] if free(c)], e0, s0)
+        if hull:
+            c = hull[0]
+            de, ds = max(c.error - e0, 0.0), c.saving_ms - s0
+            heapq.heappush(heap, (-ds / max(de, ERROR_FLOOR), node, c, ds, de))  # one entry per conv at most
+
+    for node in by_node:
+        offer(node)
     steps, ms, err = [], baseline_ms, 0.0
-    for _, node, _, c, ds, de in moves:
-        ms -= ds
-        err += de
-        steps.append(Step(node, c.rule, dict(c.params), ds, de, ms, err))
+    while heap:  # in order of efficiency; a conv's later steps never before its earlier ones (less efficient)
+        _, node, c, ds, de = heapq.heappop(heap)
+        if free(c):
+            claims.update(dict.fromkeys(c.touches or (c.node,), node))
+            at[node] = (c.error, c.saving_ms)
+            ms -= ds
+            err += de
+            steps.append(Step(node, c.rule, dict(c.params), ds, de, ms, err))
+        offer(node)  # its next step, or (claimed since offered) the best among the options left
     return steps
 
 

@@ -13,6 +13,9 @@ DEFAULT_RANKS = (1, 2, 3, 4)
 #: ``ranks`` count filters per input channel): shares of the rule's full rank; for a square 3×3 conv in
 #: low-rank's spatial form they cost about 1/8, 1/4, 1/2, 3/4 and 1× the MACs (the last is dropped by MAX_MAC_RATIO).
 LAYER_RANK_SHARES = {"low-rank": ("1/16", "1/8", "1/4", "3/8", "1/2")}
+#: Shares of a conv's output channels kept, tried for the rules that drop channels (``prune``); the most
+#: aggressive first (a share that drops no channel of a narrow conv ends the list).
+KEEP_SHARES = {"prune": (0.25, 0.5, 0.75)}
 #: A built prefix this much slower than its predicted latency has non-additive savings: shorter ones are tried.
 PREDICTION_SLACK = 1.1
 #: Built prefixes whose measured speed-ups differ by less than this share count as equally fast.
@@ -43,6 +46,9 @@ class Candidate:
     faster_share: float | None = None  # share of the interleaved pairs in which this layer beat the original
     layer_error: float | None = None  # ‖y′ − y‖² / ‖y‖² of the layer alone, on the original's activations
     estimated: bool = False  # ``error`` scaled from ``layer_error`` by the conv's judged options, not judged
+    #: every node the rewrite replaces when more than the conv (prune: the conv, the per-channel ops after it,
+    #: the consumer convs it refits): two candidates of different convs whose nodes overlap exclude each other
+    touches: list[str] = field(default_factory=list)
 
     @property
     def saving_ms(self) -> float:

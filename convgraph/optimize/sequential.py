@@ -8,9 +8,9 @@ import networkx as nx
 import onnx
 
 from ..analyze import analyze
-from ..calibrate import Calibration, calibratable, calibrate
+from ..calibrate import Calibration, calibrate
 from ..graph import ConvGraph, load
-from .timing import _apply
+from .timing import _apply, stats_needed
 
 
 # ---- sequential fitting ---------------------------------------------------------------------------------------
@@ -39,7 +39,7 @@ def fit_sequential(original: onnx.ModelProto, plan: Mapping[str, tuple[str, dict
             break
     for stage in range(start, len(stages)):
         members = stages[stage]
-        calibrated = [n for n in members if calibratable(recs[n]) is None]
+        calibrated = list(dict.fromkeys(n for m in members for n in stats_needed(cg, recs, m, *plan[m])))
         stats = Calibration()
         if calibrated:
             stats = calibrate(model, calib, nodes=calibrated, reference=original, input_shapes=input_shapes,

@@ -1,4 +1,5 @@
-"""Candidates: every rule × rank that matches a conv and cuts its MACs, each timed as a one-layer model."""
+"""Candidates: every rule × rank that matches a conv and cuts its MACs, each timed as a one-layer model (or as the
+subgraph a rule's match spans)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
+from ..calibrate import calibratable
 from ..errors import CheckFailed, UsageError
 from ..graph import ConvGraph
 from ..io import atomic_write_bytes
@@ -18,13 +20,15 @@ from ..record import ConvRecord
 from ..registry import get_rule
 from ..rewrite import Selection, rewrite
 from ..rule import RuleContext, Skip
-from .report import LAYER_RANK_SHARES, MAX_MAC_RATIO, Candidate
+from .report import KEEP_SHARES, LAYER_RANK_SHARES, MAX_MAC_RATIO, Candidate
 
 
 # ---- candidates and per-layer latency -----------------------------------------------------------------------
 def _rule_options(rule_name: str, rec: ConvRecord, ranks: Sequence[int],
                   shares: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rule = get_rule(rule_name)
+    if rule_name in KEEP_SHARES:
+        return [{"keep": k} for k in KEEP_SHARES[rule_name]]
     if rule_name in LAYER_RANK_SHARES:
         return [{"rank": r} for r in (shares or LAYER_RANK_SHARES[rule_name])]
     if any(p.name == "rank" for p in rule.params):
@@ -33,27 +37,44 @@ def _rule_options(rule_name: str, rec: ConvRecord, ranks: Sequence[int],
 
 
 def _layer_model(cg: ConvGraph, rec: ConvRecord, nodes: Sequence[onnx.NodeProto],
-                 inits: Sequence[onnx.TensorProto]) -> onnx.ModelProto:
-    """A model of just ``nodes`` (the conv or its replacement): input the conv's input, output its output;
-    every other tensor they read becomes an initializer with its constant value."""
+                 inits: Sequence[onnx.TensorProto], outputs: Sequence[str] = ()) -> onnx.ModelProto:
+    """A model of just ``nodes`` (the conv or its replacement; or the nodes a rule's match spans, or their
+    replacement): inputs the conv's input and any other tensor they read that is not a constant (random data
+    when timed), outputs ``outputs`` (default: the conv's output); constants become initializers."""
     produced = {o for n in nodes for o in n.output}
     have = {t.name for t in inits}
-    extra = []
+    extra, inputs = [], [rec.input]
     for n in nodes:
         for t in n.input:
-            if t and t != rec.input and t not in produced and t not in have:
+            if t and t not in produced and t not in have and t not in inputs:
                 v = RuleContext(cg).value(t)
                 if v is None:
-                    raise UsageError(f"conv {rec.node_id}: input {t!r} is not a constant; cannot time the layer alone")
-                extra.append(onnx.numpy_helper.from_array(v, t))
-                have.add(t)
+                    inputs.append(t)
+                else:
+                    extra.append(onnx.numpy_helper.from_array(v, t))
+                    have.add(t)
     elem = cg.shapes[rec.input].elem_type if rec.input in cg.shapes else onnx.TensorProto.FLOAT
-    graph = onnx.helper.make_graph(
-        list(nodes), "layer", [onnx.helper.make_tensor_value_info(rec.input, elem, list(rec.input_shape))],
-        [onnx.helper.make_tensor_value_info(rec.output, elem, list(rec.output_shape))], list(inits) + extra)
+
+    def info(t: str) -> onnx.ValueInfoProto:
+        if t in (rec.input, rec.output):
+            return onnx.helper.make_tensor_value_info(t, elem, list(rec.input_shape if t == rec.input else
+                                                                   rec.output_shape))
+        got = cg.shape_info(t)
+        if got is None or not _static(got.shape):
+            raise UsageError(f"conv {rec.node_id}: tensor {t!r} has no static shape; cannot time the layers alone")
+        return onnx.helper.make_tensor_value_info(t, got.elem_type, list(got.shape))
+
+    graph = onnx.helper.make_graph(list(nodes), "layer", [info(t) for t in inputs],
+                                   [info(t) for t in (outputs or [rec.output])], list(inits) + extra)
     model = onnx.helper.make_model(graph, opset_imports=list(cg.model.opset_import))
     model.ir_version = cg.model.ir_version
     return model
+
+
+def _span_outputs(cg: ConvGraph, span: Sequence[str]) -> list[str]:
+    """The tensors the nodes ``span`` make that something else reads (or that are graph outputs)."""
+    inside = set(span)
+    return [t for n in span for t in cg.node(n).output if t and any(c not in inside for c in cg.consumers(t))]
 
 
 def _static(shape) -> bool:
@@ -147,7 +168,9 @@ def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str
                provider: str, threads: int | None, runs: int, warmup: int,
                progress=None, cache: TimingCache | None = None) -> list[Candidate]:
     """Every matching (conv, rule, params) that cuts MACs, with its measured one-layer latency (from
-    ``cache`` when the same layers were timed before in the same setting)."""
+    ``cache`` when the same layers were timed before in the same setting). A rule whose match spans more
+    than the conv (``prune``: the conv, the per-channel ops after it, its consumer convs) is timed as that
+    subgraph against its replacement: its saving is the subgraph's time before minus after."""
     from ..bench import bench
 
     by_id = {r.node_id: r for r in records}
@@ -164,8 +187,8 @@ def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str
                 params = rule.resolve_params({k: str(v) for k, v in given.items()})
                 ctx = RuleContext(cg, by_id, None, params)
                 why, found = rule.check(rec, ctx)
-                if why is not None or (found is not None and list(found.nodes) != [rec.node_id]):
-                    break  # the rule does not apply to this conv alone (whatever the rank): no one-layer timing
+                if why is not None:
+                    break  # the rule does not apply to this conv (whatever the rank)
                 macs, _, kind = rule.estimate(rec, params) if rule.estimate else (None, 0, "")
                 if macs is not None and rec.macs and macs > MAX_MAC_RATIO * rec.macs:
                     continue
@@ -175,30 +198,46 @@ def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str
                     break  # non-finite weights, a singular fit: this conv is left alone
                 if any(o.get("rule") == name and o["macs"] == rep.macs_after for o in options):
                     continue  # the rank was capped: same layer as one already listed
+                # a match spanning more than the conv is timed as the subgraph it spans, in graph order
+                span = tuple(sorted(found.nodes, key=lambda n: cg.graph.nodes[n]["order"])) if found else (rec.node_id,)
                 options.append({"rule": name, "params": given, "kind": rep.kind_after, "macs": rep.macs_after,
-                                "model": _layer_model(cg, rec, rep.nodes, rep.initializers)})
-        if not options:
-            continue
-        layers = [_layer_model(cg, rec, [cg.node(rec.node_id)], [])] + [o["model"] for o in options]
-        key = TimingCache.key(layers, provider, threads, runs) if cache is not None else ""
-        timed = cache.get(key) if cache is not None else None
-        if timed is None:
-            rep = bench(layers, runs=runs, warmup=warmup, provider=provider, threads=threads,
-                        names=["original"] + [f"{o['rule']}{o['params']}" for o in options], progress=False,
-                        spinning=False)
-            base = np.asarray(rep.models[0].times_ms)
-            timed = {"before_ms": rep.models[0].median_ms,
-                     "ratios": [r.median for r in rep.ratios],  # medians over interleaved pairs
-                     "won": [float(np.mean(base > np.asarray(m.times_ms))) for m in rep.models[1:]]}
-            if cache is not None:
-                cache.put(key, timed)
-        t0 = timed["before_ms"]
-        for o, ratio, won in zip(options, timed["ratios"], timed["won"]):
-            out.append(Candidate(rec.node_id, o["rule"], o["params"], o["kind"], rec.macs, o["macs"], t0,
-                                 t0 / ratio, faster_share=won))
+                                "span": span, "rep": rep})
+        spans: dict[tuple[str, ...], list[dict]] = {}
+        for o in options:
+            spans.setdefault(o["span"], []).append(o)
+        for span, opts in spans.items():  # each span timed against its own original, interleaved
+            outs = _span_outputs(cg, span) if len(span) > 1 else []
+            layers = [_layer_model(cg, rec, [cg.node(n) for n in span], [], outs)] + [
+                _layer_model(cg, rec, o["rep"].nodes, o["rep"].initializers, outs) for o in opts]
+            key = TimingCache.key(layers, provider, threads, runs) if cache is not None else ""
+            timed = cache.get(key) if cache is not None else None
+            if timed is None:
+                got = bench(layers, runs=runs, warmup=warmup, provider=provider, threads=threads,
+                            names=["original"] + [f"{o['rule']}{o['params']}" for o in opts], progress=False,
+                            spinning=False)
+                base = np.asarray(got.models[0].times_ms)
+                timed = {"before_ms": got.models[0].median_ms,
+                         "ratios": [r.median for r in got.ratios],  # medians over interleaved pairs
+                         "won": [float(np.mean(base > np.asarray(m.times_ms))) for m in got.models[1:]]}
+                if cache is not None:
+                    cache.put(key, timed)
+            t0 = timed["before_ms"]
+            for o, ratio, won in zip(opts, timed["ratios"], timed["won"]):
+                before = o["rep"].macs_before if len(span) > 1 else rec.macs
+                out.append(Candidate(rec.node_id, o["rule"], o["params"], o["kind"], before, o["macs"], t0,
+                                     t0 / ratio, faster_share=won, touches=list(span) if len(span) > 1 else []))
         if progress is not None:
             progress(f"timing layers: {done + 1}/{len(records)} convs{_eta(t_start, done + 1, len(records))}")
     return out
+
+
+def stats_needed(cg: ConvGraph, by_id: Mapping[str, ConvRecord], node: str, rule: str, params: Mapping) -> list[str]:
+    """The convs of ``by_id`` whose calibration statistics a rewrite of ``node`` by ``rule`` fits on
+    (:meth:`convgraph.rule.Rule.calibrate_nodes`: the conv's own, ``prune``'s its consumers'), those that can
+    be calibrated."""
+    r = get_rule(rule)
+    ctx = RuleContext(cg, by_id, None, r.resolve_params({k: str(v) for k, v in params.items()}))
+    return [n for n in r.calibrate_nodes(by_id[node], ctx) if n in by_id and calibratable(by_id[n]) is None]
 
 
 def _eta(t_start: float, done: int, total: int) -> str:
