@@ -593,3 +593,32 @@ def test_the_returned_prefix_is_refitted_in_sequence_and_unstable_layers_are_nev
         assert any(p.steps == picked.steps for p in alone)
     _, plain = optimize(path, calib, held, budget=0.9, rules=["separable"], ranks=(1, 2), **FAST)
     assert {p.fit for p in plain.points} == {"alone"}
+
+
+def test_fits_spread_over_processes_equal_the_fits_in_one(models_dir, monkeypatch):
+    """The candidates fitted in a pool of forked processes (one BLAS thread each) are the ones fitted in
+    this process; a deadline already past fits none."""
+    import convgraph.optimize as opt
+    from convgraph.analyze import analyze
+    from convgraph.calibrate import calibrate
+    from convgraph.optimize.timing import _unique_names
+
+    cg = load(models_dir / "sample.onnx")
+    _unique_names(cg)
+    original = cg.to_model()
+    by_id = {r.node_id: r for r in analyze(cg, rewrites=False).convs}
+    todo = [Candidate(n, rule, {"rank": r}, "", None, None, 1.0, 0.5) for n, rec in by_id.items()
+            if rec.kind == "standard" for rule in ("separable", "low-rank") for r in (1, 2)]
+    assert len(todo) >= 2 * opt.FIT_CHUNK
+    stats = calibrate(original, smooth_feeds(6, 30), nodes=sorted({c.node for c in todo}))
+    got = {}
+    for workers in (1, 2):
+        monkeypatch.setattr(opt.os, "cpu_count", lambda w=workers: w)
+        fitted = opt._Fitted(original, cg, by_id, stats, None)
+        said: list[str] = []
+        assert opt._fit_all(fitted, todo, float("inf"), said.append) == len(todo)
+        assert any("2 processes" in m for m in said) == (workers == 2)  # numpy's wheels bundle OpenBLAS
+        got[workers] = [[onnx.numpy_helper.to_array(t) for t in fitted.rep(c).initializers] for c in todo]
+    for one, two in zip(got[1], got[2]):  # equal but for rounding: one BLAS thread sums in another order
+        assert len(one) == len(two) and all(np.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(one, two))
+    assert opt._fit_all(opt._Fitted(original, cg, by_id, stats, None), todo, 0.0, lambda *_: None) == 0

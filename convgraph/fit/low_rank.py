@@ -14,12 +14,12 @@ from .moments import DAMP, check_stats, corrected_bias, damped, holdout_score, s
 if TYPE_CHECKING:  # the statistics are calibrate's; the fits only read them
     from ..calibrate import ConvStats
 
-#: Alternating least-squares sweeps of the low-rank fit with a kernel split (the spatial form).
-LOW_RANK_ALS_ITERS = 6
-
-
-#: Preconditioned conjugate-gradient steps per solve of the first factor inside a sweep.
-LOW_RANK_CG_ITERS = 12
+#: Alternating least-squares sweeps of the low-rank fit with a kernel split (the spatial form), and
+#: preconditioned conjugate-gradient steps per solve of the first factor inside a sweep. On YOLOv8n's 234
+#: low-rank candidates (held-out layer error, calibration on 24 images) 2 sweeps of 6 steps gave the same
+#: median error as 6 of 12 (90th percentile of the ratio 1.017) in half the time (31.5 s against 61.6 s).
+LOW_RANK_ALS_ITERS = 2
+LOW_RANK_CG_ITERS = 6
 
 
 @dataclass
