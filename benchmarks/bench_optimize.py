@@ -514,6 +514,9 @@ def main(argv=None) -> int:
                          "sources, which are then only reported: the gap between the two shows")
     ap.add_argument("--quantile", type=float, help="hold the budget on this share of the held-out images")
     ap.add_argument("--time-budget", type=float, help="seconds per optimize run")
+    ap.add_argument("--text-heldout", type=int, default=0,
+                    help="hold the budget on images with text instead: skimage's page and text and this many "
+                         "synthetic pages (another seed than --text-calib's); the other sources are still reported")
     ap.add_argument("--coverage", metavar="MODELS", help="only the coverage check of thinner calibration sets")
     ap.add_argument("--estimates", metavar="MODEL", help="only estimated vs judged candidate errors")
     ap.add_argument("--outputs-only", action="store_true",
@@ -548,11 +551,15 @@ def main(argv=None) -> int:
             calib = input_set(original, folder, spec)
             held = input_set(original, link_folder(Path(tmp) / "held", HELD_OUT), spec)
             text = input_set(original, link_folder(Path(tmp) / "text", TEXT_IMAGES), spec)
+            search_held = held
+            if args.text_heldout:  # the budget held on images with text: skimage's two and synthetic pages
+                pages = link_folder(Path(tmp) / "text_held", TEXT_IMAGES)
+                search_held = input_set(original, text_images(pages, args.text_heldout, size, seed=1000), spec)
             measured = None
             for budget in budgets:
                 t = time.perf_counter()
                 judged = tensors[:1] if args.outputs_only else tensors
-                model, rep = optimize(path, calib, None if args.split else held, budget=budget,
+                model, rep = optimize(path, calib, None if args.split else search_held, budget=budget,
                                       quantile=args.quantile, time_budget=args.time_budget, rules=args.rules.split(","),
                                       ranks=[int(r) for r in args.ranks.split(",")], input_shapes=shapes,
                                       tensors=judged, measured=measured, threads=1, max_evals=args.max_evals,
