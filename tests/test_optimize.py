@@ -622,3 +622,12 @@ def test_fits_spread_over_processes_equal_the_fits_in_one(models_dir, monkeypatc
     for one, two in zip(got[1], got[2]):  # equal but for rounding: one BLAS thread sums in another order
         assert len(one) == len(two) and all(np.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(one, two))
     assert opt._fit_all(opt._Fitted(original, cg, by_id, stats, None), todo, 0.0, lambda *_: None) == 0
+
+
+def test_the_fit_column_keeps_the_form_and_the_output_error():
+    from convgraph.cli.optimize import _fit_cell
+
+    notes = ("spatial form, rank 96 of 192 per group (96 intermediate channels); fitted on calibration patches "
+             "(whitened, whole-patch covariance, silu response), output error 0.0476")
+    assert _fit_cell(notes) == "spatial form, rank 96 of 192 per group (96 intermediate channels); output error 0.0476"
+    assert _fit_cell("rank 2 of 9, layout tiled") == "rank 2 of 9, layout tiled" and _fit_cell("") == ""

@@ -22,6 +22,16 @@ def _names(ctx, param, value) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
 
+def _fit_cell(notes: str) -> str:
+    """A chosen rewrite's fit in a few words: the notes' first clause and the layer's output error (the whole
+    notes are in --json)."""
+    import re
+
+    err = re.search(r"output error ([0-9.e+-]+)", notes)
+    head = notes.split(";")[0]
+    return head + (f"; output error {err.group(1)}" if err and err.group(0) not in head else "")
+
+
 def render(report: OptimizeReport) -> None:
     """The human report: per-layer choices, the evaluated prefixes, the verdict."""
     if report.chosen:
@@ -30,8 +40,8 @@ def render(report: OptimizeReport) -> None:
               Column("fit", drop=3)],
              [(c.node, c.rule, ",".join(f"{k}={v}" for k, v in c.params.items()), c.kind_after, f"{c.saving_ms:.3f}",
                "" if c.faster_share is None else f"{c.faster_share:.0%}",
-               "?" if c.error_alone is None else f"{'≈' if c.error_estimated else ''}{c.error_alone:.2e}", c.notes)
-              for c in report.chosen],
+               "?" if c.error_alone is None else f"{'≈' if c.error_estimated else ''}{c.error_alone:.2e}",
+               _fit_cell(c.notes)) for c in report.chosen],
              title="chosen rewrites (per conv)")
     if report.points:
         show([Column("steps", "num"), Column("convs", "num", drop=2), Column("original ms", "num", drop=1),
