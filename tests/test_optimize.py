@@ -554,6 +554,10 @@ def test_a_time_budget_stops_the_search_with_a_note(models_dir):
                         time_budget=1e-3, **FAST)
     assert any("split off the calibration set" in n for n in split.notes)
     assert not any("split off the calibration set" in n for n in report.notes)
+    # split-off samples flatter the fits: the search holds a stricter budget on them, and says so
+    assert report.held_budget == 0.5 and split.held_budget == pytest.approx(1 - 0.5 / 3)
+    assert any("held cosine ≥ 0.833333 on them" in n for n in split.notes)
+    assert split.budget_text == "budget 0.5, held at 0.833333 on samples split off the calibration set"
     with pytest.raises(UsageError, match="--time-budget must be a positive"):
         optimize(models_dir / "sample.onnx", calib[:4], calib[4:], time_budget=0, **FAST)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from convgraph.optimize.samples import COVERAGE_RATIO, coverage, coverage_risk, features, sample_risks
+from convgraph.optimize.samples import (
+    COVERAGE_RATIO, SPLIT_MARGIN, coverage, coverage_risk, features, sample_risks, split_budget,
+)
 
 
 def test_coverage_is_about_one_for_alike_sets_and_large_for_a_set_of_a_few_scenes():
@@ -36,3 +38,9 @@ def test_sample_risks_name_what_each_risks():
     assert sample_risks(32, 16, False) == []
     small = sample_risks(4, 2, True)
     assert len(small) == 3 and "calibration" in small[0] and "held-out" in small[1] and "split off" in small[2]
+
+
+def test_split_budget_divides_the_allowed_error():
+    assert split_budget("cosine", 0.99) == 1 - 0.01 / SPLIT_MARGIN
+    assert split_budget("top1", 0.9) == 1 - 0.1 / SPLIT_MARGIN
+    assert split_budget("snr", 20.0) == 20.0 + 10 * np.log10(SPLIT_MARGIN)  # noise power ÷ SPLIT_MARGIN

@@ -134,10 +134,19 @@ class OptimizeReport:
     #: held-out samples' distance to the nearest calibration sample over calibration samples' to each other
     #: (medians, in the model's features; over 2: the calibration set does not cover the held-out one)
     coverage: float | None = None
+    #: the value of the metric the search held on the held-out samples: ``budget``, or stricter when they were
+    #: split off the calibration set (:data:`convgraph.optimize.samples.SPLIT_MARGIN`)
+    held_budget: float | None = None
 
     @property
     def held_on(self) -> str:
         return "worst sample" if self.quantile is None else f"{self.quantile:g} of the samples"
+
+    @property
+    def budget_text(self) -> str:
+        if self.held_budget is None or self.held_budget == self.budget:
+            return f"budget {self.budget:g}"
+        return f"budget {self.budget:g}, held at {self.held_budget:.6g} on samples split off the calibration set"
 
     @property
     def best_metric(self) -> float | None:
@@ -155,7 +164,7 @@ class OptimizeReport:
             return ("no rewrite was built: " + ("the time budget ran out first" if self.timed_out else
                                                  "no candidate saves measured time (in enough interleaved pairs)"))
         fast = max(self.points, key=lambda p: p.speedup or 0.0)
-        return (f"best held-out {self.metric} of a rewritten model {self.best_metric:.6g} (budget {self.budget:g}); "
+        return (f"best held-out {self.metric} of a rewritten model {self.best_metric:.6g} ({self.budget_text}); "
                 f"best speed-up {self.best_speedup:.2f}× (at {self.metric} {fast.metric:.6g})")
 
     def summary(self) -> str:
@@ -163,7 +172,7 @@ class OptimizeReport:
             return f"no faster model within the budget: {self.reached()}; the model is returned unchanged"
         return (f"{len(self.chosen)} conv(s) rewritten: {self.baseline_ms:.2f} ms → {self.measured_ms:.2f} ms "
                 f"measured ({self.speedup:.2f}×; predicted {self.predicted_ms:.2f} ms), held-out {self.metric} "
-                f"{self.metric_value:.6g} on the {self.held_on} (budget {self.budget:g}): PASS")
+                f"{self.metric_value:.6g} on the {self.held_on} ({self.budget_text}): PASS")
 
     def to_dict(self) -> dict:
         d = asdict(self)
