@@ -498,7 +498,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib", type=int, default=32, help="calibration images (crops of the sources)")
     ap.add_argument("--rules", default="separable,spatial-separable,dilated,low-rank")
     ap.add_argument("--ranks", default="1,2")
-    ap.add_argument("--max-evals", type=int, default=6)
+    ap.add_argument("--max-evals", type=int, default=12)
     ap.add_argument("--plot", help="folder for the Pareto PNGs")
     ap.add_argument("--save", help="folder to pickle each OptimizeReport into")
     ap.add_argument("--calibrate-only", metavar="MODEL", help="only calibrate MODEL (memory measurement)")

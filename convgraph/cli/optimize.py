@@ -97,7 +97,7 @@ def render(report: OptimizeReport) -> None:
 @image_options
 @input_shape_option
 @input_value_option
-@click.option("--max-evals", type=int, default=6, show_default=True, help="Prefixes built and judged in the search.")
+@click.option("--max-evals", type=int, default=12, show_default=True, help="Prefixes built and judged in the search.")
 @click.option("--refit", is_flag=True,
               help="Refit the prefix found (and the next longer one) conv by conv on the activations of the model "
                    "rewritten so far, and keep what judges better (slower).")

@@ -417,7 +417,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
              shares: Sequence[str] | None = None, selection: Selection | None = None, provider: str = "cpu", threads: int | None = 1,
              input_shapes: Mapping[str, Sequence[int]] | None = None, input_options: Mapping[str, Any] | None = None,
              tensors: Sequence[str] | None = None, measured: Sequence[Candidate] | None = None, probe: int = 8,
-             layer_runs: int = 30, bench_runs: int = 20, max_evals: int = 6, quantile: float | None = None,
+             layer_runs: int = 30, bench_runs: int = 20, max_evals: int = 12, quantile: float | None = None,
              time_budget: float | None = None, timing_cache: "TimingCache | str | os.PathLike | None" = None,
              refit: bool = False, estimate_errors: bool = True, progress=None) -> tuple[onnx.ModelProto, OptimizeReport]:
     """Rewrite the convs of ``model`` for the most measured speed within ``budget`` on held-out inputs.
