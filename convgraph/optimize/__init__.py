@@ -6,9 +6,12 @@ model-level error, fit it on calibration data, and prove the result on held-out 
 2. **Latency, measured.** Each conv and its candidate replacements run as one-layer models in
    onnxruntime, interleaved (:func:`convgraph.bench.bench`); a candidate's saving is the layer's measured
    time before minus after (MAC counts mislead: depthwise convs are memory-bound).
-3. **Error, measured.** Each candidate alone, fitted on the calibration statistics of the original
-   model (:mod:`convgraph.calibrate`, :mod:`convgraph.fit`), is run on a few calibration inputs and its
-   model-level output error recorded (1 − cosine, or noise/signal power for ``snr``).
+3. **Error, measured.** Each candidate whose layer reliably beat the original is fitted once on the
+   calibration statistics of the original model (:mod:`convgraph.calibrate`, :mod:`convgraph.fit`; in a
+   process per core), and its replacement kept. Its layer error is measured by running it alone on the
+   conv's inputs; per conv the options with the least and the most layer error are spliced into the
+   model and its output error judged on calibration inputs kept out of the fit (1 − cosine, or
+   noise/signal power for ``snr``), the others' scaled from their layer errors.
 4. **Greedy.** Per conv the options form a chain of increasingly aggressive steps (the lower convex
    hull of error against saving); all steps are ordered by saving per unit of error. The prefix whose
    predicted error (errors add) fits the budget is the first guess.
@@ -16,13 +19,14 @@ model-level error, fit it on calibration data, and prove the result on held-out 
    in 3 and judged on the held-out inputs; the longest prefix within the budget is found by bisection,
    and a step that alone turns a passing prefix into a failing one is backed off and the search goes on
    past it (:func:`search`). Every evaluated prefix is also timed: the measured error–latency front.
-6. **Sequential refit.** The prefix to return, and the next longer one, are rebuilt conv by conv in
+6. **Sequential refit** (``refit``). The prefix to return, and the next longer one, are rebuilt conv by conv in
    topological order, each fitted on the activations of the model rewritten so far against the original's
    outputs (cross moments), so that later convs make up for earlier ones' errors; judged and timed again.
 
 The package's modules, bottom-up: ``report`` (tunables and the data the optimizer returns), ``judge`` (the
 model-level metric), ``timing`` (1–2: the candidates and their one-layer latencies), ``greedy`` (4, and the
-prefix search of 5), ``sequential`` (6), ``plot``; the optimizer itself (3, 5) is here.
+prefix search of 5), ``sequential`` (6), ``samples`` (what a calibration and held-out set risk), ``plot``; the optimizer
+itself (3, 5) is here.
 """
 
 from __future__ import annotations
@@ -294,7 +298,7 @@ def _fit_all(fitted: _Fitted, todo: Sequence[Candidate], deadline: float, say) -
     t = time.perf_counter()
     workers = min(os.cpu_count() or 1, 8)
     if (workers < 2 or "fork" not in mp.get_all_start_methods() or len(todo) < 2 * FIT_CHUNK
-            or not _blas_threads(int(os.environ.get("OPENBLAS_NUM_THREADS", 0)) or workers)):
+            or not _blas_threads(int(os.environ.get("OPENBLAS_NUM_THREADS", 0)) or os.cpu_count() or 1)):
         for i, c in enumerate(todo):
             if time.perf_counter() > deadline:
                 return i
