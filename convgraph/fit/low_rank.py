@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import ModelError
 from .activation import scaled_rows
-from .moments import DAMP, check_stats, corrected_bias, damped, holdout_score, solve, sqrt_pair
+from .moments import DAMP, corrected_bias, fit_group, damped, holdout_score, solve, sqrt_pair
 
 if TYPE_CHECKING:  # the statistics are calibrate's; the fits only read them
     from ..calibrate import ConvStats
@@ -257,11 +257,7 @@ def low_rank_fit(w: np.ndarray, bias: np.ndarray | None, rank: int, stats: ConvS
         f.first, f.second = _balance(f.first, f.second / sd.reshape(g, -1, 1, 1))
         f.bias = f.bias / sd
         return f
-    group = group or (1 if stats is None else stats.group)
-    if stats is not None:
-        check_stats(w, stats)
-        if group != stats.group:
-            raise ModelError(f"conv {stats.node_id}: group {group} given, the statistics have {stats.group}")
+    group = fit_group(w, stats, group)
     w = w.astype(np.float64)
     k = int(np.prod(w.shape[2:]))
     q = int(second_taps)

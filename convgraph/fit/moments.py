@@ -73,6 +73,17 @@ def check_stats(w: np.ndarray, stats: ConvStats) -> None:
                          f"{stats.count} patches) do not fit weights of shape {w.shape}")
 
 
+def fit_group(w: np.ndarray, stats: ConvStats | None, group: int | None) -> int:
+    """The group a fit of weights ``w`` works in: ``group``, else the statistics', else 1; the statistics
+    checked against ``w`` and that group."""
+    group = group or (1 if stats is None else stats.group)
+    if stats is not None:
+        check_stats(w, stats)
+        if group != stats.group:
+            raise ModelError(f"conv {stats.node_id}: group {group} given, the statistics have {stats.group}")
+    return group
+
+
 def corrected_bias(w: np.ndarray, w_new: np.ndarray, bias: np.ndarray | None, stats: ConvStats) -> np.ndarray:
     """b' = b + W μ_ref − W' μ: the new conv keeps the original's mean output on calibration data."""
     g = stats.group

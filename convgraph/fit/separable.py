@@ -7,10 +7,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import ModelError
 from .activation import scaled_rows
 from .moments import (
-    DAMP, channel_targets, check_stats, corrected_bias, damped, holdout_score, per_channel, per_group, solve,
+    DAMP, channel_targets, corrected_bias, fit_group, damped, holdout_score, per_channel, per_group, solve,
     sqrt_pair,
 )
 
@@ -68,11 +67,7 @@ def separable_fit(w: np.ndarray, bias: np.ndarray | None, rank: int, stats: Conv
         f.pointwise = (f.pointwise.reshape(g, c // g, og, r) / sd.reshape(g, 1, og, 1)).reshape(c, og, r)
         f.bias = f.bias / sd
         return f
-    group = group or (1 if stats is None else stats.group)
-    if stats is not None:
-        check_stats(w, stats)
-        if group != stats.group:
-            raise ModelError(f"conv {stats.node_id}: group {group} given, the statistics have {stats.group}")
+    group = fit_group(w, stats, group)
     wc = per_channel(w.astype(np.float64), group)  # (C, Og, K)
     r = int(min(rank, wc.shape[1], wc.shape[2]))
     if stats is None or (r == min(wc.shape[1], wc.shape[2]) and stats.cross is None):  # exact at full rank
