@@ -104,11 +104,12 @@ def _coverage(original: onnx.ModelProto, records: Sequence[ConvRecord], calib: I
     return coverage(f[:len(calib)], f[len(calib):]), deep.input
 
 
-def _replacement(cg: ConvGraph, by_id: Mapping[str, ConvRecord], c: Candidate, stats):
-    """The rule's replacement of candidate ``c``'s conv, fitted on ``stats`` (None when the rule refuses the
-    conv with these statistics)."""
-    rec, rule = by_id[c.node], get_rule(c.rule)
-    params = rule.resolve_params({k: str(v) for k, v in c.params.items()})
+def _replacement(cg: ConvGraph, by_id: Mapping[str, ConvRecord], node: str, rule_name: str,
+                 given: Mapping[str, Any], stats):
+    """``rule_name``'s replacement of conv ``node`` with params ``given``, fitted on ``stats`` (None when the
+    rule refuses the conv with these statistics)."""
+    rec, rule = by_id[node], get_rule(rule_name)
+    params = rule.resolve_params({k: str(v) for k, v in given.items()})
     ctx = RuleContext(cg, by_id, stats, params)
     why, found = rule.check(rec, ctx)
     if why is not None:
@@ -173,9 +174,13 @@ class _Fitted:
         self.order = {n.name: i for i, n in enumerate(self.nodes)}
 
     def rep(self, c: Candidate):
-        k = _key(c.node, c.rule, c.params)
+        """Candidate ``c``'s replacement, fitted once (None when its rule refuses the conv)."""
+        return self.rep_of(c.node, c.rule, c.params)
+
+    def rep_of(self, node: str, rule: str, params: Mapping[str, Any]):
+        k = _key(node, rule, params)
         if k not in self.reps:
-            self.reps[k] = _replacement(self.cg, self.by_id, c, self.stats)
+            self.reps[k] = _replacement(self.cg, self.by_id, node, rule, params, self.stats)
         return self.reps[k]
 
     def place(self, rep, node: str) -> int | None:
@@ -187,7 +192,7 @@ class _Fitted:
         conv the fit's notes. Replacements that do not simply stand in for their conv go through the engine."""
         reps, engine, notes = [], {}, {}
         for node, (rule, params) in plan.items():
-            rep = self.rep(Candidate(node, rule, dict(params), "", None, None, 0.0, 0.0))
+            rep = self.rep_of(node, rule, params)
             if rep is None:
                 raise CheckFailed(f"{rule} refuses {node} with the calibration statistics")
             at = self.place(rep, node)
