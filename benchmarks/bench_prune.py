@@ -16,8 +16,8 @@ rewrite keeps the name of), for
 ``--against-low-rank MODEL [--calib N]`` (yolov8n, ppocr-det): the candidates ``convgraph optimize`` would
 weigh, without timing anything: prune at each of ``KEEP_SHARES`` on every conv it can prune, and low-rank at
 each of its shares on every conv a pruning touches; each fitted on N calibration crops and its model-level
-error alone (1 − cosine on the worst held-out photo, the worst of the judged tensors; as the optimizer's
-``_alone`` builds it) against the MACs it saves. Per keep share: the errors, and prune against the best
+error alone (1 − cosine on the worst held-out photo, the worst of the judged tensors; spliced into the
+model as the optimizer's ``_Fitted.model`` builds it) against the MACs it saves. Per keep share: the errors, and prune against the best
 low-rank candidate on the same convs that saves at least as many MACs.
 """
 
@@ -45,7 +45,7 @@ def against_low_rank(name: str, count: int) -> None:
     from convgraph import load, zoo
     from convgraph.analyze import analyze
     from convgraph.calibrate import calibrate
-    from convgraph.optimize import Candidate, Judge, _alone
+    from convgraph.optimize import Candidate, Judge, _Fitted
     from convgraph.optimize.timing import _rule_options, _unique_names, stats_needed
     from convgraph.registry import get_rule
     from convgraph.rule import RuleContext
@@ -81,8 +81,9 @@ def against_low_rank(name: str, count: int) -> None:
     stats = calibrate(model, calib, nodes=sorted({n for c in todo for n in stats_needed(cg, by_id, c.node, c.rule,
                                                                                         c.params)}),
                       input_shapes=shapes)
+    fitted = _Fitted(model, cg, by_id, stats, shapes)
     for i, c in enumerate(todo):
-        c.error = judge.judge(_alone(model, cg, by_id, c, stats, shapes))[1]
+        c.error = judge.judge(fitted.model({c.node: (c.rule, c.params)})[0])[1]
         print(f"{i + 1}/{len(todo)} {c.node} {c.rule} {c.params} saves {c.macs_before - c.macs_after} MACs: "
               f"error {c.error:.2e}", file=sys.stderr, flush=True)
     low = [c for c in todo if c.rule == "low-rank"]
