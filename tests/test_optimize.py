@@ -433,9 +433,9 @@ def test_optimize_reports_the_per_sample_distribution_and_the_samples_left_out(t
     feeds = smooth_feeds(10, 22, shape=(1, 3, 16, 16))
     held = feeds[8:] + [{"x": np.zeros((1, 3, 16, 16), np.float32)}]
     _, report = optimize(path, feeds[:8], held, budget=0.01, rules=["separable"], ranks=(1,), **FAST)
-    assert list(report.excluded) == ["y"] and report.excluded["y"][0]["sample"] == "#2"
+    assert list(report.excluded) == ["y"] and report.excluded["y"][0]["sample"] == "sample 2"
     assert report.outputs["y"]["distribution"]["judged"] == 2
-    assert any("1 of 3 held-out sample(s) left out of judging 'y'" in n and "#2 (every value" in n
+    assert any("1 of 3 held-out sample(s) left out of judging 'y'" in n and "sample 2 (every value" in n
                for n in report.notes)
     assert any("only 8 calibration sample(s)" in n for n in report.notes)
     assert any("checked on 3 held-out sample(s) only" in n for n in report.notes)
@@ -445,7 +445,7 @@ def test_optimize_reports_the_per_sample_distribution_and_the_samples_left_out(t
                  "--budget", "0.01", "--quantile", "0.9", "--rules", "separable", "--ranks", "1", "--max-evals", "1",
                  "-o", str(tmp_path / "o.onnx"), "--json"])
     doc = json.loads(capsys.readouterr().out)
-    assert code in (0, 1) and doc["quantile"] == 0.9 and doc["excluded"]["y"][0]["sample"] == "#2"
+    assert code in (0, 1) and doc["quantile"] == 0.9 and doc["excluded"]["y"][0]["sample"] == "sample 2"
     assert {"min", "p5", "median", "judged", "excluded"} <= set(doc["outputs"]["y"]["distribution"])
 
 

@@ -80,7 +80,7 @@ def _input_set(model: onnx.ModelProto, inputs, input_shapes, options: Mapping[st
 
 def _subset(data: InputSet, idx: Sequence[int], describe: str) -> InputSet:
     idx = list(idx)
-    return InputSet(len(idx), lambda i: data[idx[i]], describe, data.specs)
+    return InputSet(len(idx), lambda i: data[idx[i]], describe, data.specs, [data.names[i] for i in idx])
 
 
 #: The share of a time budget (from the start) after which no more candidate errors are measured: the
@@ -488,12 +488,8 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     else:
         held_set = _input_set(original, heldout, input_shapes, options, "held-out")
     # ``threads`` is for what is timed; runs that only compute (judging, calibration) use every core
-    if heldout is None:
-        held_names = [f"calibration sample {i}" for i in range(3, len(calib_set) + len(held_set), 4)]
-    else:
-        held_names = getattr(held_set, "names", None)
     judge_held = Judge(original, list(held_set), metric, provider, None, tensors, quantile=quantile,
-                       names=held_names)
+                       names=held_set.names)
     risks = sample_risks(len(calib_set), len(held_set), heldout is None)
     covered = _coverage(original, records, calib_set, held_set, provider) if heldout is not None else None
     if covered is not None and (risk := coverage_risk(*covered)) is not None:

@@ -36,7 +36,7 @@ class Judge:
         self.quantile = quantile
         if not self.feeds:
             raise UsageError("the held-out set is empty")
-        self.sample_names = list(names) if names is not None else [f"#{i}" for i in range(len(self.feeds))]
+        self.sample_names = list(names) if names is not None else [f"sample {i}" for i in range(len(self.feeds))]
         self.names = list(tensors) if tensors else [o.name for o in model.graph.output]
         produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
         missing = [t for t in self.names if t not in produced]
@@ -104,6 +104,11 @@ class Judge:
                 "median": float(np.median(vals)) if vals else None,
                 "worst_sample": self.sample_names[m.worst_sample] if m.worst_sample is not None else None,
                 "excluded": [{"sample": s, "why": w} for s, w in self.excluded.get(n, [])]}
+            d["decided_by"] = m.decided_by
+            d["part_distribution"] = [
+                {"part": p.name, "min": p.cosine if p.worst_sample is not None else None,
+                 "worst_sample": self.sample_names[p.worst_sample] if p.worst_sample is not None else None,
+                 "silent": p.degenerate_reason if p.worst_sample is None else None} for p in m.parts]
             out[n] = d
         return value, error, out
 
