@@ -41,7 +41,7 @@ from convgraph.bench import bench
 from convgraph.inputs import InputSet, make_inputs
 from convgraph.optimize import optimize, plot_pareto
 from convgraph.runtime import create_session, expose_tensors, run
-from convgraph.verify import compare
+from convgraph.metrics import compare
 
 #: Sources of the calibration crops; the held-out images below are never fitted on.
 FIT_SOURCES = ("astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png", "rocket.jpg", "retina.jpg",

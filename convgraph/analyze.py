@@ -15,9 +15,10 @@ from typing import Any, Iterator
 import onnx
 
 from . import arithmetic as ar
-from .convops import CONV_OPS, ConvOp, classify, conv_op  # noqa: F401 - lived here: still importable from here
+from .convops import ConvOp, classify, conv_op
 from .errors import ModelError
-from .graph import ConvGraph, gc_paused, real_inputs
+from .graph import ConvGraph, gc_paused
+from .shapes import real_inputs
 from .record import KINDS, ConvRecord, RewriteOption
 from .roofline import memory_cost
 from .weights import constant_shape, constant_source, elem_type

@@ -480,7 +480,8 @@ def calibrate(model, inputs, *, nodes: Iterable[str] | None = None, reference=No
     """
     from .analyze import analyze
     from .fit.activation import activation_of
-    from .graph import ConvGraph, load
+    from .graph import ConvGraph
+    from .loader import load
     from .runtime import create_session, expose_tensors
 
     cg = model if isinstance(model, ConvGraph) else load(model, input_shapes, check=False)

@@ -42,7 +42,8 @@ import numpy as np
 import onnx
 
 from . import runtime
-from .analyze import Analysis, conv_op
+from .analyze import Analysis
+from .convops import conv_op
 from .errors import ModelError, UsageError
 from .graph import ConvGraph
 from .inputs import make_inputs

@@ -1002,7 +1002,8 @@ def propagate(cg, values: "dict[str, np.ndarray] | None" = None) -> None:
     (identifier → ``{"input", "axis"}``) and ``undecided`` (If nodes whose condition is unknown: graph path,
     node id, the inputs it is computed from), and each If body's ``taken``.
     """
-    from .shapes import TensorInfo, real_inputs, refresh_edges
+    from .shapes import TensorInfo, real_inputs
+    from .graph import refresh_edges
 
     opset = next((o.version for o in cg.model.opset_import if o.domain in ("", "ai.onnx")), 1)
     inputs = [vi.name for vi in real_inputs(cg.model.graph) if vi.name in cg._producer]

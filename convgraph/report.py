@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .analyze import Analysis, best_saving, conv_op
+from .analyze import Analysis, best_saving
+from .convops import conv_op
 from .errors import UsageError
 from .expr import parse
 from .record import KINDS, ConvRecord

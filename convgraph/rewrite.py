@@ -20,11 +20,12 @@ import onnx
 from . import regions
 from .analyze import analyze
 from .errors import UsageError
-from .graph import ConvGraph, load
+from .graph import ConvGraph
+from .loader import load
 from .progress import staged
 from .record import REWRITES_KEY, ConvRecord
 from .registry import get_rule
-from .rewrite_check import EXACT_RTOL, numerics, structural_checks  # noqa: F401 - EXACT_RTOL: importable here too
+from .rewrite_check import numerics, structural_checks
 from .rule import Rule, RuleContext, Skip
 
 #: Ops whose outputs depend only on their inputs: safe to drop once nothing reads them.
@@ -279,7 +280,7 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
     checked with onnxruntime against the original: exact rewrites must keep each node's output within
     1e-4 relative (else CheckFailed names the node); ``atol``/``rtol``/``min_cosine`` make the model
     outputs' tolerance a requirement (report.passed False when exceeded). ``probe`` measures the shapes
-    onnx's inference loses (:func:`convgraph.shapes.probe_shapes`), so that those convs get MACs too.
+    onnx's inference loses (:func:`convgraph.probe.probe_shapes`), so that those convs get MACs too.
     Returns the new model and the report; the input is never modified.
     """
     if not rules:

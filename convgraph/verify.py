@@ -19,9 +19,10 @@ import onnx
 
 from . import runtime
 from .errors import ModelError
-from .graph import ConvGraph, load
+from .graph import ConvGraph
+from .loader import load
 from .inputs import InputSpec, make_inputs, input_specs
-from .metrics import DEFAULT_ATOL, DEFAULT_RTOL, Accumulator, Metrics, Tolerance, compare  # noqa: F401 - re-exported
+from .metrics import Accumulator, Metrics, Tolerance
 from .localize import Localization, first_divergence
 from .progress import track
 from .record import REWRITES_KEY

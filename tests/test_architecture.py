@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("errors", "expr", "record", "progress", "io", "weights", "synthetic", "zoo", "arithmetic",
                     "convops", "metrics")),
     ("runtime", ("runtime", "inputs", "bench")),
-    ("model", ("shapes", "propagate", "graph")),
+    ("model", ("shapes", "graph", "propagate", "probe", "loader")),
     ("analysis", ("patterns", "receptive", "roofline", "regions")),
     ("rules", ("rule", "fit", "fit.*", "rules", "rules.*", "registry")),
     ("analyzer", ("analyze", "report")),

@@ -12,7 +12,7 @@ from convgraph import UsageError, load
 from convgraph.cli import main
 from convgraph.optimize import (Candidate, Judge, fit_sequential, greedy_sequence, optimize, plan_of,
                                 plot_pareto, search)
-from convgraph.verify import compare
+from convgraph.metrics import compare
 from helpers import FAST, smooth_feeds
 
 

@@ -180,7 +180,7 @@ def test_optimize_chooses_prune_within_the_budget(models_dir):
     assert report.passed and report.chosen and all(c.rule == "prune" for c in report.chosen)
     ref = [run(create_session(str(path)), f)[0] for f in held]
     got = [run(create_session(m), f)[0] for f in held]
-    from convgraph.verify import compare
+    from convgraph.metrics import compare
 
     assert compare(ref, got).cosine == pytest.approx(report.metric_value, abs=1e-9) and report.metric_value >= 0.99
     touched = [set(next(c for c in report.candidates if (c.node, c.rule, c.params) == (ch.node, ch.rule, ch.params))

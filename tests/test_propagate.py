@@ -19,11 +19,11 @@ from convgraph.cli import main
 from convgraph.errors import ModelError, UsageError
 from convgraph.expr import Expr, parse
 from convgraph.inputs import make_inputs
-from convgraph.shapes import probe_shapes
+from convgraph.probe import probe_shapes
 from helpers import BACKEND, LIGHT, REAL, light_inputs, original_run, shipped_inputs
 
 
-pytestmark = pytest.mark.filterwarnings("ignore::convgraph.graph.ConvGraphWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::convgraph.errors.ConvGraphWarning")
 F = TensorProto.FLOAT
 H, W = Expr.symbol("H"), Expr.symbol("W")
 

@@ -16,12 +16,13 @@ import convgraph.runtime
 import convgraph.shapes
 from convgraph.analyze import analyze
 from convgraph.errors import UsageError
-from convgraph.graph import ConvGraphWarning, load
+from convgraph.errors import ConvGraphWarning
+from convgraph.loader import load
 from convgraph.inputs import input_specs, random_inputs
-from convgraph.shapes import probe_shapes, unknown_tensors
+from convgraph.probe import probe_shapes, unknown_tensors
 from helpers import F, computed_reshape, run_cli, write_model
 
-pytestmark = pytest.mark.filterwarnings("ignore::convgraph.graph.ConvGraphWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::convgraph.errors.ConvGraphWarning")
 
 REC_SHAPE = {"x": [1, 3, 48, 320]}
 
@@ -35,9 +36,7 @@ def _one_error(code: int, err: str, *needles: str) -> str:
 
 
 # ---- the split ------------------------------------------------------------------------------------
-def test_graph_still_exports_the_shape_helpers() -> None:
-    for name in ("TensorInfo", "parse_input_shape", "real_inputs", "probe_shapes", "_infer", "_collect_shapes"):
-        assert getattr(convgraph.graph, name) is getattr(convgraph.shapes, name), name
+def test_the_package_exports_tensor_info() -> None:
     assert convgraph.TensorInfo is convgraph.shapes.TensorInfo
 
 

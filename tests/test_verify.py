@@ -16,7 +16,8 @@ import convgraph
 from convgraph import localize
 from convgraph.cli import main
 from convgraph.errors import ModelError, UsageError
-from convgraph.verify import REWRITES_KEY, compare, verify
+from convgraph.verify import REWRITES_KEY, verify
+from convgraph.metrics import compare
 from helpers import perturbed
 
 REAL = [("yolov8n", "images"), ("ppocr-det", "x")]

@@ -9,7 +9,8 @@ import click
 from .. import report
 from ..analyze import analyze as run_analysis
 from ..errors import UsageError
-from ..graph import gc_paused, load
+from ..graph import gc_paused
+from ..loader import load
 from ..io import check_output_path, write_output
 from . import cli, common
 from .common import (emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, probe_option,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 
-from ..graph import parse_input_shape
+from ..shapes import parse_input_shape
 from ..shapes import parse_input_value
 
 if TYPE_CHECKING:

@@ -82,7 +82,7 @@ def _explain(report) -> None:
 
 def _time_estimates(model, report, input_shapes, data, threads, provider) -> dict:
     """``{"profile", "time_estimates"}``: the original profiled, each change's time saved estimated."""
-    from ..graph import load
+    from ..loader import load
     from ..profile import change_estimates
 
     data = dict(data)

@@ -43,7 +43,8 @@ import onnx
 from ..analyze import analyze
 from ..calibrate import Calibration, calibrate
 from ..errors import CheckFailed, UsageError
-from ..graph import ConvGraph, load
+from ..graph import ConvGraph
+from ..loader import load
 from ..inputs import InputSet, make_inputs
 from ..record import ConvRecord
 from ..registry import get_rule

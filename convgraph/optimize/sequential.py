@@ -9,7 +9,8 @@ import onnx
 
 from ..analyze import analyze
 from ..calibrate import Calibration, calibrate
-from ..graph import ConvGraph, load
+from ..graph import ConvGraph
+from ..loader import load
 from .timing import _apply, stats_needed
 
 
