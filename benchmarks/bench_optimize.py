@@ -221,7 +221,8 @@ def layer_fits(name: str, count: int) -> None:
     """Per standard conv: held-out relative output error of the layer alone, weight SVD vs data-aware fits
     (whitened SVD only, then the method chosen on held-out calibration batches), separable rank 1 and 4."""
     from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate, patches
+    from convgraph.calibrate import calibrate
+    from convgraph.fit.calibration import patches
     from convgraph.fit import separable_fit
     from convgraph.weights import constant_value
 

@@ -8,7 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from convgraph import fit, load
-from convgraph.calibrate import Calibration, ConvStats, calibrate, patches
+from convgraph.fit.calibration import Calibration, ConvStats, patches
+from convgraph.calibrate import calibrate
 from convgraph.rewrite import rewrite
 from convgraph.runtime import create_session, expose_tensors
 

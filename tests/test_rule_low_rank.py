@@ -16,7 +16,8 @@ from helpers import (
 import convgraph
 from convgraph import fit
 from convgraph.analyze import analyze
-from convgraph.calibrate import ConvStats, calibrate, patches
+from convgraph.fit.calibration import ConvStats, patches
+from convgraph.calibrate import calibrate
 from convgraph.registry import get_rule
 from convgraph.rule import RuleContext
 from convgraph.rules import low_rank

@@ -41,7 +41,8 @@ import numpy as np
 import onnx
 
 from ..analyze import analyze
-from ..calibrate import Calibration, calibrate
+from ..fit.calibration import Calibration
+from ..calibrate import calibrate
 from ..errors import CheckFailed, UsageError
 from ..graph import ConvGraph
 from ..loader import load

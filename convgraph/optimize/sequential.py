@@ -8,7 +8,8 @@ import networkx as nx
 import onnx
 
 from ..analyze import analyze
-from ..calibrate import Calibration, calibrate
+from ..fit.calibration import Calibration
+from ..calibrate import calibrate
 from ..graph import ConvGraph
 from ..loader import load
 from .timing import _apply, stats_needed
