@@ -400,7 +400,7 @@ def saved_ms(time_ms: float | None, macs: int | None, macs_after: int | None) ->
 def change_estimates(cg: ConvGraph, changes, **kwargs) -> tuple[Profile, list[dict[str, Any]]]:
     """Profile ``cg`` (kwargs as :func:`profile`) and estimate each rewrite change's time saved.
 
-    ``changes``: :class:`convgraph.rewrite.Change` items (node label, graph, MACs before and after). Returns
+    ``changes``: :class:`convgraph.rewrite_report.Change` items (node label, graph, MACs before and after). Returns
     the profile and, per change, ``{"node", "rule", "time_ms", "saved_ms_estimate"}``.
     """
     prof = profile(cg, **kwargs)

@@ -13,7 +13,7 @@ from .errors import CheckFailed
 from .progress import staged, track
 
 if TYPE_CHECKING:
-    from .rewrite import Change, RewriteReport
+    from .rewrite_report import Change, RewriteReport
 
 #: Exact rewrites must keep every rewritten node's output within this relative error (max abs error / max abs
 #: reference, the new nodes against the old ones alone), float32 accumulation order being the only difference.
