@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_chain import make_chain  # noqa: E402
 
 import convgraph  # noqa: E402
-from convgraph import graph as cgraph  # noqa: E402
-from convgraph import loader, shapes as cshapes  # noqa: E402
+from convgraph.model import graph as cgraph  # noqa: E402
+from convgraph.model import loader, shapes as cshapes  # noqa: E402
 from convgraph.io import read_model  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""convgraph.calibrate: patch extraction, streamed moments, held-out halves, cross/target moments, files."""
+"""convgraph.engine.calibrate: patch extraction, streamed moments, held-out halves, cross/target moments, files."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 from convgraph.fit import calibration
 from convgraph import UsageError, load
-from convgraph.analyze import analyze
+from convgraph.analysis.analyze import analyze
 from convgraph.fit.calibration import Calibration, ConvStats, patches
-from convgraph.calibrate import calibrate
+from convgraph.engine.calibrate import calibrate
 from convgraph.fit import target_fit
-from convgraph.weights import constant_value
+from convgraph.model.weights import constant_value
 
 
 def naive_patches(x, kernel, strides, pads, dilations):

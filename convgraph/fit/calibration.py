@@ -1,6 +1,6 @@
 """Calibration statistics: the input patches each conv really sees, accumulated over a calibration set.
 
-:func:`convgraph.calibrate.calibrate` gathers them; the fits (:mod:`convgraph.fit`) read them. The model runs
+:func:`convgraph.engine.calibrate.calibrate` gathers them; the fits (:mod:`convgraph.fit`) read them. The model runs
 once over the calibration inputs with the selected convs' input tensors exposed as extra
 outputs, one batch at a time; each batch is folded into per-conv moments and dropped, so memory is the
 statistics plus one batch of activations, never the whole set. For each conv and input channel ``c``
@@ -30,9 +30,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from ..arithmetic import conv_pads, prod
+from ..model.arithmetic import conv_pads, prod
 from ..errors import ModelError, UsageError
-from ..record import ConvRecord
+from ..model.record import ConvRecord
 
 #: Largest (C_in/group)·prod(kernel) whose full patch covariance is kept (2304 = 256 channels × 3×3).
 FULL_MAX = 2304

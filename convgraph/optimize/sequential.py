@@ -7,11 +7,11 @@ from typing import Mapping
 import networkx as nx
 import onnx
 
-from ..analyze import analyze
+from ..analysis.analyze import analyze
 from ..fit.calibration import Calibration
-from ..calibrate import calibrate
-from ..graph import ConvGraph
-from ..loader import load
+from ..engine.calibrate import calibrate
+from ..model.graph import ConvGraph
+from ..model.loader import load
 from .timing import _apply, stats_needed
 
 

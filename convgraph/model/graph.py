@@ -1,7 +1,7 @@
 """ConvGraph: a lossless ONNX model ⇄ networkx.MultiDiGraph view, with subgraphs and inferred shapes.
 
-The shapes themselves live in :mod:`convgraph.shapes` (input shapes, onnx's inference) and
-:mod:`convgraph.probe` (shapes measured with onnxruntime); :mod:`convgraph.loader` builds a ConvGraph from a model.
+The shapes themselves live in :mod:`convgraph.model.shapes` (input shapes, onnx's inference) and
+:mod:`convgraph.model.probe` (shapes measured with onnxruntime); :mod:`convgraph.model.loader` builds a ConvGraph from a model.
 
 Nodes of ``ConvGraph.graph``:
 
@@ -34,8 +34,8 @@ import networkx as nx
 import onnx
 from onnx import helper
 
-from .errors import ModelError, UsageError
-from .io import write_model
+from ..errors import ModelError, UsageError
+from ..io import write_model
 from .shapes import TensorInfo, _sub_protos
 
 _A = onnx.AttributeProto
@@ -80,7 +80,7 @@ class ConvGraph:
         self.owner = owner  # id of the If/Loop/Scan node in ``parent`` this body belongs to
         self.graph = nx.MultiDiGraph()
         self.shapes: dict[str, TensorInfo] = {}
-        self.measured: set[str] = set()  # tensors whose shapes convgraph.probe.probe_shapes measured
+        self.measured: set[str] = set()  # tensors whose shapes convgraph.model.probe.probe_shapes measured
         self.warnings: list[str] = []
         self.input_shapes: dict[str, list] = {}
         self.input_values: dict = {}  # input name → the numpy array the user fixed (--input-value)
@@ -263,7 +263,7 @@ class ConvGraph:
         return info.shape if info else None
 
     def shape_measured(self, tensor: str) -> bool:
-        """Whether the shape of ``tensor`` was measured by running the model (:func:`~convgraph.probe.probe_shapes`)
+        """Whether the shape of ``tensor`` was measured by running the model (:func:`~convgraph.model.probe.probe_shapes`)
         rather than inferred (looked up in enclosing graphs for outer captures)."""
         if tensor in self.measured:
             return True

@@ -1,6 +1,6 @@
 """What a rewrite did (:class:`Change`, :class:`Explanation`) and how its result was checked (:class:`RewriteReport`).
 
-:mod:`convgraph.rewrite` fills the report and :mod:`convgraph.rewrite_check` adds the checks to it.
+:mod:`convgraph.engine.rewrite` fills the report and :mod:`convgraph.engine.rewrite_check` adds the checks to it.
 """
 
 from __future__ import annotations

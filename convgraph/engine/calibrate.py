@@ -7,10 +7,10 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 import onnx
 
-from .errors import UsageError
-from .fit.calibration import FULL_MAX, FULL_POSITIONS, Calibration, ConvStats
-from .progress import track
-from .record import ConvRecord
+from ..errors import UsageError
+from ..fit.calibration import FULL_MAX, FULL_POSITIONS, Calibration, ConvStats
+from ..progress import track
+from ..model.record import ConvRecord
 
 
 # ---- running a model over calibration data ------------------------------------------------------------
@@ -28,10 +28,10 @@ def calibratable(rec: ConvRecord) -> str | None:
 def _feeds(model: onnx.ModelProto, inputs, input_shapes, samples: int | None, seed: int,
            options: Mapping[str, Any]) -> Iterable[dict[str, np.ndarray]]:
     """Feed dicts, one batch each: an iterator as it is (consumed once); anything else through
-    :func:`convgraph.inputs.make_inputs` (an ``.npz`` path, an image folder, arrays, a list of feeds)."""
+    :func:`convgraph.run.inputs.make_inputs` (an ``.npz`` path, an image folder, arrays, a list of feeds)."""
     if isinstance(inputs, Iterator):
         return inputs
-    from .inputs import make_inputs
+    from ..run.inputs import make_inputs
 
     return make_inputs(model, inputs, samples=samples, seed=seed, input_shapes=input_shapes, **options)
 
@@ -44,7 +44,7 @@ def calibrate(model, inputs, *, nodes: Iterable[str] | None = None, reference=No
     """Run ``model`` over ``inputs`` and return the input-patch statistics of its convs.
 
     ``inputs``: an iterator of feed dicts (one batch each, consumed once), or what
-    :func:`convgraph.inputs.make_inputs` takes (an ``.npz`` path, an image folder, a dict of arrays, a
+    :func:`convgraph.run.inputs.make_inputs` takes (an ``.npz`` path, an image folder, a dict of arrays, a
     list of feeds, an InputSet: all lazy), with ``input_options`` (``image_size``, ``mean``, ``std``,
     ``layout``) for image folders and ``samples`` capping how many are used. ``nodes``: the conv node ids
     to collect (default: every float Conv of the main graph).
@@ -57,11 +57,11 @@ def calibrate(model, inputs, *, nodes: Iterable[str] | None = None, reference=No
     activation-aware fit). ``progress``: report the batches as the stage "calibrating"
     (:mod:`convgraph.progress`).
     """
-    from .analyze import analyze
-    from .fit.activation import activation_of
-    from .graph import ConvGraph
-    from .loader import load
-    from .runtime import create_session, expose_tensors
+    from ..analysis.analyze import analyze
+    from ..fit.activation import activation_of
+    from ..model.graph import ConvGraph
+    from ..model.loader import load
+    from ..run.runtime import create_session, expose_tensors
 
     cg = model if isinstance(model, ConvGraph) else load(model, input_shapes, check=False)
     proto = cg.to_model()
@@ -119,6 +119,6 @@ def calibrate(model, inputs, *, nodes: Iterable[str] | None = None, reference=No
 
 
 def _run(sess, feed: dict, names: list[str]) -> dict[str, np.ndarray]:
-    from .runtime import run
+    from ..run.runtime import run
 
     return dict(zip(names, run(sess, feed, names)))

@@ -2,7 +2,7 @@
 
 ``rewrite()`` works on a copy of the model: for each rule (pre-pass rules such as fold-bn first) it
 analyzes the current graph, matches the selected convs, builds replacements, splices them in and
-removes what they orphaned; :mod:`convgraph.rewrite_check` then checks the result (structure, each
+removes what they orphaned; :mod:`convgraph.engine.rewrite_check` then checks the result (structure, each
 rewrite alone, the model outputs). An exact rule that leaves tolerance is refused (a bug, named by
 node); an approximate one reports its error.
 """
@@ -18,16 +18,16 @@ import numpy as np
 import onnx
 
 from . import regions
-from .analyze import analyze
-from .errors import UsageError
-from .graph import ConvGraph
-from .loader import load
-from .progress import staged
-from .record import REWRITES_KEY, ConvRecord
-from .registry import get_rule
+from ..analysis.analyze import analyze
+from ..errors import UsageError
+from ..model.graph import ConvGraph
+from ..model.loader import load
+from ..progress import staged
+from ..model.record import REWRITES_KEY, ConvRecord
+from ..registry import get_rule
 from .rewrite_check import numerics, structural_checks
 from .rewrite_report import Change, Explanation, RewriteReport
-from .rule import Rule, RuleContext, Skip
+from ..rule import Rule, RuleContext, Skip
 
 #: Ops whose outputs depend only on their inputs: safe to drop once nothing reads them.
 _PURE_CONST_OPS = {"Constant", "ConstantOfShape", "DequantizeLinear", "Identity", "Cast", "Reshape",
@@ -191,14 +191,14 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
     """Rewrite the convs of ``source`` (path, bytes, ModelProto or ConvGraph) with ``rules`` (names, in order).
 
     ``params`` (``{"rank": "full"}``) go to every rule that declares them. ``inputs`` and ``input_options``
-    (samples, seed, image_size, mean, std, layout) are what :func:`convgraph.inputs.make_inputs` takes.
+    (samples, seed, image_size, mean, std, layout) are what :func:`convgraph.run.inputs.make_inputs` takes.
     ``calib`` (the same kinds of inputs) runs the model once to collect each conv's input-patch
     statistics, so that approximate rules fit on real activations (``fit=data``); ``calibration``
-    passes statistics already collected (:func:`convgraph.calibrate.calibrate`). With ``verify`` the result is
+    passes statistics already collected (:func:`convgraph.engine.calibrate.calibrate`). With ``verify`` the result is
     checked with onnxruntime against the original: exact rewrites must keep each node's output within
     1e-4 relative (else CheckFailed names the node); ``atol``/``rtol``/``min_cosine`` make the model
     outputs' tolerance a requirement (report.passed False when exceeded). ``probe`` measures the shapes
-    onnx's inference loses (:func:`convgraph.probe.probe_shapes`), so that those convs get MACs too.
+    onnx's inference loses (:func:`convgraph.model.probe.probe_shapes`), so that those convs get MACs too.
     Returns the new model and the report; the input is never modified.
     """
     if not rules:
@@ -245,7 +245,7 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
         numerics(original, model, report, checks, input_shapes, inputs, input_options or {}, atol, rtol, min_cosine,
                   provider)
     if bench and report.changes:
-        from .bench import bench as run_bench
+        from ..run.bench import bench as run_bench
 
         report.latency = run_bench([original, model], input_shapes=input_shapes, runs=bench_runs,
                                    threads=threads, provider=provider, names=["original", "rewritten"]).to_dict()

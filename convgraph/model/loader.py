@@ -1,4 +1,4 @@
-"""Loading a model into a :class:`~convgraph.graph.ConvGraph`: read, fix input shapes, infer and propagate shapes."""
+"""Loading a model into a :class:`~convgraph.model.graph.ConvGraph`: read, fix input shapes, infer and propagate shapes."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import warnings
 
 import onnx
 
-from . import io as _io
-from .errors import ConvGraphWarning
+from .. import io as _io
+from ..errors import ConvGraphWarning
 from .graph import ConvGraph, gc_paused, refresh_edges
-from .io import read_model
+from ..io import read_model
 from .probe import probe_shapes
 from .shapes import (TensorInfo, _checked_input_shapes, _dynamic_inputs, _dynamic_warning, _fixed_inputs, _infer,
                      _sub_protos, _tensor_info, checked_input_values)
@@ -23,14 +23,14 @@ def load(source, input_shapes: "dict[str, list[int]] | None" = None, *, check: b
     model itself keeps its dims. Dynamic dims left unset are named in a :class:`ConvGraphWarning`
     (also kept in ``ConvGraph.warnings``), as is a failure of strict shape inference.
     ``probe``: measure the main-graph shapes onnx's inference could not follow by running the model
-    once on generated inputs (:func:`convgraph.probe.probe_shapes`: needs onnxruntime and concrete input
+    once on generated inputs (:func:`convgraph.model.probe.probe_shapes`: needs onnxruntime and concrete input
     shapes; nothing runs when every shape is known). The measured tensors are in ``ConvGraph.measured``.
     ``input_values``: input name → values (``{"sr": 16000}``, ``--input-value``): the analysis uses them
     (shape arithmetic, If conditions) and so do the inputs ``probe`` feeds.
 
-    Shapes come from onnx's inference completed by :func:`convgraph.propagate.propagate`: dims left
+    Shapes come from onnx's inference completed by :func:`convgraph.model.propagate.propagate`: dims left
     dynamic are symbols (``ConvGraph.symbols``) and the shapes that depend on them
-    :class:`~convgraph.expr.Expr` formulas; ``input_shapes`` may name symbols too (``["N", 3, "H", "W"]``).
+    :class:`~convgraph.model.expr.Expr` formulas; ``input_shapes`` may name symbols too (``["N", 3, "H", "W"]``).
     """
     shapes = _checked_input_shapes(input_shapes)
     with gc_paused():
@@ -110,7 +110,7 @@ def _collect_shapes(cg: "ConvGraph", g: onnx.GraphProto, _types: "dict | None" =
         if subs:
             for key, body in _sub_protos(node):
                 _collect_shapes(subs[key], body, types)
-    # the edges' info is set by convgraph.propagate.propagate, which runs next and completes these shapes
+    # the edges' info is set by convgraph.model.propagate.propagate, which runs next and completes these shapes
 
 
 def _undecided_warning(cg: "ConvGraph") -> str | None:

@@ -2,9 +2,9 @@
 
 :func:`convgraph.load` fixes dynamic input dims (``--input-shape``, :func:`parse_input_shape`), runs onnx's
 shape inference (strict first, :func:`_infer`) on that copy and fills ``ConvGraph.shapes``
-(:func:`convgraph.loader._collect_shapes`). Where inference gives up — a Reshape whose target is computed at
+(:func:`convgraph.model.loader._collect_shapes`). Where inference gives up — a Reshape whose target is computed at
 run time (Shape → Cast → Slice → Concat in models before opset 14), ops without an inference function — the
-shapes stay unknown; :mod:`convgraph.probe` measures them by running the model.
+shapes stay unknown; :mod:`convgraph.model.probe` measures them by running the model.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from . import io as _io
-from .errors import UsageError
-from .io import first_line
+from .. import io as _io
+from ..errors import UsageError
+from ..io import first_line
 
 MAX_DIM = 2**31 - 1
 _SHAPE_HELP = "expected NAME=D0,D1,... with positive integers, e.g. x=1,3,640,640"

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from onnx import helper
 
-from .errors import ModelError, UsageError
+from ..errors import ModelError, UsageError
 from .shapes import TensorInfo, _dims_text, _fix_hint
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def probe_shapes(cg: "ConvGraph", tensors: "list[str] | None" = None, *, seed: i
     shape onnx's inference left unknown or symbolic. With nothing to measure it returns ``{}`` at once
     (no onnxruntime session). Otherwise every input of the model needs a concrete shape (static, or
     fixed by ``input_shapes`` at load). Inputs are random (seeded, of each input's dtype, see
-    :func:`convgraph.inputs.random_inputs`); the measured shapes go into ``cg.shapes`` and the edges'
+    :func:`convgraph.run.inputs.random_inputs`); the measured shapes go into ``cg.shapes`` and the edges'
     ``info``, their names into ``cg.measured``, and one warning (``cg.warnings``) says what was measured
     on which inputs. Only main-graph tensors can be exposed as outputs: tensors inside If/Loop/Scan
     bodies keep their unknown shapes (counted in the warning). A shape computed from the input's values
@@ -60,8 +60,8 @@ def probe_shapes(cg: "ConvGraph", tensors: "list[str] | None" = None, *, seed: i
         if inner:
             cg.warnings.append(_probe_warning(cg, {}, [], inner, {}, seed))
         return {}
-    from .inputs import input_specs, random_inputs
-    from .runtime import create_session, expose_tensors, ort, run
+    from ..run.inputs import input_specs, random_inputs
+    from ..run.runtime import create_session, expose_tensors, ort, run
 
     try:
         ort()
