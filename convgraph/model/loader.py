@@ -12,7 +12,7 @@ from .graph import ConvGraph, gc_paused, refresh_edges
 from ..io import read_model
 from .probe import probe_shapes
 from .shapes import (TensorInfo, _checked_input_shapes, _dynamic_inputs, _dynamic_warning, _fixed_inputs, _infer,
-                     _sub_protos, _tensor_info, checked_input_values)
+                     _sub_protos, _tensor_info, _undecided_warning, checked_input_values)
 
 
 def load(source, input_shapes: "dict[str, list[int]] | None" = None, *, check: bool = True,
@@ -80,7 +80,7 @@ def _load(source, shapes: dict[str, list[int]], check: bool, input_values=None) 
     dynamic = _dynamic_inputs(inferred.graph)
     if dynamic:
         cg.warnings.append(_dynamic_warning(dynamic, cg.symbols))
-    undecided = _undecided_warning(cg)
+    undecided = _undecided_warning(cg.undecided)
     if undecided:
         cg.warnings.append(undecided)
     return cg
@@ -111,16 +111,3 @@ def _collect_shapes(cg: "ConvGraph", g: onnx.GraphProto, _types: "dict | None" =
             for key, body in _sub_protos(node):
                 _collect_shapes(subs[key], body, types)
     # the edges' info is set by convgraph.model.propagate.propagate, which runs next and completes these shapes
-
-
-def _undecided_warning(cg: "ConvGraph") -> str | None:
-    """Which inputs decide the Ifs whose condition is unknown (both branches are then counted)."""
-    if not cg.undecided:
-        return None
-    reads = sorted({t for _, _, ts in cg.undecided for t in ts})
-    nodes = ", ".join(repr(nid) for _, nid, _ in cg.undecided[:3]) + (" ..." if len(cg.undecided) > 3 else "")
-    hint = (f"; --input-value {reads[0]}=V (input_values= in the API) decides it" if reads
-            else "; it is computed in the model, not from an input")
-    return (f"{len(cg.undecided)} If node{'s' * (len(cg.undecided) != 1)} ({nodes}) with a condition not known "
-            f"statically: both branches are analyzed and counted" + (f", the condition reads input "
-            f"{', '.join(map(repr, reads))}" if reads else "") + hint)

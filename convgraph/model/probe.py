@@ -9,17 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from onnx import helper
 
 from ..errors import ModelError, UsageError
-from .shapes import TensorInfo, _dims_text, _fix_hint
+from .shapes import DATA_DEPENDENT_OPS, TensorInfo, _dims_text, _elem_type, _fix_hint
 
 if TYPE_CHECKING:
     from .graph import ConvGraph
-
-#: Ops whose output shape depends on the values of their inputs, not only on their shapes.
-DATA_DEPENDENT_OPS = frozenset({"NonZero", "NonMaxSuppression", "Unique", "Compress"})
-
 
 def unknown_tensors(cg: "ConvGraph") -> list[str]:
     """Tensors made by the ops of ``cg`` whose shapes are not all ints (unknown, or symbolic dims), in op order."""
@@ -117,13 +112,6 @@ def _checked_tensors(cg: "ConvGraph", tensors) -> list[str]:
                  else "no such tensor in the main graph")
         raise UsageError(f"probe_shapes(): cannot measure {bad[0]!r}: {where}")
     return names
-
-
-def _elem_type(dtype: np.dtype) -> int:
-    try:
-        return helper.np_dtype_to_tensor_dtype(dtype)
-    except (KeyError, TypeError, ValueError):
-        return 0
 
 
 def _store(cg: "ConvGraph", measured: dict[str, TensorInfo]) -> None:

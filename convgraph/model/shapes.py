@@ -2,9 +2,10 @@
 
 :func:`convgraph.load` fixes dynamic input dims (``--input-shape``, :func:`parse_input_shape`), runs onnx's
 shape inference (strict first, :func:`_infer`) on that copy and fills ``ConvGraph.shapes``
-(:func:`convgraph.model.loader._collect_shapes`). Where inference gives up — a Reshape whose target is computed at
-run time (Shape → Cast → Slice → Concat in models before opset 14), ops without an inference function — the
-shapes stay unknown; :mod:`convgraph.model.probe` measures them by running the model.
+(:func:`convgraph.model.loader._collect_shapes`). Where inference gives up — a Reshape whose target is computed
+at run time (Shape → Cast → Slice → Concat in models before opset 14), ops without an inference function — the
+shapes stay unknown; :func:`convgraph.model.probe.probe_shapes` (``load(..., probe=True)``, ``convgraph analyze
+--probe``) measures them by running the model once on generated inputs with those tensors exposed as outputs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from ..io import first_line
 
 MAX_DIM = 2**31 - 1
 _SHAPE_HELP = "expected NAME=D0,D1,... with positive integers, e.g. x=1,3,640,640"
+#: Ops whose output shape depends on the values of their inputs, not only on their shapes.
+DATA_DEPENDENT_OPS = frozenset({"NonZero", "NonMaxSuppression", "Unique", "Compress"})
 
 
 class TensorInfo(NamedTuple):
@@ -53,6 +56,12 @@ def _dim(d: onnx.TensorShapeProto.Dimension) -> "int | str | None":
         return v if v >= 0 else None
     return d.dim_param or None
 
+
+def _elem_type(dtype: np.dtype) -> int:
+    try:
+        return helper.np_dtype_to_tensor_dtype(dtype)
+    except (KeyError, TypeError, ValueError):
+        return 0
 
 # ---- input shapes ---------------------------------------------------------------------------------
 def parse_input_shape(text: str) -> tuple[str, list]:
@@ -221,6 +230,20 @@ def _dynamic_warning(dynamic: list[tuple[str, tuple | None]], symbols: "dict | N
                 f"them formulas. Numbers: --input-shape NAME=D0,D1,... (here {_fix_hint(dynamic)})")
     return (f"dynamic input dims left unset: {listed}; shapes and MACs that depend on them are unknown. "
             f"Set them with --input-shape NAME=D0,D1,... (here {_fix_hint(dynamic)})")
+
+
+def _undecided_warning(undecided: list) -> str | None:
+    """Which inputs decide the Ifs whose condition is unknown (both branches are then counted): ``undecided`` is
+    ``ConvGraph.undecided``."""
+    if not undecided:
+        return None
+    reads = sorted({t for _, _, ts in undecided for t in ts})
+    nodes = ", ".join(repr(nid) for _, nid, _ in undecided[:3]) + (" ..." if len(undecided) > 3 else "")
+    hint = (f"; --input-value {reads[0]}=V (input_values= in the API) decides it" if reads
+            else "; it is computed in the model, not from an input")
+    return (f"{len(undecided)} If node{'s' * (len(undecided) != 1)} ({nodes}) with a condition not known "
+            f"statically: both branches are analyzed and counted" + (f", the condition reads input "
+            f"{', '.join(map(repr, reads))}" if reads else "") + hint)
 
 
 # ---- onnx's shape inference -----------------------------------------------------------------------
