@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from convgraph import load, zoo
-from convgraph.bench import bench
-from convgraph.inputs import InputSet, make_inputs
+from convgraph.run.bench import bench
+from convgraph.run.inputs import InputSet, make_inputs
 from convgraph.optimize import optimize, plot_pareto
-from convgraph.runtime import create_session, expose_tensors, run
-from convgraph.verify import compare
+from convgraph.run.runtime import create_session, expose_tensors, run
+from convgraph.run.metrics import compare
 
 #: Sources of the calibration crops; the held-out images below are never fitted on.
 FIT_SOURCES = ("astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png", "rocket.jpg", "retina.jpg",
@@ -202,7 +202,7 @@ def detection_f1(ref, got, iou: float = 0.5) -> float:
 
 def calibrate_only(name: str, count: int) -> None:
     """Calibration statistics of every conv over ``count`` images (for /usr/bin/time -v)."""
-    from convgraph.calibrate import calibrate
+    from convgraph.engine.calibrate import calibrate
 
     spec = MODELS[name]
     path = zoo.fetch(name)
@@ -220,10 +220,11 @@ def calibrate_only(name: str, count: int) -> None:
 def layer_fits(name: str, count: int) -> None:
     """Per standard conv: held-out relative output error of the layer alone, weight SVD vs data-aware fits
     (whitened SVD only, then the method chosen on held-out calibration batches), separable rank 1 and 4."""
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate, patches
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibrate
+    from convgraph.fit.calibration import patches
     from convgraph.fit import separable_fit
-    from convgraph.weights import constant_value
+    from convgraph.model.weights import constant_value
 
     spec = MODELS[name]
     cg = load(zoo.fetch(name), {spec[0]: [1, 3, spec[1], spec[1]]})
@@ -263,8 +264,8 @@ def low_rank_layers(name: str, count: int) -> None:
     """Per 3×3 standard conv, at equal MACs: held-out relative output error of the layer alone (the rules'
     rewrites run in onnxruntime on the held-out activations), all fitted on calibration data: separable rank 1
     against low-rank at the largest rank within its MACs, spatial-separable rank 1 likewise."""
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibrate
     from convgraph.optimize.timing import _layer_model
     from convgraph.registry import get_rule
     from convgraph.rule import RuleContext
@@ -330,7 +331,7 @@ def low_rank_layers(name: str, count: int) -> None:
 def coverage_table(names) -> None:
     """The optimizer's coverage check (``OptimizeReport.coverage``) of calibration sets made of fewer and
     fewer photos against the held-out images."""
-    from convgraph.analyze import analyze
+    from convgraph.analysis.analyze import analyze
     from convgraph.optimize import _coverage
 
     print("| model | calibration set | coverage of the held-out images | at tensor |")
@@ -357,8 +358,8 @@ def estimates(name: str, count: int, ranks) -> None:
     against every candidate judged in the whole model."""
     from scipy.stats import spearmanr
 
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibratable, calibrate
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibratable, calibrate
     from convgraph.optimize import Judge, _estimate_errors, _Fitted, _key, _scale_errors, candidates
     from convgraph.optimize.report import STABLE_SHARE
     from convgraph.optimize.timing import _unique_names
@@ -416,11 +417,11 @@ def activation_layers(name: str, count: int) -> None:
     fitted to the conv's output (response=pre) and to the activation's (response=post), at equal rank; first,
     for YOLOv8n, the worst held-out image's output cosine with every standard 3×3 conv at low-rank 1/4 and 1/2
     (fitted on the original model's statistics, all at once)."""
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibrate
     from convgraph.fit import activation_of
     from convgraph.registry import get_rule
-    from convgraph.rewrite import Selection, rewrite
+    from convgraph.engine.rewrite import Selection, rewrite
     from convgraph.rule import RuleContext
 
     spec = MODELS[name]

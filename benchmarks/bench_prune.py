@@ -4,7 +4,7 @@
 Usage: ``python benchmarks/bench_prune.py [--keep 0.5] [--size 320] [LAYER ...]``.
 
 Each LAYER (a producer conv; default: three C2f bottlenecks' first convs, each → SiLU → 3×3 conv) is pruned
-through the engine (``convgraph.rewrite``), calibrated on four crops each of 8 scikit-image photos and judged
+through the engine (``convgraph.engine.rewrite``), calibrated on four crops each of 8 scikit-image photos and judged
 on 6 other photos (resized whole): the relative L2 error of the consumer conv's output (the tensor the
 rewrite keeps the name of), for
 
@@ -43,8 +43,8 @@ def against_low_rank(name: str, count: int) -> None:
     import bench_optimize as bo
 
     from convgraph import load, zoo
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibrate
     from convgraph.optimize import Candidate, Judge, _Fitted
     from convgraph.optimize.timing import _rule_options, _unique_names, stats_needed
     from convgraph.registry import get_rule
@@ -120,12 +120,12 @@ def main(argv=None) -> int:
 
     import convgraph
     import convgraph.rules.prune as prune
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate
-    from convgraph.rewrite import Selection, rewrite
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibrate
+    from convgraph.engine.rewrite import Selection, rewrite
     from convgraph.registry import get_rule
     from convgraph.rule import RuleContext
-    from convgraph.runtime import run_with_outputs
+    from convgraph.run.runtime import run_with_outputs
     from convgraph.zoo import fetch
 
     path, size = str(fetch("yolov8n")), args.size

@@ -12,7 +12,7 @@ from convgraph import UsageError, load
 from convgraph.cli import main
 from convgraph.optimize import (Candidate, Judge, fit_sequential, greedy_sequence, optimize, plan_of,
                                 plot_pareto, search)
-from convgraph.verify import compare
+from convgraph.run.metrics import compare
 from helpers import FAST, smooth_feeds
 
 
@@ -68,7 +68,7 @@ def test_fit_sequential_stages_and_corrects_upstream_errors(models_dir):
     onnx.checker.check_model(seq, full_check=True)
     assert sorted(c.node for c in changes) == sorted(plan)
     assert all("fitted on calibration patches" in c.notes for c in changes)
-    from convgraph.calibrate import calibrate
+    from convgraph.engine.calibrate import calibrate
     from convgraph.optimize.timing import _apply
 
     together, _ = _apply(original, plan, calibration=calibrate(original, calib, nodes=list(plan)), input_shapes=None)
@@ -105,7 +105,7 @@ def test_optimize_sample_model_meets_the_budget_on_held_out_inputs(models_dir, t
     assert report.judged == ["logits"]
     assert report.coverage is not None and report.coverage > 0  # held-out samples vs calibration, in features
     # the reported held-out metric is what the returned model really gives
-    from convgraph.runtime import create_session, run
+    from convgraph.run.runtime import create_session, run
 
     ref = [run(create_session(path), f)[0] for f in held]
     got = [run(create_session(model), f)[0] for f in held]
@@ -128,7 +128,7 @@ def test_a_model_no_faster_than_the_original_is_not_returned(models_dir, monkeyp
     optimizer tries shorter prefixes, then returns the original and says why."""
     import importlib
 
-    timing = importlib.import_module("convgraph.bench")  # the module (convgraph.bench is also the function)
+    timing = importlib.import_module("convgraph.run.bench")  # the module (convgraph.bench is also the function)
     real = timing.bench
 
     def slower(models, *a, **kw):
@@ -246,7 +246,7 @@ def test_search_stops_at_max_evals_and_without_allowance():
 
 
 def test_shares_choose_the_low_rank_ranks_and_bad_ones_fail_early(models_dir):
-    from convgraph.analyze import analyze
+    from convgraph.analysis.analyze import analyze
     from convgraph.optimize.timing import _rule_options
 
     cg = load(models_dir / "sample.onnx")
@@ -395,7 +395,7 @@ def test_plot_is_written_atomically_in_the_format_its_name_says(models_dir, tmp_
 def test_judge_holds_the_budget_per_sample_and_leaves_out_samples_that_say_nothing(tmp_path):
     """The pooled cosine hides a weak sample behind a strong one; the judge takes the worst informative
     sample (or a stated quantile), and a sample whose reference is all zeros is left out and named."""
-    from convgraph.runtime import create_session, run
+    from convgraph.run.runtime import create_session, run
 
     path = twin_convs(tmp_path / "twins.onnx", ("c1", "c2"))
     model = onnx.load(path)
@@ -452,11 +452,11 @@ def test_optimize_reports_the_per_sample_distribution_and_the_samples_left_out(t
 def test_a_candidate_alone_is_spliced_in_as_the_engine_would_build_it(models_dir):
     """Measuring a candidate's error splices its nodes into a copy of the model instead of running the
     whole engine (load, analysis, checks): the same model, numerically."""
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibrate
     from convgraph.optimize import _Fitted
     from convgraph.optimize.timing import _apply, _unique_names
-    from convgraph.runtime import create_session, run
+    from convgraph.run.runtime import create_session, run
 
     cg = load(models_dir / "sample.onnx")
     _unique_names(cg)
@@ -499,7 +499,7 @@ def test_fit_sequential_reuses_the_stages_two_plans_share(models_dir, monkeypatc
 def test_timing_cache_keys_layers_by_structure_and_setting(models_dir, tmp_path, monkeypatch):
     import importlib
 
-    from convgraph.analyze import analyze
+    from convgraph.analysis.analyze import analyze
     from convgraph.optimize import TimingCache, candidates
     from convgraph.optimize.timing import _layer_model
 
@@ -515,7 +515,7 @@ def test_timing_cache_keys_layers_by_structure_and_setting(models_dir, tmp_path,
     first = run(cold)
     assert (cold.hits, cold.misses) == (0, 1) and first and all(0.0 <= c.faster_share <= 1.0 for c in first)
     cold.save()
-    timing = importlib.import_module("convgraph.bench")
+    timing = importlib.import_module("convgraph.run.bench")
 
     def never(*a, **kw):
         raise AssertionError("timed although cached")
@@ -603,8 +603,8 @@ def test_fits_spread_over_processes_equal_the_fits_in_one(models_dir, monkeypatc
     """The candidates fitted in a pool of forked processes (one BLAS thread each) are the ones fitted in
     this process; a deadline already past fits none."""
     import convgraph.optimize as opt
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibrate
     from convgraph.optimize.timing import _unique_names
 
     cg = load(models_dir / "sample.onnx")

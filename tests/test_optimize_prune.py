@@ -11,13 +11,13 @@ from onnx import helper
 from test_rule_prune import bn, conv, model, w
 
 from convgraph import load
-from convgraph.analyze import analyze
-from convgraph.calibrate import calibrate
+from convgraph.analysis.analyze import analyze
+from convgraph.engine.calibrate import calibrate
 from convgraph.optimize import TimingCache, _Fitted, candidates, fit_sequential, optimize
 from convgraph.optimize.timing import _apply, _layer_model, _span_outputs, _unique_names, stats_needed
 from convgraph.registry import get_rule
 from convgraph.rule import RuleContext
-from convgraph.runtime import create_session, expose_tensors, run
+from convgraph.run.runtime import create_session, expose_tensors, run
 from helpers import FAST, smooth_feeds
 
 
@@ -87,7 +87,7 @@ def test_a_span_reading_another_activation_takes_it_as_an_input():
     feed = {"x": np.random.default_rng(0).standard_normal((1, 4, 12, 12)).astype(np.float32)}
     got = run(create_session(expose_tensors(m, ["b"])), feed, ["y", "b"])
     np.testing.assert_allclose(run(create_session(layer), {**feed, "b": got[1]})[0], got[0], rtol=1e-6, atol=1e-6)
-    from convgraph.bench import bench
+    from convgraph.run.bench import bench
 
     assert bench([layer], runs=2, warmup=1, progress=False).models[0].median_ms > 0
 
@@ -120,7 +120,7 @@ def test_prune_candidates_are_the_span_timed_against_its_replacement(tmp_path, m
     def never(*a, **kw):
         raise AssertionError("timed although cached")
 
-    monkeypatch.setattr(importlib.import_module("convgraph.bench"), "bench", never)
+    monkeypatch.setattr(importlib.import_module("convgraph.run.bench"), "bench", never)
     warm = TimingCache(path)
     again = run_(warm)
     assert (warm.hits, warm.misses) == (2, 0)
@@ -180,7 +180,7 @@ def test_optimize_chooses_prune_within_the_budget(models_dir):
     assert report.passed and report.chosen and all(c.rule == "prune" for c in report.chosen)
     ref = [run(create_session(str(path)), f)[0] for f in held]
     got = [run(create_session(m), f)[0] for f in held]
-    from convgraph.verify import compare
+    from convgraph.run.metrics import compare
 
     assert compare(ref, got).cosine == pytest.approx(report.metric_value, abs=1e-9) and report.metric_value >= 0.99
     touched = [set(next(c for c in report.candidates if (c.node, c.rule, c.params) == (ch.node, ch.rule, ch.params))

@@ -15,8 +15,9 @@ from helpers import (
 
 import convgraph
 from convgraph import fit
-from convgraph.analyze import analyze
-from convgraph.calibrate import ConvStats, calibrate, patches
+from convgraph.analysis.analyze import analyze
+from convgraph.fit.calibration import ConvStats, patches
+from convgraph.engine.calibrate import calibrate
 from convgraph.registry import get_rule
 from convgraph.rule import RuleContext
 from convgraph.rules import low_rank
@@ -301,7 +302,7 @@ def test_grouped_fit_and_held_out_choice():
 
 def test_rule_fits_calibration_statistics(models_dir):
     """Through the engine: ``rewrite(..., calibration=...)`` fits on the statistics and says how."""
-    from convgraph.rewrite import rewrite
+    from convgraph.engine.rewrite import rewrite
 
     src = models_dir / "sample.onnx"
     stats = calibrate(str(src), None, samples=4, seed=1)

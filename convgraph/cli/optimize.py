@@ -9,7 +9,7 @@ from ..io import check_output_path, write_model
 from ..optimize import (
     DEFAULT_RANKS, DEFAULT_RULES, METRICS, OptimizeReport, TimingCache, check_plot_path, optimize, plot_pareto)
 from ..progress import stage
-from ..rewrite import Selection
+from ..engine.rewrite import Selection
 from . import cli
 from .common import (
     _number_list, emit_json, err, image_options, input_shape_option, input_value_option, json_option, out, provider_option,

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from ..errors import CheckFailed, UsageError
-from ..verify import VerifyReport, verify
+from ..engine.verify import VerifyReport, verify
 from . import cli
 from .common import (
     emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, out, provider_option, warn)

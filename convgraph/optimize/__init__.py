@@ -4,10 +4,10 @@ model-level error, fit it on calibration data, and prove the result on held-out 
 1. **Candidates.** Every selected conv × every given rule that matches it × each rank (``ranks``) or the
    rule's defaults, keeping those that cut MACs.
 2. **Latency, measured.** Each conv and its candidate replacements run as one-layer models in
-   onnxruntime, interleaved (:func:`convgraph.bench.bench`); a candidate's saving is the layer's measured
+   onnxruntime, interleaved (:func:`convgraph.run.bench.bench`); a candidate's saving is the layer's measured
    time before minus after (MAC counts mislead: depthwise convs are memory-bound).
 3. **Error, measured.** Each candidate whose layer reliably beat the original is fitted once on the
-   calibration statistics of the original model (:mod:`convgraph.calibrate`, :mod:`convgraph.fit`; in a
+   calibration statistics of the original model (:mod:`convgraph.engine.calibrate`, :mod:`convgraph.fit`; in a
    process per core), and its replacement kept. Its layer error is measured by running it alone on the
    conv's inputs; per conv the options with the least and the most layer error are spliced into the
    model and its output error judged on calibration inputs kept out of the fit (1 − cosine, or
@@ -40,14 +40,16 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..analyze import analyze
-from ..calibrate import Calibration, calibrate
+from ..analysis.analyze import analyze
+from ..fit.calibration import Calibration
+from ..engine.calibrate import calibrate
 from ..errors import CheckFailed, UsageError
-from ..graph import ConvGraph, load
-from ..inputs import InputSet, make_inputs
-from ..record import ConvRecord
+from ..model.graph import ConvGraph
+from ..model.loader import load
+from ..run.inputs import InputSet, make_inputs
+from ..model.record import ConvRecord
 from ..registry import get_rule
-from ..rewrite import Selection
+from ..engine.rewrite import Selection
 from ..rule import RuleContext, Skip
 from .greedy import greedy_sequence, needs_shorter, plan_of, search
 from .judge import Judge
@@ -93,7 +95,7 @@ def _coverage(original: onnx.ModelProto, records: Sequence[ConvRecord], calib: I
     """(:func:`samples.coverage` of the two sets, the tensor) in the features of the deepest conv input
     (the smallest map, not a pooled 1×1 one, then the most channels): what the model has made of each
     sample by then."""
-    from ..runtime import run_with_outputs
+    from ..run.runtime import run_with_outputs
 
     recs = [r for r in records if r.input_shape and len(r.input_shape) >= 3 and math.prod(r.input_shape[2:]) > 1]
     if not recs:
@@ -341,7 +343,7 @@ def _estimate_errors(fitted: _Fitted, cands: Sequence[Candidate], judge: Judge, 
     whose model-level error must be judged: per conv the ones with the least and the most layer error
     (the others' are scaled from them, :func:`_scale_errors`), and every one without a layer error (a
     rewrite of more than the conv: ``prune``)."""
-    from ..runtime import create_session, run, run_with_outputs
+    from ..run.runtime import create_session, run, run_with_outputs
     from .timing import _layer_model
 
     by_node: dict[str, list[Candidate]] = {}
@@ -431,7 +433,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
              refit: bool = False, estimate_errors: bool = True, progress=None) -> tuple[onnx.ModelProto, OptimizeReport]:
     """Rewrite the convs of ``model`` for the most measured speed within ``budget`` on held-out inputs.
 
-    ``calib``/``heldout``: what :func:`convgraph.inputs.make_inputs` takes (an image folder, an ``.npz``, a
+    ``calib``/``heldout``: what :func:`convgraph.run.inputs.make_inputs` takes (an image folder, an ``.npz``, a
     list of feeds, an InputSet), with ``input_options`` (image_size, mean, std, layout, samples); without
     ``heldout`` every fourth calibration sample is held out. ``budget``: the least allowed value of
     ``metric`` (cosine, SNR in dB, or top-1 agreement) on the held-out set, over the model outputs or the
@@ -505,7 +507,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     judge_probe = Judge(original, [calib_set[i] for i in probe_idx], metric, provider, None, tensors,
                         quantile=quantile, strict=False)
 
-    from ..bench import bench
+    from ..run.bench import bench
 
     base = bench(original, runs=bench_runs, warmup=3, provider=provider, threads=threads,
                  input_shapes=input_shapes, progress=False)

@@ -7,9 +7,11 @@ from typing import Mapping
 import networkx as nx
 import onnx
 
-from ..analyze import analyze
-from ..calibrate import Calibration, calibrate
-from ..graph import ConvGraph, load
+from ..analysis.analyze import analyze
+from ..fit.calibration import Calibration
+from ..engine.calibrate import calibrate
+from ..model.graph import ConvGraph
+from ..model.loader import load
 from .timing import _apply, stats_needed
 
 

@@ -12,13 +12,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..calibrate import calibratable
+from ..engine.calibrate import calibratable
 from ..errors import CheckFailed, UsageError
-from ..graph import ConvGraph
+from ..model.graph import ConvGraph
 from ..io import atomic_write_bytes
-from ..record import ConvRecord
+from ..model.record import ConvRecord
 from ..registry import get_rule
-from ..rewrite import Selection, rewrite
+from ..engine.rewrite import Selection, rewrite
 from ..rule import RuleContext, Skip
 from .report import KEEP_SHARES, LAYER_RANK_SHARES, MAX_MAC_RATIO, Candidate
 
@@ -112,7 +112,7 @@ class TimingCache:
         import hashlib
         import platform
 
-        from ..runtime import ort
+        from ..run.runtime import ort
 
         h = hashlib.sha256()
         for m in layers:
@@ -171,7 +171,7 @@ def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str
     ``cache`` when the same layers were timed before in the same setting). A rule whose match spans more
     than the conv (``prune``: the conv, the per-channel ops after it, its consumer convs) is timed as that
     subgraph against its replacement: its saving is the subgraph's time before minus after."""
-    from ..bench import bench
+    from ..run.bench import bench
 
     by_id = {r.node_id: r for r in records}
     out: list[Candidate] = []

@@ -1,13 +1,14 @@
-"""Rendering an :class:`~convgraph.analyze.Analysis`: table rows (the CLI draws them), markdown, Graphviz DOT."""
+"""Rendering an :class:`~convgraph.analysis.analyze.Analysis`: table rows (the CLI draws them), markdown, Graphviz DOT."""
 
 from __future__ import annotations
 
 from typing import Iterable
 
-from .analyze import Analysis, best_saving, conv_op
-from .errors import UsageError
-from .expr import parse
-from .record import KINDS, ConvRecord
+from .analyze import Analysis, best_saving
+from ..model.convops import conv_op
+from ..errors import UsageError
+from ..model.expr import parse
+from ..model.record import KINDS, ConvRecord
 
 SORT_KEYS = ("macs", "params", "name", "time")
 #: Record attribute each numeric sort key orders by (largest first).

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import ConvGraphWarning, ModelError, UsageError
+from ..errors import ConvGraphWarning, ModelError, UsageError
 
 #: One input array may take at most this many bytes; more is refused as absurd (a clear error, no MemoryError).
 MAX_INPUT_BYTES = 2**31
@@ -155,7 +155,7 @@ def image_layout(shape: Sequence[int], dtype: np.dtype) -> str | None:
 def random_inputs(specs: list[InputSpec], *, samples: int = 1, seed: int = 0,
                   input_shapes: Mapping[str, Sequence[int]] | None = None, mean=None, std=None) -> InputSet:
     """``samples`` generated input sets; sample ``i`` depends only on ``(seed, i)``. Inputs that look like
-    images (:func:`image_layout`) get image-like pictures (:mod:`convgraph.synthetic`) in [0, 1] (uint8:
+    images (:func:`image_layout`) get image-like pictures (:mod:`convgraph.run.synthetic`) in [0, 1] (uint8:
     0–255), then ``(x - mean) / std`` per channel when given; others random values of their dtype."""
     from .synthetic import natural_image
 

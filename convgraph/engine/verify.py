@@ -4,7 +4,7 @@ Per output, over all samples: max/mean abs error, max relative error, cosine sim
 agreement for class scores, and the smallest atol/rtol that would have passed. An element fails only
 when its abs error exceeds atol AND its relative error exceeds rtol (polygraphy's rule); NaN always
 fails. Everything is computed in float64. ``localize=True`` compares the intermediate tensors the two
-models share and names the first candidate node whose output leaves tolerance (:mod:`convgraph.localize`).
+models share and names the first candidate node whose output leaves tolerance (:mod:`convgraph.engine.localize`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from . import runtime
-from .errors import ModelError, UsageError
-from .graph import ConvGraph, load
-from .inputs import InputSpec, make_inputs, input_specs
-from .metrics import DEFAULT_ATOL, DEFAULT_RTOL, Accumulator, Metrics, Tolerance, compare  # noqa: F401 - re-exported
+from ..run import runtime
+from ..errors import ModelError, UsageError
+from ..model.graph import ConvGraph
+from ..model.loader import load
+from ..run.inputs import InputSpec, make_inputs, input_specs
+from ..run.metrics import Accumulator, Metrics, Tolerance
 from .localize import Localization, first_divergence
-from .progress import track
-from .record import REWRITES_KEY
+from ..progress import track
+from ..model.record import REWRITES_KEY
 
 
 # ---- report ---------------------------------------------------------------------------------------
