@@ -69,9 +69,9 @@ def test_fit_sequential_stages_and_corrects_upstream_errors(models_dir):
     assert sorted(c.node for c in changes) == sorted(plan)
     assert all("fitted on calibration patches" in c.notes for c in changes)
     from convgraph.engine.calibrate import calibrate
-    from convgraph.optimize.timing import _apply
+    from convgraph.optimize.timing import apply_plan
 
-    together, _ = _apply(original, plan, calibration=calibrate(original, calib, nodes=list(plan)), input_shapes=None)
+    together, _ = apply_plan(original, plan, calibration=calibrate(original, calib, nodes=list(plan)), input_shapes=None)
     judge = Judge(original, calib, "cosine", "cpu", 1, tensors=[cg.node("conv5x5_s2").output[0]])
     assert judge.judge(seq)[1] < judge.judge(together)[1]
 
@@ -247,13 +247,13 @@ def test_search_stops_at_max_evals_and_without_allowance():
 
 def test_shares_choose_the_low_rank_ranks_and_bad_ones_fail_early(models_dir):
     from convgraph.analysis.analyze import analyze
-    from convgraph.optimize.timing import _rule_options
+    from convgraph.optimize.timing import rule_options
 
     cg = load(models_dir / "sample.onnx")
     rec = next(r for r in analyze(cg, rewrites=False).convs if r.kind == "standard")
-    assert _rule_options("low-rank", rec, (1, 2)) == [{"rank": s} for s in ("1/16", "1/8", "1/4", "3/8", "1/2")]
-    assert _rule_options("low-rank", rec, (1, 2), ["1/3"]) == [{"rank": "1/3"}]
-    assert _rule_options("separable", rec, (1, 2), ["1/3"]) == [{"rank": 1}, {"rank": 2}]
+    assert rule_options("low-rank", rec, (1, 2)) == [{"rank": s} for s in ("1/16", "1/8", "1/4", "3/8", "1/2")]
+    assert rule_options("low-rank", rec, (1, 2), ["1/3"]) == [{"rank": "1/3"}]
+    assert rule_options("separable", rec, (1, 2), ["1/3"]) == [{"rank": 1}, {"rank": 2}]
     with pytest.raises(UsageError, match="low-rank: bad value '2/1'"):
         optimize(models_dir / "sample.onnx", smooth_feeds(4, 1), rules=["low-rank"], shares=["2/1"], **FAST)
 
@@ -291,26 +291,26 @@ def test_plans_apply_by_node_id_when_convs_share_a_name(tmp_path):
     """A plan for the second of two convs named "conv" rewrites that one only (a name regex got both or
     neither); the applied changes are checked against the plan."""
     from convgraph.errors import CheckFailed
-    from convgraph.optimize.timing import _apply, _unique_names
+    from convgraph.optimize.timing import apply_plan, unique_names
 
     cg = load(twin_convs(tmp_path / "twins.onnx"))
     convs = [n for n in cg.ops() if cg.node(n).op_type == "Conv"]
     assert convs == ["conv", "conv_1"]
-    renamed = _unique_names(cg)
+    renamed = unique_names(cg)
     assert renamed == {"conv_1": "conv", "Relu_1": ""}
     model = cg.to_model()
-    new, changes = _apply(model, {"conv_1": ("separable", {"rank": 1})}, calibration=None, input_shapes=None)
+    new, changes = apply_plan(model, {"conv_1": ("separable", {"rank": 1})}, calibration=None, input_shapes=None)
     assert [c.node for c in changes] == ["conv_1"]
     ops = [(n.op_type, n.name) for n in new.graph.node]
     assert ops[0] == ("Conv", "conv") and ops[1][0] == "Relu" and len(ops) == 4  # conv_1 became two convs
     assert all(name.startswith("conv_1") for _, name in ops[2:])
     # a plan the engine cannot carry out is an error naming the node, not a silent partial rewrite
     with pytest.raises(CheckFailed, match=r"differs from the plan: fold-bn not applied to conv_1 \("):
-        _apply(model, {"conv": ("separable", {"rank": 1}), "conv_1": ("fold-bn", {})},
+        apply_plan(model, {"conv": ("separable", {"rank": 1}), "conv_1": ("fold-bn", {})},
                calibration=None, input_shapes=None)
     # a plan naming a node that is not one uniquely named op
     with pytest.raises(UsageError, match="not one uniquely named op of the model: conv"):
-        _apply(load(tmp_path / "twins.onnx").to_model(), {"conv": ("separable", {"rank": 1})}, calibration=None,
+        apply_plan(load(tmp_path / "twins.onnx").to_model(), {"conv": ("separable", {"rank": 1})}, calibration=None,
                input_shapes=None)
 
 
@@ -454,20 +454,20 @@ def test_a_candidate_alone_is_spliced_in_as_the_engine_would_build_it(models_dir
     whole engine (load, analysis, checks): the same model, numerically."""
     from convgraph.analysis.analyze import analyze
     from convgraph.engine.calibrate import calibrate
-    from convgraph.optimize import _Fitted
-    from convgraph.optimize.timing import _apply, _unique_names
+    from convgraph.optimize import Fitted
+    from convgraph.optimize.timing import apply_plan, unique_names
     from convgraph.run.runtime import create_session, run
 
     cg = load(models_dir / "sample.onnx")
-    _unique_names(cg)
+    unique_names(cg)
     original = cg.to_model()
     by_id = {r.node_id: r for r in analyze(cg, rewrites=False).convs}
     feeds = smooth_feeds(3, 30)
     node = next(n for n, r in by_id.items() if r.kind == "standard")
     stats = calibrate(original, feeds, nodes=[node])
     for rule, params in (("separable", {"rank": 1}), ("spatial-separable", {"rank": 1})):
-        fast = _Fitted(original, cg, by_id, stats, None).model({node: (rule, params)})[0]
-        slow, _ = _apply(original, {node: (rule, params)}, calibration=stats, input_shapes=None)
+        fast = Fitted(original, cg, by_id, stats, None).model({node: (rule, params)})[0]
+        slow, _ = apply_plan(original, {node: (rule, params)}, calibration=stats, input_shapes=None)
         a, b = run(create_session(fast), feeds[0]), run(create_session(slow), feeds[0])
         assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
@@ -501,7 +501,7 @@ def test_timing_cache_keys_layers_by_structure_and_setting(models_dir, tmp_path,
 
     from convgraph.analysis.analyze import analyze
     from convgraph.optimize import TimingCache, candidates
-    from convgraph.optimize.timing import _layer_model
+    from convgraph.optimize.timing import layer_model
 
     cg = load(models_dir / "sample.onnx")
     records = [r for r in analyze(cg, rewrites=False).convs if r.kind == "standard"][:1]
@@ -527,7 +527,7 @@ def test_timing_cache_keys_layers_by_structure_and_setting(models_dir, tmp_path,
     assert [(c.layer_ms_before, c.layer_ms_after, c.faster_share) for c in again] == [
         (c.layer_ms_before, c.layer_ms_after, c.faster_share) for c in first]
     # another thread count, or another layer shape, never matches; other weight values do
-    layer = _layer_model(cg, records[0], [cg.node(records[0].node_id)], [])
+    layer = layer_model(cg, records[0], [cg.node(records[0].node_id)], [])
     key = TimingCache.key([layer], "cpu", 1, 5)
     assert key != TimingCache.key([layer], "cpu", 2, 5) and key != TimingCache.key([layer], "cuda", 1, 5)
     wider = onnx.ModelProto()
@@ -605,10 +605,10 @@ def test_fits_spread_over_processes_equal_the_fits_in_one(models_dir, monkeypatc
     import convgraph.optimize as opt
     from convgraph.analysis.analyze import analyze
     from convgraph.engine.calibrate import calibrate
-    from convgraph.optimize.timing import _unique_names
+    from convgraph.optimize.timing import unique_names
 
     cg = load(models_dir / "sample.onnx")
-    _unique_names(cg)
+    unique_names(cg)
     original = cg.to_model()
     by_id = {r.node_id: r for r in analyze(cg, rewrites=False).convs}
     todo = [Candidate(n, rule, {"rank": r}, "", None, None, 1.0, 0.5) for n, rec in by_id.items()

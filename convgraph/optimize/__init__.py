@@ -62,7 +62,7 @@ from .samples import (
     FEW_CALIBRATION, FEW_HELDOUT, SPLIT_MARGIN, coverage, coverage_risk, features, sample_risks, split_budget,
 )
 from .sequential import FIT_CACHE_BYTES, fit_sequential
-from .timing import TimingCache, _apply, _eta, _restore_names, _unique_names, candidates, stats_needed
+from .timing import TimingCache, apply_plan, eta, restore_names, unique_names, candidates, stats_needed
 
 __all__ = [
     "DEFAULT_RANKS", "DEFAULT_RULES", "ERROR_FLOOR", "ERRORS_SHARE", "FEW_CALIBRATION", "FEW_HELDOUT",
@@ -106,7 +106,7 @@ def _coverage(original: onnx.ModelProto, records: Sequence[ConvRecord], calib: I
     return coverage(f[:len(calib)], f[len(calib):]), deep.input
 
 
-def _replacement(cg: ConvGraph, by_id: Mapping[str, ConvRecord], node: str, rule_name: str,
+def replacement(cg: ConvGraph, by_id: Mapping[str, ConvRecord], node: str, rule_name: str,
                  given: Mapping[str, Any], stats):
     """``rule_name``'s replacement of conv ``node`` with params ``given``, fitted on ``stats`` (None when the
     rule refuses the conv with these statistics)."""
@@ -122,7 +122,7 @@ def _replacement(cg: ConvGraph, by_id: Mapping[str, ConvRecord], node: str, rule
         return None
 
 
-def _place(nodes: Sequence[onnx.NodeProto], order: Mapping[str, int], cg: ConvGraph, rep, rec: ConvRecord) -> int | None:
+def place_replacement(nodes: Sequence[onnx.NodeProto], order: Mapping[str, int], cg: ConvGraph, rep, rec: ConvRecord) -> int | None:
     """Where ``rep`` can be spliced into ``nodes`` (``order``: name → index) in place of the nodes it
     replaces: the index of the last of them; None when it does not simply stand in for them (a node it
     replaces is not there, an output of theirs read elsewhere that it does not make, a reader of its
@@ -138,9 +138,9 @@ def _place(nodes: Sequence[onnx.NodeProto], order: Mapping[str, int], cg: ConvGr
     return at[-1]
 
 
-def _splice(original: onnx.ModelProto, reps: Sequence[tuple[int, Any]]) -> onnx.ModelProto:
+def splice(original: onnx.ModelProto, reps: Sequence[tuple[int, Any]]) -> onnx.ModelProto:
     """``original`` with each replacement of ``reps`` ((index of the last node it replaces, replacement),
-    :func:`_place`) in place of the nodes it replaces: no reload, analysis or checks of the whole model
+    :func:`place_replacement`) in place of the nodes it replaces: no reload, analysis or checks of the whole model
     (they cost more than the fits). The convs' own weights stay, unread: onnxruntime drops them."""
     m = onnx.ModelProto()
     m.CopyFrom(original)
@@ -159,11 +159,11 @@ def _splice(original: onnx.ModelProto, reps: Sequence[tuple[int, Any]]) -> onnx.
     return m
 
 
-def _key(node: str, rule: str, params: Mapping[str, Any]) -> tuple[str, str, str]:
+def candidate_key(node: str, rule: str, params: Mapping[str, Any]) -> tuple[str, str, str]:
     return node, rule, repr(sorted(params.items()))
 
 
-class _Fitted:
+class Fitted:
     """The candidates' replacements fitted on the original model's calibration statistics, kept so that a
     candidate alone or a prefix of the search is built by splicing them into a copy of the model
     (:meth:`model`) instead of refitting and running the engine."""
@@ -180,14 +180,14 @@ class _Fitted:
         return self.rep_of(c.node, c.rule, c.params)
 
     def rep_of(self, node: str, rule: str, params: Mapping[str, Any]):
-        k = _key(node, rule, params)
+        k = candidate_key(node, rule, params)
         if k not in self.reps:
-            self.reps[k] = _replacement(self.cg, self.by_id, node, rule, params, self.stats)
+            self.reps[k] = replacement(self.cg, self.by_id, node, rule, params, self.stats)
         return self.reps[k]
 
     def place(self, rep, node: str) -> int | None:
-        """:func:`_place` in the original model."""
-        return _place(self.nodes, self.order, self.cg, rep, self.by_id[node])
+        """:func:`place_replacement` in the original model."""
+        return place_replacement(self.nodes, self.order, self.cg, rep, self.by_id[node])
 
     def model(self, plan: Mapping[str, tuple[str, dict]]) -> tuple[onnx.ModelProto, dict[str, str]]:
         """The original with ``plan`` applied, each conv fitted alone on the original's statistics; and per
@@ -203,9 +203,9 @@ class _Fitted:
                 notes[node] = rep.notes
             else:
                 engine[node] = (rule, params)
-        m = _splice(self.original, reps)
+        m = splice(self.original, reps)
         if engine:
-            m, changes = _apply(m, engine, calibration=self.stats, input_shapes=self.input_shapes)
+            m, changes = apply_plan(m, engine, calibration=self.stats, input_shapes=self.input_shapes)
             notes.update({ch.node: ch.notes for ch in changes})
         return m, notes
 
@@ -213,12 +213,12 @@ class _Fitted:
 def _measure(original, cg, records, rules, ranks, shares, fit_set, judge: Judge, *, provider, threads, input_shapes,
              layer_runs: int, seconds: dict, say, deadline: float, cache: TimingCache | None,
              notes: list[str], measured: Sequence[Candidate] | None,
-             estimate: bool = True) -> tuple[list[Candidate], _Fitted]:
+             estimate: bool = True) -> tuple[list[Candidate], Fitted]:
     """Phases 1–3: candidates, their one-layer latencies, and each one's error alone (fitted on ``fit_set``);
     past ``deadline`` the remaining candidates get no error (they are not chosen). Only candidates that
     save time in at least STABLE_SHARE of the interleaved pairs are fitted: the others are never chosen.
     With ``estimate`` only two candidates per conv are judged in the whole model, the others' errors
-    scaled from their layer errors (:func:`_estimate_errors`). With ``measured`` (an earlier run's
+    scaled from their layer errors (:func:`layer_errors`). With ``measured`` (an earlier run's
     candidates) only the calibration is done."""
     t = time.perf_counter()
     by_id = {r.node_id: r for r in records}
@@ -236,33 +236,33 @@ def _measure(original, cg, records, rules, ranks, shares, fit_set, judge: Judge,
     stats = calibrate(original, fit_set, nodes=calibrated, input_shapes=input_shapes, provider=provider,
                       threads=None) if calibrated else Calibration()
     seconds["calibration"] = time.perf_counter() - t
-    fitted = _Fitted(original, cg, by_id, stats, input_shapes)
+    fitted = Fitted(original, cg, by_id, stats, input_shapes)
     if measured is not None:
         return cands, fitted
     t = time.perf_counter()
     # the largest savings first: when a time budget runs out, what is left unmeasured is worth the least
     todo.sort(key=lambda c: -c.saving_ms)
-    done = _fit_all(fitted, todo, deadline, say)
+    done = fit_all(fitted, todo, deadline, say)
     if done < len(todo):
         notes.append(f"--time-budget: {len(todo) - done} of {len(todo)} candidates (the smallest savings) had no "
                      f"time left for measuring their errors and were not considered")
     seconds["fits"] = time.perf_counter() - t
     t = time.perf_counter()
-    fitted_now = [c for c in todo if fitted.reps.get(_key(c.node, c.rule, c.params)) is not None]
-    judged = _estimate_errors(fitted, fitted_now, judge, say) if estimate else fitted_now
+    fitted_now = [c for c in todo if fitted.reps.get(candidate_key(c.node, c.rule, c.params)) is not None]
+    judged = layer_errors(fitted, fitted_now, judge, say) if estimate else fitted_now
     t_judge = time.perf_counter()
     for i, c in enumerate(judged):
-        say(f"errors of the candidates, judged: {i + 1}/{len(judged)}{_eta(t_judge, i, len(judged))}")
+        say(f"errors of the candidates, judged: {i + 1}/{len(judged)}{eta(t_judge, i, len(judged))}")
         c.metric, c.error, _ = judge.judge(fitted.model({c.node: (c.rule, c.params)})[0])
     if estimate:
-        _scale_errors(fitted_now)
+        scale_errors(fitted_now)
     seconds["candidate_errors"] = time.perf_counter() - t
     return cands, fitted
 
 
 #: Candidates fitted per task when the fits run in several processes.
 FIT_CHUNK = 4
-_FITTING: "_Fitted | None" = None  # what forked fitting processes inherit
+_FITTING: "Fitted | None" = None  # what forked fitting processes inherit
 
 
 def _fit_chunk(cands: Sequence[Candidate]) -> list:
@@ -294,7 +294,7 @@ def _one_blas_thread() -> None:
     _blas_threads(1)
 
 
-def _fit_all(fitted: _Fitted, todo: Sequence[Candidate], deadline: float, say) -> int:
+def fit_all(fitted: Fitted, todo: Sequence[Candidate], deadline: float, say) -> int:
     """Fit ``todo`` in order into ``fitted.reps`` until ``deadline``; returns how many were fitted. On a
     machine of several cores where processes fork (Linux) and numpy's OpenBLAS can be told its thread
     count, in a process per core of one BLAS thread each: the fits are numpy on small matrices, which BLAS
@@ -309,7 +309,7 @@ def _fit_all(fitted: _Fitted, todo: Sequence[Candidate], deadline: float, say) -
         for i, c in enumerate(todo):
             if time.perf_counter() > deadline:
                 return i
-            say(f"fitting the candidates: {i + 1}/{len(todo)}{_eta(t, i, len(todo))}")
+            say(f"fitting the candidates: {i + 1}/{len(todo)}{eta(t, i, len(todo))}")
             fitted.rep(c)
         return len(todo)
     from concurrent.futures import ProcessPoolExecutor
@@ -325,9 +325,9 @@ def _fit_all(fitted: _Fitted, todo: Sequence[Candidate], deadline: float, say) -
                         f.cancel()
                     break
                 for c, rep in zip(ch, fut.result()):
-                    fitted.reps[_key(c.node, c.rule, c.params)] = rep
+                    fitted.reps[candidate_key(c.node, c.rule, c.params)] = rep
                 done += len(ch)
-                say(f"fitting the candidates: {done}/{len(todo)} ({workers} processes){_eta(t, done, len(todo))}")
+                say(f"fitting the candidates: {done}/{len(todo)} ({workers} processes){eta(t, done, len(todo))}")
     finally:
         _FITTING = None
     return done
@@ -337,14 +337,14 @@ def _fit_all(fitted: _Fitted, todo: Sequence[Candidate], deadline: float, say) -
 LAYER_ERROR_BYTES = 256 << 20
 
 
-def _estimate_errors(fitted: _Fitted, cands: Sequence[Candidate], judge: Judge, say) -> list[Candidate]:
+def layer_errors(fitted: Fitted, cands: Sequence[Candidate], judge: Judge, say) -> list[Candidate]:
     """Each candidate's layer error (``layer_error``: ‖y′ − y‖² / ‖y‖² of its replacement run alone in
     onnxruntime on the conv's inputs in the original model, on the judge's samples); returns the candidates
     whose model-level error must be judged: per conv the ones with the least and the most layer error
-    (the others' are scaled from them, :func:`_scale_errors`), and every one without a layer error (a
+    (the others' are scaled from them, :func:`scale_errors`), and every one without a layer error (a
     rewrite of more than the conv: ``prune``)."""
     from ..run.runtime import create_session, run, run_with_outputs
-    from .timing import _layer_model
+    from .timing import layer_model
 
     by_node: dict[str, list[Candidate]] = {}
     judged = []
@@ -376,7 +376,7 @@ def _estimate_errors(fitted: _Fitted, cands: Sequence[Candidate], judge: Judge, 
             power = sum(float(np.sum(np.square(y, dtype=np.float64))) for y in ref)
             for c in by_node[rec.node_id]:
                 rep = fitted.rep(c)
-                sess = create_session(_layer_model(fitted.cg, rec, rep.nodes, rep.initializers),
+                sess = create_session(layer_model(fitted.cg, rec, rep.nodes, rep.initializers),
                                       provider=judge.provider, threads=judge.threads)
                 diff = sum(float(np.sum(np.square(run(sess, {rec.input: x})[0] - y, dtype=np.float64)))
                            for x, y in zip(acts[rec.input], ref))
@@ -387,7 +387,7 @@ def _estimate_errors(fitted: _Fitted, cands: Sequence[Candidate], judge: Judge, 
     return judged
 
 
-def _scale_errors(cands: Sequence[Candidate]) -> None:
+def scale_errors(cands: Sequence[Candidate]) -> None:
     """Model-level errors of the candidates not judged, from their layer errors: per conv, the power law
     through its two judged candidates (error ∝ layer error^p, p kept within [0.5, 2]; p = 1 with one),
     marked ``estimated``. A model's error for a small change in one layer grows with the change's power
@@ -477,7 +477,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     cg = load(model, input_shapes, probe=True, input_values=options.get("values"))  # timing a layer needs shapes
     records = [r for r in analyze(cg, rewrites=False).convs
                if not r.graph and selection.why_not(r) is None]
-    renamed = _unique_names(cg)  # plans go by node id: ids must survive rewriting (names restored at the end)
+    renamed = unique_names(cg)  # plans go by node id: ids must survive rewriting (names restored at the end)
     original = cg.to_model()
     label = "<model>" if isinstance(model, (bytes, onnx.ModelProto, ConvGraph)) else str(model)
 
@@ -538,7 +538,7 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         plan = plan_of(prefix)
         say(f"search: {'refitting in sequence' if sequential else 'building'} and judging {len(prefix)} steps "
             f"({len(plan)} convs), prefix {len(points) + 1}{'' if sequential else f' of at most {max_evals}'}"
-            f"{_eta(t, len(points), max_evals) if not sequential else ''}")
+            f"{eta(t, len(points), max_evals) if not sequential else ''}")
         if sequential:
             m, changes = fit_sequential(original, plan, calib_set, input_shapes=input_shapes, provider=provider,
                                         cache=fits)
@@ -635,10 +635,10 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
     if backed_off:
         notes.append("backed off (each turned a passing prefix into a failing one): " + ", ".join(
             f"{b.node} {b.rule} {','.join(f'{k}={v}' for k, v in b.params.items())}" for b in backed_off))
-    by_cand = {_key(c.node, c.rule, c.params): c for c in cands}
+    by_cand = {candidate_key(c.node, c.rule, c.params): c for c in cands}
     chosen = []
     for node, (rule, params) in plan.items():
-        c = by_cand[_key(node, rule, params)]
+        c = by_cand[candidate_key(node, rule, params)]
         chosen.append(Choice(node, rule, dict(params), c.kind_after, c.saving_ms, c.error, fit_notes.get(node, ""),
                              c.faster_share, c.estimated))
     seconds["total"] = time.perf_counter() - t_start
@@ -651,4 +651,4 @@ def optimize(model, calib, heldout=None, *, budget: float = 0.99, metric: str = 
         outputs=per, seconds=seconds, notes=notes, quantile=quantile, timed_out=timed_out,
         coverage=None if covered is None else covered[0], held_budget=held_budget,
         excluded={n: [{"sample": s_, "why": w} for s_, w in out] for n, out in judge_held.excluded.items()})
-    return _restore_names(final, renamed), report
+    return restore_names(final, renamed), report

@@ -12,7 +12,7 @@ from ..fit.calibration import Calibration
 from ..engine.calibrate import calibrate
 from ..model.graph import ConvGraph
 from ..model.loader import load
-from .timing import _apply, stats_needed
+from .timing import apply_plan, stats_needed
 
 
 # ---- sequential fitting ---------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ def fit_sequential(original: onnx.ModelProto, plan: Mapping[str, tuple[str, dict
         if calibrated:
             stats = calibrate(model, calib, nodes=calibrated, reference=original, input_shapes=input_shapes,
                               provider=provider, threads=threads)
-        model, ch = _apply(model, {n: plan[n] for n in members}, calibration=stats, input_shapes=input_shapes)
+        model, ch = apply_plan(model, {n: plan[n] for n in members}, calibration=stats, input_shapes=input_shapes)
         changes += ch
         if cache is not None:
             _keep(cache, tuple(keys[:stage + 1]), (model, list(changes), model.ByteSize()))
