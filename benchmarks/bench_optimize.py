@@ -332,7 +332,7 @@ def coverage_table(names) -> None:
     """The optimizer's coverage check (``OptimizeReport.coverage``) of calibration sets made of fewer and
     fewer photos against the held-out images."""
     from convgraph.analysis.analyze import analyze
-    from convgraph.optimize import _coverage
+    from convgraph.optimize.phases import input_coverage
 
     print("| model | calibration set | coverage of the held-out images | at tensor |")
     print("|---|---|---|---|")
@@ -349,7 +349,7 @@ def coverage_table(names) -> None:
                                           ("18 whole photos", FIT_SOURCES, 18)):
                 calib = input_set(model, crops_folder(Path(tmp) / label.replace(" ", "_"), sources, count, spec[1]),
                                   spec)
-                ratio, tensor = _coverage(model, recs, calib, held, "cpu")
+                ratio, tensor = input_coverage(model, recs, calib, held, "cpu")
                 print(f"| {name} | {label} | {ratio:.2f} | {tensor} |", flush=True)
 
 

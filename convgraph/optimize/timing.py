@@ -57,10 +57,10 @@ def layer_model(cg: ConvGraph, rec: ConvRecord, nodes: Sequence[onnx.NodeProto],
 
     def info(t: str) -> onnx.ValueInfoProto:
         if t in (rec.input, rec.output):
-            return onnx.helper.make_tensor_value_info(t, elem, list(rec.input_shape if t == rec.input else
-                                                                   rec.output_shape))
+            return onnx.helper.make_tensor_value_info(t, elem, list((rec.input_shape if t == rec.input else
+                                                                    rec.output_shape) or ()))
         got = cg.shape_info(t)
-        if got is None or not _static(got.shape):
+        if got is None or got.shape is None or not _static(got.shape):
             raise UsageError(f"conv {rec.node_id}: tensor {t!r} has no static shape; cannot time the layers alone")
         return onnx.helper.make_tensor_value_info(t, got.elem_type, list(got.shape))
 
@@ -139,8 +139,8 @@ class TimingCache:
             h.update(b"\0")
         cpu = platform.processor() or platform.machine()
         try:
-            with open("/proc/cpuinfo") as f:
-                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+            with open("/proc/cpuinfo") as fh:
+                cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
         except OSError:
             pass
         h.update(json.dumps([provider, threads, runs, ort().__version__, cpu, os.cpu_count()]).encode())
@@ -166,21 +166,25 @@ class TimingCache:
 def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str], ranks: Sequence[int], *,
                shares: Sequence[str] | None = None,
                provider: str, threads: int | None, runs: int, warmup: int,
-               progress=None, cache: TimingCache | None = None) -> list[Candidate]:
+               progress=None, cache: TimingCache | None = None, stop=None) -> list[Candidate]:
     """Every matching (conv, rule, params) that cuts MACs, with its measured one-layer latency (from
     ``cache`` when the same layers were timed before in the same setting). A rule whose match spans more
     than the conv (``prune``: the conv, the per-channel ops after it, its consumer convs) is timed as that
-    subgraph against its replacement: its saving is the subgraph's time before minus after."""
+    subgraph against its replacement: its saving is the subgraph's time before minus after. The convs are
+    timed the largest (MACs) first, and ``stop()`` true ends the timing: the convs timed so far count."""
     from ..run.bench import bench
 
     by_id = {r.node_id: r for r in records}
     out: list[Candidate] = []
     t_start = time.perf_counter()
-    for done, rec in enumerate(records):
+    order = {r.node_id: i for i, r in enumerate(records)}
+    for done, rec in enumerate(sorted(records, key=lambda r: -(r.macs if isinstance(r.macs, int) else 0))):
+        if stop is not None and stop():
+            break
         if not (_static(rec.input_shape) and _static(rec.output_shape)):
             raise UsageError(f"conv {rec.node_id} has dynamic shapes {rec.input_shape} → {rec.output_shape}; "
                              "fix the input shape (--input-shape) to time its layers")
-        options = []
+        options: list[dict[str, Any]] = []
         for name in rules:
             rule = get_rule(name)
             for given in rule_options(name, rec, ranks, shares):
@@ -228,7 +232,7 @@ def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str
                                      t0 / ratio, faster_share=won, touches=list(span) if len(span) > 1 else []))
         if progress is not None:
             progress(f"timing layers: {done + 1}/{len(records)} convs{eta(t_start, done + 1, len(records))}")
-    return out
+    return sorted(out, key=lambda c: order[c.node])
 
 
 def stats_needed(cg: ConvGraph, by_id: Mapping[str, ConvRecord], node: str, rule: str, params: Mapping) -> list[str]:
@@ -236,7 +240,7 @@ def stats_needed(cg: ConvGraph, by_id: Mapping[str, ConvRecord], node: str, rule
     (:meth:`convgraph.rule.Rule.calibrate_nodes`: the conv's own, ``prune``'s its consumers'), those that can
     be calibrated."""
     r = get_rule(rule)
-    ctx = RuleContext(cg, by_id, None, r.resolve_params({k: str(v) for k, v in params.items()}))
+    ctx = RuleContext(cg, dict(by_id), None, r.resolve_params({k: str(v) for k, v in params.items()}))
     return [n for n in r.calibrate_nodes(by_id[node], ctx) if n in by_id and calibratable(by_id[n]) is None]
 
 
@@ -278,7 +282,7 @@ def apply_plan(model: onnx.ModelProto, plan: Mapping[str, tuple[str, dict]], *, 
 
     The plan's ids must be the names of its convs, once each (:func:`unique_names`); what the engine
     applied is compared with the plan, and a difference is an error naming the nodes."""
-    names = {}
+    names: dict[str, int] = {}
     for n in model.graph.node:
         names[n.name] = names.get(n.name, 0) + 1
     unnamed = sorted(n for n in plan if names.get(n) != 1)
@@ -303,6 +307,8 @@ def apply_plan(model: onnx.ModelProto, plan: Mapping[str, tuple[str, dict]], *, 
                 + [f"{n} rewritten though not planned for {rule}" for n in extra]
                 + ([f"{rule} applied {len(applied)} time(s) to {len(nodes)} planned node(s)"]
                    if not (missing or extra) else [])))
+        if res.model is None:
+            raise CheckFailed(f"{rule} wrote no model for {', '.join(nodes)}")
         model = res.model
         changes += res.report.changes
     return model, changes
