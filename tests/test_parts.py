@@ -10,8 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from convgraph.metrics import PART_GAP, compare, part_axis, split_parts
-from convgraph.verify import verify
+from convgraph.run.metrics import PART_GAP, compare, part_axis, split_parts
+from convgraph.engine.verify import verify
 from helpers import image_folder, run_cli, write_model
 
 
