@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from fractions import Fraction
-from typing import Sequence
+from typing import Iterable, Sequence, TypeGuard
 
 from .expr import Expr
 
@@ -21,7 +21,7 @@ Dim = "int | str | None"
 AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
 
-def known(d) -> bool:
+def known(d) -> TypeGuard[int]:
     """Is ``d`` a concrete size (an int, not a symbolic name or None)?"""
     return type(d) is int or (isinstance(d, numbers.Integral) and not isinstance(d, bool))
 
@@ -31,7 +31,7 @@ def sized(d) -> bool:
     return type(d) is int or isinstance(d, Expr) or known(d)
 
 
-def prod(values: Sequence[int]) -> int:
+def prod(values: Iterable[int]) -> int:
     return math.prod(map(int, values))
 
 
