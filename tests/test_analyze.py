@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -291,7 +292,7 @@ def test_offered_savings_are_what_the_analyzer_counts_on_the_rewritten_model(mod
             rec.name, o.rule, o.params)
 
 
-def _dw_model(dtype: int, weight_as_input: bool, weight_shape: list | None = (16, 1, 3, 3)) -> onnx.ModelProto:
+def _dw_model(dtype: int, weight_as_input: bool, weight_shape: Sequence[int] | None = (16, 1, 3, 3)) -> onnx.ModelProto:
     np_type = onnx.helper.tensor_dtype_to_np_dtype(dtype)
     w = numpy_helper.from_array(np.ones((16, 1, 3, 3), np_type), "w")
     inputs = [helper.make_tensor_value_info("x", dtype, [1, 16, 8, 8])]

@@ -472,7 +472,7 @@ def test_a_candidate_alone_is_spliced_in_as_the_engine_would_build_it(models_dir
         assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-def test_fit_sequential_reuses_the_stages_two_plans_share(models_dir, monkeypatch):
+def test_fit_sequential_reuses_the_stages_two_plans_share(models_dir, monkeypatch) -> None:
     import convgraph.optimize.sequential as opt
 
     cg = load(models_dir / "standard.onnx")
@@ -483,7 +483,11 @@ def test_fit_sequential_reuses_the_stages_two_plans_share(models_dir, monkeypatc
     fresh, _ = fit_sequential(original, both, calib)
     calls = []
     real = opt.calibrate
-    monkeypatch.setattr(opt, "calibrate", lambda *a, **kw: calls.append(kw["nodes"]) or real(*a, **kw))
+    def counted(*a, **kw):
+        calls.append(kw["nodes"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(opt, "calibrate", counted)
     cache: dict = {}
     fit_sequential(original, first, calib, cache=cache)
     assert calls == [["conv3x3"]]
@@ -599,7 +603,7 @@ def test_the_returned_prefix_is_refitted_in_sequence_and_unstable_layers_are_nev
     assert {p.fit for p in plain.points} == {"alone"}
 
 
-def test_fits_spread_over_processes_equal_the_fits_in_one(models_dir, monkeypatch):
+def test_fits_spread_over_processes_equal_the_fits_in_one(models_dir, monkeypatch) -> None:
     """The candidates fitted in a pool of forked processes (one BLAS thread each) are the ones fitted in
     this process; a deadline already past fits none."""
     import convgraph.optimize as opt

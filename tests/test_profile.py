@@ -28,7 +28,7 @@ NOT_RUN = {("subgraph", "then/conv")}
 def _check_mapping(cg, prof, model: str) -> None:
     """Every conv got its kernels' time, and every conv kernel of the optimized graph went to a conv."""
     assert prof.unmapped == [] and prof.missing == []
-    for (path, nid), t in prof.convs.items():
+    for (_, nid), t in prof.convs.items():
         if (model, nid) in NOT_RUN:
             assert t.time_ms == 0 and t.kernels == []
         else:

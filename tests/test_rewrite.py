@@ -95,7 +95,7 @@ def test_a_broken_exact_rule_is_refused_naming_the_node(models_dir):
     rule = all_rules()["separable"]
     real_build = rule.build
 
-    def broken(rec, ctx, params):
+    def broken(rec, ctx, params) -> Replacement:
         rep: Replacement = real_build(rec, ctx, params)
         if rec.name == "block1/conv":  # corrupt one weight of one node: the engine must catch it
             for t in rep.initializers:
