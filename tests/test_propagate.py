@@ -139,6 +139,7 @@ def test_named_symbols_for_partly_fixed_shapes(models_dir, capsys) -> None:
     assert doc["convs"][0]["macs"] is None and doc["convs"][0]["output_shape"] == [2, 8, "h", "w"]
 
 
+@pytest.mark.real
 def test_model_dim_names_become_python_identifiers(real_models) -> None:
     a = analyze(_load(real_models("ppocr-det")), rewrites=False)  # dims named p2o.DynamicDimension.0/1/2
     assert a.symbols == {"N": {"input": "x", "axis": 0}, "H": {"input": "x", "axis": 2},
