@@ -270,7 +270,7 @@ def low_rank_layers(name: str, count: int) -> None:
     against low-rank at the largest rank within its MACs, spatial-separable rank 1 likewise."""
     from convgraph.analysis.analyze import analyze
     from convgraph.engine.calibrate import calibrate
-    from convgraph.optimize.timing import _layer_model
+    from convgraph.optimize.timing import layer_model
     from convgraph.registry import get_rule
     from convgraph.rule import RuleContext
     from convgraph.rules.low_rank import full_rank
@@ -292,7 +292,7 @@ def low_rank_layers(name: str, count: int) -> None:
         r = get_rule(rule)
         p = r.resolve_params({k: str(v) for k, v in params.items()})
         rep = r.build(rec, RuleContext(cg, by_id, stats, p), p)  # every 3×3 standard conv matches all three
-        sess = create_session(_layer_model(cg, rec, rep.nodes, rep.initializers))
+        sess = create_session(layer_model(cg, rec, rep.nodes, rep.initializers))
         got = np.concatenate([sess.run(None, {rec.input: x})[0] for x in acts[rec.input]])
         return float(np.linalg.norm(got - ref) / np.linalg.norm(ref)), rep.macs_after
 
@@ -311,7 +311,7 @@ def low_rank_layers(name: str, count: int) -> None:
     print("|---|---|---|---|---|---|")
     cols = []
     for rec in recs:
-        original = create_session(_layer_model(cg, rec, [cg.node(rec.node_id)], []))
+        original = create_session(layer_model(cg, rec, [cg.node(rec.node_id)], []))
         ref = np.concatenate([original.run(None, {rec.input: x})[0] for x in acts[rec.input]])
         row, cells = [], []
         for rule in ("separable", "spatial-separable"):
@@ -336,7 +336,7 @@ def coverage_table(names) -> None:
     """The optimizer's coverage check (``OptimizeReport.coverage``) of calibration sets made of fewer and
     fewer photos against the held-out images."""
     from convgraph.analysis.analyze import analyze
-    from convgraph.optimize import _coverage
+    from convgraph.optimize.phases import input_coverage
 
     print("| model | calibration set | coverage of the held-out images | at tensor |")
     print("|---|---|---|---|")
@@ -353,7 +353,7 @@ def coverage_table(names) -> None:
                                           ("18 whole photos", FIT_SOURCES, 18)):
                 calib = input_set(model, crops_folder(Path(tmp) / label.replace(" ", "_"), sources, count, spec[1]),
                                   spec)
-                got = _coverage(model, recs, calib, held, "cpu")
+                got = input_coverage(model, recs, calib, held, "cpu")
                 print(f"| {name} | {label} | " + (f"{got[0]:.2f} | {got[1]} |" if got else "— | no conv input |"),
                       flush=True)
 
@@ -365,15 +365,15 @@ def estimates(name: str, count: int, ranks) -> None:
 
     from convgraph.analysis.analyze import analyze
     from convgraph.engine.calibrate import calibratable, calibrate
-    from convgraph.optimize import Judge, _estimate_errors, _Fitted, _key, _scale_errors, candidates
+    from convgraph.optimize import Judge, layer_errors, Fitted, candidate_key, scale_errors, candidates
     from convgraph.optimize.report import STABLE_SHARE
-    from convgraph.optimize.timing import _unique_names
+    from convgraph.optimize.timing import unique_names
 
     spec = MODELS[name]
     shapes = {spec[0]: [1, 3, spec[1], spec[1]]}
     cg = load(zoo.fetch(name), shapes)
     recs = [r for r in analyze(cg, rewrites=False).convs if not r.graph]
-    _unique_names(cg)
+    unique_names(cg)
     model = cg.to_model()
     with tempfile.TemporaryDirectory() as tmp:
         calib = input_set(model, crops_folder(Path(tmp) / "calib", FIT_SOURCES, count, spec[1]), spec)
@@ -386,15 +386,15 @@ def estimates(name: str, count: int, ranks) -> None:
     by_id = {r.node_id: r for r in recs}
     stats = calibrate(model, [f for i, f in enumerate(feeds) if i % 4], input_shapes=shapes,
                       nodes=sorted({c.node for c in cands if calibratable(by_id[c.node]) is None}))
-    fitted = _Fitted(model, cg, by_id, stats, shapes)
+    fitted = Fitted(model, cg, by_id, stats, shapes)
     cands = [c for c in cands if fitted.rep(c) is not None]
-    judged = {_key(c.node, c.rule, c.params) for c in _estimate_errors(fitted, cands, judge, lambda *_: None)}
-    truth = {_key(c.node, c.rule, c.params): judge.judge(fitted.model({c.node: (c.rule, c.params)})[0])[1]
+    judged = {candidate_key(c.node, c.rule, c.params) for c in layer_errors(fitted, cands, judge, lambda *_: None)}
+    truth = {candidate_key(c.node, c.rule, c.params): judge.judge(fitted.model({c.node: (c.rule, c.params)})[0])[1]
              for c in cands}
     for c in cands:
-        c.error = truth[_key(c.node, c.rule, c.params)] if _key(c.node, c.rule, c.params) in judged else None
-    _scale_errors(cands)
-    pairs = np.array([(truth[_key(c.node, c.rule, c.params)], c.error) for c in cands if c.estimated])
+        c.error = truth[candidate_key(c.node, c.rule, c.params)] if candidate_key(c.node, c.rule, c.params) in judged else None
+    scale_errors(cands)
+    pairs = np.array([(truth[candidate_key(c.node, c.rule, c.params)], c.error) for c in cands if c.estimated])
     ratio = pairs[:, 1] / np.maximum(pairs[:, 0], 1e-12)
     print(f"{name}: {len(cands)} candidates, {len(judged)} judged, {len(pairs)} estimated: Spearman "
           f"{spearmanr(pairs[:, 0], pairs[:, 1]).statistic:.3f}, estimate/judged median {np.median(ratio):.2f}, "
@@ -406,9 +406,9 @@ def _chain_model(cg, rec, nodes, inits, act):
     conv's input, output the activation's (pointwise: the conv output's shape)."""
     from dataclasses import replace
 
-    from convgraph.optimize.timing import _layer_model
+    from convgraph.optimize.timing import layer_model
 
-    return _layer_model(cg, replace(rec, output=act.output), list(nodes) + [cg.node(v) for v in act.nodes], inits)
+    return layer_model(cg, replace(rec, output=act.output), list(nodes) + [cg.node(v) for v in act.nodes], inits)
 
 
 #: (rule, params) compared by --activation, each with response=pre and response=post.

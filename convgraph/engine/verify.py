@@ -240,7 +240,7 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
     candidate's metadata). ``reference_evaluator``: also run ``onnx.reference.ReferenceEvaluator`` on
     the reference, so that an onnxruntime bug shared by both models cannot hide (small models only).
     ``tensors``: judge these tensors (any present in both models, intermediate ones included) instead of
-    the outputs. Every output or tensor is judged part by part (:mod:`convgraph.metrics`).
+    the outputs. Every output or tensor is judged part by part (:mod:`convgraph.run.metrics`).
     """
     tol = Tolerance.make(atol, rtol, min_cosine)
     run_opts: dict[str, Any] = {"provider": provider, "threads": threads, "opt_level": opt_level}

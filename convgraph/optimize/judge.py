@@ -57,7 +57,7 @@ class Judge:
         from ..run.runtime import create_session, expose_tensors, run
 
         sess = create_session(expose_tensors(model, self.names), provider=self.provider, threads=self.threads)
-        outs = {n: [] for n in self.names}
+        outs: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
         for f in self.feeds:
             for n, v in zip(self.names, run(sess, f, self.names)):
                 outs[n].append(v)
