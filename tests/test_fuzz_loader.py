@@ -26,11 +26,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from convgraph import zoo
 from convgraph.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 SEEDS = sorted((REPO / "models").glob("*.onnx"))
-REAL = REPO / ".cache" / "models" / "ppocr-cls.onnx"
+REAL = zoo.cache_dir() / "ppocr-cls.onnx"  # where python -m convgraph.zoo put it ($CONVGRAPH_CACHE too)
 BIN = Path(sys.executable).with_name("convgraph")
 
 #: In-process cases over the committed models, cases over the real model, cases run as a subprocess.
