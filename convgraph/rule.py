@@ -106,6 +106,16 @@ class Rule:
         """None when the rule applies to ``rec``, else the reason."""
         return self.check(rec, ctx)[0]
 
+    def matched(self, rec: ConvRecord, ctx: "RuleContext", found: "Match | None" = None) -> Match:
+        """What ``match`` found for a rule whose match spans nodes (``found`` when given): for a ``build``
+        called without it. :class:`Skip` with the reason when the rule does not apply."""
+        if found is not None:
+            return found
+        got = self.match(rec, ctx)
+        if not isinstance(got, Match):
+            raise Skip(got or f"rule {self.name} matched the conv alone")
+        return got
+
     def make(self, rec: ConvRecord, ctx: "RuleContext", params: dict, found: "Match | None" = None) -> Replacement:
         """``build``, handing it what ``match`` found when that was a :class:`Match`."""
         return self.build(rec, ctx, params) if found is None else self.build(rec, ctx, params, found)
@@ -145,6 +155,13 @@ class RuleContext:
 
         return constant_value(self.graph, tensor)
 
+    def constant(self, tensor: str) -> np.ndarray:
+        """The value of ``tensor``, which ``match`` found constant: :class:`Skip` when it is not after all."""
+        v = self.value(tensor)
+        if v is None:
+            raise Skip(f"{tensor!r} is not a constant")
+        return v
+
     def name(self, base: str) -> str:
         """A fresh tensor name derived from ``base`` (``<conv>/dw``, ``<conv>/pw_W`` ...)."""
         return self.graph.unique_tensor(base)
@@ -163,10 +180,10 @@ class RuleContext:
         return self.graph.node(node_id)
 
 
-def int_or(word: str) -> Callable[[str], "int | str"]:
+def int_or(word: str) -> Callable[["str | int"], "int | str"]:
     """A param parser taking a positive integer or ``word`` (any case): ``int_or("full")``, ``int_or("auto")``."""
 
-    def parse(text: str) -> "int | str":
+    def parse(text: "str | int") -> "int | str":
         if str(text).lower() == word:
             return word
         v = int(text)

@@ -19,7 +19,7 @@ BIN = Path(sys.executable).with_name("convgraph")
 
 def _model(dynamic: bool = False) -> onnx.ModelProto:
     w = numpy_helper.from_array(np.linspace(-1, 1, 4 * 3 * 9, dtype=np.float32).reshape(4, 3, 3, 3), "w")
-    shape = ["N", 3, "H", "W"] if dynamic else [1, 3, 16, 16]
+    shape: list[str | int] = ["N", 3, "H", "W"] if dynamic else [1, 3, 16, 16]
     g = helper.make_graph(
         [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1] * 4)], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -472,7 +473,7 @@ def test_a_candidate_alone_is_spliced_in_as_the_engine_would_build_it(models_dir
         assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-def test_fit_sequential_reuses_the_stages_two_plans_share(models_dir, monkeypatch):
+def test_fit_sequential_reuses_the_stages_two_plans_share(models_dir, monkeypatch) -> None:
     import convgraph.optimize.sequential as opt
 
     cg = load(models_dir / "standard.onnx")
@@ -483,7 +484,11 @@ def test_fit_sequential_reuses_the_stages_two_plans_share(models_dir, monkeypatc
     fresh, _ = fit_sequential(original, both, calib)
     calls = []
     real = opt.calibrate
-    monkeypatch.setattr(opt, "calibrate", lambda *a, **kw: calls.append(kw["nodes"]) or real(*a, **kw))
+    def counted(*a, **kw):
+        calls.append(kw["nodes"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(opt, "calibrate", counted)
     cache: dict = {}
     fit_sequential(original, first, calib, cache=cache)
     assert calls == [["conv3x3"]]
@@ -603,14 +608,22 @@ def test_the_returned_prefix_is_refitted_in_sequence_and_unstable_layers_are_nev
     assert {p.fit for p in plain.points} == {"alone"}
 
 
-def test_fits_spread_over_processes_equal_the_fits_in_one(models_dir, monkeypatch):
+def test_fits_spread_over_processes_equal_the_fits_in_one(models_dir, monkeypatch) -> None:
     """The candidates fitted in a pool of forked processes (one BLAS thread each) are the ones fitted in
     this process; a deadline already past fits none."""
+    import multiprocessing as mp
+
     import convgraph.optimize as opt
     import convgraph.optimize.fitting as fitting
     from convgraph.analysis.analyze import analyze
     from convgraph.engine.calibrate import calibrate
     from convgraph.optimize.timing import unique_names
+
+    # the premise: processes fork (not on Windows or macOS' default) and numpy's BLAS is the OpenBLAS its wheels
+    # bundle, whose threads can be set (this restores the thread count fit_all sets anyway)
+    if "fork" not in mp.get_all_start_methods() or not fitting._blas_threads(
+            int(os.environ.get("OPENBLAS_NUM_THREADS", 0)) or os.cpu_count() or 1):
+        pytest.skip("fits spread over processes only where processes fork and numpy's bundled OpenBLAS is used")
 
     cg = load(models_dir / "sample.onnx")
     unique_names(cg)

@@ -28,6 +28,12 @@ F = TensorProto.FLOAT
 H, W = Expr.symbol("H"), Expr.symbol("W")
 
 
+def _expr(v: object) -> Expr:
+    """``v``, which must be an Expr (arithmetic on Exprs may give an int or a Fraction: not these)."""
+    assert isinstance(v, Expr), v
+    return v
+
+
 def _load(source, shapes=None, values=None) -> convgraph.ConvGraph:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -37,11 +43,16 @@ def _load(source, shapes=None, values=None) -> convgraph.ConvGraph:
 # ---- expressions ----------------------------------------------------------------------------------------
 def test_nested_floor_divisions_collapse() -> None:
     e = ((H - 1) // 2 + 1 - 1) // 2 + 1
-    assert e == parse("(H-1)//4+1") and str(e) == "(H+3)//4" and e.size() == 5
+    assert e == parse("(H-1)//4+1") and str(e) == "(H+3)//4" and _expr(e).size() == 5
     assert -(-H // 2) == (H + 2 - 3) // 2 + 1  # SAME padding's ceil and explicit pads meet in one form
-    assert str((3 * H) // 2) == "H+H//2" and (H * W * 6).exact_div(H * 2) == 3 * W
-    assert (7920 * H * W).compact() == "7.9k·H·W" and ((H + 3) // 4).compact() == "⌈H/4⌉"
+    assert str((3 * H) // 2) == "H+H//2" and _expr(H * W * 6).exact_div(_expr(H * 2)) == 3 * W
+    assert _expr(7920 * H * W).compact() == "7.9k·H·W" and _expr((H + 3) // 4).compact() == "⌈H/4⌉"
     assert str(-((H + 1) // 2)) == "-((H+1)//2)"  # a leading minus binds tighter than //
+
+
+#: the operations of the random chains below, each of (a, b, k, c): k a positive divisor, c a factor
+_OPS = (lambda a, b, k, c: a + b, lambda a, b, k, c: a - b, lambda a, b, k, c: a // k, lambda a, b, k, c: a * c,
+        lambda a, b, k, c: -(-a // k), lambda a, b, k, c: a % k)
 
 
 def test_expressions_equal_integer_arithmetic() -> None:
@@ -53,14 +64,13 @@ def test_expressions_equal_integer_arithmetic() -> None:
         vals = {p: [p[0], p[1], p[0] + 1, 2 * p[0] - 1] for p in points}
         for _ in range(150):
             i, j, k, c = rng.randrange(len(exprs)), rng.randrange(len(exprs)), rng.randint(1, 5), rng.randint(-3, 3)
-            f = rng.choice([lambda a, b: a + b, lambda a, b: a - b, lambda a, b: a // k, lambda a, b: a * c,
-                            lambda a, b: -(-a // k), lambda a, b: a % k])
-            r = f(exprs[i], exprs[j])
+            f = rng.choice(_OPS)
+            r = f(exprs[i], exprs[j], k, c)
             if isinstance(r, Expr) and r.size() > 40:
                 continue
             exprs.append(r)
             for p in points:
-                vals[p].append(f(vals[p][i], vals[p][j]))
+                vals[p].append(f(vals[p][i], vals[p][j], k, c))
         for n, e in enumerate(exprs):
             for p in points:
                 env = {"H": p[0], "W": p[1]}
@@ -88,7 +98,7 @@ def _check_formulas(path: Path, concrete: dict) -> int:
         assert a.macs_expr is not None and b.macs is not None, (path.name, a.name)
         got = eval(a.to_dict()["macs_expr"], {"__builtins__": {}}, dict(values))
         assert got == b.macs, (path.name, a.name, a.macs_expr)
-        assert parse(a.to_dict()["macs_bias_expr"]).evaluate(values) == b.macs_bias if isinstance(
+        assert _expr(parse(a.to_dict()["macs_bias_expr"])).evaluate(values) == b.macs_bias if isinstance(
             a.macs_bias_expr, Expr) else a.macs_bias_expr == b.macs_bias
     total = sym.totals["macs_expr"]
     assert eval(total, {"__builtins__": {}}, dict(values)) == fixed.totals["macs"]
@@ -129,6 +139,7 @@ def test_named_symbols_for_partly_fixed_shapes(models_dir, capsys) -> None:
     assert doc["convs"][0]["macs"] is None and doc["convs"][0]["output_shape"] == [2, 8, "h", "w"]
 
 
+@pytest.mark.real
 def test_model_dim_names_become_python_identifiers(real_models) -> None:
     a = analyze(_load(real_models("ppocr-det")), rewrites=False)  # dims named p2o.DynamicDimension.0/1/2
     assert a.symbols == {"N": {"input": "x", "axis": 0}, "H": {"input": "x", "axis": 2},
@@ -145,7 +156,7 @@ def test_table_shows_formulas_compactly(models_dir, capsys) -> None:
 
 # ---- long chains stay linear with small expressions -----------------------------------------------------
 def test_expressions_stay_small_on_a_1000_layer_chain() -> None:
-    from benchmarks.make_chain import make_chain
+    from make_chain import make_chain
 
     model = make_chain(1000)
     vi = model.graph.input[0].type.tensor_type.shape
@@ -163,7 +174,8 @@ def test_expressions_stay_small_on_a_1000_layer_chain() -> None:
     strided = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     b = analyze(_load(strided), rewrites=False)
     assert max(r.macs_expr.size() for r in b if isinstance(r.macs_expr, Expr)) <= 12
-    assert str(b.convs[2].output_shape[2]) == "(H+7)//8"
+    shape = b.convs[2].output_shape
+    assert shape is not None and str(shape[2]) == "(H+7)//8"
 
 
 # ---- the probe agrees with the static shapes -----------------------------------------------------------
@@ -195,7 +207,7 @@ def test_conformance_models_static_shapes_equal_probed_shapes() -> None:
         runs, _ = original_run(str(path))
         model = onnx.load(path)
         feeds = None if not runs else light_inputs(model) if path in LIGHT else shipped_inputs(path, model)
-        if not runs or not all(isinstance(v, np.ndarray) for v in feeds.values()):
+        if feeds is None or not all(isinstance(v, np.ndarray) for v in feeds.values()):
             continue
         cg = _load(path, values=feeds)  # the shipped inputs fix every input: shapes, values and the probe's feed
         try:

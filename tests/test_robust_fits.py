@@ -56,7 +56,7 @@ def test_solve_falls_back_on_singular_matrices() -> None:
     b = np.ones((3, 3, 2))
     x = fit.solve(a, b)
     assert np.all(x[0] == 0)  # least-norm solution of 0·x = 1
-    np.testing.assert_allclose(x[1], [[1, 1], [0.5, 0.5], [0, 0]])
+    np.testing.assert_allclose(x[1], np.array([[1, 1], [0.5, 0.5], [0, 0]]))
     np.testing.assert_allclose(x[2], 0.5)
 
 

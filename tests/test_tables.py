@@ -66,6 +66,7 @@ def test_layout_drops_by_rank_and_never_narrows_a_number():
     assert shown == [0, 1, 2, 3, 4] and not light and widths[0] == len(rows[0][0])
 
 
+@pytest.mark.real
 @pytest.mark.parametrize("model", [YOLO, DET], ids=["yolov8n", "ppocr-det"])
 def test_analyze_at_80_columns(real_models, model):
     path = real_models(model[0])
@@ -83,6 +84,7 @@ def test_analyze_at_80_columns(real_models, model):
     assert "receptive field" in wide.stdout
 
 
+@pytest.mark.real
 def test_rewrite_tables_at_80_columns(real_models, tmp_path):
     yolo, det = real_models("yolov8n"), real_models("ppocr-det")
     dry = ("rewrite", yolo, "--input-shape", YOLO[1], "--rule", "separable", "--dry-run")

@@ -141,7 +141,7 @@ def _record(cg: ConvGraph, nid: str, data: dict, spec: ConvOp) -> ConvRecord | N
     macs = macs_expr if type(macs_expr) is int else None
     macs_bias = bias_expr if type(bias_expr) is int else None
     params = ar.prod(wshape)
-    if has_bias:
+    if b is not None:
         bias_shape = constant_shape(cg, b)
         params += ar.prod(bias_shape) if bias_shape is not None else out_channels
     source = constant_source(cg, w) if w else "unknown"
@@ -156,7 +156,7 @@ def _record(cg: ConvGraph, nid: str, data: dict, spec: ConvOp) -> ConvRecord | N
         input=x, weight=w, bias=b, output=out_name, input_shape=in_shape, output_shape=output_shape,
         macs=macs, macs_bias=macs_bias, params=params, macs_expr=macs_expr, macs_bias_expr=bias_expr, has_bias=has_bias,
         weight_source=source,
-        bias_source=constant_source(cg, b) if has_bias else None,
+        bias_source=constant_source(cg, b) if b is not None else None,
         auto_pad=auto_pad, output_padding=output_padding,
         checkerboard=spec.transposed and checkerboard(kernel, strides, dilations),
         shape_source="measured" if (x and cg.shape_measured(x)) or (out_name and cg.shape_measured(out_name))
@@ -359,10 +359,11 @@ def _analyze(cg: ConvGraph, rewrites: bool, block: int) -> Analysis:
     if unknown:
         warnings.append(unknown)
     model, inputs = _model_info(cg)
-    branches = {}
+    branches: dict[str, str] = {}
     for g in cg.walk():
-        if g.taken is not None or (g.parent is not None and branches.get(g.parent.path) == "not taken"):
-            branches[g.path] = "not taken" if g.taken is False or branches.get(g.parent.path) == "not taken" else "taken"
+        outer = branches.get(g.parent.path) if g.parent is not None else None
+        if g.taken is not None or outer == "not taken":
+            branches[g.path] = "not taken" if g.taken is False or outer == "not taken" else "taken"
     skipped = {p for p, b in branches.items() if b == "not taken"}
     model["branches"] = branches  # If bodies: "taken" / "not taken" where the condition is known
     return Analysis(records, totals(records, skipped), warnings, model, inputs, graphs, symbols=dict(cg.symbols))
@@ -408,15 +409,15 @@ def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
     for rule in all_rules().values():
         if rule.estimate is not None:
             params = rule.resolve_params({})
-            rules.append((rule, params, rule.is_exact(params)))
+            rules.append((rule, rule.estimate, params, rule.is_exact(params)))
     if not rules:
         return
     ctx = RuleContext(g, {r.node_id: r for r in records})
     for rec in records:
-        for rule, params, exact in rules:
+        for rule, estimate, params, exact in rules:
             if rule.why_not(rec, ctx) is not None:
                 continue
-            macs_after, params_after, kind_after = rule.estimate(rec, params)
+            macs_after, params_after, kind_after = estimate(rec, params)
             if rule.makes_dearer(params, rec.macs, macs_after):
                 continue
             rec.rewrites.append(RewriteOption(rule.name, dict(params), exact, macs_after, params_after, kind_after))

@@ -337,7 +337,7 @@ def profile(cg: ConvGraph, inputs=None, *, input_shapes: Mapping[str, Sequence[i
     for name, ms in node_ms.items():
         node = mapper.nodes.get(name)
         op = node.op_type if node is not None else "?"
-        if op in REORDERS and node.domain == NCHWC:
+        if node is not None and op in REORDERS and node.domain == NCHWC:
             reorders += ms
             targets = mapper.reorder_targets(name)
             for t in targets:
@@ -404,16 +404,16 @@ def change_estimates(cg: ConvGraph, changes, **kwargs) -> tuple[Profile, list[di
     the profile and, per change, ``{"node", "rule", "time_ms", "saved_ms_estimate"}``.
     """
     prof = profile(cg, **kwargs)
-    times = {}
+    times: dict[tuple[str, str], float] = {}
     for g in cg.walk():
         for nid, t in ((nid, prof.convs.get((g.path, nid))) for nid in g.topological_order()):
             if t is not None:
                 times[(g.path, g.graph.nodes[nid]["proto"].name or nid)] = t.time_ms
     out = []
     for c in changes:
-        t = times.get((c.graph, c.node))
-        out.append({"node": c.node, "rule": c.rule, "time_ms": t, "saved_ms_estimate": saved_ms(t, c.macs_before,
-                                                                                                   c.macs_after)})
+        ms = times.get((c.graph, c.node))
+        out.append({"node": c.node, "rule": c.rule, "time_ms": ms, "saved_ms_estimate": saved_ms(ms, c.macs_before,
+                                                                                                    c.macs_after)})
     return prof, out
 
 
@@ -439,9 +439,10 @@ def plot(analysis: Analysis, path, top: int = 20) -> None:
     if analysis.profile is None:
         raise UsageError("--plot draws measured times: profile the model first (--profile)")
     total = analysis.totals.get("macs")
-    rs = sorted((r for r in analysis.convs if r.time_share is not None), key=lambda r: -r.time_share)[:top]
+    timed = sorted(((r.time_share, r) for r in analysis.convs if r.time_share is not None), key=lambda p: -p[0])[:top]
+    rs = [r for _, r in timed]
     names = [(r.name or r.node_id)[-40:] for r in rs][::-1]
-    time_pct = [100 * r.time_share for r in rs][::-1]
+    time_pct = [100 * share for share, _ in timed][::-1]
     mac_pct = [100 * r.macs / total if r.macs is not None and total else 0.0 for r in rs][::-1]
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * max(len(rs), 1)), dpi=120)
     y = np.arange(len(rs))

@@ -85,7 +85,7 @@ def _share(r: ConvRecord, total: int | None) -> str:
 
 def _saving(r: ConvRecord) -> str:
     opt, share = best_saving(r)
-    if opt is None:
+    if opt is None or share is None:
         return ""
     change = -100 * share
     sign = "−" if round(change) < 0 else "+" if round(change) > 0 else "±"

@@ -25,7 +25,7 @@ _COLUMNS = os.environ.get("COLUMNS", "").strip()
 _WIDTH = None if sys.stdout.isatty() else int(_COLUMNS) if _COLUMNS.isdigit() and int(_COLUMNS) > 0 else 160  # pipes, logs: wide
 #: The rich Consoles ``out`` and ``err`` (messages stay one line), made on first use: importing rich costs
 #: a tenth of a ``--json`` run's start-up, and such a run may never print through them.
-_CONSOLES = {"out": {"highlight": False, "soft_wrap": False, "width": _WIDTH},
+_CONSOLES: dict[str, dict[str, Any]] = {"out": {"highlight": False, "soft_wrap": False, "width": _WIDTH},
              "err": {"stderr": True, "highlight": False, "soft_wrap": True}}
 
 

@@ -16,7 +16,10 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 from ..progress import reporting
 from . import common
@@ -100,9 +103,9 @@ class Lines:
 class Live:
     """Stages as a rich live display on the terminal: one row per running stage, removed when it ends."""
 
-    def __init__(self, console):
+    def __init__(self, console) -> None:
         self._console = console
-        self._progress = None
+        self._progress: Progress | None = None
         self._tasks: list = []
 
     def start(self, name: str, total: int | None = None) -> None:
@@ -117,14 +120,14 @@ class Live:
                                                    count=f"0/{total}" if total else ""))
 
     def advance(self, n: int = 1) -> None:
-        if self._tasks:
+        if self._tasks and self._progress is not None:
             task = self._tasks[-1]
             self._progress.advance(task, n)
             t = next(t for t in self._progress.tasks if t.id == task)
             self._progress.update(task, count=f"{int(t.completed)}/{t.total}" if t.total else f"{int(t.completed)}")
 
     def finish(self) -> None:
-        if self._tasks:
+        if self._tasks and self._progress is not None:
             self._progress.remove_task(self._tasks.pop())
             if not self._tasks:  # nothing running: clear the display, so that the command's output stands alone
                 self.close()

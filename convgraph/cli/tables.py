@@ -19,6 +19,7 @@ import click
 from . import common
 
 if TYPE_CHECKING:
+    from rich.console import JustifyMethod
     from rich.table import Table
     from rich.text import Text
 
@@ -46,12 +47,12 @@ class Column:
 
     header: str
     kind: str = "text"  # "name": shortened in the middle; "num": never cut; "text": wrapped at words
-    justify: str | None = None  # default: right for numbers, left otherwise
+    justify: JustifyMethod | None = None  # default: right for numbers, left otherwise
     drop: int | None = None  # narrow outputs hide droppable columns, lowest rank first; None: always shown
     brief: str | None = None  # the header when the table is narrowed (default: header)
 
     @property
-    def align(self) -> str:
+    def align(self) -> JustifyMethod:
         return self.justify or ("right" if self.kind == "num" else "left")
 
 
@@ -168,7 +169,7 @@ def layout(columns: Sequence[Column], rows: Sequence[Sequence[Cell]],
         least[i], natural[i] = _limits(col, cells[i], col.brief or col.header)
 
     def rank(i: int) -> tuple[bool, int]:
-        return not all(c.strip() in EMPTY for c in cells[i]), columns[i].drop
+        return not all(c.strip() in EMPTY for c in cells[i]), columns[i].drop or 0  # droppable: not None
 
     while sum(least[i] for i in shown) + _overhead(True, len(shown)) > width:
         droppable = [i for i in shown if columns[i].drop is not None]
@@ -202,8 +203,8 @@ def build(columns: Sequence[Column], rows: Iterable[Sequence[Cell]], *, title: s
         t.add_column(col.brief or col.header if light else col.header, justify=col.align, width=widths[i],
                      overflow="fold")
     for r in rows:
-        t.add_row(*[Text(shorten(r[i], widths[i]) if columns[i].kind == "name" else r[i])
-                    if isinstance(r[i], str) else r[i] for i in shown])
+        cells = [(r[i], columns[i].kind == "name", widths[i]) for i in shown]
+        t.add_row(*[Text(shorten(c, w) if name else c) if isinstance(c, str) else c for c, name, w in cells])
     return t, sum(widths.values()) + _overhead(light, len(shown))
 
 

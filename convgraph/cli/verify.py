@@ -103,7 +103,7 @@ def render(report: VerifyReport) -> None:
         where = f"sample {loc.sample}, {loc.compared} shared intermediate tensors compared"
         if loc.unmatched:
             where += f", {loc.unmatched} only in the candidate"
-        if loc.first_divergent_node is None:
+        if loc.first_divergent_node is None or loc.tensor is None:  # set together
             out.print(f"localization ({where}): no intermediate tensor leaves tolerance")
         else:
             m = loc.tensor

@@ -57,8 +57,8 @@ class Expr:
 
     def __init__(self, terms: dict):
         self.terms = terms  # monomial (sorted tuple of atoms; () is the constant) → nonzero int or Fraction
-        self._str = None
-        self._hash = None
+        self._str: str | None = None
+        self._hash: int | None = None
 
     # ---- construction ----
     @staticmethod
@@ -222,7 +222,7 @@ def _num(c: Number) -> str:
 
 
 def _human(c: Number) -> str:
-    a = abs(c)
+    a = abs(float(c))
     for unit, scale in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
         if a >= scale:
             v = float(c) / scale
@@ -249,7 +249,7 @@ def _bare(e) -> str:
 
 def _text(e: Expr, mono, times: str, number) -> str:
     """Terms highest degree first, constant last: ``c*m`` joined with `` + ``/`` - ``."""
-    parts = []
+    parts: list[tuple[str, str]] = []
     for m in sorted(e.terms, key=_mono_key):
         c = e.terms[m]
         sign = "-" if c < 0 else "+"
@@ -306,9 +306,9 @@ def _floor_int(terms: dict, d: int) -> "Expr | Number":
     inner = [m for m in rest if m]
     if len(inner) == 1 and len(inner[0]) == 1 and rest[inner[0]] == 1 and isinstance(inner[0][0], Floor):
         a = inner[0][0]  # floor((floor(x/a) + c)/d) = floor((x + a·c)/(a·d))
-        num = dict(a.num.terms)
-        num[()] = num.get((), 0) + a.k * const
-        return Expr.make(quotient) + _floor_int(num, a.k * d)
+        terms = dict(a.num.terms)
+        terms[()] = terms.get((), 0) + a.k * const
+        return Expr.make(quotient) + _floor_int(terms, a.k * d)
     num = Expr({m: c for m, c in rest.items() if c})
     return Expr.make(quotient) + Expr({(Floor(num, d),): 1})
 

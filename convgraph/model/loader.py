@@ -63,8 +63,9 @@ def _load(source, shapes: dict[str, list[int]], check: bool, input_values=None) 
     values = checked_input_values(model, input_values, shapes)
     shapes = {**{k: list(v.shape) for k, v in values.items()}, **shapes}
     # a model over 2 GB is inferred from its skeleton: the model before its external data was read
-    big = origin.skeleton is not None and origin.size > _io.PROTOBUF_LIMIT
-    fixed = _fixed_inputs(origin.skeleton if big else model, shapes)  # a bad --input-shape fails before the build
+    skeleton = origin.skeleton if origin.size > _io.PROTOBUF_LIMIT else None
+    big = skeleton is not None
+    fixed = _fixed_inputs(skeleton if skeleton is not None else model, shapes)  # a bad --input-shape fails before the build
     cg = ConvGraph(model.graph, model)
     cg.source_dir = origin.folder
     cg.input_shapes = shapes

@@ -18,7 +18,7 @@ import math
 import re
 from collections import ChainMap
 from fractions import Fraction
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 import onnx
@@ -44,6 +44,17 @@ class Val(NamedTuple):
     value: np.ndarray | None = None
 
 
+class _Shaped(Protocol):
+    """A :class:`Val` whose shape is known: what a :func:`_shaped` rule is handed."""
+
+    @property
+    def elem(self) -> int: ...
+    @property
+    def shape(self) -> tuple: ...
+    @property
+    def value(self) -> np.ndarray | None: ...
+
+
 # ---- symbols ------------------------------------------------------------------------------------------
 _LETTERS = {3: "NCL", 4: "NCHW", 5: "NCDHW"}
 
@@ -65,8 +76,9 @@ def input_symbols(inputs: list[tuple[str, tuple | None]]) -> tuple[dict[str, dic
     symbols: dict[str, dict] = {}
     by_name: dict[str, Expr] = {}
     dims: dict = {}
-    for name, shape in inputs:
-        for axis, d in enumerate(shape or ()):
+    for name, given in inputs:
+        shape = given or ()
+        for axis, d in enumerate(shape):
             if isinstance(d, int):
                 continue
             shared = isinstance(d, str) and any(ch.isalnum() for ch in d)  # "?" (Paddle) names no dim
@@ -434,9 +446,9 @@ class _Walk:
         x = ins[0] if ins else None
         shape = x.shape if x is not None else None
         if op in SAME_SHAPE:
-            f = _UNARY_VALUES.get(op)
+            f: Callable | None = _UNARY_VALUES.get(op)
             value = _elementwise(f, x.value) if f is not None and x is not None and x.value is not None else None
-            return [Val(0, shape, value)] + [Val(_BOOL, shape)] * (op == "Dropout" and n_out > 1)
+            return [Val(0, shape, value), *[Val(_BOOL, shape)] * (op == "Dropout" and n_out > 1)]
         if op in _BINARY or op == "Div":
             a, b = ins[0], ins[1]
             if a is None or b is None:
@@ -686,7 +698,7 @@ def _axes(w, attrs, ins):
 
 
 @_shaped
-def _squeeze(w, attrs, ins, n, x: Val, r: int):
+def _squeeze(w, attrs, ins, n, x: _Shaped, r: int):
     axes = _axes(w, attrs, ins)
     if axes is None:
         if (w.opset >= 13 and len(ins) > 1 and ins[1] is not None) or not all(is_dim(d) for d in x.shape):
@@ -723,7 +735,7 @@ def _reshape_to(x: Val, target: list, allowzero: bool = False) -> tuple | None:
         total = _numel(x.shape)
         out[k] = None
         if rest is not None and total is not None and rest != 0:
-            q = total // rest if isinstance(rest, int) or isinstance(total, Expr) else None
+            q = total // rest if isinstance(total, Expr) else total // rest if isinstance(rest, int) else None
             if q is not NotImplemented and q is not None:
                 out[k] = q
     return tuple(out)
@@ -742,7 +754,7 @@ def _reshape(w, attrs, ins, n):
 
 
 @_shaped
-def _flatten(w, attrs, ins, n, x: Val, r: int):
+def _flatten(w, attrs, ins, n, x: _Shaped, r: int):
     axis = _axis(int(attrs.get("axis", 1)), r)
     return [Val(x.elem, (_numel(x.shape[:axis]), _numel(x.shape[axis:])))]
 
@@ -785,14 +797,14 @@ def _range(w, attrs, ins, n):
 
 
 @_shaped
-def _transpose(w, attrs, ins, n, x: Val, r: int):
+def _transpose(w, attrs, ins, n, x: _Shaped, r: int):
     perm = attrs.get("perm") or list(range(r))[::-1]
     return [Val(x.elem, tuple(x.shape[p] for p in perm),
                 np.transpose(x.value, perm) if x.value is not None else None)]
 
 
 @_shaped
-def _pad(w, attrs, ins, n, x: Val, r: int):
+def _pad(w, attrs, ins, n, x: _Shaped, r: int):
     pads = _ints(ins[1].value) if w.opset >= 11 and len(ins) > 1 and ins[1] is not None else attrs.get("pads")
     if pads is None:
         return None
@@ -809,7 +821,7 @@ def _pad(w, attrs, ins, n, x: Val, r: int):
 
 
 @_shaped
-def _resize(w, attrs, ins, n, x: Val, r: int):
+def _resize(w, attrs, ins, n, x: _Shaped, r: int):
     if w.opset >= 11:
         scales = ins[2] if len(ins) > 2 else None
         sizes = ins[3] if len(ins) > 3 else None
@@ -842,7 +854,7 @@ def _resize(w, attrs, ins, n, x: Val, r: int):
 
 
 @_shaped
-def _split(w, attrs, ins, n, x: Val, r: int):
+def _split(w, attrs, ins, n, x: _Shaped, r: int):
     axis = _axis(int(attrs.get("axis", 0)), r)
     if w.opset >= 13:
         sizes = _ints(ins[1].value) if len(ins) > 1 and ins[1] is not None else None
@@ -869,7 +881,7 @@ def _split(w, attrs, ins, n, x: Val, r: int):
 
 
 @_shaped
-def _reduce(w, attrs, ins, n, x: Val, r: int):
+def _reduce(w, attrs, ins, n, x: _Shaped, r: int):
     axes = attrs.get("axes")
     if len(ins) > 1:  # ReduceSum-13, every Reduce-18
         if ins[1] is None:
@@ -889,7 +901,7 @@ def _reduce(w, attrs, ins, n, x: Val, r: int):
 
 
 @_shaped
-def _argmax(w, attrs, ins, n, x: Val, r: int):
+def _argmax(w, attrs, ins, n, x: _Shaped, r: int):
     axis = _axis(int(attrs.get("axis", 0)), r)
     keep = int(attrs.get("keepdims", 1))
     return [Val(onnx.TensorProto.INT64, tuple(1 if j == axis else d for j, d in enumerate(x.shape)

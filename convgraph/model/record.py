@@ -50,8 +50,8 @@ class ConvRecord:
     pads: tuple[int, ...]
     dilations: tuple[int, ...]
     group: int
-    in_channels: int | None
-    out_channels: int | None
+    in_channels: int  # from the weight's shape, which a record needs (no record without it)
+    out_channels: int
     depth_multiplier: int | None  # depthwise only: out_channels / in_channels
     input: str  # tensor names
     weight: str

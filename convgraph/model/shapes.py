@@ -94,7 +94,7 @@ def _checked_input_shapes(input_shapes) -> dict[str, list]:
             dims = list(dims)
         except TypeError:
             dims = [dims]
-        if not all((isinstance(d, numbers.Integral) and not isinstance(d, bool) and 1 <= d <= MAX_DIM)
+        if not all((isinstance(d, numbers.Integral) and not isinstance(d, bool) and 1 <= int(d) <= MAX_DIM)
                    or (isinstance(d, str) and d.isidentifier()) for d in dims):
             raise UsageError(f"input shape for {name!r}: {dims!r} is not a list of integers between 1 and {MAX_DIM} "
                              f"or names")
@@ -140,6 +140,7 @@ def checked_input_values(model: onnx.ModelProto, values, input_shapes: dict | No
         except (KeyError, TypeError, ValueError) as e:
             raise UsageError(f"--input-value {name!r}: {first_line(e)}") from None
         shape = (input_shapes or {}).get(name) or info.shape
+        want: tuple[int, ...]
         if shape is not None and len(shape) == 0:
             want = ()
         elif shape is not None and len(shape) == 1:
@@ -153,7 +154,7 @@ def checked_input_values(model: onnx.ModelProto, values, input_shapes: dict | No
                              f"shape {_dims_text(info.shape if shape is None else tuple(shape))}")
         arr = arr.reshape(want)
         if shape is not None and (len(shape) != arr.ndim or any(isinstance(d, int) and d != a
-                                                                  for d, a in zip(shape, arr.shape))):
+                                                                  for d, a in zip(shape, want))):
             raise UsageError(f"--input-value {name!r}: shape {list(arr.shape)} does not fit the input's "
                              f"{_dims_text(tuple(shape))}")
         out[str(name)] = arr
@@ -183,7 +184,7 @@ def _fixed_inputs(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) ->
             shape = tt.tensor_type.shape.dim
             if len(shape) != len(dims):
                 raise UsageError(f"--input-shape {name!r} has {len(dims)} dims, the model's input has {len(shape)} "
-                                 f"({_dims_text(_tensor_info(tt).shape)})")
+                                 f"({_dims_text(tuple(map(_dim, shape)))})")
             for j, (dim, d) in enumerate(zip(shape, dims)):
                 if dim.HasField("dim_value") and dim.dim_value >= 0 and dim.dim_value != d and not (
                         isinstance(d, str) and dim.dim_value == 0):

@@ -128,7 +128,7 @@ class InputSet(Sequence):
     def __len__(self) -> int:
         return self._count
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(self._count))]
         if not -self._count <= i < self._count:
@@ -455,8 +455,8 @@ def make_inputs(model_or_specs, inputs=None, *, samples: int | None = None, seed
         given = list(inputs)[:samples] if samples else list(inputs)
         if not given:
             raise UsageError("the given list of input samples is empty")
-        arrays = [{k: np.asarray(v) for k, v in x.items()} for x in given]
+        samples_arrays = [{k: np.asarray(v) for k, v in x.items()} for x in given]
         sets = [arrays_inputs(a, {k: (v.shape, v.dtype) for k, v in a.items()}, specs, samples=1, where=f"input sample {i}")
-                for i, a in enumerate(arrays)]
+                for i, a in enumerate(samples_arrays)]
         return InputSet(len(sets), lambda i: sets[i][0], f"{len(sets)} given sample{'s' * (len(sets) != 1)}", specs)
     raise UsageError(f"inputs must be a path, a dict of arrays or a list of dicts, not {type(inputs).__name__}")
