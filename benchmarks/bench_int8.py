@@ -46,7 +46,8 @@ def arrays(model: onnx.ModelProto, folder: Path, spec, dest: Path) -> tuple[Path
     """The samples of an image folder as the model takes them, saved as one .npz (the CLI's --calib)."""
     data = input_set(model, folder, spec)
     feeds = [data[i] for i in range(len(data))]
-    np.savez(dest, **{spec[0]: np.concatenate([f[spec[0]] for f in feeds])})
+    stacked: dict[str, np.ndarray] = {spec[0]: np.concatenate([f[spec[0]] for f in feeds])}
+    np.savez(dest, allow_pickle=False, **stacked)
     return dest, feeds
 
 
