@@ -230,16 +230,26 @@ def _dynamic_warning(dynamic: list[tuple[str, tuple | None]], symbols: "dict | N
 
 
 def _undecided_warning(cg: "ConvGraph") -> str | None:
-    """Which inputs decide the Ifs whose condition is unknown (both branches are then counted)."""
+    """Which inputs decide the Ifs whose condition is unknown (both branches are then counted): a value
+    (``--input-value``) or a dynamic dim (``--input-shape``) the condition is computed from."""
     if not cg.undecided:
         return None
-    reads = sorted({t for _, _, ts in cg.undecided for t in ts})
-    nodes = ", ".join(repr(nid) for _, nid, _ in cg.undecided[:3]) + (" ..." if len(cg.undecided) > 3 else "")
-    hint = (f"; --input-value {reads[0]}=V (input_values= in the API) decides it" if reads
-            else "; it is computed in the model, not from an input")
+    reads = sorted({t for _, _, ts, _ in cg.undecided for t in ts})
+    dynamic = [(t, cg.shape(t)) for t in sorted({t for _, _, _, ts in cg.undecided for t in ts} - set(reads))]
+    dynamic = [(t, s) for t, s in dynamic if s is None or not all(type(d) is int for d in s)]
+    nodes = ", ".join(repr(nid) for _, nid, _, _ in cg.undecided[:3]) + (" ..." if len(cg.undecided) > 3 else "")
+    said = [f"the condition reads input {', '.join(map(repr, reads))}"] if reads else []
+    if dynamic:
+        said.append(f"{'the condition' if not reads else 'and'} reads the dynamic shape of input "
+                    f"{', '.join(repr(t) for t, _ in dynamic)}")
+    hint = [f"--input-value {reads[0]}=V (input_values= in the API)"] if reads else []
+    if dynamic:
+        name, shape = dynamic[0]
+        dims = "D0,D1,..." if shape is None else ",".join(str(d) if isinstance(d, int) else "?" for d in shape)
+        hint.append(f"--input-shape {name}={dims} (input_shapes=)")
     return (f"{len(cg.undecided)} If node{'s' * (len(cg.undecided) != 1)} ({nodes}) with a condition not known "
-            f"statically: both branches are analyzed and counted" + (f", the condition reads input "
-            f"{', '.join(map(repr, reads))}" if reads else "") + hint)
+            f"statically: both branches are analyzed and counted" + "".join(", " + x for x in said)
+            + (f"; {' or '.join(hint)} decides it" if hint else "; it is computed in the model, not from an input"))
 
 
 # ---- onnx's shape inference -----------------------------------------------------------------------
@@ -373,7 +383,7 @@ def probe_shapes(cg: "ConvGraph", tensors: "list[str] | None" = None, *, seed: i
                                  quiet=True)
         values = run(session, feeds, names)
     except ModelError as e:
-        steering = sorted({t for _, _, ts in cg.undecided for t in ts} - set(cg.input_values))
+        steering = sorted({t for _, _, ts, _ in cg.undecided for t in ts} - set(cg.input_values))
         hint = (f"; the model branches on input {', '.join(map(repr, steering))}: a random value may take the wrong "
                 f"branch, --input-value {steering[0]}=V fixes it" if steering else "")
         raise ModelError(f"--probe: {e}{hint}") from None

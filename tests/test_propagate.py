@@ -206,6 +206,94 @@ def test_conformance_models_static_shapes_equal_probed_shapes() -> None:
     assert models >= 100 and agree >= 0.995 * measured, (models, agree, measured)  # 109 models: 4143 of 4145
 
 
+# ---- values through ops whose output shape onnx already knows -------------------------------------------
+EXPORTED = Path(__file__).resolve().parent / "data" / "exported"
+
+
+def _fpad_chain(length) -> onnx.ModelProto:
+    """x [1,1,T] → F.pad(x, (2, 3), "reflect") as torch's exporter writes the pads → Conv1d 1→4 k5."""
+    rng = np.random.default_rng(0)
+    ints = {"ext": [4], "pairs": [-1, 2], "flat": [-1], "st": [-1], "en": [-(2**63)], "ax": [0], "step": [-1]}
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 1, 5)).astype(np.float32), "w")]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in ints.items()]
+    nodes = [helper.make_node("Constant", [], ["p"], value=numpy_helper.from_array(np.array([2, 3], np.int64))),
+             helper.make_node("ConstantOfShape", ["ext"], ["z"], value=numpy_helper.from_array(np.zeros(1, np.int64))),
+             helper.make_node("Concat", ["p", "z"], ["pz"], axis=0),
+             helper.make_node("Reshape", ["pz", "pairs"], ["r"]),
+             helper.make_node("Slice", ["r", "st", "en", "ax", "step"], ["f"]),  # the pairs reversed
+             helper.make_node("Transpose", ["f"], ["t"], perm=[1, 0]),  # onnx knows its shape [2, 3]: the fast path
+             helper.make_node("Reshape", ["t", "flat"], ["r2"]),
+             helper.make_node("Cast", ["r2"], ["pads"], to=TensorProto.INT64),
+             helper.make_node("Pad", ["x", "pads"], ["xp"], mode="reflect"),
+             helper.make_node("Conv", ["xp", "w"], ["y"], name="conv")]
+    g = helper.make_graph(nodes, "fpad", [helper.make_tensor_value_info("x", F, [1, 1, length])],
+                          [helper.make_tensor_value_info("y", F, [1, 4, None])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_values_pass_ops_whose_shape_onnx_knows() -> None:
+    """The pads of torch's F.pad chain pass its Transpose (whose shape onnx infers): the conv after the Pad
+    gets its shape and MACs, symbolic and concrete, equal to what onnxruntime measures."""
+    a = analyze(_load(_fpad_chain("T")), rewrites=False)
+    assert str(a.convs[0].macs_expr) == "20*T+20" and a.convs[0].output_shape == (1, 4, Expr.symbol("T") + 1)
+    cg = _load(_fpad_chain(100))
+    assert analyze(cg, rewrites=False).convs[0].macs == 20 * 101
+    agree, measured = _static_vs_probe(cg)
+    assert agree == measured == len(cg.model.graph.node)
+
+
+def test_reductions_flatten_and_transposes_carry_values() -> None:
+    """Shape arithmetic through Transpose, Flatten and ReduceProd/Sum/Max of a Shape: the Reshape after them
+    gets its target, symbolic too."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Slice", ["s", "one", "four"], ["chw"]),
+             helper.make_node("ReduceProd", ["chw"], ["n"], keepdims=1),
+             helper.make_node("ReduceMax", ["chw"], ["big"], keepdims=1),
+             helper.make_node("ReduceSum", ["chw", "zero"], ["sum"], keepdims=1),
+             helper.make_node("Flatten", ["n"], ["nf"], axis=0),
+             helper.make_node("Transpose", ["nf"], ["nt"]),
+             helper.make_node("Reshape", ["nt", "minus1"], ["nflat"]),
+             helper.make_node("Concat", ["minus1", "nflat"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(v, np.int64), k)
+             for k, v in (("one", [1]), ("four", [4]), ("zero", [0]), ("minus1", [-1]))]
+    g = helper.make_graph(nodes, "arith", [helper.make_tensor_value_info("x", F, [1, 3, "H", 4])],
+                          [helper.make_tensor_value_info("y", F, [1, None])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    cg = _load(m)
+    assert cg.shape("y") == (1, 12 * H) and cg.shape("big") == (1,) and cg.shape("sum") == (1,)
+    fixed = _load(m, {"x": [1, 3, 5, 4]})
+    assert fixed.shape("y") == (1, 60)
+    agree, measured = _static_vs_probe(fixed)
+    assert agree == measured == len(nodes)  # every tensor known statically, the Reshape after them included
+
+
+def test_exported_reflect_pads_get_macs_and_decide_the_if(capsys) -> None:
+    """torch's own exports (tests/data/exported): the convs after F.pad/ReflectionPad2d have formulas equal
+    to the concrete MACs, the If on the audio's length is decided once the length is given, and without it
+    the warning asks for the length, not for the audio's values."""
+    assert _check_formulas(EXPORTED / "reflect_pad_image.onnx", {"image": [1, 3, 37, 50]}) == 2
+    cg = _load(EXPORTED / "reflect_pad_image.onnx", {"image": [1, 3, 37, 50]})
+    agree, measured = _static_vs_probe(cg)
+    assert agree == measured > 30
+    audio = EXPORTED / "reflect_pad_audio.onnx"
+    sym = _load(audio)
+    assert [str(r.macs_expr) for r in analyze(sym, rewrites=False)] == ["40*T", "192*T"]
+    warning = next(w for w in sym.warnings if "If node" in w)
+    assert "shape of input 'audio'" in warning and "--input-shape audio=1,1,?" in warning
+    assert "--input-value" not in warning
+    for length, taken in ((16000, "taken"), (3000, "not taken")):
+        a = analyze(_load(audio, {"audio": [1, 1, length]}), rewrites=False)
+        assert a.model["branches"]["//If:then_branch"] == taken
+        assert a.totals["macs"] == 40 * length + 192 * length * (taken == "taken")
+    code = main(["analyze", str(audio), "--input-shape", "audio=1,1,16000"])
+    cap = capsys.readouterr()
+    assert code == 0 and "If node" not in cap.err and "?" not in cap.out.split("memory and time")[0], cap
+
+
 # ---- If conditions, input values, rank-0 inputs ---------------------------------------------------------
 def _branching(cond_from_input: bool = True) -> onnx.ModelProto:
     """x [1,3,H,W]; if sr > 8000 (a rank-0 int64 input) a 3×3 conv, else a 1×1 conv."""
@@ -239,7 +327,7 @@ def test_known_condition_takes_one_branch() -> None:
 
 def test_unknown_condition_names_the_input_that_decides_it() -> None:
     cg = _load(_branching())
-    assert cg.undecided == [("", "if", ["sr"])]
+    assert cg.undecided == [("", "if", ["sr"], [])]
     warning = next(w for w in cg.warnings if "If node" in w)
     assert "'sr'" in warning and "--input-value sr=V" in warning
     a = analyze(cg, rewrites=False)
