@@ -666,7 +666,7 @@ def _load(source, shapes: dict[str, list[int]], check: bool, input_values=None) 
         propagate(cg, values)
     else:  # onnx's inference knew every shape and there is no body to enter: nothing to propagate
         refresh_edges(cg)
-    dynamic = _dynamic_inputs(inferred.graph)
+    dynamic = [(t, s) for t, s in _dynamic_inputs(inferred.graph) if t not in shapes]  # names given: on purpose
     if dynamic:
         cg.warnings.append(_dynamic_warning(dynamic, cg.symbols))
     undecided = _undecided_warning(cg)
