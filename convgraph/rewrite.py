@@ -313,9 +313,11 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
             cg = load(cg.to_model(), input_shapes, check=False, probe=probe)  # fresh shapes and records for the next rule
         _apply(cg, rule, p, selection, report, dry_run, calibration, checks)
     skipped = [f"{e.node} ({e.rule}): {e.reason.removeprefix('skipped: ')}" for e in report.explain if e.skipped]
-    if skipped:
-        report.warnings.append(("nothing rewritten: every conv the rules matched was skipped: " if not report.changes
-                                else f"{len(skipped)} conv(s) skipped: ") + "; ".join(skipped))
+    if skipped and not report.changes:  # matches existed and every one failed: a failure, not "nothing matched"
+        report.passed = False
+        report.failures.append("nothing rewritten: every conv the rules matched was skipped: " + "; ".join(skipped))
+    elif skipped:
+        report.warnings.append(f"{len(skipped)} conv(s) skipped: " + "; ".join(skipped))
     if dry_run:
         return RewriteResult(None, report)
     model = cg.to_model()

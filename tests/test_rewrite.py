@@ -192,3 +192,16 @@ def test_calibrated_rewrite_beats_the_weight_fit_on_other_inputs(models_dir):
     assert sum(c.output_error for c in fitted.report.changes) < sum(c.output_error for c in plain.report.changes)
     forced = rewrite(src, ["separable"], params={"rank": "2", "fit": "weights"}, calib=calib)
     assert cos(forced) == pytest.approx(cos(plain))
+
+
+def test_default_output_says_per_rule_why_nothing_was_rewritten(models_dir, tmp_path, capsys):
+    """A model of ConvInteger/QLinearConv only: each rule's reason in the default output (it was --explain
+    only); nothing matched is not a failure (exit 0, the copy written)."""
+    out = tmp_path / "q.onnx"
+    code = main(["rewrite", str(models_dir / "quantized.onnx"), "--rule", "separable", "--rule", "low-rank",
+                 "--rule", "fold-bn", "-o", str(out), "--no-bench"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and out.exists()
+    assert "nothing rewritten" in text
+    assert "fold-bn, separable, low-rank: none of 2 convs rewritten: quantized (ConvInteger/QLinearConv)" in text
+    assert "quantize afterwards (qconv, convint)" in text

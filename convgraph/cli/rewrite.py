@@ -38,10 +38,39 @@ def _params(ctx, param, values) -> dict[str, str]:
     return parsed
 
 
+def _unapplied(report) -> list[str]:
+    """Per rule that rewrote no conv, one line: why, the reasons grouped (``--explain`` lists each conv); rules
+    with the same reasons share a line."""
+    done = {c.rule for c in report.changes}
+    said: dict[str, list[str]] = {}  # the reasons' text -> the rules it holds for
+    for rule in dict.fromkeys(e.rule for e in report.explain):
+        if rule in done:
+            continue
+        groups: dict[str, list[str]] = {}
+        failed = set()
+        for e in report.explain:
+            if e.rule == rule:
+                groups.setdefault(e.reason, []).append(e.node)
+                if e.skipped:
+                    failed.add(e.reason)
+        ranked = sorted(groups.items(), key=lambda kv: (kv[0] not in failed, -len(kv[1])))  # failures first
+        text = "; ".join(f"{reason} ({_nodes(nodes)})" for reason, nodes in ranked[:3])
+        more = f"; {len(ranked) - 3} more reasons (--explain)" if len(ranked) > 3 else ""
+        n = sum(len(v) for v in groups.values())
+        said.setdefault(f"none of {n} conv{'s' * (n != 1)} rewritten: {text}{more}", []).append(rule)
+    return [f"{', '.join(rules)}: {text}" for text, rules in said.items()]
+
+
+def _nodes(nodes: list[str]) -> str:
+    return ", ".join(nodes) if len(nodes) <= 2 else f"{len(nodes)} convs: {nodes[0]}, {nodes[1]}, …"
+
+
 def render(report) -> None:
     """The human report: rewritten nodes, model-level error and latency, totals."""
-    if report.explain and not report.changes:
-        out.print("[yellow]nothing to rewrite[/yellow]")
+    if not report.changes:
+        out.print("[yellow]nothing rewritten[/yellow]" + (" (dry run)" if report.dry_run else ""))
+    for line in _unapplied(report):
+        out.print(line, markup=False)
     if report.changes:
         show(_CHANGE_COLUMNS, [(c.node, c.rule, f"{c.kind_before} → {c.kind_after}",
                                 f"{_fmt(c.macs_before)} → {_fmt(c.macs_after)}", f"{c.params_before:,} → {c.params_after:,}",
@@ -167,7 +196,7 @@ def rewrite_command(model, rules, params, nodes, exclude, kinds, min_macs, input
         warn(w)
     estimates = _time_estimates(model, report, input_shapes, given, threads, provider) if profiled else None
     written = None
-    if output and result.model is not None and (report.passed or keep_failed) and not dry_run:
+    if output and result.model is not None and (report.passed or keep_failed and report.changes) and not dry_run:
         written = str(write_model(result.model, output, input_path=model, in_place=in_place))
     if as_json:
         emit_json({**report.to_dict(), "output": written, **(estimates or {})})
@@ -179,8 +208,9 @@ def rewrite_command(model, rules, params, nodes, exclude, kinds, min_macs, input
             _render_estimates(estimates)
         if written:
             out.print(f"wrote {written}")
-        elif output and not dry_run:
+        elif output and not dry_run and report.changes:
             warn(f"not written: {'; '.join(report.failures)} (use --keep-failed to write it anyway)")
     if not report.passed:
-        err.print("convgraph: rewrite outside the given tolerance", markup=False)
+        err.print(f"convgraph: {report.failures[0]}; not written" if not report.changes
+                  else "convgraph: rewrite outside the given tolerance", markup=False)
         raise click.exceptions.Exit(1)
