@@ -63,7 +63,7 @@ def _set_debug(value: bool) -> None:
 
 def _say(text: str) -> None:
     """One line on stderr, whatever line breaks a name in the message carries."""
-    common.console("err").print(" ".join(text.splitlines()), markup=False, highlight=False)
+    common.console("err").print(common.printable(" ".join(text.splitlines())), markup=False, highlight=False)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

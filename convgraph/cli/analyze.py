@@ -101,8 +101,8 @@ def analyze(model: Path, input_shapes: dict, input_values: dict, as_json: bool, 
         if fmt == "json":
             emit_json(result.to_dict(report.select(result.convs, sort, top)), indent=None)
         elif fmt == "markdown":
-            click.echo(report.markdown(result, sort, top), nl=False)
-            click.echo("\n" + report.cost_markdown(result, sort, top), nl=False)
+            click.echo(common.printable(report.markdown(result, sort, top), newlines=True), nl=False)
+            click.echo(common.printable("\n" + report.cost_markdown(result, sort, top), newlines=True), nl=False)
         else:
             total = result.totals["macs"]
             show([_COLUMNS[c] for c in report.COLUMNS], [report.row(r, total) for r in report.select(result.convs, sort, top)],

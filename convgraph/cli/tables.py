@@ -192,7 +192,9 @@ def build(columns: Sequence[Column], rows: Iterable[Sequence[Cell]], *, title: s
     """The rich Table of ``rows`` fitted to ``width`` (None: natural widths), and its width."""
     from rich.text import Text
 
-    rows = list(rows)
+    rows = [[common.printable(c, newlines=columns[i].kind != "name") if isinstance(c, str) else common.safe(c)
+             for i, c in enumerate(r)] for r in rows]  # names from the model: no control sequence, no line break
+    title = common.printable(title) if title is not None else None
     shown, widths, light = layout(columns, rows, width)
     hidden = [columns[i].header for i in range(len(columns)) if i not in shown]
     caption = f"hidden to fit {width} columns: {', '.join(hidden)} ({hint})" if hidden else None
