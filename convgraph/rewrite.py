@@ -292,7 +292,9 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
     known = {p.name for r in chosen for p in r.params}
     unknown = sorted(set(given) - known)
     if unknown:
-        raise UsageError(f"--param {', '.join(unknown)}: not a parameter of {', '.join(r.name for r in chosen)}")
+        valid = "; ".join(f"{r.name}: {', '.join(p.name for p in r.params) or 'none'}" for r in chosen)
+        raise UsageError(f"--param {', '.join(unknown)}: not a parameter of {', '.join(r.name for r in chosen)} "
+                         f"(parameters: {valid})")
     resolved = [(r, r.resolve_params(given)) for r in chosen]
     original = source.to_model() if isinstance(source, ConvGraph) else None
     cg = load(original if original is not None else source, input_shapes, probe=probe,

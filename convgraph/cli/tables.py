@@ -212,8 +212,16 @@ def build(columns: Sequence[Column], rows: Iterable[Sequence[Cell]], *, title: s
 def show(columns: Sequence[Column], rows: Iterable[Sequence[Cell]], *, title: str | None = None,
          hint: str = "--wide shows them") -> None:
     """Print a table on stdout, fitted to its width unless ``--wide``."""
+    from rich.cells import cell_len
+
     out = common.console("out")
-    t, need = build(columns, rows, title=title, width=None if _WIDE["on"] else out.width, hint=hint)
+    t, need = build(columns, rows, width=None if _WIDE["on"] else out.width, hint=hint)
+    if title is not None:  # a title longer than the table is a line of its own: rich would wrap it to the table
+        title = common.printable(title)
+        if cell_len(title) <= need:
+            t.title = title
+        else:
+            out.print(title, markup=False, highlight=False)
     width = out.width
     out.width = max(need, width)  # a table wider than the output (--wide) is printed whole, never cropped
     try:
