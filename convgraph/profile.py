@@ -409,8 +409,17 @@ def change_estimates(cg: ConvGraph, changes, **kwargs) -> tuple[Profile, list[di
             if t is not None:
                 times[(g.path, g.graph.nodes[nid]["proto"].name or nid)] = t.time_ms
     out = []
+    made: dict[tuple[str, str], tuple[float | None, int | None]] = {}  # a node an earlier change made -> the
+    # measured time and MACs of the original conv it came from (two rules in a row: separable, then low-rank
+    # on its pointwise half)
     for c in changes:
         t = times.get((c.graph, c.node))
+        if t is None and (c.graph, c.node) in made:  # its share of the original conv's time, by MACs
+            t0, m0 = made[(c.graph, c.node)]
+            t = t0 * c.macs_before / m0 if t0 is not None and m0 and c.macs_before is not None else None
+        origin = made.get((c.graph, c.node), (t, c.macs_before))
+        for n in c.new_nodes:
+            made[(c.graph, n)] = origin
         out.append({"node": c.node, "rule": c.rule, "time_ms": t, "saved_ms_estimate": saved_ms(t, c.macs_before,
                                                                                                    c.macs_after)})
     return prof, out

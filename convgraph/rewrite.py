@@ -188,7 +188,7 @@ def _or(value, default):
 
 @staged(lambda cg, rule, *_: f"applying {rule.name}")
 def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report: RewriteReport,
-           dry_run: bool, calibration: dict | None, checks: "dict[int, regions.Region | str] | None") -> None:
+           calibration: dict | None, checks: "dict[int, regions.Region | str] | None") -> None:
     """One pass of ``rule`` over every selected conv of every (sub)graph; ``checks`` (when the result will be
     verified) gets, per change (its index in the report), the region to check it alone on, or why there is none."""
     analysis = analyze(cg, rewrites=False)  # the engine matches and builds; it reads no estimates
@@ -213,7 +213,7 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
         if why is None and guard_macs and estimate is not None:
             why = _dearer(rule, params, rec, estimate[0])
         rep, skipped = None, False
-        if why is None and not dry_run:
+        if why is None:  # a dry run builds too: it selects exactly as the real run (a later rule sees the result)
             try:
                 rep = rule.make(rec, ctx, params, found)
             except (Skip, np.linalg.LinAlgError) as e:  # this conv cannot be rewritten after all: say why, go on
@@ -221,14 +221,7 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
             if rep is not None and guard_macs:
                 why = _dearer(rule, params, rec, rep.macs_after, rep.macs_before)
         report.explain.append(Explanation(label, rule.name, why is None, why or "applies", skipped))
-        if why is not None:
-            continue
-        if rep is None:  # dry run
-            consumed.update((rec.graph, n) for n in (found.nodes if found else ()))
-            if estimate is not None:
-                macs, prm, kind = estimate
-                report.changes.append(Change(rule.name, label, rec.graph, rec.kind, kind, rec.macs, macs, rec.params,
-                                             prm, rule.is_exact(params), rec.output))
+        if why is not None or rep is None:
             continue
         removed = rep.removed or [rec.node_id]
         old_names = [graph.node(n).name or n for n in removed]
@@ -280,6 +273,9 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
     1e-4 relative (else CheckFailed names the node); ``atol``/``rtol``/``min_cosine`` make the model
     outputs' tolerance a requirement (report.passed False when exceeded). ``probe`` measures the shapes
     onnx's inference loses (:func:`convgraph.shapes.probe_shapes`), so that those convs get MACs too.
+    ``dry_run`` builds and splices as the real run does (so it selects exactly the same changes, a later rule
+    seeing an earlier one's result, a conv whose fit fails skipped) but neither calibrates, checks, times nor
+    returns the model.
     Returns the new model and the report; the input is never modified.
     """
     if not rules:
@@ -313,7 +309,7 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
     for i, (rule, p) in enumerate(resolved):
         if i:
             cg = load(cg.to_model(), input_shapes, check=False, probe=probe)  # fresh shapes and records for the next rule
-        _apply(cg, rule, p, selection, report, dry_run, calibration, checks)
+        _apply(cg, rule, p, selection, report, calibration, checks)
     skipped = [f"{e.node} ({e.rule}): {e.reason.removeprefix('skipped: ')}" for e in report.explain if e.skipped]
     if skipped and not report.changes:  # matches existed and every one failed: a failure, not "nothing matched"
         report.passed = False
