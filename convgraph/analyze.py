@@ -399,6 +399,7 @@ def _rf_of(entry, nd: int) -> tuple[tuple | None, tuple | None]:
 
 
 def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
+    from .reference import at_reference, reference_values
     from .registry import all_rules
     from .rule import RuleContext
 
@@ -411,12 +412,17 @@ def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
     if not rules:
         return
     ctx = RuleContext(g, {r.node_id: r for r in records})
+    root = g
+    while root.parent is not None:
+        root = root.parent
+    values = reference_values(root.symbols)  # a conv whose MACs are a formula: "dearer" is decided at this size
     for rec in records:
+        ref = at_reference(rec, values)
         for rule, params, exact in rules:
             if rule.why_not(rec, ctx) is not None:
                 continue
             macs_after, params_after, kind_after = rule.estimate(rec, params)
-            if rule.makes_dearer(params, rec.macs, macs_after):
+            if rule.makes_dearer(params, ref.macs, macs_after if ref is rec else rule.estimate(ref, params)[0]):
                 continue
             rec.rewrites.append(RewriteOption(rule.name, dict(params), exact, macs_after, params_after, kind_after))
 

@@ -23,6 +23,7 @@ from .errors import UsageError
 from .graph import ConvGraph, load
 from .progress import staged
 from .record import REWRITES_KEY, ConvRecord
+from .reference import REFERENCE_DIM, at_reference, describe, reference_values
 from .registry import get_rule
 from .rewrite_check import EXACT_RTOL, numerics, structural_checks  # noqa: F401 - EXACT_RTOL: importable here too
 from .rule import Rule, RuleContext, Skip
@@ -174,12 +175,25 @@ def _drop_orphans(graph: ConvGraph, tensors: set[str]) -> None:
             todo.extend(inputs)
 
 
-def _dearer(rule: Rule, params: dict, rec: ConvRecord, macs: int | None, before: int | None = None) -> str | None:
+def _dearer(rule: Rule, params: dict, rec: ConvRecord, macs: int | None, before: int | None = None,
+            where: str = "") -> str | None:
     before = rec.macs if before is None else before  # a rule replacing several convs says what they cost
     if rule.makes_dearer(params, before, macs):
-        return (f"would add MACs ({before:,} → {macs:,}), which an approximate rule is not for; "
+        return (f"would add MACs ({where}{before:,} → {macs:,}), which an approximate rule is not for; "
                 f"name the node with --nodes to rewrite it anyway")
     return None
+
+
+def dearer_at_reference(rule: Rule, params: dict, rec: ConvRecord, values: dict[str, int]) -> str | None:
+    """:func:`_dearer` for a conv whose MACs are a formula or unknown: decided at the reference size
+    (:mod:`convgraph.reference`), where the rule's estimate has numbers."""
+    if rec.macs is not None or rule.estimate is None:
+        return None
+    ref = at_reference(rec, values)
+    if ref.macs is None:
+        return None
+    where = describe(values) if values else f"{REFERENCE_DIM} per unknown dim"
+    return _dearer(rule, params, ref, rule.estimate(ref, params)[0], where=f"at {where}: ")
 
 
 def _or(value, default):
@@ -192,6 +206,7 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
     """One pass of ``rule`` over every selected conv of every (sub)graph; ``checks`` (when the result will be
     verified) gets, per change (its index in the report), the region to check it alone on, or why there is none."""
     analysis = analyze(cg, rewrites=False)  # the engine matches and builds; it reads no estimates
+    values = reference_values(analysis.symbols)  # where MACs are formulas, "would add MACs" is decided there
     graphs = {g.path: g for g in cg.walk()}
     records: dict[str, dict[str, ConvRecord]] = {}  # per graph: node id -> record, built once
     for r in analysis.convs:
@@ -211,7 +226,7 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
             why, found = rule.check(rec, ctx)
         estimate = rule.estimate(rec, params) if why is None and rule.estimate is not None else None
         if why is None and guard_macs and estimate is not None:
-            why = _dearer(rule, params, rec, estimate[0])
+            why = _dearer(rule, params, rec, estimate[0]) or dearer_at_reference(rule, params, rec, values)
         rep, skipped = None, False
         if why is None:  # a dry run builds too: it selects exactly as the real run (a later rule sees the result)
             try:
