@@ -376,17 +376,23 @@ def _unknown_shapes_warning(cg: ConvGraph, records: list[ConvRecord]) -> str | N
     if not lost or any(not (i := cg.shape_info(vi.name)) or not i.static for vi in real_inputs(cg.model.graph)):
         return None
     main = [r for r in lost if not r.graph]
-    parts = []
+    body = [r for r in lost if r.graph]
+
+    def listed(recs: list[ConvRecord]) -> str:
+        return ", ".join(r.name or r.node_id for r in recs[:5]) + (f" and {len(recs) - 5} more" if len(recs) > 5 else "")
+
+    parts = [f"{len(lost)} conv{'s' * (len(lost) != 1)} with unknown shapes, so unknown MACs (onnx's shape inference "
+             f"could not follow the graph to them)"]
     if main:
-        names = ", ".join(r.name or r.node_id for r in main[:5]) + (f" and {len(main) - 5} more" if len(main) > 5 else "")
-        parts.append(f"{len(main)} conv{'s' * (len(main) != 1)} with unknown shapes, so unknown MACs: {names} "
-                     f"(onnx's shape inference could not follow the graph to them)")
-    if len(lost) > len(main):
-        parts.append(f"{len(lost) - len(main)} in If/Loop/Scan bodies, which running the model cannot measure "
-                     f"(onnxruntime exposes only main-graph tensors)")
-    text = "; ".join(parts)
+        parts.append(f"{listed(main)}" + (" in the main graph" if body else ""))
+    if body:  # only running the model could tell, and onnxruntime exposes only main-graph tensors
+        parts.append(f"{listed(body)} in If/Loop/Scan bodies" + (
+            ", which running the model (--probe) could not measure: onnxruntime exposes only main-graph tensors"
+            if cg.measured else ""))
+    text = parts[0] + ": " + "; ".join(parts[1:])
     if main and not cg.measured:
-        text += "; --probe (convgraph.load(..., probe=True)) runs the model once on generated inputs to measure them"
+        text += ("; --probe (convgraph.load(..., probe=True)) runs the model once on generated inputs to measure "
+                 + ("those of the main graph (onnxruntime exposes only main-graph tensors)" if body else "them"))
     return text
 
 

@@ -323,7 +323,8 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
     checks: dict[int, regions.Region | str] | None = {} if verify and not dry_run else None
     for i, (rule, p) in enumerate(resolved):
         if i:
-            cg = load(cg.to_model(), input_shapes, check=False, probe=probe)  # fresh shapes and records for the next rule
+            cg = load(cg.to_model(), input_shapes, check=False, probe=probe,  # fresh shapes and records for the next rule
+                      input_values=(input_options or {}).get("values"))  # the Ifs the values decide stay decided
         _apply(cg, rule, p, selection, report, calibration, checks)
     skipped = [f"{e.node} ({e.rule}): {e.reason.removeprefix('skipped: ')}" for e in report.explain if e.skipped]
     if skipped and not report.changes:  # matches existed and every one failed: a failure, not "nothing matched"

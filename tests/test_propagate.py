@@ -384,3 +384,65 @@ def test_verify_and_bench_feed_input_values(tmp_path, capsys) -> None:
 
     report = verify(path, path, input_shapes={"x": [1, 3, 8, 8], "sr": []}, values={"sr": 16000})
     assert report.passed
+
+
+def _resized_then_branching() -> onnx.ModelProto:
+    """x [1,3,8,8] → Resize by scales Sqrt([1,1,4,4]) (no value rule: its shape is lost) → conv "main"; an If on
+    sr > 8000 runs conv "inner" on that conv's output resized again likewise, or passes it on."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([1, 1, 4, 4], np.float32), "sq"),
+             numpy_helper.from_array(np.array(8000, np.int64), "limit")]
+    then = helper.make_graph([helper.make_node("Sqrt", ["sq"], ["scales2"]),  # no value rule in the body either
+                              helper.make_node("Resize", ["m", "", "scales2"], ["r2"], mode="nearest"),
+                              helper.make_node("Conv", ["r2", "w2"], ["ya"], name="inner")], "then", [],
+                             [helper.make_tensor_value_info("ya", F, [1, 4, None, None])])
+    other = helper.make_graph([helper.make_node("Identity", ["m"], ["yb"])], "else", [],
+                              [helper.make_tensor_value_info("yb", F, [1, 4, None, None])])
+    nodes = [helper.make_node("Sqrt", ["sq"], ["scales"]),
+             helper.make_node("Resize", ["x", "", "scales"], ["r"], mode="nearest"),
+             helper.make_node("Conv", ["r", "w"], ["m"], name="main", pads=[1, 1, 1, 1]),
+             helper.make_node("Greater", ["sr", "limit"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then, else_branch=other)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [1, 3, 8, 8]),
+                                       helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                          [helper.make_tensor_value_info("y", F, [1, 4, None, None])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_unknown_shapes_warning_speaks_of_running_the_model_only_when_it_ran(tmp_path, capsys) -> None:
+    """Without --probe the warning named what running the model cannot measure ("1 in If/Loop/Scan bodies,
+    which running the model cannot measure"); it says so once --probe ran, and offers --probe for the
+    main graph's convs only."""
+    path = tmp_path / "r.onnx"
+    path.write_bytes(_resized_then_branching().SerializeToString())
+    base = ["analyze", str(path), "--input-value", "sr=16000", "--input-shape", "sr="]
+    assert main(base) == 0
+    (warning,) = [ln for ln in capsys.readouterr().err.splitlines() if "with unknown shapes" in ln]
+    assert "main in the main graph; inner in If/Loop/Scan bodies;" in warning and "could not measure" not in warning
+    assert warning.endswith("to measure those of the main graph (onnxruntime exposes only main-graph tensors)")
+    assert main([*base, "--probe"]) == 0
+    (warning,) = [ln for ln in capsys.readouterr().err.splitlines() if "with unknown shapes" in ln]
+    assert warning.startswith("warning: 1 conv with unknown shapes") and "--probe (convgraph.load" not in warning
+    assert "inner in If/Loop/Scan bodies, which running the model (--probe) could not measure" in warning
+
+
+def test_a_second_rule_keeps_the_ifs_the_input_values_decide() -> None:
+    """rewrite loads the model again for each rule: without the --input-value the If was undecided again, and
+    a conv after it lost its shape (MACs '?') in the second rule's pass."""
+    from convgraph.rewrite import rewrite
+
+    m = _branching()
+    rng = np.random.default_rng(1)
+    m.graph.initializer.append(numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w3"))
+    m.graph.node.append(helper.make_node("Conv", ["y", "w3"], ["z"], name="after", pads=[0, 0, 0, 0]))
+    then = next(a.g for a in m.graph.node[1].attribute if a.name == "then_branch")
+    del then.node[0].attribute[:]  # the then branch's 3×3 conv unpadded: H-2; the else branch's 1×1: H
+    m.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", F, [1, 4, None, None]))
+    report = rewrite(m, ["fold-bn", "separable"], input_shapes={"x": [1, 3, 16, 16], "sr": []},
+                     input_options={"values": {"sr": 16000}}, dry_run=True).report
+    after = next(c for c in report.changes if c.node == "after")
+    assert after.macs_before == 4 * 4 * 9 * 12 * 12  # the then branch's 14×14, less 2: decided in both passes

@@ -115,7 +115,7 @@ def _time_estimates(model, report, input_shapes, data, threads, provider) -> dic
     from ..profile import change_estimates
 
     data = dict(data)
-    cg = load(model, input_shapes)
+    cg = load(model, input_shapes, input_values=data.get("values"))
     prof, rows = change_estimates(cg, report.changes, inputs=data.pop("inputs"), seed=data.pop("seed"),
                                   input_shapes=input_shapes or None, provider=provider, threads=threads,
                                   input_options=data)
