@@ -428,17 +428,19 @@ def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
             if rule.why_not(rec, ctx) is not None:
                 continue
             macs_after, params_after, kind_after = rule.estimate(rec, params)
-            if rule.makes_dearer(params, ref.macs, macs_after if ref is rec else rule.estimate(ref, params)[0]):
+            after = macs_after if ref is rec else rule.estimate(ref, params)[0]
+            if rule.makes_dearer(params, ref.macs, after):
                 continue
-            rec.rewrites.append(RewriteOption(rule.name, dict(params), exact, macs_after, params_after, kind_after))
+            saving = 1 - after / ref.macs if ref.macs and after is not None else None
+            rec.rewrites.append(RewriteOption(rule.name, dict(params), exact, macs_after, params_after, kind_after,
+                                              saving=saving))
 
 
 def best_saving(r: ConvRecord) -> tuple[RewriteOption | None, float | None]:
     """The rewrite saving the largest share of this conv's MACs, and that share (None when unknown)."""
     best, share = None, None
     for opt in r.rewrites:
-        if r.macs and opt.macs_after is not None:
-            s = 1 - opt.macs_after / r.macs
-            if share is None or s > share:
-                best, share = opt, s
+        s = 1 - opt.macs_after / r.macs if r.macs and opt.macs_after is not None else opt.saving
+        if s is not None and (share is None or s > share):
+            best, share = opt, s
     return best, share

@@ -89,6 +89,10 @@ class Change:
     output_cosine: float | None = None
     checked_on: str = ""  # the inputs of that check: "activations", "random", both, or why it was not made
     notes: str = ""
+    #: where macs_before / macs_after are None because dims are left dynamic: the MACs as formulas (Expr;
+    #: str in to_dict), read off the analysis of the model before and after the change
+    macs_before_expr: Any = None
+    macs_after_expr: Any = None
 
 
 @dataclass
@@ -126,27 +130,40 @@ class RewriteReport:
         taken: set[int] = set()
         convs = 0  # changes that start from a conv no earlier change made: distinct convs rewritten
         before: dict[str, list] = {"macs": [], "params": []}
+        def of(c: Change, key: str):  # MACs: the number, else the formula; params: always a number
+            v = getattr(c, key)
+            return getattr(c, f"{key}_expr") if v is None and key.startswith("macs") else v
+
         for i, c in enumerate(self.changes):
             prev = {made[(c.graph, o)] for o in c.old_nodes if (c.graph, o) in made}
             convs += not prev
             taken |= prev
             for k in before:
-                vals = [getattr(c, f"{k}_before")] + [getattr(self.changes[j], f"{k}_after") for j in prev]
+                vals = [of(c, f"{k}_before")] + [of(self.changes[j], f"{k}_after") for j in prev]
                 before[k].append(None if None in vals else vals[0] - sum(vals[1:]))
             for n in c.new_nodes:
                 made[(c.graph, n)] = i
         last = [c for i, c in enumerate(self.changes) if i not in taken]
 
         def total(vals):
-            return None if any(v is None for v in vals) else int(sum(vals))
+            if any(v is None for v in vals):
+                return None
+            t = sum(vals)
+            return int(t) if isinstance(t, int) else t  # a formula where dims are left dynamic
 
+        macs = {"before": total(before["macs"]), "after": total([of(c, "macs_after") for c in last])}
         return {"rewritten": convs, "changes": len(self.changes),
-                "macs_before": total(before["macs"]), "macs_after": total([c.macs_after for c in last]),
+                **{f"macs_{k}": v if type(v) is int else None for k, v in macs.items()},
+                **{f"macs_{k}_expr": v for k, v in macs.items() if v is not None and type(v) is not int},
                 "params_before": total(before["params"]), "params_after": total([c.params_after for c in last])}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["totals"] = self.totals
+        for item in [*d["changes"], d["totals"]]:  # formulas as Python integer expressions, as ConvRecord's
+            for key in ("macs_before_expr", "macs_after_expr"):
+                if item.get(key) is not None:
+                    item[key] = str(item[key])
         return d
 
 
@@ -251,11 +268,31 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
         if checks is not None:
             region = regions.build(graph, old, [graph.node(n) for n in new_ids], cg.model) if old else None
             checks[len(report.changes)] = region or "the replaced nodes cannot run alone"
+        before = _or(rep.macs_before, rec.macs)
         report.changes.append(Change(
-            rule.name, label, rec.graph, rec.kind, rep.kind_after, _or(rep.macs_before, rec.macs), rep.macs_after,
+            rule.name, label, rec.graph, rec.kind, rep.kind_after, before, rep.macs_after,
             _or(rep.params_before, rec.params), rep.params_after, rep.exact, out,
             [graph.node(n).name or n for n in new_ids], old_names,
-            rep.weight_error, notes=rep.notes))
+            rep.weight_error, notes=rep.notes,
+            macs_before_expr=None if before is not None else _formula(records[rec.graph], removed)))
+
+
+def _formula(records: dict[str, ConvRecord], nodes) -> Any:
+    """The MACs of ``nodes`` (node ids; those not convs count none) as a formula, or None when one is unknown."""
+    parts = [records[n].macs_expr for n in nodes if n in records]
+    return None if not parts or any(p is None for p in parts) else sum(parts)
+
+
+def _formulas_after(cg: ConvGraph, changes: list[Change]) -> None:
+    """Give the changes whose MACs after are unknown (dims left dynamic) the formula of their new convs, read off
+    ``cg``: the model the changes made, loaded afresh (its shapes inferred)."""
+    todo = [c for c in changes if c.macs_after is None]
+    if not todo:
+        return
+    records = {(r.graph, r.name or r.node_id): r for r in analyze(cg, rewrites=False).convs}
+    for c in todo:
+        convs = {n: records[(c.graph, n)] for n in c.new_nodes if (c.graph, n) in records}
+        c.macs_after_expr = _formula(convs, list(convs))
 
 
 def _metadata(model: onnx.ModelProto, changes: list[Change]) -> None:
@@ -321,11 +358,17 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
         calibration = calibrate(cg, calib, input_shapes=input_shapes, samples=opts.pop("samples", None),
                                 seed=opts.pop("seed", 0), input_options=opts, provider=provider)
     checks: dict[int, regions.Region | str] | None = {} if verify and not dry_run else None
+    values = (input_options or {}).get("values")  # the Ifs the values decide stay decided in every reload
+    start = 0
     for i, (rule, p) in enumerate(resolved):
         if i:
-            cg = load(cg.to_model(), input_shapes, check=False, probe=probe,  # fresh shapes and records for the next rule
-                      input_values=(input_options or {}).get("values"))  # the Ifs the values decide stay decided
+            cg = load(cg.to_model(), input_shapes, check=False, probe=probe, input_values=values)  # fresh shapes
+            _formulas_after(cg, report.changes[start:])
+        start = len(report.changes)
         _apply(cg, rule, p, selection, report, calibration, checks)
+    if any(c.macs_after is None for c in report.changes[start:]):
+        _formulas_after(load(cg.to_model(), input_shapes, check=False, probe=probe, input_values=values),
+                        report.changes[start:])
     skipped = [f"{e.node} ({e.rule}): {e.reason.removeprefix('skipped: ')}" for e in report.explain if e.skipped]
     if skipped and not report.changes:  # matches existed and every one failed: a failure, not "nothing matched"
         report.passed = False

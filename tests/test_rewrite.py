@@ -251,3 +251,22 @@ def test_dry_run_time_estimates_never_exceed_a_convs_time(models_dir, capsys):
         saved[root] = saved.get(root, 0.0) + e["saved_ms_estimate"]
     assert any(e["node"].endswith("/pw") for e in doc["time_estimates"])
     assert all(s < measured[root] for root, s in saved.items()), (saved, measured)
+
+
+def test_dry_run_shows_formulas_where_dims_are_dynamic(models_dir):
+    """`MACs ? → ?` where analyze has formulas: each change and the totals carry them, and at a concrete shape
+    they equal the numbers the concrete dry run gives."""
+    from convgraph.expr import parse
+
+    sym = rewrite(models_dir / "dynamic.onnx", ["separable", "low-rank"], dry_run=True).report
+    fixed = rewrite(models_dir / "dynamic.onnx", ["separable", "low-rank"], dry_run=True,
+                    input_shapes={"x": [2, 3, 19, 23]}).report
+    at = {"N": 2, "H": 19, "W": 23}
+    assert [c.node for c in sym.changes] == [c.node for c in fixed.changes]
+    for a, b in zip(sym.changes, fixed.changes):
+        assert a.macs_before is None and a.macs_before_expr.evaluate(at) == b.macs_before, a
+        assert a.macs_after is None and a.macs_after_expr.evaluate(at) == b.macs_after, a
+    doc = sym.to_dict()["totals"]
+    assert parse(doc["macs_before_expr"]).evaluate(at) == fixed.totals["macs_before"]
+    assert parse(doc["macs_after_expr"]).evaluate(at) == fixed.totals["macs_after"]
+    json.dumps(sym.to_dict())

@@ -161,3 +161,28 @@ def test_pipes_stay_wide_unless_columns_is_set(models_dir):
 def test_a_columns_value_that_is_no_width_is_ignored():
     r = _cli("rules", columns="wide")
     assert r.returncode == 0 and r.stderr == "" and "transpose-subpixel" in r.stdout
+
+
+def test_symbolic_shapes_at_80_columns(real_models):
+    """PP-OCR det with its dims left dynamic: the totals table was 360 columns wide ("pointwis" / "e"), --sort macs
+    kept model order, the best-rewrite column was empty. Now everything fits, and shares and the ranking are
+    those of the reference size, which a line states."""
+    path = real_models("ppocr-det")
+    r = _cli("analyze", path, "--sort", "macs", "--top", "8")
+    assert r.returncode == 0, r.stderr
+    _fits(r.stdout)
+    assert "pointwise" in r.stdout.split("totals by kind")[1] and "pointwis\n" not in r.stdout
+    note = " ".join(r.stdout.split("% MACs and the ranking by MACs at the reference size")[1].split()[:3])
+    assert note.startswith("N=1, H=W=640"), note
+    fixed = json.loads(_cli("analyze", path, "--input-shape", DET[1], "--sort", "macs", "--top", "8", "--json").stdout)
+    table = r.stdout.split("memory and time per conv")[0]
+    shown = [ln.split()[0] for ln in table.splitlines() if ln.startswith("p2o.")]
+    assert shown == [c["name"] for c in fixed["convs"]]  # ranked as the concrete MACs at 640×640 rank them
+    assert "separable −85% ≈" in table  # the best rewrite, at the reference size
+    for c in fixed["convs"][:3]:  # the shares are those at 640×640
+        assert f"{100 * c['macs'] / fixed['totals']['macs']:.1f}%" in table
+
+
+def test_symbolic_markdown_keeps_every_digit(real_models):
+    r = _cli("analyze", real_models("ppocr-det"), "--format", "markdown")
+    assert r.returncode == 0 and "3,089,664·N·⌈H/32⌉·⌈W/32⌉" in r.stdout and "3.1M" not in r.stdout

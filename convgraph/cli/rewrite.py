@@ -6,6 +6,7 @@ import click
 
 from ..errors import CheckFailed, UsageError
 from ..io import check_output_path, write_model
+from ..report import cost
 from ..rewrite import Selection, rewrite
 from . import cli
 from .common import (
@@ -26,6 +27,11 @@ _CHANGE_COLUMNS = (
 
 def _fmt(v, spec=",") -> str:
     return "?" if v is None else format(v, spec)
+
+
+def _macs(v, expr) -> str:
+    """MACs: the number, else the formula (dims left dynamic), as analyze shows it."""
+    return _fmt(v) if v is not None or expr is None else cost(None, expr)
 
 
 def _params(ctx, param, values) -> dict[str, str]:
@@ -73,7 +79,8 @@ def render(report) -> None:
         out.print(line, markup=False)
     if report.changes:
         show(_CHANGE_COLUMNS, [(c.node, c.rule, f"{c.kind_before} → {c.kind_after}",
-                                f"{_fmt(c.macs_before)} → {_fmt(c.macs_after)}", f"{c.params_before:,} → {c.params_after:,}",
+                                f"{_macs(c.macs_before, c.macs_before_expr)} → {_macs(c.macs_after, c.macs_after_expr)}",
+                                f"{c.params_before:,} → {c.params_after:,}",
                                 "yes" if c.exact else "no", _fmt(c.weight_error, ".3g"), _fmt(c.output_error, ".3g"),
                                 _fmt(c.output_cosine, ".6f")) for c in report.changes],
              title="dry run: would rewrite" if report.dry_run else "rewritten nodes")
@@ -84,7 +91,8 @@ def render(report) -> None:
             ratio = f" ({before / after:.2f}× fewer)" if after < before else f" ({after / before:.2f}× more)"
         n = tot["rewritten"]
         steps = f" in {tot['changes']} changes" if tot["changes"] != n else ""
-        out.print(f"{n} conv{'s' * (n != 1)} rewritten{steps}: MACs {_fmt(before)} → {_fmt(after)}{ratio}, "
+        shown = (_macs(before, tot.get("macs_before_expr")), _macs(after, tot.get("macs_after_expr")))
+        out.print(f"{n} conv{'s' * (n != 1)} rewritten{steps}: MACs {shown[0]} → {shown[1]}{ratio}, "
                   f"params {_fmt(tot['params_before'])} → {_fmt(tot['params_after'])}")
     if report.checks:
         out.print("checks: " + ", ".join(f"{k} {v}" for k, v in report.checks.items()))
