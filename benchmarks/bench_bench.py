@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_chain import make_chain  # noqa: E402
 
 import convgraph  # noqa: E402
-from convgraph.analyze import analyze  # noqa: E402
-from convgraph.bench import bench  # noqa: E402
+from convgraph.analysis.analyze import analyze  # noqa: E402
+from convgraph.run.bench import bench  # noqa: E402
 
 
 def without_costliest_conv(model: onnx.ModelProto, input_shapes: dict) -> tuple[onnx.ModelProto, str]:

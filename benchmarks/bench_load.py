@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_chain import make_chain  # noqa: E402
 
 import convgraph  # noqa: E402
-from convgraph import graph as cgraph  # noqa: E402
+from convgraph.model import graph as cgraph  # noqa: E402
+from convgraph.model import loader, shapes as cshapes  # noqa: E402
 from convgraph.io import read_model  # noqa: E402
 
 
@@ -46,11 +47,11 @@ def _steps(path: Path, repeat: int) -> dict[str, float]:
     with cgraph.gc_paused():
         read, _, (model, origin) = _best(lambda: read_model(path), repeat)
         build, _, cg = _best(lambda: cgraph.ConvGraph(model.graph, model), repeat)
-        infer, _, (inferred, _w) = _best(lambda: cgraph._infer(model, origin.size, origin.data), repeat)
+        infer, _, (inferred, _w) = _best(lambda: cshapes._infer(model, origin.size, origin.data), repeat)
 
         def collect():
             cg.shapes.clear()
-            cgraph._collect_shapes(cg, inferred.graph)
+            loader._collect_shapes(cg, inferred.graph)
 
         shapes, _, _ = _best(collect, repeat)
     return {"read": read, "infer": infer, "build": build, "shapes": shapes}

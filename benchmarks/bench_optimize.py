@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from convgraph import load, zoo
-from convgraph.bench import bench
-from convgraph.inputs import InputSet, make_inputs
+from convgraph.run.bench import bench
+from convgraph.run.inputs import InputSet, make_inputs
 from convgraph.optimize import optimize, plot_pareto
-from convgraph.runtime import create_session, expose_tensors, run
-from convgraph.verify import compare
+from convgraph.run.runtime import create_session, expose_tensors, run
+from convgraph.run.metrics import compare
 
 #: Sources of the calibration crops; the held-out images below are never fitted on.
 FIT_SOURCES = ("astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png", "rocket.jpg", "retina.jpg",
@@ -202,7 +202,7 @@ def detection_f1(ref, got, iou: float = 0.5) -> float:
 
 def calibrate_only(name: str, count: int) -> None:
     """Calibration statistics of every conv over ``count`` images (for /usr/bin/time -v)."""
-    from convgraph.calibrate import calibrate
+    from convgraph.engine.calibrate import calibrate
 
     spec = MODELS[name]
     path = zoo.fetch(name)
@@ -220,10 +220,11 @@ def calibrate_only(name: str, count: int) -> None:
 def layer_fits(name: str, count: int) -> None:
     """Per standard conv: held-out relative output error of the layer alone, weight SVD vs data-aware fits
     (whitened SVD only, then the method chosen on held-out calibration batches), separable rank 1 and 4."""
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate, patches
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibrate
+    from convgraph.fit.calibration import patches
     from convgraph.fit import separable_fit
-    from convgraph.weights import constant_value
+    from convgraph.model.weights import constant_value
 
     spec = MODELS[name]
     cg = load(zoo.fetch(name), {spec[0]: [1, 3, spec[1], spec[1]]})
@@ -263,9 +264,9 @@ def low_rank_layers(name: str, count: int) -> None:
     """Per 3×3 standard conv, at equal MACs: held-out relative output error of the layer alone (the rules'
     rewrites run in onnxruntime on the held-out activations), all fitted on calibration data: separable rank 1
     against low-rank at the largest rank within its MACs, spatial-separable rank 1 likewise."""
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate
-    from convgraph.optimize.timing import _layer_model
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibrate
+    from convgraph.optimize.timing import layer_model
     from convgraph.registry import get_rule
     from convgraph.rule import RuleContext
     from convgraph.rules.low_rank import full_rank
@@ -287,7 +288,7 @@ def low_rank_layers(name: str, count: int) -> None:
         r = get_rule(rule)
         p = r.resolve_params({k: str(v) for k, v in params.items()})
         rep = r.build(rec, RuleContext(cg, by_id, stats, p), p)  # every 3×3 standard conv matches all three
-        sess = create_session(_layer_model(cg, rec, rep.nodes, rep.initializers))
+        sess = create_session(layer_model(cg, rec, rep.nodes, rep.initializers))
         got = np.concatenate([sess.run(None, {rec.input: x})[0] for x in acts[rec.input]])
         return float(np.linalg.norm(got - ref) / np.linalg.norm(ref)), rep.macs_after
 
@@ -306,7 +307,7 @@ def low_rank_layers(name: str, count: int) -> None:
     print("|---|---|---|---|---|---|")
     cols = []
     for rec in recs:
-        original = create_session(_layer_model(cg, rec, [cg.node(rec.node_id)], []))
+        original = create_session(layer_model(cg, rec, [cg.node(rec.node_id)], []))
         ref = np.concatenate([original.run(None, {rec.input: x})[0] for x in acts[rec.input]])
         row, cells = [], []
         for rule in ("separable", "spatial-separable"):
@@ -330,8 +331,8 @@ def low_rank_layers(name: str, count: int) -> None:
 def coverage_table(names) -> None:
     """The optimizer's coverage check (``OptimizeReport.coverage``) of calibration sets made of fewer and
     fewer photos against the held-out images."""
-    from convgraph.analyze import analyze
-    from convgraph.optimize import _coverage
+    from convgraph.analysis.analyze import analyze
+    from convgraph.optimize.phases import input_coverage
 
     print("| model | calibration set | coverage of the held-out images | at tensor |")
     print("|---|---|---|---|")
@@ -348,7 +349,7 @@ def coverage_table(names) -> None:
                                           ("18 whole photos", FIT_SOURCES, 18)):
                 calib = input_set(model, crops_folder(Path(tmp) / label.replace(" ", "_"), sources, count, spec[1]),
                                   spec)
-                ratio, tensor = _coverage(model, recs, calib, held, "cpu")
+                ratio, tensor = input_coverage(model, recs, calib, held, "cpu")
                 print(f"| {name} | {label} | {ratio:.2f} | {tensor} |", flush=True)
 
 
@@ -357,17 +358,17 @@ def estimates(name: str, count: int, ranks) -> None:
     against every candidate judged in the whole model."""
     from scipy.stats import spearmanr
 
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibratable, calibrate
-    from convgraph.optimize import Judge, _estimate_errors, _Fitted, _key, _scale_errors, candidates
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibratable, calibrate
+    from convgraph.optimize import Judge, layer_errors, Fitted, candidate_key, scale_errors, candidates
     from convgraph.optimize.report import STABLE_SHARE
-    from convgraph.optimize.timing import _unique_names
+    from convgraph.optimize.timing import unique_names
 
     spec = MODELS[name]
     shapes = {spec[0]: [1, 3, spec[1], spec[1]]}
     cg = load(zoo.fetch(name), shapes)
     recs = [r for r in analyze(cg, rewrites=False).convs if not r.graph]
-    _unique_names(cg)
+    unique_names(cg)
     model = cg.to_model()
     with tempfile.TemporaryDirectory() as tmp:
         calib = input_set(model, crops_folder(Path(tmp) / "calib", FIT_SOURCES, count, spec[1]), spec)
@@ -380,15 +381,15 @@ def estimates(name: str, count: int, ranks) -> None:
     by_id = {r.node_id: r for r in recs}
     stats = calibrate(model, [f for i, f in enumerate(feeds) if i % 4], input_shapes=shapes,
                       nodes=sorted({c.node for c in cands if calibratable(by_id[c.node]) is None}))
-    fitted = _Fitted(model, cg, by_id, stats, shapes)
+    fitted = Fitted(model, cg, by_id, stats, shapes)
     cands = [c for c in cands if fitted.rep(c) is not None]
-    judged = {_key(c.node, c.rule, c.params) for c in _estimate_errors(fitted, cands, judge, lambda *_: None)}
-    truth = {_key(c.node, c.rule, c.params): judge.judge(fitted.model({c.node: (c.rule, c.params)})[0])[1]
+    judged = {candidate_key(c.node, c.rule, c.params) for c in layer_errors(fitted, cands, judge, lambda *_: None)}
+    truth = {candidate_key(c.node, c.rule, c.params): judge.judge(fitted.model({c.node: (c.rule, c.params)})[0])[1]
              for c in cands}
     for c in cands:
-        c.error = truth[_key(c.node, c.rule, c.params)] if _key(c.node, c.rule, c.params) in judged else None
-    _scale_errors(cands)
-    pairs = np.array([(truth[_key(c.node, c.rule, c.params)], c.error) for c in cands if c.estimated])
+        c.error = truth[candidate_key(c.node, c.rule, c.params)] if candidate_key(c.node, c.rule, c.params) in judged else None
+    scale_errors(cands)
+    pairs = np.array([(truth[candidate_key(c.node, c.rule, c.params)], c.error) for c in cands if c.estimated])
     ratio = pairs[:, 1] / np.maximum(pairs[:, 0], 1e-12)
     print(f"{name}: {len(cands)} candidates, {len(judged)} judged, {len(pairs)} estimated: Spearman "
           f"{spearmanr(pairs[:, 0], pairs[:, 1]).statistic:.3f}, estimate/judged median {np.median(ratio):.2f}, "
@@ -400,9 +401,9 @@ def _chain_model(cg, rec, nodes, inits, act):
     conv's input, output the activation's (pointwise: the conv output's shape)."""
     from dataclasses import replace
 
-    from convgraph.optimize.timing import _layer_model
+    from convgraph.optimize.timing import layer_model
 
-    return _layer_model(cg, replace(rec, output=act.output), list(nodes) + [cg.node(v) for v in act.nodes], inits)
+    return layer_model(cg, replace(rec, output=act.output), list(nodes) + [cg.node(v) for v in act.nodes], inits)
 
 
 #: (rule, params) compared by --activation, each with response=pre and response=post.
@@ -416,11 +417,11 @@ def activation_layers(name: str, count: int) -> None:
     fitted to the conv's output (response=pre) and to the activation's (response=post), at equal rank; first,
     for YOLOv8n, the worst held-out image's output cosine with every standard 3×3 conv at low-rank 1/4 and 1/2
     (fitted on the original model's statistics, all at once)."""
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibrate
     from convgraph.fit import activation_of
     from convgraph.registry import get_rule
-    from convgraph.rewrite import Selection, rewrite
+    from convgraph.engine.rewrite import Selection, rewrite
     from convgraph.rule import RuleContext
 
     spec = MODELS[name]

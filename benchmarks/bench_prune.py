@@ -4,7 +4,7 @@
 Usage: ``python benchmarks/bench_prune.py [--keep 0.5] [--size 320] [LAYER ...]``.
 
 Each LAYER (a producer conv; default: three C2f bottlenecks' first convs, each → SiLU → 3×3 conv) is pruned
-through the engine (``convgraph.rewrite``), calibrated on four crops each of 8 scikit-image photos and judged
+through the engine (``convgraph.engine.rewrite``), calibrated on four crops each of 8 scikit-image photos and judged
 on 6 other photos (resized whole): the relative L2 error of the consumer conv's output (the tensor the
 rewrite keeps the name of), for
 
@@ -17,7 +17,7 @@ rewrite keeps the name of), for
 weigh, without timing anything: prune at each of ``KEEP_SHARES`` on every conv it can prune, and low-rank at
 each of its shares on every conv a pruning touches; each fitted on N calibration crops and its model-level
 error alone (1 − cosine on the worst held-out photo, the worst of the judged tensors; spliced into the
-model as the optimizer's ``_Fitted.model`` builds it) against the MACs it saves. Per keep share: the errors, and prune against the best
+model as the optimizer's ``Fitted.model`` builds it) against the MACs it saves. Per keep share: the errors, and prune against the best
 low-rank candidate on the same convs that saves at least as many MACs.
 """
 
@@ -43,17 +43,17 @@ def against_low_rank(name: str, count: int) -> None:
     import bench_optimize as bo
 
     from convgraph import load, zoo
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate
-    from convgraph.optimize import Candidate, Judge, _Fitted
-    from convgraph.optimize.timing import _rule_options, _unique_names, stats_needed
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibrate
+    from convgraph.optimize import Candidate, Judge, Fitted
+    from convgraph.optimize.timing import rule_options, unique_names, stats_needed
     from convgraph.registry import get_rule
     from convgraph.rule import RuleContext
 
     spec = bo.MODELS[name]
     shapes = {spec[0]: [1, 3, spec[1], spec[1]]}
     cg = load(zoo.fetch(name), shapes, probe=True)
-    _unique_names(cg)
+    unique_names(cg)
     model = cg.to_model()
     by_id = {r.node_id: r for r in analyze(cg, rewrites=False).convs if not r.graph}
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +64,7 @@ def against_low_rank(name: str, count: int) -> None:
     for rule in ("prune", "low-rank"):
         r = get_rule(rule)
         for rec in by_id.values():
-            for given in _rule_options(rule, rec, ()):
+            for given in rule_options(rule, rec, ()):
                 p = r.resolve_params({k: str(v) for k, v in given.items()})
                 ctx = RuleContext(cg, by_id, None, p)
                 why, found = r.check(rec, ctx)
@@ -81,7 +81,7 @@ def against_low_rank(name: str, count: int) -> None:
     stats = calibrate(model, calib, nodes=sorted({n for c in todo for n in stats_needed(cg, by_id, c.node, c.rule,
                                                                                         c.params)}),
                       input_shapes=shapes)
-    fitted = _Fitted(model, cg, by_id, stats, shapes)
+    fitted = Fitted(model, cg, by_id, stats, shapes)
     for i, c in enumerate(todo):
         c.error = judge.judge(fitted.model({c.node: (c.rule, c.params)})[0])[1]
         print(f"{i + 1}/{len(todo)} {c.node} {c.rule} {c.params} saves {c.macs_before - c.macs_after} MACs: "
@@ -120,12 +120,12 @@ def main(argv=None) -> int:
 
     import convgraph
     import convgraph.rules.prune as prune
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate
-    from convgraph.rewrite import Selection, rewrite
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibrate
+    from convgraph.engine.rewrite import Selection, rewrite
     from convgraph.registry import get_rule
     from convgraph.rule import RuleContext
-    from convgraph.runtime import run_with_outputs
+    from convgraph.run.runtime import run_with_outputs
     from convgraph.zoo import fetch
 
     path, size = str(fetch("yolov8n")), args.size

@@ -4,7 +4,7 @@ A rule module exposes ``RULE = Rule(...)``. Matching (``match``) is separate fro
 (``build``): ``match`` returns the reason a rule does not apply to a conv (a string), else ``None`` (it
 applies to the conv alone) or a :class:`Match` naming the nodes it spans, which ``build`` then receives
 as a fourth argument (so that it need not rediscover them). ``build`` returns a :class:`Replacement`:
-new nodes and initializers computed from the matched nodes' weights. The engine (convgraph.rewrite)
+new nodes and initializers computed from the matched nodes' weights. The engine (convgraph.engine.rewrite)
 splices them in, names, checks and verifies; callers go through :meth:`Rule.check` and :meth:`Rule.make`.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .errors import ModelError, UsageError
-from .record import ConvRecord
+from .model.record import ConvRecord
 
 
 class Skip(ModelError):
@@ -144,7 +144,7 @@ class RuleContext:
 
     def value(self, tensor: str) -> np.ndarray | None:
         """The constant value of ``tensor`` (initializer, Constant, ConstantOfShape, DequantizeLinear...)."""
-        from .weights import constant_value
+        from .model.weights import constant_value
 
         return constant_value(self.graph, tensor)
 

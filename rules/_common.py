@@ -9,11 +9,11 @@ import onnx
 from onnx import helper
 
 from convgraph.fit.activation import row_weights
-from convgraph.arithmetic import out_elements, prod  # noqa: F401  (out_elements: the rules import it from here)
-from convgraph.record import ConvRecord
+from convgraph.model.arithmetic import out_elements, prod  # noqa: F401  (out_elements: the rules import it from here)
+from convgraph.model.record import ConvRecord
 from convgraph.rule import Param, RuleContext, Skip
-from convgraph.weights import constant_source
-from convgraph.weights import elem_type as graph_elem_type
+from convgraph.model.weights import constant_source
+from convgraph.model.weights import elem_type as graph_elem_type
 
 #: Where a weight may come from for a rule to rebuild it (ctx.value resolves all of these).
 CONSTANT_SOURCES = ("initializer", "Constant", "ConstantOfShape", "DequantizeLinear")

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from convgraph import fit
-from convgraph.arithmetic import known
+from convgraph.model.arithmetic import known
 from convgraph.errors import UsageError
-from convgraph.record import ConvRecord
+from convgraph.model.record import ConvRecord
 from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or
 
 from . import _lsq

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from convgraph.record import ConvRecord
+from convgraph.model.record import ConvRecord
 from convgraph.rule import Match, Replacement, Rule, RuleContext
-from convgraph.weights import constant_source
+from convgraph.model.weights import constant_source
 
 from ._common import CONSTANT_SOURCES, attrs, bias_params, plain_conv_reason, weights
 

@@ -41,9 +41,9 @@ from fractions import Fraction
 import numpy as np
 
 from convgraph import fit
-from convgraph.arithmetic import prod
-from convgraph.convops import classify
-from convgraph.record import ConvRecord
+from convgraph.model.arithmetic import prod
+from convgraph.model.convops import classify
+from convgraph.model.record import ConvRecord
 from convgraph.rule import Param, Replacement, Rule, RuleContext
 
 from . import _lsq

@@ -42,9 +42,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from convgraph.record import ConvRecord
+from convgraph.model.record import ConvRecord
 from convgraph.rule import Match, Param, Replacement, Rule, RuleContext
-from convgraph.weights import constant_source
+from convgraph.model.weights import constant_source
 
 from . import _lsq
 from ._common import CONSTANT_SOURCES, FIT_PARAM, attrs, elem_type, label, opset, plain_conv_reason, weights
@@ -178,7 +178,7 @@ def _constants(rec: ConvRecord, ctx: RuleContext, span: Span, values: np.ndarray
     """Node id -> (C,) value at its input, for the consumers and the depthwise convs between, when the
     producer's output channels are ``values`` everywhere (the ops evaluated by onnxruntime on a 1×1 map:
     exact for position-wise ops; a depthwise conv is exact there only on a zero input, see :func:`_dead`)."""
-    from convgraph.runtime import create_session, run
+    from convgraph.run.runtime import create_session, run
 
     nodes = [ctx.node(n) for n in span.ops]
     readers = span.consumers + span.depthwise(ctx)

@@ -7,7 +7,7 @@ offsets m; the offsets of all phases lie on one grid (step d′, their gcd), whi
 with s^D·C_out output channels (channel c·s^D + φ, zero taps where a phase has none). The phases are
 interleaved by DepthToSpace (CRD; 2D with equal strides) or Reshape/Transpose/Reshape, and a Slice
 crops what the pads, output_padding or output_shape leave out. Pads follow onnxruntime (the ONNX
-spec's formulas): see convgraph.arithmetic.conv_transpose_geometry.
+spec's formulas): see convgraph.model.arithmetic.conv_transpose_geometry.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from convgraph.arithmetic import conv_transpose_geometry, known, prod
-from convgraph.convops import classify
-from convgraph.record import ConvRecord
+from convgraph.model.arithmetic import conv_transpose_geometry, known, prod
+from convgraph.model.convops import classify
+from convgraph.model.record import ConvRecord
 from convgraph.rule import Replacement, Rule, RuleContext
 
 from ._common import Names, attrs, bias_params, label, opset, out_elements, plain_conv_reason, weights

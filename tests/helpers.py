@@ -13,13 +13,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 import convgraph
 from convgraph import load
-from convgraph.analyze import analyze
-from convgraph.calibrate import calibrate
+from convgraph.analysis.analyze import analyze
+from convgraph.engine.calibrate import calibrate
 from convgraph.cli import main
 from convgraph.registry import get_rule
 from convgraph.rule import Replacement, RuleContext
-from convgraph.runtime import create_session
-from convgraph.weights import constant_value
+from convgraph.run.runtime import create_session
+from convgraph.model.weights import constant_value
 
 
 # ---- rewriting single ops and comparing with onnxruntime -------------------------------------------------
@@ -173,8 +173,8 @@ def image_folder(tmp_path: Path, names) -> Path:
 def yolo_layer(path, tmp_path, node: str = "/model.6/m.0/cv1/conv/Conv"):
     """A real YOLOv8n (320×320) conv: its calibration statistics on FIT_IMAGES, weight, bias, and its input
     on HELD_OUT_IMAGES (stacked)."""
-    from convgraph.inputs import make_inputs
-    from convgraph.runtime import create_session, expose_tensors, run
+    from convgraph.run.inputs import make_inputs
+    from convgraph.run.runtime import create_session, expose_tensors, run
 
     shapes = {"images": [1, 3, 320, 320]}
     cg = load(path, shapes)

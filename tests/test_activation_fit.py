@@ -8,9 +8,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from convgraph import fit, load
-from convgraph.calibrate import Calibration, ConvStats, calibrate, patches
-from convgraph.rewrite import rewrite
-from convgraph.runtime import create_session, expose_tensors
+from convgraph.fit.calibration import Calibration, ConvStats, patches
+from convgraph.engine.calibrate import calibrate
+from convgraph.engine.rewrite import rewrite
+from convgraph.run.runtime import create_session, expose_tensors
 
 C, O, S = 6, 8, 10
 
@@ -150,7 +151,7 @@ def test_row_weighted_low_rank_is_the_weighted_reduced_rank_regression():
     half, ihalf = (q * np.sqrt(lam)) @ q.T, (q / np.sqrt(lam)) @ q.T
     u, s, vt = np.linalg.svd(np.sqrt(d)[:, None] * w.reshape(O, -1) @ half)
     want = ((u[:, :3] * s[:3]) @ vt[:3] @ ihalf / np.sqrt(d)[:, None]).reshape(w.shape)
-    # the whole-patch sums are taken in float32 chunks (convgraph.calibrate): agreement to ~1e-6
+    # the whole-patch sums are taken in float32 chunks (convgraph.engine.calibrate): agreement to ~1e-6
     np.testing.assert_allclose(f.weight((3, 3)), want, atol=1e-5 * np.abs(want).max())
     np.testing.assert_allclose(f.bias, b + (w - want).reshape(O, -1) @ pm.mean(0), atol=1e-5)
     plain = fit.low_rank_fit(w, b, 3, st, damp=0.0, select=False)

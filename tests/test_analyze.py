@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import convgraph
-from convgraph.analyze import Analysis, analyze, host_simd_block
-from convgraph.record import KINDS, PATTERNS
+from convgraph.analysis.analyze import Analysis, analyze, host_simd_block
+from convgraph.model.record import KINDS, PATTERNS
 
 
 def _analyze(path, shapes=None, **kw) -> Analysis:
@@ -413,7 +413,7 @@ def test_bias_source_is_recorded_and_decides_the_rules():
 def test_record_to_dict_is_the_fields_in_order(sample):
     from dataclasses import fields
 
-    from convgraph.record import ConvRecord
+    from convgraph.model.record import ConvRecord
 
     rec = next(r for r in sample("sample").convs if r.rewrites)
     rec.scratch = "not a field"  # an attribute set on a record stays out of its dict

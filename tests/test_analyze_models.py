@@ -18,8 +18,8 @@ import pytest
 from onnx import numpy_helper
 
 import convgraph
-from convgraph.analyze import Analysis, analyze
-from convgraph.weights import constant_value
+from convgraph.analysis.analyze import Analysis, analyze
+from convgraph.model.weights import constant_value
 
 onnx_tool = pytest.importorskip("onnx_tool")
 

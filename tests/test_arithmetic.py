@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from convgraph import arithmetic as ar
+from convgraph.model import arithmetic as ar
 
 
 def _single_node_model(op: str, x_shape: list[int], w: np.ndarray, **attrs) -> onnx.ModelProto:

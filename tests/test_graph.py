@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 import convgraph
 import convgraph.io
 from convgraph import ConvGraphWarning, ModelError, UsageError
-from convgraph.graph import free_names
+from convgraph.model.graph import free_names
 
 F = TensorProto.FLOAT
 RNG = np.random.default_rng(0)
@@ -666,7 +666,7 @@ def test_check_false_skips_the_checker_only() -> None:
 def test_gc_paused_restores_and_leaves_the_new_objects_old_but_collectable() -> None:
     import gc
 
-    from convgraph.graph import gc_paused
+    from convgraph.model.graph import gc_paused
 
     assert gc.isenabled()
     with gc_paused():
@@ -688,7 +688,7 @@ def test_gc_paused_restores_and_leaves_the_new_objects_old_but_collectable() -> 
 def test_gc_paused_keeps_what_the_application_froze() -> None:
     import gc
 
-    from convgraph.graph import gc_paused
+    from convgraph.model.graph import gc_paused
 
     gc.freeze()
     try:
@@ -703,7 +703,7 @@ def test_gc_paused_keeps_what_the_application_froze() -> None:
 def test_gc_paused_leaves_a_disabled_collector_disabled() -> None:
     import gc
 
-    from convgraph.graph import gc_paused
+    from convgraph.model.graph import gc_paused
 
     gc.disable()
     try:

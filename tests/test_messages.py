@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from convgraph.bench import BenchReport, ModelTiming, PairRatio
+from convgraph.run.bench import BenchReport, ModelTiming, PairRatio
 from helpers import run_cli, write_model
 
 F = TensorProto.FLOAT

@@ -13,9 +13,9 @@ import pytest
 from onnx import TensorProto, helper
 
 import convgraph
-from convgraph.analyze import analyze
+from convgraph.analysis.analyze import analyze
 from convgraph.cli import main
-from convgraph.profile import _node_times, attach, profile, saved_ms
+from convgraph.analysis.profile import _node_times, attach, profile, saved_ms
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -117,7 +117,7 @@ def test_yolov8n_convs_add_up_to_the_model_time(real_models):
 
 
 def test_attach_fills_the_records(models_dir):
-    from convgraph.roofline import Roofline
+    from convgraph.analysis.roofline import Roofline
 
     cg = convgraph.load(models_dir / "sample.onnx")
     a = analyze(cg)

@@ -1,4 +1,4 @@
-"""The static shape engine (convgraph.propagate, convgraph.expr): shapes and MACs without running the model,
+"""The static shape engine (convgraph.model.propagate, convgraph.model.expr): shapes and MACs without running the model,
 as formulas over the dims left dynamic, cross-checked against shapes measured by onnxruntime."""
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import convgraph
-from convgraph.analyze import analyze
+from convgraph.analysis.analyze import analyze
 from convgraph.cli import main
 from convgraph.errors import ModelError, UsageError
-from convgraph.expr import Expr, parse
-from convgraph.inputs import make_inputs
-from convgraph.shapes import probe_shapes
+from convgraph.model.expr import Expr, parse
+from convgraph.run.inputs import make_inputs
+from convgraph.model.probe import probe_shapes
 from helpers import BACKEND, LIGHT, REAL, light_inputs, original_run, shipped_inputs
 
 
-pytestmark = pytest.mark.filterwarnings("ignore::convgraph.graph.ConvGraphWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::convgraph.errors.ConvGraphWarning")
 F = TensorProto.FLOAT
 H, W = Expr.symbol("H"), Expr.symbol("W")
 
@@ -380,7 +380,7 @@ def test_verify_and_bench_feed_input_values(tmp_path, capsys) -> None:
     code = main(["bench", str(path), "--input-shape", "x=1,3,8,8", "--input-value", "sr=3", "--runs", "2",
                  "--warmup", "1", "--json"])
     assert code == 0 and json.loads(capsys.readouterr().out)["models"][0]["runs"] == 2
-    from convgraph.verify import verify
+    from convgraph.engine.verify import verify
 
     report = verify(path, path, input_shapes={"x": [1, 3, 8, 8], "sr": []}, values={"sr": 16000})
     assert report.passed
@@ -433,7 +433,7 @@ def test_unknown_shapes_warning_speaks_of_running_the_model_only_when_it_ran(tmp
 def test_a_second_rule_keeps_the_ifs_the_input_values_decide() -> None:
     """rewrite loads the model again for each rule: without the --input-value the If was undecided again, and
     a conv after it lost its shape (MACs '?') in the second rule's pass."""
-    from convgraph.rewrite import rewrite
+    from convgraph.engine.rewrite import rewrite
 
     m = _branching()
     rng = np.random.default_rng(1)

@@ -15,8 +15,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import convgraph
-from convgraph.analyze import analyze
-from convgraph.runtime import create_session, run
+from convgraph.analysis.analyze import analyze
+from convgraph.run.runtime import create_session, run
 
 H = W = 16
 

@@ -12,11 +12,11 @@ import pytest
 import convgraph
 from convgraph.cli import main
 from convgraph.errors import CheckFailed, UsageError
-from convgraph.record import REWRITES_KEY
+from convgraph.model.record import REWRITES_KEY
 from convgraph.registry import all_rules
-from convgraph.rewrite import Selection, rewrite
+from convgraph.engine.rewrite import Selection, rewrite
 from convgraph.rule import Replacement
-from convgraph.runtime import create_session, run
+from convgraph.run.runtime import create_session, run
 
 warnings.simplefilter("ignore", convgraph.ConvGraphWarning)
 
@@ -26,7 +26,7 @@ def _outputs(model, feeds):
 
 
 def _feeds(model, seed=0):
-    from convgraph.inputs import make_inputs
+    from convgraph.run.inputs import make_inputs
 
     return make_inputs(model, seed=seed)[0]
 
@@ -180,7 +180,7 @@ def test_cli_rules_lists_every_builtin(capsys):
 
 
 def test_calibrated_rewrite_beats_the_weight_fit_on_other_inputs(models_dir):
-    from convgraph.inputs import make_inputs
+    from convgraph.run.inputs import make_inputs
 
     src = models_dir / "sample.onnx"
     calib = [make_inputs(onnx.load(src), seed=s)[0] for s in range(1, 9)]  # verification uses seed 0
@@ -256,7 +256,7 @@ def test_dry_run_time_estimates_never_exceed_a_convs_time(models_dir, capsys):
 def test_dry_run_shows_formulas_where_dims_are_dynamic(models_dir):
     """`MACs ? → ?` where analyze has formulas: each change and the totals carry them, and at a concrete shape
     they equal the numbers the concrete dry run gives."""
-    from convgraph.expr import parse
+    from convgraph.model.expr import parse
 
     sym = rewrite(models_dir / "dynamic.onnx", ["separable", "low-rank"], dry_run=True).report
     fixed = rewrite(models_dir / "dynamic.onnx", ["separable", "low-rank"], dry_run=True,

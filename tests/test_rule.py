@@ -48,10 +48,10 @@ def test_check_and_make_hand_what_match_found_to_build() -> None:
 
 def test_fold_bn_binds_its_batchnorm_and_build_does_not_look_again(models_dir, monkeypatch) -> None:
     import convgraph.rules.fold_bn as fold_bn
-    from convgraph.analyze import analyze
-    from convgraph.graph import load
+    from convgraph.analysis.analyze import analyze
+    from convgraph.model.loader import load
     from convgraph.registry import get_rule
-    from convgraph.rewrite import rewrite
+    from convgraph.engine.rewrite import rewrite
     from convgraph.rule import RuleContext
 
     calls, real_bn = [], fold_bn._bn

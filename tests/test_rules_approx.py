@@ -19,7 +19,7 @@ from helpers import (
     assert_same, drawn_conv2d, input_shape, op_types, random_x, rel_err, rewrite_with, run, single_op)
 
 import convgraph
-from convgraph.analyze import analyze
+from convgraph.analysis.analyze import analyze
 from convgraph.registry import all_rules, get_rule
 from convgraph.rule import RuleContext
 
@@ -183,7 +183,7 @@ def test_spatial_separable_refuses_with_reasons(models_dir):
 
 def test_spatial_separable_fits_calibration_data():
     """With calibration statistics the factors minimize the error on the layer's real inputs."""
-    from convgraph.calibrate import calibrate
+    from convgraph.engine.calibrate import calibrate
 
     w = random_x([8, 4, 3, 3], seed=3)
     model = single_op("Conv", [1, 4, 16, 16], w, pads=[1, 1, 1, 1])
@@ -317,7 +317,7 @@ def test_dilated_least_squares_beats_sampling_on_smooth_inputs():
 
 
 def test_dilated_fits_calibration_data():
-    from convgraph.calibrate import calibrate
+    from convgraph.engine.calibrate import calibrate
 
     w = random_x([4, 3, 5, 5], seed=8)
     model = single_op("Conv", [1, 3, 16, 16], w, random_x([4], seed=9), pads=[2, 2, 2, 2])
@@ -514,7 +514,7 @@ def test_transpose_resize_on_ppocr_det(real_models):
 
 
 def test_approximate_rules_through_the_engine(models_dir):
-    from convgraph.rewrite import rewrite
+    from convgraph.engine.rewrite import rewrite
 
     result = rewrite(models_dir / "sample.onnx", ["spatial-separable", "dilated", "transpose-resize"],
                      params={"rank": "2"}, verify=False)

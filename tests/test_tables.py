@@ -11,7 +11,7 @@ import pytest
 from rich.cells import cell_len
 
 from convgraph.cli.tables import Column, layout, shorten, shorten_all
-from convgraph.report import human
+from convgraph.analysis.report import human
 
 YOLO = ("yolov8n", "images=1,3,320,320")
 DET = ("ppocr-det", "x=1,3,640,640")

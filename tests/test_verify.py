@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import convgraph
-from convgraph import localize
+from convgraph.engine import localize
 from convgraph.cli import main
 from convgraph.errors import ModelError, UsageError
-from convgraph.verify import REWRITES_KEY, compare, verify
+from convgraph.engine.verify import REWRITES_KEY, verify
+from convgraph.run.metrics import compare
 from helpers import perturbed
 
 REAL = [("yolov8n", "images"), ("ppocr-det", "x")]

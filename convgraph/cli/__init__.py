@@ -15,7 +15,7 @@ import warnings
 import click
 
 from ..errors import ConvGraphError
-from ..graph import ConvGraphWarning
+from ..errors import ConvGraphWarning
 from . import common
 
 #: The commands, each in the module ``convgraph.cli.<name>`` (imported when the command is first asked for).

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 
-from ..graph import parse_input_shape
-from ..shapes import parse_input_value
+from ..model.shapes import parse_input_shape
+from ..model.shapes import parse_input_value
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -179,7 +179,7 @@ image_options = _stack([
                  help="Images: tensor layout."),
 ])
 
-#: ``--inputs/--samples/--seed`` and :data:`image_options`: what :func:`convgraph.inputs.make_inputs` takes.
+#: ``--inputs/--samples/--seed`` and :data:`image_options`: what :func:`convgraph.run.inputs.make_inputs` takes.
 input_data_options = _stack([
     click.option("--inputs", type=click.Path(), help="Inputs: an .npz (arrays named after the inputs, a leading "
                  "axis of samples allowed) or a folder of images. Default: generated (pictures for image inputs)."),

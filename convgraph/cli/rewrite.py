@@ -6,8 +6,8 @@ import click
 
 from ..errors import CheckFailed, UsageError
 from ..io import check_output_path, write_model
-from ..report import cost
-from ..rewrite import Selection, rewrite
+from ..analysis.report import cost
+from ..engine.rewrite import Selection, rewrite
 from . import cli
 from .common import (
     emit_json, err, input_data_kwargs, input_data_options, input_shape_option, json_option, out, probe_option,
@@ -119,8 +119,8 @@ def _explain(report) -> None:
 
 def _time_estimates(model, report, input_shapes, data, threads, provider) -> dict:
     """``{"profile", "time_estimates"}``: the original profiled, each change's time saved estimated."""
-    from ..graph import load
-    from ..profile import change_estimates
+    from ..model.loader import load
+    from ..analysis.profile import change_estimates
 
     data = dict(data)
     cg = load(model, input_shapes, input_values=data.get("values"))

@@ -8,8 +8,8 @@ import numpy as np
 
 from ..errors import ModelError
 
-if TYPE_CHECKING:  # the statistics are calibrate's; the fits only read them
-    from ..calibrate import ConvStats
+if TYPE_CHECKING:
+    from .calibration import ConvStats
 
 
 #: Default damping: this fraction of the mean diagonal is added to a covariance before it is inverted.

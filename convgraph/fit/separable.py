@@ -13,8 +13,8 @@ from .moments import (
     sqrt_pair,
 )
 
-if TYPE_CHECKING:  # the statistics are calibrate's; the fits only read them
-    from ..calibrate import ConvStats
+if TYPE_CHECKING:
+    from .calibration import ConvStats
 
 #: Alternating least squares on the depthwise factors solves a (C/g·r·K)² system: only up to this size.
 ALS_MAX = 2304

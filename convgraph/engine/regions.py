@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .metrics import cosine
-from .weights import constant_source, constant_value
+from ..run.metrics import cosine
+from ..model.weights import constant_source, constant_value
 
 
 class _Unresolved(Exception):
@@ -135,7 +135,7 @@ def random_feeds(region: Region, seed: int = 0) -> dict[str, np.ndarray] | None:
 
 def errors(region: Region, feeds: Mapping[str, np.ndarray], provider: str = "cpu") -> tuple[float, float]:
     """(max abs error / max abs old output, cosine) of the new nodes against the old, on ``feeds``."""
-    from .runtime import create_session, run
+    from ..run.runtime import create_session, run
 
     got = []
     for m in (region.before, region.after):

@@ -2,7 +2,7 @@
 
 ``rewrite()`` works on a copy of the model: for each rule (pre-pass rules such as fold-bn first) it
 analyzes the current graph, matches the selected convs, builds replacements, splices them in and
-removes what they orphaned; :mod:`convgraph.rewrite_check` then checks the result (structure, each
+removes what they orphaned; :mod:`convgraph.engine.rewrite_check` then checks the result (structure, each
 rewrite alone, the model outputs). An exact rule that leaves tolerance is refused (a bug, named by
 node); an approximate one reports its error.
 """
@@ -11,22 +11,24 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Collection, Sequence
 
 import numpy as np
 import onnx
 
 from . import regions
-from .analyze import analyze
-from .errors import UsageError
-from .graph import ConvGraph, load
-from .progress import staged
-from .record import REWRITES_KEY, ConvRecord
-from .reference import REFERENCE_DIM, at_reference, describe, reference_values
-from .registry import get_rule
-from .rewrite_check import EXACT_RTOL, numerics, structural_checks  # noqa: F401 - EXACT_RTOL: importable here too
-from .rule import Rule, RuleContext, Skip
+from ..analysis.analyze import analyze
+from ..errors import UsageError
+from ..model.graph import ConvGraph
+from ..model.loader import load
+from ..progress import staged
+from ..model.record import REWRITES_KEY, ConvRecord
+from ..model.reference import REFERENCE_DIM, at_reference, describe, reference_values
+from ..registry import get_rule
+from .rewrite_check import numerics, structural_checks
+from .rewrite_report import Change, Explanation, RewriteReport
+from ..rule import Rule, RuleContext, Skip
 
 #: Ops whose outputs depend only on their inputs: safe to drop once nothing reads them.
 _PURE_CONST_OPS = {"Constant", "ConstantOfShape", "DequantizeLinear", "Identity", "Cast", "Reshape",
@@ -68,106 +70,6 @@ class Selection:
 
 
 @dataclass
-class Change:
-    """One applied (or, in a dry run, applicable) rewrite of one conv."""
-
-    rule: str
-    node: str
-    graph: str
-    kind_before: str
-    kind_after: str
-    macs_before: int | None
-    macs_after: int | None
-    params_before: int
-    params_after: int
-    exact: bool
-    output: str
-    new_nodes: list[str] = field(default_factory=list)
-    old_nodes: list[str] = field(default_factory=list)
-    weight_error: float | None = None
-    output_error: float | None = None  # the new nodes against the old ones alone: max abs error / max abs old output
-    output_cosine: float | None = None
-    checked_on: str = ""  # the inputs of that check: "activations", "random", both, or why it was not made
-    notes: str = ""
-    #: where macs_before / macs_after are None because dims are left dynamic: the MACs as formulas (Expr;
-    #: str in to_dict), read off the analysis of the model before and after the change
-    macs_before_expr: Any = None
-    macs_after_expr: Any = None
-
-
-@dataclass
-class Explanation:
-    node: str
-    rule: str
-    applies: bool
-    reason: str
-    skipped: bool = False  # the rule matched but could not build (reason says why)
-
-
-@dataclass
-class RewriteReport:
-    """What a rewrite did and how its result was checked."""
-
-    model: str
-    rules: list[dict[str, Any]]
-    changes: list[Change] = field(default_factory=list)
-    explain: list[Explanation] = field(default_factory=list)
-    checks: dict[str, Any] = field(default_factory=dict)
-    verification: dict[str, Any] | None = None
-    latency: dict[str, Any] | None = None
-    passed: bool = True
-    failures: list[str] = field(default_factory=list)
-    dry_run: bool = False
-    tolerance_required: bool = False  # atol/rtol/min_cosine given: the outputs must pass
-    warnings: list[str] = field(default_factory=list)  # what loading the model said (shapes, probe)
-
-    @property
-    def totals(self) -> dict[str, Any]:
-        """Over distinct convs: "before" sums each change's before less what it took over from earlier changes'
-        results (fold-bn, then separable on the folded conv: the conv once; fold-bn on a conv, then prune over
-        it and a conv fold-bn left alone: both once), "after" the results no later change replaced."""
-        made: dict[tuple[str, str], int] = {}  # (graph, node) -> the change that made it
-        taken: set[int] = set()
-        convs = 0  # changes that start from a conv no earlier change made: distinct convs rewritten
-        before: dict[str, list] = {"macs": [], "params": []}
-        def of(c: Change, key: str):  # MACs: the number, else the formula; params: always a number
-            v = getattr(c, key)
-            return getattr(c, f"{key}_expr") if v is None and key.startswith("macs") else v
-
-        for i, c in enumerate(self.changes):
-            prev = {made[(c.graph, o)] for o in c.old_nodes if (c.graph, o) in made}
-            convs += not prev
-            taken |= prev
-            for k in before:
-                vals = [of(c, f"{k}_before")] + [of(self.changes[j], f"{k}_after") for j in prev]
-                before[k].append(None if None in vals else vals[0] - sum(vals[1:]))
-            for n in c.new_nodes:
-                made[(c.graph, n)] = i
-        last = [c for i, c in enumerate(self.changes) if i not in taken]
-
-        def total(vals):
-            if any(v is None for v in vals):
-                return None
-            t = sum(vals)
-            return int(t) if isinstance(t, int) else t  # a formula where dims are left dynamic
-
-        macs = {"before": total(before["macs"]), "after": total([of(c, "macs_after") for c in last])}
-        return {"rewritten": convs, "changes": len(self.changes),
-                **{f"macs_{k}": v if type(v) is int else None for k, v in macs.items()},
-                **{f"macs_{k}_expr": v for k, v in macs.items() if v is not None and type(v) is not int},
-                "params_before": total(before["params"]), "params_after": total([c.params_after for c in last])}
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["totals"] = self.totals
-        for item in [*d["changes"], d["totals"]]:  # formulas as Python integer expressions, as ConvRecord's
-            for key in ("macs_before_expr", "macs_after_expr"):
-                if item.get(key) is not None:
-                    item[key] = str(item[key])
-        return d
-
-
-@dataclass
 class RewriteResult:
     model: onnx.ModelProto | None  # None in a dry run
     report: RewriteReport
@@ -203,7 +105,7 @@ def _dearer(rule: Rule, params: dict, rec: ConvRecord, macs: int | None, before:
 
 def dearer_at_reference(rule: Rule, params: dict, rec: ConvRecord, values: dict[str, int]) -> str | None:
     """:func:`_dearer` for a conv whose MACs are a formula or unknown: decided at the reference size
-    (:mod:`convgraph.reference`), where the rule's estimate has numbers."""
+    (:mod:`convgraph.model.reference`), where the rule's estimate has numbers."""
     if rec.macs is not None or rule.estimate is None:
         return None
     ref = at_reference(rec, values)
@@ -317,14 +219,14 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
     """Rewrite the convs of ``source`` (path, bytes, ModelProto or ConvGraph) with ``rules`` (names, in order).
 
     ``params`` (``{"rank": "full"}``) go to every rule that declares them. ``inputs`` and ``input_options``
-    (samples, seed, image_size, mean, std, layout) are what :func:`convgraph.inputs.make_inputs` takes.
+    (samples, seed, image_size, mean, std, layout) are what :func:`convgraph.run.inputs.make_inputs` takes.
     ``calib`` (the same kinds of inputs) runs the model once to collect each conv's input-patch
     statistics, so that approximate rules fit on real activations (``fit=data``); ``calibration``
-    passes statistics already collected (:func:`convgraph.calibrate.calibrate`). With ``verify`` the result is
+    passes statistics already collected (:func:`convgraph.engine.calibrate.calibrate`). With ``verify`` the result is
     checked with onnxruntime against the original: exact rewrites must keep each node's output within
     1e-4 relative (else CheckFailed names the node); ``atol``/``rtol``/``min_cosine`` make the model
     outputs' tolerance a requirement (report.passed False when exceeded). ``probe`` measures the shapes
-    onnx's inference loses (:func:`convgraph.shapes.probe_shapes`), so that those convs get MACs too.
+    onnx's inference loses (:func:`convgraph.model.probe.probe_shapes`), so that those convs get MACs too.
     ``dry_run`` builds and splices as the real run does (so it selects exactly the same changes, a later rule
     seeing an earlier one's result, a conv whose fit fails skipped) but neither calibrates, checks, times nor
     returns the model.
@@ -385,7 +287,7 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
         numerics(original, model, report, checks, input_shapes, inputs, input_options or {}, atol, rtol, min_cosine,
                   provider)
     if bench and report.changes:
-        from .bench import bench as run_bench
+        from ..run.bench import bench as run_bench
 
         report.latency = run_bench([original, model], input_shapes=input_shapes, runs=bench_runs,
                                    threads=threads, provider=provider, names=["original", "rewritten"]).to_dict()

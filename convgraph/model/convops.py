@@ -46,7 +46,7 @@ def conv_op(data: dict) -> ConvOp | None:
 
 
 def classify(transposed: bool, kernel: tuple[int, ...], group: int, in_channels: int | None) -> str:
-    """The conv's kind (one of :data:`~convgraph.record.KINDS`)."""
+    """The conv's kind (one of :data:`~convgraph.model.record.KINDS`)."""
     if transposed:
         return "transposed"
     one = all(k == 1 for k in kernel)

@@ -4,7 +4,7 @@ Per output, over all samples: max/mean abs error, max relative error, cosine sim
 agreement for class scores, and the smallest atol/rtol that would have passed. An element fails only
 when its abs error exceeds atol AND its relative error exceeds rtol (polygraphy's rule); NaN always
 fails. Everything is computed in float64. ``localize=True`` compares the intermediate tensors the two
-models share and names the first candidate node whose output leaves tolerance (:mod:`convgraph.localize`).
+models share and names the first candidate node whose output leaves tolerance (:mod:`convgraph.engine.localize`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from . import runtime
-from .errors import ModelError
-from .graph import ConvGraph, load
-from .inputs import InputSpec, make_inputs, input_specs
-from .metrics import DEFAULT_ATOL, DEFAULT_RTOL, Accumulator, Metrics, Tolerance, compare  # noqa: F401 - re-exported
+from ..run import runtime
+from ..errors import ModelError, UsageError
+from ..model.graph import ConvGraph
+from ..model.loader import load
+from ..run.inputs import InputSpec, make_inputs, input_specs
+from ..run.metrics import Accumulator, Metrics, Tolerance
 from .localize import Localization, first_divergence
-from .progress import track
-from .record import REWRITES_KEY
+from ..progress import track
+from ..model.record import REWRITES_KEY
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -43,6 +44,15 @@ class VerifyReport:
     localization: Localization | None = None
     reference_evaluator: dict | None = None  # {"reference": {out: Metrics}, "candidate": {...}, "passed": bool}
     warnings: list[str] = field(default_factory=list)
+    sample_names: list[str] = field(default_factory=list)  # what to call each sample (image files, else index)
+    tensors: list[str] | None = None  # the tensors judged instead of the outputs (``--tensor``)
+
+    def sample_name(self, i: int | None) -> str:
+        return "?" if i is None else self.sample_names[i] if i < len(self.sample_names) else f"sample {i}"
+
+    def failing(self, m: Metrics) -> list[str]:
+        """The samples on which ``m``'s tensor is out of tolerance, by name."""
+        return [self.sample_name(i) for i in m.failed_samples]
 
     @property
     def verdict(self) -> str:
@@ -79,10 +89,7 @@ class VerifyReport:
         parts = []
         for n, m in self.outputs.items():
             if not m.passed and not m.inconclusive:
-                worst = f" (worst: sample {m.worst_sample})" if m.worst_sample is not None and m.samples > 1 else ""
-                detail = m.error or (f"max abs err {m.max_abs_err:.3g}, cosine {m.cosine:.6g}{worst}, "
-                                     f"{m.mismatches} of {m.elements} elements out" + (f", {m.nan} NaN" if m.nan else ""))
-                parts.append(f"{n} ({detail})")
+                parts.append(f"{n} ({m.error or self._failure(m)})")
         if self.reference_evaluator:
             parts += [f"{n} vs onnx.reference (max abs err {m.max_abs_err:.3g})"
                       for n, m in self.reference_evaluator["candidate"].items() if not m.passed and not m.inconclusive]
@@ -96,15 +103,32 @@ class VerifyReport:
                 text += f", first out of tolerance at the output of {shown}"
         return text
 
+    def _failure(self, m: Metrics) -> str:
+        """What failed in ``m``: the part that decided, the worst sample, the failing samples by name."""
+        where = f" in part {m.decided_by}" if m.decided_by else ""
+        worst = f" on {self.sample_name(m.worst_sample)}" if m.worst_sample is not None and m.samples > 1 else ""
+        bad = self.failing(m)
+        named = (f"; failing: {', '.join(bad[:5])}{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}"
+                 if bad and m.samples > 1 else "")
+        out = f", {m.mismatches} of {m.elements} elements out" if self.tolerance.elementwise else ""
+        text = (f"cosine {m.cosine:.6g}{where}{worst}, max abs err {m.max_abs_err:.3g}{out}"
+                if m.cosine == m.cosine else f"max abs err {m.max_abs_err:.3g}{out}")
+        return text + (f", {m.nan} NaN" if m.nan else "") + named
+
     def to_dict(self) -> dict:
         ev = None
         if self.reference_evaluator is not None:
             ev = {"passed": self.reference_evaluator["passed"],
                   **{k: {n: m.to_dict() for n, m in self.reference_evaluator[k].items()} for k in ("reference", "candidate")}}
+        outputs = {n: {**m.to_dict(), "failing_samples": self.failing(m),
+                       "worst_sample_name": None if m.worst_sample is None else self.sample_name(m.worst_sample)}
+                   for n, m in self.outputs.items()}
         return {
             "passed": self.passed,
             "verdict": self.verdict,
-            "outputs": {n: m.to_dict() for n, m in self.outputs.items()},
+            "outputs": outputs,
+            "tensors": self.tensors,
+            "sample_names": list(self.sample_names),
             "first_divergent_node": self.first_divergent_node,
             "first_divergent_origin": self.first_divergent_origin,
             "localization": self.localization.to_dict() if self.localization else None,
@@ -202,7 +226,7 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
            rtol: float | None = None, min_cosine: float | None = None, localize: bool = False,
            provider: str = "cpu", reference_evaluator: bool = False, tensor_map: Mapping[str, str] | None = None,
            seed: int = 0, threads: int | None = None, opt_level: str = "all", image_size=None, mean=None, std=None,
-           layout: str = "nchw", values=None) -> VerifyReport:
+           layout: str = "nchw", values=None, tensors: Sequence[str] | None = None) -> VerifyReport:
     """Run ``reference`` and ``candidate`` (path, bytes, ModelProto or ConvGraph) on the same inputs and
     compare their outputs.
 
@@ -214,6 +238,8 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
     or through ``tensor_map`` {candidate: reference}, by default the one the rewrite stored in the
     candidate's metadata). ``reference_evaluator``: also run ``onnx.reference.ReferenceEvaluator`` on
     the reference, so that an onnxruntime bug shared by both models cannot hide (small models only).
+    ``tensors``: judge these tensors (any present in both models, intermediate ones included) instead of
+    the outputs. Every output or tensor is judged part by part (:mod:`convgraph.run.metrics`).
     """
     tol = Tolerance.make(atol, rtol, min_cosine)
     run_opts = {"provider": provider, "threads": threads, "opt_level": opt_level}
@@ -231,24 +257,30 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
     notes = list(dict.fromkeys(str(w.message) for w in caught))
     check_compatible(ref_cg, cand_cg)
     out_names = _io(ref_cg, "output")
+    if tensors:
+        out_names = list(dict.fromkeys(tensors))
+        for which, model in (("reference", ref_model), ("candidate", cand_model)):
+            missing = [t for t in out_names if t not in _produced(model)]
+            if missing:
+                raise UsageError(f"--tensor {missing[0]!r}: no such tensor in the {which} model")
+        ref_model = runtime.expose_tensors(ref_model, out_names, ref_cg.shapes)
+        cand_model = runtime.expose_tensors(cand_model, out_names, cand_cg.shapes)
 
     rs, cs = runtime.create_session(ref_model, **run_opts), runtime.create_session(cand_model, **run_opts)
     evaluator = _evaluator(ref_model) if reference_evaluator else None
     accs = {n: Accumulator(n, tol) for n in out_names}
     ev_accs = {k: {n: Accumulator(n, tol) for n in out_names} for k in ("reference", "candidate")} if evaluator else None
-    first_bad: int | None = None
     for i in track(range(len(data)), "comparing outputs"):
         sample = data[i]
         ref_out = dict(zip(out_names, runtime.run(rs, _cast_feeds(sample, ref_specs), out_names)))
         cand_out = dict(zip(out_names, runtime.run(cs, _cast_feeds(sample, cand_specs), out_names)))
-        ok = all([accs[n].update(ref_out[n], cand_out[n]) for n in out_names])
+        for n in out_names:
+            accs[n].update(ref_out[n], cand_out[n])
         if evaluator is not None:
             ev_out = _evaluate(evaluator, _cast_feeds(sample, ref_specs), out_names)
             for n in out_names:
                 ev_accs["reference"][n].update(ev_out[n], ref_out[n])
-                ok &= ev_accs["candidate"][n].update(ev_out[n], cand_out[n])
-        if not ok and first_bad is None:
-            first_bad = i
+                ev_accs["candidate"][n].update(ev_out[n], cand_out[n])
     del rs, cs
     outputs = {n: a.result() for n, a in accs.items()}
     ev = None
@@ -257,7 +289,11 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
         ev["passed"] = all(m.passed for m in ev["candidate"].values())
     passed = all(m.passed for m in outputs.values()) and (ev is None or ev["passed"])
     report = VerifyReport(passed=passed, outputs=outputs, tolerance=tol, samples=len(data), inputs=data.describe,
-                          provider=provider, reference_evaluator=ev, warnings=notes)
+                          provider=provider, reference_evaluator=ev, warnings=notes, sample_names=data.names,
+                          tensors=list(out_names) if tensors else None)
+    failed = sorted({i for m in [*outputs.values(), *((ev or {}).get("candidate") or {}).values()]
+                     for i in m.failed_samples})
+    first_bad = failed[0] if failed else None
     if localize:
         record = rewrite_record(cand_model)
         tmap = dict(tensor_map) if tensor_map is not None else dict((record or {}).get("tensor_map") or {})
@@ -271,6 +307,12 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
             report.warnings.append(f"no shared intermediate tensor left tolerance on sample {k}; the outputs "
                                    f"diverge through tensors only the candidate has")
     return report
+
+
+def _produced(model: onnx.ModelProto) -> set[str]:
+    """The main graph's tensors: its inputs, initializers and node outputs."""
+    g = model.graph
+    return {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
 
 
 def _evaluator(model: onnx.ModelProto):

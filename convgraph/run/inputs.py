@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import ConvGraphWarning, ModelError, UsageError
+from ..errors import ConvGraphWarning, ModelError, UsageError
 
 #: One input array may take at most this many bytes; more is refused as absurd (a clear error, no MemoryError).
 MAX_INPUT_BYTES = 2**31
@@ -123,10 +123,13 @@ def random_array(rng: np.random.Generator, shape: Sequence[int], dtype: np.dtype
 
 
 class InputSet(Sequence):
-    """A lazy sequence of samples (dicts name → array); ``describe`` says where they come from."""
+    """A lazy sequence of samples (dicts name → array); ``describe`` says where they come from, ``names``
+    what to call each sample in a report (its image files, else its index)."""
 
-    def __init__(self, count: int, make: Callable[[int], Sample], describe: str, specs: list[InputSpec]):
+    def __init__(self, count: int, make: Callable[[int], Sample], describe: str, specs: list[InputSpec],
+                 names: Sequence[str] | None = None):
         self._count, self._make, self.describe, self.specs = count, make, describe, specs
+        self.names = list(names) if names is not None else [f"sample {i}" for i in range(count)]
 
     def __len__(self) -> int:
         return self._count
@@ -158,7 +161,7 @@ def image_layout(shape: Sequence[int], dtype: np.dtype) -> str | None:
 def random_inputs(specs: list[InputSpec], *, samples: int = 1, seed: int = 0,
                   input_shapes: Mapping[str, Sequence[int]] | None = None, mean=None, std=None) -> InputSet:
     """``samples`` generated input sets; sample ``i`` depends only on ``(seed, i)``. Inputs that look like
-    images (:func:`image_layout`) get image-like pictures (:mod:`convgraph.synthetic`) in [0, 1] (uint8:
+    images (:func:`image_layout`) get image-like pictures (:mod:`convgraph.run.synthetic`) in [0, 1] (uint8:
     0–255), then ``(x - mean) / std`` per channel when given; others random values of their dtype."""
     from .synthetic import natural_image
 
@@ -401,7 +404,7 @@ def image_inputs(folder, specs: list[InputSpec], *, image_size: Sequence[int] | 
         return {spec.name: np.ascontiguousarray(batch_arr.astype(spec.dtype))}
 
     return InputSet(count, make, f"{count} sample{'s' * (count != 1)} of {batch} image{'s' * (batch != 1)} from {folder}",
-                    specs)
+                    specs, ["+".join(p.name for p in files[i * batch:(i + 1) * batch]) for i in range(count)])
 
 
 # ---- one entry point ------------------------------------------------------------------------------
@@ -432,7 +435,7 @@ def make_inputs(model_or_specs, inputs=None, *, samples: int | None = None, seed
         base = make_inputs(specs, inputs, samples=samples, seed=seed, image_size=image_size, mean=mean, std=std,
                            layout=layout, input_shapes={**{k: v.shape for k, v in fixed.items()}, **(input_shapes or {})})
         return InputSet(len(base), lambda i: {**base[i], **fixed},
-                        f"{base.describe}; {', '.join(fixed)} fixed by --input-value", specs)
+                        f"{base.describe}; {', '.join(fixed)} fixed by --input-value", specs, base.names)
     if samples is not None and samples < 1:
         raise UsageError(f"--samples must be at least 1, got {samples}")
     _check_names(specs, input_shapes)

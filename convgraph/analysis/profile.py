@@ -41,11 +41,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import runtime
-from .analyze import Analysis, conv_op
-from .errors import ModelError, UsageError
-from .graph import ConvGraph
-from .inputs import make_inputs
+from ..run import runtime
+from .analyze import Analysis
+from ..model.convops import conv_op
+from ..errors import ModelError, UsageError
+from ..model.graph import ConvGraph
+from ..run.inputs import make_inputs
 
 #: Domains of onnxruntime's layout nodes and of its fused convs.
 NCHWC = "com.microsoft.nchwc"
@@ -141,7 +142,7 @@ def _named_model(cg: ConvGraph) -> tuple[onnx.ModelProto, dict[str, tuple[ConvGr
 def _run(model: onnx.ModelProto, feeds_list, *, provider: str, threads: int | None, opt_level: str, warmup: int,
          runs: int, folder: Path) -> tuple[list[dict], onnx.GraphProto]:
     """Run with onnxruntime's profiler on; the trace's events and the optimized graph (files in ``folder``)."""
-    from .bench import _runner  # one complete run: IO binding and a sync on CUDA
+    from ..run.bench import _runner  # one complete run: IO binding and a sync on CUDA
 
     optimized = folder / "optimized.onnx"
     options = {"enable_profiling": True, "profile_file_prefix": str(folder / "trace"),
@@ -332,10 +333,10 @@ def profile(cg: ConvGraph, inputs=None, *, input_shapes: Mapping[str, Sequence[i
             warmup: int = 3, input_options: Mapping[str, Any] | None = None) -> Profile:
     """Run ``cg``'s model ``warmup`` + ``runs`` times under onnxruntime's profiler and time each conv.
 
-    ``inputs`` as :func:`convgraph.inputs.make_inputs` takes them (None: random, seeded), cycled through
+    ``inputs`` as :func:`convgraph.run.inputs.make_inputs` takes them (None: random, seeded), cycled through
     the runs. Nothing is left on disk: the trace and the optimized model live in a temporary folder.
     """
-    from .bench import checked_runs
+    from ..run.bench import checked_runs
 
     provider = provider.lower()
     warmup = checked_runs(runs, warmup, provider)
@@ -425,7 +426,7 @@ def saved_ms(time_ms: float | None, macs: int | None, macs_after: int | None) ->
 def change_estimates(cg: ConvGraph, changes, **kwargs) -> tuple[Profile, list[dict[str, Any]]]:
     """Profile ``cg`` (kwargs as :func:`profile`) and estimate each rewrite change's time saved.
 
-    ``changes``: :class:`convgraph.rewrite.Change` items (node label, graph, MACs before and after). Returns
+    ``changes``: :class:`convgraph.engine.rewrite_report.Change` items (node label, graph, MACs before and after). Returns
     the profile and, per change, ``{"node", "rule", "time_ms", "saved_ms_estimate"}``.
     """
     prof = profile(cg, **kwargs)
@@ -468,7 +469,7 @@ def plot(analysis: Analysis, path, top: int = 20) -> None:
     plt = pyplot()
     import io as _io
 
-    from .io import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     if analysis.profile is None:
         raise UsageError("--plot draws measured times: profile the model first (--profile)")

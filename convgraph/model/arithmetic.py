@@ -2,7 +2,7 @@
 
 Per spatial dim: input size ``i``, kernel ``k``, stride ``s``, dilation ``d``, pads ``p_b``/``p_e``.
 Sizes may be unknown (``None`` or a symbolic name): results that depend on them are ``None``. The output
-sizes also take :class:`~convgraph.expr.Expr` sizes (dims left dynamic) and give Exprs; MAC counts stay
+sizes also take :class:`~convgraph.model.expr.Expr` sizes (dims left dynamic) and give Exprs; MAC counts stay
 ints (:func:`elements` is the symbolic count).
 ``pads`` are ONNX order: all begins, then all ends.
 """
@@ -27,7 +27,7 @@ def known(d) -> bool:
 
 
 def sized(d) -> bool:
-    """A concrete or symbolic size (an int or an :class:`~convgraph.expr.Expr`), not unknown."""
+    """A concrete or symbolic size (an int or an :class:`~convgraph.model.expr.Expr`), not unknown."""
     return type(d) is int or isinstance(d, Expr) or known(d)
 
 

@@ -1,7 +1,7 @@
 """ConvGraph: a lossless ONNX model ⇄ networkx.MultiDiGraph view, with subgraphs and inferred shapes.
 
-The shapes themselves (input shapes, onnx's inference, shapes measured with onnxruntime) live in
-:mod:`convgraph.shapes`; the names other modules import from here are re-exported.
+The shapes themselves live in :mod:`convgraph.model.shapes` (input shapes, onnx's inference) and
+:mod:`convgraph.model.probe` (shapes measured with onnxruntime); :mod:`convgraph.model.loader` builds a ConvGraph from a model.
 
 Nodes of ``ConvGraph.graph``:
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import warnings
 from operator import itemgetter
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -35,13 +34,9 @@ import networkx as nx
 import onnx
 from onnx import helper
 
-from .errors import ConvGraphWarning, ModelError, UsageError  # noqa: F401 - the warning lived here
-from . import io as _io
-from .io import read_model, write_model
-from .shapes import (  # TensorInfo, parse_input_shape and real_inputs lived here: still importable from here
-    TensorInfo, _checked_input_shapes, _sub_protos, _collect_shapes, _dynamic_inputs, _dynamic_warning, _fixed_inputs, _infer,
-    _undecided_warning, checked_input_values, parse_input_shape, probe_shapes, real_inputs, refresh_edges,
-)
+from ..errors import ModelError, UsageError
+from ..io import write_model
+from .shapes import TensorInfo, _sub_protos
 
 _A = onnx.AttributeProto
 
@@ -85,12 +80,12 @@ class ConvGraph:
         self.owner = owner  # id of the If/Loop/Scan node in ``parent`` this body belongs to
         self.graph = nx.MultiDiGraph()
         self.shapes: dict[str, TensorInfo] = {}
-        self.measured: set[str] = set()  # tensors whose shapes convgraph.shapes.probe_shapes measured
+        self.measured: set[str] = set()  # tensors whose shapes convgraph.model.probe.probe_shapes measured
         self.warnings: list[str] = []
         self.input_shapes: dict[str, list] = {}
         self.input_values: dict = {}  # input name → the numpy array the user fixed (--input-value)
         self.symbols: dict[str, dict] = {}  # main graph: identifier → {"input", "axis"} of each dynamic dim
-        self.undecided: list = []  # main graph: (graph path, If node, inputs read) of Ifs with unknown conditions
+        self.undecided: list = []  # main graph: (graph path, If node, inputs whose values / shape alone it reads)
         self.taken: bool | None = None  # an If branch: taken (True), not taken (False), or unknown
         self.source_dir: Path | None = None
         self._producer: dict[str, str] = {}
@@ -268,7 +263,7 @@ class ConvGraph:
         return info.shape if info else None
 
     def shape_measured(self, tensor: str) -> bool:
-        """Whether the shape of ``tensor`` was measured by running the model (:func:`~convgraph.shapes.probe_shapes`)
+        """Whether the shape of ``tensor`` was measured by running the model (:func:`~convgraph.model.probe.probe_shapes`)
         rather than inferred (looked up in enclosing graphs for outer captures)."""
         if tensor in self.measured:
             return True
@@ -570,6 +565,16 @@ class ConvGraph:
         return m
 
 
+def refresh_edges(cg: "ConvGraph") -> None:
+    """Set every edge's ``info`` of ``cg`` (not its bodies) from ``cg.shapes``."""
+    shapes, info = cg.shapes, cg.shape_info
+    for nbrs in cg.graph._succ.values():  # every edge's data dict, without networkx's per-edge view tuples
+        for keys in nbrs.values():
+            for d in keys.values():
+                t = d["tensor"]
+                d["info"] = shapes[t] if t in shapes else info(t)
+
+
 def _with_subgraphs(node: onnx.NodeProto, subs: dict[str, ConvGraph]) -> onnx.NodeProto:
     n = onnx.NodeProto()
     n.CopyFrom(node)
@@ -580,47 +585,6 @@ def _with_subgraphs(node: onnx.NodeProto, subs: dict[str, ConvGraph]) -> onnx.No
             for j in range(len(a.graphs)):
                 a.graphs[j].CopyFrom(subs[f"{a.name}[{j}]"].to_graph())
     return n
-
-
-def load(source, input_shapes: "dict[str, list[int]] | None" = None, *, check: bool = True,
-         probe: bool = False, input_values: "dict | None" = None) -> ConvGraph:
-    """Load a model (path, bytes or ModelProto) into a :class:`ConvGraph` with shapes inferred.
-
-    ``input_shapes`` fixes dynamic input dims (``{"x": [1, 3, 640, 640]}``) for inference only: the
-    model itself keeps its dims. Dynamic dims left unset are named in a :class:`ConvGraphWarning`
-    (also kept in ``ConvGraph.warnings``), as is a failure of strict shape inference.
-    ``probe``: measure the main-graph shapes onnx's inference could not follow by running the model
-    once on generated inputs (:func:`convgraph.shapes.probe_shapes`: needs onnxruntime and concrete input
-    shapes; nothing runs when every shape is known). The measured tensors are in ``ConvGraph.measured``.
-    ``input_values``: input name → values (``{"sr": 16000}``, ``--input-value``): the analysis uses them
-    (shape arithmetic, If conditions) and so do the inputs ``probe`` feeds.
-
-    Shapes come from onnx's inference completed by :func:`convgraph.propagate.propagate`: dims left
-    dynamic are symbols (``ConvGraph.symbols``) and the shapes that depend on them
-    :class:`~convgraph.expr.Expr` formulas; ``input_shapes`` may name symbols too (``["N", 3, "H", "W"]``).
-    """
-    shapes = _checked_input_shapes(input_shapes)
-    with gc_paused():
-        cg = _load(source, shapes, check, input_values)
-        if probe:
-            probe_shapes(cg)
-    for w in cg.warnings:
-        warnings.warn(w, ConvGraphWarning, stacklevel=2)
-    return cg
-
-
-def _incomplete(cg: ConvGraph) -> bool:
-    """Whether some tensor an op makes lacks a static shape, or the graph has bodies (If/Loop/Scan)."""
-    shapes = cg.shapes
-    for d in cg.graph._node.values():
-        if d["kind"] == "op":
-            if d["subgraphs"]:
-                return True
-            for t in d["proto"].output:
-                info = shapes.get(t)
-                if t and (info is None or not info.static):
-                    return True
-    return False
 
 
 @contextlib.contextmanager
@@ -645,41 +609,10 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _load(source, shapes: dict[str, list[int]], check: bool, input_values=None) -> ConvGraph:
-    from .propagate import propagate
-
-    model, origin = read_model(source, check=check)
-    values = checked_input_values(model, input_values, shapes)
-    shapes = {**{k: list(v.shape) for k, v in values.items()}, **shapes}
-    # a model over 2 GB is inferred from its skeleton: the model before its external data was read
-    big = origin.skeleton is not None and origin.size > _io.PROTOBUF_LIMIT
-    fixed = _fixed_inputs(origin.skeleton if big else model, shapes)  # a bad --input-shape fails before the build
-    cg = ConvGraph(model.graph, model)
-    cg.source_dir = origin.folder
-    cg.input_shapes = shapes
-    inferred, warn = _infer(fixed, None if big else origin.size, origin.data if fixed is model else None)
-    if warn:
-        cg.warnings.append(warn)
-    _collect_shapes(cg, inferred.graph)
-    cg.input_values = values
-    if values or _incomplete(cg):
-        propagate(cg, values)
-    else:  # onnx's inference knew every shape and there is no body to enter: nothing to propagate
-        refresh_edges(cg)
-    dynamic = [(t, s) for t, s in _dynamic_inputs(inferred.graph) if t not in shapes]  # names given: on purpose
-    if dynamic:
-        cg.warnings.append(_dynamic_warning(dynamic, cg.symbols))
-    undecided = _undecided_warning(cg)
-    if undecided:
-        cg.warnings.append(undecided)
-    return cg
-
-
 def save(graph_or_model, path, *, input_path=None, in_place: bool = False) -> Path:
     """Write a ConvGraph or ModelProto atomically (external data beside it above 2 GB)."""
     model = graph_or_model.to_model() if isinstance(graph_or_model, ConvGraph) else graph_or_model
     return write_model(model, path, input_path=input_path, in_place=in_place)
 
 
-__all__ = ["ConvGraph", "ConvGraphWarning", "TensorInfo", "free_names", "gc_paused", "load", "parse_input_shape",
-           "probe_shapes", "real_inputs", "save"]
+__all__ = ["ConvGraph", "free_names", "gc_paused", "refresh_edges", "save"]

@@ -6,6 +6,13 @@ figure in which strong samples hide weak ones. A reference sample that says noth
 the tolerance, constant, or saturated) cannot show a difference: it is left out of the per-sample
 figures, and a tensor with no informative sample is *inconclusive* — never a pass — unless the candidate
 is bitwise identical. Everything is computed in float64.
+
+Every part of an output counts: an output that concatenates parts of very different scale (a detector's box
+coordinates in pixels beside class scores in [0, 1]) is split along its part axis (the smallest axis after the
+batch axis) where the reference's slices on one side are all :data:`PART_GAP` times larger than on the other,
+on every informative sample; each part is judged alone and a sample's figure is its worst part's, so scores a
+hundred times smaller than the boxes beside them cannot hide in the tensor's cosine. Parts whose reference
+says nothing on a sample are left out there, and named.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
@@ -27,6 +34,12 @@ CONSTANT_SPREAD = 1e-6
 #: ... or with at least this share of its elements at its extreme value (saturated), counted from
 SATURATED_SHARE = 0.999
 SATURATED_MIN_ELEMENTS = 1000
+#: Parts: slices along the part axis (2..PART_AXIS_MAX of them, each of at least PART_MIN_ELEMENTS elements
+#: per sample) form separate parts where every slice on one side of a split has PART_GAP times the RMS of every
+#: slice on the other, on every informative sample (YOLOv8n: boxes' ~1e2 against class scores' <= 5e-2).
+PART_GAP = 30.0
+PART_AXIS_MAX = 1024
+PART_MIN_ELEMENTS = 16
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,24 @@ class Tolerance:
 
 
 @dataclass
+class Part:
+    """One part of a tensor judged alone: the slices ``start:stop`` along ``axis`` (see the module doc)."""
+
+    name: str  # the tensor's name with the slice, e.g. ``output0[:, 4:22]``
+    axis: int
+    start: int
+    stop: int
+    cosine: float = 1.0  # the worst informative sample's
+    snr_db: float = math.inf
+    worst_sample: int | None = None
+    max_abs_err: float = 0.0
+    scaled_err: float = 0.0  # max abs error / max |reference| within the part
+    sample_cosine: list = field(default_factory=list)  # per sample; None where the part's reference says nothing
+    degenerate_samples: list = field(default_factory=list)
+    degenerate_reason: str | None = None
+
+
+@dataclass
 class Metrics:
     """Differences between a reference tensor and a candidate tensor, over all samples compared."""
 
@@ -74,7 +105,7 @@ class Metrics:
     max_rel_err: float = 0.0
     mean_abs_err: float = 0.0
     max_abs_ref: float = 0.0  # largest |reference| element: the scale for scaled_err
-    scaled_err: float = 0.0  # max_abs_err / max_abs_ref: the "relative error" of exact-rewrite checks
+    scaled_err: float = 0.0  # max_abs_err / max_abs_ref (the worst part's): the "relative error" of exact checks
     cosine: float = 1.0
     snr_db: float = math.inf
     nan: int = 0  # elements that are NaN in either model (always failures)
@@ -94,6 +125,12 @@ class Metrics:
     degenerate_samples: list = field(default_factory=list)  # samples whose reference says nothing
     degenerate_reason: str | None = None  # why, for the first of them
     inconclusive: bool = False  # no informative sample, and the candidate is not identical
+    # parts of very different scale, each judged alone (empty: the tensor is one part); a sample's cosine and
+    # SNR above are then its worst informative part's
+    parts: list[Part] = field(default_factory=list)
+    decided_by: str | None = None  # the part whose worst sample gave ``cosine``
+    failed_samples: list = field(default_factory=list)  # samples out of tolerance (NaN, elements, cosine)
+    note: str | None = None  # e.g. why a cosine means nothing here
 
     @property
     def verdict(self) -> str:
@@ -118,16 +155,22 @@ def degenerate(ref: np.ndarray, tiny: float = TINY) -> str | None:
     if r.size == 0:
         return "no finite value"
     lo, hi = float(r.min()), float(r.max())
+    return _degenerate(lo, hi, r.size, int(np.count_nonzero(r == lo)), int(np.count_nonzero(r == hi)), tiny)
+
+
+def _degenerate(lo: float, hi: float, n: int, n_lo: int, n_hi: int, tiny: float) -> str | None:
+    """:func:`degenerate` from a tensor's finite minimum, maximum, count and the counts at both extremes."""
+    if n == 0:
+        return "no finite value"
     top = max(abs(lo), abs(hi))
     if top <= tiny:
         return f"every value within {tiny:g} of 0 (largest |value| {top:.3g})"
-    if r.size > 1 and hi - lo <= CONSTANT_SPREAD * top:
+    if n > 1 and hi - lo <= CONSTANT_SPREAD * top:
         return f"constant ({hi:.6g})"
-    if r.size >= SATURATED_MIN_ELEMENTS:
-        for v in (lo, hi):
-            share = np.count_nonzero(r == v) / r.size
-            if share >= SATURATED_SHARE:
-                return f"saturated ({share:.2%} of the values are {v:.6g})"
+    if n >= SATURATED_MIN_ELEMENTS:
+        for v, k in ((lo, n_lo), (hi, n_hi)):
+            if k / n >= SATURATED_SHARE:
+                return f"saturated ({k / n:.2%} of the values are {v:.6g})"
     return None
 
 
@@ -146,7 +189,10 @@ def _snr(rr: float, noise: float) -> float:
 
 
 class Accumulator:
-    """Folds (reference, candidate) pairs of one tensor into :class:`Metrics`, sample by sample."""
+    """Folds (reference, candidate) pairs of one tensor into :class:`Metrics`, sample by sample.
+
+    :meth:`update` says at once whether a sample is within tolerance as one whole tensor; the parts (see the
+    module doc) are only known once every sample is in, so :meth:`result` gives the verdict that counts."""
 
     def __init__(self, name: str, tol: Tolerance):
         self.m, self.tol = Metrics(name), tol
@@ -157,25 +203,33 @@ class Accumulator:
         self._rows = self._top1 = 0
         self._topk = 0.0
         self._identical = True
+        self._elementwise_fail: list[bool] = []  # per sample: NaN or elements outside atol/rtol
+        self._axis: int | None = None  # the part axis, from the first sample's shape
+        self._slices: list[np.ndarray | None] = []  # per sample: per-slice sums (see _slice_stats)
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> bool:
-        """Add one sample; True when it is within tolerance (a degenerate sample counts as within)."""
+        """Add one sample; True when it is within tolerance as one whole tensor (a degenerate sample counts
+        as within). The verdict that counts, part by part, is :meth:`result`'s."""
         m, tol = self.m, self.tol
         ref, cand = np.asarray(ref), np.asarray(cand)
         index = m.samples
         if m.samples == 0:
             m.shape, m.dtype = tuple(ref.shape), ref.dtype.name if ref.dtype == cand.dtype else f"{ref.dtype.name}/{cand.dtype.name}"
+            self._axis = part_axis(ref.shape)
         m.samples += 1
         if ref.shape != cand.shape:
             m.error = f"shape {list(cand.shape)} in the candidate, {list(ref.shape)} in the reference"
             m.passed = self._identical = False
-            return False
+            return self._sample(False, None, None)
         if ref.dtype.kind not in "fiubc" or cand.dtype.kind not in "fiubc":
             m.error = f"non-numeric tensor ({ref.dtype.name}); compared for equality"
             ok = bool(np.array_equal(ref, cand))
-            m.passed &= ok
             self._identical &= ok
-            return ok
+            return self._sample(not ok, None, None)
+        if self._axis is not None and ref.shape == m.shape and ref.dtype.kind == "f":
+            self._slices.append(_slice_stats(ref, cand, self._axis))
+        else:
+            self._slices.append(None)
         r, c = ref.astype(np.float64, copy=False).ravel(), cand.astype(np.float64, copy=False).ravel()
         m.elements += r.size
         finite_ref = r[np.isfinite(r)]
@@ -186,14 +240,14 @@ class Accumulator:
         if why is not None:
             m.degenerate_samples.append(index)
             m.degenerate_reason = m.degenerate_reason or why
+        one = r.size == 1  # a cosine of one element is ±1 whatever the error: judged elementwise instead
         if ref.dtype == cand.dtype and np.array_equal(ref, cand):  # identical, NaN-free: the common case
             rr = float(r @ r)
             if math.isfinite(rr):
                 self._finite += r.size
                 self._dot, self._rr, self._cc = self._dot + rr, self._rr + rr, self._cc + rr
-                m.sample_cosine.append(None if why else 1.0)
-                m.sample_snr_db.append(None if why else math.inf)
-                return True
+                informative = not why and not one
+                return self._sample(False, 1.0 if informative else None, math.inf if informative else None)
         self._identical = False
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             d = c - r
@@ -207,13 +261,15 @@ class Accumulator:
                 rel[np.isinf(absdiff)] = np.inf
         nan = np.isnan(absdiff) if not finite_all else None  # NaN in either model
         nan_count = int(np.count_nonzero(nan)) if nan is not None else 0
-        bad = (absdiff > tol.atol) & (rel > tol.rtol)
+        # one element and only a cosine asked: the default atol/rtol judge it
+        atol, rtol = (tol.atol, tol.rtol) if tol.elementwise or not one else (DEFAULT_ATOL, DEFAULT_RTOL)
+        bad = (absdiff > atol) & (rel > rtol)
         if nan_count:
             bad |= nan
         mism = int(np.count_nonzero(bad))
         m.nan += nan_count
         m.mismatches += mism
-        fails = mism > 0 if tol.elementwise else nan_count > 0
+        fails = mism > 0 if tol.elementwise or one else nan_count > 0
         a, rv = (absdiff, rel) if not nan_count else (absdiff[~nan], rel[~nan])
         if a.size:
             m.max_abs_err = max(m.max_abs_err, float(a.max()))
@@ -229,14 +285,19 @@ class Accumulator:
         self._finite += r.size
         dot, rr, cc, noise = float(r @ c), float(r @ r), float(c @ c), float(d @ d)
         self._dot, self._rr, self._cc, self._noise = self._dot + dot, self._rr + rr, self._cc + cc, self._noise + noise
-        cos = None if why or not r.size else cosine(dot, rr, cc)
-        m.sample_cosine.append(cos)
-        m.sample_snr_db.append(None if why or not r.size else _snr(rr, noise))
-        if cos is not None and tol.min_cosine is not None and not cos >= tol.min_cosine:
-            fails = True
-        ok = not fails
-        m.passed &= ok
-        return ok
+        informative = not why and r.size and not one
+        return self._sample(fails, cosine(dot, rr, cc) if informative else None,
+                            _snr(rr, noise) if informative else None)
+
+    def _sample(self, fails: bool, cos: float | None, snr: float | None) -> bool:
+        """Record one sample's elementwise failure and whole-tensor figures; True when it passes as a whole."""
+        self._elementwise_fail.append(fails)
+        self.m.sample_cosine.append(cos)
+        self.m.sample_snr_db.append(snr)
+        if len(self._slices) < len(self._elementwise_fail):
+            self._slices.append(None)
+        low = cos is not None and self.tol.min_cosine is not None and not cos >= self.tol.min_cosine
+        return not fails and not low
 
     def _update_topk(self, ref: np.ndarray, cand: np.ndarray) -> None:
         shape = list(ref.shape)
@@ -258,6 +319,7 @@ class Accumulator:
         m = self.m
         if m.error is not None and m.elements == 0:
             m.cosine, m.snr_db, m.pooled_cosine = math.nan, math.nan, math.nan
+            m.passed, m.failed_samples = False, list(range(m.samples))
             return m
         valid = m.elements - m.nan
         m.scaled_err = m.max_abs_err / m.max_abs_ref if m.max_abs_ref else (0.0 if m.max_abs_err == 0 else math.inf)
@@ -268,21 +330,151 @@ class Accumulator:
             m.pooled_cosine = 1.0  # identical: no rounding in the ratio
         else:
             m.pooled_cosine = cosine(self._dot, self._rr, self._cc)
+        self._judge_parts()
         judged = [(v, i) for i, v in enumerate(m.sample_cosine) if v is not None]
+        scalar = m.shape is not None and math.prod(m.shape) == 1
         if judged:  # the worst informative sample counts
             m.cosine, m.worst_sample = min(judged)
             m.snr_db = min(v for v in m.sample_snr_db if v is not None)
+            if m.parts:
+                m.decided_by = min((p for p in m.parts if p.worst_sample is not None), key=lambda p: p.cosine).name
+        elif scalar:
+            m.cosine, m.snr_db = math.nan, math.nan
+            atol, rtol = (self.tol.atol, self.tol.rtol) if self.tol.elementwise else (DEFAULT_ATOL, DEFAULT_RTOL)
+            m.note = f"one element: a cosine means nothing there; judged by atol {atol:g}, rtol {rtol:g}"
         else:  # nothing informative: the pooled figures, for information only
             m.cosine = m.pooled_cosine
             m.snr_db = _snr(self._rr, self._noise)
-            if m.error is None and not self._identical and m.samples:
-                m.inconclusive = m.passed  # a failure seen stays a failure
-                m.passed = False
+        low = self.tol.min_cosine
+        m.failed_samples = [i for i, (bad, cos) in enumerate(zip(self._elementwise_fail, m.sample_cosine))
+                            if bad or (low is not None and cos is not None and not cos >= low)]
+        m.passed = not m.failed_samples and not m.nan
+        if not judged and not scalar and m.error is None and not self._identical and m.samples:
+            m.inconclusive = m.passed  # a failure seen stays a failure
+            m.passed = False
         if self._rows:
             m.top1, m.topk = self._top1 / self._rows, self._topk / self._rows
-        if m.nan:
-            m.passed = False
         return m
+
+    def _judge_parts(self) -> None:
+        """Split the tensor into parts (module doc) and make each sample's figures its worst part's."""
+        m = self.m
+        stats = self._slices
+        if self._axis is None or any(s is None for s in stats) or not stats:
+            return
+        st = np.stack(stats)  # samples × fields × slices
+        informative = [i for i in range(m.samples) if i not in m.degenerate_samples]
+        bounds = split_parts(st[informative, _RR] / np.maximum(st[informative, _N], 1))
+        if len(bounds) < 2:
+            return
+        m.parts = [self._part(st, a, b) for a, b in bounds]
+        m.scaled_err = max((p.scaled_err for p in m.parts if p.worst_sample is not None), default=m.scaled_err)
+        m.degenerate_samples, m.degenerate_reason = [], None
+        for i in range(m.samples):
+            judged = [p for p in m.parts if p.sample_cosine[i] is not None]
+            if judged:
+                worst = min(judged, key=lambda p: p.sample_cosine[i])
+                m.sample_cosine[i] = worst.sample_cosine[i]
+                m.sample_snr_db[i] = min(_part_snr(st[i, :, p.start:p.stop]) for p in judged)
+            else:
+                m.sample_cosine[i] = m.sample_snr_db[i] = None
+                m.degenerate_samples.append(i)
+                m.degenerate_reason = m.degenerate_reason or next(
+                    p.degenerate_reason for p in m.parts if p.degenerate_reason)
+
+    def _part(self, st: np.ndarray, a: int, b: int) -> Part:
+        axis = self._axis or 0
+        index = ", ".join([":"] * axis + [f"{a}:{b}"])
+        p = Part(f"{self.m.name}[{index}]", axis, a, b)
+        s = st[:, :, a:b]
+        max_ref = float(s[:, _TOP].max())
+        for i in range(s.shape[0]):
+            x = s[i]
+            lo, hi = float(x[_LO].min()), float(x[_HI].max())
+            why = _degenerate(lo, hi, int(x[_N].sum()), int(x[_NLO][x[_LO] == lo].sum()),
+                              int(x[_NHI][x[_HI] == hi].sum()), self.tiny)
+            if why:
+                p.degenerate_samples.append(i)
+                p.degenerate_reason = p.degenerate_reason or why
+                p.sample_cosine.append(None)
+                continue
+            rr, dot, cc, noise = (float(x[f].sum()) for f in (_RR, _DOT, _CC, _NOISE))
+            p.sample_cosine.append(1.0 if noise == 0 else cosine(dot, rr, cc))
+        judged = [(v, i) for i, v in enumerate(p.sample_cosine) if v is not None]
+        if judged:
+            p.cosine, p.worst_sample = min(judged)
+            p.snr_db = min(_part_snr(st[i, :, a:b]) for _, i in judged)
+        err = p.max_abs_err = float(s[:, _ERR].max())
+        p.scaled_err = err / max_ref if max_ref else (0.0 if err == 0 else math.inf)
+        return p
+
+
+# the per-slice sums kept per sample (rows of _slice_stats' result)
+_RR, _DOT, _CC, _NOISE, _ERR, _TOP, _LO, _HI, _NLO, _NHI, _N = range(11)
+
+
+def part_axis(shape) -> int | None:
+    """The axis a tensor of ``shape`` may be split into parts along: the smallest after the batch axis (the
+    first of equals), when it has 2..PART_AXIS_MAX slices of PART_MIN_ELEMENTS elements or more; else None."""
+    if len(shape) < 2 or not all(isinstance(d, int) for d in shape):
+        return None
+    axis = min(range(1, len(shape)), key=lambda a: shape[a])
+    n = shape[axis]
+    if not 2 <= n <= PART_AXIS_MAX or math.prod(shape) // n < PART_MIN_ELEMENTS:
+        return None
+    return axis
+
+
+def _slice_stats(ref: np.ndarray, cand: np.ndarray, axis: int) -> np.ndarray:
+    """Per slice along ``axis``: Σr², Σrc, Σc², Σ(c−r)², max|c−r|, max|r|, min r, max r, the counts at both
+    extremes and the finite count (non-finite elements left out), as an array fields × slices."""
+    n = ref.shape[axis]
+    r = np.moveaxis(ref, axis, 0).reshape(n, -1).astype(np.float64)
+    c = np.moveaxis(cand, axis, 0).reshape(n, -1).astype(np.float64)
+    ok_r = np.isfinite(r)
+    ok = ok_r & np.isfinite(c)
+    r0, c0 = np.where(ok, r, 0.0), np.where(ok, c, 0.0)
+    d = c0 - r0
+    lo = np.where(ok_r, r, np.inf).min(1)
+    hi = np.where(ok_r, r, -np.inf).max(1)
+    out = np.empty((11, n))
+    out[_RR], out[_DOT], out[_CC], out[_NOISE] = (r0 * r0).sum(1), (r0 * c0).sum(1), (c0 * c0).sum(1), (d * d).sum(1)
+    out[_ERR] = np.abs(d).max(1)
+    out[_TOP] = np.where(ok_r, np.abs(r), 0.0).max(1)
+    out[_LO], out[_HI] = lo, hi
+    out[_NLO], out[_NHI] = (r == lo[:, None]).sum(1), (r == hi[:, None]).sum(1)
+    out[_N] = ok_r.sum(1)
+    return out
+
+
+def _part_snr(x: np.ndarray) -> float:
+    return _snr(float(x[_RR].sum()), float(x[_NOISE].sum()))
+
+
+def split_parts(power: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous parts of slices from their mean square per sample (samples × slices): split where every
+    slice on one side has PART_GAP times the RMS of every slice on the other on every sample, at the widest
+    such gap, recursively. [(0, n)] when nothing splits."""
+    n = power.shape[1] if power.ndim == 2 else 0
+    if power.shape[0] == 0 or n < 2:
+        return [(0, n)]
+    logs = 0.5 * np.log10(np.maximum(power, 1e-300))
+    need = math.log10(PART_GAP)
+
+    def cut(a: int, b: int) -> list[tuple[int, int]]:
+        x = logs[:, a:b]
+        if x.shape[1] < 2:
+            return [(a, b)]
+        pmin, pmax = np.minimum.accumulate(x, 1)[:, :-1], np.maximum.accumulate(x, 1)[:, :-1]
+        smin = np.minimum.accumulate(x[:, ::-1], 1)[:, ::-1][:, 1:]
+        smax = np.maximum.accumulate(x[:, ::-1], 1)[:, ::-1][:, 1:]
+        gap = np.maximum((pmin - smax).min(0), (smin - pmax).min(0))  # per split point, over all samples
+        k = int(np.argmax(gap))
+        if not gap[k] >= need:
+            return [(a, b)]
+        return cut(a, a + k + 1) + cut(a + k + 1, b)
+
+    return cut(0, n)
 
 
 def compare(reference, candidate, *, atol: float | None = None, rtol: float | None = None,

@@ -1,8 +1,8 @@
 """Static shape and value propagation: every tensor's shape without running the model, dynamic dims as symbols.
 
-onnx's own inference (``data_prop=True``) runs first (:func:`convgraph.shapes._infer`); :func:`propagate`
+onnx's own inference (``data_prop=True``) runs first (:func:`convgraph.model.shapes._infer`); :func:`propagate`
 then walks each graph in topological order and computes, per tensor, its shape (dims: ints,
-:class:`~convgraph.expr.Expr` over the input symbols, or None) and, for small tensors, the values of their
+:class:`~convgraph.model.expr.Expr` over the input symbols, or None) and, for small tensors, the values of their
 elements (shape arithmetic: ints, exact rationals, Exprs; None per unknown element). Ops it has no rule
 for take onnx's inferred shape, onnx's dim names (``unk__3``) translated through what the rules found
 for the same dims. If/Loop/Scan bodies are walked with the outer shapes; an If whose condition is known
@@ -966,7 +966,7 @@ def _mul(d, k):
 
 
 def _conv_like(op: str, attrs: dict, ins: list, conv) -> Val:
-    """Output shape of a conv or pool from :mod:`convgraph.arithmetic` (Exprs for symbolic sizes)."""
+    """Output shape of a conv or pool from :mod:`convgraph.model.arithmetic` (Exprs for symbolic sizes)."""
     from . import arithmetic as ar
 
     x = ins[0]
@@ -1030,12 +1030,13 @@ def propagate(cg, values: "dict[str, np.ndarray] | None" = None) -> None:
     """Propagate shapes and values over ``cg`` and its bodies (after onnx's inference filled ``cg.shapes``).
 
     ``values``: input name → array, the values of inputs fixed by the user (``--input-value``). Sets each
-    graph's ``shapes`` (symbolic dims as :class:`~convgraph.expr.Expr`), the main graph's ``symbols``
+    graph's ``shapes`` (symbolic dims as :class:`~convgraph.model.expr.Expr`), the main graph's ``symbols``
     (identifier → ``{"input", "axis"}``) and ``undecided`` (If nodes whose condition is unknown: graph path,
     node id, the inputs whose values it is computed from, the inputs whose shape alone it reads), and each If
     body's ``taken``.
     """
-    from .shapes import TensorInfo, real_inputs, refresh_edges
+    from .shapes import TensorInfo, real_inputs
+    from .graph import refresh_edges
 
     opset = next((o.version for o in cg.model.opset_import if o.domain in ("", "ai.onnx")), 1)
     inputs = [vi.name for vi in real_inputs(cg.model.graph) if vi.name in cg._producer]

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import ModelError, UsageError
-from .io import PROTOBUF_LIMIT, first_line, read_model, write_model
+from ..errors import ModelError, UsageError
+from ..io import PROTOBUF_LIMIT, first_line, read_model, write_model
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPT_LEVELS = ("disable", "basic", "extended", "all")

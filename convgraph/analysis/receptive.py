@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from . import arithmetic as ar
-from .convops import conv_op
-from .weights import constant_shape
+from ..model import arithmetic as ar
+from ..model.convops import conv_op
+from ..model.weights import constant_shape
 
 RF = tuple  # tuple[tuple[int | Fraction, int | Fraction], ...] for the last len(RF) dims
 

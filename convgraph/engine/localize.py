@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from . import runtime
-from .graph import ConvGraph
-from .metrics import Accumulator, Metrics, Tolerance
-from .progress import staged
+from ..run import runtime
+from ..model.graph import ConvGraph
+from ..run.metrics import Accumulator, Metrics, Tolerance
+from ..progress import staged
 
 #: Localization exposes intermediates in chunks of at most this many bytes per model and run.
 LOCALIZE_CHUNK_BYTES = 512 * 2**20
@@ -91,7 +91,7 @@ def _chunks(pairs: list[tuple[str, str]], cand: ConvGraph, budget: int) -> list[
 def _changed(ref_cg: ConvGraph, cand_cg: ConvGraph, nid: str, tensor_map: Mapping[str, str], new_names: set) -> bool:
     """Whether candidate node ``nid`` may compute something else than the reference node making the same
     tensor: made by a rewrite, or another op, attributes, inputs or constant input values."""
-    from .weights import constant_value
+    from ..model.weights import constant_value
 
     node = cand_cg.node(nid)
     if (node.name or nid) in new_names or nid in new_names or not node.output:

@@ -1,4 +1,4 @@
-"""The analyzer: one :class:`~convgraph.record.ConvRecord` per convolution, over the main graph and every subgraph.
+"""The analyzer: one :class:`~convgraph.model.record.ConvRecord` per convolution, over the main graph and every subgraph.
 
 ``analyze(convgraph.load(path))`` classifies each conv (kind, quantized, dilated), computes its
 arithmetic (resolved pads, output shape, MACs, params), its receptive field relative to the model
@@ -14,13 +14,14 @@ from typing import Any, Iterator
 
 import onnx
 
-from . import arithmetic as ar
-from .convops import CONV_OPS, ConvOp, classify, conv_op  # noqa: F401 - lived here: still importable from here
-from .errors import ModelError
-from .graph import ConvGraph, gc_paused, real_inputs
-from .record import KINDS, ConvRecord, RewriteOption
+from ..model import arithmetic as ar
+from ..model.convops import ConvOp, classify, conv_op
+from ..errors import ModelError
+from ..model.graph import ConvGraph, gc_paused
+from ..model.shapes import real_inputs
+from ..model.record import KINDS, ConvRecord, RewriteOption
 from .roofline import memory_cost
-from .weights import constant_shape, constant_source, elem_type
+from ..model.weights import constant_shape, constant_source, elem_type
 
 
 def _str(v: Any) -> str:
@@ -232,8 +233,8 @@ class Analysis:
     model: dict[str, Any]
     inputs: list[dict[str, Any]]
     graphs: dict[str, ConvGraph] = field(default_factory=dict, repr=False)  # subgraph path → ConvGraph
-    roofline: Any = None  # the convgraph.roofline.Roofline that set each record's bound, if any
-    profile: Any = None  # the convgraph.profile.Profile whose times the records carry, if profiled
+    roofline: Any = None  # the convgraph.analysis.roofline.Roofline that set each record's bound, if any
+    profile: Any = None  # the convgraph.analysis.profile.Profile whose times the records carry, if profiled
     symbols: dict[str, dict] = field(default_factory=dict)  # identifier → {"input", "axis"} of each dynamic dim
 
     def by_id(self, graph: str = "") -> dict[str, ConvRecord]:
@@ -405,9 +406,9 @@ def _rf_of(entry, nd: int) -> tuple[tuple | None, tuple | None]:
 
 
 def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
-    from .reference import at_reference, reference_values
-    from .registry import all_rules
-    from .rule import RuleContext
+    from ..model.reference import at_reference, reference_values
+    from ..registry import all_rules
+    from ..rule import RuleContext
 
     # each rule's default params and exactness once: the estimate is for the defaults
     rules = []

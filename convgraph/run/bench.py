@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 
 from . import runtime
-from .errors import ModelError, UsageError
+from ..errors import ModelError, UsageError
 from .inputs import input_specs, make_inputs
-from .progress import track
+from ..progress import track
 
 
 
@@ -188,7 +188,7 @@ def bench(models, *, inputs=None, input_shapes: Mapping[str, Sequence[int]] | No
     """Time one model or several (paths, bytes, ModelProtos or ConvGraphs) with onnxruntime.
 
     Each model gets the first input sample made from its own input specs (``inputs``/``input_shapes``/
-    ``seed`` as in :func:`convgraph.inputs.make_inputs`). ``warmup`` untimed runs, then ``runs`` timed
+    ``seed`` as in :func:`convgraph.run.inputs.make_inputs`). ``warmup`` untimed runs, then ``runs`` timed
     ones, interleaved across models; ratios are against the first model. The runs are reported as stages
     (:mod:`convgraph.progress`) unless ``progress`` is False.
     ``spinning``: onnxruntime's intra-op threads busy-wait between runs (its default). None: off when

@@ -7,8 +7,8 @@ squeeze-excitation scale). Every walk is bounded, so detection stays linear in t
 
 from __future__ import annotations
 
-from .record import ConvRecord
-from .weights import constant_shape, constant_value
+from ..model.record import ConvRecord
+from ..model.weights import constant_shape, constant_value
 
 #: Ops that act per element (or per channel) and keep the layout: allowed between the convs of a block.
 ELEMENTWISE = frozenset({

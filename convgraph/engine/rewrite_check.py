@@ -1,6 +1,6 @@
 """Checking a rewritten model before it is written: its structure (full ``onnx.checker``, strict shape
-inference), each rewrite alone (:mod:`convgraph.regions`: the new nodes against the nodes they replaced), and
-the model outputs against the original's (:func:`convgraph.verify.verify`)."""
+inference), each rewrite alone (:mod:`convgraph.engine.regions`: the new nodes against the nodes they replaced), and
+the model outputs against the original's (:func:`convgraph.engine.verify.verify`)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from . import regions
-from .errors import CheckFailed
-from .progress import staged, track
+from ..errors import CheckFailed
+from ..progress import staged, track
 
 if TYPE_CHECKING:
-    from .rewrite import Change, RewriteReport
+    from .rewrite_report import Change, RewriteReport
 
 #: Exact rewrites must keep every rewritten node's output within this relative error (max abs error / max abs
 #: reference, the new nodes against the old ones alone), float32 accumulation order being the only difference.
@@ -42,7 +42,7 @@ def change_errors(model: onnx.ModelProto, changes: list[Change], checks: dict, f
     """Each change's own error: its new nodes against the nodes they replaced, run alone on the activations
     the rewritten model feeds them (main graph) and on standard-normal inputs of their shapes (exact rules
     everywhere, any rule in subgraphs), so that no other rewrite counts in it."""
-    from .runtime import run_with_outputs
+    from ..run.runtime import run_with_outputs
 
     produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
     wanted = sorted({t for i, r in checks.items() if isinstance(r, regions.Region) and not changes[i].graph
@@ -81,7 +81,7 @@ def refuse(report: RewriteReport, message: str) -> CheckFailed:
 @staged("verifying numerics")
 def numerics(original, model, report: RewriteReport, checks, input_shapes, inputs, input_options, atol, rtol,
               min_cosine, provider) -> None:
-    from .inputs import make_inputs
+    from ..run.inputs import make_inputs
     from .verify import verify as run_verify
 
     feeds = make_inputs(original, inputs, input_shapes=input_shapes, **input_options)

@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .record import ConvRecord
-from .weights import elem_type
+from ..model.record import ConvRecord
+from ..model.weights import elem_type
 
 #: Element types stored in 4 bits (two per byte).
 _HALF_BYTE = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, n)}
@@ -143,8 +143,8 @@ ADD_ELEMENTS = {"cpu": 2**25, "cuda": 2**27}
 def measure(provider: str = "cpu", threads: int | None = None, runs: int = 20) -> Roofline:
     """Measure peak MAC/s (the faster of two 3×3 convs) and memory bandwidth (a large Add) with onnxruntime:
     the fastest of ``runs`` runs each, about a second on CPU."""
-    from . import runtime
-    from .bench import bench
+    from ..run import runtime
+    from ..run.bench import bench
 
     provider = provider.lower()
     peak = 0.0
@@ -163,7 +163,7 @@ def measure(provider: str = "cpu", threads: int | None = None, runs: int = 20) -
 
 def machine_id() -> str:
     """Host name and CPU model: the roofline cache's key for this machine."""
-    from .bench import cpu_name
+    from ..run.bench import cpu_name
 
     return f"{socket.gethostname()} / {cpu_name()} / {os.cpu_count()} cpus"
 
@@ -202,7 +202,7 @@ def machine_roofline(provider: str = "cpu", threads: int | None = None, *, refre
     ``on_measure(path)`` is called before a measurement (e.g. to say so). The cache is one JSON file keyed
     by machine, provider and threads; an unreadable cache is measured over, a read-only one left as it is.
     """
-    from .io import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     provider = provider.lower()
     roof = None if refresh else cached_roofline(provider, threads)

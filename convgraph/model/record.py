@@ -32,7 +32,7 @@ class ConvRecord:
     """Everything convgraph knows about one convolution node.
 
     Shapes are tuples of ints, or None (or contain None) where a dim is unknown; a dim left dynamic is an
-    :class:`~convgraph.expr.Expr` over the input symbols (a string in ``to_dict``). Spatial
+    :class:`~convgraph.model.expr.Expr` over the input symbols (a string in ``to_dict``). Spatial
     lists (kernel, strides, dilations, receptive_field, effective_stride) have one entry per spatial
     dim; ``pads`` is ONNX order (all begins, then all ends), resolved from auto_pad.
     """
@@ -78,12 +78,12 @@ class ConvRecord:
     shape_source: str = "inferred"  # "measured" when its input or output shape came from running the model (--probe)
     patterns: list[str] = field(default_factory=list)
     rewrites: list[RewriteOption] = field(default_factory=list)
-    # cost (convgraph.roofline): bytes each counted once, as stored (dtype-aware); None where a shape is unknown
+    # cost (convgraph.analysis.roofline): bytes each counted once, as stored (dtype-aware); None where a shape is unknown
     weight_bytes: int | None = None  # weights + bias
     activation_bytes: int | None = None  # input + output activations
     intensity: float | None = None  # arithmetic intensity: MACs per byte moved (weights + activations)
     bound: str | None = None  # "compute" or "memory": the roof its intensity meets on this machine's roofline
-    # measured (convgraph.profile, analyze --profile); None unless profiled
+    # measured (convgraph.analysis.profile, analyze --profile); None unless profiled
     time_ms: float | None = None  # median per run of the kernels it became (fused activation, BN, Add included)
     time_share: float | None = None  # time_ms / the run composed of every kernel's median (Profile.kernels_ms)
     reorder_ms: float | None = None  # NCHWc layout reorders of its input and output, apart from time_ms

@@ -1,14 +1,15 @@
-"""Rendering an :class:`~convgraph.analyze.Analysis`: table rows (the CLI draws them), markdown, Graphviz DOT."""
+"""Rendering an :class:`~convgraph.analysis.analyze.Analysis`: table rows (the CLI draws them), markdown, Graphviz DOT."""
 
 from __future__ import annotations
 
 from typing import Iterable
 
-from .analyze import Analysis, best_saving, conv_op
-from .errors import UsageError
-from .expr import parse
-from .record import KINDS, ConvRecord
-from .reference import describe, reference_values, value
+from .analyze import Analysis, best_saving
+from ..model.convops import conv_op
+from ..errors import UsageError
+from ..model.expr import parse
+from ..model.record import KINDS, ConvRecord
+from ..model.reference import describe, reference_values, value
 
 SORT_KEYS = ("macs", "params", "name", "time")
 #: Record attribute each numeric sort key orders by (largest first).
@@ -41,7 +42,7 @@ def cost(n: "int | None", expr=None, exact: bool = False) -> str:
 
 
 def reference(a: Analysis) -> "dict[str, int] | None":
-    """Where the model's MACs are a formula: the symbols' values at the reference size (:mod:`convgraph.reference`)
+    """Where the model's MACs are a formula: the symbols' values at the reference size (:mod:`convgraph.model.reference`)
     at which shares are given and convs ranked by MACs; else None."""
     return reference_values(a.symbols) if a.totals.get("macs") is None and a.symbols else None
 
