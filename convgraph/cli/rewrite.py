@@ -219,6 +219,8 @@ def rewrite_command(model, rules, params, nodes, exclude, kinds, min_macs, input
         elif output and not dry_run and report.changes:
             warn(f"not written: {'; '.join(report.failures)} (use --keep-failed to write it anyway)")
     if not report.passed:
+        tolerance = report.tolerance_required and any(f.startswith("model outputs") for f in report.failures)
         err.print(f"convgraph: {report.failures[0]}; not written" if not report.changes
-                  else "convgraph: rewrite outside the given tolerance", markup=False)
+                  else "convgraph: rewrite outside the given tolerance" if tolerance
+                  else f"convgraph: rewrite failed its checks: {report.failures[0].split('; ')[0]}", markup=False)
         raise click.exceptions.Exit(1)
