@@ -133,8 +133,11 @@ class Rule:
                 continue  # params are shared across the rules of one command; each takes its own
             try:
                 out[k] = known[k].parse(v) if isinstance(v, str) else v
-            except (ValueError, TypeError) as e:
-                raise UsageError(f"rule {self.name}: bad value {v!r} for param {k!r} ({e})") from None
+            except (ValueError, TypeError) as e:  # say what is valid, not what Python's int() said
+                python = str(e).startswith(("invalid literal", "could not convert")) or not str(e)
+                why = f"{k} is {known[k].help}" if python else str(e)
+                raise UsageError(f"rule {self.name}: bad value {v!r} for --param {k}: {why} (default "
+                                 f"{known[k].default})") from None
         return out
 
 
@@ -186,6 +189,8 @@ def int_or(word: str) -> Callable[["str | int"], "int | str"]:
     def parse(text: "str | int") -> "int | str":
         if str(text).lower() == word:
             return word
+        if not str(text).strip().lstrip("+-").isdigit():
+            raise ValueError(f"must be a positive integer or {word!r}")
         v = int(text)
         if v < 1:
             raise ValueError(f"must be a positive integer or {word!r}")

@@ -38,8 +38,8 @@ def plain_conv_reason(rec: ConvRecord, ctx: RuleContext, op_types: tuple[str, ..
 
 def _plain_conv_reason(rec: ConvRecord, ctx: RuleContext, op_types: tuple[str, ...]) -> str | None:
     if rec.op_type in ("ConvInteger", "QLinearConv"):
-        return (f"{rec.op_type} is quantized: its integer weights, scales and zero points would have to be "
-                "requantized; rewrite the float model and quantize afterwards")
+        return ("quantized (ConvInteger/QLinearConv): its integer weights, scales and zero points would have to "
+                "be requantized; rewrite the float model and quantize afterwards")
     if rec.op_type not in op_types or rec.domain not in ("", "ai.onnx"):
         dom = f"{rec.domain}." if rec.domain not in ("", "ai.onnx") else ""
         return f"{dom}{rec.op_type} is not {' or '.join(op_types)}"

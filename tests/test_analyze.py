@@ -472,5 +472,6 @@ def test_record_to_dict_is_the_fields_in_order(sample):
     assert d["rewrites"][0] == {"rule": rec.rewrites[0].rule, "params": rec.rewrites[0].params,
                                 "exact": rec.rewrites[0].exact, "macs_after": rec.rewrites[0].macs_after,
                                 "params_after": rec.rewrites[0].params_after,
-                                "kind_after": rec.rewrites[0].kind_after, "time_saved_ms": None}
+                                "kind_after": rec.rewrites[0].kind_after, "time_saved_ms": None,
+                                "saving": 1 - rec.rewrites[0].macs_after / rec.macs}
     assert d["rewrites"][0]["params"] is not rec.rewrites[0].params

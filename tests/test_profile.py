@@ -178,6 +178,69 @@ def test_gpu_kernel_events_replace_the_launch_time():
     assert not device and runs == [0.9] and per_run == [{"conv": 0.005}]
 
 
+def test_control_flow_nodes_do_not_count_their_bodies_again():
+    """onnxruntime's event for an If/Loop/Scan spans the events of its body's nodes: each moment is counted once,
+    for the innermost node running then (an If took its branch's convs' time on top of them)."""
+    events = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 200}]
+    for name, op, ts, dur in (("if", "If", 10, 100), ("inner_loop", "Loop", 20, 60), ("conv_a", "Conv", 25, 20),
+                              ("conv_b", "Conv", 50, 20), ("conv_c", "Conv", 85, 20), ("relu", "Relu", 120, 10)):
+        events.append({"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}})
+    runs, per_run, device = _node_times(events, warmup=0)
+    assert per_run[0] == {"if": 20 / 1e3, "inner_loop": 20 / 1e3, "conv_a": 0.02, "conv_b": 0.02, "conv_c": 0.02,
+                          "relu": 0.01}
+    assert sum(per_run[0].values()) == pytest.approx(0.11)  # the If's span and the Relu: nothing twice
+
+
+def _loop_model(kind: str) -> onnx.ModelProto:
+    """x [1,16,48,48] → a 3×3 conv run 3 times by a Loop (carried), or over a Scan's 3 slices."""
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.05, "w")
+    F = TensorProto.FLOAT
+    conv = helper.make_node("Conv", ["s", "w"], ["t"], name="body/conv", pads=[1, 1, 1, 1])
+    if kind == "Loop":
+        body = helper.make_graph(
+            [conv, helper.make_node("Identity", ["c"], ["c_out"])], "body",
+            [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+             helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("s", F, [1, 16, 48, 48])],
+            [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("t", F, [1, 16, 48, 48])])
+        inits = [w, onnx.numpy_helper.from_array(np.array(3, np.int64), "n"),
+                 onnx.numpy_helper.from_array(np.array(True), "go")]
+        nodes = [helper.make_node("Loop", ["n", "go", "x"], ["y"], name="loop", body=body)]
+        shape = [1, 16, 48, 48]
+    else:
+        body = helper.make_graph(
+            [conv, helper.make_node("Identity", ["acc"], ["acc_out"])], "body",
+            [helper.make_tensor_value_info("acc", F, [1]), helper.make_tensor_value_info("s", F, [1, 16, 48, 48])],
+            [helper.make_tensor_value_info("acc_out", F, [1]), helper.make_tensor_value_info("t", F, [1, 16, 48, 48])])
+        inits = [w, onnx.numpy_helper.from_array(np.zeros(1, np.float32), "zero")]
+        nodes = [helper.make_node("Scan", ["zero", "x"], ["acc_end", "y"], name="scan", body=body, num_scan_inputs=1)]
+        shape = [3, 1, 16, 48, 48]
+    g = helper.make_graph(nodes, kind.lower(), [helper.make_tensor_value_info("x", F, shape)],
+                          [helper.make_tensor_value_info("y", F, [None] * len(shape) if kind == "Loop" else shape)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("kind", ["Loop", "Scan", "If"])
+def test_profile_of_loop_scan_and_if_counts_nothing_twice(kind, models_dir):
+    """The kernels' medians add up to about the median run (a Loop's whole body counted again made them
+    about twice it), and the conv inside gets the body's conv time."""
+    if kind == "If":
+        cg = convgraph.load(models_dir.parent / "tests" / "data" / "exported" / "reflect_pad_audio.onnx",
+                            {"audio": [1, 1, 160000]})
+    else:
+        cg = convgraph.load(_loop_model(kind))
+    prof = profile(cg, threads=1, runs=10, warmup=2)
+    body = [t for (path, _), t in prof.convs.items() if path]
+    assert body and all(t.time_ms > 0 for t in body)
+    parts = prof.convs_time_ms + prof.reorder_ms + sum(prof.other_ms.values())
+    assert parts <= 1.02 * prof.kernels_ms and prof.kernels_ms <= 1.25 * prof.time_ms, (kind, parts, prof)
+    assert prof.other_ms.get(kind, 0.0) < 0.25 * prof.convs_time_ms  # its own time only: the body's is the convs'
+
+
 # ---- the CLI ------------------------------------------------------------------------------------------
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(["analyze", *argv])

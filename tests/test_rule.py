@@ -28,7 +28,7 @@ def test_bad_param_value_is_a_usage_error() -> None:
     rule = Rule("r", "a rule", True, (Param("rank", 1, "rank", int_or_full),), match=lambda r, c: None,
                 build=_nothing)
     assert rule.resolve_params({"rank": "full"}) == {"rank": "full"}
-    with pytest.raises(UsageError, match="bad value '0' for param 'rank'.*positive integer or 'full'"):
+    with pytest.raises(UsageError, match="bad value '0' for --param rank: must be a positive integer or 'full'"):
         rule.resolve_params({"rank": "0"})
 
 

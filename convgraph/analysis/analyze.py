@@ -378,17 +378,23 @@ def _unknown_shapes_warning(cg: ConvGraph, records: list[ConvRecord]) -> str | N
     if not lost or any(not (i := cg.shape_info(vi.name)) or not i.static for vi in real_inputs(cg.model.graph)):
         return None
     main = [r for r in lost if not r.graph]
-    parts = []
+    body = [r for r in lost if r.graph]
+
+    def listed(recs: list[ConvRecord]) -> str:
+        return ", ".join(r.name or r.node_id for r in recs[:5]) + (f" and {len(recs) - 5} more" if len(recs) > 5 else "")
+
+    parts = [f"{len(lost)} conv{'s' * (len(lost) != 1)} with unknown shapes, so unknown MACs (onnx's shape inference "
+             f"could not follow the graph to them)"]
     if main:
-        names = ", ".join(r.name or r.node_id for r in main[:5]) + (f" and {len(main) - 5} more" if len(main) > 5 else "")
-        parts.append(f"{len(main)} conv{'s' * (len(main) != 1)} with unknown shapes, so unknown MACs: {names} "
-                     f"(onnx's shape inference could not follow the graph to them)")
-    if len(lost) > len(main):
-        parts.append(f"{len(lost) - len(main)} in If/Loop/Scan bodies, which running the model cannot measure "
-                     f"(onnxruntime exposes only main-graph tensors)")
-    text = "; ".join(parts)
+        parts.append(f"{listed(main)}" + (" in the main graph" if body else ""))
+    if body:  # only running the model could tell, and onnxruntime exposes only main-graph tensors
+        parts.append(f"{listed(body)} in If/Loop/Scan bodies" + (
+            ", which running the model (--probe) could not measure: onnxruntime exposes only main-graph tensors"
+            if cg.measured else ""))
+    text = parts[0] + ": " + "; ".join(parts[1:])
     if main and not cg.measured:
-        text += "; --probe (convgraph.load(..., probe=True)) runs the model once on generated inputs to measure them"
+        text += ("; --probe (convgraph.load(..., probe=True)) runs the model once on generated inputs to measure "
+                 + ("those of the main graph (onnxruntime exposes only main-graph tensors)" if body else "them"))
     return text
 
 
@@ -401,6 +407,7 @@ def _rf_of(entry, nd: int) -> tuple[tuple | None, tuple | None]:
 
 
 def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
+    from ..model.reference import at_reference, reference_values
     from ..registry import all_rules
     from ..rule import RuleContext
 
@@ -413,22 +420,29 @@ def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
     if not rules:
         return
     ctx = RuleContext(g, {r.node_id: r for r in records})
+    root = g
+    while root.parent is not None:
+        root = root.parent
+    values = reference_values(root.symbols)  # a conv whose MACs are a formula: "dearer" is decided at this size
     for rec in records:
+        ref = at_reference(rec, values)
         for rule, estimate, params, exact in rules:
             if rule.why_not(rec, ctx) is not None:
                 continue
             macs_after, params_after, kind_after = estimate(rec, params)
-            if rule.makes_dearer(params, rec.macs, macs_after):
+            after = macs_after if ref is rec else estimate(ref, params)[0]
+            if rule.makes_dearer(params, ref.macs, after):
                 continue
-            rec.rewrites.append(RewriteOption(rule.name, dict(params), exact, macs_after, params_after, kind_after))
+            saving = 1 - after / ref.macs if ref.macs and after is not None else None
+            rec.rewrites.append(RewriteOption(rule.name, dict(params), exact, macs_after, params_after, kind_after,
+                                              saving=saving))
 
 
 def best_saving(r: ConvRecord) -> tuple[RewriteOption | None, float | None]:
     """The rewrite saving the largest share of this conv's MACs, and that share (None when unknown)."""
     best, share = None, None
     for opt in r.rewrites:
-        if r.macs and opt.macs_after is not None:
-            s = 1 - opt.macs_after / r.macs
-            if share is None or s > share:
-                best, share = opt, s
+        s = 1 - opt.macs_after / r.macs if r.macs and opt.macs_after is not None else opt.saving
+        if s is not None and (share is None or s > share):
+            best, share = opt, s
     return best, share

@@ -90,7 +90,7 @@ class Lines:
         top = self._stack[-1]
         count = f" {top.done}/{top.total}" if top.total else f" {top.done}" if top.done else ""
         now = time.monotonic()
-        line = f"convgraph: {' › '.join(e.name for e in self._stack)}{count} [{now - self._t0:.0f} s]"
+        line = common.printable(f"convgraph: {' › '.join(e.name for e in self._stack)}{count} [{now - self._t0:.0f} s]")
         try:
             print(line, file=sys.stderr, flush=True)
         except (OSError, ValueError):  # stderr closed or a broken pipe: progress is not worth an error
@@ -116,7 +116,7 @@ class Live:
                                       TextColumn("{task.fields[count]}"), TimeElapsedColumn(), console=self._console,
                                       transient=True, redirect_stdout=False, redirect_stderr=False)
             self._progress.start()
-        self._tasks.append(self._progress.add_task("  " * len(self._tasks) + name, total=total,
+        self._tasks.append(self._progress.add_task("  " * len(self._tasks) + common.printable(name), total=total,
                                                    count=f"0/{total}" if total else ""))
 
     def advance(self, n: int = 1) -> None:

@@ -124,7 +124,8 @@ def render(report: VerifyReport) -> None:
                 out.print(f"  its inputs, within tolerance: {ins}")
     label = {"passed": "[green]PASSED[/green]", "failed": "[red]FAILED[/red]",
              "inconclusive": "[yellow]INCONCLUSIVE[/yellow]"}[report.verdict]
-    out.print(f"{label}: {report.summary()}")
+    summary = report.summary()
+    out.print(f"{label}: {summary.removeprefix(report.verdict + ': ')}")
 
 
 @cli.command("verify")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Collection, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import onnx
@@ -24,6 +24,7 @@ from ..model.graph import ConvGraph
 from ..model.loader import load
 from ..progress import staged
 from ..model.record import REWRITES_KEY, ConvRecord
+from ..model.reference import REFERENCE_DIM, at_reference, describe, reference_values
 from ..registry import get_rule
 from .rewrite_check import numerics, structural_checks
 from .rewrite_report import Change, Explanation, RewriteReport
@@ -93,12 +94,25 @@ def _drop_orphans(graph: ConvGraph, tensors: set[str]) -> None:
             todo.extend(inputs)
 
 
-def _dearer(rule: Rule, params: dict, rec: ConvRecord, macs: int | None, before: int | None = None) -> str | None:
+def _dearer(rule: Rule, params: dict, rec: ConvRecord, macs: int | None, before: int | None = None,
+            where: str = "") -> str | None:
     before = rec.macs if before is None else before  # a rule replacing several convs says what they cost
     if rule.makes_dearer(params, before, macs):
-        return (f"would add MACs ({before:,} → {macs:,}), which an approximate rule is not for; "
+        return (f"would add MACs ({where}{before:,} → {macs:,}), which an approximate rule is not for; "
                 f"name the node with --nodes to rewrite it anyway")
     return None
+
+
+def dearer_at_reference(rule: Rule, params: dict, rec: ConvRecord, values: dict[str, int]) -> str | None:
+    """:func:`_dearer` for a conv whose MACs are a formula or unknown: decided at the reference size
+    (:mod:`convgraph.model.reference`), where the rule's estimate has numbers."""
+    if rec.macs is not None or rule.estimate is None:
+        return None
+    ref = at_reference(rec, values)
+    if ref.macs is None:
+        return None
+    where = describe(values) if values else f"{REFERENCE_DIM} per unknown dim"
+    return _dearer(rule, params, ref, rule.estimate(ref, params)[0], where=f"at {where}: ")
 
 
 def _or(value, default):
@@ -107,10 +121,11 @@ def _or(value, default):
 
 @staged(lambda cg, rule, *_: f"applying {rule.name}")
 def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report: RewriteReport,
-           dry_run: bool, calibration: dict | None, checks: "dict[int, regions.Region | str] | None") -> None:
+           calibration: dict | None, checks: "dict[int, regions.Region | str] | None") -> None:
     """One pass of ``rule`` over every selected conv of every (sub)graph; ``checks`` (when the result will be
     verified) gets, per change (its index in the report), the region to check it alone on, or why there is none."""
     analysis = analyze(cg, rewrites=False)  # the engine matches and builds; it reads no estimates
+    values = reference_values(analysis.symbols)  # where MACs are formulas, "would add MACs" is decided there
     graphs = {g.path: g for g in cg.walk()}
     records: dict[str, dict[str, ConvRecord]] = {}  # per graph: node id -> record, built once
     for r in analysis.convs:
@@ -130,9 +145,9 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
             why, found = rule.check(rec, ctx)
         estimate = rule.estimate(rec, params) if why is None and rule.estimate is not None else None
         if why is None and guard_macs and estimate is not None:
-            why = _dearer(rule, params, rec, estimate[0])
+            why = _dearer(rule, params, rec, estimate[0]) or dearer_at_reference(rule, params, rec, values)
         rep, skipped = None, False
-        if why is None and not dry_run:
+        if why is None:  # a dry run builds too: it selects exactly as the real run (a later rule sees the result)
             try:
                 rep = rule.make(rec, ctx, params, found)
             except (Skip, np.linalg.LinAlgError) as e:  # this conv cannot be rewritten after all: say why, go on
@@ -140,14 +155,7 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
             if rep is not None and guard_macs:
                 why = _dearer(rule, params, rec, rep.macs_after, rep.macs_before)
         report.explain.append(Explanation(label, rule.name, why is None, why or "applies", skipped))
-        if why is not None:
-            continue
-        if rep is None:  # dry run
-            consumed.update((rec.graph, n) for n in (found.nodes if found else ()))
-            if estimate is not None:
-                macs, prm, kind = estimate
-                report.changes.append(Change(rule.name, label, rec.graph, rec.kind, kind, rec.macs, macs, rec.params,
-                                             prm, rule.is_exact(params), rec.output))
+        if why is not None or rep is None:
             continue
         removed = rep.removed or [rec.node_id]
         old_names = [graph.node(n).name or n for n in removed]
@@ -162,11 +170,31 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
         if checks is not None:
             region = regions.build(graph, old, [graph.node(n) for n in new_ids], cg.model) if old else None
             checks[len(report.changes)] = region or "the replaced nodes cannot run alone"
+        before = _or(rep.macs_before, rec.macs)
         report.changes.append(Change(
-            rule.name, label, rec.graph, rec.kind, rep.kind_after, _or(rep.macs_before, rec.macs), rep.macs_after,
+            rule.name, label, rec.graph, rec.kind, rep.kind_after, before, rep.macs_after,
             _or(rep.params_before, rec.params), rep.params_after, rep.exact, out,
             [graph.node(n).name or n for n in new_ids], old_names,
-            rep.weight_error, notes=rep.notes))
+            rep.weight_error, notes=rep.notes,
+            macs_before_expr=None if before is not None else _formula(records[rec.graph], removed)))
+
+
+def _formula(records: dict[str, ConvRecord], nodes) -> Any:
+    """The MACs of ``nodes`` (node ids; those not convs count none) as a formula, or None when one is unknown."""
+    parts = [records[n].macs_expr for n in nodes if n in records]
+    return None if not parts or any(p is None for p in parts) else sum(parts)
+
+
+def _formulas_after(cg: ConvGraph, changes: list[Change]) -> None:
+    """Give the changes whose MACs after are unknown (dims left dynamic) the formula of their new convs, read off
+    ``cg``: the model the changes made, loaded afresh (its shapes inferred)."""
+    todo = [c for c in changes if c.macs_after is None]
+    if not todo:
+        return
+    records = {(r.graph, r.name or r.node_id): r for r in analyze(cg, rewrites=False).convs}
+    for c in todo:
+        convs = {n: records[(c.graph, n)] for n in c.new_nodes if (c.graph, n) in records}
+        c.macs_after_expr = _formula(convs, list(convs))
 
 
 def _metadata(model: onnx.ModelProto, changes: list[Change]) -> None:
@@ -199,6 +227,9 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
     1e-4 relative (else CheckFailed names the node); ``atol``/``rtol``/``min_cosine`` make the model
     outputs' tolerance a requirement (report.passed False when exceeded). ``probe`` measures the shapes
     onnx's inference loses (:func:`convgraph.model.probe.probe_shapes`), so that those convs get MACs too.
+    ``dry_run`` builds and splices as the real run does (so it selects exactly the same changes, a later rule
+    seeing an earlier one's result, a conv whose fit fails skipped) but neither calibrates, checks, times nor
+    returns the model.
     Returns the new model and the report; the input is never modified.
     """
     if not rules:
@@ -211,7 +242,9 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
     known = {p.name for r in chosen for p in r.params}
     unknown = sorted(set(given) - known)
     if unknown:
-        raise UsageError(f"--param {', '.join(unknown)}: not a parameter of {', '.join(r.name for r in chosen)}")
+        valid = "; ".join(f"{r.name}: {', '.join(p.name for p in r.params) or 'none'}" for r in chosen)
+        raise UsageError(f"--param {', '.join(unknown)}: not a parameter of {', '.join(r.name for r in chosen)} "
+                         f"(parameters: {valid})")
     resolved = [(r, r.resolve_params(given)) for r in chosen]
     original = source.to_model() if isinstance(source, ConvGraph) else None
     cg = load(original if original is not None else source, input_shapes, probe=probe,
@@ -227,14 +260,23 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
         calibration = calibrate(cg, calib, input_shapes=input_shapes, samples=opts.pop("samples", None),
                                 seed=opts.pop("seed", 0), input_options=opts, provider=provider)
     checks: dict[int, regions.Region | str] | None = {} if verify and not dry_run else None
+    values = (input_options or {}).get("values")  # the Ifs the values decide stay decided in every reload
+    start = 0
     for i, (rule, p) in enumerate(resolved):
         if i:
-            cg = load(cg.to_model(), input_shapes, check=False, probe=probe)  # fresh shapes and records for the next rule
-        _apply(cg, rule, p, selection, report, dry_run, calibration, checks)
+            cg = load(cg.to_model(), input_shapes, check=False, probe=probe, input_values=values)  # fresh shapes
+            _formulas_after(cg, report.changes[start:])
+        start = len(report.changes)
+        _apply(cg, rule, p, selection, report, calibration, checks)
+    if any(c.macs_after is None for c in report.changes[start:]):
+        _formulas_after(load(cg.to_model(), input_shapes, check=False, probe=probe, input_values=values),
+                        report.changes[start:])
     skipped = [f"{e.node} ({e.rule}): {e.reason.removeprefix('skipped: ')}" for e in report.explain if e.skipped]
-    if skipped:
-        report.warnings.append(("nothing rewritten: every conv the rules matched was skipped: " if not report.changes
-                                else f"{len(skipped)} conv(s) skipped: ") + "; ".join(skipped))
+    if skipped and not report.changes:  # matches existed and every one failed: a failure, not "nothing matched"
+        report.passed = False
+        report.failures.append("nothing rewritten: every conv the rules matched was skipped: " + "; ".join(skipped))
+    elif skipped:
+        report.warnings.append(f"{len(skipped)} conv(s) skipped: " + "; ".join(skipped))
     if dry_run:
         return RewriteResult(None, report)
     model = cg.to_model()

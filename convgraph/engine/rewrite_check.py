@@ -93,6 +93,7 @@ def numerics(original, model, report: RewriteReport, checks, input_shapes, input
                                   f"{c.checked_on}) > {EXACT_RTOL}; refusing to write the result")
     vr = run_verify(original, model, inputs=feeds, input_shapes=input_shapes, provider=provider,
                     **{k: v for k, v in (("atol", atol), ("rtol", rtol), ("min_cosine", min_cosine)) if v is not None})
+    check_branches(original, model, report, feeds, input_shapes, input_options.get("values"), provider, run_verify)
     report.verification = vr.to_dict()
     report.tolerance_required = atol is not None or rtol is not None or min_cosine is not None
     if report.tolerance_required and not vr.passed:
@@ -110,3 +111,47 @@ def numerics(original, model, report: RewriteReport, checks, input_shapes, input
         if worst is not None and not worst.scaled_err <= EXACT_RTOL:
             raise refuse(report, f"exact rewrites moved output {worst.name!r} by {worst.scaled_err:.3g} (max abs "
                                   f"error / max abs output) > {EXACT_RTOL}; refusing to write the result")
+
+
+@staged("running the rewritten If branches no input took")
+def check_branches(original, model, report: RewriteReport, feeds, input_shapes, values, provider: str, verify) -> None:
+    """The model-level check of the rewrites in If branches the inputs did not take (:mod:`.branches`): run with
+    the branch forced, an exact rewrite must keep the outputs within :data:`EXACT_RTOL`; a branch that cannot
+    run is named, and an exact rewrite there that nothing checked fails the rewrite (``--keep-failed`` writes it)."""
+    from . import branches as br
+
+    ifs, unreached = br.branches(model, report.changes, input_shapes, values)
+    if ifs:
+        br.taken(model, ifs, [feeds[i] for i in range(len(feeds))], provider)
+    for b in ifs:
+        if b.taken:
+            continue
+        where = f"the {'then' if b.then else 'else'} branch of the If making {b.if_output!r}"
+        vr = br.check_forced(original, model, b, feeds, input_shapes, provider, verify)
+        if vr is None:
+            unreached[b.path] = f"{where}, which no input took; {b.forced}"
+            continue
+        shown = [m for m in vr.outputs.values() if len(m.degenerate_samples) < m.samples]
+        worst = max(shown, key=lambda m: m.scaled_err, default=None)
+        for i in b.changes:
+            report.changes[i].checked_on += "; model outputs with the branch forced"
+        if all(report.changes[i].exact for i in b.changes) and worst is not None and not worst.scaled_err <= EXACT_RTOL:
+            raise refuse(report, f"exact rewrites in {where} (run with its condition forced: no input took it) moved "
+                                  f"output {worst.name!r} by {worst.scaled_err:.3g} (max abs error / max abs output) > "
+                                  f"{EXACT_RTOL}; refusing to write the result")
+        err = f"{worst.scaled_err:.3g}" if worst is not None else "not shown: the outputs say nothing there"
+        report.warnings.append(f"no input took {where}: the model-level check ran it with its condition forced "
+                               f"(scaled output error {err})")
+    for path, why in unreached.items():
+        here = [c for c in report.changes if c.graph == path]
+        blind = [c for c in here if c.output_error is None]
+        names = ", ".join(f"{c.node} ({c.rule})" for c in (blind or here)[:3])
+        if any(c.exact for c in blind):
+            report.passed = False
+            report.failures.append(f"exact rewrites {names} in {path} were checked neither alone "
+                                   f"({blind[0].checked_on.removeprefix('not checked alone: ')}) nor by the model "
+                                   f"outputs ({why}); give inputs that run it (--inputs, --input-value) or leave them out "
+                                   f"(--exclude)")
+        else:
+            report.warnings.append(f"the model-level check could not run {path} ({why}): {names} "
+                                   f"{'checked alone only' if not blind else 'not checked'}")

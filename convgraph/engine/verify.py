@@ -254,7 +254,9 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
     shapes = {k: list(v) for k, v in data.shapes().items()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ref_cg, cand_cg = load(ref_model, shapes, check=False), load(cand_model, shapes, check=False)
+        given = dict(values) if values else None  # --input-value decides Ifs here as in analyze
+        ref_cg = load(ref_model, shapes, check=False, input_values=given)
+        cand_cg = load(cand_model, shapes, check=False, input_values=given)
     notes = list(dict.fromkeys(str(w.message) for w in caught))
     check_compatible(ref_cg, cand_cg)
     out_names = _io(ref_cg, "output")

@@ -198,9 +198,12 @@ class Expr:
     def __repr__(self) -> str:  # as in messages: (N, 16, (H+1)//2)
         return str(self)
 
-    def compact(self) -> str:
-        """Short human form: ``7.9k·H·W``, ``⌈H/4⌉`` for ``(H+3)//4``, ``⌊H/4⌋`` for ``H//4``."""
-        return _text(self, lambda m, alone: "·".join(_compact_atom(a) for a in m), "·", _human)
+    def compact(self, exact: bool = False, spaced: bool = False) -> str:
+        """Short human form: ``7.9k·H·W``, ``⌈H/4⌉`` for ``(H+3)//4``, ``⌊H/4⌋`` for ``H//4``; ``exact``:
+        coefficients in full (``3,089,664·N·⌈H/32⌉``); ``spaced``: terms joined by `` + `` (a table cell may
+        then wrap between them)."""
+        return _text(self, lambda m, alone: "·".join(_compact_atom(a) for a in m), "·",
+                     _grouped if exact else _human, " " if spaced else "")
 
 
 def _terms(x) -> dict | None:
@@ -219,6 +222,10 @@ def _mono_text(m: tuple, alone: bool) -> str:
 
 def _num(c: Number) -> str:
     return str(c) if type(c) is int or c.denominator == 1 else f"{c.numerator}/{c.denominator}"
+
+
+def _grouped(c: Number) -> str:
+    return f"{c:,}" if type(c) is int else _num(c)
 
 
 def _human(c: Number) -> str:
@@ -247,8 +254,8 @@ def _bare(e) -> str:
     return text if isinstance(e, Expr) and len(e.terms) == 1 and list(e.terms.values())[0] == 1 else f"({text})"
 
 
-def _text(e: Expr, mono, times: str, number) -> str:
-    """Terms highest degree first, constant last: ``c*m`` joined with `` + ``/`` - ``."""
+def _text(e: Expr, mono, times: str, number, space: str = "") -> str:
+    """Terms highest degree first, constant last: ``c*m`` joined with ``+``/``-`` (``space`` around them)."""
     parts: list[tuple[str, str]] = []
     for m in sorted(e.terms, key=_mono_key):
         c = e.terms[m]
@@ -259,7 +266,7 @@ def _text(e: Expr, mono, times: str, number) -> str:
                                          mono(m, False) if a == 1 else f"{number(a)}{times}{mono(m, False)}")
         parts.append((sign, body))
     first_sign, first = parts[0]
-    return ("-" if first_sign == "-" else "") + first + "".join(f"{s}{b}" for s, b in parts[1:])
+    return ("-" if first_sign == "-" else "") + first + "".join(f"{space}{s}{space}{b}" for s, b in parts[1:])
 
 
 def floor_div(e: "Expr | Number", k: Fraction) -> "Expr | Number":

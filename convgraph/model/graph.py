@@ -85,7 +85,7 @@ class ConvGraph:
         self.input_shapes: dict[str, list] = {}
         self.input_values: dict = {}  # input name → the numpy array the user fixed (--input-value)
         self.symbols: dict[str, dict] = {}  # main graph: identifier → {"input", "axis"} of each dynamic dim
-        self.undecided: list = []  # main graph: (graph path, If node, inputs read) of Ifs with unknown conditions
+        self.undecided: list = []  # main graph: (graph path, If node, inputs whose values / shape alone it reads)
         self.taken: bool | None = None  # an If branch: taken (True), not taken (False), or unknown
         self.source_dir: Path | None = None
         self._producer: dict[str, str] = {}

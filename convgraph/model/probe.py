@@ -80,7 +80,7 @@ def probe_shapes(cg: "ConvGraph", tensors: "list[str] | None" = None, *, seed: i
                                  quiet=True)
         values = run(session, feeds, names)
     except ModelError as e:
-        steering = sorted({t for _, _, ts in cg.undecided for t in ts} - set(cg.input_values))
+        steering = sorted({t for _, _, ts, _ in cg.undecided for t in ts} - set(cg.input_values))
         hint = (f"; the model branches on input {', '.join(map(repr, steering))}: a random value may take the wrong "
                 f"branch, --input-value {steering[0]}=V fixes it" if steering else "")
         raise ModelError(f"--probe: {e}{hint}") from None

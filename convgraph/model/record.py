@@ -24,6 +24,7 @@ class RewriteOption:
     params_after: int
     kind_after: str
     time_saved_ms: float | None = None  # profiled: an estimate, the conv's time_ms × (1 − macs_after / macs)
+    saving: float | None = None  # 1 − macs_after / macs; where the MACs are formulas, at the reference size
 
 
 @dataclass

@@ -233,18 +233,28 @@ def _dynamic_warning(dynamic: list[tuple[str, tuple | None]], symbols: "dict | N
             f"Set them with --input-shape NAME=D0,D1,... (here {_fix_hint(dynamic)})")
 
 
-def _undecided_warning(undecided: list) -> str | None:
-    """Which inputs decide the Ifs whose condition is unknown (both branches are then counted): ``undecided`` is
-    ``ConvGraph.undecided``."""
+def _undecided_warning(undecided: list, shapes: "dict | None" = None) -> str | None:
+    """Which inputs decide the Ifs whose condition is unknown (both branches are then counted): a value
+    (``--input-value``) or a dynamic dim (``--input-shape``) the condition is computed from. ``undecided`` is
+    ``ConvGraph.undecided``; ``shapes`` the inputs' dims (name → dims), for the inputs whose shape it reads."""
     if not undecided:
         return None
-    reads = sorted({t for _, _, ts in undecided for t in ts})
-    nodes = ", ".join(repr(nid) for _, nid, _ in undecided[:3]) + (" ..." if len(undecided) > 3 else "")
-    hint = (f"; --input-value {reads[0]}=V (input_values= in the API) decides it" if reads
-            else "; it is computed in the model, not from an input")
+    reads = sorted({t for _, _, ts, _ in undecided for t in ts})
+    dynamic = [(t, (shapes or {}).get(t)) for t in sorted({t for _, _, _, ts in undecided for t in ts} - set(reads))]
+    dynamic = [(t, s) for t, s in dynamic if s is None or not all(type(d) is int for d in s)]
+    nodes = ", ".join(repr(nid) for _, nid, _, _ in undecided[:3]) + (" ..." if len(undecided) > 3 else "")
+    said = [f"the condition reads input {', '.join(map(repr, reads))}"] if reads else []
+    if dynamic:
+        said.append(f"{'the condition' if not reads else 'and'} reads the dynamic shape of input "
+                    f"{', '.join(repr(t) for t, _ in dynamic)}")
+    hint = [f"--input-value {reads[0]}=V (input_values= in the API)"] if reads else []
+    if dynamic:
+        name, shape = dynamic[0]
+        dims = "D0,D1,..." if shape is None else ",".join(str(d) if isinstance(d, int) else "?" for d in shape)
+        hint.append(f"--input-shape {name}={dims} (input_shapes=)")
     return (f"{len(undecided)} If node{'s' * (len(undecided) != 1)} ({nodes}) with a condition not known "
-            f"statically: both branches are analyzed and counted" + (f", the condition reads input "
-            f"{', '.join(map(repr, reads))}" if reads else "") + hint)
+            f"statically: both branches are analyzed and counted" + "".join(", " + x for x in said)
+            + (f"; {' or '.join(hint)} decides it" if hint else "; it is computed in the model, not from an input"))
 
 
 # ---- onnx's shape inference -----------------------------------------------------------------------

@@ -77,6 +77,12 @@ def resolve_shape(spec: InputSpec, input_shapes: Mapping[str, Sequence[int]] | N
     """The concrete shape of ``spec``: its static dims, with dynamic ones taken from ``input_shapes``."""
     given = (input_shapes or {}).get(spec.name)
     if given is not None:
+        named = [str(d) for d in given if isinstance(d, str)]
+        if named:  # dims named on purpose (x=1,3,H,W) are symbols for the static analysis; a run needs numbers
+            example = ",".join(str(d) if not isinstance(d, str) else "?" for d in given)
+            raise UsageError(f"running the model needs concrete dims, but --input-shape {spec.name}="
+                             f"{','.join(map(str, given))} names {', '.join(named)}; give integers: --input-shape "
+                             f"{spec.name}={example} with each ? an integer (input_shapes= in Python)")
         given = tuple(int(d) for d in given)
         if spec.shape is not None:
             if len(given) != len(spec.shape):
