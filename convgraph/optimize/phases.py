@@ -29,8 +29,10 @@ from ..registry import get_rule
 from ..run.inputs import InputSet, make_inputs
 from .deadline import Deadline
 from .estimate import layer_errors, scale_errors
+from . import int8
 from .fitting import Fitted, candidate_key, fit_all
 from .greedy import greedy_sequence, needs_shorter, plan_of, search
+from .int8 import quantizes
 from .judge import Judge
 from .report import (
     DEFAULT_RANKS, DEFAULT_RULES, LAYER_RANK_SHARES, METRICS, PREDICTION_SLACK, SPEED_NOISE, STABLE_SHARE, Candidate,
@@ -253,16 +255,31 @@ def calibrate_candidates(plan: Plan, s: Settings, deadline: Deadline, say: Say) 
         if nodes and not deadline.over(ERRORS_SHARE):
             plan.stats = calibrate(plan.original, plan.fit_set, nodes=nodes, input_shapes=s.input_shapes,
                                    provider=s.provider, threads=None)
-        plan.fitted = Fitted(plan.original, plan.cg, by_id, plan.stats, s.input_shapes)
+        quantized = [(by_id[c.node], get_rule(c.rule).resolve_params({k: str(v) for k, v in c.params.items()}))
+                     for c in plan.todo if quantizes(get_rule(c.rule))]
+        ranges = int8.calibrate(plan.original, plan.cg, quantized, list(plan.fit_set)) \
+            if quantized and not deadline.over(ERRORS_SHARE) else {}
+        plan.fitted = Fitted(plan.original, plan.cg, by_id, plan.stats, s.input_shapes, ranges)
 
 
 def fit_candidates(plan: Plan, deadline: Deadline, say: Say) -> None:
     """Each candidate worth fitting, fitted once (the largest savings first: when the time budget runs
     out, what is left unfitted is worth the least)."""
-    assert plan.fitted is not None
+    fitted = plan.fitted
+    assert fitted is not None
     with deadline.phase("fits"):
         plan.todo.sort(key=lambda c: -c.saving_ms)
-        done = fit_all(plan.fitted, plan.todo, lambda: deadline.over(ERRORS_SHARE), say) if plan.stats else 0
+        # int8 replacements go through onnxruntime's quantizer: in this process (quick, and not forked)
+        quantized = [c for c in plan.todo if quantizes(get_rule(c.rule))]
+        done = 0
+        for c in quantized if fitted.ranges else ():
+            if deadline.over(ERRORS_SHARE):
+                break
+            say(f"quantizing the int8 candidates: {done + 1}/{len(quantized)}")
+            fitted.rep(c)
+            done += 1
+        rest = [c for c in plan.todo if c not in quantized]
+        done += fit_all(fitted, rest, lambda: deadline.over(ERRORS_SHARE), say) if plan.stats else 0
         if done < len(plan.todo):
             plan.notes.append(f"--time-budget: {len(plan.todo) - done} of {len(plan.todo)} candidates (the smallest "
                               f"savings) had no time left for measuring their errors and were not considered")
