@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Collection, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -88,6 +88,7 @@ class Change:
     output_cosine: float | None = None
     checked_on: str = ""  # the inputs of that check: "activations", "random", both, or why it was not made
     notes: str = ""
+    quantized: str = ""  # how the new nodes were quantized (int8 QDQ), "" when they are float
 
 
 @dataclass
@@ -115,6 +116,7 @@ class RewriteReport:
     dry_run: bool = False
     tolerance_required: bool = False  # atol/rtol/min_cosine given: the outputs must pass
     warnings: list[str] = field(default_factory=list)  # what loading the model said (shapes, probe)
+    notes: list[str] = field(default_factory=list)  # what the engine did to the model besides the changes (opset)
 
     @property
     def totals(self) -> dict[str, Any]:
@@ -188,9 +190,11 @@ def _or(value, default):
 
 @staged(lambda cg, rule, *_: f"applying {rule.name}")
 def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report: RewriteReport,
-           dry_run: bool, calibration: dict | None, checks: "dict[int, regions.Region | str] | None") -> None:
+           dry_run: bool, calibration: dict | None, checks: "dict[int, regions.Region | str] | None",
+           pending: "dict[int, Pending] | None" = None) -> None:
     """One pass of ``rule`` over every selected conv of every (sub)graph; ``checks`` (when the result will be
-    verified) gets, per change (its index in the report), the region to check it alone on, or why there is none."""
+    verified) gets, per change (its index in the report), the region to check it alone on, or why there is none;
+    ``pending`` the changes whose new nodes are to be quantized (the int8 rule; any rule on a QDQ conv)."""
     analysis = analyze(cg, rewrites=False)  # the engine matches and builds; it reads no estimates
     graphs = {g.path: g for g in cg.walk()}
     records: dict[str, dict[str, ConvRecord]] = {}  # per graph: node id -> record, built once
@@ -243,11 +247,100 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
         if checks is not None:
             region = regions.build(graph, old, [graph.node(n) for n in new_ids], cg.model) if old else None
             checks[len(report.changes)] = region or "the replaced nodes cannot run alone"
+        quantize = rep.quantize or _requantizes(graph, rec)
+        if pending is not None and quantize is not None:
+            pending[len(report.changes)] = Pending(graph, new_ids, quantize, old)
         report.changes.append(Change(
             rule.name, label, rec.graph, rec.kind, rep.kind_after, _or(rep.macs_before, rec.macs), rep.macs_after,
             _or(rep.params_before, rec.params), rep.params_after, rep.exact, out,
             [graph.node(n).name or n for n in new_ids], old_names,
             rep.weight_error, notes=rep.notes))
+
+
+@dataclass
+class Pending:
+    """A change whose new nodes the engine quantizes after the pass."""
+
+    graph: ConvGraph
+    ids: list[str]  # the new nodes, float
+    how: dict  # {"calibration", "reduce_range"}, and "requantize": the replaced conv was QDQ
+    old: regions.Captured | None  # the replaced nodes, for checking the quantized ones alone
+
+
+def _requantizes(graph: ConvGraph, rec: ConvRecord) -> dict | None:
+    """How a rewrite of ``rec`` is quantized again when ``rec`` is a QDQ conv (weights and input through
+    DequantizeLinear, in the main graph, where its activations can be calibrated), else None."""
+    from .quantize import made_by_dequantize
+
+    if rec.graph or rec.weight_source != "DequantizeLinear" or made_by_dequantize(graph, rec.input) is None:
+        return None
+    int8 = get_rule("int8")
+    return {**int8.resolve_params({}), "requantize": True}
+
+
+@staged("quantizing")
+def _quantize(cg: ConvGraph, report: RewriteReport, pending: dict[int, Pending], checks, floats: dict,
+              feeds, rule: str) -> None:
+    """Quantize the new nodes of each pending change with onnxruntime's quantizer (:mod:`convgraph.quantize`):
+    the activations that need ranges calibrated in one run over ``feeds()`` (None: no --calib given), then
+    each change's nodes alone, in graph order, so that a change reading another's output keeps its scale."""
+    from .quantize import calibrate_ranges, plan, quantize_region, reduce_range
+
+    def boundary(p: Pending) -> list[str]:
+        ids = set(p.ids)
+        return [o for n in p.ids for o in p.graph.node(n).output
+                if o and any(r not in ids for r in p.graph.consumers(o))]
+
+    def io(p: Pending) -> bool:
+        return not p.how.get("requantize")
+
+    need = sorted({t for p in pending.values()
+                   for t in plan(p.graph, [p.graph.node(n) for n in p.ids], boundary(p), quantize_io=io(p)).calibrate})
+    how = next(iter(pending.values())).how
+    ranges: dict = {}
+    if need:
+        if feeds is None:
+            shown = ", ".join(need[:3]) + (f" and {len(need) - 3} more" if len(need) > 3 else "")
+            raise UsageError(f"rule {rule} on quantized convs makes new activations ({shown}) whose int8 ranges must "
+                             "be calibrated: give --calib (a folder of images or an .npz like the model's real data)")
+        ranges = calibrate_ranges(cg.to_model(), need, feeds(), how["calibration"], types=cg.shapes)
+    reduce = reduce_range(how["reduce_range"])
+    first = {i: min(p.graph.graph.nodes[n]["order"] for n in p.ids) for i, p in pending.items()}
+    for i in sorted(pending, key=lambda k: first[k]):
+        p, c = pending[i], report.changes[i]
+        nodes = [p.graph.node(n) for n in p.ids]
+        plan_i = plan(p.graph, nodes, boundary(p), quantize_io=io(p))
+        new, inits = quantize_region(p.graph, nodes, plan_i, ranges, method=how["calibration"], reduce=reduce,
+                                     base=c.node)
+        read = {t for n in nodes for t in n.input if t}
+        new_ids = p.graph.replace(p.ids, new, inits)
+        _drop_orphans(p.graph, read)
+        c.new_nodes = [p.graph.node(n).name or n for n in new_ids]
+        c.quantized = (f"int8 QDQ (onnxruntime's quantizer): per-channel int8 weights"
+                       f"{' (7-bit: reduce_range)' if reduce else ''}, uint8 activations"
+                       + (f", {how['calibration']} ranges of {len(plan_i.calibrate)} new tensor(s) on --calib"
+                          if plan_i.calibrate else "") + (f", {len(plan_i.kept)} scale(s) kept" if plan_i.kept else ""))
+        if checks is not None:
+            if isinstance(checks.get(i), regions.Region):
+                floats[i] = checks[i]
+            region = regions.build(p.graph, p.old, [p.graph.node(n) for n in new_ids], cg.model) if p.old else None
+            checks[i] = region or "the replaced nodes cannot run alone"
+
+
+def _int8_check(model: onnx.ModelProto, report: RewriteReport, provider: str) -> None:
+    """Whether onnxruntime runs the quantized changes' convs as int8 kernels (its optimized graph): in the checks,
+    and a warning naming those it runs in float."""
+    from .quantize import int8_kernels
+
+    convs = {n.name for n in model.graph.node if n.op_type == "Conv"}
+    ours = [n for c in report.changes if c.quantized for n in c.new_nodes if n in convs]
+    ran = int8_kernels(model, provider)
+    floats = [n for n in ours if n not in ran]
+    report.checks["int8 kernels"] = (f"{len(ours) - len(floats)} of {len(ours)} quantized convs run as QLinearConv "
+                                     "(onnxruntime's optimized graph)")
+    if floats:
+        report.warnings.append(f"onnxruntime runs {len(floats)} quantized conv(s) in float, not as int8 kernels: "
+                               + ", ".join(floats[:5]) + (" ..." if len(floats) > 5 else ""))
 
 
 def _metadata(model: onnx.ModelProto, changes: list[Change]) -> None:
@@ -301,17 +394,42 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
     label = "<model>" if isinstance(source, (bytes, onnx.ModelProto, ConvGraph)) else str(source)
     report = RewriteReport(model=label, rules=[{"rule": r.name, "params": p, "exact": r.is_exact(p)} for r, p in resolved],
                            dry_run=dry_run, warnings=list(cg.warnings))
-    if calib is not None and calibration is None and not dry_run:
+    quantizing = [r.name for r in chosen if r.quantizes]
+    if quantizing and calib is None and not dry_run:
+        raise UsageError(f"rule {quantizing[0]} calibrates int8 activation ranges on data: give --calib (a folder "
+                         "of images or an .npz like the model's real data; calib= in Python)")
+    if quantizing and not dry_run:
+        from .quantize import ensure_opset
+
+        converted, note = ensure_opset(cg.to_model())
+        if note:
+            cg = load(converted, input_shapes, check=False, probe=probe)
+            report.notes.append(note)
+    if isinstance(calib, Iterator):
+        calib = list(calib)  # read twice: patch statistics and activation ranges
+    opts = dict(input_options or {})
+    samples, seed = opts.pop("samples", None), opts.pop("seed", 0)
+    if calib is not None and calibration is None and not dry_run and len(quantizing) < len(chosen):
         from .calibrate import calibrate
 
-        opts = dict(input_options or {})
-        calibration = calibrate(cg, calib, input_shapes=input_shapes, samples=opts.pop("samples", None),
-                                seed=opts.pop("seed", 0), input_options=opts, provider=provider)
+        calibration = calibrate(cg, calib, input_shapes=input_shapes, samples=samples, seed=seed, input_options=opts,
+                                provider=provider)
+    feeds = None
+    if calib is not None:
+        from .inputs import make_inputs
+
+        def feeds():
+            return make_inputs(original, calib, input_shapes=input_shapes, samples=samples, seed=seed, **opts)
+
     checks: dict[int, regions.Region | str] | None = {} if verify and not dry_run else None
+    floats: dict[int, regions.Region] = {}  # quantized changes: their float replacement, checked before quantizing
     for i, (rule, p) in enumerate(resolved):
         if i:
             cg = load(cg.to_model(), input_shapes, check=False, probe=probe)  # fresh shapes and records for the next rule
-        _apply(cg, rule, p, selection, report, dry_run, calibration, checks)
+        pending: dict[int, Pending] = {}
+        _apply(cg, rule, p, selection, report, dry_run, calibration, checks, pending)
+        if pending and not dry_run:
+            _quantize(cg, report, pending, checks, floats, feeds, rule.name)
     skipped = [f"{e.node} ({e.rule}): {e.reason.removeprefix('skipped: ')}" for e in report.explain if e.skipped]
     if skipped:
         report.warnings.append(("nothing rewritten: every conv the rules matched was skipped: " if not report.changes
@@ -322,6 +440,8 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
     if report.changes:
         _metadata(model, report.changes)
     report.checks = structural_checks(model)
+    if verify and any(c.quantized for c in report.changes):
+        _int8_check(model, report, provider)
     if verify and report.changes:
         numerics(original, model, report, checks, input_shapes, inputs, input_options or {}, atol, rtol, min_cosine,
                   provider)

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("analysis", ("patterns", "receptive", "roofline", "regions")),
     ("rules", ("rule", "fit", "fit.*", "rules", "rules.*", "registry")),
     ("analyzer", ("analyze", "report")),
-    ("engine and verification", ("localize", "verify", "calibrate", "rewrite_check", "rewrite", "profile")),
+    ("engine and verification", ("localize", "verify", "calibrate", "quantize", "rewrite_check", "rewrite", "profile")),
     ("optimizer", ("optimize", "optimize.*")),
     ("interface", ("", "__main__", "cli", "cli.*")),
 ]

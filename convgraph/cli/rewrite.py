@@ -57,6 +57,8 @@ def render(report) -> None:
         steps = f" in {tot['changes']} changes" if tot["changes"] != n else ""
         out.print(f"{n} conv{'s' * (n != 1)} rewritten{steps}: MACs {_fmt(before)} → {_fmt(after)}{ratio}, "
                   f"params {_fmt(tot['params_before'])} → {_fmt(tot['params_after'])}")
+    for note in report.notes:
+        out.print(f"note: {note}", markup=False)
     if report.checks:
         out.print("checks: " + ", ".join(f"{k} {v}" for k, v in report.checks.items()))
     if report.verification:
@@ -117,7 +119,8 @@ def _render_estimates(estimates: dict) -> None:
 @input_shape_option
 @input_data_options
 @click.option("--calib", type=click.Path(), help="Calibration inputs (.npz or a folder of images): approximate "
-              "rules fit on the activations the model really sees (fit=data).")
+              "rules fit on the activations the model really sees (fit=data); int8 calibrates its activation ranges "
+              "on them (required there).")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime numerics check.")
 @click.option("--atol", type=float, help="Require model outputs within this absolute tolerance (exit 1 otherwise).")
 @click.option("--rtol", type=float, help="Require model outputs within this relative tolerance.")
