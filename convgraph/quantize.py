@@ -394,3 +394,75 @@ def int8_kernels(model: onnx.ModelProto, provider: str = "cpu") -> set[str]:
         create_session(model, provider=provider, threads=1, quiet=True, options={"optimized_model_filepath": str(path)})
         opt = onnx.load(path, load_external_data=False)
     return {re.sub(r"_token_\d+$", "", n.name) for n in opt.graph.node if n.op_type in ("QLinearConv", "ConvInteger")}
+
+
+def _span(scale: float, zero_point: int, dtype: np.dtype) -> float:
+    """The largest magnitude a quantization can represent."""
+    info = np.iinfo(dtype)
+    return scale * max(abs(int(info.min) - zero_point), abs(int(info.max) - zero_point))
+
+
+def predicted_noise(nodes: Sequence[onnx.NodeProto], inits: Sequence[onnx.TensorProto], graph, p: Plan,
+                    ranges: Mapping[str, tuple[float, float]]) -> float:
+    """The RMS noise that quantizing a region adds at its outputs, against the same nodes in float on the same
+    inputs: each new rounding of an activation (uniform, variance step²/12) and of a weight (per output channel:
+    step²/12 times the patch's Σx², bounded with the input's largest magnitude), carried through the convs after
+    it by their mean squared row norm; data-movement and element-wise ops pass it on. A requantized exact rewrite
+    is held to this (times a margin): its error should be that noise, not more."""
+    from .weights import constant_value
+
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in inits}
+
+    def value(t: str) -> np.ndarray:
+        v = values[t] if t in values else constant_value(graph, t)
+        return np.asarray(v if v is not None else 0.0, np.float64)
+
+    var: dict[str, float] = {t: 0.0 for t in p.inputs}  # the region's inputs are the same in both
+    peak: dict[str, float] = {}
+    for t in p.inputs:
+        s = p.kept.get(t)
+        peak[t] = _span(s.scale, s.zero_point, s.dtype) if s is not None else max(map(abs, ranges.get(t, (0.0, 0.0))))
+    weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # DequantizeLinear output → (weights, step per row)
+    for n in nodes:
+        ins = [i for i in n.input if i]
+        if n.op_type == "DequantizeLinear" and ins[0] in values:  # a constant's: weights or bias
+            q, scale = value(ins[0]), value(ins[1])
+            zp = value(ins[2]) if len(ins) > 2 else np.zeros_like(scale)
+            shape = [-1] + [1] * (q.ndim - 1) if scale.size > 1 else [1] * q.ndim
+            w = (q - zp.reshape(shape)) * scale.reshape(shape)
+            weights[n.output[0]] = (w, np.broadcast_to(scale.reshape(-1), (w.shape[0] if w.ndim else 1,)))
+            continue
+        if n.op_type == "QuantizeLinear":  # a new rounding of an activation
+            step = float(value(ins[1]).reshape(-1)[0])
+            zero = int(value(ins[2]).reshape(-1)[0]) if len(ins) > 2 else 0
+            dtype = values[ins[2]].dtype if len(ins) > 2 and ins[2] in values else np.dtype(np.uint8)
+            var[n.output[0]] = var.get(ins[0], 0.0) + step * step / 12
+            peak[n.output[0]] = _span(step, zero, dtype)
+            continue
+        if n.op_type == "Conv" and len(ins) > 1 and ins[1] in weights:
+            w, steps = weights[ins[1]]
+            rows = w.reshape(w.shape[0], -1)
+            gain = float(np.mean(np.sum(rows * rows, axis=1)))
+            weight_var = float(np.mean(steps * steps / 12)) * rows.shape[1] * peak.get(ins[0], 0.0) ** 2
+            var[n.output[0]] = var.get(ins[0], 0.0) * gain + weight_var
+            peak[n.output[0]] = peak.get(ins[0], 0.0) * float(np.abs(rows).sum(axis=1).max())
+            continue
+        for o in n.output:  # dequantizing, moving or element-wise: the noise passes on
+            if o:
+                var[o] = max([var.get(i, 0.0) for i in ins] or [0.0])
+                peak[o] = max([peak.get(i, 0.0) for i in ins] or [0.0])
+    return float(np.sqrt(max([var.get(t, 0.0) for t in p.outputs] or [0.0])))
+
+
+def float_twin(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the quantization of its activations taken out: each DequantizeLinear of a QuantizeLinear's
+    output becomes an Identity of that QuantizeLinear's input (weights stay as dequantized). Run against the
+    original, it shows the noise the original's activation quantization adds (main graph)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    made = {o: n for n in m.graph.node for o in n.output}
+    for i, n in enumerate(m.graph.node):
+        q = made.get(n.input[0]) if n.op_type == "DequantizeLinear" and n.input else None
+        if q is not None and q.op_type == "QuantizeLinear":
+            m.graph.node[i].CopyFrom(helper.make_node("Identity", [q.input[0]], [n.output[0]], name=n.name))
+    return m

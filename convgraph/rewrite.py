@@ -17,7 +17,7 @@ from typing import Any, Collection, Iterator, Sequence
 import numpy as np
 import onnx
 
-from . import regions
+from . import regions, tolerance
 from .analyze import analyze
 from .errors import UsageError
 from .graph import ConvGraph, load
@@ -86,6 +86,9 @@ class Change:
     weight_error: float | None = None
     output_error: float | None = None  # the new nodes against the old ones alone: max abs error / max abs old output
     output_cosine: float | None = None
+    output_rms: float | None = None  # the RMS of that error, in the output's units
+    #: what an exact change is held to (convgraph.tolerance.Bound as a dict: limit, measure, basis)
+    tolerance: dict | None = None
     checked_on: str = ""  # the inputs of that check: "activations", "random", both, or why it was not made
     notes: str = ""
     quantized: str = ""  # how the new nodes were quantized (int8 QDQ), "" when they are float
@@ -250,11 +253,13 @@ def _apply(cg: ConvGraph, rule: Rule, params: dict, selection: Selection, report
         quantize = rep.quantize or _requantizes(graph, rec)
         if pending is not None and quantize is not None:
             pending[len(report.changes)] = Pending(graph, new_ids, quantize, old)
+        info = graph.shape_info(out)
         report.changes.append(Change(
             rule.name, label, rec.graph, rec.kind, rep.kind_after, _or(rep.macs_before, rec.macs), rep.macs_after,
             _or(rep.params_before, rec.params), rep.params_after, rep.exact, out,
             [graph.node(n).name or n for n in new_ids], old_names,
-            rep.weight_error, notes=rep.notes))
+            rep.weight_error, notes=rep.notes,
+            tolerance=tolerance.for_type(info.elem_type if info else None).to_dict() if rep.exact else None))
 
 
 @dataclass
@@ -275,7 +280,7 @@ def _requantizes(graph: ConvGraph, rec: ConvRecord) -> dict | None:
     if rec.graph or rec.weight_source != "DequantizeLinear" or made_by_dequantize(graph, rec.input) is None:
         return None
     int8 = get_rule("int8")
-    return {**int8.resolve_params({}), "requantize": True}
+    return {**int8.resolve_params({}), "calibration": "minmax", "requantize": True}
 
 
 @staged("quantizing")
@@ -284,7 +289,7 @@ def _quantize(cg: ConvGraph, report: RewriteReport, pending: dict[int, Pending],
     """Quantize the new nodes of each pending change with onnxruntime's quantizer (:mod:`convgraph.quantize`):
     the activations that need ranges calibrated in one run over ``feeds()`` (None: no --calib given), then
     each change's nodes alone, in graph order, so that a change reading another's output keeps its scale."""
-    from .quantize import calibrate_ranges, plan, quantize_region, reduce_range
+    from .quantize import calibrate_ranges, plan, predicted_noise, quantize_region, reduce_range
 
     def boundary(p: Pending) -> list[str]:
         ids = set(p.ids)
@@ -312,6 +317,14 @@ def _quantize(cg: ConvGraph, report: RewriteReport, pending: dict[int, Pending],
         plan_i = plan(p.graph, nodes, boundary(p), quantize_io=io(p))
         new, inits = quantize_region(p.graph, nodes, plan_i, ranges, method=how["calibration"], reduce=reduce,
                                      base=c.node)
+        requantized = bool(how.get("requantize"))
+        if requantized and c.exact:  # held to the noise its new roundings add, not to float rounding
+            float_bound = c.tolerance
+            c.tolerance = tolerance.requantized(predicted_noise(new, inits, p.graph, plan_i, ranges)).to_dict()
+        if requantized:
+            c.kind_after += " (int8)"
+            c.notes = c.notes.replace("weight dequantized into a float initializer (its QDQ quantization is not kept)",
+                                      "rewritten in float from the dequantized weights, then quantized again")
         read = {t for n in nodes for t in n.input if t}
         new_ids = p.graph.replace(p.ids, new, inits)
         _drop_orphans(p.graph, read)
@@ -321,8 +334,8 @@ def _quantize(cg: ConvGraph, report: RewriteReport, pending: dict[int, Pending],
                        + (f", {how['calibration']} ranges of {len(plan_i.calibrate)} new tensor(s) on --calib"
                           if plan_i.calibrate else "") + (f", {len(plan_i.kept)} scale(s) kept" if plan_i.kept else ""))
         if checks is not None:
-            if isinstance(checks.get(i), regions.Region):
-                floats[i] = checks[i]
+            if isinstance(checks.get(i), regions.Region) and requantized and c.exact:
+                floats[i] = (checks[i], float_bound)
             region = regions.build(p.graph, p.old, [p.graph.node(n) for n in new_ids], cg.model) if p.old else None
             checks[i] = region or "the replaced nodes cannot run alone"
 
@@ -422,7 +435,7 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
             return make_inputs(original, calib, input_shapes=input_shapes, samples=samples, seed=seed, **opts)
 
     checks: dict[int, regions.Region | str] | None = {} if verify and not dry_run else None
-    floats: dict[int, regions.Region] = {}  # quantized changes: their float replacement, checked before quantizing
+    floats: dict = {}  # requantized exact changes: (their float replacement's region, its bound), checked too
     for i, (rule, p) in enumerate(resolved):
         if i:
             cg = load(cg.to_model(), input_shapes, check=False, probe=probe)  # fresh shapes and records for the next rule
@@ -444,7 +457,7 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
         _int8_check(model, report, provider)
     if verify and report.changes:
         numerics(original, model, report, checks, input_shapes, inputs, input_options or {}, atol, rtol, min_cosine,
-                  provider)
+                 provider, floats)
     if bench and report.changes:
         from .bench import bench as run_bench
 

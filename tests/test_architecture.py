@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: A module may import modules of its own layer or of a layer below, never one above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("errors", "expr", "record", "progress", "io", "weights", "synthetic", "zoo", "arithmetic",
-                    "convops", "metrics")),
+                    "convops", "metrics", "tolerance")),
     ("runtime", ("runtime", "inputs", "bench")),
     ("model", ("shapes", "propagate", "graph")),
     ("analysis", ("patterns", "receptive", "roofline", "regions")),

@@ -7,6 +7,7 @@ import click
 from ..errors import CheckFailed, UsageError
 from ..io import check_output_path, write_model
 from ..rewrite import Selection, rewrite
+from ..tolerance import Bound
 from . import cli
 from .common import (
     emit_json, err, input_data_kwargs, input_data_options, input_shape_option, json_option, out, probe_option,
@@ -59,13 +60,21 @@ def render(report) -> None:
                   f"params {_fmt(tot['params_before'])} → {_fmt(tot['params_after'])}")
     for note in report.notes:
         out.print(f"note: {note}", markup=False)
-    if report.checks:
-        out.print("checks: " + ", ".join(f"{k} {v}" for k, v in report.checks.items()))
+    checks = {k: v for k, v in report.checks.items() if k != "model tolerance"}
+    if checks:
+        out.print("checks: " + ", ".join(f"{k} {v}" for k, v in checks.items()), markup=False)
+    held = list(dict.fromkeys(Bound(**c.tolerance).describe() for c in report.changes if c.exact and c.tolerance))
+    if held:
+        out.print("exact changes, each alone: " + "; ".join(held), markup=False)
+    if "model tolerance" in report.checks:
+        out.print(f"exact changes, at the model outputs: {report.checks['model tolerance']}", markup=False)
     if report.verification:
         v = report.verification
         verdict = {"passed": "PASS", "failed": "FAIL"}.get(v.get("verdict"), "INCONCLUSIVE")
         if not report.tolerance_required:
-            verdict = f"{verdict.lower()} at the default tolerance (not required: give --atol/--rtol/--min-cosine)"
+            basis = f", {v['tolerance_basis']}" if v.get("tolerance_basis") else ""
+            verdict = (f"{verdict.lower()} at the default tolerance{basis} (not required: give "
+                       "--atol/--rtol/--min-cosine)")
         rows = v.get("outputs", {})
         keys = [k for k in ("max_abs_err", "scaled_err", "mean_abs_err", "cosine", "snr_db", "top1") if any(k in m for m in rows.values())]
         show([Column("output", "name"), *(Column(k, "num") for k in keys)],
