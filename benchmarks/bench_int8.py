@@ -14,6 +14,7 @@ thread (interleaved runs, ``convgraph.bench``)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -54,10 +55,11 @@ def ort_quantize(model: onnx.ModelProto, calib, method: str, tmp: Path) -> onnx.
 
     src, pre, dst = tmp / "in.onnx", tmp / "pre.onnx", tmp / f"ort.{method}.onnx"
     onnx.save(ensure_opset(model)[0], src)
-    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],
-                    calibrate_method=getattr(CalibrationMethod, ORT_METHODS[method]))
+    with contextlib.redirect_stdout(sys.stderr):  # its calibrators print progress: keep the table clean
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],
+                        calibrate_method=getattr(CalibrationMethod, ORT_METHODS[method]))
     return onnx.load(dst)
 
 
@@ -78,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--text-heldout", type=int, default=6, help="synthetic held-out pages (PP-OCR det)")
     ap.add_argument("--speed", action="store_true", help="also time each model against fp32 at one thread")
     ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--only", choices=("convgraph", "onnxruntime"), help="one quantizer only")
     args = ap.parse_args(argv)
     rows = []
     for name in args.models.split(","):
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
             names = sorted(p.name for p in held_dir.iterdir())
             ref = outputs(original, list(held), [tensor])
             for method in args.methods.split(","):
-                for who in ("convgraph", "onnxruntime"):
+                for who in [args.only] if args.only else ("convgraph", "onnxruntime"):
                     t = time.perf_counter()
                     if who == "convgraph":
                         model = rewrite(path, ["int8"], params={"calibration": method}, calib=calib,

@@ -17,7 +17,9 @@ int8 weights, uint8 activations, int32 biases) writes the quantized nodes. What 
   over the data for exactly those tensors, a batch at a time, with onnxruntime's calibrator classes);
 * onnxruntime's calibrators as they come have a trap: its Entropy calibrator's defaults (128 histogram bins and 128
   quantized bins) leave the KL search a single candidate, the whole range, so Entropy equals MinMax; here it gets
-  2048 bins (TensorRT's entropy calibration: 2048 bins, 128 quantized).
+  512 histogram bins into 256 quantized ones: of the settings tried on YOLOv8n (16 calibration images, worst
+  held-out image's class scores), 2048/128 gave 0.51, 2048/256 0.70, 2048/512 0.87 and 512/256 0.92, and 2048
+  bins cost minutes of its pure-Python search.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     "percentile": ("Percentile", {"num_bins": 2048, "percentile": 99.999, "symmetric": True}),
     "entropy": ("Entropy", {"num_bins": 512, "num_quantized_bins": 256}),
 }
+#: The ops quantized (their inputs, weights and outputs); other ops of a region stay float between them.
+CONVS = ("Conv", "ConvTranspose")
 #: The opset per-channel DequantizeLinear (its ``axis``) needs.
 MIN_OPSET = 13
 #: Ops that move values without computing new ones: their outputs take their inputs' scale when all share one.
@@ -290,7 +294,7 @@ def quantize_region(graph, nodes: Sequence[onnx.NodeProto], p: Plan, ranges: Map
         else:
             lo, hi = ranges[t]
         table[t] = TensorData(lowest=np.array(min(lo, 0.0), np.float32), highest=np.array(max(hi, 0.0), np.float32))
-    to_quantize = [n.name for n in region.graph.node]
+    to_quantize = [n.name for n in region.graph.node if n.op_type in CONVS]  # the ops between stay as they are
     with tempfile.TemporaryDirectory(prefix="convgraph.quant.") as tmp, _quiet():
         cache, out = Path(tmp) / "ranges.json", Path(tmp) / "q.onnx"
         kind = getattr(CalibrationMethod, METHODS[method][0])
@@ -394,6 +398,26 @@ def int8_kernels(model: onnx.ModelProto, provider: str = "cpu") -> set[str]:
         create_session(model, provider=provider, threads=1, quiet=True, options={"optimized_model_filepath": str(path)})
         opt = onnx.load(path, load_external_data=False)
     return {re.sub(r"_token_\d+$", "", n.name) for n in opt.graph.node if n.op_type in ("QLinearConv", "ConvInteger")}
+
+
+def weight_error(before: Sequence[np.ndarray], nodes: Sequence[onnx.NodeProto], inits: Sequence[onnx.TensorProto]) -> float:
+    """The relative Frobenius error of the quantized convs' weights (``nodes``, ``inits``: a quantized region)
+    against ``before``, the float weights of the same convs in the same order."""
+    values = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in inits}
+    made = {o: n for n in nodes for o in n.output}
+    num = den = 0.0
+    convs = [n for n in nodes if n.op_type in CONVS]
+    for w, conv in zip(before, convs):
+        dq = made.get(conv.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in values:
+            continue
+        q, scale = values[dq.input[0]], values.get(dq.input[1], np.ones(1))
+        zp = values.get(dq.input[2], np.zeros_like(scale)) if len(dq.input) > 2 else np.zeros_like(scale)
+        shape = [-1] + [1] * (q.ndim - 1) if scale.size > 1 else [1] * q.ndim
+        d = (q - zp.reshape(shape)) * scale.reshape(shape) - np.asarray(w, np.float64)
+        num += float(np.sum(d * d))
+        den += float(np.sum(np.asarray(w, np.float64) ** 2))
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
 def _span(scale: float, zero_point: int, dtype: np.dtype) -> float:

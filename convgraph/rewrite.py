@@ -289,7 +289,8 @@ def _quantize(cg: ConvGraph, report: RewriteReport, pending: dict[int, Pending],
     """Quantize the new nodes of each pending change with onnxruntime's quantizer (:mod:`convgraph.quantize`):
     the activations that need ranges calibrated in one run over ``feeds()`` (None: no --calib given), then
     each change's nodes alone, in graph order, so that a change reading another's output keeps its scale."""
-    from .quantize import calibrate_ranges, plan, predicted_noise, quantize_region, reduce_range
+    from .quantize import CONVS, calibrate_ranges, plan, predicted_noise, quantize_region, reduce_range, weight_error
+    from .weights import constant_value
 
     def boundary(p: Pending) -> list[str]:
         ids = set(p.ids)
@@ -325,6 +326,9 @@ def _quantize(cg: ConvGraph, report: RewriteReport, pending: dict[int, Pending],
             c.kind_after += " (int8)"
             c.notes = c.notes.replace("weight dequantized into a float initializer (its QDQ quantization is not kept)",
                                       "rewritten in float from the dequantized weights, then quantized again")
+        if c.weight_error is None:  # the int8 rule: how far quantizing moved the weights
+            before = [constant_value(p.graph, n.input[1]) for n in nodes if n.op_type in CONVS]
+            c.weight_error = weight_error([w for w in before if w is not None], new, inits)
         read = {t for n in nodes for t in n.input if t}
         new_ids = p.graph.replace(p.ids, new, inits)
         _drop_orphans(p.graph, read)

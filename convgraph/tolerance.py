@@ -52,12 +52,25 @@ class Bound:
     def measured(self, *, scaled: float | None = None, rms: float | None = None, cosine: float | None = None) -> float:
         return {"scaled": scaled, "rms": rms, "distance": None if cosine is None else 1.0 - cosine}[self.measure] or 0.0
 
-    def describe(self) -> str:
+    def describe(self, limit: str | None = None) -> str:
+        """``<measure> ≤ <limit> (<basis>)``; ``limit`` replaces the number (a range over several changes)."""
         what = {"scaled": "max abs error / max abs output", "rms": "RMS error", "distance": "1 − cosine"}[self.measure]
-        return f"{what} ≤ {self.limit:.3g} ({self.basis})"
+        return f"{what} ≤ {limit or format(self.limit, '.3g')} ({self.basis})"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def summarize(bounds) -> list[str]:
+    """One line per kind of bound (measure and basis) among ``bounds``, the limits as a range where they differ."""
+    kinds: dict[tuple[str, str], list[Bound]] = {}
+    for b in bounds:
+        kinds.setdefault((b.measure, b.basis), []).append(b)
+    out = []
+    for group in kinds.values():
+        lo, hi = min(b.limit for b in group), max(b.limit for b in group)
+        out.append(group[0].describe(None if lo == hi else f"{lo:.3g}–{hi:.3g}"))
+    return out
 
 
 def type_name(elem_type: int | None) -> str:
@@ -79,7 +92,7 @@ def requantized(noise: float) -> Bound:
     """The bound of an exact rewrite of an int8 conv whose new nodes were quantized again, ``noise`` the RMS noise
     their new roundings predict."""
     return Bound(NOISE_MARGIN * noise, "rms",
-                 f"int8 requantization: {NOISE_MARGIN:g} × the RMS noise {noise:.3g} its new roundings predict")
+                 f"int8 requantization: {NOISE_MARGIN:g} × the RMS noise its new roundings predict")
 
 
 def twin_bound(twin_cosine: float) -> Bound:

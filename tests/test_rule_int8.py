@@ -51,7 +51,8 @@ def test_every_conv_becomes_an_int8_kernel_with_its_error_alone():
     assert [c.node for c in rep.changes] == ["conv0", "conv1", "conv2"]
     for c in rep.changes:
         assert not c.exact and c.quantized.startswith("int8 QDQ") and c.kind_after.endswith("(int8)")
-        assert c.checked_on.startswith("activations") and 0 < c.output_error < 0.25 and c.output_cosine > 0.999
+        assert c.checked_on.startswith("activations") and 0 < c.output_error < 0.5 and c.output_cosine > 0.99
+        assert 0 < c.weight_error < 0.02  # per-channel int8: about 1/127 of each filter's largest weight
     assert rep.checks["int8 kernels"].startswith("3 of 3 quantized convs run as QLinearConv")
     assert int8_kernels(res.model) == {"conv0", "conv1", "conv2"}
     ops = [n.op_type for n in res.model.graph.node]
@@ -107,7 +108,7 @@ def test_the_cli_writes_the_model_and_json_stays_json(tmp_path, capsys):
     assert [r["params"] for r in doc["rules"]] == [{"calibration": "minmax", "reduce_range": "auto"}]
     code, out, err = run_cli(capsys, "rewrite", path, "--rule", "int8", "--calib", calib, "--param",
                              "calibration=median", "-o", tmp_path / "p.onnx")
-    assert code == 2 and "percentile, minmax, entropy" in err
+    assert code == 2 and "entropy, percentile, minmax" in err
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
@@ -203,4 +204,5 @@ def test_ppocr_det_is_converted_to_opset_13_and_quantized(real_models, tmp_path)
     assert n == 62 and res.report.checks["int8 kernels"].startswith(f"{n} of {n} ")
     # its weights were Constant nodes: each conv now reads an int8 initializer through a DequantizeLinear
     assert sum(t.data_type == TensorProto.INT8 and len(t.dims) == 4 for t in res.model.graph.initializer) == n
-    assert all(c.output_cosine > 0.95 for c in res.report.changes)
+    worst = min(res.report.changes, key=lambda c: c.output_cosine)
+    assert worst.output_cosine > 0.9, (worst.node, worst.output_cosine)

@@ -7,7 +7,7 @@ import click
 from ..errors import CheckFailed, UsageError
 from ..io import check_output_path, write_model
 from ..rewrite import Selection, rewrite
-from ..tolerance import Bound
+from ..tolerance import Bound, summarize
 from . import cli
 from .common import (
     emit_json, err, input_data_kwargs, input_data_options, input_shape_option, json_option, out, probe_option,
@@ -63,7 +63,7 @@ def render(report) -> None:
     checks = {k: v for k, v in report.checks.items() if k != "model tolerance"}
     if checks:
         out.print("checks: " + ", ".join(f"{k} {v}" for k, v in checks.items()), markup=False)
-    held = list(dict.fromkeys(Bound(**c.tolerance).describe() for c in report.changes if c.exact and c.tolerance))
+    held = summarize(Bound(**c.tolerance) for c in report.changes if c.exact and c.tolerance)
     if held:
         out.print("exact changes, each alone: " + "; ".join(held), markup=False)
     if "model tolerance" in report.checks:
