@@ -7,8 +7,8 @@ text (skimage's page and text, and synthetic pages drawn with another seed than 
 The worst image decides which method is the rule's default. ``--speed`` also times each model against fp32 at one
 thread (interleaved runs, ``convgraph.bench``)::
 
-    python benchmarks/bench_int8.py                       # both models, every method, fidelity
-    python benchmarks/bench_int8.py --models yolov8n --speed
+    python benchmarks/bench_int8_calibration.py                       # both models, every method, fidelity
+    python benchmarks/bench_int8_calibration.py --models yolov8n --speed
 """
 
 from __future__ import annotations
