@@ -3,13 +3,13 @@
 
 Usage: ``python benchmarks/bench_approx.py [--runs 30] [--threads 1] [--only TEXT] [--no-calibration]``.
 
-Each row rewrites every conv a rule matches in a real model (``convgraph.rewrite``, the engine users
+Each row rewrites every conv a rule matches in a real model (``convgraph.engine.rewrite``, the engine users
 run) and measures, separately: the MACs ratio of the rewritten convs and of all the model's convs
 (counted by the analyzer), the latency ratio of the whole model (onnxruntime CPU, ``--threads``
 threads, interleaved runs, median of the pairwise ratios: below 1 is faster), and the cosine between
 the original's and the rewritten model's outputs on real photos and text pages from scikit-image's
 sample data (mean and smallest over the images). Rows marked "calibrated" fit on the input-patch
-statistics of other images (``convgraph.calibrate``) instead of the weights alone. Real models come
+statistics of other images (``convgraph.engine.calibrate``) instead of the weights alone. Real models come
 from PyPI wheels (``convgraph.zoo``); the first run downloads them.
 """
 
@@ -85,13 +85,13 @@ def load_image(spec, model: Model) -> np.ndarray:
         im = im.convert("RGB")
         if box is not None:
             im = im.crop(box)
-        a = np.asarray(im.resize((w, h), Image.BILINEAR), np.float32) / 255.0
-    a = (a - np.asarray(model.mean, np.float32)) / np.asarray(model.std, np.float32)
-    return np.ascontiguousarray(a.transpose(2, 0, 1)[None])
+        a = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR), np.float32) / 255.0
+    x = (a - np.asarray(model.mean, np.float32)) / np.asarray(model.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 
 
 def outputs(model, feeds: list[dict]) -> list[np.ndarray]:
-    from convgraph.runtime import create_session
+    from convgraph.run.runtime import create_session
 
     sess = create_session(model)
     return [np.concatenate([np.ravel(o).astype(np.float64) for o in sess.run(None, f)]) for f in feeds]
@@ -103,23 +103,23 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def conv_macs(model, shapes) -> int:
     import convgraph
-    from convgraph.analyze import analyze
+    from convgraph.analysis.analyze import analyze
 
     return sum(r.macs or 0 for r in analyze(convgraph.load(model, shapes), rewrites=False).convs)
 
 
 def run_case(case: Case, path, model: Model, feeds: list[dict], reference: list[np.ndarray], total_macs: int,
              runs: int, threads: int, calibration=None) -> dict:
-    from convgraph.bench import bench
-    from convgraph.rewrite import rewrite
+    from convgraph.run.bench import bench
+    from convgraph.engine.rewrite import rewrite
 
     start = time.perf_counter()
     result = rewrite(path, [case.rule], params=case.params, input_shapes=model.shapes, verify=False,
                      calibration=calibration)
     fit_s = time.perf_counter() - start
     changes = result.report.changes
-    before = sum(c.macs_before for c in changes)
-    after = sum(c.macs_after for c in changes)
+    before = sum(c.macs_before or 0 for c in changes)  # known: the input shapes are fixed
+    after = sum(c.macs_after or 0 for c in changes)
     got = outputs(result.model, feeds)
     timing = bench([path, result.model], input_shapes=model.shapes, runs=runs, warmup=5, threads=threads,
                    names=["original", "rewritten"], progress=False)
@@ -144,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     from convgraph import zoo
-    from convgraph.calibrate import calibrate
+    from convgraph.engine.calibrate import calibrate
 
-    rows, cache = [], {}
+    rows: list[dict] = []
+    cache: dict[str, tuple] = {}  # model -> (path, feeds, reference outputs, MACs, calibration or None)
     print(_header(), flush=True)
     for case in CASES:
         label = f"{case.model} {case.rule} {case.params}{' calibrated' if case.calibrated else ''}"

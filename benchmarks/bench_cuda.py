@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from convgraph import ConvGraphWarning, bench, verify
-from convgraph.rewrite import rewrite
+from convgraph.engine.rewrite import rewrite
 from convgraph.errors import ConvGraphError
 
 def page(size: int = 640) -> dict:

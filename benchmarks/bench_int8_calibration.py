@@ -29,9 +29,9 @@ from bench_optimize import (  # noqa: E402 - the same images, calibration sets a
 )
 
 from convgraph import load, zoo  # noqa: E402
-from convgraph.bench import bench  # noqa: E402
-from convgraph.quantize import ensure_opset  # noqa: E402
-from convgraph.rewrite import rewrite  # noqa: E402
+from convgraph.run.bench import bench  # noqa: E402
+from convgraph.engine.quantize import ensure_opset  # noqa: E402
+from convgraph.engine.rewrite import rewrite  # noqa: E402
 
 METHODS = ("minmax", "percentile", "entropy")
 ORT_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}

@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from convgraph import load, zoo
-from convgraph.bench import bench
-from convgraph.inputs import InputSet, make_inputs
+from convgraph.run.bench import bench
+from convgraph.run.inputs import InputSet, make_inputs
 from convgraph.optimize import optimize, plot_pareto
-from convgraph.runtime import create_session, expose_tensors, run
-from convgraph.verify import compare
+from convgraph.run.runtime import create_session, expose_tensors, run
+from convgraph.run.metrics import compare
 
 #: Sources of the calibration crops; the held-out images below are never fitted on.
 FIT_SOURCES = ("astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png", "rocket.jpg", "retina.jpg",
@@ -82,10 +82,10 @@ def crops_folder(dest: Path, names, count: int, size: int, seed: int = 0) -> Pat
                 x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
                 im = im.crop((x, y, x + side, y + side))
                 if rng.random() < 0.5:
-                    im = im.transpose(Image.FLIP_LEFT_RIGHT)
+                    im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                 if rng.random() < 1 / 3:
                     im = im.convert("L").convert("RGB")
-            im.resize((size, size), Image.BILINEAR).save(dest / f"{i:03d}_{Path(name).stem}.png")
+            im.resize((size, size), Image.Resampling.BILINEAR).save(dest / f"{i:03d}_{Path(name).stem}.png")
     return dest
 
 
@@ -109,10 +109,11 @@ def text_images(dest: Path, count: int, size: int, seed: int = 1) -> Path:
         draw = ImageDraw.Draw(im)
         y = int(rng.integers(0, size // 8))
         while y < size:
-            font = ImageFont.load_default(size=int(rng.integers(10, 48)))
+            px = int(rng.integers(10, 48))
+            font = ImageFont.load_default(size=px)
             line = " ".join(rng.choice(WORDS, int(rng.integers(1, 9))))
             draw.text((int(rng.integers(0, size // 4)), y), line, font=font, fill=tuple(int(v) for v in fg))
-            y += int(font.size * rng.uniform(1.3, 3.0))
+            y += int(px * rng.uniform(1.3, 3.0))
         im.save(dest / f"text_{i:03d}.png")
     return dest
 
@@ -136,7 +137,7 @@ def input_set(model, folder: Path, spec) -> InputSet:
 
 def outputs(model, feeds, names) -> dict[str, list[np.ndarray]]:
     sess = create_session(expose_tensors(model, names))
-    got = {n: [] for n in names}
+    got: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for f in feeds:
         for n, v in zip(names, run(sess, f, names)):
             got[n].append(v)
@@ -160,15 +161,15 @@ def detections(out: np.ndarray, score: float = 0.25, iou: float = 0.45) -> tuple
     keep = sc >= score
     cx, cy, w, h = p[:4, keep]
     boxes, sc, cls = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1), sc[keep], cls[keep]
-    chosen = []
+    chosen: list[int] = []
     for k in np.unique(cls):
         idx = np.flatnonzero(cls == k)
         idx = idx[np.argsort(-sc[idx], kind="stable")]
         while len(idx):
             chosen.append(idx[0])
             idx = idx[1:][box_iou(boxes[idx[:1]], boxes[idx[1:]])[0] <= iou]
-    chosen = np.array(sorted(chosen, key=lambda i: -sc[i]), int)
-    return boxes[chosen], sc[chosen], cls[chosen]
+    order = np.array(sorted(chosen, key=lambda i: -sc[i]), int)
+    return boxes[order], sc[order], cls[order]
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -202,7 +203,7 @@ def detection_f1(ref, got, iou: float = 0.5) -> float:
 
 def calibrate_only(name: str, count: int) -> None:
     """Calibration statistics of every conv over ``count`` images (for /usr/bin/time -v)."""
-    from convgraph.calibrate import calibrate
+    from convgraph.engine.calibrate import calibrate
 
     spec = MODELS[name]
     path = zoo.fetch(name)
@@ -220,10 +221,11 @@ def calibrate_only(name: str, count: int) -> None:
 def layer_fits(name: str, count: int) -> None:
     """Per standard conv: held-out relative output error of the layer alone, weight SVD vs data-aware fits
     (whitened SVD only, then the method chosen on held-out calibration batches), separable rank 1 and 4."""
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate, patches
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibrate
+    from convgraph.fit.calibration import patches
     from convgraph.fit import separable_fit
-    from convgraph.weights import constant_value
+    from convgraph.model.weights import constant_value
 
     spec = MODELS[name]
     cg = load(zoo.fetch(name), {spec[0]: [1, 3, spec[1], spec[1]]})
@@ -243,7 +245,10 @@ def layer_fits(name: str, count: int) -> None:
     print("|---|---|---|---|")
     cols = []
     for r in recs:
-        w, b = constant_value(cg, r.weight).astype(np.float64), constant_value(cg, r.bias).astype(np.float64)
+        wv, bv = constant_value(cg, r.weight), constant_value(cg, r.bias) if r.bias else None
+        if wv is None or bv is None:  # YOLOv8n's and PP-OCR det's 3×3 convs all have constant weights and bias
+            continue
+        w, b = wv.astype(np.float64), bv.astype(np.float64)
         x = np.concatenate(acts[r.input])
         y = out(x, w, b, r)
         row = []
@@ -263,9 +268,9 @@ def low_rank_layers(name: str, count: int) -> None:
     """Per 3×3 standard conv, at equal MACs: held-out relative output error of the layer alone (the rules'
     rewrites run in onnxruntime on the held-out activations), all fitted on calibration data: separable rank 1
     against low-rank at the largest rank within its MACs, spatial-separable rank 1 likewise."""
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate
-    from convgraph.optimize.timing import _layer_model
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibrate
+    from convgraph.optimize.timing import layer_model
     from convgraph.registry import get_rule
     from convgraph.rule import RuleContext
     from convgraph.rules.low_rank import full_rank
@@ -287,7 +292,7 @@ def low_rank_layers(name: str, count: int) -> None:
         r = get_rule(rule)
         p = r.resolve_params({k: str(v) for k, v in params.items()})
         rep = r.build(rec, RuleContext(cg, by_id, stats, p), p)  # every 3×3 standard conv matches all three
-        sess = create_session(_layer_model(cg, rec, rep.nodes, rep.initializers))
+        sess = create_session(layer_model(cg, rec, rep.nodes, rep.initializers))
         got = np.concatenate([sess.run(None, {rec.input: x})[0] for x in acts[rec.input]])
         return float(np.linalg.norm(got - ref) / np.linalg.norm(ref)), rep.macs_after
 
@@ -306,7 +311,7 @@ def low_rank_layers(name: str, count: int) -> None:
     print("|---|---|---|---|---|---|")
     cols = []
     for rec in recs:
-        original = create_session(_layer_model(cg, rec, [cg.node(rec.node_id)], []))
+        original = create_session(layer_model(cg, rec, [cg.node(rec.node_id)], []))
         ref = np.concatenate([original.run(None, {rec.input: x})[0] for x in acts[rec.input]])
         row, cells = [], []
         for rule in ("separable", "spatial-separable"):
@@ -330,8 +335,8 @@ def low_rank_layers(name: str, count: int) -> None:
 def coverage_table(names) -> None:
     """The optimizer's coverage check (``OptimizeReport.coverage``) of calibration sets made of fewer and
     fewer photos against the held-out images."""
-    from convgraph.analyze import analyze
-    from convgraph.optimize import _coverage
+    from convgraph.analysis.analyze import analyze
+    from convgraph.optimize.phases import input_coverage
 
     print("| model | calibration set | coverage of the held-out images | at tensor |")
     print("|---|---|---|---|")
@@ -348,8 +353,9 @@ def coverage_table(names) -> None:
                                           ("18 whole photos", FIT_SOURCES, 18)):
                 calib = input_set(model, crops_folder(Path(tmp) / label.replace(" ", "_"), sources, count, spec[1]),
                                   spec)
-                ratio, tensor = _coverage(model, recs, calib, held, "cpu")
-                print(f"| {name} | {label} | {ratio:.2f} | {tensor} |", flush=True)
+                got = input_coverage(model, recs, calib, held, "cpu")
+                print(f"| {name} | {label} | " + (f"{got[0]:.2f} | {got[1]} |" if got else "— | no conv input |"),
+                      flush=True)
 
 
 def estimates(name: str, count: int, ranks) -> None:
@@ -357,17 +363,17 @@ def estimates(name: str, count: int, ranks) -> None:
     against every candidate judged in the whole model."""
     from scipy.stats import spearmanr
 
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibratable, calibrate
-    from convgraph.optimize import Judge, _estimate_errors, _Fitted, _key, _scale_errors, candidates
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibratable, calibrate
+    from convgraph.optimize import Judge, layer_errors, Fitted, candidate_key, scale_errors, candidates
     from convgraph.optimize.report import STABLE_SHARE
-    from convgraph.optimize.timing import _unique_names
+    from convgraph.optimize.timing import unique_names
 
     spec = MODELS[name]
     shapes = {spec[0]: [1, 3, spec[1], spec[1]]}
     cg = load(zoo.fetch(name), shapes)
     recs = [r for r in analyze(cg, rewrites=False).convs if not r.graph]
-    _unique_names(cg)
+    unique_names(cg)
     model = cg.to_model()
     with tempfile.TemporaryDirectory() as tmp:
         calib = input_set(model, crops_folder(Path(tmp) / "calib", FIT_SOURCES, count, spec[1]), spec)
@@ -376,19 +382,19 @@ def estimates(name: str, count: int, ranks) -> None:
                   strict=False)
     cands = [c for c in candidates(cg, recs, ["separable", "spatial-separable", "dilated", "low-rank"], ranks,
                                    provider="cpu", threads=1, runs=20, warmup=3)
-             if c.saving_ms > 0 and c.faster_share >= STABLE_SHARE]
+             if c.saving_ms > 0 and c.faster_share is not None and c.faster_share >= STABLE_SHARE]
     by_id = {r.node_id: r for r in recs}
     stats = calibrate(model, [f for i, f in enumerate(feeds) if i % 4], input_shapes=shapes,
                       nodes=sorted({c.node for c in cands if calibratable(by_id[c.node]) is None}))
-    fitted = _Fitted(model, cg, by_id, stats, shapes)
+    fitted = Fitted(model, cg, by_id, stats, shapes)
     cands = [c for c in cands if fitted.rep(c) is not None]
-    judged = {_key(c.node, c.rule, c.params) for c in _estimate_errors(fitted, cands, judge, lambda *_: None)}
-    truth = {_key(c.node, c.rule, c.params): judge.judge(fitted.model({c.node: (c.rule, c.params)})[0])[1]
+    judged = {candidate_key(c.node, c.rule, c.params) for c in layer_errors(fitted, cands, judge, lambda *_: None)}
+    truth = {candidate_key(c.node, c.rule, c.params): judge.judge(fitted.model({c.node: (c.rule, c.params)})[0])[1]
              for c in cands}
     for c in cands:
-        c.error = truth[_key(c.node, c.rule, c.params)] if _key(c.node, c.rule, c.params) in judged else None
-    _scale_errors(cands)
-    pairs = np.array([(truth[_key(c.node, c.rule, c.params)], c.error) for c in cands if c.estimated])
+        c.error = truth[candidate_key(c.node, c.rule, c.params)] if candidate_key(c.node, c.rule, c.params) in judged else None
+    scale_errors(cands)
+    pairs = np.array([(truth[candidate_key(c.node, c.rule, c.params)], c.error) for c in cands if c.estimated])
     ratio = pairs[:, 1] / np.maximum(pairs[:, 0], 1e-12)
     print(f"{name}: {len(cands)} candidates, {len(judged)} judged, {len(pairs)} estimated: Spearman "
           f"{spearmanr(pairs[:, 0], pairs[:, 1]).statistic:.3f}, estimate/judged median {np.median(ratio):.2f}, "
@@ -400,9 +406,9 @@ def _chain_model(cg, rec, nodes, inits, act):
     conv's input, output the activation's (pointwise: the conv output's shape)."""
     from dataclasses import replace
 
-    from convgraph.optimize.timing import _layer_model
+    from convgraph.optimize.timing import layer_model
 
-    return _layer_model(cg, replace(rec, output=act.output), list(nodes) + [cg.node(v) for v in act.nodes], inits)
+    return layer_model(cg, replace(rec, output=act.output), list(nodes) + [cg.node(v) for v in act.nodes], inits)
 
 
 #: (rule, params) compared by --activation, each with response=pre and response=post.
@@ -416,11 +422,11 @@ def activation_layers(name: str, count: int) -> None:
     fitted to the conv's output (response=pre) and to the activation's (response=post), at equal rank; first,
     for YOLOv8n, the worst held-out image's output cosine with every standard 3×3 conv at low-rank 1/4 and 1/2
     (fitted on the original model's statistics, all at once)."""
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibrate
     from convgraph.fit import activation_of
     from convgraph.registry import get_rule
-    from convgraph.rewrite import Selection, rewrite
+    from convgraph.engine.rewrite import Selection, rewrite
     from convgraph.rule import RuleContext
 
     spec = MODELS[name]
@@ -482,13 +488,13 @@ def activation_layers(name: str, count: int) -> None:
         cols.append(row)
         print(f"| {rec.node_id} | {rec.in_channels}→{rec.out_channels}, {'×'.join(map(str, rec.kernel))} | "
               f"{act.describe} | " + " | ".join(cells) + " |", flush=True)
-    a = np.array(cols)
-    med = np.nanmedian(a, axis=0)
-    wins = [int(np.sum(a[:, i + 1] < a[:, i])) for i in range(0, a.shape[1], 2)]
-    n = [int(np.sum(~np.isnan(a[:, i]))) for i in range(0, a.shape[1], 2)]
+    errs = np.array(cols)
+    med = np.nanmedian(errs, axis=0)
+    wins = [int(np.sum(errs[:, i + 1] < errs[:, i])) for i in range(0, errs.shape[1], 2)]
+    n = [int(np.sum(~np.isnan(errs[:, i]))) for i in range(0, errs.shape[1], 2)]
     print(f"| median of {len(cols)} | | | " + " | ".join(
         f"{med[i]:.4f} / {med[i + 1]:.4f} (post lower on {wins[i // 2]} of {n[i // 2]})"
-        for i in range(0, a.shape[1], 2)) + " |")
+        for i in range(0, errs.shape[1], 2)) + " |")
 
 
 def main(argv=None) -> int:
@@ -563,8 +569,8 @@ def main(argv=None) -> int:
                                       quantile=args.quantile, time_budget=args.time_budget, rules=args.rules.split(","),
                                       ranks=[int(r) for r in args.ranks.split(",")], input_shapes=shapes,
                                       tensors=judged, measured=measured, threads=1, max_evals=args.max_evals,
-                                      progress=lambda m: print(f"  [{name} {budget}] {m}", file=sys.stderr,
-                                                               flush=True))
+                                      progress=lambda m, at=f"{name} {budget}": print(f"  [{at}] {m}",
+                                                                                       file=sys.stderr, flush=True))
                 measured = rep.candidates
                 if args.save:
                     import pickle
@@ -610,11 +616,11 @@ def main(argv=None) -> int:
           f"| detections' F1 per image, worst / mean (boxes of the original) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        extra = (f"{r['cos_extra']:.4f}" if r["cos_extra"] is not None else
-                 " / ".join(f"{v:.3f}" for v in r.get("iou", [])))
+        second = (f"{r['cos_extra']:.4f}" if r["cos_extra"] is not None else
+                  " / ".join(f"{v:.3f}" for v in r.get("iou", [])))
         print(f"| {r['model']} | {r['budget']} | {r['rewritten']} | {r['ms_1t'][0]:.1f} → {r['ms_1t'][1]:.1f} "
               f"({r['speedup_1t']:.2f}×) | {r['predicted_ms']:.1f} | {r['ms_all'][0]:.1f} → {r['ms_all'][1]:.1f} "
-              f"({r['speedup_all']:.2f}×) | {r['search']:.4f} ({r['excluded']}) | {r['cos_out']:.4f} | {extra} | "
+              f"({r['speedup_all']:.2f}×) | {r['search']:.4f} ({r['excluded']}) | {r['cos_out']:.4f} | {second} | "
               + ("{:.3f} / {:.3f} ({})".format(*r["f1"]) if "f1" in r else "—") + " |")
     return 0
 

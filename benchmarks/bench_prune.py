@@ -4,7 +4,7 @@
 Usage: ``python benchmarks/bench_prune.py [--keep 0.5] [--size 320] [LAYER ...]``.
 
 Each LAYER (a producer conv; default: three C2f bottlenecks' first convs, each → SiLU → 3×3 conv) is pruned
-through the engine (``convgraph.rewrite``), calibrated on four crops each of 8 scikit-image photos and judged
+through the engine (``convgraph.engine.rewrite``), calibrated on four crops each of 8 scikit-image photos and judged
 on 6 other photos (resized whole): the relative L2 error of the consumer conv's output (the tensor the
 rewrite keeps the name of), for
 
@@ -17,13 +17,14 @@ rewrite keeps the name of), for
 weigh, without timing anything: prune at each of ``KEEP_SHARES`` on every conv it can prune, and low-rank at
 each of its shares on every conv a pruning touches; each fitted on N calibration crops and its model-level
 error alone (1 − cosine on the worst held-out photo, the worst of the judged tensors; spliced into the
-model as the optimizer's ``_Fitted.model`` builds it) against the MACs it saves. Per keep share: the errors, and prune against the best
+model as the optimizer's ``Fitted.model`` builds it) against the MACs it saves. Per keep share: the errors, and prune against the best
 low-rank candidate on the same convs that saves at least as many MACs.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -43,17 +44,17 @@ def against_low_rank(name: str, count: int) -> None:
     import bench_optimize as bo
 
     from convgraph import load, zoo
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate
-    from convgraph.optimize import Candidate, Judge, _Fitted
-    from convgraph.optimize.timing import _rule_options, _unique_names, stats_needed
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibrate
+    from convgraph.optimize import Candidate, Judge, Fitted
+    from convgraph.optimize.timing import rule_options, unique_names, stats_needed
     from convgraph.registry import get_rule
     from convgraph.rule import RuleContext
 
     spec = bo.MODELS[name]
     shapes = {spec[0]: [1, 3, spec[1], spec[1]]}
     cg = load(zoo.fetch(name), shapes, probe=True)
-    _unique_names(cg)
+    unique_names(cg)
     model = cg.to_model()
     by_id = {r.node_id: r for r in analyze(cg, rewrites=False).convs if not r.graph}
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +65,7 @@ def against_low_rank(name: str, count: int) -> None:
     for rule in ("prune", "low-rank"):
         r = get_rule(rule)
         for rec in by_id.values():
-            for given in _rule_options(rule, rec, ()):
+            for given in rule_options(rule, rec, ()):
                 p = r.resolve_params({k: str(v) for k, v in given.items()})
                 ctx = RuleContext(cg, by_id, None, p)
                 why, found = r.check(rec, ctx)
@@ -72,7 +73,7 @@ def against_low_rank(name: str, count: int) -> None:
                     break
                 rep = r.make(rec, ctx, p, found)
                 before = rep.macs_before if rep.macs_before is not None else rec.macs
-                if rep.macs_after is not None and rep.macs_after <= 0.8 * before:
+                if before is not None and rep.macs_after is not None and rep.macs_after <= 0.8 * before:
                     cands[(rec.node_id, rule, repr(given))] = Candidate(
                         rec.node_id, rule, given, rep.kind_after, before, rep.macs_after, 1.0, 0.5,
                         touches=list(found.nodes) if found else [])
@@ -81,21 +82,27 @@ def against_low_rank(name: str, count: int) -> None:
     stats = calibrate(model, calib, nodes=sorted({n for c in todo for n in stats_needed(cg, by_id, c.node, c.rule,
                                                                                         c.params)}),
                       input_shapes=shapes)
-    fitted = _Fitted(model, cg, by_id, stats, shapes)
+    fitted = Fitted(model, cg, by_id, stats, shapes)
+
+    def saved(c: Candidate) -> int:  # both counts are known for every candidate made above
+        return (c.macs_before or 0) - (c.macs_after or 0)
+
+    def error(c: Candidate) -> float:  # judged below for every candidate in todo
+        return c.error if c.error is not None else math.inf
+
     for i, c in enumerate(todo):
         c.error = judge.judge(fitted.model({c.node: (c.rule, c.params)})[0])[1]
-        print(f"{i + 1}/{len(todo)} {c.node} {c.rule} {c.params} saves {c.macs_before - c.macs_after} MACs: "
-              f"error {c.error:.2e}", file=sys.stderr, flush=True)
+        print(f"{i + 1}/{len(todo)} {c.node} {c.rule} {c.params} saves {saved(c)} MACs: "
+              f"error {error(c):.2e}", file=sys.stderr, flush=True)
     low = [c for c in todo if c.rule == "low-rank"]
     print("| keep | convs | error: median (least) | under 0.001 / 0.005 / 0.01 | prune better than the best low-rank "
           "saving ≥ as many MACs on its convs / compared | prune ÷ low-rank error, median |")
     print("|---|---|---|---|---|---|")
     for keep in sorted({c.params["keep"] for c in todo if c.rule == "prune"}, reverse=True):
         ps = [c for c in todo if c.rule == "prune" and c.params["keep"] == keep]
-        pairs = [(c.error, min(o.error for o in alts)) for c in ps
-                 if (alts := [o for o in low if o.node in c.touches and o.macs_before - o.macs_after >=
-                              c.macs_before - c.macs_after])]
-        errs = np.array([c.error for c in ps])
+        pairs = [(error(c), min(error(o) for o in alts)) for c in ps
+                 if (alts := [o for o in low if o.node in c.touches and saved(o) >= saved(c)])]
+        errs = np.array([error(c) for c in ps])
         print(f"| {keep} | {len(ps)} | {np.median(errs):.3g} ({errs.min():.2g}) | "
               + " / ".join(str(int(np.sum(errs < t))) for t in (1e-3, 5e-3, 1e-2))
               + f" | {sum(a < b for a, b in pairs)} / {len(pairs)} | "
@@ -120,12 +127,12 @@ def main(argv=None) -> int:
 
     import convgraph
     import convgraph.rules.prune as prune
-    from convgraph.analyze import analyze
-    from convgraph.calibrate import calibrate
-    from convgraph.rewrite import Selection, rewrite
+    from convgraph.analysis.analyze import analyze
+    from convgraph.engine.calibrate import calibrate
+    from convgraph.engine.rewrite import Selection, rewrite
     from convgraph.registry import get_rule
     from convgraph.rule import RuleContext
-    from convgraph.runtime import run_with_outputs
+    from convgraph.run.runtime import run_with_outputs
     from convgraph.zoo import fetch
 
     path, size = str(fetch("yolov8n")), args.size
@@ -140,7 +147,7 @@ def main(argv=None) -> int:
     real_choose = prune._choose
     for layer in args.layers:
         why, found = rule.check(by_name[layer], RuleContext(cg, by_id, params=rule.resolve_params({"keep": args.keep})))
-        if why:
+        if found is None:  # prune always spans its consumers
             print(f"{layer:32} {why}")
             continue
         consumers = [by_id[n] for n in found["span"].consumers]

@@ -29,8 +29,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_chain import make_chain  # noqa: E402
 
-from convgraph.bench import bench  # noqa: E402
-from convgraph.rewrite import rewrite  # noqa: E402
+from convgraph.run.bench import bench  # noqa: E402
+from convgraph.engine.rewrite import rewrite  # noqa: E402
 from convgraph.rules.separable import TILED_MIN_CHANNELS, layout_of  # noqa: E402
 
 #: rank-1 criterion: share of the MAC ratio realized as speed-up
@@ -109,7 +109,7 @@ def layout_table(args) -> Table:
 
 def _record(model: onnx.ModelProto):
     import convgraph
-    from convgraph.analyze import analyze
+    from convgraph.analysis.analyze import analyze
 
     return analyze(convgraph.load(model), rewrites=False).convs[0]
 

@@ -27,7 +27,7 @@ MAX_ELEMENTS = 2**33
 EXTERNAL_THRESHOLD = 1024
 
 _T = onnx.TensorProto
-_ITEMSIZE = {
+_ITEMSIZE: dict[int, int] = {
     _T.FLOAT: 4, _T.UINT8: 1, _T.INT8: 1, _T.UINT16: 2, _T.INT16: 2, _T.INT32: 4, _T.INT64: 8, _T.BOOL: 1,
     _T.FLOAT16: 2, _T.DOUBLE: 8, _T.UINT32: 4, _T.UINT64: 8, _T.COMPLEX64: 8, _T.COMPLEX128: 16, _T.BFLOAT16: 2,
     _T.FLOAT8E4M3FN: 1, _T.FLOAT8E4M3FNUZ: 1, _T.FLOAT8E5M2: 1, _T.FLOAT8E5M2FNUZ: 1,
@@ -68,6 +68,7 @@ def _walk(model: onnx.ModelProto, strings: list | None = None) -> list[onnx.Tens
     of the string fields convgraph reads (names, op types, domains, docs, metadata)."""
     tensors: list[onnx.TensorProto] = []
     keep = strings is not None
+    strings = strings if strings is not None else []  # a list either way (typed so), appended to only if kept
     if keep:
         strings += (model.producer_name, model.domain, model.doc_string)
         strings += [x for p in model.metadata_props for x in (p.key, p.value)]
@@ -151,7 +152,7 @@ def read_model(source, *, check: bool = True) -> tuple[onnx.ModelProto, Source]:
             raise ModelError(f"{what}: the model uses external data; load it from its file path instead")
         origin.skeleton = onnx.ModelProto()
         origin.skeleton.CopyFrom(model)
-        origin.size += _load_external(external, origin.folder, what)
+        origin.size += _load_external(external, origin.path.parent, what)
         origin.data = None  # the bytes lack the external data now read in
     _check_data(tensors, counts, what)
     if check:

@@ -4,7 +4,7 @@ A rule module exposes ``RULE = Rule(...)``. Matching (``match``) is separate fro
 (``build``): ``match`` returns the reason a rule does not apply to a conv (a string), else ``None`` (it
 applies to the conv alone) or a :class:`Match` naming the nodes it spans, which ``build`` then receives
 as a fourth argument (so that it need not rediscover them). ``build`` returns a :class:`Replacement`:
-new nodes and initializers computed from the matched nodes' weights. The engine (convgraph.rewrite)
+new nodes and initializers computed from the matched nodes' weights. The engine (convgraph.engine.rewrite)
 splices them in, names, checks and verifies; callers go through :meth:`Rule.check` and :meth:`Rule.make`.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .errors import ModelError, UsageError
-from .record import ConvRecord
+from .model.record import ConvRecord
 
 
 class Skip(ModelError):
@@ -68,7 +68,7 @@ class Replacement:
     macs_before: int | None = None
     params_before: int | None = None
     #: ask the engine to quantize the new nodes after the pass (rule ``int8``): {"calibration": method,
-    #: "reduce_range": "auto"|"yes"|"no"} (convgraph.quantize: onnxruntime's quantizer, ranges on --calib)
+    #: "reduce_range": "auto"|"yes"|"no"} (convgraph.engine.quantize: onnxruntime's quantizer, ranges on --calib)
     quantize: dict | None = None
 
 
@@ -112,6 +112,16 @@ class Rule:
         """None when the rule applies to ``rec``, else the reason."""
         return self.check(rec, ctx)[0]
 
+    def matched(self, rec: ConvRecord, ctx: "RuleContext", found: "Match | None" = None) -> Match:
+        """What ``match`` found for a rule whose match spans nodes (``found`` when given): for a ``build``
+        called without it. :class:`Skip` with the reason when the rule does not apply."""
+        if found is not None:
+            return found
+        got = self.match(rec, ctx)
+        if not isinstance(got, Match):
+            raise Skip(got or f"rule {self.name} matched the conv alone")
+        return got
+
     def make(self, rec: ConvRecord, ctx: "RuleContext", params: dict, found: "Match | None" = None) -> Replacement:
         """``build``, handing it what ``match`` found when that was a :class:`Match`."""
         return self.build(rec, ctx, params) if found is None else self.build(rec, ctx, params, found)
@@ -129,8 +139,11 @@ class Rule:
                 continue  # params are shared across the rules of one command; each takes its own
             try:
                 out[k] = known[k].parse(v) if isinstance(v, str) else v
-            except (ValueError, TypeError) as e:
-                raise UsageError(f"rule {self.name}: bad value {v!r} for param {k!r} ({e})") from None
+            except (ValueError, TypeError) as e:  # say what is valid, not what Python's int() said
+                python = str(e).startswith(("invalid literal", "could not convert")) or not str(e)
+                why = f"{k} is {known[k].help}" if python else str(e)
+                raise UsageError(f"rule {self.name}: bad value {v!r} for --param {k}: {why} (default "
+                                 f"{known[k].default})") from None
         return out
 
 
@@ -147,9 +160,16 @@ class RuleContext:
 
     def value(self, tensor: str) -> np.ndarray | None:
         """The constant value of ``tensor`` (initializer, Constant, ConstantOfShape, DequantizeLinear...)."""
-        from .weights import constant_value
+        from .model.weights import constant_value
 
         return constant_value(self.graph, tensor)
+
+    def constant(self, tensor: str) -> np.ndarray:
+        """The value of ``tensor``, which ``match`` found constant: :class:`Skip` when it is not after all."""
+        v = self.value(tensor)
+        if v is None:
+            raise Skip(f"{tensor!r} is not a constant")
+        return v
 
     def name(self, base: str) -> str:
         """A fresh tensor name derived from ``base`` (``<conv>/dw``, ``<conv>/pw_W`` ...)."""
@@ -169,12 +189,14 @@ class RuleContext:
         return self.graph.node(node_id)
 
 
-def int_or(word: str) -> Callable[[str], "int | str"]:
+def int_or(word: str) -> Callable[["str | int"], "int | str"]:
     """A param parser taking a positive integer or ``word`` (any case): ``int_or("full")``, ``int_or("auto")``."""
 
-    def parse(text: str) -> "int | str":
+    def parse(text: "str | int") -> "int | str":
         if str(text).lower() == word:
             return word
+        if not str(text).strip().lstrip("+-").isdigit():
+            raise ValueError(f"must be a positive integer or {word!r}")
         v = int(text)
         if v < 1:
             raise ValueError(f"must be a positive integer or {word!r}")

@@ -9,11 +9,11 @@ import onnx
 from onnx import helper
 
 from convgraph.fit.activation import row_weights
-from convgraph.arithmetic import out_elements, prod  # noqa: F401  (out_elements: the rules import it from here)
-from convgraph.record import ConvRecord
+from convgraph.model.arithmetic import out_elements, prod  # noqa: F401  (out_elements: the rules import it from here)
+from convgraph.model.record import ConvRecord
 from convgraph.rule import Param, RuleContext, Skip
-from convgraph.weights import constant_source
-from convgraph.weights import elem_type as graph_elem_type
+from convgraph.model.weights import constant_source
+from convgraph.model.weights import elem_type as graph_elem_type
 
 #: Where a weight may come from for a rule to rebuild it (ctx.value resolves all of these).
 CONSTANT_SOURCES = ("initializer", "Constant", "ConstantOfShape", "DequantizeLinear")
@@ -38,8 +38,8 @@ def plain_conv_reason(rec: ConvRecord, ctx: RuleContext, op_types: tuple[str, ..
 
 def _plain_conv_reason(rec: ConvRecord, ctx: RuleContext, op_types: tuple[str, ...]) -> str | None:
     if rec.op_type in ("ConvInteger", "QLinearConv"):
-        return (f"{rec.op_type} is quantized: its integer weights, scales and zero points would have to be "
-                "requantized; rewrite the float model and quantize afterwards")
+        return ("quantized (ConvInteger/QLinearConv): its integer weights, scales and zero points would have to "
+                "be requantized; rewrite the float model and quantize afterwards")
     if rec.op_type not in op_types or rec.domain not in ("", "ai.onnx"):
         dom = f"{rec.domain}." if rec.domain not in ("", "ai.onnx") else ""
         return f"{dom}{rec.op_type} is not {' or '.join(op_types)}"
@@ -62,8 +62,6 @@ def channel_mixing_reason(rec: ConvRecord, ctx: RuleContext, depthwise: str) -> 
     why = plain_conv_reason(rec, ctx)
     if why:
         return why
-    if rec.in_channels is None or rec.out_channels is None:
-        return "channel counts unknown"
     if rec.in_channels // rec.group == 1:
         return depthwise
     return None
@@ -104,8 +102,8 @@ class Weights:
 def weights(rec: ConvRecord, ctx: RuleContext) -> Weights:
     """The weight (and bias) of a conv that :func:`plain_conv_reason` accepted; :class:`Skip` when they hold
     NaN or Inf (no factorization or fit of them means anything)."""
-    w = ctx.value(rec.weight)
-    b = ctx.value(rec.bias) if rec.bias else None
+    w = ctx.constant(rec.weight)
+    b = ctx.constant(rec.bias) if rec.bias else None
     for what, v in (("weights", w), ("bias", b)):
         if v is not None and not np.isfinite(v).all():
             bad = int(v.size - np.count_nonzero(np.isfinite(v)))
@@ -161,7 +159,7 @@ class Names:
 
 
 def bias_params(rec: ConvRecord) -> int:
-    return int(rec.out_channels or 0) if rec.has_bias else 0
+    return rec.out_channels if rec.has_bias else 0
 
 
 def kernel_estimate(rec: ConvRecord, kernel: tuple[int, ...]) -> tuple[int | None, int, str]:

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from convgraph.record import ConvRecord
+from convgraph.model.record import ConvRecord
 from convgraph.rule import RuleContext, Skip
 
 #: A relative weight residual at or below this counts as exact (float64 fit of float32 weights).

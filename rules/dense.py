@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from convgraph.arithmetic import effective_kernel
-from convgraph.record import ConvRecord
+from convgraph.model.arithmetic import effective_kernel
+from convgraph.model.record import ConvRecord
 from convgraph.rule import Replacement, Rule, RuleContext
 
 from ._common import Names, attrs, kernel_estimate, label, plain_conv_reason, weights

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from convgraph.record import ConvRecord
+from convgraph.model.record import ConvRecord
 from convgraph.rule import Match, Replacement, Rule, RuleContext
-from convgraph.weights import constant_source
+from convgraph.model.weights import constant_source
 
 from ._common import CONSTANT_SOURCES, attrs, bias_params, plain_conv_reason, weights
 
@@ -59,7 +59,9 @@ def match(rec: ConvRecord, ctx: RuleContext) -> str | Match:
     if why:
         return why
     bn_id, why = _bn(rec, ctx)
-    return why or Match((rec.node_id, bn_id), {"bn": bn_id})
+    if bn_id is None:
+        return why or "not followed by BatchNormalization"
+    return Match((rec.node_id, bn_id), {"bn": bn_id})
 
 
 def fold(w: np.ndarray, b: np.ndarray | None, scale: np.ndarray, beta: np.ndarray, mean: np.ndarray,
@@ -75,11 +77,11 @@ def fold(w: np.ndarray, b: np.ndarray | None, scale: np.ndarray, beta: np.ndarra
 
 
 def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None = None) -> Replacement:
-    found = found or match(rec, ctx)
+    found = RULE.matched(rec, ctx, found)
     bn_id = found["bn"]
     wt = weights(rec, ctx)
     bn = ctx.node(bn_id)
-    scale, beta, mean, var = (ctx.value(t).astype(np.float64).reshape(-1) for t in bn.input[1:5])
+    scale, beta, mean, var = (ctx.constant(t).astype(np.float64).reshape(-1) for t in bn.input[1:5])
     eps = float(attrs(ctx, bn_id).get("epsilon", 1e-5))
     w, b = fold(wt.w, wt.b, scale, beta, mean, var, eps, rec.group, rec.op_type == "ConvTranspose")
     base = rec.name or rec.node_id
@@ -98,7 +100,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None =
 
 
 def estimate(rec: ConvRecord, params: dict) -> tuple[int | None, int, str]:
-    return rec.macs, rec.params - bias_params(rec) + int(rec.out_channels or 0), rec.kind
+    return rec.macs, rec.params - bias_params(rec) + rec.out_channels, rec.kind
 
 
 RULE = Rule(

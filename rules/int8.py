@@ -3,7 +3,7 @@
 The rule puts in a copy of the conv and asks the engine to quantize it (``Replacement.quantize``): after the
 pass the engine calibrates the activation ranges it needs on ``--calib`` (one run over the data, onnxruntime's
 calibrator for ``calibration``) and quantizes each conv alone with onnxruntime's ``quantize_static``
-(:mod:`convgraph.quantize`): per-channel symmetric int8 weights, uint8 activations (on x86 onnxruntime's fastest
+(:mod:`convgraph.engine.quantize`): per-channel symmetric int8 weights, uint8 activations (on x86 onnxruntime's fastest
 int8 conv kernels take u8 activations × s8 weights), int32 bias; an input that a DequantizeLinear already makes
 (an int8 neighbour's output) keeps that quantization. Never exact: each conv's error alone (the QDQ conv against
 the float one, on the activations the rewritten model feeds it) is in the report.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import onnx
 
-from convgraph.record import ConvRecord
+from convgraph.model.record import ConvRecord
 from convgraph.rule import Param, Replacement, Rule, RuleContext
 
 from ._common import elem_type, plain_conv_reason

@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from convgraph import fit
-from convgraph.arithmetic import prod
-from convgraph.record import ConvRecord
+from convgraph.model.arithmetic import prod
+from convgraph.model.record import ConvRecord
 from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or_full
 
 from . import _lsq

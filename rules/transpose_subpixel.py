@@ -7,21 +7,22 @@ offsets m; the offsets of all phases lie on one grid (step d′, their gcd), whi
 with s^D·C_out output channels (channel c·s^D + φ, zero taps where a phase has none). The phases are
 interleaved by DepthToSpace (CRD; 2D with equal strides) or Reshape/Transpose/Reshape, and a Slice
 crops what the pads, output_padding or output_shape leave out. Pads follow onnxruntime (the ONNX
-spec's formulas): see convgraph.arithmetic.conv_transpose_geometry.
+spec's formulas): see convgraph.model.arithmetic.conv_transpose_geometry.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 
-from convgraph.arithmetic import conv_transpose_geometry, known, prod
-from convgraph.convops import classify
-from convgraph.record import ConvRecord
-from convgraph.rule import Replacement, Rule, RuleContext
+from convgraph.model.arithmetic import conv_transpose_geometry, known, prod
+from convgraph.model.convops import classify
+from convgraph.model.record import ConvRecord
+from convgraph.rule import Replacement, Rule, RuleContext, Skip
 
 from ._common import Names, attrs, bias_params, label, opset, out_elements, plain_conv_reason, weights
 
@@ -102,7 +103,7 @@ def plan(rec: ConvRecord, ctx: RuleContext) -> "Plan | str":
     if output_shape and not all(known(i) for i in in_spatial):
         return "output_shape is given and the input size is unknown (fix it with --input-shape)"
     # Without output_shape the pads do not depend on the input size: any size resolves them.
-    sizes = in_spatial if output_shape else tuple(i if known(i) else 1 for i in in_spatial)
+    sizes = tuple(i if known(i) else 1 for i in in_spatial)  # all known when output_shape is given
     adj = list(a.get("output_padding", ())) or [0] * nd
     pads, out = conv_transpose_geometry(sizes, rec.kernel, rec.strides, rec.dilations, a.get("pads", ()),
                                         rec.auto_pad, adj, output_shape)
@@ -140,6 +141,8 @@ def subpixel_weight(w: np.ndarray, group: int, dims: tuple[DimPlan, ...]) -> np.
 
 def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
     p = plan(rec, ctx)
+    if isinstance(p, str):
+        raise Skip(p)
     wt = weights(rec, ctx)
     names = Names(ctx, label(rec))
     dims, c_out = p.dims, rec.out_channels
@@ -153,7 +156,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
         conv_in.append(b_init.name)
     crop = any(d.crop_begin or d.crop_end for d in dims)
     y = rec.output if S == 1 and not crop else names.tensor("conv")
-    conv_attrs = {"kernel_shape": list(p.kernel), "pads": [d.pad_begin for d in dims] + [d.pad_end for d in dims],
+    conv_attrs: dict[str, Any] = {"kernel_shape": list(p.kernel), "pads": [d.pad_begin for d in dims] + [d.pad_end for d in dims],
                   "dilations": [d.dilation for d in dims]}
     if rec.group > 1:
         conv_attrs["group"] = rec.group

@@ -47,7 +47,7 @@ def roofline_cache(tmp_path_factory):
     once for the default threads so that ``analyze`` says nothing about measuring it."""
     import os
 
-    from convgraph import roofline
+    from convgraph.analysis import roofline
 
     old = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))

@@ -6,6 +6,7 @@ import functools
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -13,13 +14,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 import convgraph
 from convgraph import load
-from convgraph.analyze import analyze
-from convgraph.calibrate import calibrate
+from convgraph.analysis.analyze import analyze
+from convgraph.engine.calibrate import calibrate
 from convgraph.cli import main
 from convgraph.registry import get_rule
 from convgraph.rule import Replacement, RuleContext
-from convgraph.runtime import create_session
-from convgraph.weights import constant_value
+from convgraph.run.runtime import create_session
+from convgraph.model.weights import constant_value
 
 
 # ---- rewriting single ops and comparing with onnxruntime -------------------------------------------------
@@ -78,7 +79,7 @@ def rewrite_with(model, rule: str, params: dict | None = None, input_shapes=None
     r = get_rule(rule)
     p = r.resolve_params(params or {})
     analysis = analyze(cg, rewrites=False)
-    reps, reasons, done = [], {}, set()
+    reps, reasons, done = [], {}, set[tuple[str, str]]()
     for rec in analysis.convs:
         if (rec.graph, rec.node_id) in done:
             continue
@@ -173,12 +174,12 @@ def image_folder(tmp_path: Path, names) -> Path:
 def yolo_layer(path, tmp_path, node: str = "/model.6/m.0/cv1/conv/Conv"):
     """A real YOLOv8n (320×320) conv: its calibration statistics on FIT_IMAGES, weight, bias, and its input
     on HELD_OUT_IMAGES (stacked)."""
-    from convgraph.inputs import make_inputs
-    from convgraph.runtime import create_session, expose_tensors, run
+    from convgraph.run.inputs import make_inputs
+    from convgraph.run.runtime import create_session, expose_tensors, run
 
     shapes = {"images": [1, 3, 320, 320]}
     cg = load(path, shapes)
-    opts = {"image_size": (320, 320)}
+    opts: dict[str, Any] = {"image_size": (320, 320)}
     stats = calibrate(cg, str(image_folder(tmp_path / "fit", FIT_IMAGES)), nodes=[node], input_options=opts)
     s = stats[node]
     w, b = constant_value(cg, cg.node(node).input[1]), constant_value(cg, cg.node(node).input[2])
@@ -287,7 +288,7 @@ def write_model(folder: Path, model: onnx.ModelProto, name: str = "m.onnx") -> P
     return p
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+def run_cli(capsys, *argv: object) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     cap = capsys.readouterr()
     return code, cap.out, cap.err
@@ -354,7 +355,7 @@ def light_inputs(model: onnx.ModelProto) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def original_run(path: str) -> tuple[bool, object]:
+def original_run(path: str) -> tuple[bool, Any]:
     """(True, outputs) when onnxruntime runs the original with its shipped inputs, else (False, reason)."""
     p = Path(path)
     model = onnx.load(p)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from convgraph.cli import main
-from convgraph.record import KINDS
+from convgraph.model.record import KINDS
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -100,7 +100,7 @@ def test_bad_model_file(capsys, tmp_path):
 
 
 def test_kind_colours_cover_all_kinds():
-    from convgraph.report import KIND_COLORS
+    from convgraph.analysis.report import KIND_COLORS
 
     assert set(KIND_COLORS) == set(KINDS)
 
@@ -117,7 +117,7 @@ def test_json_run_imports_only_what_analyze_needs(models_dir):
     code = ("import sys; from convgraph.cli import main; "
             f"rc = main(['analyze', '--json', {str(models_dir / 'sample.onnx')!r}]); "
             "loaded = [m for m in ('rich', 'convgraph.cli.rewrite', 'convgraph.cli.verify', 'convgraph.cli.optimize', "
-            "'convgraph.cli.bench', 'convgraph.rewrite') if m in sys.modules]; "
+            "'convgraph.cli.bench', 'convgraph.engine.rewrite') if m in sys.modules]; "
             "print('LOADED', rc, ','.join(loaded), file=sys.stderr)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -8,7 +8,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 import convgraph
-from convgraph.weights import MAX_VALUE_ELEMENTS, constant_shape, constant_source, constant_value, elem_type
+from convgraph.model.weights import MAX_VALUE_ELEMENTS, constant_shape, constant_source, constant_value, elem_type
 
 
 def _graph(nodes, inits=(), sparse=()) -> convgraph.ConvGraph:

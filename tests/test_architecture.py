@@ -1,8 +1,10 @@
-"""The import graph of convgraph: acyclic, and every module imports only its own layer or the ones below.
+"""The import graph of convgraph: acyclic, and every module and package imports only its own layer or the ones below.
 
-The imports are read with ``ast`` (function-level ones included: a lazy import upward is still an upward
-dependency). Imports under ``if TYPE_CHECKING:`` only name a type and run nothing; they are left out.
-The top-level ``rules/`` folder is installed as ``convgraph.rules`` and read as that.
+The imports are read with ``ast``: function-level ones included (a lazy import upward is still an upward
+dependency) and type-only ones under ``if TYPE_CHECKING:`` too (a type that lives above is a dependency on
+that layer all the same). A layer holds the entries of ``convgraph/``: packages (``model/``: the package and
+every module in it) and top-level modules (``errors``). The top-level ``rules/`` folder is installed as
+``convgraph.rules`` and read as that.
 """
 
 from __future__ import annotations
@@ -15,19 +17,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The layer order, bottom-up: the one place it is declared (README's Development section explains it).
+#: The layer order, bottom-up: the one place it is declared (README's Development section shows it). Each
+#: member is an entry of ``convgraph/`` (a package or a top-level module; ``""`` is ``convgraph/__init__``).
 #: A module may import modules of its own layer or of a layer below, never one above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("errors", "expr", "record", "progress", "io", "weights", "synthetic", "zoo", "arithmetic",
-                    "convops", "metrics", "tolerance")),
-    ("runtime", ("runtime", "inputs", "bench")),
-    ("model", ("shapes", "propagate", "graph")),
-    ("analysis", ("patterns", "receptive", "roofline", "regions")),
-    ("rules", ("rule", "fit", "fit.*", "rules", "rules.*", "registry")),
-    ("analyzer", ("analyze", "report")),
-    ("engine and verification", ("localize", "verify", "calibrate", "quantize", "rewrite_check", "rewrite", "profile")),
-    ("optimizer", ("optimize", "optimize.*")),
-    ("interface", ("", "__main__", "cli", "cli.*")),
+    ("foundation", ("errors", "progress", "io")),
+    ("running models", ("run",)),
+    ("the model", ("model",)),
+    ("rule interface", ("rule", "fit")),
+    ("rules", ("rules", "registry")),
+    ("analysis", ("analysis",)),
+    ("engine", ("engine",)),
+    ("optimizer", ("optimize",)),
+    ("interface", ("", "__main__", "cli", "zoo")),
 ]
 
 
@@ -50,15 +52,11 @@ def _type_only(node: ast.If) -> bool:
 
 
 def _imports(name: str, path: Path) -> set[str]:
-    """The convgraph modules ``name`` imports (``from pkg import mod`` counts as ``pkg.mod``)."""
+    """The convgraph modules ``name`` imports (``from pkg import mod`` counts as ``pkg.mod``), type-only ones too."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _type_only(node):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -80,23 +78,45 @@ def _imports(name: str, path: Path) -> set[str]:
     return {m for m in found if m in MODULES and m != name}
 
 
+def _entry(name: str) -> str:
+    """The entry of ``convgraph/`` a module belongs to: ``convgraph.model.graph`` → ``model``; ``convgraph`` → ``""``."""
+    return name.removeprefix("convgraph").removeprefix(".").partition(".")[0]
+
+
 def _layer(name: str) -> int:
-    short = name.removeprefix("convgraph").removeprefix(".")
+    entry = _entry(name)
     for i, (_, members) in enumerate(LAYERS):
-        for m in members:
-            if short == m or (m.endswith(".*") and short.startswith(m[:-1])):
-                return i
-    raise AssertionError(f"{name} is in no layer: add it to LAYERS in {__file__}")
+        if entry in members:
+            return i
+    raise AssertionError(f"{name} is in no layer: add {entry!r} to LAYERS in {__file__}")
 
 
 GRAPH = nx.DiGraph((name, dep) for name, path in MODULES.items() for dep in _imports(name, path))
 GRAPH.add_nodes_from(MODULES)
+#: The same imports between entries of ``convgraph/`` (packages and top-level modules).
+PACKAGES = nx.DiGraph((_entry(a), _entry(b)) for a, b in GRAPH.edges if _entry(a) != _entry(b))
+PACKAGES.add_nodes_from(_entry(m) for m in MODULES)
 
 
 def test_the_modules_are_read():
-    assert {"convgraph.graph", "convgraph.analyze", "convgraph.rules.separable", "convgraph.cli.common"} <= set(MODULES)
+    assert {"convgraph.model.graph", "convgraph.analysis.analyze", "convgraph.rules.separable",
+            "convgraph.cli.common"} <= set(MODULES)
     assert ("convgraph.rules.separable", "convgraph.fit") in GRAPH.edges  # `from convgraph import fit`
-    assert ("convgraph.rewrite_check", "convgraph.verify") in GRAPH.edges  # a function-level import
+    assert ("convgraph.engine.rewrite_check", "convgraph.engine.verify") in GRAPH.edges  # a function-level import
+    assert ("convgraph.model.probe", "convgraph.model.graph") in GRAPH.edges  # a type-only import
+    assert ("rules", "fit") in PACKAGES.edges and ("model", "run") in PACKAGES.edges
+
+
+def test_the_layers_are_the_folder():
+    """``ls convgraph`` reads as the architecture: every package and top-level module is in exactly one layer,
+    and every member of a layer is there (``rules`` is the top-level ``rules/`` folder)."""
+    entries = {p.stem for p in (ROOT / "convgraph").glob("*.py")} | {
+        p.name for p in (ROOT / "convgraph").iterdir() if (p / "__init__.py").is_file()}
+    entries = {"" if e == "__init__" else e for e in entries} | {"rules"}
+    declared = [m for _, members in LAYERS for m in members]
+    assert len(declared) == len(set(declared)), "an entry is in two layers"
+    assert set(declared) == entries, (f"in no layer: {sorted(entries - set(declared))}; "
+                                      f"declared but missing: {sorted(set(declared) - entries)}")
 
 
 def test_every_module_has_a_layer():
@@ -109,6 +129,11 @@ def test_no_import_cycle():
     assert not cycles, "import cycles: " + "; ".join(" → ".join(c + c[:1]) for c in cycles[:5])
 
 
+def test_no_package_cycle():
+    cycles = list(nx.simple_cycles(PACKAGES))
+    assert not cycles, "cycles between packages: " + "; ".join(" → ".join(c + c[:1]) for c in cycles[:5])
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_no_import_from_a_layer_above(name):
     upward = [f"{dep} ({LAYERS[_layer(dep)][0]})" for dep in sorted(GRAPH.successors(name))
@@ -116,21 +141,58 @@ def test_no_import_from_a_layer_above(name):
     assert not upward, f"{name} ({LAYERS[_layer(name)][0]}) imports from above: {', '.join(upward)}"
 
 
+@pytest.mark.parametrize("entry", sorted(e for e in PACKAGES if e))
+def test_no_package_imports_from_a_layer_above(entry):
+    layer = _layer(f"convgraph.{entry}")
+    upward = [e for e in sorted(PACKAGES.successors(entry)) if _layer(f"convgraph.{e}" if e else "convgraph") > layer]
+    assert not upward, f"{entry} ({LAYERS[layer][0]}) imports from above: {', '.join(upward)}"
+
+
 def test_the_check_catches_an_upward_import(tmp_path):
-    """The reading of imports finds a lazy import of a higher layer (the check above cannot pass vacuously)."""
+    """The reading of imports finds a lazy import and a type-only import of a higher layer (the checks above
+    cannot pass vacuously)."""
     fake = tmp_path / "io.py"
-    fake.write_text("def f():\n    from .cli.common import err\n")
-    assert "convgraph.cli.common" in _imports("convgraph.io", fake)
-    assert _layer("convgraph.cli.common") > _layer("convgraph.io")
+    fake.write_text("from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from .engine.rewrite import Selection\n\n"
+                    "def f():\n    from .cli.common import err\n")
+    found = _imports("convgraph.io", fake)
+    assert {"convgraph.cli.common", "convgraph.engine.rewrite"} <= found
+    assert _layer("convgraph.cli.common") > _layer("convgraph.io") and _layer("convgraph.engine.rewrite") > _layer("convgraph.io")
+
+
+def _spelled(member: str) -> str:
+    if member == "":
+        return "`convgraph/__init__`"
+    if member == "rules" or (ROOT / "convgraph" / member).is_dir():
+        return f"`{member}/`"
+    return f"`{member}`"
 
 
 def test_the_readme_shows_the_declared_layers():
     """README's Development section shows LAYERS as a table; it must not drift from the declaration."""
     text = (ROOT / "README.md").read_text()
-    table = text[text.index("| layer | modules |"):].split("\n\n")[0].splitlines()[2:]
+    table = text[text.index("| layer | packages and modules |"):].split("\n\n")[0].splitlines()[2:]
     shown = [(row.split("|")[1].strip(), row.split("|")[2].split()) for row in table]
-    spelled = {"": "convgraph/__init__", "rules": "rules/*", "rules.*": None, "fit": "fit/", "fit.*": None,
-               "optimize": "optimize/", "optimize.*": None, "cli": "cli/", "cli.*": None}
-    declared = [(name, [f"`{spelled.get(m, m)}`" for m in members if spelled.get(m, m) is not None])
-                for name, members in LAYERS]
-    assert shown == declared
+    assert shown == [(name, [_spelled(m) for m in members]) for name, members in LAYERS]
+
+
+def test_the_readme_names_each_package_s_modules():
+    """The table's last column names the modules of each package: all of them, or the named ones of a package
+    said to hold one module per rule or command."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| layer | packages and modules |"):].split("\n\n")[0].splitlines()[2:]
+    checked = 0
+    for row in table:
+        members, holds = row.split("|")[2], row.split("|")[3]
+        if not holds.strip():
+            continue
+        packages = [m.strip("`/") for m in members.split() if m.endswith("/`")]
+        package = holds.split(":")[0].strip().rstrip("/") if ":" in holds else packages[0]
+        folder = ROOT / ("rules" if package == "rules" else f"convgraph/{package}")
+        have = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
+        named = {w.strip("`,") for w in holds.split() if w.startswith("`")}
+        if "one module per" in holds:
+            assert named <= have, f"{package}/ has no {sorted(named - have)}"
+        else:
+            assert named == have, f"{package}/: README names {sorted(named)}, the folder holds {sorted(have)}"
+        checked += 1
+    assert checked >= 7

@@ -10,11 +10,11 @@ import onnx
 import pytest
 
 from convgraph import bench
-from convgraph.bench import BenchReport
+from convgraph.run.bench import BenchReport
 from convgraph.cli import main
 from convgraph.errors import ModelError, UsageError
 
-bench_mod = importlib.import_module("convgraph.bench")  # convgraph.bench is the function
+bench_mod = importlib.import_module("convgraph.run.bench")  # convgraph.bench is the function
 
 
 def test_one_model_statistics(models_dir):

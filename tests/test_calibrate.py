@@ -1,4 +1,4 @@
-"""convgraph.calibrate: patch extraction, streamed moments, held-out halves, cross/target moments, files."""
+"""convgraph.engine.calibrate: patch extraction, streamed moments, held-out halves, cross/target moments, files."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import convgraph.calibrate as calmod
+from convgraph.fit import calibration
 from convgraph import UsageError, load
-from convgraph.analyze import analyze
-from convgraph.calibrate import Calibration, ConvStats, calibrate, patches
+from convgraph.analysis.analyze import analyze
+from convgraph.fit.calibration import Calibration, ConvStats, patches
+from convgraph.engine.calibrate import calibrate
 from convgraph.fit import target_fit
-from convgraph.weights import constant_value
+from convgraph.model.weights import constant_value
 
 
 def naive_patches(x, kernel, strides, pads, dilations):
@@ -51,7 +52,7 @@ def _moments(x, kernel, strides, pads, dilations):
 
 
 def test_stats_moments_chunked_and_holdout(monkeypatch):
-    monkeypatch.setattr(calmod, "CHUNK_BYTES", 2000)  # forces many row chunks
+    monkeypatch.setattr(calibration, "CHUNK_BYTES", 2000)  # forces many row chunks
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((2, 4, 9, 7)).astype(np.float32) for _ in range(3)]
     s = ConvStats.empty("c", 4, (3, 2), strides=(2, 1), pads=(1, 0, 1, 1), dilations=(1, 2), holdout=True)
@@ -189,7 +190,7 @@ def test_whole_patch_products_over_a_position_subset(monkeypatch):
     """Above FULL_POSITIONS output positions per image the whole-patch products come from a seeded subset,
     scaled to stand for every position: exactly those positions' products × (positions / subset), close to
     the products over all positions; the per-channel sums and the target's sum still use every position."""
-    monkeypatch.setattr(calmod, "FULL_POSITIONS", 1000)
+    monkeypatch.setattr(calibration, "FULL_POSITIONS", 1000)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, 2, 80, 80)).astype(np.float32)
     x = (x + np.roll(x, 1, 2) + np.roll(x, 1, 3)) / 3  # neighbouring pixels correlated, as in images
@@ -199,7 +200,7 @@ def test_whole_patch_products_over_a_position_subset(monkeypatch):
     xc, xf = _moments(x.astype(np.float64), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
     np.testing.assert_allclose(s.sq, np.einsum("cmk,cml->ckl", xc, xc), rtol=1e-10, atol=1e-8)  # every position
     np.testing.assert_allclose(s.target_sum, y.sum(axis=(0, 2, 3)), rtol=1e-6)
-    pick, scale = calmod._position_subset((80, 80), 1000, 0)
+    pick, scale = calibration._position_subset((80, 80), 1000, 0)
     rows = np.ravel_multi_index(pick, (80, 80))
     assert len(rows) == 1000 and scale == 6400 / 1000
     np.testing.assert_allclose(s.full[0], scale * xf[rows].T @ xf[rows], rtol=1e-5, atol=1e-3)

@@ -7,9 +7,9 @@ import onnx
 import pytest
 
 from convgraph import bench, verify
-from convgraph.inputs import make_inputs
-from convgraph.runtime import create_session, run
-from convgraph.verify import compare
+from convgraph.run.inputs import make_inputs
+from convgraph.run.runtime import create_session, run
+from convgraph.run.metrics import compare
 
 ort = pytest.importorskip("onnxruntime")
 pytestmark = [

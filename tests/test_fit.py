@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from convgraph import ModelError, fit
-from convgraph.calibrate import ConvStats, patches
+from convgraph.fit.calibration import ConvStats, patches
 from helpers import smooth_inputs, yolo_layer
 
 KERNEL, PADS = (3, 3), (1, 1, 1, 1)

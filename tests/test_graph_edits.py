@@ -17,7 +17,7 @@ from onnx import helper
 
 import convgraph
 from convgraph.errors import ConvGraphError
-from convgraph.runtime import create_session, run
+from convgraph.run.runtime import create_session, run
 
 
 def _nodes(model: onnx.ModelProto) -> list[tuple]:

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from convgraph.errors import ModelError, UsageError
-from convgraph.inputs import MAX_INPUT_BYTES, InputSpec, input_specs, make_inputs, resolve_shape
+from convgraph.run.inputs import MAX_INPUT_BYTES, InputSpec, input_specs, make_inputs, resolve_shape
 
 
 def _model(inputs: list[tuple[str, int, list]]) -> onnx.ModelProto:

@@ -1,11 +1,11 @@
-"""convgraph.metrics: per-sample judging and references that say nothing."""
+"""convgraph.run.metrics: per-sample judging and references that say nothing."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from convgraph.metrics import compare, degenerate
+from convgraph.run.metrics import compare, degenerate
 
 
 def _noise(seed, n=4096):

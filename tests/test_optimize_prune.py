@@ -11,13 +11,13 @@ from onnx import helper
 from test_rule_prune import bn, conv, model, w
 
 from convgraph import load
-from convgraph.analyze import analyze
-from convgraph.calibrate import calibrate
-from convgraph.optimize import TimingCache, _Fitted, candidates, fit_sequential, optimize
-from convgraph.optimize.timing import _apply, _layer_model, _span_outputs, _unique_names, stats_needed
+from convgraph.analysis.analyze import analyze
+from convgraph.engine.calibrate import calibrate
+from convgraph.optimize import TimingCache, Fitted, candidates, fit_sequential, optimize
+from convgraph.optimize.timing import apply_plan, layer_model, span_outputs, unique_names, stats_needed
 from convgraph.registry import get_rule
 from convgraph.rule import RuleContext
-from convgraph.runtime import create_session, expose_tensors, run
+from convgraph.run.runtime import create_session, expose_tensors, run
 from helpers import FAST, smooth_feeds
 
 
@@ -57,10 +57,10 @@ def test_the_span_model_computes_what_the_span_computes_in_the_model():
     by_id = records(cg)
     found, rep = span_of(cg, by_id, "cv1")
     assert list(found.nodes) == ["cv1", "bn1", "sig1", "silu1", "cv2"]
-    outs = _span_outputs(cg, found.nodes)
+    outs = span_outputs(cg, found.nodes)
     assert outs == ["e"]
-    before = _layer_model(cg, by_id["cv1"], [cg.node(n) for n in found.nodes], [], outs)
-    after = _layer_model(cg, by_id["cv1"], rep.nodes, rep.initializers, outs)
+    before = layer_model(cg, by_id["cv1"], [cg.node(n) for n in found.nodes], [], outs)
+    after = layer_model(cg, by_id["cv1"], rep.nodes, rep.initializers, outs)
     for layer in (before, after):
         onnx.checker.check_model(layer, full_check=True)
         assert [i.name for i in layer.graph.input] == ["x"] and [o.name for o in layer.graph.output] == ["e"]
@@ -80,14 +80,14 @@ def test_a_span_reading_another_activation_takes_it_as_an_input():
     cg = load(m)
     by_id = records(cg)
     span = ["p", "cat", "q"]
-    layer = _layer_model(cg, by_id["p"], [cg.node(n) for n in span], [], _span_outputs(cg, span))
+    layer = layer_model(cg, by_id["p"], [cg.node(n) for n in span], [], span_outputs(cg, span))
     onnx.checker.check_model(layer, full_check=True)
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in layer.graph.input}
     assert shapes == {"x": [1, 4, 12, 12], "b": [1, 2, 12, 12]}
     feed = {"x": np.random.default_rng(0).standard_normal((1, 4, 12, 12)).astype(np.float32)}
     got = run(create_session(expose_tensors(m, ["b"])), feed, ["y", "b"])
     np.testing.assert_allclose(run(create_session(layer), {**feed, "b": got[1]})[0], got[0], rtol=1e-6, atol=1e-6)
-    from convgraph.bench import bench
+    from convgraph.run.bench import bench
 
     assert bench([layer], runs=2, warmup=1, progress=False).models[0].median_ms > 0
 
@@ -120,7 +120,7 @@ def test_prune_candidates_are_the_span_timed_against_its_replacement(tmp_path, m
     def never(*a, **kw):
         raise AssertionError("timed although cached")
 
-    monkeypatch.setattr(importlib.import_module("convgraph.bench"), "bench", never)
+    monkeypatch.setattr(importlib.import_module("convgraph.run.bench"), "bench", never)
     warm = TimingCache(path)
     again = run_(warm)
     assert (warm.hits, warm.misses) == (2, 0)
@@ -141,17 +141,17 @@ def test_a_prune_candidate_alone_is_spliced_in_as_the_engine_would_build_it(mode
     from convgraph.optimize import Candidate
 
     cg = load(models_dir / "sample.onnx")
-    _unique_names(cg)
+    unique_names(cg)
     original = cg.to_model()
     by_id = records(cg)
     feeds = smooth_feeds(3, 30)
     for node in ("stem/conv", "block1/conv"):
         stats = calibrate(original, feeds, nodes=stats_needed(cg, by_id, node, "prune", {"keep": 0.5}))
         c = Candidate(node, "prune", {"keep": 0.5}, "", None, None, 1.0, 0.5)
-        fitted = _Fitted(original, cg, by_id, stats, None)
+        fitted = Fitted(original, cg, by_id, stats, None)
         assert fitted.place(fitted.rep(c), node) is not None  # spliced in, not built by the engine
         fast = fitted.model({node: ("prune", {"keep": 0.5})})[0]
-        slow, (change,) = _apply(original, {node: ("prune", {"keep": 0.5})}, calibration=stats, input_shapes=None)
+        slow, (change,) = apply_plan(original, {node: ("prune", {"keep": 0.5})}, calibration=stats, input_shapes=None)
         assert "least squares" in change.notes
         onnx.checker.check_model(fast, full_check=True)
         a, b = run(create_session(fast), feeds[0]), run(create_session(slow), feeds[0])
@@ -180,7 +180,7 @@ def test_optimize_chooses_prune_within_the_budget(models_dir):
     assert report.passed and report.chosen and all(c.rule == "prune" for c in report.chosen)
     ref = [run(create_session(str(path)), f)[0] for f in held]
     got = [run(create_session(m), f)[0] for f in held]
-    from convgraph.verify import compare
+    from convgraph.run.metrics import compare
 
     assert compare(ref, got).cosine == pytest.approx(report.metric_value, abs=1e-9) and report.metric_value >= 0.99
     touched = [set(next(c for c in report.candidates if (c.node, c.rule, c.params) == (ch.node, ch.rule, ch.params))

@@ -14,18 +14,18 @@ import pytest
 
 import convgraph
 from convgraph import progress
-from convgraph.bench import bench
-from convgraph.calibrate import calibrate
+from convgraph.run.bench import bench
+from convgraph.engine.calibrate import calibrate
 from convgraph.cli import main
 from convgraph.cli import progress as shown_progress
-from convgraph.rewrite import rewrite
-from convgraph.verify import verify
+from convgraph.engine.rewrite import rewrite
+from convgraph.engine.verify import verify
 
 
 class Recorder:
     """A reporter that keeps what it was told: ("start", name, total), ("advance", n), ("finish",)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.events: list[tuple] = []
 
     def start(self, name, total=None):

@@ -8,9 +8,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from convgraph.errors import UsageError
-from convgraph.quantize import float_twin, int8_kernels
-from convgraph.rewrite import rewrite
-from convgraph.runtime import create_session, expose_tensors, run
+from convgraph.engine.quantize import float_twin, int8_kernels
+from convgraph.engine.rewrite import rewrite
+from convgraph.run.runtime import create_session, expose_tensors, run
 
 from helpers import REAL, image_folder, run_cli, smooth_feeds
 from test_rule_int8 import chain
@@ -165,7 +165,7 @@ def test_weight_only_quantized_convs_are_rewritten_in_float():
 # ---- the real model: onnxruntime's own int8 YOLOv8n ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def yolo_int8(real_models, tmp_path_factory):
-    from convgraph.inputs import make_inputs
+    from convgraph.run.inputs import make_inputs
 
     tmp = tmp_path_factory.mktemp("yolo")
     path = real_models("yolov8n")

@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 import convgraph
-from convgraph import roofline
-from convgraph.analyze import analyze
+from convgraph.analysis import roofline
+from convgraph.analysis.analyze import analyze
 from convgraph.cli import main
 
 

@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from convgraph.errors import UsageError
-from convgraph.quantize import int8_kernels
-from convgraph.rewrite import Selection, rewrite
+from convgraph.engine.quantize import int8_kernels
+from convgraph.engine.rewrite import Selection, rewrite
 
 from helpers import REAL, image_folder, run, run_cli, smooth_feeds
 

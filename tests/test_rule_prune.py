@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from test_rules_approx import smooth
 from test_rules_exact import assert_same, rewrite_with, run
 
-from convgraph.calibrate import calibrate
-from convgraph.rewrite import Selection, rewrite
+from convgraph.engine.calibrate import calibrate
+from convgraph.engine.rewrite import Selection, rewrite
 
 RNG = np.random.default_rng(0)
 
@@ -202,7 +202,7 @@ def test_refusals_say_why():
 def test_on_the_committed_sample_model(models_dir):
     """sample.onnx: the stem (→ BN/Relu → conv) and block2's pointwise conv are pruned; the rest refuse with
     the reason (a ConvTranspose, a global pool, the producer itself depthwise)."""
-    from convgraph.inputs import make_inputs
+    from convgraph.run.inputs import make_inputs
 
     path = models_dir / "sample.onnx"
     cal = list(make_inputs(onnx.load(path), None, samples=6, seed=1))
@@ -239,8 +239,8 @@ def test_data_refit_on_a_yolov8n_layer(real_models, monkeypatch):
     from test_rules_approx import picture
 
     import convgraph
-    from convgraph.analyze import analyze
-    from convgraph.runtime import run_with_outputs
+    from convgraph.analysis.analyze import analyze
+    from convgraph.run.runtime import run_with_outputs
 
     path, size = real_models("yolov8n"), 320
     shapes = {"images": [1, 3, size, size]}

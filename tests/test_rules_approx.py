@@ -19,7 +19,7 @@ from helpers import (
     assert_same, drawn_conv2d, input_shape, op_types, random_x, rel_err, rewrite_with, run, single_op)
 
 import convgraph
-from convgraph.analyze import analyze
+from convgraph.analysis.analyze import analyze
 from convgraph.registry import all_rules, get_rule
 from convgraph.rule import RuleContext
 
@@ -37,9 +37,9 @@ def picture(name: str, h: int, w: int, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)
     from PIL import Image
 
     with Image.open(os.path.join(os.path.dirname(skimage.__file__), "data", name)) as im:
-        a = np.asarray(im.convert("RGB").resize((w, h), Image.BILINEAR), np.float32) / 255.0
-    a = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(a.transpose(2, 0, 1)[None])
+        a = np.asarray(im.convert("RGB").resize((w, h), Image.Resampling.BILINEAR), np.float32) / 255.0
+    x = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 
 
 def smooth(shape, seed: int = 0, passes: int = 3) -> np.ndarray:
@@ -183,7 +183,7 @@ def test_spatial_separable_refuses_with_reasons(models_dir):
 
 def test_spatial_separable_fits_calibration_data():
     """With calibration statistics the factors minimize the error on the layer's real inputs."""
-    from convgraph.calibrate import calibrate
+    from convgraph.engine.calibrate import calibrate
 
     w = random_x([8, 4, 3, 3], seed=3)
     model = single_op("Conv", [1, 4, 16, 16], w, pads=[1, 1, 1, 1])
@@ -317,7 +317,7 @@ def test_dilated_least_squares_beats_sampling_on_smooth_inputs():
 
 
 def test_dilated_fits_calibration_data():
-    from convgraph.calibrate import calibrate
+    from convgraph.engine.calibrate import calibrate
 
     w = random_x([4, 3, 5, 5], seed=8)
     model = single_op("Conv", [1, 3, 16, 16], w, random_x([4], seed=9), pads=[2, 2, 2, 2])
@@ -356,7 +356,7 @@ def _box_kernel(rng, c_in: int, og: int, kv: list[int], s: list[int]) -> np.ndar
     resize + conv computes exactly."""
     w = rng.standard_normal((c_in, og, *kv))
     for ax, sa in enumerate(s):
-        w = np.apply_along_axis(lambda v: np.convolve(v, np.ones(sa)), 2 + ax, w)
+        w = np.apply_along_axis(np.convolve, 2 + ax, w, np.ones(sa))
     return w.astype(np.float32)
 
 
@@ -514,7 +514,7 @@ def test_transpose_resize_on_ppocr_det(real_models):
 
 
 def test_approximate_rules_through_the_engine(models_dir):
-    from convgraph.rewrite import rewrite
+    from convgraph.engine.rewrite import rewrite
 
     result = rewrite(models_dir / "sample.onnx", ["spatial-separable", "dilated", "transpose-resize"],
                      params={"rank": "2"}, verify=False)

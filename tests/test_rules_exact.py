@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import convgraph
-from convgraph.analyze import analyze
+from convgraph.analysis.analyze import analyze
 from convgraph.errors import UsageError
 from convgraph.registry import all_rules, get_rule
 from convgraph.rule import RuleContext
@@ -372,7 +372,7 @@ def test_fold_bn_refuses_with_reasons():
 
 # ---- through the engine --------------------------------------------------------------------------
 def test_all_exact_rules_through_the_engine(models_dir):
-    from convgraph.rewrite import rewrite
+    from convgraph.engine.rewrite import rewrite
 
     result = rewrite(models_dir / "sample.onnx", ["dense", "separable", "transpose-subpixel", "fold-bn"],
                      params={"rank": "full"})
@@ -392,7 +392,7 @@ def test_all_exact_rules_through_the_engine(models_dir):
     ("ppocr-det", "fold-bn", {}, {"x": [1, 3, 320, 320]}, 2),  # BatchNormalization after its ConvTranspose
 ])
 def test_exact_rules_on_real_models(real_models, name, rule, params, shapes, count):
-    from convgraph.inputs import make_inputs
+    from convgraph.run.inputs import make_inputs
 
     path = real_models(name)
     out, reps, _ = rewrite_with(path, rule, params, input_shapes=shapes)

@@ -1,4 +1,4 @@
-"""convgraph.shapes: the shape helpers split out of convgraph.graph, and shapes measured with onnxruntime
+"""convgraph.model.shapes: the shape helpers split out of convgraph.model.graph, and shapes measured with onnxruntime
 (``probe_shapes``, ``load(..., probe=True)``, ``convgraph analyze --probe``) where onnx's inference gives up."""
 
 from __future__ import annotations
@@ -11,17 +11,18 @@ import onnx
 import pytest
 
 import convgraph
-import convgraph.graph
-import convgraph.runtime
-import convgraph.shapes
-from convgraph.analyze import analyze
+import convgraph.model.graph
+import convgraph.run.runtime
+import convgraph.model.shapes
+from convgraph.analysis.analyze import analyze
 from convgraph.errors import UsageError
-from convgraph.graph import ConvGraphWarning, load
-from convgraph.inputs import input_specs, random_inputs
-from convgraph.shapes import probe_shapes, unknown_tensors
+from convgraph.errors import ConvGraphWarning
+from convgraph.model.loader import load
+from convgraph.run.inputs import input_specs, random_inputs
+from convgraph.model.probe import probe_shapes, unknown_tensors
 from helpers import F, computed_reshape, run_cli, write_model
 
-pytestmark = pytest.mark.filterwarnings("ignore::convgraph.graph.ConvGraphWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::convgraph.errors.ConvGraphWarning")
 
 REC_SHAPE = {"x": [1, 3, 48, 320]}
 
@@ -35,10 +36,8 @@ def _one_error(code: int, err: str, *needles: str) -> str:
 
 
 # ---- the split ------------------------------------------------------------------------------------
-def test_graph_still_exports_the_shape_helpers() -> None:
-    for name in ("TensorInfo", "parse_input_shape", "real_inputs", "probe_shapes", "_infer", "_collect_shapes"):
-        assert getattr(convgraph.graph, name) is getattr(convgraph.shapes, name), name
-    assert convgraph.TensorInfo is convgraph.shapes.TensorInfo
+def test_the_package_exports_tensor_info() -> None:
+    assert convgraph.TensorInfo is convgraph.model.shapes.TensorInfo
 
 
 # ---- a synthetic model onnx cannot follow ---------------------------------------------------------
@@ -66,7 +65,7 @@ def test_probe_measures_and_fills_the_shape_table() -> None:
     assert conv2.macs == 5 * 64 * 4 * 3 and conv2.shape_source == "measured"  # out elements × C_in × k
     assert conv.shape_source == "inferred" and conv.macs == 4 * 64 * 3 * 9
     assert not any("unknown MACs" in w for w in rec.warnings)
-    from convgraph.report import row  # the table says which shapes were measured
+    from convgraph.analysis.report import row  # the table says which shapes were measured
 
     assert row(conv2, None)[4] == "1×5×1×64 (measured)" and row(conv, None)[4] == "1×4×8×8"
 
@@ -104,7 +103,7 @@ def test_probe_is_a_no_op_when_every_shape_is_known(monkeypatch, models_dir, cap
     def no_session(*a, **k):
         raise AssertionError("a session was created")
 
-    monkeypatch.setattr(convgraph.runtime, "create_session", no_session)
+    monkeypatch.setattr(convgraph.run.runtime, "create_session", no_session)
     cg = load(models_dir / "sample.onnx")
     assert probe_shapes(cg) == {} and cg.measured == set() and cg.warnings == []
     code, out, err = run_cli(capsys, "analyze", models_dir / "sample.onnx", "--probe", "--json")
@@ -159,7 +158,7 @@ def test_ppocr_rec_every_conv_gets_shapes_and_macs(real_models) -> None:
     lost = [static.record(n) for n in ("p2o.Conv.35", "p2o.Conv.36", "p2o.Conv.37")]
     model = onnx.load(path)
     feed = random_inputs(input_specs(model), input_shapes=REC_SHAPE)[0]
-    got = convgraph.runtime.run_with_outputs(model, [r.output for r in lost], [feed])
+    got = convgraph.run.runtime.run_with_outputs(model, [r.output for r in lost], [feed])
     for r in lost:
         assert r.output_shape == got[r.output][0].shape
         assert r.macs == math.prod(r.output_shape) * (r.in_channels // r.group) * math.prod(r.kernel)

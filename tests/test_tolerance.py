@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from convgraph import tolerance
-from convgraph.rewrite import rewrite
+from convgraph.run import tolerance
+from convgraph.engine.rewrite import rewrite
 
 from helpers import REAL, run_cli, to_float16
 

@@ -17,10 +17,10 @@ from onnx import TensorProto, helper, numpy_helper
 import convgraph
 from convgraph.cli import main
 from convgraph.errors import CheckFailed, UsageError
-from convgraph.inputs import image_layout, make_inputs
+from convgraph.run.inputs import image_layout, make_inputs
 from convgraph.registry import all_rules
-from convgraph.rewrite import rewrite
-from convgraph.verify import verify
+from convgraph.engine.rewrite import rewrite
+from convgraph.engine.verify import verify
 
 warnings.simplefilter("ignore", convgraph.ConvGraphWarning)
 DET = {"x": [1, 3, 640, 640]}
@@ -124,7 +124,7 @@ def test_an_exact_rewrite_is_not_blamed_for_approximate_ones_upstream(models_dir
             return real(rec, ctx, {**params, "rank": "full"})
         return real(rec, ctx, params)
 
-    named = convgraph.rewrite.Selection(nodes="stem|block1|block3|block4")  # full rank adds MACs: name the nodes
+    named = convgraph.engine.rewrite.Selection(nodes="stem|block1|block3|block4")  # full rank adds MACs: name the nodes
     with _patched("separable", patch):
         res = rewrite(models_dir / "sample.onnx", ["separable"], params={"rank": "1"}, selection=named)
     exact = [c for c in res.report.changes if c.exact]
@@ -144,7 +144,7 @@ def test_a_broken_exact_rewrite_inside_a_subgraph_beside_approximate_ones_is_ref
     with _patched("separable", patch):
         with pytest.raises(CheckFailed, match="then/conv"):
             rewrite(models_dir / "subgraph.onnx", ["separable"], params={"rank": "1"},
-                    selection=convgraph.rewrite.Selection(nodes="conv"))
+                    selection=convgraph.engine.rewrite.Selection(nodes="conv"))
         code = main(["rewrite", str(models_dir / "subgraph.onnx"), "--rule", "separable", "--param", "rank=1",
                      "--nodes", "conv", "--json", "--dry-run"])
         assert code == 0
@@ -175,7 +175,7 @@ def test_an_approximate_rule_does_not_add_macs_unless_the_node_is_named():
     assert not res.report.changes
     assert "would add MACs" in res.report.explain[0].reason
     assert not rewrite(m, ["low-rank"], dry_run=True).report.changes
-    named = rewrite(m, ["low-rank"], selection=convgraph.rewrite.Selection(nodes="squeeze"))
+    named = rewrite(m, ["low-rank"], selection=convgraph.engine.rewrite.Selection(nodes="squeeze"))
     assert named.report.changes and named.report.changes[0].macs_after > named.report.changes[0].macs_before
 
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import click
 
-from .. import report
-from ..analyze import analyze as run_analysis
+from ..analysis import report
+from ..analysis.analyze import analyze as run_analysis
 from ..errors import UsageError
-from ..graph import gc_paused, load
+from ..model.graph import gc_paused
+from ..model.loader import load
 from ..io import check_output_path, write_output
 from . import cli, common
 from .common import (emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, probe_option,
@@ -80,7 +81,7 @@ def analyze(model: Path, input_shapes: dict, input_values: dict, as_json: bool, 
         if path is not None:
             check_output_path(path, model, flag=flag)
     if plot_path is not None:
-        from ..profile import pyplot
+        from ..analysis.profile import pyplot
 
         pyplot()  # before any work: a missing matplotlib fails at once
     with gc_paused():
@@ -91,7 +92,7 @@ def analyze(model: Path, input_shapes: dict, input_values: dict, as_json: bool, 
         for w in result.warnings:
             warn(w)
         if plot_path is not None:
-            from ..profile import plot
+            from ..analysis.profile import plot
 
             plot(result, plot_path, top or 20)
             common.console("err").print(f"wrote {plot_path}", markup=False, highlight=False)
@@ -99,14 +100,18 @@ def analyze(model: Path, input_shapes: dict, input_values: dict, as_json: bool, 
             write_output(dot_path, report.dot(result), model, flag="--dot")
             common.console("err").print(f"wrote {dot_path}", markup=False, highlight=False)
         if fmt == "json":
-            emit_json(result.to_dict(report.select(result.convs, sort, top)), indent=None)
+            emit_json(result.to_dict(report.select(result.convs, sort, top, report.reference(result))), indent=None)
         elif fmt == "markdown":
-            click.echo(report.markdown(result, sort, top), nl=False)
-            click.echo("\n" + report.cost_markdown(result, sort, top), nl=False)
+            click.echo(common.printable(report.markdown(result, sort, top), newlines=True), nl=False)
+            click.echo(common.printable("\n" + report.cost_markdown(result, sort, top), newlines=True), nl=False)
         else:
-            total = result.totals["macs"]
-            show([_COLUMNS[c] for c in report.COLUMNS], [report.row(r, total) for r in report.select(result.convs, sort, top)],
+            values = report.reference(result)
+            show([_COLUMNS[c] for c in report.COLUMNS], [report.row(r, report.total_macs(result), values)
+                                                        for r in report.select(result.convs, sort, top, values)],
                  title=f"{len(result.convs)} convolutions", hint="--wide or --format markdown shows them")
+            note = report.reference_note(result, sort)
+            if note:
+                common.console("out").print(note, markup=False, highlight=False)
             columns, rows = report.cost_rows(result, sort, top)
             show([_COST[c] for c in columns], rows, title="memory and time per conv",
                  hint="--wide or --format markdown shows them")
@@ -119,7 +124,7 @@ def analyze(model: Path, input_shapes: dict, input_values: dict, as_json: bool, 
 def _measure(cg, result, profiled: bool, provider: str, threads: int | None, runs: int, warmup: int,
              data: dict) -> None:
     """The roofline (cached, else measured once) and, with --profile, each conv's measured time."""
-    from .. import roofline
+    from ..analysis import roofline
 
     roof = roofline.cached_roofline(provider, threads)  # no onnxruntime needed when cached
     if roof is None:
@@ -134,7 +139,7 @@ def _measure(cg, result, profiled: bool, provider: str, threads: int | None, run
     roofline.apply(result.convs, roof)
     result.roofline = roof
     if profiled:
-        from ..profile import attach, profile
+        from ..analysis.profile import attach, profile
 
         prof = profile(cg, data.pop("inputs"), input_shapes=cg.input_shapes or None, seed=data.pop("seed"),
                        provider=provider, threads=threads, runs=runs, warmup=warmup,

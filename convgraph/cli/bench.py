@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..bench import BenchReport, bench
-from ..runtime import OPT_LEVELS
+from ..run.bench import BenchReport, bench
+from ..run.runtime import OPT_LEVELS
 from . import cli
 from .common import (
     emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, out, provider_option)

@@ -9,7 +9,7 @@ from ..io import check_output_path, write_model
 from ..optimize import (
     DEFAULT_RANKS, DEFAULT_RULES, METRICS, OptimizeReport, TimingCache, check_plot_path, optimize, plot_pareto)
 from ..progress import stage
-from ..rewrite import Selection
+from ..engine.rewrite import Selection
 from . import cli
 from .common import (
     _number_list, emit_json, err, image_options, input_shape_option, input_value_option, json_option, out, provider_option,
@@ -59,6 +59,10 @@ def render(report: OptimizeReport) -> None:
             rows.append((name, str(d.get("judged", "")), str(len(d.get("excluded", []))),
                          *("" if d.get(k) is None else f"{d[k]:.6g}" for k in ("min", "p5", "median")),
                          str(d.get("worst_sample") or "")))
+            rows += [("  " + p["part"][len(name):], "", "", "" if p["min"] is None else f"{p['min']:.6g}", "", "",
+                      f"silent: {p['silent']}" if p["silent"] else str(p["worst_sample"] or "")
+                      + (" (decides)" if p["part"] == m.get("decided_by") else ""))
+                     for p in m.get("part_distribution") or []]
         show([Column("tensor", "name"), Column("samples", "num"), Column("left out", "num"), Column("min", "num"),
               Column("5th pct", "num"), Column("median", "num"), Column("worst sample", drop=1)], rows,
              title=f"held-out {report.metric} per sample, returned model (budget on the {report.held_on})")

@@ -7,11 +7,12 @@ import math
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.text import Text
 
-from .. import tolerance
+from ..run import tolerance
 from ..errors import CheckFailed, UsageError
-from ..verify import VerifyReport, verify
+from ..engine.verify import VerifyReport, verify
 from . import cli
 from .common import (
     emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, out, provider_option, warn)
@@ -48,7 +49,23 @@ _METRIC_COLUMNS = (
 )
 
 
-def _metrics_table(title: str, metrics: dict) -> None:
+def _part_rows(m, tol, names) -> list[tuple]:
+    """One row per part of ``m`` (an output split by scale): its slice, errors, worst sample, verdict."""
+    rows = []
+    for p in m.parts:
+        if p.worst_sample is None:
+            verdict = f"[yellow]silent[/yellow] ({p.degenerate_reason}), not judged"
+        else:
+            low = tol.min_cosine is not None and not p.cosine >= tol.min_cosine
+            verdict = ("[red]FAIL[/red]" if low else "[green]ok[/green]") + f" worst: {names(p.worst_sample)}"
+            if p.name == m.decided_by:
+                verdict += " [bold](decides)[/bold]"
+        rows.append(("  " + p.name[len(m.name):], "", _num(p.max_abs_err), "", "", _num(p.cosine, ".6f"),
+                     _num(p.snr_db, ".1f"), "", "", "", Text.from_markup(verdict)))
+    return rows
+
+
+def _metrics_table(title: str, metrics: dict, report: VerifyReport) -> None:
     rows = []
     for name, m in metrics.items():
         verdict = ("[green]ok[/green]" if m.passed else "[yellow]INCONCLUSIVE[/yellow]" if m.inconclusive
@@ -62,23 +79,32 @@ def _metrics_table(title: str, metrics: dict) -> None:
                      _num(m.mean_abs_err), _num(m.cosine, ".6f"), _num(m.snr_db, ".1f"),
                      "-" if m.top1 is None else f"{m.top1:.0%}", _num(m.min_atol), _num(m.min_rtol),
                      Text.from_markup(verdict + (f" ({m.nan} NaN)" if m.nan else ""))))
+        rows += _part_rows(m, report.tolerance, report.sample_name)
     show(_METRIC_COLUMNS, rows, title=title)
+    for name, m in metrics.items():
+        bad = report.failing(m)
+        if bad and m.samples > 1:
+            out.print(escape(f"{name}: out of tolerance on {len(bad)} of {m.samples} samples: {', '.join(bad)}"),
+                      highlight=False)
+        if m.note:
+            out.print(escape(f"{name}: {m.note}"), highlight=False)
 
 
 def render(report: VerifyReport) -> None:
     """The human-readable report on stdout."""
     out.print(f"inputs: {report.inputs}; provider {report.provider}; tolerance {report.tolerance.describe()}")
-    _metrics_table("candidate vs reference (onnxruntime)", report.outputs)
+    _metrics_table("candidate vs reference (onnxruntime)" + (" on the tensors given" if report.tensors else ""),
+                   report.outputs, report)
     ev = report.reference_evaluator
     if ev:
-        _metrics_table("onnxruntime vs onnx.reference, reference model", ev["reference"])
-        _metrics_table("candidate (onnxruntime) vs onnx.reference on the reference model", ev["candidate"])
+        _metrics_table("onnxruntime vs onnx.reference, reference model", ev["reference"], report)
+        _metrics_table("candidate (onnxruntime) vs onnx.reference on the reference model", ev["candidate"], report)
     loc = report.localization
     if loc is not None:
         where = f"sample {loc.sample}, {loc.compared} shared intermediate tensors compared"
         if loc.unmatched:
             where += f", {loc.unmatched} only in the candidate"
-        if loc.first_divergent_node is None:
+        if loc.first_divergent_node is None or loc.tensor is None:  # set together
             out.print(f"localization ({where}): no intermediate tensor leaves tolerance")
         else:
             m = loc.tensor
@@ -99,7 +125,8 @@ def render(report: VerifyReport) -> None:
                 out.print(f"  its inputs, within tolerance: {ins}")
     label = {"passed": "[green]PASSED[/green]", "failed": "[red]FAILED[/red]",
              "inconclusive": "[yellow]INCONCLUSIVE[/yellow]"}[report.verdict]
-    out.print(f"{label}: {report.summary()}")
+    summary = report.summary()
+    out.print(f"{label}: {summary.removeprefix(report.verdict + ': ')}")
 
 
 @cli.command("verify")
@@ -111,6 +138,9 @@ def render(report: VerifyReport) -> None:
               "element fails only beyond atol AND rtol).")
 @click.option("--rtol", type=float, help="Relative tolerance (default 1e-3, float16 outputs 9.8e-3, bfloat16 7.8e-2).")
 @click.option("--min-cosine", type=float, help="Minimum cosine similarity per output; alone, it replaces atol/rtol.")
+@click.option("--tensor", "tensors", multiple=True, metavar="NAME",
+              help="Judge this tensor instead of the outputs (repeatable; any tensor both models have, "
+                   "intermediate ones included).")
 @click.option("--localize", is_flag=True, help="Find the first candidate node whose output leaves tolerance.")
 @click.option("--tensor-map", type=click.Path(), help="JSON {candidate tensor: reference tensor} for --localize "
               "(default: the rewrite record in the candidate's metadata).")
@@ -121,13 +151,14 @@ def render(report: VerifyReport) -> None:
 @json_option
 @wide_option
 @shows_progress
-def verify_command(reference, candidate, input_shapes, atol, rtol, min_cosine, localize, tensor_map,
+def verify_command(reference, candidate, input_shapes, atol, rtol, min_cosine, tensors, localize, tensor_map,
                    reference_evaluator, provider, threads, as_json, **kw) -> None:
     """Run REFERENCE and CANDIDATE on the same inputs and compare their outputs.
 
     Exit 0 within tolerance, 1 outside or inconclusive (an output of the reference says nothing on every
     input: pass real data with --inputs), 2 for unusable models or arguments. Cosine and SNR are judged
-    per sample: the worst counts.
+    per sample (the worst counts) and per part: an output whose parts differ in scale a hundredfold (a
+    detector's boxes beside its class scores) is split and each part judged alone.
     """
     data = input_data_kwargs(kw)
     basis = None
@@ -136,7 +167,7 @@ def verify_command(reference, candidate, input_shapes, atol, rtol, min_cosine, l
         atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
     report = verify(reference, candidate, input_shapes=input_shapes, atol=atol, rtol=rtol, min_cosine=min_cosine,
                     localize=localize, provider=provider, reference_evaluator=reference_evaluator,
-                    tensor_map=_tensor_map(tensor_map), threads=threads, **data)
+                    tensor_map=_tensor_map(tensor_map), threads=threads, tensors=tensors or None, **data)
     if as_json:
         emit_json({**report.to_dict(), "tolerance_basis": basis})
     else:

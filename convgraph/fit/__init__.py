@@ -3,7 +3,7 @@
 A rewrite replaces a conv ``y = W x + b`` (``x`` an input patch) by a constrained ``y' = W' x' + b'``.
 Weight fits minimize ‖W − W'‖; what matters is E‖(W x_ref + b) − (W' x + b')‖² over the activations the
 model really sees (``x_ref`` the original model's patches, ``x`` the patches of the model being rewritten:
-the same unless earlier layers were rewritten, see :mod:`convgraph.calibrate`). With centered moments
+the same unless earlier layers were rewritten, see :mod:`convgraph.engine.calibrate`). With centered moments
 Σ = Cov(x) and C = Cov(x_ref, x), the optimal bias is ``b' = b + W μ_ref − W' μ`` (bias correction) and
 the weights minimize tr(W' Σ W'ᵀ) − 2 tr(W C W'ᵀ), i.e. ‖(T − W') Σ^{1/2}‖² with the target
 T = W C Σ⁻¹ (T = W without a reference). Fits here:

@@ -6,7 +6,7 @@ To first order σ(t + a δ) − σ(t) ≈ a σ'(t) δ, so the post-activation er
 E‖a σ'(t) δ‖²: the pre-activation error with each output channel o weighted by d_o = E[(a_o σ'(t_o))²]
 (exactly, where σ' and δ are uncorrelated). Channels the activation mostly flattens (a ReLU that is
 rarely on, a saturated Sigmoid) count less. The weights are measured on calibration data
-(:mod:`convgraph.calibrate` keeps Σ (a σ'(t))² per channel); every factorization the fits make (low rank,
+(:mod:`convgraph.engine.calibrate` keeps Σ (a σ'(t))² per channel); every factorization the fits make (low rank,
 separable, spatially separable) is closed under scaling output rows, so the weighted fit is the plain
 fit of D^{1/2}W, its output factor scaled back by D^{−1/2} (:func:`scaled_rows`).
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..weights import constant_value
+from ..model.weights import constant_value
 
 #: Per-channel affine ops allowed between a conv and its activation (with a constant other operand).
 AFFINE = frozenset({"BatchNormalization", "Mul", "Div", "Add", "Sub"})

@@ -9,8 +9,8 @@ import numpy as np
 from ..errors import ModelError
 from .moments import DAMP, check_stats, corrected_bias, damped, per_channel, per_group, solve
 
-if TYPE_CHECKING:  # the statistics are calibrate's; the fits only read them
-    from ..calibrate import ConvStats
+if TYPE_CHECKING:
+    from .calibration import ConvStats
 
 def subgrid_fit(w: np.ndarray, bias: np.ndarray | None, taps: np.ndarray, stats: ConvStats | None, *,
                 damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:

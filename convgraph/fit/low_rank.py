@@ -11,8 +11,8 @@ from ..errors import ModelError
 from .activation import scaled_rows
 from .moments import DAMP, corrected_bias, fit_group, damped, holdout_score, solve, sqrt_pair
 
-if TYPE_CHECKING:  # the statistics are calibrate's; the fits only read them
-    from ..calibrate import ConvStats
+if TYPE_CHECKING:
+    from .calibration import ConvStats
 
 #: Alternating least-squares sweeps of the low-rank fit with a kernel split (the spatial form), and
 #: preconditioned conjugate-gradient steps per solve of the first factor inside a sweep. On YOLOv8n's 234
@@ -284,7 +284,7 @@ def low_rank_fit(w: np.ndarray, bias: np.ndarray | None, rank: int, stats: ConvS
         for name, (iters, blocks) in methods.items():
             f = _low_rank(w, bias, r, q, train, damp, iters, blocks)
             scores[name] = holdout_score(w, bias, f.weight(stats.kernel), f.bias, held)
-        best = min(scores, key=scores.get)
+        best = min(scores, key=scores.__getitem__)
     else:
         best = "als" if "als" in methods else next(iter(methods))
     iters, blocks = methods[best]

@@ -10,16 +10,21 @@ from .report import ERROR_FLOOR, PREDICTION_SLACK, STABLE_SHARE, Candidate, Poin
 
 
 # ---- the greedy sequence ------------------------------------------------------------------------------------
+def _e(c: Candidate) -> float:
+    """A candidate's model-level error (the sequence holds only candidates that have one)."""
+    return math.inf if c.error is None else c.error
+
+
 def _hull(opts: Sequence[Candidate], e0: float, s0: float) -> list[Candidate]:
     """The options on the lower-right convex hull of (error, saving) from the point (``e0``, ``s0``), in order."""
     hull: list[Candidate] = []
-    for c in sorted(opts, key=lambda c: (c.error, -c.saving_ms)):
+    for c in sorted(opts, key=lambda c: (_e(c), -c.saving_ms)):
         if c.saving_ms <= (hull[-1].saving_ms if hull else s0):
             continue
         while hull:
-            prev_e, prev_s = (hull[-2].error, hull[-2].saving_ms) if len(hull) > 1 else (e0, s0)
-            e1, s1 = hull[-1].error - prev_e, hull[-1].saving_ms - prev_s
-            e2, s2 = c.error - prev_e, c.saving_ms - prev_s
+            prev_e, prev_s = (_e(hull[-2]), hull[-2].saving_ms) if len(hull) > 1 else (e0, s0)
+            e1, s1 = _e(hull[-1]) - prev_e, hull[-1].saving_ms - prev_s
+            e2, s2 = _e(c) - prev_e, c.saving_ms - prev_s
             if s1 * max(e2, ERROR_FLOOR) <= s2 * max(e1, ERROR_FLOOR):  # c is at least as efficient
                 hull.pop()
             else:
@@ -52,7 +57,7 @@ def greedy_sequence(cands: Sequence[Candidate], baseline_ms: float) -> list[Step
         hull = _hull([c for c in by_node[node] if free(c)], e0, s0)
         if hull:
             c = hull[0]
-            de, ds = max(c.error - e0, 0.0), c.saving_ms - s0
+            de, ds = max(_e(c) - e0, 0.0), c.saving_ms - s0
             heapq.heappush(heap, (-ds / max(de, ERROR_FLOOR), node, c, ds, de))  # one entry per conv at most
 
     for node in by_node:
@@ -132,4 +137,4 @@ def search(steps: Sequence[Step], evaluate, *, allowance: float | None, max_eval
 def needs_shorter(p: Point) -> bool:
     """Whether a built prefix calls for trying a shorter one: no faster than the original, or slower than
     its layers' measured savings predict by more than PREDICTION_SLACK (latency not additive)."""
-    return p.speedup is None or p.speedup <= 1.0 or p.measured_ms > PREDICTION_SLACK * p.predicted_ms
+    return p.speedup <= 1.0 or p.measured_ms > PREDICTION_SLACK * p.predicted_ms

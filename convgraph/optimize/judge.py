@@ -17,7 +17,7 @@ class Judge:
     """The original model's outputs (or other ``tensors``) on a fixed input set, and the metric of a
     candidate against them, **per sample**: per tensor the worst informative sample (or, with ``quantile``
     q, the value that a share q of them reach), and the worst tensor counts. A sample whose reference is
-    degenerate for the metric (:func:`convgraph.metrics.degenerate`: every value tiny, constant or
+    degenerate for the metric (:func:`convgraph.run.metrics.degenerate`: every value tiny, constant or
     saturated; PP-OCR det's text map on a picture without text) is left out of that tensor's figures and
     named in :attr:`excluded`; with ``strict`` a tensor with no informative sample is an error, else it
     is judged on all samples pooled. ``names``: what to call the samples (default: their index)."""
@@ -25,7 +25,7 @@ class Judge:
     def __init__(self, model: onnx.ModelProto, feeds: Sequence[dict], metric: str, provider: str,
                  threads: int | None, tensors: Sequence[str] | None = None, *, quantile: float | None = None,
                  names: Sequence[str] | None = None, strict: bool = True):
-        from ..metrics import degenerate
+        from ..run.metrics import degenerate
 
         if metric not in METRICS:
             raise UsageError(f"--metric must be one of {', '.join(METRICS)}, not {metric!r}")
@@ -36,7 +36,7 @@ class Judge:
         self.quantile = quantile
         if not self.feeds:
             raise UsageError("the held-out set is empty")
-        self.sample_names = list(names) if names is not None else [f"#{i}" for i in range(len(self.feeds))]
+        self.sample_names = list(names) if names is not None else [f"sample {i}" for i in range(len(self.feeds))]
         self.names = list(tensors) if tensors else [o.name for o in model.graph.output]
         produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
         missing = [t for t in self.names if t not in produced]
@@ -54,17 +54,17 @@ class Judge:
                                  f"sample {out[0][0]}): give held-out inputs on which it does (--heldout, --calib)")
 
     def _outputs(self, model: onnx.ModelProto) -> dict[str, list[np.ndarray]]:
-        from ..runtime import create_session, expose_tensors, run
+        from ..run.runtime import create_session, expose_tensors, run
 
         sess = create_session(expose_tensors(model, self.names), provider=self.provider, threads=self.threads)
-        outs = {n: [] for n in self.names}
+        outs: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
         for f in self.feeds:
             for n, v in zip(self.names, run(sess, f, self.names)):
                 outs[n].append(v)
         return outs
 
     def _value(self, m, snr: bool = False) -> float:
-        """A tensor's :class:`~convgraph.metrics.Metrics` → the figure the budget is held on: the worst
+        """A tensor's :class:`~convgraph.run.metrics.Metrics` → the figure the budget is held on: the worst
         informative sample, or the lower (1 − quantile) quantile; pooled when no sample is informative."""
         vals = np.array([v for v in (m.sample_snr_db if snr else m.sample_cosine) if v is not None], np.float64)
         if vals.size == 0:
@@ -76,7 +76,7 @@ class Judge:
     def judge(self, model: onnx.ModelProto) -> tuple[float, float, dict[str, dict]]:
         """(metric, error, per-tensor metrics with the per-sample distribution) of ``model`` against the
         original on these inputs."""
-        from ..metrics import compare
+        from ..run.metrics import compare
 
         got = self._outputs(model)
         per = {n: compare(self.ref[n], got[n], name=n) for n in self.names}
@@ -104,6 +104,11 @@ class Judge:
                 "median": float(np.median(vals)) if vals else None,
                 "worst_sample": self.sample_names[m.worst_sample] if m.worst_sample is not None else None,
                 "excluded": [{"sample": s, "why": w} for s, w in self.excluded.get(n, [])]}
+            d["decided_by"] = m.decided_by
+            d["part_distribution"] = [
+                {"part": p.name, "min": p.cosine if p.worst_sample is not None else None,
+                 "worst_sample": self.sample_names[p.worst_sample] if p.worst_sample is not None else None,
+                 "silent": p.degenerate_reason if p.worst_sample is None else None} for p in m.parts]
             out[n] = d
         return value, error, out
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..io import atomic_write_bytes, check_output_path
-from ..profile import pyplot
+from ..analysis.profile import pyplot
 from .report import OptimizeReport
 
 

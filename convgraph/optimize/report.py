@@ -80,8 +80,8 @@ class Point:
     convs: int
     predicted_ms: float  # original_ms − the steps' measured one-layer savings
     original_ms: float  # the original's median, timed interleaved with this prefix
-    measured_ms: float | None
-    speedup: float | None  # median over interleaved pairs of original / rewritten
+    measured_ms: float
+    speedup: float  # median over interleaved pairs of original / rewritten
     metric: float
     error: float
     passed: bool
@@ -156,26 +156,36 @@ class OptimizeReport:
     @property
     def best_speedup(self) -> float | None:
         """The best measured speed-up of any prefix built, within the budget or not."""
-        return max((p.speedup for p in self.points if p.speedup is not None), default=None)
+        return max((p.speedup for p in self.points), default=None)
 
     def reached(self) -> str:
         """What the search got to, for a run that did not meet its budget."""
         if not self.points:
             return ("no rewrite was built: " + ("the time budget ran out first" if self.timed_out else
                                                  "no candidate saves measured time (in enough interleaved pairs)"))
-        fast = max(self.points, key=lambda p: p.speedup or 0.0)
+        fast = max(self.points, key=lambda p: p.speedup)
         return (f"best held-out {self.metric} of a rewritten model {self.best_metric:.6g} ({self.budget_text}); "
                 f"best speed-up {self.best_speedup:.2f}× (at {self.metric} {fast.metric:.6g})")
 
+    @property
+    def decided_by(self) -> str | None:
+        """The tensor, or the part of one (an output split by scale), whose worst held-out sample gave
+        ``metric_value``."""
+        worst = min(self.outputs.items(), key=lambda kv: (kv[1].get("distribution") or {}).get("min") or 2.0,
+                    default=None)
+        return None if worst is None else worst[1].get("decided_by") or worst[0]
+
     def summary(self) -> str:
         if not self.passed:
-            return f"no faster model within the budget: {self.reached()}; the model is returned unchanged"
+            return f"no faster model within the budget: {self.reached()}"
         return (f"{len(self.chosen)} conv(s) rewritten: {self.baseline_ms:.2f} ms → {self.measured_ms:.2f} ms "
                 f"measured ({self.speedup:.2f}×; predicted {self.predicted_ms:.2f} ms), held-out {self.metric} "
-                f"{self.metric_value:.6g} on the {self.held_on} ({self.budget_text}): PASS")
+                f"{self.metric_value:.6g} on the {self.held_on}{f' of {self.decided_by}' if self.decided_by else ''} "
+                f"({self.budget_text}): PASS")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["candidates"] = [c.to_dict() for c in self.candidates]
-        d.update(summary=self.summary(), best_metric=self.best_metric, best_speedup=self.best_speedup)
+        d.update(summary=self.summary(), best_metric=self.best_metric, best_speedup=self.best_speedup,
+                 decided_by=self.decided_by)
         return d

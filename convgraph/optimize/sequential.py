@@ -7,10 +7,12 @@ from typing import Mapping
 import networkx as nx
 import onnx
 
-from ..analyze import analyze
-from ..calibrate import Calibration, calibrate
-from ..graph import ConvGraph, load
-from .timing import _apply, stats_needed
+from ..analysis.analyze import analyze
+from ..fit.calibration import Calibration
+from ..engine.calibrate import calibrate
+from ..model.graph import ConvGraph
+from ..model.loader import load
+from .timing import apply_plan, stats_needed
 
 
 # ---- sequential fitting ---------------------------------------------------------------------------------------
@@ -32,8 +34,8 @@ def fit_sequential(original: onnx.ModelProto, plan: Mapping[str, tuple[str, dict
     stages = [[n for n in nodes if depth[n] == k] for k in range(max(depth.values(), default=-1) + 1)]
     keys = [tuple((n, plan[n][0], repr(sorted(plan[n][1].items()))) for n in members) for members in stages]
     model, changes, start = original, [], 0
-    for j in range(len(stages), 0, -1) if cache is not None else ():
-        hit = cache.get(tuple(keys[:j]))
+    for j in range(len(stages), 0, -1):
+        hit = cache.get(tuple(keys[:j])) if cache is not None else None
         if hit is not None:
             model, changes, start = hit[0], list(hit[1]), j
             break
@@ -44,7 +46,7 @@ def fit_sequential(original: onnx.ModelProto, plan: Mapping[str, tuple[str, dict
         if calibrated:
             stats = calibrate(model, calib, nodes=calibrated, reference=original, input_shapes=input_shapes,
                               provider=provider, threads=threads)
-        model, ch = _apply(model, {n: plan[n] for n in members}, calibration=stats, input_shapes=input_shapes)
+        model, ch = apply_plan(model, {n: plan[n] for n in members}, calibration=stats, input_shapes=input_shapes)
         changes += ch
         if cache is not None:
             _keep(cache, tuple(keys[:stage + 1]), (model, list(changes), model.ByteSize()))

@@ -12,19 +12,19 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..calibrate import calibratable
+from ..engine.calibrate import calibratable
 from ..errors import CheckFailed, UsageError
-from ..graph import ConvGraph
+from ..model.graph import ConvGraph
 from ..io import atomic_write_bytes
-from ..record import ConvRecord
+from ..model.record import ConvRecord
 from ..registry import get_rule
-from ..rewrite import Selection, rewrite
+from ..engine.rewrite import Selection, rewrite
 from ..rule import RuleContext, Skip
 from .report import KEEP_SHARES, LAYER_RANK_SHARES, MAX_MAC_RATIO, Candidate
 
 
 # ---- candidates and per-layer latency -----------------------------------------------------------------------
-def _rule_options(rule_name: str, rec: ConvRecord, ranks: Sequence[int],
+def rule_options(rule_name: str, rec: ConvRecord, ranks: Sequence[int],
                   shares: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rule = get_rule(rule_name)
     if rule_name in KEEP_SHARES:
@@ -36,7 +36,7 @@ def _rule_options(rule_name: str, rec: ConvRecord, ranks: Sequence[int],
     return [{}]
 
 
-def _layer_model(cg: ConvGraph, rec: ConvRecord, nodes: Sequence[onnx.NodeProto],
+def layer_model(cg: ConvGraph, rec: ConvRecord, nodes: Sequence[onnx.NodeProto],
                  inits: Sequence[onnx.TensorProto], outputs: Sequence[str] = ()) -> onnx.ModelProto:
     """A model of just ``nodes`` (the conv or its replacement; or the nodes a rule's match spans, or their
     replacement): inputs the conv's input and any other tensor they read that is not a constant (random data
@@ -57,10 +57,10 @@ def _layer_model(cg: ConvGraph, rec: ConvRecord, nodes: Sequence[onnx.NodeProto]
 
     def info(t: str) -> onnx.ValueInfoProto:
         if t in (rec.input, rec.output):
-            return onnx.helper.make_tensor_value_info(t, elem, list(rec.input_shape if t == rec.input else
-                                                                   rec.output_shape))
+            return onnx.helper.make_tensor_value_info(t, elem, list((rec.input_shape if t == rec.input else
+                                                                    rec.output_shape) or ()))
         got = cg.shape_info(t)
-        if got is None or not _static(got.shape):
+        if got is None or got.shape is None or not _static(got.shape):
             raise UsageError(f"conv {rec.node_id}: tensor {t!r} has no static shape; cannot time the layers alone")
         return onnx.helper.make_tensor_value_info(t, got.elem_type, list(got.shape))
 
@@ -71,7 +71,7 @@ def _layer_model(cg: ConvGraph, rec: ConvRecord, nodes: Sequence[onnx.NodeProto]
     return model
 
 
-def _span_outputs(cg: ConvGraph, span: Sequence[str]) -> list[str]:
+def span_outputs(cg: ConvGraph, span: Sequence[str]) -> list[str]:
     """The tensors the nodes ``span`` make that something else reads (or that are graph outputs)."""
     inside = set(span)
     return [t for n in span for t in cg.node(n).output if t and any(c not in inside for c in cg.consumers(t))]
@@ -112,7 +112,7 @@ class TimingCache:
         import hashlib
         import platform
 
-        from ..runtime import ort
+        from ..run.runtime import ort
 
         h = hashlib.sha256()
         for m in layers:
@@ -139,8 +139,8 @@ class TimingCache:
             h.update(b"\0")
         cpu = platform.processor() or platform.machine()
         try:
-            with open("/proc/cpuinfo") as f:
-                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+            with open("/proc/cpuinfo") as fh:
+                cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
         except OSError:
             pass
         h.update(json.dumps([provider, threads, runs, ort().__version__, cpu, os.cpu_count()]).encode())
@@ -166,24 +166,28 @@ class TimingCache:
 def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str], ranks: Sequence[int], *,
                shares: Sequence[str] | None = None,
                provider: str, threads: int | None, runs: int, warmup: int,
-               progress=None, cache: TimingCache | None = None) -> list[Candidate]:
+               progress=None, cache: TimingCache | None = None, stop=None) -> list[Candidate]:
     """Every matching (conv, rule, params) that cuts MACs, with its measured one-layer latency (from
     ``cache`` when the same layers were timed before in the same setting). A rule whose match spans more
     than the conv (``prune``: the conv, the per-channel ops after it, its consumer convs) is timed as that
-    subgraph against its replacement: its saving is the subgraph's time before minus after."""
-    from ..bench import bench
+    subgraph against its replacement: its saving is the subgraph's time before minus after. The convs are
+    timed the largest (MACs) first, and ``stop()`` true ends the timing: the convs timed so far count."""
+    from ..run.bench import bench
 
     by_id = {r.node_id: r for r in records}
     out: list[Candidate] = []
     t_start = time.perf_counter()
-    for done, rec in enumerate(records):
+    order = {r.node_id: i for i, r in enumerate(records)}
+    for done, rec in enumerate(sorted(records, key=lambda r: -(r.macs if isinstance(r.macs, int) else 0))):
+        if stop is not None and stop():
+            break
         if not (_static(rec.input_shape) and _static(rec.output_shape)):
             raise UsageError(f"conv {rec.node_id} has dynamic shapes {rec.input_shape} → {rec.output_shape}; "
                              "fix the input shape (--input-shape) to time its layers")
-        options = []
+        options: list[dict[str, Any]] = []
         for name in rules:
             rule = get_rule(name)
-            for given in _rule_options(name, rec, ranks, shares):
+            for given in rule_options(name, rec, ranks, shares):
                 params = rule.resolve_params({k: str(v) for k, v in given.items()})
                 ctx = RuleContext(cg, by_id, None, params)
                 why, found = rule.check(rec, ctx)
@@ -206,9 +210,9 @@ def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str
         for o in options:
             spans.setdefault(o["span"], []).append(o)
         for span, opts in spans.items():  # each span timed against its own original, interleaved
-            outs = _span_outputs(cg, span) if len(span) > 1 else []
-            layers = [_layer_model(cg, rec, [cg.node(n) for n in span], [], outs)] + [
-                _layer_model(cg, rec, o["rep"].nodes, o["rep"].initializers, outs) for o in opts]
+            outs = span_outputs(cg, span) if len(span) > 1 else []
+            layers = [layer_model(cg, rec, [cg.node(n) for n in span], [], outs)] + [
+                layer_model(cg, rec, o["rep"].nodes, o["rep"].initializers, outs) for o in opts]
             key = TimingCache.key(layers, provider, threads, runs) if cache is not None else ""
             timed = cache.get(key) if cache is not None else None
             if timed is None:
@@ -227,8 +231,8 @@ def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str
                 out.append(Candidate(rec.node_id, o["rule"], o["params"], o["kind"], before, o["macs"], t0,
                                      t0 / ratio, faster_share=won, touches=list(span) if len(span) > 1 else []))
         if progress is not None:
-            progress(f"timing layers: {done + 1}/{len(records)} convs{_eta(t_start, done + 1, len(records))}")
-    return out
+            progress(f"timing layers: {done + 1}/{len(records)} convs{eta(t_start, done + 1, len(records))}")
+    return sorted(out, key=lambda c: order[c.node])
 
 
 def stats_needed(cg: ConvGraph, by_id: Mapping[str, ConvRecord], node: str, rule: str, params: Mapping) -> list[str]:
@@ -236,11 +240,11 @@ def stats_needed(cg: ConvGraph, by_id: Mapping[str, ConvRecord], node: str, rule
     (:meth:`convgraph.rule.Rule.calibrate_nodes`: the conv's own, ``prune``'s its consumers'), those that can
     be calibrated."""
     r = get_rule(rule)
-    ctx = RuleContext(cg, by_id, None, r.resolve_params({k: str(v) for k, v in params.items()}))
+    ctx = RuleContext(cg, dict(by_id), None, r.resolve_params({k: str(v) for k, v in params.items()}))
     return [n for n in r.calibrate_nodes(by_id[node], ctx) if n in by_id and calibratable(by_id[n]) is None]
 
 
-def _eta(t_start: float, done: int, total: int) -> str:
+def eta(t_start: float, done: int, total: int) -> str:
     """``, about N s left`` at the rate so far (empty when nothing is left or known)."""
     if done <= 0 or done >= total:
         return ""
@@ -248,11 +252,11 @@ def _eta(t_start: float, done: int, total: int) -> str:
     return f", about {left:.0f} s left" if left < 120 else f", about {left / 60:.0f} min left"
 
 
-def _unique_names(cg: ConvGraph) -> dict[str, str]:
+def unique_names(cg: ConvGraph) -> dict[str, str]:
     """Name every main-graph op after its node id where the two differ (unnamed ops, repeated names), so
     that ids survive rewriting and reloading (an unnamed op's id is its position, a repeated name's its
     rank among the repeats: both move when other nodes are rewritten). Edits ``cg``; returns id → the
-    original name, for :func:`_restore_names`."""
+    original name, for :func:`restore_names`."""
     renamed = {}
     for nid in cg.ops():
         proto = cg.node(nid)
@@ -264,8 +268,8 @@ def _unique_names(cg: ConvGraph) -> dict[str, str]:
     return renamed
 
 
-def _restore_names(model: onnx.ModelProto, renamed: Mapping[str, str]) -> onnx.ModelProto:
-    """Make the ops :func:`_unique_names` named unnamed again; repeated names are not restored
+def restore_names(model: onnx.ModelProto, renamed: Mapping[str, str]) -> onnx.ModelProto:
+    """Make the ops :func:`unique_names` named unnamed again; repeated names are not restored
     (onnxruntime refuses a model with two nodes of one name)."""
     for n in model.graph.node:
         if renamed.get(n.name) == "":
@@ -273,12 +277,12 @@ def _restore_names(model: onnx.ModelProto, renamed: Mapping[str, str]) -> onnx.M
     return model
 
 
-def _apply(model: onnx.ModelProto, plan: Mapping[str, tuple[str, dict]], *, calibration, input_shapes):
+def apply_plan(model: onnx.ModelProto, plan: Mapping[str, tuple[str, dict]], *, calibration, input_shapes):
     """``model`` with each conv of ``plan`` (node id → (rule, params)) rewritten; returns (model, changes).
 
-    The plan's ids must be the names of its convs, once each (:func:`_unique_names`); what the engine
+    The plan's ids must be the names of its convs, once each (:func:`unique_names`); what the engine
     applied is compared with the plan, and a difference is an error naming the nodes."""
-    names = {}
+    names: dict[str, int] = {}
     for n in model.graph.node:
         names[n.name] = names.get(n.name, 0) + 1
     unnamed = sorted(n for n in plan if names.get(n) != 1)
@@ -303,6 +307,8 @@ def _apply(model: onnx.ModelProto, plan: Mapping[str, tuple[str, dict]], *, cali
                 + [f"{n} rewritten though not planned for {rule}" for n in extra]
                 + ([f"{rule} applied {len(applied)} time(s) to {len(nodes)} planned node(s)"]
                    if not (missing or extra) else [])))
+        if res.model is None:
+            raise CheckFailed(f"{rule} wrote no model for {', '.join(nodes)}")
         model = res.model
         changes += res.report.changes
     return model, changes
