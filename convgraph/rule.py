@@ -67,6 +67,9 @@ class Replacement:
     #: MACs and params of all the replaced nodes when they are more than the matched conv (None: the conv's)
     macs_before: int | None = None
     params_before: int | None = None
+    #: ask the engine to quantize the new nodes after the pass (rule ``int8``): {"calibration": method,
+    #: "reduce_range": "auto"|"yes"|"no"} (convgraph.engine.quantize: onnxruntime's quantizer, ranges on --calib)
+    quantize: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,9 @@ class Rule:
     #: the convs whose calibration statistics a data-aware rewrite of a conv needs (rec, ctx) -> node ids;
     #: None: the conv's own (``prune`` refits the consumer convs, so it needs theirs)
     calibrates: "Callable[[ConvRecord, RuleContext], list[str]] | None" = None
+    #: the rule's replacements are quantized by the engine (``Replacement.quantize``): it needs activation ranges
+    #: calibrated on ``--calib`` (and no patch statistics), and a model at opset 13 or later
+    quantizes: bool = False
 
     def is_exact(self, params: dict) -> bool:
         return self.exact(params) if callable(self.exact) else bool(self.exact)

@@ -379,3 +379,25 @@ def external_weight(model: onnx.ModelProto, folder: Path, location: str) -> tupl
     folder.mkdir(parents=True, exist_ok=True)
     return write_model(folder, m), raw
 
+
+
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` computing in float16: float initializers, Constant values, Casts to float and the graph's inputs
+    and outputs made float16 (value_info dropped: shape inference types it again)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    for t in g.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for n in g.node:
+        for a in n.attribute:
+            if n.op_type == "Constant" and a.name == "value" and a.t.data_type == TensorProto.FLOAT:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float16), a.t.name))
+            if n.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+                a.i = TensorProto.FLOAT16
+    for vi in [*g.input, *g.output]:
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del g.value_info[:]
+    return m

@@ -414,7 +414,7 @@ def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
     # each rule's default params and exactness once: the estimate is for the defaults
     rules = []
     for rule in all_rules().values():
-        if rule.estimate is not None:
+        if rule.estimate is not None and not rule.quantizes:  # the analyzer offers MAC savings; int8 saves none
             params = rule.resolve_params({})
             rules.append((rule, rule.estimate, params, rule.is_exact(params)))
     if not rules:

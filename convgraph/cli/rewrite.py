@@ -8,6 +8,7 @@ from ..errors import CheckFailed, UsageError
 from ..io import check_output_path, write_model
 from ..analysis.report import cost
 from ..engine.rewrite import Selection, rewrite
+from ..run.tolerance import Bound, summarize
 from . import cli
 from .common import (
     emit_json, err, input_data_kwargs, input_data_options, input_shape_option, json_option, out, probe_option,
@@ -94,13 +95,23 @@ def render(report) -> None:
         shown = (_macs(before, tot.get("macs_before_expr")), _macs(after, tot.get("macs_after_expr")))
         out.print(f"{n} conv{'s' * (n != 1)} rewritten{steps}: MACs {shown[0]} → {shown[1]}{ratio}, "
                   f"params {_fmt(tot['params_before'])} → {_fmt(tot['params_after'])}")
-    if report.checks:
-        out.print("checks: " + ", ".join(f"{k} {v}" for k, v in report.checks.items()))
+    for note in report.notes:
+        out.print(f"note: {note}", markup=False)
+    checks = {k: v for k, v in report.checks.items() if k != "model tolerance"}
+    if checks:
+        out.print("checks: " + ", ".join(f"{k} {v}" for k, v in checks.items()), markup=False)
+    held = summarize(Bound(**c.tolerance) for c in report.changes if c.exact and c.tolerance)
+    if held:
+        out.print("exact changes, each alone: " + "; ".join(held), markup=False)
+    if "model tolerance" in report.checks:
+        out.print(f"exact changes, at the model outputs: {report.checks['model tolerance']}", markup=False)
     if report.verification:
         v = report.verification
         verdict = {"passed": "PASS", "failed": "FAIL"}.get(v.get("verdict"), "INCONCLUSIVE")
         if not report.tolerance_required:
-            verdict = f"{verdict.lower()} at the default tolerance (not required: give --atol/--rtol/--min-cosine)"
+            basis = f", {v['tolerance_basis']}" if v.get("tolerance_basis") else ""
+            verdict = (f"{verdict.lower()} at the default tolerance{basis} (not required: give "
+                       "--atol/--rtol/--min-cosine)")
         rows = v.get("outputs", {})
         keys = [k for k in ("max_abs_err", "scaled_err", "mean_abs_err", "cosine", "snr_db", "top1") if any(k in m for m in rows.values())]
         show([Column("output", "name"), *(Column(k, "num") for k in keys)],
@@ -154,7 +165,8 @@ def _render_estimates(estimates: dict) -> None:
 @input_shape_option
 @input_data_options
 @click.option("--calib", type=click.Path(), help="Calibration inputs (.npz or a folder of images): approximate "
-              "rules fit on the activations the model really sees (fit=data).")
+              "rules fit on the activations the model really sees (fit=data); int8 calibrates its activation ranges "
+              "on them (required there).")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime numerics check.")
 @click.option("--atol", type=float, help="Require model outputs within this absolute tolerance (exit 1 otherwise).")
 @click.option("--rtol", type=float, help="Require model outputs within this relative tolerance.")

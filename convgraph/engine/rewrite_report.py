@@ -29,8 +29,12 @@ class Change:
     weight_error: float | None = None
     output_error: float | None = None  # the new nodes against the old ones alone: max abs error / max abs old output
     output_cosine: float | None = None
+    output_rms: float | None = None  # the RMS of that error, in the output's units
+    #: what an exact change is held to (convgraph.run.tolerance.Bound as a dict: limit, measure, basis)
+    tolerance: dict | None = None
     checked_on: str = ""  # the inputs of that check: "activations", "random", both, or why it was not made
     notes: str = ""
+    quantized: str = ""  # how the new nodes were quantized (int8 QDQ), "" when they are float
     #: where macs_before / macs_after are None because dims are left dynamic: the MACs as formulas (Expr;
     #: str in to_dict), read off the analysis of the model before and after the change
     macs_before_expr: Any = None
@@ -62,6 +66,7 @@ class RewriteReport:
     dry_run: bool = False
     tolerance_required: bool = False  # atol/rtol/min_cosine given: the outputs must pass
     warnings: list[str] = field(default_factory=list)  # what loading the model said (shapes, probe)
+    notes: list[str] = field(default_factory=list)  # what the engine did to the model besides the changes (opset)
 
     @property
     def totals(self) -> dict[str, Any]:
