@@ -56,8 +56,8 @@ def int8_replacement(cg: ConvGraph, rec: ConvRecord, params: Mapping[str, Any],
     w = constant_value(cg, rec.weight)
     err = weight_error([w], new, inits) if w is not None else None
     return Replacement(new, inits, False, f"{rec.kind} (int8)", rec.macs, rec.params, weight_error=err,
-                       notes=f"int8 QDQ: per-channel int8 weights{' (7-bit)' if reduce else ''}, uint8 activations, "
-                             f"{method} ranges")
+                       notes=f"int8, {method} ranges{', 7-bit weights' if reduce else ''}; QDQ: per-channel int8 "
+                             f"weights, uint8 activations")
 
 
 def calibrate(original, cg: ConvGraph, wanted: Iterable[tuple[ConvRecord, Mapping[str, Any]]],
