@@ -682,3 +682,33 @@ def test_the_returned_model_carries_no_dead_weights_and_the_rewrite_record(model
     loc = verify(before, model, inputs=held, localize=True, min_cosine=0.999999).localization
     assert loc is not None and (loc.first_divergent_node is None or loc.first_divergent_origin in
                                 {c.node for c in report.chosen})
+
+
+def test_int8_candidates_are_timed_quantized_and_run_as_int8_kernels(models_dir, tmp_path):
+    """Every float Conv has an int8 candidate (the same MACs: kept although it cuts none), timed with its
+    QuantizeLinear/DequantizeLinear pair, quantized with ranges calibrated on the fit set; a chosen one runs as
+    onnxruntime's QLinearConv, and the report's held-out figure is what numpy computes on the returned model."""
+    import onnxruntime as ort
+
+    from convgraph.analysis.analyze import analyze
+    from convgraph.run.runtime import create_session, run
+
+    path = models_dir / "sample.onnx"
+    convs = {r.node_id for r in analyze(load(path), rewrites=False).convs if r.op_type == "Conv"}
+    calib, held = smooth_feeds(8, 51), smooth_feeds(3, 52)
+    model, report = optimize(path, calib, held, budget=0.5, rules=["int8"], **{**FAST, "max_evals": 4})
+    int8 = {c.node: c for c in report.candidates if c.rule == "int8"}
+    assert set(int8) == convs and all(c.layer_ms_after > 0 and c.macs_after == c.macs_before for c in int8.values())
+    assert any(c.error is not None for c in int8.values())  # fitted (quantized) and judged
+    if not report.passed:
+        pytest.skip("no faster int8 model on this machine's timings")
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    kernels = [n for n in onnx.load(tmp_path / "opt.onnx").graph.node if n.op_type == "QLinearConv"]
+    assert len(kernels) == len(report.chosen) and all(c.rule == "int8" for c in report.chosen)
+    ref, got = create_session(load(path).to_model()), create_session(model)
+    cos = [float(np.dot(a.ravel(), b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b))
+           for a, b in ((run(ref, x, None)[0].astype(np.float64), run(got, x, None)[0].astype(np.float64))
+                        for x in held)]
+    assert report.metric_value == pytest.approx(min(cos), abs=1e-6)
