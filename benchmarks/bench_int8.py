@@ -12,6 +12,7 @@ fp32, at 1 thread and at onnxruntime's default threads.
 
     python benchmarks/bench_int8.py                              # both models, every variant
     python benchmarks/bench_int8.py --models yolov8n --no-optimize    # only onnxruntime's quantizer
+    python benchmarks/bench_int8.py --boundaries yolov8n         # a Q→DQ boundary against each int8 conv
 """
 
 from __future__ import annotations
@@ -113,6 +114,44 @@ def judge(name: str, fp32: onnx.ModelProto, model: onnx.ModelProto, held: list[d
     return row
 
 
+def boundaries(name: str, runs: int) -> None:
+    """What a boundary between int8 and float costs: per conv of ``name``, a QuantizeLinear → DequantizeLinear
+    pair on its input (uint8, the calibrated scale does not matter) timed against the conv's int8 layer (Q, the
+    QLinearConv, DQ) and its float layer, at 1 thread, interleaved."""
+    from onnx import TensorProto, helper
+
+    from convgraph.analysis.analyze import analyze
+    from convgraph.optimize import TimingCache, candidates
+    from convgraph.optimize.timing import unique_names
+
+    spec = MODELS[name]
+    cg = load(zoo.fetch(name), {spec[0]: [1, 3, spec[1], spec[1]]}, probe=True)
+    recs = analyze(cg, rewrites=False).convs
+    unique_names(cg)
+    cands = {c.node: c for c in candidates(cg, recs, ["int8"], [1], provider="cpu", threads=1, runs=runs, warmup=3,
+                                           cache=TimingCache(TimingCache.default_path()))}
+    rows: list[tuple[str, tuple, float, float, float]] = []
+    for r in recs:
+        if r.node_id not in cands or r.input_shape is None:
+            continue
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(r.input_shape))
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(r.input_shape))
+        g = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                               helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "qdq", [x], [y],
+                              [helper.make_tensor("s", TensorProto.FLOAT, [], [0.02]),
+                               helper.make_tensor("z", TensorProto.UINT8, [], [128])])
+        qdq = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+        b = bench([qdq], runs=runs, warmup=3, threads=1, progress=False)
+        c = cands[r.node_id]
+        rows.append((r.node_id, r.input_shape, b.models[0].median_ms, c.layer_ms_after, c.layer_ms_before))
+    print("| conv | input | Q→DQ of its input, ms | int8 layer (Q, QLinearConv, DQ), ms | float layer, ms |")
+    print("|---|---|---|---|---|")
+    for node, shape, qdq_ms, int8_ms, fp_ms in rows:
+        print(f"| {node} | {'×'.join(map(str, shape))} | {qdq_ms:.3f} | {int8_ms:.3f} | {fp_ms:.3f} |")
+    tot = [sum(r[2] for r in rows), sum(r[3] for r in rows), sum(r[4] for r in rows)]
+    print(f"| all {len(rows)} | | {tot[0]:.2f} | {tot[1]:.2f} | {tot[2]:.2f} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="yolov8n,ppocr-det")
@@ -121,7 +160,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-optimize", action="store_true", help="only fp32 and onnxruntime's quantizer")
     ap.add_argument("--rules", default="separable,spatial-separable,dilated,low-rank")
     ap.add_argument("--keep", help="folder to keep the models and logs in")
+    ap.add_argument("--boundaries", metavar="MODEL", help="only what an int8/float boundary costs, per conv")
     args = ap.parse_args(argv)
+    if args.boundaries:
+        boundaries(args.boundaries, args.runs)
+        return 0
     rows = []
     for name in args.models.split(","):
         spec = MODELS[name]
