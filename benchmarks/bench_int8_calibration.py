@@ -9,6 +9,12 @@ thread (interleaved runs, ``convgraph.bench``)::
 
     python benchmarks/bench_int8_calibration.py                       # both models, every method, fidelity
     python benchmarks/bench_int8_calibration.py --models yolov8n --speed
+    python benchmarks/bench_int8_calibration.py --requantize          # onnxruntime's int8 YOLOv8n through the rules
+
+``--requantize``: onnxruntime's own ``quantize_static`` of YOLOv8n (MinMax, 16 calibration crops) rewritten by
+separable, low-rank and spatial-separable at full rank (``--calib`` the same crops), judged against the int8
+original on 8 skimage images outside the calibration set, beside the original's float twin (its activation
+QuantizeLinear → DequantizeLinear pairs taken out): how much its own quantization moves it.
 """
 
 from __future__ import annotations
@@ -63,6 +69,48 @@ def ort_quantize(model: onnx.ModelProto, calib, method: str, tmp: Path) -> onnx.
     return onnx.load(dst)
 
 
+REQUANT_IMAGES = ("camera.png", "chessboard_RGB.png", "coins.png", "horse.png", "motorcycle_right.png", "page.png",
+                  "phantom.png", "text.png")
+
+
+def requantize_table() -> None:
+    """onnxruntime's int8 YOLOv8n through the exact rules at full rank (module doc)."""
+    from convgraph.engine.quantize import float_twin
+
+    spec = MODELS["yolov8n"]
+    shapes = {spec[0]: [1, 3, spec[1], spec[1]]}
+    original = load(zoo.fetch("yolov8n"), shapes).to_model()
+    tensors = ["output0", spec[5][0]]
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = input_set(original, crops_folder(Path(tmp) / "calib", FIT_SOURCES, 16, spec[1]), spec)
+        held_dir = link_folder(Path(tmp) / "held", REQUANT_IMAGES)
+        held, names = input_set(original, held_dir, spec), sorted(p.name for p in held_dir.iterdir())
+        q = ort_quantize(original, calib, "minmax", Path(tmp))
+        ref = outputs(q, list(held), tensors)
+        print("| rule (rank=full) | convs rewritten | int8 kernels after | output0, worst image cosine | class scores, "
+              "worst / best image cosine | each change alone: RMS error / its bound, median (max) | rewrite took |")
+        print("|---|---|---|---|---|---|---|")
+        variants: list[tuple[str, onnx.ModelProto | None, tuple | None]] = [
+            ("the int8 original's float twin", float_twin(q), None)]
+        for rule in ("separable", "low-rank", "spatial-separable"):
+            t = time.perf_counter()
+            res = rewrite(q, [rule], params={"rank": "full"}, calib=calib, inputs=held, input_shapes=shapes)
+            variants.append((rule, res.model, (res.report, time.perf_counter() - t)))
+        for label, model, done in variants:
+            got = outputs(model, list(held), tensors)
+            out, cls = per_image(ref, got, tensors[0]), per_image(ref, got, tensors[1])
+            worst = int(np.argmin(out))
+            if done is None:
+                extra = "— | 0 | "
+                tail = "— | — |"
+            else:
+                rep, seconds = done
+                ratios = [c.output_rms / c.tolerance["limit"] for c in rep.changes]
+                extra = f"{len(rep.changes)} | {rep.checks['int8 kernels'].split(' quantized')[0]} | "
+                tail = f"{np.median(ratios):.2f} ({max(ratios):.2f}) | {seconds:.0f} s |"
+            print(f"| {label} | {extra}{out[worst]:.4f} ({names[worst]}) | {min(cls):.3f} / {max(cls):.3f} | {tail}")
+
+
 def per_image(ref: dict, got: dict, tensor: str) -> list[float]:
     out = []
     for a, b in zip(ref[tensor], got[tensor]):
@@ -81,7 +129,11 @@ def main(argv=None) -> int:
     ap.add_argument("--speed", action="store_true", help="also time each model against fp32 at one thread")
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--only", choices=("convgraph", "onnxruntime"), help="one quantizer only")
+    ap.add_argument("--requantize", action="store_true", help="only onnxruntime's int8 YOLOv8n through the rules")
     args = ap.parse_args(argv)
+    if args.requantize:
+        requantize_table()
+        return 0
     rows = []
     for name in args.models.split(","):
         spec = MODELS[name]

@@ -193,12 +193,12 @@ def check_branches(original, model, report: RewriteReport, feeds, input_shapes, 
         worst = max(shown, key=lambda m: m.scaled_err, default=None)
         for i in b.changes:
             report.changes[i].checked_on += "; model outputs with the branch forced"
-        bound = tolerance.for_type(_output_types(original).get(worst.name)) if worst is not None else None
-        if all(report.changes[i].exact for i in b.changes) and bound is not None and not bound.holds(
-                scaled=worst.scaled_err):
-            raise refuse(report, f"exact rewrites in {where} (run with its condition forced: no input took it) moved "
-                                  f"output {worst.name!r} by {worst.scaled_err:.3g}, beyond {bound.describe()}; "
-                                  f"refusing to write the result")
+        if worst is not None and all(report.changes[i].exact for i in b.changes):
+            bound = tolerance.for_type(_output_types(original).get(worst.name))
+            if not bound.holds(scaled=worst.scaled_err):
+                raise refuse(report, f"exact rewrites in {where} (run with its condition forced: no input took it) "
+                                      f"moved output {worst.name!r} by {worst.scaled_err:.3g}, beyond "
+                                      f"{bound.describe()}; refusing to write the result")
         err = f"{worst.scaled_err:.3g}" if worst is not None else "not shown: the outputs say nothing there"
         report.warnings.append(f"no input took {where}: the model-level check ran it with its condition forced "
                                f"(scaled output error {err})")
