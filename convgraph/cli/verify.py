@@ -10,7 +10,6 @@ import click
 from rich.markup import escape
 from rich.text import Text
 
-from ..run import tolerance
 from ..errors import CheckFailed, UsageError
 from ..engine.verify import VerifyReport, verify
 from . import cli
@@ -161,32 +160,16 @@ def verify_command(reference, candidate, input_shapes, atol, rtol, min_cosine, t
     detector's boxes beside its class scores) is split and each part judged alone.
     """
     data = input_data_kwargs(kw)
-    basis = None
-    if min_cosine is None or atol is not None or rtol is not None:  # unset atol/rtol follow the outputs' type
-        d_atol, d_rtol, basis = tolerance.verify_defaults(_output_types(reference))
-        atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
     report = verify(reference, candidate, input_shapes=input_shapes, atol=atol, rtol=rtol, min_cosine=min_cosine,
                     localize=localize, provider=provider, reference_evaluator=reference_evaluator,
                     tensor_map=_tensor_map(tensor_map), threads=threads, tensors=tensors or None, **data)
     if as_json:
-        emit_json({**report.to_dict(), "tolerance_basis": basis})
+        emit_json(report.to_dict())
     else:
         for w in report.warnings:
             warn(w)
-        if basis:
-            out.print(f"tolerance by type: {basis}", markup=False)
+        if report.tolerance_basis:
+            out.print(f"tolerance by type: {report.tolerance_basis}", markup=False)
         render(report)
     if not report.passed:
         raise CheckFailed(report.summary())
-
-
-def _output_types(path) -> list[int]:
-    """The element types of a model file's outputs, read without its weights ([] when it cannot be read: verify
-    itself then says why)."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - any unreadable file: verify reports it properly
-        return []
-    return [o.type.tensor_type.elem_type for o in model.graph.output]

@@ -127,15 +127,11 @@ def numerics(original, model, report: RewriteReport, checks, input_shapes, input
                                   f"replaced nodes' by {b.measured(**got):.3g} ({c.checked_on}), beyond {b.describe()}; "
                                   f"refusing to write the result")
     types = _output_types(original)
-    elementwise = min_cosine is None or atol is not None or rtol is not None
-    d_atol, d_rtol, why = tolerance.verify_defaults(types.values()) if elementwise else (None, None, None)
-    vr = run_verify(original, model, inputs=feeds, input_shapes=input_shapes, provider=provider,
-                    atol=atol if atol is not None else d_atol, rtol=rtol if rtol is not None else d_rtol,
+    # verify's unset atol/rtol follow the outputs' type (``tolerance_basis`` says why when not float32's)
+    vr = run_verify(original, model, inputs=feeds, input_shapes=input_shapes, provider=provider, atol=atol, rtol=rtol,
                     min_cosine=min_cosine)
     check_branches(original, model, report, feeds, input_shapes, input_options.get("values"), provider, run_verify)
     report.verification = vr.to_dict()
-    if why and (atol is None or rtol is None):
-        report.verification["tolerance_basis"] = why
     report.tolerance_required = atol is not None or rtol is not None or min_cosine is not None
     if report.tolerance_required and not vr.passed:
         report.passed = False

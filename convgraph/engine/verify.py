@@ -47,6 +47,7 @@ class VerifyReport:
     warnings: list[str] = field(default_factory=list)
     sample_names: list[str] = field(default_factory=list)  # what to call each sample (image files, else index)
     tensors: list[str] | None = None  # the tensors judged instead of the outputs (``--tensor``)
+    tolerance_basis: str | None = None  # why atol/rtol are not float32's defaults (narrower float outputs)
 
     def sample_name(self, i: int | None) -> str:
         return "?" if i is None else self.sample_names[i] if i < len(self.sample_names) else f"sample {i}"
@@ -129,6 +130,7 @@ class VerifyReport:
             "verdict": self.verdict,
             "outputs": outputs,
             "tensors": self.tensors,
+            "tolerance_basis": self.tolerance_basis,
             "sample_names": list(self.sample_names),
             "first_divergent_node": self.first_divergent_node,
             "first_divergent_origin": self.first_divergent_origin,
@@ -246,6 +248,15 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
     run_opts: dict[str, Any] = {"provider": provider, "threads": threads, "opt_level": opt_level}
     runtime.providers(provider)  # a missing CUDA provider fails before any work
     ref_model, cand_model = runtime.as_model(reference), runtime.as_model(candidate)
+    basis = None
+    if (atol is None or rtol is None) and (min_cosine is None or atol is not None or rtol is not None):
+        # unset atol/rtol follow the outputs' element type (float16's rounding is not float32's)
+        from ..run import tolerance
+
+        types = [o.type.tensor_type.elem_type for o in ref_model.graph.output]
+        d_atol, d_rtol, basis = tolerance.verify_defaults(types)
+        if basis is not None:
+            tol = Tolerance.make(d_atol if atol is None else atol, d_rtol if rtol is None else rtol, min_cosine)
     ref_specs = {s.name: s for s in input_specs(ref_model)}
     cand_specs = {s.name: s for s in input_specs(cand_model)}
     _check_specs(ref_specs, cand_specs)
@@ -291,7 +302,8 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
         ev = {k: {n: a.result() for n, a in v.items()} for k, v in ev_accs.items()}
         ev["passed"] = all(m.passed for m in ev["candidate"].values())
     passed = all(m.passed for m in outputs.values()) and (ev is None or ev["passed"])
-    report = VerifyReport(passed=passed, outputs=outputs, tolerance=tol, samples=len(data), inputs=data.describe,
+    report = VerifyReport(passed=passed, outputs=outputs, tolerance=tol, tolerance_basis=basis, samples=len(data),
+                          inputs=data.describe,
                           provider=provider, reference_evaluator=ev, warnings=notes, sample_names=data.names,
                           tensors=list(out_names) if tensors else None)
     failed = sorted({i for m in [*outputs.values(), *((ev or {}).get("candidate") or {}).values()]
