@@ -87,6 +87,8 @@ class Rule:
     #: the convs whose calibration statistics a data-aware rewrite of a conv needs (rec, ctx) -> node ids;
     #: None: the conv's own (``prune`` refits the consumer convs, so it needs theirs)
     calibrates: "Callable[[ConvRecord, RuleContext], list[str]] | None" = None
+    #: the op types ``match`` can accept (None: any): the analyzer asks a rule only about convs of these types
+    op_types: "tuple[str, ...] | None" = None
 
     def is_exact(self, params: dict) -> bool:
         return self.exact(params) if callable(self.exact) else bool(self.exact)

@@ -350,13 +350,13 @@ def test_cli_full_rank_passes_verification(models_dir, tmp_path, capsys):
 
 def test_optimizer_tries_shares_of_the_full_rank(models_dir):
     from convgraph.optimize import DEFAULT_RULES
-    from convgraph.optimize.timing import _rule_options
+    from convgraph.optimize.timing import rule_options
 
     assert "low-rank" in DEFAULT_RULES
     cg = convgraph.load(models_dir / "sample.onnx")
     rec = next(r for r in analyze(cg, rewrites=False).convs if r.kind == "standard")
-    opts = _rule_options("low-rank", rec, (1, 2, 3, 4))
+    opts = rule_options("low-rank", rec, (1, 2, 3, 4))
     rule = get_rule("low-rank")
     ranks = [low_rank.rank_of(rec, rule.resolve_params({k: str(v) for k, v in o.items()})) for o in opts]
     assert len(opts) >= 3 and ranks == sorted(ranks) and ranks[-1] > 4
-    assert _rule_options("separable", rec, (1, 2)) == [{"rank": 1}, {"rank": 2}]
+    assert rule_options("separable", rec, (1, 2)) == [{"rank": 1}, {"rank": 2}]

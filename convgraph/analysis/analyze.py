@@ -403,23 +403,29 @@ def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
     from ..registry import all_rules
     from ..rule import RuleContext
 
-    # each rule's default params and exactness once: the estimate is for the defaults
+    # each rule's default params, exactness and whether it may refuse to add MACs, once: the estimate is for the
+    # defaults; a rule whose ops a conv is not gets no question (``Rule.op_types``)
     rules = []
     for rule in all_rules().values():
         if rule.estimate is not None:
             params = rule.resolve_params({})
-            rules.append((rule, params, rule.is_exact(params)))
+            exact = rule.is_exact(params)
+            rules.append((rule.match, rule.estimate, rule.op_types, rule.name, params, exact,
+                          rule.saves_macs and not exact))
     if not rules:
         return
     ctx = RuleContext(g, {r.node_id: r for r in records})
     for rec in records:
-        for rule, params, exact in rules:
-            if rule.why_not(rec, ctx) is not None:
+        op, options = rec.op_type, rec.rewrites
+        for match, estimate, op_types, name, params, exact, guard in rules:
+            if op_types is not None and op not in op_types:
                 continue
-            macs_after, params_after, kind_after = rule.estimate(rec, params)
-            if rule.makes_dearer(params, rec.macs, macs_after):
+            if isinstance(match(rec, ctx), str):  # the reason it does not apply (Rule.check, without two calls)
                 continue
-            rec.rewrites.append(RewriteOption(rule.name, dict(params), exact, macs_after, params_after, kind_after))
+            macs_after, params_after, kind_after = estimate(rec, params)
+            if guard and rec.macs is not None and macs_after is not None and macs_after > rec.macs:
+                continue  # Rule.makes_dearer
+            options.append(RewriteOption(name, dict(params), exact, macs_after, params_after, kind_after))
 
 
 def best_saving(r: ConvRecord) -> tuple[RewriteOption | None, float | None]:
