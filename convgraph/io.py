@@ -23,8 +23,13 @@ from .errors import ModelError, UsageError
 PROTOBUF_LIMIT = 2**31 - 1
 #: A tensor claiming more elements than this is refused (10^11 elements would be 400 GB of fp32).
 MAX_ELEMENTS = 2**33
-#: Tensors at least this big go to the external data file when a model is saved above PROTOBUF_LIMIT.
+#: Tensors at least this big go to the external data file when a model is saved above PROTOBUF_LIMIT, and are
+#: left out of a model's :func:`skeleton`.
 EXTERNAL_THRESHOLD = 1024
+#: A model file at least this big is read in two steps (:func:`_split_read`): everything but its big tensors'
+#: bytes, parsed, then those bytes straight into their tensors, so the weights are in memory once; onnx's checker
+#: and shape inference then see its :func:`skeleton`, without the weights.
+SPLIT_BYTES = 64 << 20
 
 _T = onnx.TensorProto
 _ITEMSIZE = {
@@ -42,9 +47,9 @@ _A = onnx.AttributeProto
 class Source:
     """Where a model came from and what loading it needs to know later.
 
-    ``skeleton``, for a model with external data, is the model as parsed before the data was read in:
-    small, it stands in for the whole model in shape inference when that is too big for one protobuf
-    message.
+    ``skeleton``, for a model with external data (or a file of :data:`SPLIT_BYTES` or more, read as if its
+    big tensors were external data in the model file itself), is the model as parsed before the data was read
+    in: small, it stands in for the whole model in onnx's checker and shape inference.
     """
 
     path: Path | None = None
@@ -135,12 +140,18 @@ def read_model(source, *, check: bool = True) -> tuple[onnx.ModelProto, Source]:
         elif isinstance(source, (str, os.PathLike)):
             origin.path = Path(os.fspath(source))
             what = str(origin.path)
-            data = _read_file(origin.path)
+            data = _read_file(origin.path, whole=False)
             origin.path = origin.path.resolve()
         else:
             raise UsageError(f"cannot load a model from a {type(source).__name__}; give a path, bytes or ModelProto")
-        model = _parse(data, what)
-        origin.size, origin.data = len(data), data
+        if data is None:  # a big file: parsed without its big tensors' bytes, which stay in the file for now
+            assert origin.path is not None
+            data = _split_read(origin.path, what)
+            model = _parse(data, what)
+            origin.size = len(data)
+        else:
+            model = _parse(data, what)
+            origin.size, origin.data = len(data), data
     strings: list = []
     tensors = _walk(model, strings)
     _check_strings(strings, what)
@@ -151,7 +162,7 @@ def read_model(source, *, check: bool = True) -> tuple[onnx.ModelProto, Source]:
             raise ModelError(f"{what}: the model uses external data; load it from its file path instead")
         origin.skeleton = onnx.ModelProto()
         origin.skeleton.CopyFrom(model)
-        origin.size += _load_external(external, origin.folder, what)
+        origin.size += _load_external(external, origin.folder, what, origin.path)
         origin.data = None  # the bytes lack the external data now read in
     _check_data(tensors, counts, what)
     if check:
@@ -159,7 +170,9 @@ def read_model(source, *, check: bool = True) -> tuple[onnx.ModelProto, Source]:
     return model, origin
 
 
-def _read_file(path: Path) -> bytes:
+def _read_file(path: Path, whole: bool = True) -> bytes | None:
+    """The file's bytes; None when it is :data:`SPLIT_BYTES` or more and not ``whole`` (read it with
+    :func:`_split_read`)."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -173,10 +186,116 @@ def _read_file(path: Path) -> bytes:
     if st.st_size > PROTOBUF_LIMIT:
         raise ModelError(f"{path}: {st.st_size} bytes is over protobuf's 2 GB limit; models this big must "
                          f"keep their weights in external data files")
+    if not whole and st.st_size >= SPLIT_BYTES:
+        return None
     try:
         return path.read_bytes()
     except OSError as e:
         raise ModelError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+# ---- big model files: the weights left in the file at first -------------------------------------------
+def _varint(buf, i: int, end: int) -> tuple[int, int]:
+    """The varint at ``buf[i]`` and the index after it (ModelError past ``end`` or past 10 bytes)."""
+    value = shift = 0
+    while i < end and shift < 70:
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return value, i
+        shift += 7
+    raise ModelError("truncated or corrupt protobuf (a varint runs past its message)")
+
+
+def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, start of the field's key, start of its value, end of it) of each field of
+    the message ``buf[start:end]``; the value of a length-delimited field is ``buf[value:end]``."""
+    i = start
+    while i < end:
+        key, j = _varint(buf, i, end)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, k = _varint(buf, j, end)
+        elif wire == 1:
+            k = j + 8
+        elif wire == 2:
+            n, j = _varint(buf, j, end)
+            k = j + n
+        elif wire == 5:
+            k = j + 4
+        else:  # groups (3, 4) are not in onnx.proto
+            raise ModelError(f"truncated or corrupt protobuf (wire type {wire} in field {number})")
+        if k > end:
+            raise ModelError("truncated or corrupt protobuf (a field runs past its message)")
+        yield number, wire, i, j, k
+        i = k
+
+
+def _key(number: int, wire: int) -> bytes:
+    return _encode_varint(number << 3 | wire)
+
+
+def _encode_varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, v = v & 0x7F, v >> 7
+        out.append(b | (0x80 if v else 0))
+        if not v:
+            return bytes(out)
+
+
+def _delimited(number: int, payload: bytes) -> bytes:
+    return _key(number, 2) + _encode_varint(len(payload)) + payload
+
+
+# field numbers in onnx.proto: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data/external_data/data_location
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _RAW_DATA, _EXTERNAL_DATA, _DATA_LOCATION = 7, 5, 9, 13, 14
+
+
+def _split_read(path: Path, what: str) -> bytes:
+    """The model file ``path`` as bytes in which each main-graph initializer of :data:`EXTERNAL_THRESHOLD` raw
+    bytes or more refers to those bytes in the model file itself, as external data (location, offset,
+    length), instead of holding them: :func:`read_model` then reads them straight into their tensors, the
+    way it reads any external data, so the weights are in memory once (not also as the file's bytes)."""
+    import mmap
+
+    location = path.name
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            parts = []
+            for number, wire, key, value, end in _fields(buf, 0, len(buf)):
+                if number == _MODEL_GRAPH and wire == 2:
+                    parts.append(_delimited(number, _split_graph(buf, value, end, location)))
+                else:
+                    parts.append(buf[key:end])
+            return b"".join(parts)
+    except OSError as e:
+        raise ModelError(f"{what}: cannot read ({e.strerror or e})") from None
+
+
+def _split_graph(buf, start: int, end: int, location: str) -> bytes:
+    parts = []
+    for number, wire, key, value, stop in _fields(buf, start, end):
+        if number == _GRAPH_INITIALIZER and wire == 2 and stop - value >= EXTERNAL_THRESHOLD:
+            parts.append(_delimited(number, _split_tensor(buf, value, stop, location)))
+        else:
+            parts.append(buf[key:stop])
+    return b"".join(parts)
+
+
+def _split_tensor(buf, start: int, end: int, location: str) -> bytes:
+    fields = list(_fields(buf, start, end))
+    raw = [(v, e) for n, w, _, v, e in fields if n == _RAW_DATA and w == 2]
+    if len(raw) != 1 or raw[0][1] - raw[0][0] < EXTERNAL_THRESHOLD or any(
+            n in (_EXTERNAL_DATA, _DATA_LOCATION) for n, *_ in fields):
+        return bytes(buf[start:end])  # no raw data, or already external: as it is
+    (offset, stop), = raw
+    parts = [buf[k:e] for n, w, k, _, e in fields if not (n == _RAW_DATA and w == 2)]
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(stop - offset))):
+        parts.append(_delimited(_EXTERNAL_DATA, _delimited(1, k.encode()) + _delimited(2, v.encode())))
+    parts.append(_key(_DATA_LOCATION, 0) + _encode_varint(_T.EXTERNAL))
+    return b"".join(parts)
 
 
 def _parse(data: bytes, what: str) -> onnx.ModelProto:
@@ -195,14 +314,15 @@ def _parse(data: bytes, what: str) -> onnx.ModelProto:
 def check_model(model: onnx.ModelProto, full: bool = False, *, origin: Source | None = None) -> None:
     """onnx.checker, with its failure turned into one ModelError line.
 
-    A model over 2 GB cannot be checked in memory: it is checked from its file when it has one.
+    A big model (external data, or :data:`SPLIT_BYTES` or more) is checked as its :func:`skeleton`: the
+    structure, without serializing its weights (its tensors' data is validated by :func:`read_model`).
     """
     size = origin.size if origin is not None and origin.size else model.ByteSize()
     try:
-        if size > PROTOBUF_LIMIT:
-            if origin is None or origin.path is None:
-                return  # nothing to check it from; its tensors were validated one by one
-            onnx.checker.check_model(str(origin.path), full_check=full)
+        if origin is not None and origin.skeleton is not None:  # its weights were read apart: checked without them
+            onnx.checker.check_model(skeleton(origin.skeleton, inputs=True), full_check=full)
+        elif size > SPLIT_BYTES:  # in memory: checked without its big tensors' bytes, never serialized whole
+            onnx.checker.check_model(skeleton(model, inputs=True), full_check=full)
         else:
             data = origin.data if origin is not None and origin.data is not None else model
             onnx.checker.check_model(data, full_check=full)
@@ -210,6 +330,47 @@ def check_model(model: onnx.ModelProto, full: bool = False, *, origin: Source | 
             OSError) as e:
         where = f"{origin.path}: " if origin is not None and origin.path is not None else ""
         raise ModelError(f"{where}model fails onnx.checker: {first_line(e)}") from None
+
+
+def skeleton(model: onnx.ModelProto, *, inputs: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` without the bytes of its big tensors: the main graph's initializers held as
+    external data or of :data:`EXTERNAL_THRESHOLD` bytes or more. For shape inference they stay initializers
+    marked external (their type and shape are what it reads); with ``inputs``, for onnx's checker (which
+    would look for their files), they become graph inputs of their type and shape. Small: nothing of the
+    weights is copied or serialized."""
+    m = onnx.ModelProto()
+    _copy_fields(model, m, skip=("graph",))
+    g, src = m.graph, model.graph
+    _copy_fields(src, g, skip=("initializer",))
+    have = {vi.name for vi in g.input}
+    for t in src.initializer:
+        if t.data_location != _T.EXTERNAL and t.ByteSize() < EXTERNAL_THRESHOLD:
+            g.initializer.append(t)
+        elif inputs:
+            if t.name not in have:
+                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+        else:
+            s = g.initializer.add()
+            s.name, s.data_type, s.data_location = t.name, t.data_type, _T.EXTERNAL
+            s.dims.extend(t.dims)
+            if t.data_location == _T.EXTERNAL:
+                s.external_data.extend(t.external_data)
+            else:
+                s.external_data.add(key="location", value="(in memory)")
+    return m
+
+
+def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` but those named in ``skip`` (not even read)."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
 
 
 def first_line(e: BaseException) -> str:
@@ -230,14 +391,15 @@ def _external_info(t: onnx.TensorProto, what: str) -> tuple[str, int, int | None
     return info.get("location", ""), offset, length
 
 
-def _load_external(tensors: list[onnx.TensorProto], root: Path, what: str) -> int:
+def _load_external(tensors: list[onnx.TensorProto], root: Path, what: str, own: Path | None = None) -> int:
     """Read external data into ``tensors``, only from files inside ``root`` (the model's folder); returns
     the number of bytes read.
 
     A symlink is followed only when where it leads is inside ``root`` too; the data is read from that
     resolved path, so nothing outside can be swapped in between the check and the read. A file with more
     than one hard link is refused: its other name may be anywhere (onnx ≥ 1.21 refuses it too,
-    CVE-2026-34446). The link count is checked on the file as opened, the one that is read.
+    CVE-2026-34446). The link count is checked on the file as opened, the one that is read; the model file
+    ``own`` itself (a big file read by :func:`_split_read`) is the file the caller named, whatever its links.
     """
     total = 0
     for t in tensors:
@@ -256,7 +418,7 @@ def _load_external(tensors: list[onnx.TensorProto], root: Path, what: str) -> in
         try:
             with open(full, "rb") as f:
                 st = os.fstat(f.fileno())
-                if st.st_nlink > 1:
+                if st.st_nlink > 1 and full != own:
                     raise ModelError(f"{what}: tensor {t.name!r} external data {loc!r} has {st.st_nlink} hard "
                                      f"links (another name may lie outside the model's folder); refused")
                 if st.st_size < offset + size:
@@ -266,7 +428,10 @@ def _load_external(tensors: list[onnx.TensorProto], root: Path, what: str) -> in
                 t.raw_data = f.read(size)
         except OSError as e:
             raise ModelError(f"{what}: cannot read external data {loc!r} ({e.strerror or e})") from None
-        t.data_location = _T.DEFAULT  # as onnx.load leaves it: the data is in the tensor now
+        if full == own:  # bytes of the model file itself (:func:`_split_read`): the tensor as the file has it
+            t.ClearField("data_location")
+        else:
+            t.data_location = _T.DEFAULT  # as onnx.load leaves it: the data is in the tensor now
         del t.external_data[:]
         total += size
     return total

@@ -510,6 +510,41 @@ def test_rewriting_a_big_model_switches_model_and_data_in_one_rename(tmp_path, m
     assert {p.name for p in tmp_path.iterdir()} == after
 
 
+def test_big_files_are_read_with_their_weights_in_memory_once(tmp_path, monkeypatch) -> None:
+    """A model file over SPLIT_BYTES is parsed without its big tensors' bytes, which are then read into their
+    tensors (as external data in the model file itself): the same model, checked and inferred without them."""
+    m = _chain(3, c=8)  # weights of 2.3 kB each
+    m.graph.initializer[0].doc_string = "fields after raw_data are kept"
+    path = tmp_path / "big.onnx"
+    path.write_bytes(m.SerializeToString())
+    os.link(path, tmp_path / "other-name.onnx")  # the model file itself may have other names
+    monkeypatch.setattr(convgraph.io, "SPLIT_BYTES", 1000)
+    seen = []
+    real = onnx.checker.check_model
+    monkeypatch.setattr(onnx.checker, "check_model", lambda model, **kw: (seen.append(model), real(model, **kw))[1])
+    cg = _load(path)
+    assert _bytes(cg.to_model()) == _bytes(m) and cg.shape("c1") == (1, 8, 8, 8) and not cg.warnings
+    (checked,) = seen  # the checker saw the structure: the big weights as inputs, no bytes of them
+    assert not checked.graph.initializer and {"w0", "w1", "w2"} <= {v.name for v in checked.graph.input}
+    model, origin = convgraph.io.read_model(path)
+    assert origin.skeleton is not None and _bytes(model) == _bytes(m)
+    assert all(e.value == "big.onnx" for t in origin.skeleton.graph.initializer for e in t.external_data
+               if e.key == "location") and origin.skeleton.ByteSize() < m.ByteSize() // 3
+    path.write_bytes(m.SerializeToString()[:-40])  # cut inside the graph
+    with pytest.raises(ModelError, match="truncated or corrupt"):
+        _load(path)
+    data, rng = m.SerializeToString(), np.random.default_rng(0)
+    for i in range(60):  # damaged big files: one clear error or a model, nothing else
+        bad = bytearray(data[: int(rng.integers(1, len(data)))] if i % 2 else data)
+        for j in rng.integers(0, len(bad), 3):
+            bad[j] ^= 1 << int(rng.integers(0, 8))
+        path.write_bytes(bytes(bad))
+        try:
+            _load(path)
+        except ModelError:
+            pass
+
+
 # ---- shapes -----------------------------------------------------------------------------------
 def _dynamic() -> onnx.ModelProto:
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4, strides=[2, 2]),
