@@ -18,6 +18,7 @@ import convgraph
 import convgraph.io
 from convgraph import ConvGraphWarning, ModelError, UsageError
 from convgraph.model.graph import free_names
+from convgraph.model.weights import constant_value
 
 F = TensorProto.FLOAT
 RNG = np.random.default_rng(0)
@@ -519,15 +520,24 @@ def test_big_files_are_read_with_their_weights_in_memory_once(tmp_path, monkeypa
     path.write_bytes(m.SerializeToString())
     os.link(path, tmp_path / "other-name.onnx")  # the model file itself may have other names
     monkeypatch.setattr(convgraph.io, "SPLIT_BYTES", 1000)
+    monkeypatch.setattr(convgraph.io, "LAZY_BYTES", 1000)
     seen = []
     real = onnx.checker.check_model
     monkeypatch.setattr(onnx.checker, "check_model", lambda model, **kw: (seen.append(model), real(model, **kw))[1])
     cg = _load(path)
-    assert _bytes(cg.to_model()) == _bytes(m) and cg.shape("c1") == (1, 8, 8, 8) and not cg.warnings
+    out = cg.to_model()  # the weights stay in the file: the model refers to them
+    assert all(t.data_location == TensorProto.EXTERNAL and not t.raw_data for t in out.graph.initializer)
+    assert _bytes(convgraph.io.inlined(out)) == _bytes(m) and cg.shape("c1") == (1, 8, 8, 8) and not cg.warnings
+    assert np.array_equal(constant_value(cg, "w1"), numpy_helper.to_array(m.graph.initializer[1]))
+    x = RNG.standard_normal((1, 8, 8, 8)).astype(np.float32)
+    assert np.array_equal(_run(convgraph.io.inlined(out), {"x": x})[0], _run(m, {"x": x})[0])
+    saved = tmp_path / "saved.onnx"
+    convgraph.save(cg, saved)  # the bytes streamed from the file they stayed in
+    assert _bytes(onnx.load(saved)) == _bytes(m)
     (checked,) = seen  # the checker saw the structure: the big weights as inputs, no bytes of them
     assert not checked.graph.initializer and {"w0", "w1", "w2"} <= {v.name for v in checked.graph.input}
     model, origin = convgraph.io.read_model(path)
-    assert origin.skeleton is not None and _bytes(model) == _bytes(m)
+    assert origin.skeleton is not None and _bytes(convgraph.io.inlined(model)) == _bytes(m)
     assert all(e.value == "big.onnx" for t in origin.skeleton.graph.initializer for e in t.external_data
                if e.key == "location") and origin.skeleton.ByteSize() < m.ByteSize() // 3
     path.write_bytes(m.SerializeToString()[:-40])  # cut inside the graph
