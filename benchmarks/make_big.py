@@ -5,8 +5,8 @@
 1024-channel convs hold 2.26 GB of fp32 weights, past protobuf's 2 GB limit, so they go to
 ``OUT.onnx.data`` beside the model (external data, written one conv at a time: the weights are never all
 in memory); ``--embedded`` keeps them inside the model file instead (under 2 GB only: ``--convs 25`` is
-0.94 GB). Input ``x`` [1, C, size, size]; weights He-scaled normal (seed 0), so activations stay O(1)
-through the chain. Never commit what it writes.
+0.94 GB; convgraph writes it, streaming the weights). Input ``x`` [1, C, size, size]; weights He-scaled
+normal (seed 0), so activations stay O(1) through the chain. Never commit what it writes.
 """
 
 from __future__ import annotations
@@ -16,42 +16,43 @@ import os
 import sys
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 
 def make_big(path: str, convs: int = 60, channels: int = 1024, size: int = 4, embedded: bool = False) -> int:
     """Write the model to ``path`` (and ``path + ".data"`` unless ``embedded``); returns the weights' bytes."""
+    if embedded:  # made with external data, then saved as one file by convgraph (which streams the weights)
+        import tempfile
+
+        import convgraph
+
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
+            n = make_big(os.path.join(tmp, "big.onnx"), convs, channels, size)
+            convgraph.save(convgraph.load(os.path.join(tmp, "big.onnx")), path)
+        return n
     rng = np.random.default_rng(0)
     location = os.path.basename(path) + ".data"
     nodes, inits, offset = [], [], 0
-    data = None if embedded else open(path + ".data", "wb")
-    try:
+    with open(path + ".data", "wb") as data:
         x = "x"
         for i in range(convs):
             w = (rng.standard_normal((channels, channels, 3, 3), np.float32) * np.sqrt(2.0 / (9 * channels)))
             w = w.astype(np.float32)
             b = np.zeros(channels, np.float32)
-            if data is None:
-                inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
-            else:
-                for name, a in ((f"w{i}", w), (f"b{i}", b)):
-                    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=a.shape)
-                    tensor.data_location = TensorProto.EXTERNAL
-                    for key, value in (("location", location), ("offset", str(offset)), ("length", str(a.nbytes))):
-                        entry = tensor.external_data.add()
-                        entry.key, entry.value = key, value
-                    data.write(a.tobytes())
-                    offset += a.nbytes
-                    inits.append(tensor)
+            for name, a in ((f"w{i}", w), (f"b{i}", b)):
+                tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=a.shape)
+                tensor.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", location), ("offset", str(offset)), ("length", str(a.nbytes))):
+                    tensor.external_data.add(key=key, value=value)
+                data.write(a.tobytes())
+                offset += a.nbytes
+                inits.append(tensor)
             y = "y" if i == convs - 1 else f"c{i}"
             nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [y], name=f"conv{i}", kernel_shape=[3, 3],
                                           pads=[1, 1, 1, 1]))
             if i < convs - 1:
                 nodes.append(helper.make_node("Relu", [y], [f"r{i}"], name=f"relu{i}"))
                 x = f"r{i}"
-    finally:
-        if data is not None:
-            data.close()
     shape = [1, channels, size, size]
     graph = helper.make_graph(nodes, f"big{convs}x{channels}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)

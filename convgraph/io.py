@@ -26,9 +26,9 @@ MAX_ELEMENTS = 2**33
 #: Tensors at least this big go to the external data file when a model is saved above PROTOBUF_LIMIT, and are
 #: left out of a model's :func:`skeleton`.
 EXTERNAL_THRESHOLD = 1024
-#: A model file at least this big is read in two steps (:func:`_split_read`): everything but its big tensors'
-#: bytes, parsed, then those bytes straight into their tensors, so the weights are in memory once; onnx's checker
-#: and shape inference then see its :func:`skeleton`, without the weights.
+#: A model file at least this big is not read whole (:func:`_split_read`): its big tensors' bytes are left in
+#: the file, as if they were external data there (:data:`LAZY_BYTES`); onnx's checker and shape inference see
+#: its :func:`skeleton`, without them.
 SPLIT_BYTES = 64 << 20
 #: Main-graph initializers of at least this many bytes held as external data (or split from a big file) stay
 #: on disk: the model refers to them (:func:`read_external` reads one when a rule needs its value, onnxruntime
@@ -155,7 +155,7 @@ def read_model(source, *, check: bool = True) -> tuple[onnx.ModelProto, Source]:
         elif isinstance(source, (str, os.PathLike)):
             origin.path = Path(os.fspath(source))
             what = str(origin.path)
-            data = _read_file(origin.path, whole=False)
+            data = _read_file(origin.path)
             origin.path = origin.path.resolve()
         else:
             raise UsageError(f"cannot load a model from a {type(source).__name__}; give a path, bytes or ModelProto")
@@ -193,9 +193,8 @@ def read_model(source, *, check: bool = True) -> tuple[onnx.ModelProto, Source]:
     return model, origin
 
 
-def _read_file(path: Path, whole: bool = True) -> bytes | None:
-    """The file's bytes; None when it is :data:`SPLIT_BYTES` or more and not ``whole`` (read it with
-    :func:`_split_read`)."""
+def _read_file(path: Path) -> bytes | None:
+    """The file's bytes; None when it is :data:`SPLIT_BYTES` or more (read by :func:`_split_read`)."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -209,7 +208,7 @@ def _read_file(path: Path, whole: bool = True) -> bytes | None:
     if st.st_size > PROTOBUF_LIMIT:
         raise ModelError(f"{path}: {st.st_size} bytes is over protobuf's 2 GB limit; models this big must "
                          f"keep their weights in external data files")
-    if not whole and st.st_size >= SPLIT_BYTES:
+    if st.st_size >= SPLIT_BYTES:
         return None
     try:
         return path.read_bytes()
@@ -519,8 +518,7 @@ def tensor_value(t: onnx.TensorProto):
     """``numpy_helper.to_array(t)``, also for a tensor whose bytes stayed on disk (:func:`read_external`)."""
     if not _is_ref(t):
         return numpy_helper.to_array(t)
-    inline = _inlined(t)
-    return numpy_helper.to_array(inline)
+    return numpy_helper.to_array(_inlined(t))
 
 
 def _inlined(t: onnx.TensorProto) -> onnx.TensorProto:

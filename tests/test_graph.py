@@ -555,6 +555,32 @@ def test_big_files_are_read_with_their_weights_in_memory_once(tmp_path, monkeypa
             pass
 
 
+def test_weights_left_on_disk_go_through_rewrite_verify_and_save(tmp_path, monkeypatch) -> None:
+    """External data that stays on disk: the rules read it, onnxruntime reads it from its file (checks, verify,
+    bench), and the rewritten model is saved with it, over 2 GB too (simulated), never serialized whole."""
+    from convgraph.engine.rewrite import Selection, rewrite
+
+    m = _chain(3, c=8)
+    path = tmp_path / "big.onnx"
+    onnx.save(onnx.ModelProto.FromString(m.SerializeToString()), path, save_as_external_data=True,
+              all_tensors_to_one_file=True, location="big.onnx.data", size_threshold=1000)
+    monkeypatch.setattr(convgraph.io, "LAZY_BYTES", 1000)
+    res = rewrite(path, ["spatial-separable"], params={"rank": "full"}, selection=Selection(nodes="conv0"),
+                  bench=True, bench_runs=2)
+    assert res.report.passed and res.report.changes and res.report.verification["passed"]
+    assert sum(t.data_location == TensorProto.EXTERNAL for t in res.model.graph.initializer) == 2  # w1, w2 left
+    x = RNG.standard_normal((1, 8, 8, 8)).astype(np.float32)
+    want = _run(m, {"x": x})[0]
+    for limit in (None, 4000):  # one file; "over 2 GB": its data file written tensor by tensor
+        if limit:
+            monkeypatch.setattr(convgraph.io, "PROTOBUF_LIMIT", limit)
+        out = tmp_path / f"out{limit}.onnx"
+        convgraph.save(res.model, out)
+        monkeypatch.setattr(convgraph.io, "PROTOBUF_LIMIT", 2**31 - 1)
+        assert np.allclose(_run(onnx.load(out), {"x": x})[0], want, rtol=1e-4, atol=1e-4)
+    assert convgraph.verify(path, tmp_path / "outNone.onnx").passed
+
+
 # ---- shapes -----------------------------------------------------------------------------------
 def _dynamic() -> onnx.ModelProto:
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4, strides=[2, 2]),
