@@ -475,10 +475,14 @@ def _load_external(tensors: list[onnx.TensorProto], root: Path, what: str, own: 
 
 
 def _open_data(full: Path, loc: str, name: str, what: str, own: Path | None) -> int:
-    """The descriptor of data file ``full`` (opened once, kept open: what it validated is what is read later)."""
+    """The descriptor of data file ``full`` (opened once, kept open: what it validated is what is read later;
+    opened anew when another file has taken its name since, e.g. a model saved over in place)."""
     key = str(full)
     if key in _OPEN:
-        return _OPEN[key]
+        fd = _OPEN[key]
+        now, was = os.stat(full), os.fstat(fd)
+        if (now.st_ino, now.st_dev) == (was.st_ino, was.st_dev):
+            return fd
     try:
         fd = os.open(full, os.O_RDONLY)
     except OSError as e:

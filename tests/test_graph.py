@@ -581,6 +581,22 @@ def test_weights_left_on_disk_go_through_rewrite_verify_and_save(tmp_path, monke
     assert convgraph.verify(path, tmp_path / "outNone.onnx").passed
 
 
+def test_a_big_file_saved_over_in_place_reads_back_its_new_weights(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(convgraph.io, "SPLIT_BYTES", 1000)
+    monkeypatch.setattr(convgraph.io, "LAZY_BYTES", 1000)
+    path = tmp_path / "big.onnx"
+    path.write_bytes(_chain(3, c=8).SerializeToString())
+    cg = _load(path)
+    old = constant_value(cg, "w1")
+    other = _chain(3, c=8)
+    for t in other.graph.initializer:
+        t.raw_data = (np.frombuffer(t.raw_data, np.float32) * 2).astype(np.float32).tobytes()
+    other_path = tmp_path / "other.onnx"
+    other_path.write_bytes(other.SerializeToString())
+    convgraph.save(_load(other_path), path, in_place=True)  # the file the first model's weights lie in, replaced
+    assert np.array_equal(constant_value(_load(path), "w1"), 2 * old)
+
+
 # ---- shapes -----------------------------------------------------------------------------------
 def _dynamic() -> onnx.ModelProto:
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4, strides=[2, 2]),

@@ -111,9 +111,9 @@ def create_session(model, *, provider: str = "cpu", threads: int | None = None, 
             folder, small = on_disk
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
             sess = rt.InferenceSession(small.SerializeToString(), sess_options=so, providers=provs)
-        elif byte_size(proto) <= PROTOBUF_LIMIT:
+        elif byte_size(proto) <= PROTOBUF_LIMIT and not has_refs(proto):
             sess = rt.InferenceSession(proto.SerializeToString(), sess_options=so, providers=provs)
-        else:  # protobuf cannot serialize it: through a file with external data
+        else:  # protobuf cannot serialize it (or its weights lie in several folders): through a saved copy
             with tempfile.TemporaryDirectory(prefix="convgraph-ort-") as tmp:
                 path = write_model(proto, Path(tmp) / "model.onnx")
                 sess = rt.InferenceSession(os.fspath(path), sess_options=so, providers=provs)
