@@ -54,8 +54,8 @@ def demo() -> None:
 def test() -> None:
     setup("cpu,test")
     # lint and types first: cheap, and what they find is cheaper to read than a failing test
-    run(PY, "-m", "ruff", "check", "convgraph", "rules")
-    run(PY, "-m", "mypy")
+    run(PY, "-m", "ruff", "check", ".")  # the whole tree: library, rules, tests, benchmarks, models, this file
+    run(PY, "-m", "mypy")  # the files pyproject.toml's [tool.mypy] names: the same tree
     # fetch the real models once; without a network the tests that need them skip, the rest still run
     run(PY, "-m", "convgraph.zoo", check=False)
     run(PY, "-m", "pytest", "-q", *sys.argv[2:])

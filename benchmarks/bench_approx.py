@@ -85,9 +85,9 @@ def load_image(spec, model: Model) -> np.ndarray:
         im = im.convert("RGB")
         if box is not None:
             im = im.crop(box)
-        a = np.asarray(im.resize((w, h), Image.BILINEAR), np.float32) / 255.0
-    a = (a - np.asarray(model.mean, np.float32)) / np.asarray(model.std, np.float32)
-    return np.ascontiguousarray(a.transpose(2, 0, 1)[None])
+        a = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR), np.float32) / 255.0
+    x = (a - np.asarray(model.mean, np.float32)) / np.asarray(model.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 
 
 def outputs(model, feeds: list[dict]) -> list[np.ndarray]:
@@ -118,8 +118,8 @@ def run_case(case: Case, path, model: Model, feeds: list[dict], reference: list[
                      calibration=calibration)
     fit_s = time.perf_counter() - start
     changes = result.report.changes
-    before = sum(c.macs_before for c in changes)
-    after = sum(c.macs_after for c in changes)
+    before = sum(c.macs_before or 0 for c in changes)  # known: the input shapes are fixed
+    after = sum(c.macs_after or 0 for c in changes)
     got = outputs(result.model, feeds)
     timing = bench([path, result.model], input_shapes=model.shapes, runs=runs, warmup=5, threads=threads,
                    names=["original", "rewritten"], progress=False)
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     from convgraph import zoo
     from convgraph.engine.calibrate import calibrate
 
-    rows, cache = [], {}
+    rows: list[dict] = []
+    cache: dict[str, tuple] = {}  # model -> (path, feeds, reference outputs, MACs, calibration or None)
     print(_header(), flush=True)
     for case in CASES:
         label = f"{case.model} {case.rule} {case.params}{' calibrated' if case.calibrated else ''}"

@@ -30,8 +30,10 @@ MODELS = (("0.94 GB, one file", 25, True), ("2.26 GB, external data", 60, False)
 def measure(cmd: list[str]) -> tuple[float, float, int]:
     """(peak RSS in GB, wall seconds, exit status) of ``cmd`` under /usr/bin/time -v."""
     done = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+    r = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
     m = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", done.stderr)
+    assert r is not None and m is not None, done.stderr
+    rss = int(r.group(1))
     wall = int(m.group(1) or 0) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
     return rss * 1024 / 1e9, wall, done.returncode
 

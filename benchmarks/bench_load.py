@@ -12,11 +12,13 @@ Usage: ``python benchmarks/bench_load.py [--sizes 5000,10000,20000,40000] [--rep
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import onnx
 from onnx import helper
@@ -29,16 +31,17 @@ from convgraph.model import graph as cgraph  # noqa: E402
 from convgraph.model import loader, shapes as cshapes  # noqa: E402
 from convgraph.io import read_model  # noqa: E402
 
+T = TypeVar("T")
 
-def _best(fn, repeat: int) -> tuple[float, float, object]:
-    """(best wall seconds, CPU seconds of that run, last result) of ``repeat`` calls."""
-    best, cpu, result = float("inf"), 0.0, None
-    for _ in range(repeat):
+
+def _best(fn: Callable[[], T], repeat: int) -> tuple[float, float, T]:
+    """(best wall seconds, CPU seconds of that run, last result) of ``repeat`` calls (at least one)."""
+    times = []
+    for _ in range(max(repeat, 1)):
         w0, c0 = time.perf_counter(), time.process_time()
         result = fn()
-        w, c = time.perf_counter() - w0, time.process_time() - c0
-        if w < best:
-            best, cpu = w, c
+        times.append((time.perf_counter() - w0, time.process_time() - c0))
+    best, cpu = min(times)
     return best, cpu, result
 
 
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(tmp) / f"chain{n}.onnx"
             onnx.save(make_chain(n), path)
             steps = _steps(path, args.repeat)
-            wall, cpu, cg = _best(lambda: convgraph.load(path), args.repeat)
+            wall, cpu, cg = _best(functools.partial(convgraph.load, path), args.repeat)
             edit = _edit(cg)
             print(f"{n:>7} {path.stat().st_size / 1e6:>6.1f} | {steps['read']:>9.3f}s {steps['infer']:>6.3f}s "
                   f"{steps['build']:>6.3f}s {steps['shapes']:>6.3f}s | {wall:>6.3f}s {cpu:>6.3f}s "

@@ -24,6 +24,7 @@ low-rank candidate on the same convs that saves at least as many MACs.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -72,7 +73,7 @@ def against_low_rank(name: str, count: int) -> None:
                     break
                 rep = r.make(rec, ctx, p, found)
                 before = rep.macs_before if rep.macs_before is not None else rec.macs
-                if rep.macs_after is not None and rep.macs_after <= 0.8 * before:
+                if before is not None and rep.macs_after is not None and rep.macs_after <= 0.8 * before:
                     cands[(rec.node_id, rule, repr(given))] = Candidate(
                         rec.node_id, rule, given, rep.kind_after, before, rep.macs_after, 1.0, 0.5,
                         touches=list(found.nodes) if found else [])
@@ -82,20 +83,26 @@ def against_low_rank(name: str, count: int) -> None:
                                                                                         c.params)}),
                       input_shapes=shapes)
     fitted = Fitted(model, cg, by_id, stats, shapes)
+
+    def saved(c: Candidate) -> int:  # both counts are known for every candidate made above
+        return (c.macs_before or 0) - (c.macs_after or 0)
+
+    def error(c: Candidate) -> float:  # judged below for every candidate in todo
+        return c.error if c.error is not None else math.inf
+
     for i, c in enumerate(todo):
         c.error = judge.judge(fitted.model({c.node: (c.rule, c.params)})[0])[1]
-        print(f"{i + 1}/{len(todo)} {c.node} {c.rule} {c.params} saves {c.macs_before - c.macs_after} MACs: "
-              f"error {c.error:.2e}", file=sys.stderr, flush=True)
+        print(f"{i + 1}/{len(todo)} {c.node} {c.rule} {c.params} saves {saved(c)} MACs: "
+              f"error {error(c):.2e}", file=sys.stderr, flush=True)
     low = [c for c in todo if c.rule == "low-rank"]
     print("| keep | convs | error: median (least) | under 0.001 / 0.005 / 0.01 | prune better than the best low-rank "
           "saving ≥ as many MACs on its convs / compared | prune ÷ low-rank error, median |")
     print("|---|---|---|---|---|---|")
     for keep in sorted({c.params["keep"] for c in todo if c.rule == "prune"}, reverse=True):
         ps = [c for c in todo if c.rule == "prune" and c.params["keep"] == keep]
-        pairs = [(c.error, min(o.error for o in alts)) for c in ps
-                 if (alts := [o for o in low if o.node in c.touches and o.macs_before - o.macs_after >=
-                              c.macs_before - c.macs_after])]
-        errs = np.array([c.error for c in ps])
+        pairs = [(error(c), min(error(o) for o in alts)) for c in ps
+                 if (alts := [o for o in low if o.node in c.touches and saved(o) >= saved(c)])]
+        errs = np.array([error(c) for c in ps])
         print(f"| {keep} | {len(ps)} | {np.median(errs):.3g} ({errs.min():.2g}) | "
               + " / ".join(str(int(np.sum(errs < t))) for t in (1e-3, 5e-3, 1e-2))
               + f" | {sum(a < b for a, b in pairs)} / {len(pairs)} | "
@@ -140,7 +147,7 @@ def main(argv=None) -> int:
     real_choose = prune._choose
     for layer in args.layers:
         why, found = rule.check(by_name[layer], RuleContext(cg, by_id, params=rule.resolve_params({"keep": args.keep})))
-        if why:
+        if found is None:  # prune always spans its consumers
             print(f"{layer:32} {why}")
             continue
         consumers = [by_id[n] for n in found["span"].consumers]

@@ -39,7 +39,7 @@ def make_chain(n_nodes: int, channels: int = CHANNELS, size: int = SIZE, dynamic
         else:
             nodes.append(helper.make_node("Relu", [x], [y], name=f"relu{i}"))
         x = y
-    shape = ["N", channels, "H", "W"] if dynamic else [1, channels, size, size]
+    shape: list[str | int] = ["N", channels, "H", "W"] if dynamic else [1, channels, size, size]
     graph = helper.make_graph(nodes, f"chain{n_nodes}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="convgraph-make_chain")

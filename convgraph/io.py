@@ -39,7 +39,7 @@ LAZY_BYTES = 64 << 10
 _OPEN: dict[str, int] = {}
 
 _T = onnx.TensorProto
-_ITEMSIZE = {
+_ITEMSIZE: dict[int, int] = {
     _T.FLOAT: 4, _T.UINT8: 1, _T.INT8: 1, _T.UINT16: 2, _T.INT16: 2, _T.INT32: 4, _T.INT64: 8, _T.BOOL: 1,
     _T.FLOAT16: 2, _T.DOUBLE: 8, _T.UINT32: 4, _T.UINT64: 8, _T.COMPLEX64: 8, _T.COMPLEX128: 16, _T.BFLOAT16: 2,
     _T.FLOAT8E4M3FN: 1, _T.FLOAT8E4M3FNUZ: 1, _T.FLOAT8E5M2: 1, _T.FLOAT8E5M2FNUZ: 1,
@@ -88,6 +88,7 @@ def _walk(model: onnx.ModelProto, strings: list | None = None) -> list[onnx.Tens
     of the string fields convgraph reads (names, op types, domains, docs, metadata)."""
     tensors: list[onnx.TensorProto] = []
     keep = strings is not None
+    strings = strings if strings is not None else []  # a list either way (typed so), appended to only if kept
     if keep:
         strings += (model.producer_name, model.domain, model.doc_string)
         strings += [x for p in model.metadata_props for x in (p.key, p.value)]
@@ -150,6 +151,7 @@ def read_model(source, *, check: bool = True) -> tuple[onnx.ModelProto, Source]:
         what = "the given model"
         origin.size = byte_size(model)
     else:
+        data: bytes | None
         if isinstance(source, (bytes, bytearray, memoryview)):
             data, what = bytes(source), "the given bytes"
         elif isinstance(source, (str, os.PathLike)):
@@ -159,11 +161,11 @@ def read_model(source, *, check: bool = True) -> tuple[onnx.ModelProto, Source]:
             origin.path = origin.path.resolve()
         else:
             raise UsageError(f"cannot load a model from a {type(source).__name__}; give a path, bytes or ModelProto")
-        if data is None:  # a big file: parsed without its big tensors' bytes, which stay in the file for now
+        if data is None:  # a big file: parsed without its big tensors' bytes, which stay in the file
             assert origin.path is not None
-            data = _split_read(origin.path, what)
-            model = _parse(data, what)
-            origin.size = len(data)
+            parts = _split_read(origin.path, what)
+            model = _parse(parts, what)
+            origin.size = len(parts)
         else:
             model = _parse(data, what)
             origin.size, origin.data = len(data), data
@@ -183,9 +185,9 @@ def read_model(source, *, check: bool = True) -> tuple[onnx.ModelProto, Source]:
         origin.skeleton = onnx.ModelProto()
         origin.skeleton.CopyFrom(model)
         main = [t for t in model.graph.initializer if t.data_location == _T.EXTERNAL]  # the big ones stay on disk
-        origin.size += _load_external(main, origin.folder, what, origin.path, lazy=True)
+        origin.size += _load_external(main, origin.path.parent, what, origin.path, lazy=True)
         rest = [t for t in external if t.data_location == _T.EXTERNAL and not _is_ref(t)]
-        origin.size += _load_external(rest, origin.folder, what, origin.path)
+        origin.size += _load_external(rest, origin.path.parent, what, origin.path)
         origin.data = None  # the bytes lack the external data now read in
     _check_data(tensors, counts, what)
     if check:

@@ -67,6 +67,9 @@ class Replacement:
     #: MACs and params of all the replaced nodes when they are more than the matched conv (None: the conv's)
     macs_before: int | None = None
     params_before: int | None = None
+    #: ask the engine to quantize the new nodes after the pass (rule ``int8``): {"calibration": method,
+    #: "reduce_range": "auto"|"yes"|"no"} (convgraph.engine.quantize: onnxruntime's quantizer, ranges on --calib)
+    quantize: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,9 @@ class Rule:
     #: the convs whose calibration statistics a data-aware rewrite of a conv needs (rec, ctx) -> node ids;
     #: None: the conv's own (``prune`` refits the consumer convs, so it needs theirs)
     calibrates: "Callable[[ConvRecord, RuleContext], list[str]] | None" = None
+    #: the rule's replacements are quantized by the engine (``Replacement.quantize``): it needs activation ranges
+    #: calibrated on ``--calib`` (and no patch statistics), and a model at opset 13 or later
+    quantizes: bool = False
     #: the op types ``match`` can accept (None: any): the analyzer asks a rule only about convs of these types
     op_types: "tuple[str, ...] | None" = None
 
@@ -108,6 +114,16 @@ class Rule:
         """None when the rule applies to ``rec``, else the reason."""
         return self.check(rec, ctx)[0]
 
+    def matched(self, rec: ConvRecord, ctx: "RuleContext", found: "Match | None" = None) -> Match:
+        """What ``match`` found for a rule whose match spans nodes (``found`` when given): for a ``build``
+        called without it. :class:`Skip` with the reason when the rule does not apply."""
+        if found is not None:
+            return found
+        got = self.match(rec, ctx)
+        if not isinstance(got, Match):
+            raise Skip(got or f"rule {self.name} matched the conv alone")
+        return got
+
     def make(self, rec: ConvRecord, ctx: "RuleContext", params: dict, found: "Match | None" = None) -> Replacement:
         """``build``, handing it what ``match`` found when that was a :class:`Match`."""
         return self.build(rec, ctx, params) if found is None else self.build(rec, ctx, params, found)
@@ -125,8 +141,11 @@ class Rule:
                 continue  # params are shared across the rules of one command; each takes its own
             try:
                 out[k] = known[k].parse(v) if isinstance(v, str) else v
-            except (ValueError, TypeError) as e:
-                raise UsageError(f"rule {self.name}: bad value {v!r} for param {k!r} ({e})") from None
+            except (ValueError, TypeError) as e:  # say what is valid, not what Python's int() said
+                python = str(e).startswith(("invalid literal", "could not convert")) or not str(e)
+                why = f"{k} is {known[k].help}" if python else str(e)
+                raise UsageError(f"rule {self.name}: bad value {v!r} for --param {k}: {why} (default "
+                                 f"{known[k].default})") from None
         return out
 
 
@@ -147,6 +166,13 @@ class RuleContext:
 
         return constant_value(self.graph, tensor)
 
+    def constant(self, tensor: str) -> np.ndarray:
+        """The value of ``tensor``, which ``match`` found constant: :class:`Skip` when it is not after all."""
+        v = self.value(tensor)
+        if v is None:
+            raise Skip(f"{tensor!r} is not a constant")
+        return v
+
     def name(self, base: str) -> str:
         """A fresh tensor name derived from ``base`` (``<conv>/dw``, ``<conv>/pw_W`` ...)."""
         return self.graph.unique_tensor(base)
@@ -165,12 +191,14 @@ class RuleContext:
         return self.graph.node(node_id)
 
 
-def int_or(word: str) -> Callable[[str], "int | str"]:
+def int_or(word: str) -> Callable[["str | int"], "int | str"]:
     """A param parser taking a positive integer or ``word`` (any case): ``int_or("full")``, ``int_or("auto")``."""
 
-    def parse(text: str) -> "int | str":
+    def parse(text: "str | int") -> "int | str":
         if str(text).lower() == word:
             return word
+        if not str(text).strip().lstrip("+-").isdigit():
+            raise ValueError(f"must be a positive integer or {word!r}")
         v = int(text)
         if v < 1:
             raise ValueError(f"must be a positive integer or {word!r}")

@@ -14,6 +14,7 @@ import sys
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -49,7 +50,7 @@ class Builder:
         return name
 
     def node(
-        self, op: str, name: str, inputs: Sequence[str], out: str | None = None, *, n_out: int = 1, **attrs: object
+        self, op: str, name: str, inputs: Sequence[str], out: str | None = None, *, n_out: int = 1, **attrs: Any
     ) -> str:
         """Add node ``name``; its (first) output is ``out`` or ``<name>_out``; return that output."""
         outs = [out or f"{name}_out"] + [f"{name}_out{i}" for i in range(1, n_out)]
@@ -94,7 +95,7 @@ class Builder:
     ) -> str:
         """Conv with He-normal weights; default pads keep the size (``d*(k-1)/2`` per side)."""
         ks = [k] * ndim if isinstance(k, int) else list(k)
-        attrs: dict[str, object] = {
+        attrs: dict[str, Any] = {
             "kernel_shape": ks,
             "strides": [stride] * len(ks),
             "dilations": [dilation] * len(ks),
@@ -129,7 +130,7 @@ class Builder:
         # Each output pixel receives about cin/group * k*k / stride**2 contributions.
         fan = max(1, (cin // group) * k * k // (stride * stride))
         w = self.he((cin, cout // group, k, k), fan)
-        attrs: dict[str, object] = {
+        attrs: dict[str, Any] = {
             "kernel_shape": [k, k],
             "strides": [stride, stride],
             "pads": list(pads),

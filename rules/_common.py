@@ -33,8 +33,8 @@ def plain_conv_reason(rec: ConvRecord, ctx: RuleContext, op_types: tuple[str, ..
     """None when ``rec`` is a float conv of one of ``op_types`` with constant weight (and bias), else why not
     (what does not depend on ``op_types`` is found once per conv and context: every rule asks)."""
     if rec.op_type in ("ConvInteger", "QLinearConv"):
-        return (f"{rec.op_type} is quantized: its integer weights, scales and zero points would have to be "
-                "requantized; rewrite the float model and quantize afterwards")
+        return ("quantized (ConvInteger/QLinearConv): its integer weights, scales and zero points would have to "
+                "be requantized; rewrite the float model and quantize afterwards")
     if rec.op_type not in op_types or rec.domain not in ("", "ai.onnx"):
         dom = f"{rec.domain}." if rec.domain not in ("", "ai.onnx") else ""
         return f"{dom}{rec.op_type} is not {' or '.join(op_types)}"
@@ -65,8 +65,6 @@ def channel_mixing_reason(rec: ConvRecord, ctx: RuleContext, depthwise: str) -> 
     why = plain_conv_reason(rec, ctx)
     if why:
         return why
-    if rec.in_channels is None or rec.out_channels is None:
-        return "channel counts unknown"
     if rec.in_channels // rec.group == 1:
         return depthwise
     return None
@@ -107,8 +105,8 @@ class Weights:
 def weights(rec: ConvRecord, ctx: RuleContext) -> Weights:
     """The weight (and bias) of a conv that :func:`plain_conv_reason` accepted; :class:`Skip` when they hold
     NaN or Inf (no factorization or fit of them means anything)."""
-    w = ctx.value(rec.weight)
-    b = ctx.value(rec.bias) if rec.bias else None
+    w = ctx.constant(rec.weight)
+    b = ctx.constant(rec.bias) if rec.bias else None
     for what, v in (("weights", w), ("bias", b)):
         if v is not None and not np.isfinite(v).all():
             bad = int(v.size - np.count_nonzero(np.isfinite(v)))
@@ -164,7 +162,7 @@ class Names:
 
 
 def bias_params(rec: ConvRecord) -> int:
-    return int(rec.out_channels or 0) if rec.has_bias else 0
+    return rec.out_channels if rec.has_bias else 0
 
 
 def kernel_estimate(rec: ConvRecord, kernel: tuple[int, ...]) -> tuple[int | None, int, str]:

@@ -143,6 +143,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
     on_grid[:, taps] = flat[:, taps]
     data = params["fit"] == "data" and _lsq.rel_error(flat, on_grid) > _lsq.EXACT_TOL  # on the grid: exact
     st = _lsq.stats(rec, ctx) if data else None
+    bias: np.ndarray | None
     if st is not None:
         new, bias = fit.subgrid_fit(wt.w, wt.b, taps, st)
     else:
@@ -162,13 +163,12 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
     w_init = names.init("dilated_W", wt.cast(new.reshape(o, cg, *g.kernel)))
     inits = [w_init]
     inputs = [rec.input, w_init.name]
-    if bias is not None:
-        if st is not None:
-            b_init = names.init("dilated_B", wt.cast(bias))
-            inits.append(b_init)
-            inputs.append(b_init.name)
-        else:
-            inputs.append(rec.bias)
+    if bias is not None and st is not None:
+        b_init = names.init("dilated_B", wt.cast(bias))
+        inits.append(b_init)
+        inputs.append(b_init.name)
+    elif bias is not None and rec.bias:  # the original bias, unchanged
+        inputs.append(rec.bias)
     a = {k: v for k, v in attrs(ctx, rec.node_id).items() if k not in ("pads", "auto_pad", "dilations")}
     a.update(kernel_shape=list(g.kernel), dilations=list(g.dilations), pads=list(g.pads))
     node = names.node("Conv", inputs, [rec.output], "dilated", **a)

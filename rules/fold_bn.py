@@ -63,7 +63,9 @@ def match(rec: ConvRecord, ctx: RuleContext) -> str | Match:
     if why:
         return why
     bn_id, why = _bn(rec, ctx)
-    return why or Match((rec.node_id, bn_id), {"bn": bn_id})
+    if bn_id is None:
+        return why or "not followed by BatchNormalization"
+    return Match((rec.node_id, bn_id), {"bn": bn_id})
 
 
 def fold(w: np.ndarray, b: np.ndarray | None, scale: np.ndarray, beta: np.ndarray, mean: np.ndarray,
@@ -79,11 +81,11 @@ def fold(w: np.ndarray, b: np.ndarray | None, scale: np.ndarray, beta: np.ndarra
 
 
 def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None = None) -> Replacement:
-    found = found or match(rec, ctx)
+    found = RULE.matched(rec, ctx, found)
     bn_id = found["bn"]
     wt = weights(rec, ctx)
     bn = ctx.node(bn_id)
-    scale, beta, mean, var = (ctx.value(t).astype(np.float64).reshape(-1) for t in bn.input[1:5])
+    scale, beta, mean, var = (ctx.constant(t).astype(np.float64).reshape(-1) for t in bn.input[1:5])
     eps = float(attrs(ctx, bn_id).get("epsilon", 1e-5))
     w, b = fold(wt.w, wt.b, scale, beta, mean, var, eps, rec.group, rec.op_type == "ConvTranspose")
     base = rec.name or rec.node_id
@@ -102,7 +104,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None =
 
 
 def estimate(rec: ConvRecord, params: dict) -> tuple[int | None, int, str]:
-    return rec.macs, rec.params - bias_params(rec) + int(rec.out_channels or 0), rec.kind
+    return rec.macs, rec.params - bias_params(rec) + rec.out_channels, rec.kind
 
 
 RULE = Rule(

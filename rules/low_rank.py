@@ -152,6 +152,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
     r = rank_of(rec, params)
     f = fit.low_rank_fit(wt.w, None, full, None, second_taps=q, group=g)  # every component, largest first
     sv = f.singular  # (G, full)
+    assert sv is not None  # a weight fit (no statistics) has every singular value
     total = float(np.sum(sv**2))
     tol = _lsq.EXACT_TOL * math.sqrt(total)
     r = max(1, min(r, int(np.max(np.sum(sv > tol, axis=-1)))))  # trimmed to the numerical rank
@@ -206,7 +207,7 @@ def _cost(rec: ConvRecord, form: str, r: int) -> tuple[int | None, int, str]:
     macs = None
     if n_out is not None:
         if form == "spatial":  # the vertical conv runs at the output height and the input width
-            w_in, w_out = (rec.input_shape or (None,))[-1], rec.output_shape[-1]
+            w_in, w_out = (rec.input_shape or (None,))[-1], (rec.output_shape or (None,))[-1]
             if isinstance(w_in, int) and w_out:
                 macs = n_out // w_out * w_in * mid * cig * p + n_out * c_out * r * q
         else:

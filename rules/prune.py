@@ -37,6 +37,7 @@ share dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -195,7 +196,7 @@ def _constants(rec: ConvRecord, ctx: RuleContext, span: Span, values: np.ndarray
     outs = sorted({ctx.records[n].input for n in readers})
     inits = []
     for n, p in zip(span.ops, nodes):
-        inits += [onnx.numpy_helper.from_array(ctx.value(t), t) for i, t in enumerate(p.input) if (n, i) in span.axes]
+        inits += [onnx.numpy_helper.from_array(ctx.constant(t), t) for i, t in enumerate(p.input) if (n, i) in span.axes]
     c, elem = len(values), elem_type(ctx, rec.output) or onnx.TensorProto.FLOAT
     graph = helper.make_graph(
         [helper.make_node(p.op_type, p.input, p.output[:1], name=p.name, domain=p.domain, **{
@@ -240,17 +241,15 @@ def match(rec: ConvRecord, ctx: RuleContext) -> "str | Match":
     why = plain_conv_reason(rec, ctx)
     if why:
         return why
-    if rec.out_channels is None or rec.in_channels is None:
-        return "channel counts unknown"
     if rec.group != 1:
         return f"producer is grouped (group={rec.group}): its filters are tied to its input channels"
     if rec.graph:
         return "inside a subgraph"
     span, why = _span(rec, ctx)
-    if why:
-        return why
+    if span is None:
+        return why or "nothing reads its channels"
     params = {p.name: p.default for p in RULE.params} | dict(ctx.params)
-    binding = {"span": span}
+    binding: dict[str, Any] = {"span": span}
     if params["keep"] == "dead":
         dead, values = _dead(rec, ctx, span)
         if not dead:
@@ -363,14 +362,14 @@ def _choose(rec: ConvRecord, ctx: RuleContext, params: dict, span: Span, ws: lis
     for n in span.ops:
         p = ctx.node(n)
         if p.op_type == "BatchNormalization":
-            scale, _, _, var = (ctx.value(t).astype(np.float64).reshape(-1) for t in p.input[1:5])
+            scale, _, _, var = (ctx.constant(t).astype(np.float64).reshape(-1) for t in p.input[1:5])
             gain *= np.abs(scale) / np.sqrt(var + float(attrs(ctx, n).get("epsilon", 1e-5)))
         elif p.op_type == "Conv":  # depthwise
-            gain *= np.linalg.norm(ctx.value(p.input[1]).astype(np.float64).reshape(c, -1), axis=1)
+            gain *= np.linalg.norm(ctx.constant(p.input[1]).astype(np.float64).reshape(c, -1), axis=1)
         elif p.op_type in ("Mul", "Div"):
             for i in (0, 1):
                 if (n, i) in span.axes:
-                    v = np.abs(ctx.value(p.input[i]).astype(np.float64)).reshape(-1) * np.ones(c)
+                    v = np.abs(ctx.constant(p.input[i]).astype(np.float64)).reshape(-1) * np.ones(c)
                     gain *= v if p.op_type == "Mul" or i == 0 else 1.0 / np.maximum(v, 1e-30)
     score = (np.linalg.norm(wt.w.reshape(c, -1), axis=1) * gain
              * np.sqrt(sum(np.sum(w * w, axis=(0, 2)) for w in ws)))
@@ -382,12 +381,12 @@ def _choose(rec: ConvRecord, ctx: RuleContext, params: dict, span: Span, ws: lis
 
 
 def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None = None) -> Replacement:
-    found = found or match(rec, ctx)
+    found = RULE.matched(rec, ctx, found)
     span: Span = found["span"]
-    c = int(rec.out_channels)
+    c = rec.out_channels
     cons = [ctx.records[n] for n in span.consumers]
     ws = [_matrix(r, ctx) for r in cons]
-    biases = [weights(r, ctx).b if r.has_bias else np.zeros(r.out_channels) for r in cons]
+    biases = [b if (b := weights(r, ctx).b) is not None else np.zeros(r.out_channels) for r in cons]
     exact = params["keep"] == "dead"
     if exact:
         dropped, new_ws, means, how = found["dead"], ws, None, "provably constant channels folded into the bias"

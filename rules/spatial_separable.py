@@ -169,7 +169,7 @@ def _cost(rec: ConvRecord, r: int) -> tuple[int | None, int, str]:
     n_out = out_elements(rec.output_shape)
     macs = None
     if n_out is not None and rec.input_shape is not None and isinstance(rec.input_shape[-1], int):
-        w_in, w_out = rec.input_shape[-1], rec.output_shape[-1]
+        w_in, w_out = rec.input_shape[-1], (rec.output_shape or (None,))[-1]
         macs = n_out // w_out * w_in * c_in * r * kh + n_out * c_out * (c_in // g) * r * kw
     n_params = c_in * r * kh + c_out * (c_in // g) * r * kw + bias_params(rec)
     horizontal = "standard" if g == 1 else ("depthwise" if g == c_in and c_in // g * r == 1 else "grouped")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from convgraph.model.arithmetic import known, prod
-from convgraph.errors import UsageError
+from convgraph.errors import ModelError, UsageError
 from convgraph.model.record import ConvRecord
 from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or
 
@@ -160,6 +160,8 @@ def fit_kernel(target: np.ndarray, plan: list[Axis], rho: float) -> tuple[np.nda
         out_err = _lsq.rel_error(g, fitted, omega)
         if best is None or out_err < best[3] - 1e-12:
             best = (v, qs, _lsq.rel_error(g, fitted), out_err)
+    if best is None:
+        raise ModelError("no placement of the kernel to fit")
     v, qs, w_err, out_err = best
     return v.reshape(*target.shape[:2], *(ax.kc for ax in plan)), qs, w_err, out_err
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -21,7 +22,7 @@ import onnx
 from convgraph.model.arithmetic import conv_transpose_geometry, known, prod
 from convgraph.model.convops import classify
 from convgraph.model.record import ConvRecord
-from convgraph.rule import Replacement, Rule, RuleContext
+from convgraph.rule import Replacement, Rule, RuleContext, Skip
 
 from ._common import Names, attrs, bias_params, label, opset, out_elements, plain_conv_reason, weights
 
@@ -106,7 +107,7 @@ def plan(rec: ConvRecord, ctx: RuleContext) -> "Plan | str":
     if output_shape and not all(known(i) for i in in_spatial):
         return "output_shape is given and the input size is unknown (fix it with --input-shape)"
     # Without output_shape the pads do not depend on the input size: any size resolves them.
-    sizes = in_spatial if output_shape else tuple(i if known(i) else 1 for i in in_spatial)
+    sizes = tuple(i if known(i) else 1 for i in in_spatial)  # all known when output_shape is given
     adj = list(a.get("output_padding", ())) or [0] * nd
     pads, out = conv_transpose_geometry(sizes, rec.kernel, rec.strides, rec.dilations, a.get("pads", ()),
                                         rec.auto_pad, adj, output_shape)
@@ -144,6 +145,8 @@ def subpixel_weight(w: np.ndarray, group: int, dims: tuple[DimPlan, ...]) -> np.
 
 def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
     p = plan(rec, ctx)
+    if isinstance(p, str):
+        raise Skip(p)
     wt = weights(rec, ctx)
     names = Names(ctx, label(rec))
     dims, c_out = p.dims, rec.out_channels
@@ -157,7 +160,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
         conv_in.append(b_init.name)
     crop = any(d.crop_begin or d.crop_end for d in dims)
     y = rec.output if S == 1 and not crop else names.tensor("conv")
-    conv_attrs = {"kernel_shape": list(p.kernel), "pads": [d.pad_begin for d in dims] + [d.pad_end for d in dims],
+    conv_attrs: dict[str, Any] = {"kernel_shape": list(p.kernel), "pads": [d.pad_begin for d in dims] + [d.pad_end for d in dims],
                   "dilations": [d.dilation for d in dims]}
     if rec.group > 1:
         conv_attrs["group"] = rec.group

@@ -6,6 +6,7 @@ import functools
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -78,7 +79,7 @@ def rewrite_with(model, rule: str, params: dict | None = None, input_shapes=None
     r = get_rule(rule)
     p = r.resolve_params(params or {})
     analysis = analyze(cg, rewrites=False)
-    reps, reasons, done = [], {}, set()
+    reps, reasons, done = [], {}, set[tuple[str, str]]()
     for rec in analysis.convs:
         if (rec.graph, rec.node_id) in done:
             continue
@@ -178,7 +179,7 @@ def yolo_layer(path, tmp_path, node: str = "/model.6/m.0/cv1/conv/Conv"):
 
     shapes = {"images": [1, 3, 320, 320]}
     cg = load(path, shapes)
-    opts = {"image_size": (320, 320)}
+    opts: dict[str, Any] = {"image_size": (320, 320)}
     stats = calibrate(cg, str(image_folder(tmp_path / "fit", FIT_IMAGES)), nodes=[node], input_options=opts)
     s = stats[node]
     w, b = constant_value(cg, cg.node(node).input[1]), constant_value(cg, cg.node(node).input[2])
@@ -287,7 +288,7 @@ def write_model(folder: Path, model: onnx.ModelProto, name: str = "m.onnx") -> P
     return p
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+def run_cli(capsys, *argv: object) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     cap = capsys.readouterr()
     return code, cap.out, cap.err
@@ -354,7 +355,7 @@ def light_inputs(model: onnx.ModelProto) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def original_run(path: str) -> tuple[bool, object]:
+def original_run(path: str) -> tuple[bool, Any]:
     """(True, outputs) when onnxruntime runs the original with its shipped inputs, else (False, reason)."""
     p = Path(path)
     model = onnx.load(p)
@@ -378,3 +379,25 @@ def external_weight(model: onnx.ModelProto, folder: Path, location: str) -> tupl
     folder.mkdir(parents=True, exist_ok=True)
     return write_model(folder, m), raw
 
+
+
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` computing in float16: float initializers, Constant values, Casts to float and the graph's inputs
+    and outputs made float16 (value_info dropped: shape inference types it again)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    for t in g.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for n in g.node:
+        for a in n.attribute:
+            if n.op_type == "Constant" and a.name == "value" and a.t.data_type == TensorProto.FLOAT:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float16), a.t.name))
+            if n.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+                a.i = TensorProto.FLOAT16
+    for vi in [*g.input, *g.output]:
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del g.value_info[:]
+    return m

@@ -13,20 +13,20 @@ from convgraph.engine.calibrate import calibrate
 from convgraph.engine.rewrite import rewrite
 from convgraph.run.runtime import create_session, expose_tensors
 
-C, O, S = 6, 8, 10
+C, N_OUT, S = 6, 8, 10
 
 
 def _model(tail: list, out: str, inits: dict | None = None, opset: int = 17, outputs: tuple = (), seed: int = 0,
            bias: np.ndarray | None = None) -> onnx.ModelProto:
     """x (1, C, S, S) → Conv 3×3 (output "y") → ``tail`` nodes → ``out``."""
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((O, C, 3, 3)).astype(np.float32) / 6
-    b = rng.standard_normal(O).astype(np.float32) if bias is None else bias.astype(np.float32)
+    w = rng.standard_normal((N_OUT, C, 3, 3)).astype(np.float32) / 6
+    b = rng.standard_normal(N_OUT).astype(np.float32) if bias is None else bias.astype(np.float32)
     tensors = {"W": w, "B": b, **(inits or {})}
     nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], name="conv", pads=[1, 1, 1, 1])] + tail
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, S, S])],
-        [helper.make_tensor_value_info(t, TensorProto.FLOAT, [1, O, S, S]) for t in (out, *outputs)],
+        [helper.make_tensor_value_info(t, TensorProto.FLOAT, [1, N_OUT, S, S]) for t in (out, *outputs)],
         [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in tensors.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
@@ -35,9 +35,9 @@ def _n(op, ins, outs, **kw):
     return helper.make_node(op, ins, outs, **kw)
 
 
-CH = np.linspace(0.5, 2.0, O).reshape(1, O, 1, 1)
-BN = {"g": np.linspace(0.5, 1.5, O), "beta": np.linspace(-1, 1, O), "mu": np.linspace(-0.2, 0.2, O),
-      "var": np.linspace(0.5, 2, O)}
+CH = np.linspace(0.5, 2.0, N_OUT).reshape(1, N_OUT, 1, 1)
+BN = {"g": np.linspace(0.5, 1.5, N_OUT), "beta": np.linspace(-1, 1, N_OUT), "mu": np.linspace(-0.2, 0.2, N_OUT),
+      "var": np.linspace(0.5, 2, N_OUT)}
 #: name: (tail nodes, output, extra initializers, opset, kind, params)
 PATTERNS = {
     "relu": ([_n("Relu", ["y"], ["z"])], "z", {}, 17, "relu", ()),
@@ -53,7 +53,7 @@ PATTERNS = {
     "paddle-hardswish": ([_n("Mul", ["y", "a"], ["t0"]), _n("Add", ["t0", "c"], ["t"]), _n("Add", ["t", "three"], ["u"]),
                           _n("Clip", ["u", "zero", "six"], ["v"]), _n("Mul", ["t", "v"], ["m"]),
                           _n("Div", ["m", "six"], ["z"])], "m",
-                         {"a": CH, "c": np.full((1, O, 1, 1), 0.3), "three": 3.0, "zero": 0.0, "six": 6.0}, 17,
+                         {"a": CH, "c": np.full((1, N_OUT, 1, 1), 0.3), "three": 3.0, "zero": 0.0, "six": 6.0}, 17,
                          "xclip", (3.0, 0.0, 6.0)),
     "bn-relu": ([_n("BatchNormalization", ["y", "g", "beta", "mu", "var"], ["t"]), _n("Relu", ["t"], ["z"])], "z", BN,
                 17, "relu", ()),
@@ -84,7 +84,7 @@ def test_detected_activation_and_its_slope_match_onnxruntime(name):
         m.graph.initializer[1].CopyFrom(numpy_helper.from_array(b + sign * eps, "B"))
         outs.append(create_session(m).run([out], x)[0])
     numeric = (outs[0] - outs[1]) / (2 * eps)
-    analytic = act.slope(t) * act.scale.reshape(1, O, 1, 1)
+    analytic = act.slope(t) * act.scale.reshape(1, N_OUT, 1, 1)
     close = np.isclose(numeric, analytic, rtol=1e-2, atol=1e-2)
     assert close.mean() > 0.98, (name, np.abs(numeric - analytic).max())
 
@@ -96,7 +96,7 @@ def test_no_activation_where_the_conv_output_is_used_otherwise(case):
             "clip-input-bound": [_n("ReduceMax", ["x"], ["hi"], keepdims=0), _n("Clip", ["y", "", "hi"], ["z"])]}[case]
     out = {"plain": "y", "two-readers": "u", "output": "z", "residual": "z", "clip-input-bound": "z"}[case]
     extra = ("y",) if case == "output" else ()
-    m = _model(tail, out, {"x2": np.ones((1, O, S, S))} if case == "residual" else {}, outputs=extra)
+    m = _model(tail, out, {"x2": np.ones((1, N_OUT, S, S))} if case == "residual" else {}, outputs=extra)
     assert fit.activation_of(load(m, check=False), "conv") is None
 
 
@@ -139,8 +139,8 @@ def test_row_weighted_low_rank_is_the_weighted_reduced_rank_regression():
     the patches), which beats the unweighted fit in the weighted error and loses in the plain one."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((8, C, S, S)) @ np.eye(S) + rng.standard_normal((8, C, 1, 1))
-    w, b = rng.standard_normal((O, C, 3, 3)), rng.standard_normal(O)
-    d = rng.uniform(0.05, 3, O)
+    w, b = rng.standard_normal((N_OUT, C, 3, 3)), rng.standard_normal(N_OUT)
+    d = rng.uniform(0.05, 3, N_OUT)
     st = ConvStats.empty("c", C, (3, 3), pads=(1, 1, 1, 1))
     for i in range(len(x)):
         st.update(x[i:i + 1])
@@ -149,15 +149,15 @@ def test_row_weighted_low_rank_is_the_weighted_reduced_rank_regression():
     sig = np.cov(pm.T, bias=True)
     lam, q = np.linalg.eigh(sig)
     half, ihalf = (q * np.sqrt(lam)) @ q.T, (q / np.sqrt(lam)) @ q.T
-    u, s, vt = np.linalg.svd(np.sqrt(d)[:, None] * w.reshape(O, -1) @ half)
+    u, s, vt = np.linalg.svd(np.sqrt(d)[:, None] * w.reshape(N_OUT, -1) @ half)
     want = ((u[:, :3] * s[:3]) @ vt[:3] @ ihalf / np.sqrt(d)[:, None]).reshape(w.shape)
     # the whole-patch sums are taken in float32 chunks (convgraph.engine.calibrate): agreement to ~1e-6
     np.testing.assert_allclose(f.weight((3, 3)), want, atol=1e-5 * np.abs(want).max())
-    np.testing.assert_allclose(f.bias, b + (w - want).reshape(O, -1) @ pm.mean(0), atol=1e-5)
+    np.testing.assert_allclose(f.bias, b + (w - want).reshape(N_OUT, -1) @ pm.mean(0), atol=1e-5)
     plain = fit.low_rank_fit(w, b, 3, st, damp=0.0, select=False)
     wd, wp = (f.weight((3, 3)), f.bias), (plain.weight((3, 3)), plain.bias)
     assert _weighted_error(x, w, *wd[:1], b, wd[1], d) < _weighted_error(x, w, *wp[:1], b, wp[1], d)
-    ones = np.ones(O)
+    ones = np.ones(N_OUT)
     assert _weighted_error(x, w, *wp[:1], b, wp[1], ones) < _weighted_error(x, w, *wd[:1], b, wd[1], ones)
 
 
@@ -166,7 +166,7 @@ def test_row_weighted_low_rank_is_the_weighted_reduced_rank_regression():
 def test_row_weights_lower_the_weighted_error_of_every_factorization(rule, params):
     """The rules' fits with response=post lower Σ d_o E[(y_o − y'_o)²] on the calibration data against
     response=pre (the d of a ReLU whose channels are on at very different rates)."""
-    bias = np.linspace(-2.5, 1.0, O)
+    bias = np.linspace(-2.5, 1.0, N_OUT)
     m = _model([_n("Relu", ["y"], ["z"])], "z", bias=bias, seed=4)
     feeds = _feeds(6, 5)
     stats = calibrate(m, feeds, progress=False, holdout=False)
@@ -189,7 +189,7 @@ def test_post_activation_fit_beats_the_pre_activation_fit_on_held_out_inputs(act
     """A conv whose channels a ReLU / SiLU turns on at very different rates, at low rank: the fit to the
     activation's response has the lower error after the activation on inputs it was not fitted on
     (onnxruntime)."""
-    bias = np.linspace(-3.0, 1.0, O)
+    bias = np.linspace(-3.0, 1.0, N_OUT)
     tail = PATTERNS[act][0]
     m = _model(tail, "z", bias=bias, seed=6)
     stats = calibrate(m, _feeds(8, 7), progress=False)

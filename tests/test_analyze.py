@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -248,18 +249,63 @@ def test_to_dict_layout(sample):
     assert d["totals"]["macs"] == sum(c["macs"] for c in d["convs"])
 
 
-def test_rewrites_come_from_rules(sample):
-    from convgraph.registry import all_rules
-    from convgraph.rule import RuleContext
+#: The sample model's offers at default params, counted by hand from its layers (models/README.md): MACs and
+#: params after the rewrite (bias included). Output positions: stem, block1-3, up, head 32×32 = 1024; block4 16×16.
+SAMPLE_OFFERS = {
+    "stem/conv": {  # 3×3 s2, 3 → 16, bias; input 64×64
+        "separable": (1024 * (3 * 9 + 3 * 16), 3 * 9 + 3 * 16 + 16),  # depthwise 3×3 rank 1, then 1×1 3 → 16
+        "spatial-separable": (32 * 64 * 3 * 3 + 1024 * 16 * 3 * 3, 3 * 3 + 16 * 3 * 3 + 16),  # 3×1 at 32 rows × 64
+        "low-rank": (32 * 64 * 2 * 3 * 3 + 1024 * 16 * 2 * 3, 2 * 3 * 3 + 16 * 2 * 3 + 16),  # rank ⌊9/4⌋ = 2
+        "prune": (1024 * 8 * 27, 8 * 27 + 8),  # keep 8 of 16 output channels
+    },
+    "block1/conv": {  # 3×3, 16 → 16, no bias, then BatchNormalization
+        "fold-bn": (1024 * 16 * 16 * 9, 16 * 16 * 9 + 16),  # the same conv, with a bias
+        "separable": (1024 * (16 * 9 + 16 * 16), 16 * 9 + 16 * 16),
+        "spatial-separable": (1024 * 16 * 3 + 1024 * 16 * 16 * 3, 16 * 3 + 16 * 16 * 3),
+        "low-rank": (1024 * 12 * 16 * 3 + 1024 * 16 * 12 * 3, 12 * 16 * 3 + 16 * 12 * 3),  # rank 48 // 4 = 12
+        "prune": (1024 * 8 * 16 * 9, 8 * 16 * 9),
+    },
+    "block2/dw": {  # depthwise 3×3 on 16 channels, then BatchNormalization
+        "fold-bn": (1024 * 16 * 9, 16 * 9 + 16),
+        "spatial-separable": (1024 * 16 * 3 * 2, 16 * 3 * 2),  # 3×1 then 1×3, both depthwise
+    },
+    "block2/pw": {  # 1×1, 16 → 24, bias
+        "low-rank": (1024 * (4 * 16 + 24 * 4), 4 * 16 + 24 * 4 + 24),  # rank 16 // 4 = 4
+        "prune": (1024 * 12 * 16, 12 * 16 + 12),
+    },
+    "block3/dilated": {  # 3×3 dilation 2, 24 → 24, bias
+        "dense": (1024 * 24 * 24 * 25, 24 * 24 * 25 + 24),  # the 5×5 kernel it covers, zeros between taps
+        "separable": (1024 * (24 * 9 + 24 * 24), 24 * 9 + 24 * 24 + 24),
+        "spatial-separable": (1024 * 24 * 3 + 1024 * 24 * 24 * 3, 24 * 3 + 24 * 24 * 3 + 24),
+        "low-rank": (1024 * 18 * 24 * 3 + 1024 * 24 * 18 * 3, 18 * 24 * 3 + 24 * 18 * 3 + 24),  # rank 72 // 4
+        "prune": (1024 * 12 * 24 * 9, 12 * 24 * 9 + 12),
+    },
+    "block4/conv5x5": {  # 5×5 s2, 24 → 16, bias; input 32×32
+        "dilated": (256 * 16 * 24 * 9, 16 * 24 * 9 + 16),  # 3×3 dilation 2 over the same extent
+        "separable": (256 * (24 * 25 + 24 * 16), 24 * 25 + 24 * 16 + 16),
+        "spatial-separable": (16 * 32 * 24 * 5 + 256 * 16 * 24 * 5, 24 * 5 + 16 * 24 * 5 + 16),
+        "low-rank": (16 * 32 * 20 * 24 * 5 + 256 * 16 * 20 * 5, 20 * 24 * 5 + 16 * 20 * 5 + 16),  # rank 80 // 4
+    },
+    "up/deconv": {  # ConvTranspose 3×3 s2, 16 → 16, bias; input 16×16, output 32×32
+        "transpose-subpixel": (256 * 64 * 16 * 4, 64 * 16 * 4 + 64),  # 4 phases of 2×2 taps as 64 channels
+        "transpose-resize": (1024 * 16 * 16 * 4, 16 * 16 * 4 + 16),  # nearest ×2, then a 2×2 conv
+    },
+    "head/conv1x1": {  # 1×1, 16 → 32, bias
+        "low-rank": (1024 * (4 * 16 + 32 * 4), 4 * 16 + 32 * 4 + 32),
+    },
+}
 
+
+def test_rewrites_offered_on_the_sample_model_are_counted_by_hand(sample):
+    """Which rules the analyzer offers per conv, and their MACs and params after, against a count by hand
+    (SAMPLE_OFFERS): not against the rules' own estimate functions, which the offers are made from. Rules
+    not in the table (added later) are not judged here."""
     a = sample("sample")
-    rules = {n: r for n, r in all_rules().items() if r.estimate is not None}
-    ctx = RuleContext(a.graphs[""], a.by_id())
+    known = {rule for offers in SAMPLE_OFFERS.values() for rule in offers}
+    assert {r.name for r in a.convs} == set(SAMPLE_OFFERS)
     for rec in a.convs:
-        expected = {n for n, rule in rules.items() if rule.why_not(rec, ctx) is None}
-        assert {o.rule for o in rec.rewrites} == expected
-        for o in rec.rewrites:
-            assert (o.macs_after, o.params_after, o.kind_after) == tuple(rules[o.rule].estimate(rec, o.params))
+        got = {o.rule: (o.macs_after, o.params_after) for o in rec.rewrites if o.rule in known}
+        assert got == SAMPLE_OFFERS[rec.name], rec.name
     assert all(not r.rewrites for r in analyze(a.graphs[""], rewrites=False).convs)
 
 
@@ -291,7 +337,7 @@ def test_offered_savings_are_what_the_analyzer_counts_on_the_rewritten_model(mod
             rec.name, o.rule, o.params)
 
 
-def _dw_model(dtype: int, weight_as_input: bool, weight_shape: list | None = (16, 1, 3, 3)) -> onnx.ModelProto:
+def _dw_model(dtype: int, weight_as_input: bool, weight_shape: Sequence[int] | None = (16, 1, 3, 3)) -> onnx.ModelProto:
     np_type = onnx.helper.tensor_dtype_to_np_dtype(dtype)
     w = numpy_helper.from_array(np.ones((16, 1, 3, 3), np_type), "w")
     inputs = [helper.make_tensor_value_info("x", dtype, [1, 16, 8, 8])]
@@ -426,5 +472,6 @@ def test_record_to_dict_is_the_fields_in_order(sample):
     assert d["rewrites"][0] == {"rule": rec.rewrites[0].rule, "params": rec.rewrites[0].params,
                                 "exact": rec.rewrites[0].exact, "macs_after": rec.rewrites[0].macs_after,
                                 "params_after": rec.rewrites[0].params_after,
-                                "kind_after": rec.rewrites[0].kind_after, "time_saved_ms": None}
+                                "kind_after": rec.rewrites[0].kind_after, "time_saved_ms": None,
+                                "saving": 1 - rec.rewrites[0].macs_after / rec.macs}
     assert d["rewrites"][0]["params"] is not rec.rewrites[0].params

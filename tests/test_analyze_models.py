@@ -71,20 +71,22 @@ def _check_params_against_weights(a: Analysis) -> None:
         g = a.graphs[r.graph]
         w = constant_value(g, r.weight)
         assert w is not None and w.size > 0, r.name
-        b = constant_value(g, r.bias).size if r.bias else 0
+        bias = constant_value(g, r.bias) if r.bias else None
+        b = bias.size if bias is not None else 0
         assert r.params == w.size + b > 0, r.name
         assert r.kernel == tuple(w.shape[2:])
 
 
 def _oracle_kinds(model: onnx.ModelProto, a: Analysis) -> Counter:
     """Kinds from the weight arrays and attributes alone (an independent count)."""
-    kinds = Counter()
+    kinds: Counter[str] = Counter()
     for node in model.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose"):
             continue
         attrs = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
         g = attrs.get("group", 1)
         w = constant_value(a.graphs[""], node.input[1])
+        assert w is not None, node.name
         if node.op_type == "ConvTranspose":
             kinds["transposed"] += 1
         elif g > 1 and w.shape[1] == 1:

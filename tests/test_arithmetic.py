@@ -94,7 +94,7 @@ def _conv_transpose_reference(x: np.ndarray, w: np.ndarray, s: int, d: int, pads
 @given(i=st.integers(1, 7), k=st.integers(1, 4), s=st.integers(1, 3), d=st.integers(1, 2),
        mode=st.sampled_from(["pads", "SAME_UPPER", "SAME_LOWER", "VALID", "output_shape"]),
        p=st.tuples(st.integers(0, 2), st.integers(0, 2)), extra=st.integers(-2, 0), adj=st.integers(0, 2))
-def test_conv_transpose_geometry_matches_onnxruntime(i, k, s, d, mode, p, extra, adj):
+def test_conv_transpose_geometry_matches_onnxruntime(i, k, s, d, mode, p, extra, adj) -> None:
     """Output size against onnx's inference; resolved pads against onnxruntime's numbers; MACs against a count."""
     rng = np.random.default_rng(0)
     c_in, c_out = 2, 3
@@ -102,7 +102,10 @@ def test_conv_transpose_geometry_matches_onnxruntime(i, k, s, d, mode, p, extra,
     w = rng.standard_normal((c_in, c_out, k)).astype(np.float32)
     attrs: dict = dict(kernel_shape=[k], strides=[s], dilations=[d])
     full = s * (i - 1) + d * (k - 1) + 1
-    pads, output_padding, output_shape, auto_pad = (), (), (), "NOTSET"
+    pads: tuple[int, ...] = ()
+    output_padding: tuple[int, ...] = ()
+    output_shape: tuple[int, ...] = ()
+    auto_pad = "NOTSET"
     if mode == "pads":
         if p[0] + p[1] >= full + adj or adj >= s:
             return  # no output, or an output_padding onnxruntime refuses (it needs < stride)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.bench_optimize import box_iou, detection_f1, detections
+from bench_optimize import box_iou, detection_f1, detections
 
 
 def yolo_output(anchors, classes=3) -> np.ndarray:

@@ -19,7 +19,7 @@ BIN = Path(sys.executable).with_name("convgraph")
 
 def _model(dynamic: bool = False) -> onnx.ModelProto:
     w = numpy_helper.from_array(np.linspace(-1, 1, 4 * 3 * 9, dtype=np.float32).reshape(4, 3, 3, 3), "w")
-    shape = ["N", 3, "H", "W"] if dynamic else [1, 3, 16, 16]
+    shape: list[str | int] = ["N", 3, "H", "W"] if dynamic else [1, 3, 16, 16]
     g = helper.make_graph(
         [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1] * 4)], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
@@ -168,6 +168,30 @@ def test_good_input_shape_and_the_dynamic_warning(tmp_path, capsys) -> None:
     assert code == 0
     warnings = [line for line in err.splitlines() if "dynamic input dims" in line]
     assert len(warnings) == 1 and "x [N,3,H,W]" in warnings[0] and "--input-shape" in warnings[0]
+
+
+@pytest.mark.parametrize("argv", [
+    ["analyze", "{m}", "--profile", "--runs", "1"], ["analyze", "{m}", "--plot", "{tmp}/top.png"],
+    ["rewrite", "{m}", "--rule", "separable", "--param", "rank=full", "-o", "{tmp}/o.onnx"],
+    ["rewrite", "{m}", "--rule", "separable", "--dry-run", "--profile"], ["verify", "{m}", "{m}"], ["bench", "{m}"],
+    ["optimize", "{m}", "--calib", "{tmp}", "-o", "{tmp}/o.onnx"], ["analyze", "{m}", "--probe"],
+])
+def test_named_dims_in_a_command_that_runs_the_model(tmp_path, capsys, argv: list) -> None:
+    """x=N,3,H,W names symbols for the static analysis; a command that runs the model asks for integers in
+    one line (it once failed with "invalid literal for int()"), and writes nothing."""
+    path = write_model(tmp_path, _model(dynamic=True))
+    argv = [a.format(m=path, tmp=tmp_path) for a in argv]
+    code, out, err = run_cli(capsys, *argv, "--input-shape", "x=N,3,H,W")
+    _assert_one_error(code, err, "--input-shape x=", "integer")
+    assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "top.png").exists()
+
+
+def test_named_dims_given_on_purpose_do_not_warn(tmp_path, capsys) -> None:
+    path = write_model(tmp_path, _model(dynamic=True))
+    for argv in (["analyze", path], ["rewrite", path, "--rule", "separable", "--dry-run"]):
+        code, out, err = run_cli(capsys, *argv, "--input-shape", "x=1,3,H,W")
+        assert code == 0 and "warning" not in err, (out, err)
+    assert "108·H·W" in run_cli(capsys, "analyze", path, "--input-shape", "x=1,3,H,W")[1]
 
 
 # ---- outputs ----------------------------------------------------------------------------------

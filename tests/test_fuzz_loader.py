@@ -26,11 +26,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from convgraph import zoo
 from convgraph.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 SEEDS = sorted((REPO / "models").glob("*.onnx"))
-REAL = REPO / ".cache" / "models" / "ppocr-cls.onnx"
+REAL = zoo.cache_dir() / "ppocr-cls.onnx"  # where python -m convgraph.zoo put it ($CONVGRAPH_CACHE too)
 BIN = Path(sys.executable).with_name("convgraph")
 
 #: In-process cases over the committed models, cases over the real model, cases run as a subprocess.
@@ -210,8 +211,8 @@ def _mutate(blob: bytes, data: st.DataObject, hows=("truncate", "bitflip", "spli
     return m.SerializeToString(), "; ".join(done)
 
 
-_SETTINGS = dict(deadline=None, derandomize=True, database=None,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_SETTINGS = settings(deadline=None, derandomize=True, database=None,
+                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @pytest.fixture(scope="module")
@@ -228,14 +229,14 @@ def _case(path: Path, data: st.DataObject, seeds: "dict[Path, bytes]", **kw) -> 
     return f"{seed.name}: {how}"
 
 
-@settings(max_examples=FUZZ_CASES, **_SETTINGS)
+@settings(_SETTINGS, max_examples=FUZZ_CASES)
 @given(data=st.data())
 def test_mutated_models_end_cleanly(path, data) -> None:
     _analyze(path, _case(path, data, _BYTES))
 
 
 @pytest.mark.real
-@settings(max_examples=REAL_CASES, **_SETTINGS)
+@settings(_SETTINGS, max_examples=REAL_CASES)
 @given(data=st.data())
 def test_mutated_real_model_ends_cleanly(path, data) -> None:
     if not REAL.is_file():
@@ -243,7 +244,7 @@ def test_mutated_real_model_ends_cleanly(path, data) -> None:
     _analyze(path, _case(path, data, _real()))
 
 
-@settings(max_examples=REWRITE_CASES, **_SETTINGS)
+@settings(_SETTINGS, max_examples=REWRITE_CASES)
 @given(data=st.data())
 def test_mutated_models_rewrite_cleanly(path, data) -> None:
     """What analyze accepts, the rules must rewrite or refuse in one line (not verified: that is onnxruntime's)."""
@@ -260,7 +261,7 @@ def _real() -> "dict[Path, bytes]":
     return {REAL: REAL.read_bytes()}
 
 
-@settings(max_examples=SUBPROCESS_CASES, **_SETTINGS)
+@settings(_SETTINGS, max_examples=SUBPROCESS_CASES)
 @given(data=st.data())
 def test_mutated_models_end_cleanly_as_a_process(path, data) -> None:
     """The same through the console script, under a hard timeout that a hang in C code cannot escape."""

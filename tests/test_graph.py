@@ -175,7 +175,8 @@ def test_model_proto_source_is_copied_not_aliased() -> None:
     cg = _load(m)
     m.graph.node[0].name = "changed"
     m.graph.initializer[0].dims[0] = 99
-    assert cg.node("conv0").name == "conv0" and cg.initializer("w0").dims[0] == 4
+    w0 = cg.initializer("w0")
+    assert cg.node("conv0").name == "conv0" and w0 is not None and w0.dims[0] == 4
 
 
 def test_bytes_source_and_unnamed_or_duplicate_node_names() -> None:
@@ -523,12 +524,17 @@ def test_big_files_are_read_with_their_weights_in_memory_once(tmp_path, monkeypa
     monkeypatch.setattr(convgraph.io, "LAZY_BYTES", 1000)
     seen = []
     real = onnx.checker.check_model
-    monkeypatch.setattr(onnx.checker, "check_model", lambda model, **kw: (seen.append(model), real(model, **kw))[1])
+
+    def check(model, **kw):
+        seen.append(model)
+        return real(model, **kw)
+
+    monkeypatch.setattr(onnx.checker, "check_model", check)
     cg = _load(path)
     out = cg.to_model()  # the weights stay in the file: the model refers to them
     assert all(t.data_location == TensorProto.EXTERNAL and not t.raw_data for t in out.graph.initializer)
     assert _bytes(convgraph.io.inlined(out)) == _bytes(m) and cg.shape("c1") == (1, 8, 8, 8) and not cg.warnings
-    assert np.array_equal(constant_value(cg, "w1"), numpy_helper.to_array(m.graph.initializer[1]))
+    assert np.array_equal(_value(cg, "w1"), numpy_helper.to_array(m.graph.initializer[1]))
     x = RNG.standard_normal((1, 8, 8, 8)).astype(np.float32)
     assert np.array_equal(_run(convgraph.io.inlined(out), {"x": x})[0], _run(m, {"x": x})[0])
     saved = tmp_path / "saved.onnx"
@@ -567,6 +573,7 @@ def test_weights_left_on_disk_go_through_rewrite_verify_and_save(tmp_path, monke
     monkeypatch.setattr(convgraph.io, "LAZY_BYTES", 1000)
     res = rewrite(path, ["spatial-separable"], params={"rank": "full"}, selection=Selection(nodes="conv0"),
                   bench=True, bench_runs=2)
+    assert res.model is not None and res.report.verification is not None
     assert res.report.passed and res.report.changes and res.report.verification["passed"]
     assert sum(t.data_location == TensorProto.EXTERNAL for t in res.model.graph.initializer) == 2  # w1, w2 left
     x = RNG.standard_normal((1, 8, 8, 8)).astype(np.float32)
@@ -581,20 +588,26 @@ def test_weights_left_on_disk_go_through_rewrite_verify_and_save(tmp_path, monke
     assert convgraph.verify(path, tmp_path / "outNone.onnx").passed
 
 
+def _value(cg, tensor: str) -> np.ndarray:
+    v = constant_value(cg, tensor)
+    assert v is not None
+    return v
+
+
 def test_a_big_file_saved_over_in_place_reads_back_its_new_weights(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(convgraph.io, "SPLIT_BYTES", 1000)
     monkeypatch.setattr(convgraph.io, "LAZY_BYTES", 1000)
     path = tmp_path / "big.onnx"
     path.write_bytes(_chain(3, c=8).SerializeToString())
     cg = _load(path)
-    old = constant_value(cg, "w1")
+    old = _value(cg, "w1")
     other = _chain(3, c=8)
     for t in other.graph.initializer:
         t.raw_data = (np.frombuffer(t.raw_data, np.float32) * 2).astype(np.float32).tobytes()
     other_path = tmp_path / "other.onnx"
     other_path.write_bytes(other.SerializeToString())
     convgraph.save(_load(other_path), path, in_place=True)  # the file the first model's weights lie in, replaced
-    assert np.array_equal(constant_value(_load(path), "w1"), 2 * old)
+    assert np.array_equal(_value(_load(path), "w1"), 2 * old)
 
 
 # ---- shapes -----------------------------------------------------------------------------------
@@ -621,7 +634,7 @@ def test_unset_dynamic_dims_give_one_warning_naming_input_and_flag() -> None:
     msg = str(record[0].message)
     assert "x [N,3,H,W]" in msg and "--input-shape" in msg and "x=?,3,?,?" in msg
     assert cg.warnings == [msg]
-    assert cg.shape("c")[1] == 8 and not convgraph.TensorInfo(F, cg.shape("c")).static
+    assert (cg.shape("c") or ())[1:2] == (8,) and not convgraph.TensorInfo(F, cg.shape("c")).static
     _ = [cg.shape(t) for t in ("x", "c", "y", "w", "unknown")]  # nothing crashes on unknown dims
 
 
@@ -761,12 +774,12 @@ def test_gc_paused_restores_and_leaves_the_new_objects_old_but_collectable() -> 
         with gc_paused():  # nested: only the outermost restores
             pass
         assert not gc.isenabled()
-        made = [[] for _ in range(1000)]
+        made: list[list] = [[] for _ in range(1000)]
         assert gc.is_tracked(made[0])
     assert gc.isenabled() and gc.get_freeze_count() == 0  # nothing left frozen
     oldest = {id(o) for o in gc.get_objects(generation=2)}
     assert id(made) in oldest and id(made[-1]) in oldest  # not left for the young generations to scan
-    cycle = [made]
+    cycle: list = [made]
     cycle.append(cycle)
     del made, cycle
     assert gc.collect() > 0  # a cycle made during the pause is still collected

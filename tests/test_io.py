@@ -43,7 +43,9 @@ def _external(tmp_path, location: str) -> tuple[Path, bytes]:
 
 
 def _loads_the_weight(path) -> None:
-    w = numpy_helper.to_array(_load(path).initializer("w"))
+    t = _load(path).initializer("w")
+    assert t is not None
+    w = numpy_helper.to_array(t)
     assert np.array_equal(w, numpy_helper.to_array(_model().graph.initializer[0]))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -472,7 +473,7 @@ def test_a_candidate_alone_is_spliced_in_as_the_engine_would_build_it(models_dir
         assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-def test_fit_sequential_reuses_the_stages_two_plans_share(models_dir, monkeypatch):
+def test_fit_sequential_reuses_the_stages_two_plans_share(models_dir, monkeypatch) -> None:
     import convgraph.optimize.sequential as opt
 
     cg = load(models_dir / "standard.onnx")
@@ -483,7 +484,11 @@ def test_fit_sequential_reuses_the_stages_two_plans_share(models_dir, monkeypatc
     fresh, _ = fit_sequential(original, both, calib)
     calls = []
     real = opt.calibrate
-    monkeypatch.setattr(opt, "calibrate", lambda *a, **kw: calls.append(kw["nodes"]) or real(*a, **kw))
+    def counted(*a, **kw):
+        calls.append(kw["nodes"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(opt, "calibrate", counted)
     cache: dict = {}
     fit_sequential(original, first, calib, cache=cache)
     assert calls == [["conv3x3"]]
@@ -603,14 +608,22 @@ def test_the_returned_prefix_is_refitted_in_sequence_and_unstable_layers_are_nev
     assert {p.fit for p in plain.points} == {"alone"}
 
 
-def test_fits_spread_over_processes_equal_the_fits_in_one(models_dir, monkeypatch):
+def test_fits_spread_over_processes_equal_the_fits_in_one(models_dir, monkeypatch) -> None:
     """The candidates fitted in a pool of forked processes (one BLAS thread each) are the ones fitted in
     this process; a deadline already past fits none."""
+    import multiprocessing as mp
+
     import convgraph.optimize as opt
     import convgraph.optimize.fitting as fitting
     from convgraph.analysis.analyze import analyze
     from convgraph.engine.calibrate import calibrate
     from convgraph.optimize.timing import unique_names
+
+    # the premise: processes fork (not on Windows or macOS' default) and numpy's BLAS is the OpenBLAS its wheels
+    # bundle, whose threads can be set (this restores the thread count fit_all sets anyway)
+    if "fork" not in mp.get_all_start_methods() or not fitting._blas_threads(
+            int(os.environ.get("OPENBLAS_NUM_THREADS", 0)) or os.cpu_count() or 1):
+        pytest.skip("fits spread over processes only where processes fork and numpy's bundled OpenBLAS is used")
 
     cg = load(models_dir / "sample.onnx")
     unique_names(cg)
@@ -669,3 +682,33 @@ def test_the_returned_model_carries_no_dead_weights_and_the_rewrite_record(model
     loc = verify(before, model, inputs=held, localize=True, min_cosine=0.999999).localization
     assert loc is not None and (loc.first_divergent_node is None or loc.first_divergent_origin in
                                 {c.node for c in report.chosen})
+
+
+def test_int8_candidates_are_timed_quantized_and_run_as_int8_kernels(models_dir, tmp_path):
+    """Every float Conv has an int8 candidate (the same MACs: kept although it cuts none), timed with its
+    QuantizeLinear/DequantizeLinear pair, quantized with ranges calibrated on the fit set; a chosen one runs as
+    onnxruntime's QLinearConv, and the report's held-out figure is what numpy computes on the returned model."""
+    import onnxruntime as ort
+
+    from convgraph.analysis.analyze import analyze
+    from convgraph.run.runtime import create_session, run
+
+    path = models_dir / "sample.onnx"
+    convs = {r.node_id for r in analyze(load(path), rewrites=False).convs if r.op_type == "Conv"}
+    calib, held = smooth_feeds(8, 51), smooth_feeds(3, 52)
+    model, report = optimize(path, calib, held, budget=0.5, rules=["int8"], **{**FAST, "max_evals": 4})
+    int8 = {c.node: c for c in report.candidates if c.rule == "int8"}
+    assert set(int8) == convs and all(c.layer_ms_after > 0 and c.macs_after == c.macs_before for c in int8.values())
+    assert any(c.error is not None for c in int8.values())  # fitted (quantized) and judged
+    if not report.passed:
+        pytest.skip("no faster int8 model on this machine's timings")
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    kernels = [n for n in onnx.load(tmp_path / "opt.onnx").graph.node if n.op_type == "QLinearConv"]
+    assert len(kernels) == len(report.chosen) and all(c.rule == "int8" for c in report.chosen)
+    ref, got = create_session(load(path).to_model()), create_session(model)
+    cos = [float(np.dot(a.ravel(), b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b))
+           for a, b in ((run(ref, x, None)[0].astype(np.float64), run(got, x, None)[0].astype(np.float64))
+                        for x in held)]
+    assert report.metric_value == pytest.approx(min(cos), abs=1e-6)

@@ -133,13 +133,13 @@ def overlapping(draw) -> list[Candidate]:
         for k in range(draw(st.integers(1, 4))):
             touches = draw(st.one_of(st.just([]), st.lists(st.sampled_from([f"conv{i}" for i in range(5)]), max_size=3)))
             out.append(Candidate(f"conv{n}", "r", {"k": k}, "x", 100, 50, 10.0, draw(st.floats(0.1, 9.9)),
-                                 draw(st.floats(0.0, 0.05)), None, None, [f"conv{n}", *touches] if touches else []))
+                                 draw(st.floats(0.0, 0.05)), touches=[f"conv{n}", *touches] if touches else []))
     return out
 
 
 @SETTINGS
 @given(overlapping())
-def test_no_prefix_plans_two_rewrites_that_touch_one_node(cands):
+def test_no_prefix_plans_two_rewrites_that_touch_one_node(cands) -> None:
     """After every step, the candidates planned for different convs touch disjoint nodes; each conv's
     steps add up to the candidate it is planned at."""
     steps = greedy_sequence(cands, 100.0)

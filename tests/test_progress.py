@@ -25,7 +25,7 @@ from convgraph.engine.verify import verify
 class Recorder:
     """A reporter that keeps what it was told: ("start", name, total), ("advance", n), ("finish",)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.events: list[tuple] = []
 
     def start(self, name, total=None):

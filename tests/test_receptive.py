@@ -60,7 +60,7 @@ def _measured(model: onnx.ModelProto) -> tuple[tuple[int, int], list[list[int]]]
     y0 = run(sess, {"x": base}, ["y"])[0][0, 0]
     y = run(sess, {"x": hot}, ["y"])[0][:, 0]
     changed = np.abs(y - y0) > 1e-3 * np.abs(y0).max()  # (pixel, out_y, out_x)
-    extent, starts = [0, 0], [[], []]
+    extent, starts = [0, 0], [list[int](), list[int]()]
     for oy in range(y.shape[1]):
         for ox in range(y.shape[2]):
             pix = np.flatnonzero(changed[:, oy, ox])

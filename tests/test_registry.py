@@ -32,7 +32,7 @@ def plugins(monkeypatch):
 def _module(monkeypatch, name: str, rule_name: str) -> None:
     """A plugin module ``name`` whose RULE is the built-in fold-bn renamed ``rule_name``."""
     mod = types.ModuleType(name)
-    mod.RULE = dataclasses.replace(registry.get_rule("fold-bn"), name=rule_name)
+    monkeypatch.setattr(mod, "RULE", dataclasses.replace(registry.get_rule("fold-bn"), name=rule_name), raising=False)
     monkeypatch.setitem(sys.modules, name, mod)
 
 
@@ -60,7 +60,7 @@ def test_plugin_raising_anything_is_skipped(plugins, monkeypatch) -> None:
         raise RuntimeError("the plugin's own bug")
 
     mod = types.ModuleType("cg_plugin_boom")
-    mod.__getattr__ = lambda name: boom()
+    monkeypatch.setattr(mod, "__getattr__", lambda name: boom(), raising=False)
     monkeypatch.setitem(sys.modules, "cg_plugin_boom", mod)
     plugins(boom="cg_plugin_boom:RULE")
     with pytest.warns(registry.PluginWarning, match="RuntimeError: the plugin's own bug"):

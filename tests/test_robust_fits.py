@@ -56,7 +56,7 @@ def test_solve_falls_back_on_singular_matrices() -> None:
     b = np.ones((3, 3, 2))
     x = fit.solve(a, b)
     assert np.all(x[0] == 0)  # least-norm solution of 0·x = 1
-    np.testing.assert_allclose(x[1], [[1, 1], [0.5, 0.5], [0, 0]])
+    np.testing.assert_allclose(x[1], np.array([[1, 1], [0.5, 0.5], [0, 0]]))
     np.testing.assert_allclose(x[2], 0.5)
 
 
@@ -77,13 +77,20 @@ def test_non_finite_weights_skip_the_conv(models_dir, tmp_path, capsys, rule, va
     code, out, err = _cli(capsys, "rewrite", model, "--rule", rule, "--nodes", "^block1/conv$", "-o",
                           tmp_path / "o.onnx", "--no-bench", "--json")
     _no_traceback(err)
-    assert code == 0, err
+    assert code == 1, err  # the only conv matched failed: a failure, not "nothing matched"; nothing written
     report = json.loads(out)
-    assert report["changes"] == []
+    assert report["changes"] == [] and not report["passed"] and report["output"] is None
+    assert not (tmp_path / "o.onnx").exists()
     (skip,) = [e for e in report["explain"] if e["skipped"]]
     assert skip["node"] == NAN_CONV and "not finite" in skip["reason"] and NAN_CONV in skip["reason"]
     assert "nothing rewritten: every conv the rules matched was skipped" in err
-    assert any("nothing rewritten" in w for w in report["warnings"])
+    assert any("nothing rewritten" in f for f in report["failures"])
+    code, out, err = _cli(capsys, "rewrite", model, "--rule", rule, "--nodes", "^block1/conv$", "-o",
+                          tmp_path / "o.onnx", "--no-bench", "--keep-failed")
+    assert code == 1 and not (tmp_path / "o.onnx").exists()  # --keep-failed keeps a failed rewrite, not a copy
+    assert f"{rule}: none of 8 convs rewritten: skipped: weights of node '{NAN_CONV}' are not finite" in " ".join(
+        out.split()), out
+    assert err.strip().splitlines()[-1].startswith("convgraph: nothing rewritten: every conv the rules matched")
 
 
 def test_non_finite_weights_other_convs_still_rewritten(models_dir, tmp_path, capsys) -> None:

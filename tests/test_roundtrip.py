@@ -25,7 +25,7 @@ from helpers import BACKEND, LIGHT, REAL, cpu_session, graph_inputs, light_input
 MIN_BACKEND_RUNNABLE = 100
 
 
-def _bits(value) -> list[tuple]:
+def _bits(value) -> list[tuple | None]:
     """A run output as comparable bits: dtype, shape and bytes of every array inside it."""
     if isinstance(value, list):
         return [b for v in value for b in _bits(v)]

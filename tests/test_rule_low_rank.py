@@ -360,3 +360,37 @@ def test_optimizer_tries_shares_of_the_full_rank(models_dir):
     ranks = [low_rank.rank_of(rec, rule.resolve_params({k: str(v) for k, v in o.items()})) for o in opts]
     assert len(opts) >= 3 and ranks == sorted(ranks) and ranks[-1] > 4
     assert rule_options("separable", rec, (1, 2)) == [{"rank": 1}, {"rank": 2}]
+
+
+def _narrow_head(shape, through_custom_op: bool = False):
+    """A 128→1 pointwise conv (low-rank at any rank would add MACs: 128 → 129 per position) whose MACs are a
+    formula (dims left dynamic), or unknown (its input made by an op onnx cannot infer)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((1, 128, 1, 1)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["h" if through_custom_op else "x", "w"], ["y"], name="head")]
+    if through_custom_op:
+        nodes.insert(0, helper.make_node("Opaque", ["x"], ["h"], domain="com.example"))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, None, None])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    m.ir_version = 8
+    return onnx.load_from_string(m.SerializeToString())
+
+
+@pytest.mark.parametrize("case", ["formula", "unknown"])
+def test_would_add_macs_is_decided_without_numbers(case, tmp_path, capsys):
+    """The guard was skipped when the MACs were not numbers: the 128→1 head went "rank 1 of 1", params 129 →
+    130. It is decided at the reference size (convgraph.model.reference); naming the node still rewrites it."""
+    model = _narrow_head([1, 128, "H", "W"]) if case == "formula" else _narrow_head([1, 128, 8, 8], True)
+    from convgraph.engine.rewrite import Selection, rewrite
+
+    report = rewrite(model, ["low-rank"], dry_run=True).report
+    (why,) = [e.reason for e in report.explain]
+    assert not report.changes and "would add MACs (at " in why, why
+    assert "H=W=640" in why if case == "formula" else "640 per unknown dim" in why
+    assert not [o for r in analyze(convgraph.load(model)).convs for o in r.rewrites if o.rule == "low-rank"]
+    named = rewrite(model, ["low-rank"], dry_run=True, selection=Selection(nodes="head")).report
+    assert [c.node for c in named.changes] == ["head"]

@@ -37,9 +37,9 @@ def picture(name: str, h: int, w: int, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)
     from PIL import Image
 
     with Image.open(os.path.join(os.path.dirname(skimage.__file__), "data", name)) as im:
-        a = np.asarray(im.convert("RGB").resize((w, h), Image.BILINEAR), np.float32) / 255.0
-    a = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(a.transpose(2, 0, 1)[None])
+        a = np.asarray(im.convert("RGB").resize((w, h), Image.Resampling.BILINEAR), np.float32) / 255.0
+    x = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 
 
 def smooth(shape, seed: int = 0, passes: int = 3) -> np.ndarray:
@@ -356,7 +356,7 @@ def _box_kernel(rng, c_in: int, og: int, kv: list[int], s: list[int]) -> np.ndar
     resize + conv computes exactly."""
     w = rng.standard_normal((c_in, og, *kv))
     for ax, sa in enumerate(s):
-        w = np.apply_along_axis(lambda v: np.convolve(v, np.ones(sa)), 2 + ax, w)
+        w = np.apply_along_axis(np.convolve, 2 + ax, w, np.ones(sa))
     return w.astype(np.float32)
 
 

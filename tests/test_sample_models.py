@@ -52,7 +52,7 @@ def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return nodes
 
 
-def _feeds(session: ort.InferenceSession) -> dict[str, np.ndarray]:
+def _feeds(session) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     feeds = {}
     for inp in session.get_inputs():

@@ -10,7 +10,7 @@ import sys
 import pytest
 from rich.cells import cell_len
 
-from convgraph.cli.tables import Column, layout, shorten
+from convgraph.cli.tables import Column, layout, shorten, shorten_all
 from convgraph.analysis.report import human
 
 YOLO = ("yolov8n", "images=1,3,320,320")
@@ -54,6 +54,22 @@ def test_shorten_cuts_the_middle():
     assert all(len(shorten(name, w)) == w for w in range(1, len(name)))
 
 
+#: YOLOv8n's head: 12 convs that `shorten` showed under 2 names at 80 columns.
+HEAD = [f"/model.22/cv{b}.{s}/cv{b}.{s}.{k}/conv/Conv" for s in range(3) for b in (2, 3) for k in (0, 1)]
+
+
+@pytest.mark.parametrize("width", [20, 24, 26, 30])
+def test_shortened_names_stay_distinct(width):
+    names = HEAD + [f"/model.22/cv{b}.{s}/cv{b}.{s}.2/Conv" for s in range(3) for b in (2, 3)] + ["/model.0/conv/Conv"]
+    short = shorten_all(names, width)
+    assert width > 26 or len({shorten(n, width) for n in HEAD}) < len(HEAD)  # what the plain cut did
+    assert len(set(short)) == len(names) and all(len(t) <= width for t in short)
+    for n, t in zip(names, short):  # each is a cut of its own name: head … tail
+        head, _, tail = t.partition("…")
+        assert n == t or (n.startswith(head) and n.endswith(tail))
+    assert shorten_all(names, 60) == names and shorten_all(["/a/x", "/b/x"], 2) == ["…x", "…x"]  # too narrow: left as cut
+
+
 def test_layout_drops_by_rank_and_never_narrows_a_number():
     columns = [Column("name", "name"), Column("MACs before → after", "num"), Column("note", drop=2),
                Column("empty", "num", drop=9), Column("extra", "num", drop=1)]
@@ -66,6 +82,7 @@ def test_layout_drops_by_rank_and_never_narrows_a_number():
     assert shown == [0, 1, 2, 3, 4] and not light and widths[0] == len(rows[0][0])
 
 
+@pytest.mark.real
 @pytest.mark.parametrize("model", [YOLO, DET], ids=["yolov8n", "ppocr-det"])
 def test_analyze_at_80_columns(real_models, model):
     path = real_models(model[0])
@@ -77,12 +94,17 @@ def test_analyze_at_80_columns(real_models, model):
     for c in doc["convs"]:
         assert human(c["macs"]) in tokens and human(c["params"]) in tokens
         assert _shown(c["name"], r.stdout), c["name"]
+    table = r.stdout.split("memory and time per conv")[0].split("best rewrite", 1)[1]
+    names = [ln.split()[0] for ln in table.splitlines()[2:] if ln.strip() and not ln.startswith(" ")]
+    names = names[:len(doc["convs"])]
+    assert len(names) == len(doc["convs"]) and len(set(names)) == len(names)  # shortened names stay distinct
     assert "hidden to fit 80 columns" in r.stdout and "--wide" in r.stdout
     wide = _cli("analyze", path, "--input-shape", model[1], "--wide")
     assert "hidden" not in wide.stdout and all(c["name"] in wide.stdout for c in doc["convs"])
     assert "receptive field" in wide.stdout
 
 
+@pytest.mark.real
 def test_rewrite_tables_at_80_columns(real_models, tmp_path):
     yolo, det = real_models("yolov8n"), real_models("ppocr-det")
     dry = ("rewrite", yolo, "--input-shape", YOLO[1], "--rule", "separable", "--dry-run")
@@ -141,3 +163,28 @@ def test_pipes_stay_wide_unless_columns_is_set(models_dir):
 def test_a_columns_value_that_is_no_width_is_ignored():
     r = _cli("rules", columns="wide")
     assert r.returncode == 0 and r.stderr == "" and "transpose-subpixel" in r.stdout
+
+
+def test_symbolic_shapes_at_80_columns(real_models):
+    """PP-OCR det with its dims left dynamic: the totals table was 360 columns wide ("pointwis" / "e"), --sort macs
+    kept model order, the best-rewrite column was empty. Now everything fits, and shares and the ranking are
+    those of the reference size, which a line states."""
+    path = real_models("ppocr-det")
+    r = _cli("analyze", path, "--sort", "macs", "--top", "8")
+    assert r.returncode == 0, r.stderr
+    _fits(r.stdout)
+    assert "pointwise" in r.stdout.split("totals by kind")[1] and "pointwis\n" not in r.stdout
+    note = " ".join(r.stdout.split("% MACs and the ranking by MACs at the reference size")[1].split()[:3])
+    assert note.startswith("N=1, H=W=640"), note
+    fixed = json.loads(_cli("analyze", path, "--input-shape", DET[1], "--sort", "macs", "--top", "8", "--json").stdout)
+    table = r.stdout.split("memory and time per conv")[0]
+    shown = [ln.split()[0] for ln in table.splitlines() if ln.startswith("p2o.")]
+    assert shown == [c["name"] for c in fixed["convs"]]  # ranked as the concrete MACs at 640×640 rank them
+    assert "separable −85% ≈" in table  # the best rewrite, at the reference size
+    for c in fixed["convs"][:3]:  # the shares are those at 640×640
+        assert f"{100 * c['macs'] / fixed['totals']['macs']:.1f}%" in table
+
+
+def test_symbolic_markdown_keeps_every_digit(real_models):
+    r = _cli("analyze", real_models("ppocr-det"), "--format", "markdown")
+    assert r.returncode == 0 and "3,089,664·N·⌈H/32⌉·⌈W/32⌉" in r.stdout and "3.1M" not in r.stdout

@@ -118,15 +118,39 @@ def test_metrics_accumulate_over_samples():
 
 
 # ---- models ---------------------------------------------------------------------------------------
-def test_sample_model_against_itself_and_its_round_trip(models_dir):
+def test_verify_figures_are_onnxruntimes_on_the_same_inputs(models_dir):
+    """verify's figures against ones computed here, with onnxruntime sessions of its own on the same inputs:
+    a candidate whose classifier bias is 0.25 higher on one logit errs by exactly that, fails the default
+    tolerance, and the divergence is first seen at that Gemm."""
+    import onnxruntime as ort
+
     p = models_dir / "sample.onnx"
-    r = verify(p, p, samples=2, localize=True)
-    assert r.passed and r.samples == 2 and r.first_divergent_node is None
+    cand = onnx.load(p)
+    bias = next(t for t in cand.graph.initializer if t.name == "head/fc/B")
+    shifted = onnx.numpy_helper.to_array(bias).copy()
+    shifted[3] += 0.25
+    bias.CopyFrom(onnx.numpy_helper.from_array(shifted, bias.name))
+    feeds = [{"x": x} for x in np.random.default_rng(3).standard_normal((3, 1, 3, 64, 64)).astype(np.float32)]
+    r = verify(p, cand, inputs=feeds, localize=True)
+    ref_s, cand_s = (ort.InferenceSession(m, providers=["CPUExecutionProvider"])
+                     for m in (p.read_bytes(), cand.SerializeToString()))
+    ref = [ref_s.run(None, f)[0].astype(np.float64) for f in feeds]
+    got = [cand_s.run(None, f)[0].astype(np.float64) for f in feeds]
+    cos = [float(a.ravel() @ b.ravel() / (np.linalg.norm(a) * np.linalg.norm(b))) for a, b in zip(ref, got)]
     m = r.outputs["logits"]
-    assert m.max_abs_err == 0 and m.elements == 20 and m.top1 == 1.0
+    assert not r.passed and m.samples == 3 and m.elements == 30
+    assert m.max_abs_err == pytest.approx(0.25, rel=1e-5) == max(np.abs(a - b).max() for a, b in zip(ref, got))
+    assert m.sample_cosine == pytest.approx(cos, rel=1e-9) and m.cosine == pytest.approx(min(cos), rel=1e-9)
+    assert m.top1 == np.mean([a.argmax() == b.argmax() for a, b in zip(ref, got)])
+    assert r.first_divergent_node == "head/fc"
+
+
+def test_sample_model_against_its_round_trip(models_dir):
+    """The model rebuilt by ConvGraph (other bytes, same computation) compares equal, tensor by tensor."""
+    p = models_dir / "sample.onnx"
+    r = verify(p, convgraph.load(p).to_model(), samples=2, localize=True)
+    assert r.passed and r.samples == 2 and r.first_divergent_node is None and r.outputs["logits"].max_abs_err == 0
     assert r.localization.compared > 10 and r.localization.divergent == 0
-    r = verify(p, convgraph.load(p).to_model(), localize=True)
-    assert r.passed and r.first_divergent_node is None
     assert verify(convgraph.load(p), p.read_bytes()).passed  # ConvGraph and bytes are models too
 
 

@@ -141,7 +141,7 @@ def _record(cg: ConvGraph, nid: str, data: dict, spec: ConvOp) -> ConvRecord | N
     macs = macs_expr if type(macs_expr) is int else None
     macs_bias = bias_expr if type(bias_expr) is int else None
     params = ar.prod(wshape)
-    if has_bias:
+    if b is not None:
         bias_shape = constant_shape(cg, b)
         params += ar.prod(bias_shape) if bias_shape is not None else out_channels
     source = constant_source(cg, w) if w else "unknown"
@@ -156,7 +156,7 @@ def _record(cg: ConvGraph, nid: str, data: dict, spec: ConvOp) -> ConvRecord | N
         input=x, weight=w, bias=b, output=out_name, input_shape=in_shape, output_shape=output_shape,
         macs=macs, macs_bias=macs_bias, params=params, macs_expr=macs_expr, macs_bias_expr=bias_expr, has_bias=has_bias,
         weight_source=source,
-        bias_source=constant_source(cg, b) if has_bias else None,
+        bias_source=constant_source(cg, b) if b is not None else None,
         auto_pad=auto_pad, output_padding=output_padding,
         checkerboard=spec.transposed and checkerboard(kernel, strides, dilations),
         shape_source="measured" if (x and cg.shape_measured(x)) or (out_name and cg.shape_measured(out_name))
@@ -359,10 +359,11 @@ def _analyze(cg: ConvGraph, rewrites: bool, block: int) -> Analysis:
     if unknown:
         warnings.append(unknown)
     model, inputs = _model_info(cg)
-    branches = {}
+    branches: dict[str, str] = {}
     for g in cg.walk():
-        if g.taken is not None or (g.parent is not None and branches.get(g.parent.path) == "not taken"):
-            branches[g.path] = "not taken" if g.taken is False or branches.get(g.parent.path) == "not taken" else "taken"
+        outer = branches.get(g.parent.path) if g.parent is not None else None
+        if g.taken is not None or outer == "not taken":
+            branches[g.path] = "not taken" if g.taken is False or outer == "not taken" else "taken"
     skipped = {p for p, b in branches.items() if b == "not taken"}
     model["branches"] = branches  # If bodies: "taken" / "not taken" where the condition is known
     return Analysis(records, totals(records, skipped), warnings, model, inputs, graphs, symbols=dict(cg.symbols))
@@ -377,17 +378,23 @@ def _unknown_shapes_warning(cg: ConvGraph, records: list[ConvRecord]) -> str | N
     if not lost or any(not (i := cg.shape_info(vi.name)) or not i.static for vi in real_inputs(cg.model.graph)):
         return None
     main = [r for r in lost if not r.graph]
-    parts = []
+    body = [r for r in lost if r.graph]
+
+    def listed(recs: list[ConvRecord]) -> str:
+        return ", ".join(r.name or r.node_id for r in recs[:5]) + (f" and {len(recs) - 5} more" if len(recs) > 5 else "")
+
+    parts = [f"{len(lost)} conv{'s' * (len(lost) != 1)} with unknown shapes, so unknown MACs (onnx's shape inference "
+             f"could not follow the graph to them)"]
     if main:
-        names = ", ".join(r.name or r.node_id for r in main[:5]) + (f" and {len(main) - 5} more" if len(main) > 5 else "")
-        parts.append(f"{len(main)} conv{'s' * (len(main) != 1)} with unknown shapes, so unknown MACs: {names} "
-                     f"(onnx's shape inference could not follow the graph to them)")
-    if len(lost) > len(main):
-        parts.append(f"{len(lost) - len(main)} in If/Loop/Scan bodies, which running the model cannot measure "
-                     f"(onnxruntime exposes only main-graph tensors)")
-    text = "; ".join(parts)
+        parts.append(f"{listed(main)}" + (" in the main graph" if body else ""))
+    if body:  # only running the model could tell, and onnxruntime exposes only main-graph tensors
+        parts.append(f"{listed(body)} in If/Loop/Scan bodies" + (
+            ", which running the model (--probe) could not measure: onnxruntime exposes only main-graph tensors"
+            if cg.measured else ""))
+    text = parts[0] + ": " + "; ".join(parts[1:])
     if main and not cg.measured:
-        text += "; --probe (convgraph.load(..., probe=True)) runs the model once on generated inputs to measure them"
+        text += ("; --probe (convgraph.load(..., probe=True)) runs the model once on generated inputs to measure "
+                 + ("those of the main graph (onnxruntime exposes only main-graph tensors)" if body else "them"))
     return text
 
 
@@ -400,6 +407,7 @@ def _rf_of(entry, nd: int) -> tuple[tuple | None, tuple | None]:
 
 
 def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
+    from ..model.reference import at_reference, reference_values
     from ..registry import all_rules
     from ..rule import RuleContext
 
@@ -407,7 +415,7 @@ def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
     # defaults; a rule whose ops a conv is not gets no question (``Rule.op_types``)
     rules = []
     for rule in all_rules().values():
-        if rule.estimate is not None:
+        if rule.estimate is not None and not rule.quantizes:  # the analyzer offers MAC savings; int8 saves none
             params = rule.resolve_params({})
             exact = rule.is_exact(params)
             rules.append((rule.match, rule.estimate, rule.op_types, rule.name, params, exact,
@@ -415,7 +423,12 @@ def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
     if not rules:
         return
     ctx = RuleContext(g, {r.node_id: r for r in records})
+    root = g
+    while root.parent is not None:
+        root = root.parent
+    values = reference_values(root.symbols)  # a conv whose MACs are a formula: "dearer" is decided at this size
     for rec in records:
+        ref = at_reference(rec, values)
         op, options = rec.op_type, rec.rewrites
         for match, estimate, op_types, name, params, exact, guard in rules:
             if op_types is not None and op not in op_types:
@@ -423,17 +436,19 @@ def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
             if isinstance(match(rec, ctx), str):  # the reason it does not apply (Rule.check, without two calls)
                 continue
             macs_after, params_after, kind_after = estimate(rec, params)
-            if guard and rec.macs is not None and macs_after is not None and macs_after > rec.macs:
-                continue  # Rule.makes_dearer
-            options.append(RewriteOption(name, dict(params), exact, macs_after, params_after, kind_after))
+            after = macs_after if ref is rec else estimate(ref, params)[0]
+            if guard and ref.macs is not None and after is not None and after > ref.macs:
+                continue  # Rule.makes_dearer, at the reference size when the MACs are a formula
+            saving = 1 - after / ref.macs if ref.macs and after is not None else None
+            options.append(RewriteOption(name, dict(params), exact, macs_after, params_after, kind_after,
+                                         saving=saving))
 
 
 def best_saving(r: ConvRecord) -> tuple[RewriteOption | None, float | None]:
     """The rewrite saving the largest share of this conv's MACs, and that share (None when unknown)."""
     best, share = None, None
     for opt in r.rewrites:
-        if r.macs and opt.macs_after is not None:
-            s = 1 - opt.macs_after / r.macs
-            if share is None or s > share:
-                best, share = opt, s
+        s = 1 - opt.macs_after / r.macs if r.macs and opt.macs_after is not None else opt.saving
+        if s is not None and (share is None or s > share):
+            best, share = opt, s
     return best, share

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -174,6 +174,7 @@ def _node_times(events: list[dict], warmup: int) -> tuple[list[float], list[dict
     starts = [r[0] for r in runs]
     per_run: list[dict[str, float]] = [defaultdict(float) for _ in runs]
     device = any(e.get("cat") == "Kernel" for e in events)
+    nested: list[list[tuple[int, int, str, str]]] = [[] for _ in runs]  # per run: (start, end, node, op)
     last = None  # (run index, node name) of the latest node event, for the GPU kernels that follow it
     for e in events:
         cat = e.get("cat")
@@ -184,12 +185,37 @@ def _node_times(events: list[dict], warmup: int) -> tuple[list[float], list[dict
                 continue
             last = (i, e["name"][: -len("_kernel_time")])
             if not device:
-                per_run[i][last[1]] += e["dur"] / 1e3
+                nested[i].append((e["ts"], e["ts"] + e["dur"], last[1], (e.get("args") or {}).get("op_name", "")))
             else:
                 per_run[i].setdefault(last[1], 0.0)
         elif cat == "Kernel" and last is not None:
             per_run[last[0]][last[1]] += e["dur"] / 1e3
+    for i, spans in enumerate(nested):
+        for name, us in _self_times(spans).items():
+            per_run[i][name] += us / 1e3
     return [r[2] / 1e3 for r in runs[warmup:]], per_run[warmup:], device
+
+
+#: Ops whose node event spans the nodes of their bodies (onnxruntime times an If as its branch's run).
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
+
+
+def _self_times(spans: list[tuple[int, int, str, str]]) -> dict[str, float]:
+    """Node name → its time (µs) in one run, an If/Loop/Scan's without the nodes of its bodies (whose own events
+    lie inside its span): each moment counted once, for the innermost node running then."""
+    spans = sorted(spans)
+    own = {j: float(end - start) for j, (start, end, _, _) in enumerate(spans)}
+    starts = [sp[0] for sp in spans]
+    # innermost control-flow nodes first: an outer If's span holds an inner If's, whose own time is known by then
+    for j in sorted((j for j, sp in enumerate(spans) if sp[3] in CONTROL_FLOW), key=lambda j: spans[j][1] - spans[j][0]):
+        start, end = spans[j][0], spans[j][1]
+        inside = [k for k in range(bisect_left(starts, start), bisect_right(starts, end))
+                  if k != j and spans[k][1] <= end and (spans[k][1] - spans[k][0]) <= end - start]
+        own[j] = max(own[j] - sum(own[k] for k in inside), 0.0)  # the own times of what ran inside add up
+    out: dict[str, float] = defaultdict(float)
+    for j, sp in enumerate(spans):
+        out[sp[2]] += own[j]
+    return out
 
 
 # ---- mapping kernels to convs -------------------------------------------------------------------------
@@ -337,7 +363,7 @@ def profile(cg: ConvGraph, inputs=None, *, input_shapes: Mapping[str, Sequence[i
     for name, ms in node_ms.items():
         node = mapper.nodes.get(name)
         op = node.op_type if node is not None else "?"
-        if op in REORDERS and node.domain == NCHWC:
+        if node is not None and op in REORDERS and node.domain == NCHWC:
             reorders += ms
             targets = mapper.reorder_targets(name)
             for t in targets:
@@ -404,16 +430,25 @@ def change_estimates(cg: ConvGraph, changes, **kwargs) -> tuple[Profile, list[di
     the profile and, per change, ``{"node", "rule", "time_ms", "saved_ms_estimate"}``.
     """
     prof = profile(cg, **kwargs)
-    times = {}
+    times: dict[tuple[str, str], float] = {}
     for g in cg.walk():
         for nid, t in ((nid, prof.convs.get((g.path, nid))) for nid in g.topological_order()):
             if t is not None:
                 times[(g.path, g.graph.nodes[nid]["proto"].name or nid)] = t.time_ms
     out = []
+    made: dict[tuple[str, str], tuple[float | None, int | None]] = {}  # a node an earlier change made -> the
+    # measured time and MACs of the original conv it came from (two rules in a row: separable, then low-rank
+    # on its pointwise half)
     for c in changes:
-        t = times.get((c.graph, c.node))
-        out.append({"node": c.node, "rule": c.rule, "time_ms": t, "saved_ms_estimate": saved_ms(t, c.macs_before,
-                                                                                                   c.macs_after)})
+        ms = times.get((c.graph, c.node))
+        if ms is None and (c.graph, c.node) in made:  # its share of the original conv's time, by MACs
+            t0, m0 = made[(c.graph, c.node)]
+            ms = t0 * c.macs_before / m0 if t0 is not None and m0 and c.macs_before is not None else None
+        origin = made.get((c.graph, c.node), (ms, c.macs_before))
+        for n in c.new_nodes:
+            made[(c.graph, n)] = origin
+        out.append({"node": c.node, "rule": c.rule, "time_ms": ms, "saved_ms_estimate": saved_ms(ms, c.macs_before,
+                                                                                                    c.macs_after)})
     return prof, out
 
 
@@ -439,9 +474,10 @@ def plot(analysis: Analysis, path, top: int = 20) -> None:
     if analysis.profile is None:
         raise UsageError("--plot draws measured times: profile the model first (--profile)")
     total = analysis.totals.get("macs")
-    rs = sorted((r for r in analysis.convs if r.time_share is not None), key=lambda r: -r.time_share)[:top]
+    timed = sorted(((r.time_share, r) for r in analysis.convs if r.time_share is not None), key=lambda p: -p[0])[:top]
+    rs = [r for _, r in timed]
     names = [(r.name or r.node_id)[-40:] for r in rs][::-1]
-    time_pct = [100 * r.time_share for r in rs][::-1]
+    time_pct = [100 * share for share, _ in timed][::-1]
     mac_pct = [100 * r.macs / total if r.macs is not None and total else 0.0 for r in rs][::-1]
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * max(len(rs), 1)), dpi=120)
     y = np.arange(len(rs))

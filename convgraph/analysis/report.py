@@ -9,6 +9,7 @@ from ..model.convops import conv_op
 from ..errors import UsageError
 from ..model.expr import parse
 from ..model.record import KINDS, ConvRecord
+from ..model.reference import describe, reference_values, value
 
 SORT_KEYS = ("macs", "params", "name", "time")
 #: Record attribute each numeric sort key orders by (largest first).
@@ -31,22 +32,49 @@ def human(n: "int | float | None") -> str:
     return str(int(n))
 
 
-def cost(n: "int | None", expr=None) -> str:
+def cost(n: "int | None", expr=None, exact: bool = False) -> str:
     """MACs for a table: ``human(n)``, or the formula over the symbols (an Expr or its text) in short form
-    (``7.9k·H·W``)."""
+    (``7.9k·H·W``, terms spaced so that a cell may wrap between them); ``exact``: every digit (markdown)."""
     if n is None and expr is not None:
         e = parse(expr) if isinstance(expr, str) else expr
-        return e.compact() if hasattr(e, "compact") else human(e)
-    return human(n)
+        return e.compact(exact=exact, spaced=True) if hasattr(e, "compact") else cost(e, exact=exact)
+    return f"{n:,}" if exact and n is not None else human(n)
 
 
-def select(records: list[ConvRecord], sort: str | None = None, top: int | None = None) -> list[ConvRecord]:
-    """Records in model order, or sorted (MACs/params/time descending, unknown last; name ascending); the first ``top``."""
+def reference(a: Analysis) -> "dict[str, int] | None":
+    """Where the model's MACs are a formula: the symbols' values at the reference size (:mod:`convgraph.model.reference`)
+    at which shares are given and convs ranked by MACs; else None."""
+    return reference_values(a.symbols) if a.totals.get("macs") is None and a.symbols else None
+
+
+def reference_note(a: Analysis, sort: str | None = None) -> str | None:
+    """The line saying at which size the shares (and a ranking by MACs) of a model with formulas are taken."""
+    values = reference(a)
+    if values is None:
+        return None
+    ranked = " and the ranking by MACs" if sort == "macs" else ""
+    return (f"% MACs{ranked} at the reference size {describe(values)} (dims left dynamic; --input-shape fixes them)")
+
+
+def macs_at(macs, expr, values: "dict[str, int] | None"):
+    """``macs``, or where it is None the formula ``expr`` (an Expr or its text) at ``values``; None if neither."""
+    if macs is not None or expr is None or values is None:
+        return macs
+    return value(parse(expr) if isinstance(expr, str) else expr, values)
+
+
+def select(records: list[ConvRecord], sort: str | None = None, top: int | None = None,
+           values: "dict[str, int] | None" = None) -> list[ConvRecord]:
+    """Records in model order, or sorted (MACs/params/time descending, unknown last; name ascending); the first
+    ``top``. MACs that are formulas rank at ``values`` (the reference size, :func:`reference`)."""
     if sort is not None and sort not in SORT_KEYS:
         raise UsageError(f"unknown sort key {sort!r}; use one of {', '.join(SORT_KEYS)}")
     rs = list(records)
     if sort == "name":
         rs.sort(key=lambda r: (r.graph, r.name or r.node_id))
+    elif sort == "macs":
+        at = {id(r): macs_at(r.macs, r.macs_expr, values) for r in rs}
+        rs.sort(key=lambda r: (at[id(r)] is None, -(at[id(r)] or 0)))
     elif sort in _SORT_FIELDS:
         attr = _SORT_FIELDS[sort]
         rs.sort(key=lambda r: (getattr(r, attr) is None, -(getattr(r, attr) or 0)))
@@ -79,13 +107,15 @@ def _kind(r: ConvRecord) -> str:
     return text
 
 
-def _share(r: ConvRecord, total: int | None) -> str:
-    return f"{100 * r.macs / total:.1f}%" if r.macs is not None and total else "?"
+def _share(r: ConvRecord, total, values: "dict[str, int] | None" = None) -> str:
+    """Its share of ``total`` MACs (at the reference size ``values`` where they are formulas)."""
+    macs = macs_at(r.macs, r.macs_expr, values)
+    return f"{100 * macs / total:.1f}%" if macs is not None and total else "?"
 
 
 def _saving(r: ConvRecord) -> str:
     opt, share = best_saving(r)
-    if opt is None:
+    if opt is None or share is None:
         return ""
     change = -100 * share
     sign = "−" if round(change) < 0 else "+" if round(change) > 0 else "±"
@@ -95,8 +125,9 @@ def _saving(r: ConvRecord) -> str:
     return text
 
 
-def row(r: ConvRecord, total_macs: int | None) -> list[str]:
-    """One conv as the table's cells."""
+def row(r: ConvRecord, total_macs, values: "dict[str, int] | None" = None, exact: bool = False) -> list[str]:
+    """One conv as the table's cells (``total_macs`` and shares at ``values`` where MACs are formulas;
+    ``exact``: MACs in every digit)."""
     name = r.name or r.node_id
     if r.graph:
         name = f"{r.graph}/{name}"
@@ -104,8 +135,8 @@ def row(r: ConvRecord, total_macs: int | None) -> list[str]:
     shape = _dims(r.output_shape) if r.output_shape is not None else "?"
     if r.shape_source == "measured":
         shape += " (measured)"  # from a run of the model (--probe), not from shape inference
-    return [name, _kind(r), _geometry(r), f"{r.in_channels}→{r.out_channels}", shape, cost(r.macs, r.macs_expr),
-            _share(r, total_macs), human(r.params), rf, _saving(r)]
+    return [name, _kind(r), _geometry(r), f"{r.in_channels}→{r.out_channels}", shape,
+            cost(r.macs, r.macs_expr, exact), _share(r, total_macs, values), human(r.params), rf, _saving(r)]
 
 
 COLUMNS = ("name", "kind", "kernel stride dil group", "in→out", "output", "MACs", "% MACs", "params",
@@ -118,13 +149,23 @@ NUMERIC = frozenset({"convs", "MACs", "% MACs", "MACs + bias", "params", "weight
                      "time ms", "% time", "reorder ms", "GMAC/s", "× roofline"})
 
 
-def kind_rows(a: Analysis) -> list[list[str]]:
-    """The totals per conv kind present, then "all" (the model's totals), as cells under KIND_COLUMNS."""
-    total = a.totals["macs"]
+def total_macs(a: Analysis):
+    """The model's MACs, at the reference size where they are a formula (:func:`reference`)."""
+    return macs_at(a.totals["macs"], a.totals.get("macs_expr"), reference(a))
+
+
+def kind_rows(a: Analysis, exact: bool = False) -> list[list[str]]:
+    """The totals per conv kind present, then "all" (the model's totals), as cells under KIND_COLUMNS (shares at
+    the reference size where MACs are formulas)."""
+    values, total = reference(a), total_macs(a)
     pairs = [(kind, a.totals["by_kind"][kind]) for kind in KINDS if kind in a.totals["by_kind"]] + [("all", a.totals)]
-    return [[kind, str(v["convs"]), cost(v["macs"], v.get("macs_expr")),
-             f"{100 * v['macs'] / total:.1f}%" if v["macs"] is not None and total else "?",
-             cost(v["macs_bias"], v.get("macs_bias_expr")), human(v["params"])] for kind, v in pairs]
+    rows = []
+    for kind, v in pairs:
+        macs = macs_at(v["macs"], v.get("macs_expr"), values)
+        rows.append([kind, str(v["convs"]), cost(v["macs"], v.get("macs_expr"), exact),
+                     f"{100 * macs / total:.1f}%" if macs is not None and total else "?",
+                     cost(v["macs_bias"], v.get("macs_bias_expr"), exact), human(v["params"])])
+    return rows
 
 
 def _markdown_table(columns: Iterable[str], rows: Iterable[list[str]]) -> list[str]:
@@ -134,9 +175,12 @@ def _markdown_table(columns: Iterable[str], rows: Iterable[list[str]]) -> list[s
 
 
 def markdown(a: Analysis, sort: str | None = None, top: int | None = None) -> str:
-    """The same two tables as GitHub markdown."""
-    convs = [row(r, a.totals["macs"]) for r in select(a.convs, sort, top)]
-    return "\n".join(_markdown_table(COLUMNS, convs) + [""] + _markdown_table(KIND_COLUMNS, kind_rows(a))) + "\n"
+    """The same two tables as GitHub markdown, MACs in every digit (formulas' coefficients too)."""
+    values = reference(a)
+    convs = [row(r, total_macs(a), values, exact=True) for r in select(a.convs, sort, top, values)]
+    note = reference_note(a, sort)
+    return "\n".join(_markdown_table(COLUMNS, convs) + ([note] if note else []) + [""]
+                     + _markdown_table(KIND_COLUMNS, kind_rows(a, exact=True))) + "\n"
 
 
 # ---- memory and time ------------------------------------------------------------------------------
@@ -153,9 +197,11 @@ def cost_rows(a: Analysis, sort: str | None = None, top: int | None = None) -> t
     timed = a.profile is not None
     columns = COST_COLUMNS + (TIME_COLUMNS if timed else ())
     rows = []
-    for r in select(a.convs, sort, top):
+    values = reference(a)
+    for r in select(a.convs, sort, top, values):
         name = f"{r.graph}/{r.name or r.node_id}" if r.graph else (r.name or r.node_id)
-        cells = [name, _kind(r), _share(r, a.totals["macs"]), human(r.weight_bytes) + "B" if r.weight_bytes is not None
+        cells = [name, _kind(r), _share(r, total_macs(a), values),
+                 human(r.weight_bytes) + "B" if r.weight_bytes is not None
                  else "?", human(r.activation_bytes) + "B" if r.activation_bytes is not None else "?",
                  _num(r.intensity, ".1f"), r.bound or "?"]
         if timed:

@@ -191,6 +191,8 @@ def _read_cache(path: Path) -> dict:
 def cached_roofline(provider: str = "cpu", threads: int | None = None) -> Roofline | None:
     """The cached roofline of this machine, ``provider`` and ``threads``; None when none was measured (nothing runs)."""
     entry = _read_cache(cache_path()).get(_key(provider.lower(), threads))
+    if not isinstance(entry, dict):
+        return None
     try:
         return Roofline(**{k: entry[k] for k in Roofline.__dataclass_fields__})
     except (KeyError, TypeError):

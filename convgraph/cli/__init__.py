@@ -63,12 +63,30 @@ def _set_debug(value: bool) -> None:
 
 def _say(text: str) -> None:
     """One line on stderr, whatever line breaks a name in the message carries."""
-    common.console("err").print(" ".join(text.splitlines()), markup=False, highlight=False)
+    common.console("err").print(common.printable(" ".join(text.splitlines())), markup=False, highlight=False)
+
+
+#: The (where, message) of the warnings already shown: numpy warns once per line of code, several times a run.
+_SHOWN: set = set()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Any other warning (a plugin that failed to import, numpy's) as one line, not Python's two."""
-    common.warn(" ".join(str(message).split()))
+    """Any other warning (a plugin that failed to import, numpy's) as one line, not Python's two; numpy's
+    floating-point warnings ("overflow encountered in exp") say where they arose."""
+    text = " ".join(str(message).split())
+    if issubclass(category, RuntimeWarning) and filename:
+        path = str(filename).replace("\\", "/")
+        if "/onnx/reference/" in path:
+            where = f"onnx.reference's {path.rsplit('/onnx/reference/', 1)[1]} (verify --reference runs it)"
+        elif "/convgraph/" in path:
+            where = f"convgraph/{path.rsplit('/convgraph/', 1)[1]}:{lineno}"
+        else:
+            where = f"{path.rsplit('/', 1)[-1]}:{lineno}"
+        if (where, text) in _SHOWN:
+            return
+        _SHOWN.add((where, text))
+        text = f"numpy in {where}: {text}"
+    common.warn(text)
 
 
 def main(argv: "list[str] | None" = None) -> int:
@@ -95,11 +113,10 @@ def main(argv: "list[str] | None" = None) -> int:
         return fail(f"convgraph: error: {e}", e.exit_code)
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.ClickException as e:
-        if "--json" not in args:
-            e.show()
-            return 2
-        return fail(f"convgraph: error: {e.format_message()}", 2)
+    except click.ClickException as e:  # one line, as every error (click's own show() takes three or four)
+        ctx = getattr(e, "ctx", None)
+        hint = f" ({ctx.command_path} -h for help)" if ctx is not None else ""
+        return fail(f"convgraph: error: {e.format_message()}{hint}", 2)
     except click.exceptions.Abort:
         return fail("convgraph: aborted", 130)
     except MemoryError:

@@ -100,14 +100,18 @@ def analyze(model: Path, input_shapes: dict, input_values: dict, as_json: bool, 
             write_output(dot_path, report.dot(result), model, flag="--dot")
             common.console("err").print(f"wrote {dot_path}", markup=False, highlight=False)
         if fmt == "json":
-            emit_json(result.to_dict(report.select(result.convs, sort, top)), indent=None)
+            emit_json(result.to_dict(report.select(result.convs, sort, top, report.reference(result))), indent=None)
         elif fmt == "markdown":
-            click.echo(report.markdown(result, sort, top), nl=False)
-            click.echo("\n" + report.cost_markdown(result, sort, top), nl=False)
+            click.echo(common.printable(report.markdown(result, sort, top), newlines=True), nl=False)
+            click.echo(common.printable("\n" + report.cost_markdown(result, sort, top), newlines=True), nl=False)
         else:
-            total = result.totals["macs"]
-            show([_COLUMNS[c] for c in report.COLUMNS], [report.row(r, total) for r in report.select(result.convs, sort, top)],
+            values = report.reference(result)
+            show([_COLUMNS[c] for c in report.COLUMNS], [report.row(r, report.total_macs(result), values)
+                                                        for r in report.select(result.convs, sort, top, values)],
                  title=f"{len(result.convs)} convolutions", hint="--wide or --format markdown shows them")
+            note = report.reference_note(result, sort)
+            if note:
+                common.console("out").print(note, markup=False, highlight=False)
             columns, rows = report.cost_rows(result, sort, top)
             show([_COST[c] for c in columns], rows, title="memory and time per conv",
                  hint="--wide or --format markdown shows them")

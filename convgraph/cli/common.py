@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +26,33 @@ _COLUMNS = os.environ.get("COLUMNS", "").strip()
 _WIDTH = None if sys.stdout.isatty() else int(_COLUMNS) if _COLUMNS.isdigit() and int(_COLUMNS) > 0 else 160  # pipes, logs: wide
 #: The rich Consoles ``out`` and ``err`` (messages stay one line), made on first use: importing rich costs
 #: a tenth of a ``--json`` run's start-up, and such a run may never print through them.
-_CONSOLES = {"out": {"highlight": False, "soft_wrap": False, "width": _WIDTH},
+_CONSOLES: dict[str, dict[str, Any]] = {"out": {"highlight": False, "soft_wrap": False, "width": _WIDTH},
              "err": {"stderr": True, "highlight": False, "soft_wrap": True}}
+
+
+#: Characters a terminal may act on: C0/C1 controls (ESC starts title, clipboard and screen sequences) and the
+#: bidi overrides that reorder what is shown. Text from a model (names) shows them escaped (``\x1b``).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str, newlines: bool = False) -> str:
+    """``text`` with the characters a terminal would act on written as escapes (``\x1b``, ``\u202e``);
+    line breaks kept when ``newlines``."""
+    pattern = _CONTROL_BUT_NEWLINE if newlines else _CONTROL
+    return pattern.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def safe(obj):
+    """A str or rich Text as :func:`printable` makes it (line breaks kept); anything else as it is."""
+    if isinstance(obj, str):
+        return printable(obj, newlines=True)
+    plain = getattr(obj, "plain", None)
+    if isinstance(plain, str) and _CONTROL_BUT_NEWLINE.search(plain):
+        from rich.text import Text
+
+        return Text(printable(plain, newlines=True), style=obj.style)
+    return obj
 
 
 def __getattr__(name: str):
@@ -35,7 +61,13 @@ def __getattr__(name: str):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from rich.console import Console
 
-    console = globals()[name] = Console(**_CONSOLES[name])
+    class SafeConsole(Console):
+        """A Console whose printed text never carries a terminal control sequence from a model (names)."""
+
+        def print(self, *objects, **kwargs) -> None:
+            super().print(*map(safe, objects), **kwargs)
+
+    console = globals()[name] = SafeConsole(**_CONSOLES[name])
     return console
 
 
@@ -76,7 +108,7 @@ provider_option = click.option("--provider", type=click.Choice(["cpu", "cuda"]),
 def warn(message: str) -> None:
     from rich.markup import escape
 
-    console("err").print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True,
+    console("err").print(f"[yellow]warning:[/yellow] {escape(printable(message))}", markup=True,
                          highlight=False)  # [dims] are not markup
 
 

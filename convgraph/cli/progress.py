@@ -16,7 +16,10 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 from ..progress import reporting
 from . import common
@@ -87,7 +90,7 @@ class Lines:
         top = self._stack[-1]
         count = f" {top.done}/{top.total}" if top.total else f" {top.done}" if top.done else ""
         now = time.monotonic()
-        line = f"convgraph: {' › '.join(e.name for e in self._stack)}{count} [{now - self._t0:.0f} s]"
+        line = common.printable(f"convgraph: {' › '.join(e.name for e in self._stack)}{count} [{now - self._t0:.0f} s]")
         try:
             print(line, file=sys.stderr, flush=True)
         except (OSError, ValueError):  # stderr closed or a broken pipe: progress is not worth an error
@@ -100,9 +103,9 @@ class Lines:
 class Live:
     """Stages as a rich live display on the terminal: one row per running stage, removed when it ends."""
 
-    def __init__(self, console):
+    def __init__(self, console) -> None:
         self._console = console
-        self._progress = None
+        self._progress: Progress | None = None
         self._tasks: list = []
 
     def start(self, name: str, total: int | None = None) -> None:
@@ -113,18 +116,18 @@ class Live:
                                       TextColumn("{task.fields[count]}"), TimeElapsedColumn(), console=self._console,
                                       transient=True, redirect_stdout=False, redirect_stderr=False)
             self._progress.start()
-        self._tasks.append(self._progress.add_task("  " * len(self._tasks) + name, total=total,
+        self._tasks.append(self._progress.add_task("  " * len(self._tasks) + common.printable(name), total=total,
                                                    count=f"0/{total}" if total else ""))
 
     def advance(self, n: int = 1) -> None:
-        if self._tasks:
+        if self._tasks and self._progress is not None:
             task = self._tasks[-1]
             self._progress.advance(task, n)
             t = next(t for t in self._progress.tasks if t.id == task)
             self._progress.update(task, count=f"{int(t.completed)}/{t.total}" if t.total else f"{int(t.completed)}")
 
     def finish(self) -> None:
-        if self._tasks:
+        if self._tasks and self._progress is not None:
             self._progress.remove_task(self._tasks.pop())
             if not self._tasks:  # nothing running: clear the display, so that the command's output stands alone
                 self.close()

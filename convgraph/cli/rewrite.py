@@ -6,7 +6,9 @@ import click
 
 from ..errors import CheckFailed, UsageError
 from ..io import check_output_path, write_model
+from ..analysis.report import cost
 from ..engine.rewrite import Selection, rewrite
+from ..run.tolerance import Bound, summarize
 from . import cli
 from .common import (
     emit_json, err, input_data_kwargs, input_data_options, input_shape_option, json_option, out, probe_option,
@@ -28,6 +30,11 @@ def _fmt(v, spec=",") -> str:
     return "?" if v is None else format(v, spec)
 
 
+def _macs(v, expr) -> str:
+    """MACs: the number, else the formula (dims left dynamic), as analyze shows it."""
+    return _fmt(v) if v is not None or expr is None else cost(None, expr)
+
+
 def _params(ctx, param, values) -> dict[str, str]:
     parsed = {}
     for v in values:
@@ -38,13 +45,43 @@ def _params(ctx, param, values) -> dict[str, str]:
     return parsed
 
 
+def _unapplied(report) -> list[str]:
+    """Per rule that rewrote no conv, one line: why, the reasons grouped (``--explain`` lists each conv); rules
+    with the same reasons share a line."""
+    done = {c.rule for c in report.changes}
+    said: dict[str, list[str]] = {}  # the reasons' text -> the rules it holds for
+    for rule in dict.fromkeys(e.rule for e in report.explain):
+        if rule in done:
+            continue
+        groups: dict[str, list[str]] = {}
+        failed = set()
+        for e in report.explain:
+            if e.rule == rule:
+                groups.setdefault(e.reason, []).append(e.node)
+                if e.skipped:
+                    failed.add(e.reason)
+        ranked = sorted(groups.items(), key=lambda kv: (kv[0] not in failed, -len(kv[1])))  # failures first
+        text = "; ".join(f"{reason} ({_nodes(nodes)})" for reason, nodes in ranked[:3])
+        more = f"; {len(ranked) - 3} more reasons (--explain)" if len(ranked) > 3 else ""
+        n = sum(len(v) for v in groups.values())
+        said.setdefault(f"none of {n} conv{'s' * (n != 1)} rewritten: {text}{more}", []).append(rule)
+    return [f"{', '.join(rules)}: {text}" for text, rules in said.items()]
+
+
+def _nodes(nodes: list[str]) -> str:
+    return ", ".join(nodes) if len(nodes) <= 2 else f"{len(nodes)} convs: {nodes[0]}, {nodes[1]}, …"
+
+
 def render(report) -> None:
     """The human report: rewritten nodes, model-level error and latency, totals."""
-    if report.explain and not report.changes:
-        out.print("[yellow]nothing to rewrite[/yellow]")
+    if not report.changes:
+        out.print("[yellow]nothing rewritten[/yellow]" + (" (dry run)" if report.dry_run else ""))
+    for line in _unapplied(report):
+        out.print(line, markup=False)
     if report.changes:
         show(_CHANGE_COLUMNS, [(c.node, c.rule, f"{c.kind_before} → {c.kind_after}",
-                                f"{_fmt(c.macs_before)} → {_fmt(c.macs_after)}", f"{c.params_before:,} → {c.params_after:,}",
+                                f"{_macs(c.macs_before, c.macs_before_expr)} → {_macs(c.macs_after, c.macs_after_expr)}",
+                                f"{c.params_before:,} → {c.params_after:,}",
                                 "yes" if c.exact else "no", _fmt(c.weight_error, ".3g"), _fmt(c.output_error, ".3g"),
                                 _fmt(c.output_cosine, ".6f")) for c in report.changes],
              title="dry run: would rewrite" if report.dry_run else "rewritten nodes")
@@ -55,15 +92,26 @@ def render(report) -> None:
             ratio = f" ({before / after:.2f}× fewer)" if after < before else f" ({after / before:.2f}× more)"
         n = tot["rewritten"]
         steps = f" in {tot['changes']} changes" if tot["changes"] != n else ""
-        out.print(f"{n} conv{'s' * (n != 1)} rewritten{steps}: MACs {_fmt(before)} → {_fmt(after)}{ratio}, "
+        shown = (_macs(before, tot.get("macs_before_expr")), _macs(after, tot.get("macs_after_expr")))
+        out.print(f"{n} conv{'s' * (n != 1)} rewritten{steps}: MACs {shown[0]} → {shown[1]}{ratio}, "
                   f"params {_fmt(tot['params_before'])} → {_fmt(tot['params_after'])}")
-    if report.checks:
-        out.print("checks: " + ", ".join(f"{k} {v}" for k, v in report.checks.items()))
+    for note in report.notes:
+        out.print(f"note: {note}", markup=False)
+    checks = {k: v for k, v in report.checks.items() if k != "model tolerance"}
+    if checks:
+        out.print("checks: " + ", ".join(f"{k} {v}" for k, v in checks.items()), markup=False)
+    held = summarize(Bound(**c.tolerance) for c in report.changes if c.exact and c.tolerance)
+    if held:
+        out.print("exact changes, each alone: " + "; ".join(held), markup=False)
+    if "model tolerance" in report.checks:
+        out.print(f"exact changes, at the model outputs: {report.checks['model tolerance']}", markup=False)
     if report.verification:
         v = report.verification
         verdict = {"passed": "PASS", "failed": "FAIL"}.get(v.get("verdict"), "INCONCLUSIVE")
         if not report.tolerance_required:
-            verdict = f"{verdict.lower()} at the default tolerance (not required: give --atol/--rtol/--min-cosine)"
+            basis = f", {v['tolerance_basis']}" if v.get("tolerance_basis") else ""
+            verdict = (f"{verdict.lower()} at the default tolerance{basis} (not required: give "
+                       "--atol/--rtol/--min-cosine)")
         rows = v.get("outputs", {})
         keys = [k for k in ("max_abs_err", "scaled_err", "mean_abs_err", "cosine", "snr_db", "top1") if any(k in m for m in rows.values())]
         show([Column("output", "name"), *(Column(k, "num") for k in keys)],
@@ -86,7 +134,7 @@ def _time_estimates(model, report, input_shapes, data, threads, provider) -> dic
     from ..analysis.profile import change_estimates
 
     data = dict(data)
-    cg = load(model, input_shapes)
+    cg = load(model, input_shapes, input_values=data.get("values"))
     prof, rows = change_estimates(cg, report.changes, inputs=data.pop("inputs"), seed=data.pop("seed"),
                                   input_shapes=input_shapes or None, provider=provider, threads=threads,
                                   input_options=data)
@@ -117,7 +165,8 @@ def _render_estimates(estimates: dict) -> None:
 @input_shape_option
 @input_data_options
 @click.option("--calib", type=click.Path(), help="Calibration inputs (.npz or a folder of images): approximate "
-              "rules fit on the activations the model really sees (fit=data).")
+              "rules fit on the activations the model really sees (fit=data); int8 calibrates its activation ranges "
+              "on them (required there).")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime numerics check.")
 @click.option("--atol", type=float, help="Require model outputs within this absolute tolerance (exit 1 otherwise).")
 @click.option("--rtol", type=float, help="Require model outputs within this relative tolerance.")
@@ -167,7 +216,7 @@ def rewrite_command(model, rules, params, nodes, exclude, kinds, min_macs, input
         warn(w)
     estimates = _time_estimates(model, report, input_shapes, given, threads, provider) if profiled else None
     written = None
-    if output and result.model is not None and (report.passed or keep_failed) and not dry_run:
+    if output and result.model is not None and (report.passed or keep_failed and report.changes) and not dry_run:
         written = str(write_model(result.model, output, input_path=model, in_place=in_place))
     if as_json:
         emit_json({**report.to_dict(), "output": written, **(estimates or {})})
@@ -179,8 +228,11 @@ def rewrite_command(model, rules, params, nodes, exclude, kinds, min_macs, input
             _render_estimates(estimates)
         if written:
             out.print(f"wrote {written}")
-        elif output and not dry_run:
+        elif output and not dry_run and report.changes:
             warn(f"not written: {'; '.join(report.failures)} (use --keep-failed to write it anyway)")
     if not report.passed:
-        err.print("convgraph: rewrite outside the given tolerance", markup=False)
+        tolerance = report.tolerance_required and any(f.startswith("model outputs") for f in report.failures)
+        err.print(f"convgraph: {report.failures[0]}; not written" if not report.changes
+                  else "convgraph: rewrite outside the given tolerance" if tolerance
+                  else f"convgraph: rewrite failed its checks: {report.failures[0].split('; ')[0]}", markup=False)
         raise click.exceptions.Exit(1)

@@ -19,6 +19,7 @@ import click
 from . import common
 
 if TYPE_CHECKING:
+    from rich.console import JustifyMethod
     from rich.table import Table
     from rich.text import Text
 
@@ -46,12 +47,12 @@ class Column:
 
     header: str
     kind: str = "text"  # "name": shortened in the middle; "num": never cut; "text": wrapped at words
-    justify: str | None = None  # default: right for numbers, left otherwise
+    justify: JustifyMethod | None = None  # default: right for numbers, left otherwise
     drop: int | None = None  # narrow outputs hide droppable columns, lowest rank first; None: always shown
     brief: str | None = None  # the header when the table is narrowed (default: header)
 
     @property
-    def align(self) -> str:
+    def align(self) -> JustifyMethod:
         return self.justify or ("right" if self.kind == "num" else "left")
 
 
@@ -71,6 +72,43 @@ def shorten(text: str, width: int) -> str:
         return "…"[:width]
     head = (width - 1) // 2
     return text[:head] + "…" + text[len(text) - (width - 1 - head):]
+
+
+def _cut(text: str, width: int, head: int) -> str:
+    """``text`` with its middle cut so that ``head`` characters stay before the '…' (``width`` in all)."""
+    return text if len(text) <= width else text[:head] + "…" + text[len(text) - (width - 1 - head):]
+
+
+def shorten_all(names: Sequence[str], width: int) -> list[str]:
+    """Each name shortened as :func:`shorten` does, except where that would show two different names alike
+    (YOLOv8n's head: ``/model.22/cv2.0/cv2.0.0/conv/Conv`` and ``/model.22/cv3.0/cv3.0.0/conv/Conv``): such a
+    group is cut elsewhere, where the names differ, hiding what they share (``…2/cv2.0/cv2.0.0/conv/Conv``)."""
+    out = [shorten(n, width) for n in names]
+    if width < 2:
+        return out
+    rows: dict[str, list[int]] = {}  # shown text -> the rows showing it
+    for i, o in enumerate(out):
+        rows.setdefault(o, []).append(i)
+    for o, idx in list(rows.items()):
+        group = sorted({names[i] for i in idx})
+        if len(group) < 2:
+            continue
+        best = None
+        for head in range(width):
+            cuts = {n: _cut(n, width, head) for n in group}
+            if len(set(cuts.values())) < len(group) or any(c in rows and c != o for c in cuts.values()):
+                continue
+            hidden = {n[head:len(n) - (width - 1 - head)] for n in group if len(n) > width}
+            score = (len(hidden), abs(head - (width - 1) // 2))  # hide what the names share, near the middle
+            if best is None or score < best[0]:
+                best = (score, cuts)
+        if best is None:
+            continue  # too narrow to tell them apart: left as they are
+        del rows[o]
+        for i in idx:
+            out[i] = best[1][names[i]]
+            rows.setdefault(out[i], []).append(i)
+    return out
 
 
 def _plain(cell: Cell) -> str:
@@ -168,7 +206,7 @@ def layout(columns: Sequence[Column], rows: Sequence[Sequence[Cell]],
         least[i], natural[i] = _limits(col, cells[i], col.brief or col.header)
 
     def rank(i: int) -> tuple[bool, int]:
-        return not all(c.strip() in EMPTY for c in cells[i]), columns[i].drop
+        return not all(c.strip() in EMPTY for c in cells[i]), columns[i].drop or 0  # droppable: not None
 
     while sum(least[i] for i in shown) + _overhead(True, len(shown)) > width:
         droppable = [i for i in shown if columns[i].drop is not None]
@@ -192,7 +230,9 @@ def build(columns: Sequence[Column], rows: Iterable[Sequence[Cell]], *, title: s
     """The rich Table of ``rows`` fitted to ``width`` (None: natural widths), and its width."""
     from rich.text import Text
 
-    rows = list(rows)
+    rows = [[common.printable(c, newlines=columns[i].kind != "name") if isinstance(c, str) else common.safe(c)
+             for i, c in enumerate(r)] for r in rows]  # names from the model: no control sequence, no line break
+    title = common.printable(title) if title is not None else None
     shown, widths, light = layout(columns, rows, width)
     hidden = [columns[i].header for i in range(len(columns)) if i not in shown]
     caption = f"hidden to fit {width} columns: {', '.join(hidden)} ({hint})" if hidden else None
@@ -201,17 +241,30 @@ def build(columns: Sequence[Column], rows: Iterable[Sequence[Cell]], *, title: s
         col = columns[i]
         t.add_column(col.brief or col.header if light else col.header, justify=col.align, width=widths[i],
                      overflow="fold")
-    for r in rows:
-        t.add_row(*[Text(shorten(r[i], widths[i]) if columns[i].kind == "name" else r[i])
-                    if isinstance(r[i], str) else r[i] for i in shown])
+    short = {i: shorten_all([str(r[i]) for r in rows], widths[i]) for i in shown
+             if columns[i].kind == "name" and all(isinstance(r[i], str) for r in rows)}
+    for k, r in enumerate(rows):
+        cells = []
+        for i in shown:
+            c = r[i]
+            cells.append(Text(short[i][k] if i in short else c) if isinstance(c, str) else c)
+        t.add_row(*cells)
     return t, sum(widths.values()) + _overhead(light, len(shown))
 
 
 def show(columns: Sequence[Column], rows: Iterable[Sequence[Cell]], *, title: str | None = None,
          hint: str = "--wide shows them") -> None:
     """Print a table on stdout, fitted to its width unless ``--wide``."""
+    from rich.cells import cell_len
+
     out = common.console("out")
-    t, need = build(columns, rows, title=title, width=None if _WIDE["on"] else out.width, hint=hint)
+    t, need = build(columns, rows, width=None if _WIDE["on"] else out.width, hint=hint)
+    if title is not None:  # a title longer than the table is a line of its own: rich would wrap it to the table
+        title = common.printable(title)
+        if cell_len(title) <= need:
+            t.title = title
+        else:
+            out.print(title, markup=False, highlight=False)
     width = out.width
     out.width = max(need, width)  # a table wider than the output (--wide) is printed whole, never cropped
     try:

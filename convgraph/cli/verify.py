@@ -10,6 +10,7 @@ import click
 from rich.markup import escape
 from rich.text import Text
 
+from ..run import tolerance
 from ..errors import CheckFailed, UsageError
 from ..engine.verify import VerifyReport, verify
 from . import cli
@@ -103,7 +104,7 @@ def render(report: VerifyReport) -> None:
         where = f"sample {loc.sample}, {loc.compared} shared intermediate tensors compared"
         if loc.unmatched:
             where += f", {loc.unmatched} only in the candidate"
-        if loc.first_divergent_node is None:
+        if loc.first_divergent_node is None or loc.tensor is None:  # set together
             out.print(f"localization ({where}): no intermediate tensor leaves tolerance")
         else:
             m = loc.tensor
@@ -124,7 +125,8 @@ def render(report: VerifyReport) -> None:
                 out.print(f"  its inputs, within tolerance: {ins}")
     label = {"passed": "[green]PASSED[/green]", "failed": "[red]FAILED[/red]",
              "inconclusive": "[yellow]INCONCLUSIVE[/yellow]"}[report.verdict]
-    out.print(f"{label}: {report.summary()}")
+    summary = report.summary()
+    out.print(f"{label}: {summary.removeprefix(report.verdict + ': ')}")
 
 
 @cli.command("verify")
@@ -132,8 +134,9 @@ def render(report: VerifyReport) -> None:
 @click.argument("candidate", type=click.Path())
 @input_data_options
 @input_shape_option
-@click.option("--atol", type=float, help="Absolute tolerance (default 1e-4; an element fails only beyond atol AND rtol).")
-@click.option("--rtol", type=float, help="Relative tolerance (default 1e-3).")
+@click.option("--atol", type=float, help="Absolute tolerance (default 1e-4, float16 outputs 9.8e-3, bfloat16 7.8e-2; an "
+              "element fails only beyond atol AND rtol).")
+@click.option("--rtol", type=float, help="Relative tolerance (default 1e-3, float16 outputs 9.8e-3, bfloat16 7.8e-2).")
 @click.option("--min-cosine", type=float, help="Minimum cosine similarity per output; alone, it replaces atol/rtol.")
 @click.option("--tensor", "tensors", multiple=True, metavar="NAME",
               help="Judge this tensor instead of the outputs (repeatable; any tensor both models have, "
@@ -158,14 +161,32 @@ def verify_command(reference, candidate, input_shapes, atol, rtol, min_cosine, t
     detector's boxes beside its class scores) is split and each part judged alone.
     """
     data = input_data_kwargs(kw)
+    basis = None
+    if min_cosine is None or atol is not None or rtol is not None:  # unset atol/rtol follow the outputs' type
+        d_atol, d_rtol, basis = tolerance.verify_defaults(_output_types(reference))
+        atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
     report = verify(reference, candidate, input_shapes=input_shapes, atol=atol, rtol=rtol, min_cosine=min_cosine,
                     localize=localize, provider=provider, reference_evaluator=reference_evaluator,
                     tensor_map=_tensor_map(tensor_map), threads=threads, tensors=tensors or None, **data)
     if as_json:
-        emit_json(report.to_dict())
+        emit_json({**report.to_dict(), "tolerance_basis": basis})
     else:
         for w in report.warnings:
             warn(w)
+        if basis:
+            out.print(f"tolerance by type: {basis}", markup=False)
         render(report)
     if not report.passed:
         raise CheckFailed(report.summary())
+
+
+def _output_types(path) -> list[int]:
+    """The element types of a model file's outputs, read without its weights ([] when it cannot be read: verify
+    itself then says why)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - any unreadable file: verify reports it properly
+        return []
+    return [o.type.tensor_type.elem_type for o in model.graph.output]

@@ -63,7 +63,8 @@ def calibrate(model, inputs, *, nodes: Iterable[str] | None = None, reference=No
     from ..model.loader import load
     from ..run.runtime import create_session, expose_tensors
 
-    cg = model if isinstance(model, ConvGraph) else load(model, input_shapes, check=False)
+    values = (input_options or {}).get("values")  # --input-value: the Ifs they decide, as the analysis has them
+    cg = model if isinstance(model, ConvGraph) else load(model, input_shapes, check=False, input_values=values)
     proto = cg.to_model()
     recs = {r.node_id: r for r in analyze(cg, rewrites=False).convs}
     wanted = list(nodes) if nodes is not None else [n for n, r in recs.items() if calibratable(r) is None]
@@ -84,7 +85,8 @@ def calibrate(model, inputs, *, nodes: Iterable[str] | None = None, reference=No
     acts = {n: a for n in stats if activations and (a := activation_of(cg, n)) is not None}
     ref_cg = None
     if reference is not None:
-        ref_cg = reference if isinstance(reference, ConvGraph) else load(reference, input_shapes, check=False)
+        ref_cg = reference if isinstance(reference, ConvGraph) else load(reference, input_shapes, check=False,
+                                                                           input_values=values)
     act_ref = {n for n, a in acts.items() if ref_cg is not None and ref_cg.producer(a.tensor) is not None}
     for n, a in acts.items():
         for s in (stats[n], stats[n].holdout):

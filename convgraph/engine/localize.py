@@ -63,7 +63,7 @@ def _activations(cg: ConvGraph) -> dict[str, str]:
 
 def _nbytes(cg: ConvGraph, t: str) -> int | None:
     info = cg.shapes.get(t)
-    if info is None or not info.static or not info.elem_type:
+    if info is None or info.shape is None or not info.static or not info.elem_type:
         return None
     try:
         item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(info.elem_type)).itemsize
@@ -75,7 +75,8 @@ def _nbytes(cg: ConvGraph, t: str) -> int | None:
 def _chunks(pairs: list[tuple[str, str]], cand: ConvGraph, budget: int) -> list[list[tuple[str, str]]]:
     sizes = [_nbytes(cand, c) for c, _ in pairs]
     fallback = max([s for s in sizes if s is not None], default=0)
-    chunks, cur, used = [], [], 0
+    chunks, used = [], 0
+    cur: list[tuple[str, str]] = []
     for pair, s in zip(pairs, sizes):
         s = fallback if s is None else s
         if cur and used + s > budget:
@@ -106,7 +107,7 @@ def _changed(ref_cg: ConvGraph, cand_cg: ConvGraph, nid: str, tensor_map: Mappin
         return True
     for a, b in zip(node.input, ref.input):
         va, vb = constant_value(cand_cg, a), constant_value(ref_cg, b)
-        if (va is None) != (vb is None) or (va is not None and not np.array_equal(va, vb)):
+        if (va is None) != (vb is None) or (va is not None and vb is not None and not np.array_equal(va, vb)):
             return True
     return False
 
@@ -192,9 +193,9 @@ def first_divergence(ref_model, cand_model, ref_cg: ConvGraph, cand_cg: ConvGrap
             if kind == "input":
                 frontier[t] = {"tensor": t, "graph_input": True}
             elif t in shared:
-                m = metrics.get(t)
-                frontier[t] = {"tensor": t, "passed": m.passed if m else None,
-                               "max_abs_err": m.max_abs_err if m else None, "cosine": m.cosine if m else None}
+                got = metrics.get(t)
+                frontier[t] = {"tensor": t, "passed": got.passed if got else None,
+                               "max_abs_err": got.max_abs_err if got else None, "cosine": got.cosine if got else None}
             elif kind == "op" and t in cand_act and u not in seen:
                 seen.add(u)
                 region.append(u)

@@ -133,17 +133,40 @@ def random_feeds(region: Region, seed: int = 0) -> dict[str, np.ndarray] | None:
     return feeds
 
 
-def errors(region: Region, feeds: Mapping[str, np.ndarray], provider: str = "cpu") -> tuple[float, float]:
-    """(max abs error / max abs old output, cosine) of the new nodes against the old, on ``feeds``."""
+def errors(region: Region, feeds: Mapping[str, np.ndarray], provider: str = "cpu",
+           opt_level: str = "basic") -> tuple[float, float, float]:
+    """(max abs error / max abs old output, cosine, RMS error) of the new nodes against the old, on ``feeds``
+    (``opt_level`` "all" runs quantized nodes with onnxruntime's int8 kernels, as the model will run)."""
     from ..run.runtime import create_session, run
 
     got = []
     for m in (region.before, region.after):
-        sess = create_session(m, provider=provider, threads=1, opt_level="basic")
+        sess = create_session(m, provider=provider, threads=1, opt_level=opt_level)
         got.append(run(sess, {t: feeds[t] for t in region.inputs}, region.outputs))
     a = np.concatenate([np.asarray(x, np.float64).ravel() for x in got[0]])
     b = np.concatenate([np.asarray(x, np.float64).ravel() for x in got[1]])
     scale = float(np.max(np.abs(a))) if a.size else 0.0
     diff = float(np.max(np.abs(a - b))) if a.size else 0.0
     err = diff / scale if scale else (0.0 if diff == 0 else math.inf)
-    return err, cosine(float(a @ b), float(a @ a), float(b @ b))
+    rms = float(np.sqrt(np.mean((a - b) ** 2))) if a.size else 0.0
+    return err, cosine(float(a @ b), float(a @ a), float(b @ b)), rms
+
+
+def standalone(graph, nodes: Sequence[onnx.NodeProto], inputs: Sequence[str], outputs: Sequence[str]) -> onnx.ModelProto | None:
+    """``nodes`` of ``graph`` as a model of their own: ``inputs`` (activations) typed and shaped as ``graph``
+    knows them, their constants as initializers, ``outputs`` as outputs; None when a constant cannot be read."""
+    try:
+        _, consts = _split(graph, nodes)
+    except _Unresolved:
+        return None
+    g = helper.make_graph(list(nodes), "region", [_info(graph, t) for t in inputs], [_info(graph, t) for t in outputs],
+                          [numpy_helper.from_array(np.asarray(v), t) for t, v in consts.items()])
+    model = graph.model
+    return helper.make_model(g, opset_imports=list(model.opset_import), ir_version=max(model.ir_version, 7))
+
+
+def _info(graph, tensor: str) -> onnx.ValueInfoProto:
+    info = graph.shape_info(tensor)
+    shape = info.shape if info is not None else None
+    dims = None if shape is None else [d if isinstance(d, int) and d > 0 else None for d in shape]
+    return helper.make_tensor_value_info(tensor, info.elem_type if info is not None else 0, dims)

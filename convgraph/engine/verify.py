@@ -13,6 +13,7 @@ import json
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -242,7 +243,7 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
     the outputs. Every output or tensor is judged part by part (:mod:`convgraph.run.metrics`).
     """
     tol = Tolerance.make(atol, rtol, min_cosine)
-    run_opts = {"provider": provider, "threads": threads, "opt_level": opt_level}
+    run_opts: dict[str, Any] = {"provider": provider, "threads": threads, "opt_level": opt_level}
     runtime.providers(provider)  # a missing CUDA provider fails before any work
     ref_model, cand_model = runtime.as_model(reference), runtime.as_model(candidate)
     ref_specs = {s.name: s for s in input_specs(ref_model)}
@@ -253,7 +254,9 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
     shapes = {k: list(v) for k, v in data.shapes().items()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ref_cg, cand_cg = load(ref_model, shapes, check=False), load(cand_model, shapes, check=False)
+        given = dict(values) if values else None  # --input-value decides Ifs here as in analyze
+        ref_cg = load(ref_model, shapes, check=False, input_values=given)
+        cand_cg = load(cand_model, shapes, check=False, input_values=given)
     notes = list(dict.fromkeys(str(w.message) for w in caught))
     check_compatible(ref_cg, cand_cg)
     out_names = _io(ref_cg, "output")
@@ -276,14 +279,14 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
         cand_out = dict(zip(out_names, runtime.run(cs, _cast_feeds(sample, cand_specs), out_names)))
         for n in out_names:
             accs[n].update(ref_out[n], cand_out[n])
-        if evaluator is not None:
+        if evaluator is not None and ev_accs is not None:
             ev_out = _evaluate(evaluator, _cast_feeds(sample, ref_specs), out_names)
             for n in out_names:
                 ev_accs["reference"][n].update(ev_out[n], ref_out[n])
                 ev_accs["candidate"][n].update(ev_out[n], cand_out[n])
     del rs, cs
     outputs = {n: a.result() for n, a in accs.items()}
-    ev = None
+    ev: dict[str, Any] | None = None
     if ev_accs is not None:
         ev = {k: {n: a.result() for n, a in v.items()} for k, v in ev_accs.items()}
         ev["passed"] = all(m.passed for m in ev["candidate"].values())

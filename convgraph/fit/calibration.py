@@ -130,10 +130,10 @@ class ConvStats:
     dilations: tuple[int, ...]
     group: int
     channels: int
+    sum: np.ndarray  # (C, K)
+    sq: np.ndarray  # (C, K, K)
     auto_pad: str = "NOTSET"
     count: int = 0  # patches seen (per channel)
-    sum: np.ndarray | None = None  # (C, K)
-    sq: np.ndarray | None = None  # (C, K, K)
     full: np.ndarray | None = None  # (G, D, D), D = C/G·K
     ref_sum: np.ndarray | None = None  # (C, K): reference patches
     cross: np.ndarray | None = None  # (C, K, K): Σ x_ref x_candᵀ
@@ -160,10 +160,9 @@ class ConvStats:
         d = channels // group * k
         s = cls(node_id, input, output, tuple(int(v) for v in kernel), tuple(strides or (1,) * nd),
                 tuple(pads if pads is not None else (0,) * (2 * nd)), tuple(dilations or (1,) * nd), int(group),
-                int(channels), auto_pad, target=target)
+                int(channels), np.zeros((channels, k)), np.zeros((channels, k, k)), auto_pad, target=target)
         if len(s.strides) != nd or len(s.dilations) != nd or len(s.pads) != 2 * nd:
             raise ModelError(f"conv {node_id}: kernel, strides, pads and dilations disagree in rank")
-        s.sum, s.sq = np.zeros((channels, k)), np.zeros((channels, k, k))
         keep_full = d <= full_max or target is not None
         if keep_full:
             s.full = np.zeros((group, d, d))
@@ -181,7 +180,7 @@ class ConvStats:
     def for_record(cls, rec: ConvRecord, full_max: int = FULL_MAX, reference: bool = False,
                    target: str | None = None, holdout: bool = False) -> "ConvStats":
         """Zeroed sums for the conv of an analyzer record."""
-        return cls.empty(rec.node_id, int(rec.in_channels), rec.kernel, strides=rec.strides, pads=rec.pads,
+        return cls.empty(rec.node_id, rec.in_channels, rec.kernel, strides=rec.strides, pads=rec.pads,
                          dilations=rec.dilations, group=rec.group, auto_pad=rec.auto_pad, input=rec.input,
                          output=rec.output, full_max=full_max, reference=reference, target=target,
                          holdout=holdout)
@@ -214,16 +213,19 @@ class ConvStats:
     def _group_mean(self, mean: np.ndarray) -> np.ndarray:
         return mean.reshape(self.group, -1)
 
-    def full_cov(self) -> np.ndarray | None:
-        """(G, D, D) centered covariance of a group's whole patch, or None when not kept."""
+    def full_sums(self) -> np.ndarray:
+        """(G, D, D) Σ x xᵀ of a group's whole patch; ModelError when it was not kept (patch over ``full_max``)."""
         if self.full is None:
-            return None
-        m = self._group_mean(self.mean)
-        return self.full / max(self.count, 1) - m[:, :, None] * m[:, None, :]
+            raise ModelError(f"conv {self.node_id}: no whole-patch statistics (its patch of "
+                             f"{self.channels // self.group * self.taps} values was over the size kept)")
+        return self.full
 
-    def full_cross_cov(self) -> np.ndarray | None:
-        if self.full is None:
-            return None
+    def full_cov(self) -> np.ndarray:
+        """(G, D, D) centered covariance of a group's whole patch (:meth:`full_sums` says when there is none)."""
+        m = self._group_mean(self.mean)
+        return self.full_sums() / max(self.count, 1) - m[:, :, None] * m[:, None, :]
+
+    def full_cross_cov(self) -> np.ndarray:
         if self.full_cross is None:
             return self.full_cov()
         mr, m = self._group_mean(self.ref_mean), self._group_mean(self.mean)
@@ -231,7 +233,7 @@ class ConvStats:
 
     def target_cov(self) -> np.ndarray | None:
         """(G, D, O/G) centered E[x yᵀ] against the target tensor."""
-        if self.target_cross is None:
+        if self.target_cross is None or self.target_sum is None:
             return None
         m = self._group_mean(self.mean)
         ty = self.target_sum.reshape(self.group, -1) / max(self.count, 1)
@@ -245,8 +247,9 @@ class ConvStats:
     def _pads(self, spatial: Sequence[int]) -> tuple[int, ...]:
         if self.auto_pad in ("NOTSET", "") and all(p is not None for p in self.pads):
             return tuple(int(p) for p in self.pads)
-        return tuple(int(p) for p in conv_pads(spatial, self.kernel, self.strides, self.dilations,
-                                               [p or 0 for p in self.pads], self.auto_pad))
+        # the sizes are known, so no pad is None
+        return tuple(int(p or 0) for p in conv_pads(spatial, self.kernel, self.strides, self.dilations,
+                                                    [p or 0 for p in self.pads], self.auto_pad))
 
     def update(self, x: np.ndarray, ref: np.ndarray | None = None, target: np.ndarray | None = None,
                act_sq: np.ndarray | None = None) -> None:
@@ -403,7 +406,7 @@ class Calibration(dict):
             meta.append(m)
         arrays["__meta__"] = np.frombuffer(json.dumps({"convs": meta, "info": self.info}).encode(), np.uint8)
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        np.savez(buf, allow_pickle=False, **arrays)
         from ..io import atomic_write_bytes
 
         atomic_write_bytes(path, buf.getvalue())
@@ -420,9 +423,9 @@ class Calibration(dict):
                     hold = m.pop("holdout", None)
                     for f in ("kernel", "strides", "pads", "dilations"):
                         m[f] = tuple(m[f])
-                    s = ConvStats(**m)
+                    s = ConvStats(**m, sum=z[f"{i}.sum"], sq=z[f"{i}.sq"])
                     if hold is not None:
-                        s.holdout = ConvStats(**{**m, **hold})
+                        s.holdout = ConvStats(**{**m, **hold, "sum": z[f"{i}.h.sum"], "sq": z[f"{i}.h.sq"]})
                     for prefix, part in ((f"{i}.", s), (f"{i}.h.", s.holdout)):
                         for f in _ARRAYS if part is not None else ():
                             if prefix + f in z:

@@ -284,7 +284,7 @@ def low_rank_fit(w: np.ndarray, bias: np.ndarray | None, rank: int, stats: ConvS
         for name, (iters, blocks) in methods.items():
             f = _low_rank(w, bias, r, q, train, damp, iters, blocks)
             scores[name] = holdout_score(w, bias, f.weight(stats.kernel), f.bias, held)
-        best = min(scores, key=scores.get)
+        best = min(scores, key=scores.__getitem__)
     else:
         best = "als" if "als" in methods else next(iter(methods))
     iters, blocks = methods[best]

@@ -111,8 +111,9 @@ def holdout_score(w: np.ndarray, bias: np.ndarray | None, w_new: np.ndarray, b_n
     b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, np.float64)
     bg, nbg = b.reshape(g, -1), np.asarray(b_new, np.float64).reshape(g, -1)
     mu, mr = held.mean.reshape(g, -1), held.ref_mean.reshape(g, -1)
-    full = held.full / n
-    fc = (held.full_cross if held.full_cross is not None else held.full) / n
+    sums = held.full_sums()
+    full = sums / n
+    fc = (held.full_cross if held.full_cross is not None else sums) / n
     nmu = np.einsum("god,gd->go", ng, mu)
     cross = (quad(wg, fc, ng) + np.sum(np.einsum("god,gd->go", wg, mr) * nbg)
              + np.sum(bg * nmu) + np.sum(bg * nbg))

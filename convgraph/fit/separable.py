@@ -84,7 +84,7 @@ def separable_fit(w: np.ndarray, bias: np.ndarray | None, rank: int, stats: Conv
         for name, iters in methods.items():
             f = _separable(w, wc, bias, r, train, damp, iters, als_max)
             scores[name] = holdout_score(w, bias, f.weight(stats.kernel, group), f.bias, held)
-        best = min(scores, key=scores.get)
+        best = min(scores, key=scores.__getitem__)
     else:
         best = "als" if "als" in methods else "whitened"
     f = _separable(w, wc, bias, r, stats, damp, methods[best], als_max)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from fractions import Fraction
-from typing import Sequence
+from typing import Iterable, Sequence, TypeGuard
 
 from .expr import Expr
 
@@ -21,7 +21,7 @@ Dim = "int | str | None"
 AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
 
-def known(d) -> bool:
+def known(d) -> TypeGuard[int]:
     """Is ``d`` a concrete size (an int, not a symbolic name or None)?"""
     return type(d) is int or (isinstance(d, numbers.Integral) and not isinstance(d, bool))
 
@@ -31,7 +31,7 @@ def sized(d) -> bool:
     return type(d) is int or isinstance(d, Expr) or known(d)
 
 
-def prod(values: Sequence[int]) -> int:
+def prod(values: Iterable[int]) -> int:
     return math.prod(map(int, values))
 
 
@@ -54,7 +54,8 @@ def conv_pads(in_spatial: Sequence, kernel: Sequence[int], strides: Sequence[int
         return tuple(b + e)
     if auto_pad == "VALID":
         return (0,) * (2 * nd)
-    begins, ends = [], []
+    begins: list = []  # ints, Exprs, None where unknown
+    ends: list = []
     for i, k, s, d in zip(in_spatial, kernel, strides, dilations):
         if not known(i):
             begins.append(None)
@@ -79,7 +80,7 @@ def conv_output_spatial(in_spatial: Sequence, kernel: Sequence[int], strides: Se
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         return tuple(-(-i // s) if sized(i) else None for i, s in zip(in_spatial, strides))
     rp = conv_pads((0,) * nd, kernel, strides, dilations, pads, auto_pad)  # NOTSET/VALID: no size needed
-    out = []
+    out: list = []
     for j, (i, k, s, d) in enumerate(zip(in_spatial, kernel, strides, dilations)):
         if not sized(i):
             out.append(None)
@@ -96,7 +97,7 @@ def pool_output_spatial_ceil(in_spatial: Sequence, kernel: Sequence[int], stride
         return conv_output_spatial(in_spatial, kernel, strides, dilations, pads, auto_pad)
     nd = len(kernel)
     b, e = _split_pads(pads, nd)
-    out = []
+    out: list = []
     for j, (i, k, s, d) in enumerate(zip(in_spatial, kernel, strides, dilations)):
         if not sized(i):
             out.append(None)
@@ -132,7 +133,9 @@ def conv_transpose_geometry(in_spatial: Sequence, kernel: Sequence[int], strides
     adj = list(output_padding) if output_padding else [0] * nd
     explicit = list(output_shape)[-nd:] if output_shape else None
     pb, pe = _split_pads(pads, nd)
-    begins, ends, out = [], [], []
+    begins: list = []
+    ends: list = []
+    out: list = []
     for j, (i, k, s, d) in enumerate(zip(in_spatial, kernel, strides, dilations)):
         full = s * (i - 1) + adj[j] + effective_kernel(k, d) if sized(i) else None
         if explicit is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):

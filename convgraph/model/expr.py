@@ -57,8 +57,8 @@ class Expr:
 
     def __init__(self, terms: dict):
         self.terms = terms  # monomial (sorted tuple of atoms; () is the constant) → nonzero int or Fraction
-        self._str = None
-        self._hash = None
+        self._str: str | None = None
+        self._hash: int | None = None
 
     # ---- construction ----
     @staticmethod
@@ -198,9 +198,12 @@ class Expr:
     def __repr__(self) -> str:  # as in messages: (N, 16, (H+1)//2)
         return str(self)
 
-    def compact(self) -> str:
-        """Short human form: ``7.9k·H·W``, ``⌈H/4⌉`` for ``(H+3)//4``, ``⌊H/4⌋`` for ``H//4``."""
-        return _text(self, lambda m, alone: "·".join(_compact_atom(a) for a in m), "·", _human)
+    def compact(self, exact: bool = False, spaced: bool = False) -> str:
+        """Short human form: ``7.9k·H·W``, ``⌈H/4⌉`` for ``(H+3)//4``, ``⌊H/4⌋`` for ``H//4``; ``exact``:
+        coefficients in full (``3,089,664·N·⌈H/32⌉``); ``spaced``: terms joined by `` + `` (a table cell may
+        then wrap between them)."""
+        return _text(self, lambda m, alone: "·".join(_compact_atom(a) for a in m), "·",
+                     _grouped if exact else _human, " " if spaced else "")
 
 
 def _terms(x) -> dict | None:
@@ -221,8 +224,12 @@ def _num(c: Number) -> str:
     return str(c) if type(c) is int or c.denominator == 1 else f"{c.numerator}/{c.denominator}"
 
 
+def _grouped(c: Number) -> str:
+    return f"{c:,}" if type(c) is int else _num(c)
+
+
 def _human(c: Number) -> str:
-    a = abs(c)
+    a = abs(float(c))
     for unit, scale in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
         if a >= scale:
             v = float(c) / scale
@@ -247,9 +254,9 @@ def _bare(e) -> str:
     return text if isinstance(e, Expr) and len(e.terms) == 1 and list(e.terms.values())[0] == 1 else f"({text})"
 
 
-def _text(e: Expr, mono, times: str, number) -> str:
-    """Terms highest degree first, constant last: ``c*m`` joined with `` + ``/`` - ``."""
-    parts = []
+def _text(e: Expr, mono, times: str, number, space: str = "") -> str:
+    """Terms highest degree first, constant last: ``c*m`` joined with ``+``/``-`` (``space`` around them)."""
+    parts: list[tuple[str, str]] = []
     for m in sorted(e.terms, key=_mono_key):
         c = e.terms[m]
         sign = "-" if c < 0 else "+"
@@ -259,7 +266,7 @@ def _text(e: Expr, mono, times: str, number) -> str:
                                          mono(m, False) if a == 1 else f"{number(a)}{times}{mono(m, False)}")
         parts.append((sign, body))
     first_sign, first = parts[0]
-    return ("-" if first_sign == "-" else "") + first + "".join(f"{s}{b}" for s, b in parts[1:])
+    return ("-" if first_sign == "-" else "") + first + "".join(f"{space}{s}{space}{b}" for s, b in parts[1:])
 
 
 def floor_div(e: "Expr | Number", k: Fraction) -> "Expr | Number":
@@ -306,9 +313,9 @@ def _floor_int(terms: dict, d: int) -> "Expr | Number":
     inner = [m for m in rest if m]
     if len(inner) == 1 and len(inner[0]) == 1 and rest[inner[0]] == 1 and isinstance(inner[0][0], Floor):
         a = inner[0][0]  # floor((floor(x/a) + c)/d) = floor((x + a·c)/(a·d))
-        num = dict(a.num.terms)
-        num[()] = num.get((), 0) + a.k * const
-        return Expr.make(quotient) + _floor_int(num, a.k * d)
+        terms = dict(a.num.terms)
+        terms[()] = terms.get((), 0) + a.k * const
+        return Expr.make(quotient) + _floor_int(terms, a.k * d)
     num = Expr({m: c for m, c in rest.items() if c})
     return Expr.make(quotient) + Expr({(Floor(num, d),): 1})
 

@@ -85,7 +85,7 @@ class ConvGraph:
         self.input_shapes: dict[str, list] = {}
         self.input_values: dict = {}  # input name → the numpy array the user fixed (--input-value)
         self.symbols: dict[str, dict] = {}  # main graph: identifier → {"input", "axis"} of each dynamic dim
-        self.undecided: list = []  # main graph: (graph path, If node, inputs read) of Ifs with unknown conditions
+        self.undecided: list = []  # main graph: (graph path, If node, inputs whose values / shape alone it reads)
         self.taken: bool | None = None  # an If branch: taken (True), not taken (False), or unknown
         self.source_dir: Path | None = None
         self._producer: dict[str, str] = {}
@@ -416,16 +416,20 @@ class ConvGraph:
 
     def _check_capture(self, tensor: str) -> None:
         """A new read of outer ``tensor`` adds an implicit edge to the owner node: it must not close a cycle."""
-        g = self
-        while g.parent is not None:
-            par, owner = g.parent, g.owner
+        for par, owner in self._enclosing():
             src = par.producer(tensor)
             if src is not None and tensor not in par._outer:
                 if par.graph.nodes[src]["kind"] == "op" and par._reaches([owner], {src}, skip=()):
                     raise ModelError(f"replacement in graph {self.path} reads {tensor!r}, which depends on "
                                      f"the node {owner!r} that holds the subgraph: a cycle")
                 return
-            g = par
+
+    def _enclosing(self) -> Iterator[tuple[ConvGraph, str]]:
+        """(graph, id of the node holding the body) for each graph enclosing this one, innermost first."""
+        g = self
+        while g.parent is not None and g.owner is not None:
+            yield g.parent, g.owner
+            g = g.parent
 
     def _reaches(self, starts: list[str], targets: set[str], skip: Iterable[str]) -> bool:
         """Whether any op in ``targets`` is reachable from ``starts`` (ops only, ignoring ``skip``).
@@ -472,9 +476,7 @@ class ConvGraph:
 
     def _after_edit(self) -> None:
         """Mark the enclosing graphs dirty and keep the owner's implicit edges equal to this body's captures."""
-        g = self
-        while g.parent is not None:
-            par, owner = g.parent, g.owner
+        for par, owner in self._enclosing():
             par.dirty = True
             have = {k[0]: u for u, _, k in par.graph.in_edges(owner, keys=True) if k[1] == -1}
             want = par._captures(owner)
@@ -488,7 +490,6 @@ class ConvGraph:
             par._drop_unused_outer(gone)
             if any(par._out_of_order(u, owner) for u, _ in par.graph.in_edges(owner)):
                 par._renumber()
-            g = par
 
     def _reader_slots(self, nid: str) -> list[tuple[str, int]]:
         d = self.graph.nodes[nid]

@@ -78,10 +78,10 @@ def _load(source, shapes: dict[str, list[int]], check: bool, input_values=None) 
         propagate(cg, values)
     else:  # onnx's inference knew every shape and there is no body to enter: nothing to propagate
         refresh_edges(cg)
-    dynamic = _dynamic_inputs(inferred.graph)
+    dynamic = [(t, s) for t, s in _dynamic_inputs(inferred.graph) if t not in shapes]  # names given: on purpose
     if dynamic:
         cg.warnings.append(_dynamic_warning(dynamic, cg.symbols))
-    undecided = _undecided_warning(cg.undecided)
+    undecided = _undecided_warning(cg.undecided, {t: cg.shape(t) for _, _, _, ts in cg.undecided for t in ts})
     if undecided:
         cg.warnings.append(undecided)
     return cg

@@ -71,7 +71,8 @@ def probe_shapes(cg: "ConvGraph", tensors: "list[str] | None" = None, *, seed: i
         listed = "; ".join(f"{n} {_dims_text(s)}" for n, s in dynamic)
         raise UsageError(f"--probe runs the model, so every input needs a concrete shape; dynamic: {listed}. "
                          f"Set {'them' if len(dynamic) > 1 else 'it'} with {_fix_hint(dynamic)}")
-    feeds = {**random_inputs(specs, seed=seed, input_shapes=given)[0], **cg.input_values}
+    concrete = {n: s for n, s in given.items() if s is not None}  # all of them: dynamic ones were refused
+    feeds = {**random_inputs(specs, seed=seed, input_shapes=concrete)[0], **cg.input_values}
     try:
         # one run: graph optimizations would cost more session time than they save; onnxruntime's own error
         # log stays silent (its error comes back as one line)
@@ -79,16 +80,17 @@ def probe_shapes(cg: "ConvGraph", tensors: "list[str] | None" = None, *, seed: i
                                  quiet=True)
         values = run(session, feeds, names)
     except ModelError as e:
-        steering = sorted({t for _, _, ts in cg.undecided for t in ts} - set(cg.input_values))
+        steering = sorted({t for _, _, ts, _ in cg.undecided for t in ts} - set(cg.input_values))
         hint = (f"; the model branches on input {', '.join(map(repr, steering))}: a random value may take the wrong "
                 f"branch, --input-value {steering[0]}=V fixes it" if steering else "")
         raise ModelError(f"--probe: {e}{hint}") from None
     measured: dict[str, TensorInfo] = {}
     conflicts: dict[str, tuple] = {}
+    found: dict[str, tuple[int, ...]] = {}
     for t, v in zip(names, values):
         if not isinstance(v, np.ndarray):  # a sequence, map or optional: no tensor shape to record
             continue
-        shape = tuple(int(d) for d in v.shape)
+        found[t] = shape = tuple(int(d) for d in v.shape)
         old = cg.shapes.get(t)
         if old is not None and old.shape is not None and (
                 len(old.shape) != len(shape) or any(isinstance(a, int) and a != b for a, b in zip(old.shape, shape))):
@@ -98,7 +100,7 @@ def probe_shapes(cg: "ConvGraph", tensors: "list[str] | None" = None, *, seed: i
     note = _probe_warning(cg, measured, [s.name for s in specs] + list(cg.input_values), inner, conflicts, seed)
     if note:
         cg.warnings.append(note)
-    return {t: i.shape for t, i in measured.items()}
+    return found
 
 
 def _checked_tensors(cg: "ConvGraph", tensors) -> list[str]:

@@ -13,12 +13,13 @@ that slice them, and dims that broadcast against each other are equal.
 
 from __future__ import annotations
 
+import functools
 import keyword
 import math
 import re
 from collections import ChainMap
 from fractions import Fraction
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 import onnx
@@ -44,6 +45,17 @@ class Val(NamedTuple):
     value: np.ndarray | None = None
 
 
+class _Shaped(Protocol):
+    """A :class:`Val` whose shape is known: what a :func:`_shaped` rule is handed."""
+
+    @property
+    def elem(self) -> int: ...
+    @property
+    def shape(self) -> tuple: ...
+    @property
+    def value(self) -> np.ndarray | None: ...
+
+
 # ---- symbols ------------------------------------------------------------------------------------------
 _LETTERS = {3: "NCL", 4: "NCHW", 5: "NCDHW"}
 
@@ -65,8 +77,9 @@ def input_symbols(inputs: list[tuple[str, tuple | None]]) -> tuple[dict[str, dic
     symbols: dict[str, dict] = {}
     by_name: dict[str, Expr] = {}
     dims: dict = {}
-    for name, shape in inputs:
-        for axis, d in enumerate(shape or ()):
+    for name, given in inputs:
+        shape = given or ()
+        for axis, d in enumerate(shape):
             if isinstance(d, int):
                 continue
             shared = isinstance(d, str) and any(ch.isalnum() for ch in d)  # "?" (Paddle) names no dim
@@ -282,7 +295,8 @@ class _Walk:
     def __init__(self, opset: int, alias: dict):
         self.opset = opset
         self.alias = alias  # onnx's dim name → the dim found for it
-        self.undecided: list[tuple[str, str, list[str]]] = []  # (graph path, If node, inputs its condition reads)
+        self.undecided: list[tuple[str, str, list[str], list[str]]] = []  # (graph path, If node, inputs whose values
+        # its condition reads, inputs whose shape alone it reads)
         self.envs: dict[str, dict] = {}  # graph path → tensor → Val
 
     def graph(self, cg, env: dict, parent_env: "dict | None") -> None:
@@ -291,14 +305,19 @@ class _Walk:
             data = nodes[nid]
             node = data["proto"]
             op = data["op_type"]
-            if op in _SHAPE_ONLY and not data["subgraphs"]:  # fast path: onnx's static shapes are the answer
+            want = op not in _NO_VALUES  # a conv's weights are never read as values
+            ins = None
+            if op in _SHAPE_ONLY and not data["subgraphs"]:  # fast path: onnx's static shapes are the answer...
                 infos = [shapes.get(t) for t in node.output if t]
                 if all(i is not None and i.shape is not None and all(type(d) is int for d in i.shape) for i in infos):
-                    for t, i in zip((t for t in node.output if t), infos):
-                        env[t] = Val(i.elem_type, i.shape)
-                    continue
-            want = op not in _NO_VALUES  # a conv's weights are never read as values
-            ins = [self.get(cg, env, parent_env, t, want) if t else None for t in node.input]
+                    if op in _VALUE_RULES:  # ...unless a value comes in that the op's rule carries through
+                        ins = [self.get(cg, env, parent_env, t) if t else None for t in node.input]
+                    if ins is None or all(v is None or v.value is None for v in ins):
+                        for t, i in zip((t for t in node.output if t), infos):
+                            env[t] = Val(i.elem_type, i.shape)
+                        continue
+            if ins is None:
+                ins = [self.get(cg, env, parent_env, t, want) if t else None for t in node.input]
             outs = None
             try:
                 if data["subgraphs"]:
@@ -375,7 +394,7 @@ class _Walk:
                 body.taken = None if taken is None else taken == (key == "then_branch")
                 results[key] = self.body(body, {}, scope)
             if taken is None:
-                self.undecided.append((cg.path, nid, _inputs_read(cg, data["proto"].input[0])))
+                self.undecided.append((cg.path, nid, *_inputs_read(cg, data["proto"].input[0])))
                 outs = [_join(a, b) for a, b in zip(*results.values())] if len(results) == 2 else None
             else:
                 outs = results.get("then_branch" if taken else "else_branch")
@@ -434,9 +453,9 @@ class _Walk:
         x = ins[0] if ins else None
         shape = x.shape if x is not None else None
         if op in SAME_SHAPE:
-            f = _UNARY_VALUES.get(op)
+            f: Callable | None = _UNARY_VALUES.get(op)
             value = _elementwise(f, x.value) if f is not None and x is not None and x.value is not None else None
-            return [Val(0, shape, value)] + [Val(_BOOL, shape)] * (op == "Dropout" and n_out > 1)
+            return [Val(0, shape, value), *[Val(_BOOL, shape)] * (op == "Dropout" and n_out > 1)]
         if op in _BINARY or op == "Div":
             a, b = ins[0], ins[1]
             if a is None or b is None:
@@ -509,27 +528,33 @@ def _io_names(cg, kind: str) -> list[str]:
     return [d["proto"].name for d in nodes]
 
 
-def _inputs_read(cg, tensor: str) -> list[str]:
-    """The graph inputs ``tensor`` is computed from (through enclosing graphs), in the main graph's order."""
-    seen, stack, found = {tensor}, [tensor], []
+def _inputs_read(cg, tensor: str, only_shape: bool = False) -> tuple[list[str], list[str]]:
+    """The graph inputs ``tensor`` is computed from (through enclosing graphs), in the main graph's order:
+    those whose values it reads, and those whose shape alone it reads (through Shape or Size)."""
+    seen, stack = {(tensor, only_shape)}, [(tensor, only_shape)]
+    values: set[str] = set()
+    shapes: set[str] = set()
     g = cg
     while stack:
-        t = stack.pop()
+        t, shape = stack.pop()
         src = g.producer(t)
         if src is None:
             continue
         d = g.graph._node[src]
         if d["kind"] == "input":
             if g.parent is None:
-                found.append(t)
+                (shapes if shape else values).add(t)
         elif d["kind"] == "outer" and g.parent is not None:
-            found += _inputs_read(g.parent, t)
+            v, s = _inputs_read(g.parent, t, shape)
+            values.update(v)
+            shapes.update(s)
         elif d["kind"] == "op":
+            shape = shape or d["op_type"] in ("Shape", "Size")
             for u in d["proto"].input:
-                if u and u not in seen:
-                    seen.add(u)
-                    stack.append(u)
-    return sorted(set(found))
+                if u and (u, shape) not in seen:
+                    seen.add((u, shape))
+                    stack.append((u, shape))
+    return sorted(values), sorted(shapes - values)
 
 
 # ---- shape rules ---------------------------------------------------------------------------------------
@@ -686,7 +711,7 @@ def _axes(w, attrs, ins):
 
 
 @_shaped
-def _squeeze(w, attrs, ins, n, x: Val, r: int):
+def _squeeze(w, attrs, ins, n, x: _Shaped, r: int):
     axes = _axes(w, attrs, ins)
     if axes is None:
         if (w.opset >= 13 and len(ins) > 1 and ins[1] is not None) or not all(is_dim(d) for d in x.shape):
@@ -723,7 +748,7 @@ def _reshape_to(x: Val, target: list, allowzero: bool = False) -> tuple | None:
         total = _numel(x.shape)
         out[k] = None
         if rest is not None and total is not None and rest != 0:
-            q = total // rest if isinstance(rest, int) or isinstance(total, Expr) else None
+            q = total // rest if isinstance(total, Expr) else total // rest if isinstance(rest, int) else None
             if q is not NotImplemented and q is not None:
                 out[k] = q
     return tuple(out)
@@ -742,9 +767,11 @@ def _reshape(w, attrs, ins, n):
 
 
 @_shaped
-def _flatten(w, attrs, ins, n, x: Val, r: int):
+def _flatten(w, attrs, ins, n, x: _Shaped, r: int):
     axis = _axis(int(attrs.get("axis", 1)), r)
-    return [Val(x.elem, (_numel(x.shape[:axis]), _numel(x.shape[axis:])))]
+    shape = (_numel(x.shape[:axis]), _numel(x.shape[axis:]))
+    value = x.value.reshape(shape) if x.value is not None and all(type(d) is int for d in shape) else None
+    return [Val(x.elem, shape, value)]
 
 
 def _expand(w, attrs, ins, n):
@@ -785,14 +812,14 @@ def _range(w, attrs, ins, n):
 
 
 @_shaped
-def _transpose(w, attrs, ins, n, x: Val, r: int):
+def _transpose(w, attrs, ins, n, x: _Shaped, r: int):
     perm = attrs.get("perm") or list(range(r))[::-1]
     return [Val(x.elem, tuple(x.shape[p] for p in perm),
                 np.transpose(x.value, perm) if x.value is not None else None)]
 
 
 @_shaped
-def _pad(w, attrs, ins, n, x: Val, r: int):
+def _pad(w, attrs, ins, n, x: _Shaped, r: int):
     pads = _ints(ins[1].value) if w.opset >= 11 and len(ins) > 1 and ins[1] is not None else attrs.get("pads")
     if pads is None:
         return None
@@ -809,7 +836,7 @@ def _pad(w, attrs, ins, n, x: Val, r: int):
 
 
 @_shaped
-def _resize(w, attrs, ins, n, x: Val, r: int):
+def _resize(w, attrs, ins, n, x: _Shaped, r: int):
     if w.opset >= 11:
         scales = ins[2] if len(ins) > 2 else None
         sizes = ins[3] if len(ins) > 3 else None
@@ -842,7 +869,7 @@ def _resize(w, attrs, ins, n, x: Val, r: int):
 
 
 @_shaped
-def _split(w, attrs, ins, n, x: Val, r: int):
+def _split(w, attrs, ins, n, x: _Shaped, r: int):
     axis = _axis(int(attrs.get("axis", 0)), r)
     if w.opset >= 13:
         sizes = _ints(ins[1].value) if len(ins) > 1 and ins[1] is not None else None
@@ -868,8 +895,11 @@ def _split(w, attrs, ins, n, x: Val, r: int):
     return out
 
 
-@_shaped
-def _reduce(w, attrs, ins, n, x: Val, r: int):
+def _reduce(w, attrs, ins, n, op: str = "ReduceSum"):
+    x = ins[0] if ins else None
+    if x is None or x.shape is None:
+        return None
+    r = len(x.shape)
     axes = attrs.get("axes")
     if len(ins) > 1:  # ReduceSum-13, every Reduce-18
         if ins[1] is None:
@@ -885,11 +915,23 @@ def _reduce(w, attrs, ins, n, x: Val, r: int):
     drop = {_axis(a, r) for a in axes}
     keep = int(attrs.get("keepdims", 1))
     shape = tuple(1 if j in drop else d for j, d in enumerate(x.shape) if keep or j not in drop)
-    return [Val(x.elem, shape)]
+    value = None
+    f = _REDUCE_VALUES.get(op)
+    if f is not None and x.value is not None and x.value.size and all(type(d) is int for d in shape):
+        value = x.value
+        for a in sorted(drop, reverse=True):  # fold each reduced axis pairwise, exactly (Exprs included)
+            if value is None:
+                break
+            parts = [np.take(value, [k], axis=a) for k in range(value.shape[a])]
+            value = parts[0]
+            for p in parts[1:]:
+                value = _elementwise(f, value, p) if value is not None else None
+        value = value.reshape(shape) if value is not None else None
+    return [Val(x.elem, shape, value)]
 
 
 @_shaped
-def _argmax(w, attrs, ins, n, x: Val, r: int):
+def _argmax(w, attrs, ins, n, x: _Shaped, r: int):
     axis = _axis(int(attrs.get("axis", 0)), r)
     keep = int(attrs.get("keepdims", 1))
     return [Val(onnx.TensorProto.INT64, tuple(1 if j == axis else d for j, d in enumerate(x.shape)
@@ -976,6 +1018,10 @@ def _conv_like(op: str, attrs: dict, ins: list, conv) -> Val:
     return Val(0, shape)
 
 
+_REDUCE_VALUES = {"ReduceSum": lambda a, b: a + b, "ReduceProd": lambda a, b: a * b, "ReduceMin": _min,
+                  "ReduceMax": _max}
+#: Ops of the fast path below whose rules carry values: they take it only when no input has a value.
+_VALUE_RULES = frozenset({"Transpose", "Flatten", *_REDUCE_VALUES})
 _SHAPE_ONLY = _NO_VALUES | (SAME_SHAPE - set(_UNARY_VALUES)) | {
     "Transpose", "Resize", "Upsample", "Pad", "ReduceMean", "ReduceMax", "ReduceSum", "ArgMax", "ArgMin",
     "DepthToSpace", "SpaceToDepth", "Flatten", "Relu"}
@@ -985,9 +1031,9 @@ _HANDLERS = {
     "Gather": _gather, "Slice": _slice, "Concat": _concat, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze,
     "Reshape": _reshape, "Flatten": _flatten, "Expand": _expand, "Tile": _tile, "Range": _range,
     "Transpose": _transpose, "Pad": _pad, "Resize": _resize, "Upsample": _resize, "Split": _split,
-    "ReduceMean": _reduce, "ReduceSum": _reduce, "ReduceMax": _reduce, "ReduceMin": _reduce, "ReduceProd": _reduce,
-    "ReduceL1": _reduce, "ReduceL2": _reduce, "ReduceLogSum": _reduce, "ReduceLogSumExp": _reduce,
-    "ReduceSumSquare": _reduce, "ArgMax": _argmax, "ArgMin": _argmax, "MatMul": _matmul, "Gemm": _gemm,
+    **{op: functools.partial(_reduce, op=op) for op in (
+        "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+        "ReduceLogSumExp", "ReduceSumSquare")}, "ArgMax": _argmax, "ArgMin": _argmax, "MatMul": _matmul, "Gemm": _gemm,
     "DepthToSpace": _depth_to_space,
     "SpaceToDepth": lambda w, attrs, ins, n: _depth_to_space(w, attrs, ins, n, up=False),
 }
@@ -1000,7 +1046,8 @@ def propagate(cg, values: "dict[str, np.ndarray] | None" = None) -> None:
     ``values``: input name → array, the values of inputs fixed by the user (``--input-value``). Sets each
     graph's ``shapes`` (symbolic dims as :class:`~convgraph.model.expr.Expr`), the main graph's ``symbols``
     (identifier → ``{"input", "axis"}``) and ``undecided`` (If nodes whose condition is unknown: graph path,
-    node id, the inputs it is computed from), and each If body's ``taken``.
+    node id, the inputs whose values it is computed from, the inputs whose shape alone it reads), and each If
+    body's ``taken``.
     """
     from .shapes import TensorInfo, real_inputs
     from .graph import refresh_edges

@@ -24,6 +24,7 @@ class RewriteOption:
     params_after: int
     kind_after: str
     time_saved_ms: float | None = None  # profiled: an estimate, the conv's time_ms × (1 − macs_after / macs)
+    saving: float | None = None  # 1 − macs_after / macs; where the MACs are formulas, at the reference size
 
 
 @dataclass
@@ -50,8 +51,8 @@ class ConvRecord:
     pads: tuple[int, ...]
     dilations: tuple[int, ...]
     group: int
-    in_channels: int | None
-    out_channels: int | None
+    in_channels: int  # from the weight's shape, which a record needs (no record without it)
+    out_channels: int
     depth_multiplier: int | None  # depthwise only: out_channels / in_channels
     input: str  # tensor names
     weight: str

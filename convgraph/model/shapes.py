@@ -94,7 +94,7 @@ def _checked_input_shapes(input_shapes) -> dict[str, list]:
             dims = list(dims)
         except TypeError:
             dims = [dims]
-        if not all((isinstance(d, numbers.Integral) and not isinstance(d, bool) and 1 <= d <= MAX_DIM)
+        if not all((isinstance(d, numbers.Integral) and not isinstance(d, bool) and 1 <= int(d) <= MAX_DIM)
                    or (isinstance(d, str) and d.isidentifier()) for d in dims):
             raise UsageError(f"input shape for {name!r}: {dims!r} is not a list of integers between 1 and {MAX_DIM} "
                              f"or names")
@@ -140,6 +140,7 @@ def checked_input_values(model: onnx.ModelProto, values, input_shapes: dict | No
         except (KeyError, TypeError, ValueError) as e:
             raise UsageError(f"--input-value {name!r}: {first_line(e)}") from None
         shape = (input_shapes or {}).get(name) or info.shape
+        want: tuple[int, ...]
         if shape is not None and len(shape) == 0:
             want = ()
         elif shape is not None and len(shape) == 1:
@@ -153,7 +154,7 @@ def checked_input_values(model: onnx.ModelProto, values, input_shapes: dict | No
                              f"shape {_dims_text(info.shape if shape is None else tuple(shape))}")
         arr = arr.reshape(want)
         if shape is not None and (len(shape) != arr.ndim or any(isinstance(d, int) and d != a
-                                                                  for d, a in zip(shape, arr.shape))):
+                                                                  for d, a in zip(shape, want))):
             raise UsageError(f"--input-value {name!r}: shape {list(arr.shape)} does not fit the input's "
                              f"{_dims_text(tuple(shape))}")
         out[str(name)] = arr
@@ -183,7 +184,7 @@ def _fixed_inputs(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) ->
             shape = tt.tensor_type.shape.dim
             if len(shape) != len(dims):
                 raise UsageError(f"--input-shape {name!r} has {len(dims)} dims, the model's input has {len(shape)} "
-                                 f"({_dims_text(_tensor_info(tt).shape)})")
+                                 f"({_dims_text(tuple(map(_dim, shape)))})")
             for j, (dim, d) in enumerate(zip(shape, dims)):
                 if dim.HasField("dim_value") and dim.dim_value >= 0 and dim.dim_value != d and not (
                         isinstance(d, str) and dim.dim_value == 0):
@@ -232,18 +233,28 @@ def _dynamic_warning(dynamic: list[tuple[str, tuple | None]], symbols: "dict | N
             f"Set them with --input-shape NAME=D0,D1,... (here {_fix_hint(dynamic)})")
 
 
-def _undecided_warning(undecided: list) -> str | None:
-    """Which inputs decide the Ifs whose condition is unknown (both branches are then counted): ``undecided`` is
-    ``ConvGraph.undecided``."""
+def _undecided_warning(undecided: list, shapes: "dict | None" = None) -> str | None:
+    """Which inputs decide the Ifs whose condition is unknown (both branches are then counted): a value
+    (``--input-value``) or a dynamic dim (``--input-shape``) the condition is computed from. ``undecided`` is
+    ``ConvGraph.undecided``; ``shapes`` the inputs' dims (name → dims), for the inputs whose shape it reads."""
     if not undecided:
         return None
-    reads = sorted({t for _, _, ts in undecided for t in ts})
-    nodes = ", ".join(repr(nid) for _, nid, _ in undecided[:3]) + (" ..." if len(undecided) > 3 else "")
-    hint = (f"; --input-value {reads[0]}=V (input_values= in the API) decides it" if reads
-            else "; it is computed in the model, not from an input")
+    reads = sorted({t for _, _, ts, _ in undecided for t in ts})
+    dynamic = [(t, (shapes or {}).get(t)) for t in sorted({t for _, _, _, ts in undecided for t in ts} - set(reads))]
+    dynamic = [(t, s) for t, s in dynamic if s is None or not all(type(d) is int for d in s)]
+    nodes = ", ".join(repr(nid) for _, nid, _, _ in undecided[:3]) + (" ..." if len(undecided) > 3 else "")
+    said = [f"the condition reads input {', '.join(map(repr, reads))}"] if reads else []
+    if dynamic:
+        said.append(f"{'the condition' if not reads else 'and'} reads the dynamic shape of input "
+                    f"{', '.join(repr(t) for t, _ in dynamic)}")
+    hint = [f"--input-value {reads[0]}=V (input_values= in the API)"] if reads else []
+    if dynamic:
+        name, shape = dynamic[0]
+        dims = "D0,D1,..." if shape is None else ",".join(str(d) if isinstance(d, int) else "?" for d in shape)
+        hint.append(f"--input-shape {name}={dims} (input_shapes=)")
     return (f"{len(undecided)} If node{'s' * (len(undecided) != 1)} ({nodes}) with a condition not known "
-            f"statically: both branches are analyzed and counted" + (f", the condition reads input "
-            f"{', '.join(map(repr, reads))}" if reads else "") + hint)
+            f"statically: both branches are analyzed and counted" + "".join(", " + x for x in said)
+            + (f"; {' or '.join(hint)} decides it" if hint else "; it is computed in the model, not from an input"))
 
 
 # ---- onnx's shape inference -----------------------------------------------------------------------

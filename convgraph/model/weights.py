@@ -140,7 +140,7 @@ def constant_value(cg, tensor: str, _depth: int = 0) -> np.ndarray | None:
         return _constant_attr_value(attrs)
     if op == "ConstantOfShape":
         shape = constant_shape(g, node.output[0], _depth + 1)
-        if _too_big(shape):
+        if shape is None or _too_big(shape):
             return None
         fill = numpy_helper.to_array(attrs["value"]).reshape(-1) if "value" in attrs else np.zeros(1, np.float32)
         return np.full(shape, fill[0], dtype=fill.dtype)

@@ -17,14 +17,16 @@ from ..model.graph import ConvGraph
 from ..model.record import ConvRecord
 from ..registry import get_rule
 from ..rule import RuleContext, Skip
+from .int8 import Ranges, int8_replacement, quantizes, ranges_for
 from .report import Candidate
 from .timing import apply_plan, eta
 
 
 def replacement(cg: ConvGraph, by_id: Mapping[str, ConvRecord], node: str, rule_name: str,
-                 given: Mapping[str, Any], stats):
-    """``rule_name``'s replacement of conv ``node`` with params ``given``, fitted on ``stats`` (None when the
-    rule refuses the conv with these statistics)."""
+                 given: Mapping[str, Any], stats, ranges: Ranges | None = None):
+    """``rule_name``'s replacement of conv ``node`` with params ``given``, fitted on ``stats``, or for a rule
+    that quantizes, in QDQ form with the calibrated activation ``ranges`` (None when the rule refuses the conv
+    with these statistics, or its ranges were not calibrated)."""
     rec, rule = by_id[node], get_rule(rule_name)
     params = rule.resolve_params({k: str(v) for k, v in given.items()})
     ctx = RuleContext(cg, dict(by_id), stats, params)
@@ -32,6 +34,9 @@ def replacement(cg: ConvGraph, by_id: Mapping[str, ConvRecord], node: str, rule_
     if why is not None:
         return None
     try:
+        if quantizes(rule):
+            got = ranges_for(ranges or {}, cg, rec, params)
+            return None if got is None else int8_replacement(cg, rec, params, got)
         return rule.make(rec, ctx, params, found)
     except (Skip, np.linalg.LinAlgError):
         return None
@@ -84,8 +89,9 @@ class Fitted:
     (:meth:`model`) instead of refitting and running the engine."""
 
     def __init__(self, original: onnx.ModelProto, cg: ConvGraph, by_id: Mapping[str, ConvRecord], stats,
-                 input_shapes):
+                 input_shapes, ranges: Ranges | None = None):
         self.original, self.cg, self.by_id, self.stats, self.input_shapes = original, cg, by_id, stats, input_shapes
+        self.ranges: Ranges = ranges or {}
         self.reps: dict[tuple[str, str, str], Any] = {}
         self.nodes = list(original.graph.node)
         self.order = {n.name: i for i, n in enumerate(self.nodes)}
@@ -97,7 +103,7 @@ class Fitted:
     def rep_of(self, node: str, rule: str, params: Mapping[str, Any]):
         k = candidate_key(node, rule, params)
         if k not in self.reps:
-            self.reps[k] = replacement(self.cg, self.by_id, node, rule, params, self.stats)
+            self.reps[k] = replacement(self.cg, self.by_id, node, rule, params, self.stats, self.ranges)
         return self.reps[k]
 
     def place(self, rep, node: str) -> int | None:

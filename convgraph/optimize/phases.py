@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,8 +29,10 @@ from ..registry import get_rule
 from ..run.inputs import InputSet, make_inputs
 from .deadline import Deadline
 from .estimate import layer_errors, scale_errors
+from . import int8
 from .fitting import Fitted, candidate_key, fit_all
 from .greedy import greedy_sequence, needs_shorter, plan_of, search
+from .int8 import quantizes
 from .judge import Judge
 from .report import (
     DEFAULT_RANKS, DEFAULT_RULES, LAYER_RANK_SHARES, METRICS, PREDICTION_SLACK, SPEED_NOISE, STABLE_SHARE, Candidate,
@@ -113,6 +115,7 @@ class Plan:
     risks: list[str]
     coverage: tuple[float, str] | None
     notes: list[str] = field(default_factory=list)  # what the run itself has to say (cache, time budget)
+    rules: tuple[str, ...] = DEFAULT_RULES  # the rules tried (the settings' less those the provider cannot use)
     baseline_ms: float = 0.0
     cands: list[Candidate] = field(default_factory=list)
     todo: list[Candidate] = field(default_factory=list)  # the candidates worth fitting
@@ -172,6 +175,13 @@ def setup(model, calib, heldout, s: Settings, deadline: Deadline) -> Plan:
 
     with deadline.phase("setup"):
         s.check()
+        if s.provider != "cpu" and "int8" in s.rules:
+            # onnxruntime's CUDA provider runs a QDQ conv as DequantizeLinear → float Conv → QuantizeLinear: slower
+            s = replace(s, rules=tuple(r for r in s.rules if r != "int8"))
+            notes = [f"int8 left out on {s.provider}: onnxruntime runs QDQ convs as float convs there (int8 kernels "
+                     "are the CPU provider's)"]
+        else:
+            notes = []
         shapes = {k: list(v) for k, v in s.input_shapes.items()} if s.input_shapes else None
         cg = load(model, shapes, probe=True, input_values=s.input_options.get("values"))
         records = [r for r in analyze(cg, rewrites=False).convs if not r.graph and s.selection.why_not(r) is None]
@@ -206,7 +216,7 @@ def setup(model, calib, heldout, s: Settings, deadline: Deadline) -> Plan:
         # samples split off the calibration set flatter the fits: the search keeps a margin on them
         held_budget = s.budget if heldout is not None else split_budget(s.metric, s.budget)
     return Plan(label, cg, original, records, renamed, calib_set, held_set, fit_set, judge_held, judge_probe,
-                held_budget, risks, covered)
+                held_budget, risks, covered, notes, rules=s.rules)
 
 
 # ---- measuring -----------------------------------------------------------------------------------------------
@@ -229,7 +239,7 @@ def time_candidates(plan: Plan, s: Settings, deadline: Deadline, say: Say, cache
             plan.cands = [Candidate(**asdict(c)) for c in measured]
         else:
             say("timing layers")
-            plan.cands = candidates(plan.cg, plan.records, list(s.rules), list(s.ranks), shares=s.shares,
+            plan.cands = candidates(plan.cg, plan.records, list(plan.rules), list(s.ranks), shares=s.shares,
                                     provider=s.provider, threads=s.threads, runs=s.layer_runs,
                                     warmup=max(3, s.layer_runs // 10), progress=say, cache=cache,
                                     stop=lambda: deadline.over(TIMING_SHARE))
@@ -253,16 +263,31 @@ def calibrate_candidates(plan: Plan, s: Settings, deadline: Deadline, say: Say) 
         if nodes and not deadline.over(ERRORS_SHARE):
             plan.stats = calibrate(plan.original, plan.fit_set, nodes=nodes, input_shapes=s.input_shapes,
                                    provider=s.provider, threads=None)
-        plan.fitted = Fitted(plan.original, plan.cg, by_id, plan.stats, s.input_shapes)
+        quantized = [(by_id[c.node], get_rule(c.rule).resolve_params({k: str(v) for k, v in c.params.items()}))
+                     for c in plan.todo if quantizes(get_rule(c.rule))]
+        ranges = int8.calibrate(plan.original, plan.cg, quantized, list(plan.fit_set)) \
+            if quantized and not deadline.over(ERRORS_SHARE) else {}
+        plan.fitted = Fitted(plan.original, plan.cg, by_id, plan.stats, s.input_shapes, ranges)
 
 
 def fit_candidates(plan: Plan, deadline: Deadline, say: Say) -> None:
     """Each candidate worth fitting, fitted once (the largest savings first: when the time budget runs
     out, what is left unfitted is worth the least)."""
-    assert plan.fitted is not None
+    fitted = plan.fitted
+    assert fitted is not None
     with deadline.phase("fits"):
         plan.todo.sort(key=lambda c: -c.saving_ms)
-        done = fit_all(plan.fitted, plan.todo, lambda: deadline.over(ERRORS_SHARE), say) if plan.stats else 0
+        # int8 replacements go through onnxruntime's quantizer: in this process (quick, and not forked)
+        quantized = [c for c in plan.todo if quantizes(get_rule(c.rule))]
+        done = 0
+        for c in quantized if fitted.ranges else ():
+            if deadline.over(ERRORS_SHARE):
+                break
+            say(f"quantizing the int8 candidates: {done + 1}/{len(quantized)}")
+            fitted.rep(c)
+            done += 1
+        rest = [c for c in plan.todo if c not in quantized]
+        done += fit_all(fitted, rest, lambda: deadline.over(ERRORS_SHARE), say) if plan.stats else 0
         if done < len(plan.todo):
             plan.notes.append(f"--time-budget: {len(plan.todo) - done} of {len(plan.todo)} candidates (the smallest "
                               f"savings) had no time left for measuring their errors and were not considered")
@@ -392,7 +417,7 @@ def finish(plan: Plan, s: Settings, deadline: Deadline) -> tuple[onnx.ModelProto
             final = tidy(final, plan, steps)
     seconds = {**deadline.spent, "total": deadline.elapsed()}
     report = OptimizeReport(
-        model=plan.label, metric=s.metric, budget=s.budget, rules=list(s.rules), provider=s.provider,
+        model=plan.label, metric=s.metric, budget=s.budget, rules=list(plan.rules), provider=s.provider,
         threads=s.threads, calibration=plan.calib_set.describe, heldout=plan.held_set.describe,
         judged=list(plan.judge_held.names), baseline_ms=baseline_ms, predicted_ms=predicted,
         measured_ms=measured_ms, speedup=speedup, metric_value=value, passed=bool(chosen),

@@ -20,6 +20,7 @@ from ..model.record import ConvRecord
 from ..registry import get_rule
 from ..engine.rewrite import Selection, rewrite
 from ..rule import RuleContext, Skip
+from .int8 import int8_replacement, quantizes
 from .report import KEEP_SHARES, LAYER_RANK_SHARES, MAX_MAC_RATIO, Candidate
 
 
@@ -195,10 +196,11 @@ def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str
                 if why is not None:
                     break  # the rule does not apply to this conv (whatever the rank)
                 macs, _, kind = rule.estimate(rec, params) if rule.estimate else (None, 0, "")
-                if macs is not None and rec.macs and macs > MAX_MAC_RATIO * rec.macs:
-                    continue
+                if macs is not None and rec.macs and macs > MAX_MAC_RATIO * rec.macs and not quantizes(rule):
+                    continue  # int8 keeps the MACs and saves time by its kernels
                 try:
-                    rep = rule.make(rec, ctx, params, found)
+                    rep = int8_replacement(cg, rec, params, None) if quantizes(rule) else rule.make(
+                        rec, ctx, params, found)
                 except (Skip, np.linalg.LinAlgError):
                     break  # non-finite weights, a singular fit: this conv is left alone
                 if any(o.get("rule") == name and o["macs"] == rep.macs_after for o in options):
@@ -239,8 +241,10 @@ def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str
 def stats_needed(cg: ConvGraph, by_id: Mapping[str, ConvRecord], node: str, rule: str, params: Mapping) -> list[str]:
     """The convs of ``by_id`` whose calibration statistics a rewrite of ``node`` by ``rule`` fits on
     (:meth:`convgraph.rule.Rule.calibrate_nodes`: the conv's own, ``prune``'s its consumers'), those that can
-    be calibrated."""
+    be calibrated; none for a rule that quantizes (it needs activation ranges instead)."""
     r = get_rule(rule)
+    if quantizes(r):
+        return []
     ctx = RuleContext(cg, dict(by_id), None, r.resolve_params({k: str(v) for k, v in params.items()}))
     return [n for n in r.calibrate_nodes(by_id[node], ctx) if n in by_id and calibratable(by_id[n]) is None]
 

@@ -84,7 +84,16 @@ class BenchReport:
     def summary(self) -> str:
         """One line: each model's median, and each ratio to the first model."""
         parts = [f"{m.name} {m.median_ms:.3f} ms" for m in self.models]
-        parts += [f"{r.name} {r.median:.2f}× the speed of {r.baseline} (median of {r.pairs} pairs)" for r in self.ratios]
+        by_name = {m.name: m for m in self.models}
+        for r in self.ratios:
+            text = f"{r.name} {r.median:.2f}× the speed of {r.baseline} (median of {r.pairs} pairs"
+            base, this = by_name[r.baseline].median_ms, by_name[r.name].median_ms
+            direct = base / this if this > 0 else math.inf
+            if math.isfinite(direct) and direct > 0 and abs(math.log(direct / r.median)) > math.log(1.02):
+                # the pairs cancel load common to both runs of a pair, the medians do not: say that they differ
+                text += (f"; {direct:.2f}× by the medians above: the timings are noisy, more --runs or a quieter "
+                         f"machine narrow the gap")
+            parts.append(text + ")")
         return "; ".join(parts) + f" ({self.provider})"
 
     def to_dict(self) -> dict:

@@ -77,6 +77,12 @@ def resolve_shape(spec: InputSpec, input_shapes: Mapping[str, Sequence[int]] | N
     """The concrete shape of ``spec``: its static dims, with dynamic ones taken from ``input_shapes``."""
     given = (input_shapes or {}).get(spec.name)
     if given is not None:
+        named = [str(d) for d in given if isinstance(d, str)]
+        if named:  # dims named on purpose (x=1,3,H,W) are symbols for the static analysis; a run needs numbers
+            example = ",".join(str(d) if not isinstance(d, str) else "?" for d in given)
+            raise UsageError(f"running the model needs concrete dims, but --input-shape {spec.name}="
+                             f"{','.join(map(str, given))} names {', '.join(named)}; give integers: --input-shape "
+                             f"{spec.name}={example} with each ? an integer (input_shapes= in Python)")
         given = tuple(int(d) for d in given)
         if spec.shape is not None:
             if len(given) != len(spec.shape):
@@ -128,7 +134,7 @@ class InputSet(Sequence):
     def __len__(self) -> int:
         return self._count
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(self._count))]
         if not -self._count <= i < self._count:
@@ -455,8 +461,8 @@ def make_inputs(model_or_specs, inputs=None, *, samples: int | None = None, seed
         given = list(inputs)[:samples] if samples else list(inputs)
         if not given:
             raise UsageError("the given list of input samples is empty")
-        arrays = [{k: np.asarray(v) for k, v in x.items()} for x in given]
+        samples_arrays = [{k: np.asarray(v) for k, v in x.items()} for x in given]
         sets = [arrays_inputs(a, {k: (v.shape, v.dtype) for k, v in a.items()}, specs, samples=1, where=f"input sample {i}")
-                for i, a in enumerate(arrays)]
+                for i, a in enumerate(samples_arrays)]
         return InputSet(len(sets), lambda i: sets[i][0], f"{len(sets)} given sample{'s' * (len(sets) != 1)}", specs)
     raise UsageError(f"inputs must be a path, a dict of arrays or a list of dicts, not {type(inputs).__name__}")

@@ -264,13 +264,13 @@ class Accumulator:
         # one element and only a cosine asked: the default atol/rtol judge it
         atol, rtol = (tol.atol, tol.rtol) if tol.elementwise or not one else (DEFAULT_ATOL, DEFAULT_RTOL)
         bad = (absdiff > atol) & (rel > rtol)
-        if nan_count:
+        if nan is not None and nan_count:
             bad |= nan
         mism = int(np.count_nonzero(bad))
         m.nan += nan_count
         m.mismatches += mism
         fails = mism > 0 if tol.elementwise or one else nan_count > 0
-        a, rv = (absdiff, rel) if not nan_count else (absdiff[~nan], rel[~nan])
+        a, rv = (absdiff[~nan], rel[~nan]) if nan is not None and nan_count else (absdiff, rel)
         if a.size:
             m.max_abs_err = max(m.max_abs_err, float(a.max()))
             m.max_rel_err = max(m.max_rel_err, float(rv.max()))
@@ -285,7 +285,7 @@ class Accumulator:
         self._finite += r.size
         dot, rr, cc, noise = float(r @ c), float(r @ r), float(c @ c), float(d @ d)
         self._dot, self._rr, self._cc, self._noise = self._dot + dot, self._rr + rr, self._cc + cc, self._noise + noise
-        informative = not why and r.size and not one
+        informative = not why and r.size > 0 and not one
         return self._sample(fails, cosine(dot, rr, cc) if informative else None,
                             _snr(rr, noise) if informative else None)
 
@@ -359,8 +359,8 @@ class Accumulator:
     def _judge_parts(self) -> None:
         """Split the tensor into parts (module doc) and make each sample's figures its worst part's."""
         m = self.m
-        stats = self._slices
-        if self._axis is None or any(s is None for s in stats) or not stats:
+        stats = [s for s in self._slices if s is not None]
+        if self._axis is None or len(stats) < len(self._slices) or not stats:
             return
         st = np.stack(stats)  # samples × fields × slices
         informative = [i for i in range(m.samples) if i not in m.degenerate_samples]

@@ -170,8 +170,8 @@ def expose_tensors(model: onnx.ModelProto, tensors: Iterable[str], types: Mappin
         have.add(t)
         vi = m.graph.output.add()
         vi.name = t
-        info = (types or {}).get(t)
-        if info is not None and getattr(info, "elem_type", 0):
+        info = types.get(t) if types is not None else None
+        if info is not None and getattr(info, "elem_type", None):
             vi.type.tensor_type.elem_type = info.elem_type
     return m
 

@@ -1,0 +1,228 @@
+"""int8 side by side, in one run: fp32, onnxruntime's own ``quantize_static`` of every conv (MinMax, Percentile,
+Entropy), ``convgraph optimize`` without int8 and ``convgraph optimize`` with int8 among its rules.
+
+Per model: YOLOv8n 320 (nudenet; judged on its class scores ``/model.22/Sigmoid_output_0`` and the NMS F1 of
+its detections per image) and PP-OCRv4 det 640 (its text map on images with text, BGR as rapidocr feeds it).
+Every variant is calibrated on the same arrays (crops of scikit-image photos; for PP-OCR det half of them
+synthetic text pages) and judged per image on images outside every calibration set (YOLOv8n: other skimage
+photos; PP-OCR det: skimage's page and text and synthetic pages of another seed). ``optimize`` runs as the CLI
+does, at its default settings apart from ``--rules``, in a child process whose wall time and peak RSS are
+reported (``--heldout`` is not given: it splits its own off the calibration set). Speed: interleaved against
+fp32, at 1 thread and at onnxruntime's default threads.
+
+    python benchmarks/bench_int8.py                              # both models, every variant
+    python benchmarks/bench_int8.py --models yolov8n --no-optimize    # only onnxruntime's quantizer
+    python benchmarks/bench_int8.py --boundaries yolov8n         # a Q→DQ boundary against each int8 conv
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_optimize import (  # noqa: E402 - the benchmark helpers beside this file
+    FIT_SOURCES, HELD_OUT, MODELS, TEXT_IMAGES, crops_folder, detection_f1, detections, input_set, link_folder,
+    outputs, text_images,
+)
+
+from convgraph import load, zoo  # noqa: E402
+from convgraph.run.bench import bench  # noqa: E402
+
+#: What each model is judged on (besides the outputs).
+JUDGED = {"yolov8n": "/model.22/Sigmoid_output_0", "ppocr-det": None}
+
+
+def arrays(model: onnx.ModelProto, folder: Path, spec, dest: Path) -> tuple[Path, list[dict]]:
+    """The samples of an image folder as the model takes them, saved as one .npz (the CLI's --calib)."""
+    data = input_set(model, folder, spec)
+    feeds = [data[i] for i in range(len(data))]
+    stacked: dict[str, np.ndarray] = {spec[0]: np.concatenate([f[spec[0]] for f in feeds])}
+    np.savez(dest, allow_pickle=False, **stacked)
+    return dest, feeds
+
+
+def ort_quantized(fp32: Path, feeds: list[dict], method: str, dest: Path) -> Path:
+    """onnxruntime's quantizer as its docs show it: quant_pre_process, then quantize_static of every conv (QDQ,
+    per-channel int8 weights, uint8 activations); opset raised to 13 first where lower (per-channel
+    DequantizeLinear needs its axis)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    m = onnx.load(fp32)
+    if max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) < 13:
+        m = onnx.version_converter.convert_version(m, 13)
+    src = dest.with_suffix(".fp32.onnx")
+    onnx.save(m, src)
+    pre = dest.with_suffix(".pre.onnx")
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+
+    class Reader:
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with contextlib.redirect_stdout(sys.stderr):  # its calibrators print; stdout is the table
+        quantize_static(str(pre), str(dest), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],
+                        calibrate_method=getattr(CalibrationMethod, method))
+    return dest
+
+
+def optimized(fp32: Path, calib: Path, rules: str, dest: Path, log: Path) -> tuple[Path | None, dict, float, float]:
+    """``convgraph optimize`` in a child process: (model or None, its --json report, wall s, peak RSS GB)."""
+    cmd = [sys.executable, "-m", "convgraph", "optimize", str(fp32), "--calib", str(calib), "--rules", rules,
+           "-o", str(dest), "--json"]
+    t = time.perf_counter()
+    with open(log, "w") as err:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        out = p.stdout.read() if p.stdout else ""
+        _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t
+    try:
+        report = json.loads(out)
+    except ValueError:
+        report = {"summary": f"no report (exit {status >> 8}; see {log})"}
+    return (dest if dest.exists() else None), report, wall, usage.ru_maxrss / 2**20
+
+
+def judge(name: str, fp32: onnx.ModelProto, model: onnx.ModelProto, held: list[dict]) -> dict:
+    """Per held-out image: the cosine of what matters (worst), and for YOLOv8n its detections' F1 (worst)."""
+    from convgraph.run.metrics import compare
+
+    tensor = JUDGED[name] or fp32.graph.output[0].name
+    names = [tensor] + ([fp32.graph.output[0].name] if name == "yolov8n" else [])
+    ref, got = outputs(fp32, held, names), outputs(model, held, names)
+    m = compare(ref[tensor], got[tensor])
+    row = {"cosine": m.cosine, "worst": m.worst_sample}
+    if name == "yolov8n":
+        out = names[1]
+        f1 = [detection_f1(detections(r), detections(g)) for r, g in zip(ref[out], got[out])]
+        row["f1"] = min(f1)
+    return row
+
+
+def boundaries(name: str, runs: int) -> None:
+    """What a boundary between int8 and float costs: per conv of ``name``, a QuantizeLinear → DequantizeLinear
+    pair on its input (uint8, the calibrated scale does not matter) timed against the conv's int8 layer (Q, the
+    QLinearConv, DQ) and its float layer, at 1 thread, interleaved."""
+    from onnx import TensorProto, helper
+
+    from convgraph.analysis.analyze import analyze
+    from convgraph.optimize import TimingCache, candidates
+    from convgraph.optimize.timing import unique_names
+
+    spec = MODELS[name]
+    cg = load(zoo.fetch(name), {spec[0]: [1, 3, spec[1], spec[1]]}, probe=True)
+    recs = analyze(cg, rewrites=False).convs
+    unique_names(cg)
+    cands = {c.node: c for c in candidates(cg, recs, ["int8"], [1], provider="cpu", threads=1, runs=runs, warmup=3,
+                                           cache=TimingCache(TimingCache.default_path()))}
+    rows: list[tuple[str, tuple, float, float, float]] = []
+    for r in recs:
+        if r.node_id not in cands or r.input_shape is None:
+            continue
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(r.input_shape))
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(r.input_shape))
+        g = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                               helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "qdq", [x], [y],
+                              [helper.make_tensor("s", TensorProto.FLOAT, [], [0.02]),
+                               helper.make_tensor("z", TensorProto.UINT8, [], [128])])
+        qdq = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+        b = bench([qdq], runs=runs, warmup=3, threads=1, progress=False)
+        c = cands[r.node_id]
+        rows.append((r.node_id, r.input_shape, b.models[0].median_ms, c.layer_ms_after, c.layer_ms_before))
+    print("| conv | input | Q→DQ of its input, ms | int8 layer (Q, QLinearConv, DQ), ms | float layer, ms |")
+    print("|---|---|---|---|---|")
+    for node, shape, qdq_ms, int8_ms, fp_ms in rows:
+        print(f"| {node} | {'×'.join(map(str, shape))} | {qdq_ms:.3f} | {int8_ms:.3f} | {fp_ms:.3f} |")
+    tot = [sum(r[2] for r in rows), sum(r[3] for r in rows), sum(r[4] for r in rows)]
+    print(f"| all {len(rows)} | | {tot[0]:.2f} | {tot[1]:.2f} | {tot[2]:.2f} |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="yolov8n,ppocr-det")
+    ap.add_argument("--calib", type=int, default=32, help="calibration images")
+    ap.add_argument("--runs", type=int, default=100, help="interleaved timed runs per model")
+    ap.add_argument("--no-optimize", action="store_true", help="only fp32 and onnxruntime's quantizer")
+    ap.add_argument("--rules", default="separable,spatial-separable,dilated,low-rank")
+    ap.add_argument("--keep", help="folder to keep the models and logs in")
+    ap.add_argument("--boundaries", metavar="MODEL", help="only what an int8/float boundary costs, per conv")
+    args = ap.parse_args(argv)
+    if args.boundaries:
+        boundaries(args.boundaries, args.runs)
+        return 0
+    rows = []
+    for name in args.models.split(","):
+        spec = MODELS[name]
+        inp, size = spec[0], spec[1]
+        with tempfile.TemporaryDirectory() as tmp_:
+            tmp = Path(args.keep or tmp_) / name
+            tmp.mkdir(parents=True, exist_ok=True)
+            cg = load(zoo.fetch(name), {inp: [1, 3, size, size]})
+            fp32_model = cg.to_model()
+            dims = fp32_model.graph.input[0].type.tensor_type.shape.dim
+            for d, v in zip(dims, (1, 3, size, size)):
+                d.Clear()
+                d.dim_value = v  # static: onnxruntime's quantizer and the CLI need no --input-shape
+            fp32 = tmp / "fp32.onnx"
+            onnx.save(fp32_model, fp32)
+            folder = crops_folder(tmp / "calib", FIT_SOURCES, args.calib - (args.calib // 2 if name == "ppocr-det" else 0),
+                                  size)
+            if name == "ppocr-det":
+                text_images(folder, args.calib // 2, size)
+                held_folder = text_images(link_folder(tmp / "held", TEXT_IMAGES), 6, size, seed=1000)
+            else:
+                held_folder = link_folder(tmp / "held", HELD_OUT)
+            calib_npz, calib = arrays(fp32_model, folder, spec, tmp / "calib.npz")
+            _, held = arrays(fp32_model, held_folder, spec, tmp / "held.npz")
+            variants: list[tuple[str, onnx.ModelProto, str]] = []
+            for method in ("MinMax", "Percentile", "Entropy"):
+                t = time.perf_counter()
+                q = ort_quantized(fp32, calib, method, tmp / f"ort-{method}.onnx")
+                variants.append((f"onnxruntime quantize_static, {method}", onnx.load(q),
+                                 f"{time.perf_counter() - t:.0f} s"))
+            if not args.no_optimize:
+                for label, rules in (("convgraph optimize, no int8", args.rules),
+                                     ("convgraph optimize, with int8", args.rules + ",int8")):
+                    out, rep, wall, rss = optimized(fp32, calib_npz, rules, tmp / f"{label.split(',')[1].strip()}.onnx",
+                                                    tmp / f"{label.split(',')[1].strip()}.log")
+                    print(f"{name}: {label}: {rep.get('summary')}", file=sys.stderr, flush=True)
+                    variants.append((label, onnx.load(out) if out else fp32_model,
+                                     f"{wall:.0f} s, {rss:.2f} GB" + ("" if out else " (nothing written)")))
+            one = bench([fp32_model] + [v[1] for v in variants], runs=args.runs, warmup=5, threads=1,
+                        names=["fp32"] + [v[0] for v in variants], progress=False)
+            many = bench([fp32_model] + [v[1] for v in variants], runs=args.runs, warmup=5, threads=None,
+                         names=["fp32"] + [v[0] for v in variants], progress=False)
+            rows.append((name, "fp32", one.models[0].median_ms, 1.0, many.models[0].median_ms, 1.0,
+                         {"cosine": 1.0, "f1": 1.0 if name == "yolov8n" else None}, "—"))
+            for k, (label, model, cost) in enumerate(variants):
+                rows.append((name, label, one.models[k + 1].median_ms, one.ratios[k].median,
+                             many.models[k + 1].median_ms, many.ratios[k].median, judge(name, fp32_model, model, held),
+                             cost))
+    cores = os.cpu_count()
+    print("\n| model | variant | 1 thread: ms (speed-up) | "
+          f"{cores} threads: ms (speed-up) | worst held-out image: cosine | worst image: detections' F1 "
+          "| search / quantize time, peak RSS |")
+    print("|---|---|---|---|---|---|---|")
+    for name, label, ms1, r1, msn, rn, j, cost in rows:
+        f1 = "—" if j.get("f1") is None else f"{j['f1']:.3f}"
+        print(f"| {name} | {label} | {ms1:.2f} ({r1:.2f}×) | {msn:.2f} ({rn:.2f}×) | {j['cosine']:.4f} | {f1} | {cost} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
