@@ -126,10 +126,10 @@ def _print(rows) -> None:
     """Per tool: whole-process wall seconds (CPU seconds) and in-process seconds; the whole-process wall-time
     speed-up (and the CPU-time one); with --symbolic the symbolic run's wall seconds and its ratio to the
     concrete run."""
-    print(f"\n{'nodes':>6} | {'convgraph s (cpu) in-proc':>25} | {'onnx-tool s (cpu) in-proc':>25} | "
+    print(f"\n{'nodes':>7} | {'convgraph s (cpu) in-proc':>25} | {'onnx-tool s (cpu) in-proc':>25} | "
           f"{'speed-up (cpu)':>14} | {'symbolic s':>10} {'÷ concrete':>10}")
     for n, cg, ot, sym in rows:
-        line = f"{n:6d} | {cg.wall:8.2f} ({cg.cpu:6.2f}) {cg.inner:7.2f} | "
+        line = f"{n:7d} | {cg.wall:8.2f} ({cg.cpu:6.2f}) {cg.inner:7.2f} | "
         if ot is None:
             line += f"{'-':>25} | {'-':>14}"
         else:
