@@ -93,6 +93,8 @@ class Rule:
     #: the rule's replacements are quantized by the engine (``Replacement.quantize``): it needs activation ranges
     #: calibrated on ``--calib`` (and no patch statistics), and a model at opset 13 or later
     quantizes: bool = False
+    #: the op types ``match`` can accept (None: any): the analyzer asks a rule only about convs of these types
+    op_types: "tuple[str, ...] | None" = None
 
     def is_exact(self, params: dict) -> bool:
         return self.exact(params) if callable(self.exact) else bool(self.exact)

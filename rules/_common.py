@@ -23,26 +23,29 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "flo
 #: Largest stride or dilated kernel extent (per axis) a rule plans for: the rules' plans and fitting matrices
 #: grow with them (real models stay far below; a fuzzed 2^31 would never finish).
 MAX_EXTENT = 4096
+#: The op types of the rules that rewrite plain convolutions only (``Rule.op_types``, :func:`plain_conv_reason`).
+CONV = ("Conv",)
 #: Attributes of Conv/ConvTranspose that fix where the kernel is applied (carried over unchanged).
 GEOMETRY_ATTRS = ("auto_pad", "pads", "strides", "dilations")
 
 
-def plain_conv_reason(rec: ConvRecord, ctx: RuleContext, op_types: tuple[str, ...] = ("Conv",)) -> str | None:
+def plain_conv_reason(rec: ConvRecord, ctx: RuleContext, op_types: tuple[str, ...] = CONV) -> str | None:
     """None when ``rec`` is a float conv of one of ``op_types`` with constant weight (and bias), else why not
-    (found once per conv and context: every rule asks)."""
-    key = ("plain_conv_reason", rec.graph, rec.node_id, op_types)
-    if key not in ctx.memo:
-        ctx.memo[key] = _plain_conv_reason(rec, ctx, op_types)
-    return ctx.memo[key]
-
-
-def _plain_conv_reason(rec: ConvRecord, ctx: RuleContext, op_types: tuple[str, ...]) -> str | None:
+    (what does not depend on ``op_types`` is found once per conv and context: every rule asks)."""
     if rec.op_type in ("ConvInteger", "QLinearConv"):
         return ("quantized (ConvInteger/QLinearConv): its integer weights, scales and zero points would have to "
                 "be requantized; rewrite the float model and quantize afterwards")
     if rec.op_type not in op_types or rec.domain not in ("", "ai.onnx"):
         dom = f"{rec.domain}." if rec.domain not in ("", "ai.onnx") else ""
         return f"{dom}{rec.op_type} is not {' or '.join(op_types)}"
+    key = ("plain_conv", rec.graph, rec.node_id)
+    memo = ctx.memo
+    if key not in memo:
+        memo[key] = _plain_conv_reason(rec, ctx)
+    return memo[key]
+
+
+def _plain_conv_reason(rec: ConvRecord, ctx: RuleContext) -> str | None:
     channels = [c for c in (rec.in_channels, rec.out_channels) if c is not None]
     if any(c < 1 or c % rec.group for c in channels):
         return f"group {rec.group} does not divide the channels {rec.in_channels}→{rec.out_channels}"

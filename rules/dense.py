@@ -17,12 +17,16 @@ from convgraph.rule import Replacement, Rule, RuleContext
 from ._common import Names, attrs, kernel_estimate, label, plain_conv_reason, weights
 
 
+#: The op types this rule rewrites.
+OPS = ("Conv", "ConvTranspose")
+
+
 def dense_kernel(rec: ConvRecord) -> tuple[int, ...]:
     return tuple(effective_kernel(k, d) for k, d in zip(rec.kernel, rec.dilations))
 
 
 def match(rec: ConvRecord, ctx: RuleContext) -> str | None:
-    why = plain_conv_reason(rec, ctx, ("Conv", "ConvTranspose"))
+    why = plain_conv_reason(rec, ctx, OPS)
     if why:
         return why
     if not rec.dilated:
@@ -65,4 +69,5 @@ RULE = Rule(
     match=match,
     build=build,
     estimate=estimate,
+    op_types=OPS,
 )

@@ -33,7 +33,7 @@ from convgraph.model.record import ConvRecord
 from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or
 
 from . import _lsq
-from ._common import FIT_PARAM, Names, attrs, kernel_estimate, label, plain_conv_reason, weights
+from ._common import CONV, FIT_PARAM, Names, attrs, kernel_estimate, label, plain_conv_reason, weights
 
 #: Axes with at least this many taps shrink by default.
 DEFAULT_MIN_TAPS = 5
@@ -199,4 +199,5 @@ RULE = Rule(
     match=match,
     build=build,
     estimate=estimate,
+    op_types=CONV,
 )

@@ -20,6 +20,10 @@ from ._common import CONSTANT_SOURCES, attrs, bias_params, plain_conv_reason, we
 BN_PARAMS = ("scale", "B", "mean", "var")
 
 
+#: The op types this rule rewrites.
+OPS = ("Conv", "ConvTranspose")
+
+
 def _bn(rec: ConvRecord, ctx: RuleContext) -> tuple[str | None, str | None]:
     """(BatchNormalization node id, None) when the conv output feeds only one, else (None, why not)."""
     readers = ctx.consumers(rec.output)
@@ -55,7 +59,7 @@ def _bn(rec: ConvRecord, ctx: RuleContext) -> tuple[str | None, str | None]:
 
 
 def match(rec: ConvRecord, ctx: RuleContext) -> str | Match:
-    why = plain_conv_reason(rec, ctx, ("Conv", "ConvTranspose"))
+    why = plain_conv_reason(rec, ctx, OPS)
     if why:
         return why
     bn_id, why = _bn(rec, ctx)
@@ -112,4 +116,5 @@ RULE = Rule(
     build=build,
     estimate=estimate,
     prepass=True,
+    op_types=OPS,
 )

@@ -48,7 +48,7 @@ from convgraph.rule import Param, Replacement, Rule, RuleContext
 
 from . import _lsq
 from ._common import (
-    FIT_PARAM, Names, bias_params, capped_rank, channel_mixing_reason, exact_at_full_rank, fit_rows,
+    CONV, FIT_PARAM, Names, bias_params, capped_rank, channel_mixing_reason, exact_at_full_rank, fit_rows,
     geometry, label, out_elements, response_param, split_geometry, weights,
 )
 
@@ -112,8 +112,10 @@ def rank_of(rec: ConvRecord, params: dict) -> int:
     r = params["rank"]
     if not isinstance(r, int):  # a share given from Python as a float or Fraction, not parsed yet
         r = parse_rank(str(r))
-    if isinstance(r, str) and r != "full":  # a share of the full rank
-        return max(1, min(full, math.floor(_share(r) * full + Fraction(1, 2))))
+    if isinstance(r, str) and r != "full":  # a share p/q of the full rank, rounded half up: ⌊p·full/q + 1/2⌋
+        share = _share(r)
+        p, q = share.numerator, share.denominator
+        return max(1, min(full, (2 * p * full + q) // (2 * q)))
     return capped_rank(r, full)
 
 
@@ -237,4 +239,5 @@ RULE = Rule(
     match=match,
     build=build,
     estimate=estimate,
+    op_types=CONV,
 )

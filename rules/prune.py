@@ -48,7 +48,7 @@ from convgraph.rule import Match, Param, Replacement, Rule, RuleContext
 from convgraph.model.weights import constant_source
 
 from . import _lsq
-from ._common import CONSTANT_SOURCES, FIT_PARAM, attrs, elem_type, label, opset, plain_conv_reason, weights
+from ._common import CONV, CONSTANT_SOURCES, FIT_PARAM, attrs, elem_type, label, opset, plain_conv_reason, weights
 
 #: Ops that act on each channel alone (their other inputs: constants with one value per channel, or scalars).
 PER_CHANNEL = {"BatchNormalization", "Relu", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Clip", "Tanh",
@@ -110,53 +110,57 @@ def _const_axis(v: np.ndarray | None, c: int, op: str) -> "tuple[int | None, str
 def _span(rec: ConvRecord, ctx: RuleContext) -> "tuple[Span | None, str | None]":
     """The per-channel ops and consumer convs reading ``rec``'s output channels, or why they cannot be pruned."""
     nodes, c = ctx.graph.graph._node, int(rec.out_channels)  # networkx's node dict: plain lookups
+    consumers_of, records = ctx.graph.consumers, ctx.records
     tensors, ops, consumers, seen = {rec.output}, [], [], set()
     todo = [rec.output]
     while todo:
         t = todo.pop()
-        readers = ctx.consumers(t)
+        readers = consumers_of(t)
         if not readers:
             return None, f"channel tensor {t!r} is not read"
         for n in readers:
             d = nodes[n]
-            if d["kind"] == "output":
+            kind = d["kind"]
+            if kind == "output":
                 return None, f"channel tensor {t!r} is a graph output"
-            if d["kind"] != "op":
-                return None, f"channel tensor {t!r} is read by a {d['kind']} node"
+            if kind != "op":
+                return None, f"channel tensor {t!r} is read by a {kind} node"
             if n in seen:
                 continue
             seen.add(n)
-            p, what = d["proto"], f"{d['op_type']} {d['proto'].name or n!r}"
+            p, op = d["proto"], d["op_type"]
             if d["domain"] not in ("", "ai.onnx") or d["subgraphs"]:
-                return None, f"channel tensor {t!r} feeds {what}, which is not a per-channel op or a conv"
-            if d["op_type"] == "Conv":
-                crec = ctx.records.get(n)
+                return None, f"channel tensor {t!r} feeds {_what(d, n)}, which is not a per-channel op or a conv"
+            if op == "Conv":
+                crec = records.get(n)
                 if crec is None:
-                    return None, f"channel tensor {t!r} feeds {what}, rewritten earlier in this pass"
-                if list(p.input).index(t) != 0 or t in p.input[1:]:
-                    return None, f"channel tensor {t!r} is a weight or bias of {what}"
+                    return None, f"channel tensor {t!r} feeds {_what(d, n)}, rewritten earlier in this pass"
+                inputs = p.input
+                if inputs[0] != t or t in inputs[1:]:
+                    return None, f"channel tensor {t!r} is a weight or bias of {_what(d, n)}"
                 why = plain_conv_reason(crec, ctx)
                 if why:
-                    return None, f"conv {what}: {why}"
+                    return None, f"conv {_what(d, n)}: {why}"
                 if crec.group == crec.in_channels == crec.out_channels == c:  # depthwise: a per-channel op
                     ops.append(n)
-                    tensors.add(p.output[0])
-                    todo.append(p.output[0])
+                    tensors.add(crec.output)
+                    todo.append(crec.output)
                     continue
                 if crec.group != 1:
-                    return None, (f"consumer {what} is grouped (group={crec.group}): dropping an input channel "
+                    return None, (f"consumer {_what(d, n)} is grouped (group={crec.group}): dropping an input channel "
                                   "would drop its output channels too (only a depthwise conv of one filter per "
                                   "channel is carried through)")
                 consumers.append(n)
-            elif d["op_type"] in PER_CHANNEL:
-                if d["op_type"] == "BatchNormalization" and (attrs(ctx, n).get("training_mode", 0)
-                                                            or any(o and ctx.consumers(o) for o in p.output[1:])):
-                    return None, f"{what} is in training mode"
+            elif op in PER_CHANNEL:
+                if op == "BatchNormalization" and (attrs(ctx, n).get("training_mode", 0)
+                                                   or any(o and consumers_of(o) for o in p.output[1:])):
+                    return None, f"{_what(d, n)} is in training mode"
+                out = p.output[0]
                 ops.append(n)
-                tensors.add(p.output[0])
-                todo.append(p.output[0])
+                tensors.add(out)
+                todo.append(out)
             else:
-                return None, f"channel tensor {t!r} feeds {what}, which is not a per-channel op or a conv"
+                return None, f"channel tensor {t!r} feeds {_what(d, n)}, which is not a per-channel op or a conv"
     if not consumers:
         return None, "its channels reach no conv"
     axes = {}
@@ -165,14 +169,20 @@ def _span(rec: ConvRecord, ctx: RuleContext) -> "tuple[Span | None, str | None]"
         for i, t in enumerate(p.input):
             if not t or t in tensors:
                 continue
-            what = f"{p.op_type} {p.name or n!r}"
+            what = _what(nodes[n], n)
             if constant_source(ctx.graph, t) not in CONSTANT_SOURCES:
                 return None, f"{what} mixes in {t!r} from outside the pruned channels (another branch)"
             axes[(n, i)], why = _const_axis(ctx.value(t), c, p.op_type)
             if why:
                 return None, f"{what} input {t!r} {why}"
-    ops.sort(key=lambda n: nodes[n]["order"])
+    if len(ops) > 1:
+        ops.sort(key=lambda n: nodes[n]["order"])
     return Span(tensors, ops, axes, consumers), None
+
+
+def _what(d: dict, n: str) -> str:
+    """``<op type> <name>`` of a node (its data ``d``, its id ``n``) in a reason."""
+    return f"{d['op_type']} {d['proto'].name or n!r}"
 
 
 def _constants(rec: ConvRecord, ctx: RuleContext, span: Span, values: np.ndarray) -> dict[str, np.ndarray]:
@@ -488,4 +498,5 @@ RULE = Rule(
     build=build,
     estimate=estimate,
     calibrates=consumers,
+    op_types=CONV,
 )

@@ -28,7 +28,7 @@ from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or_full
 
 from . import _lsq
 from ._common import (
-    FIT_PARAM, Names, bias_params, capped_rank, channel_mixing_reason, exact_at_full_rank, fit_rows, geometry, label,
+    CONV, FIT_PARAM, Names, bias_params, capped_rank, channel_mixing_reason, exact_at_full_rank, fit_rows, geometry, label,
     opset, out_elements, response_param, weights,
 )
 
@@ -169,4 +169,5 @@ RULE = Rule(
     match=match,
     build=build,
     estimate=estimate,
+    op_types=CONV,
 )

@@ -38,7 +38,7 @@ from convgraph.rule import Param, Replacement, Rule, RuleContext, int_or_full
 
 from . import _lsq
 from ._common import (
-    FIT_PARAM, Names, bias_params, capped_rank, exact_at_full_rank, fit_rows, geometry, label,
+    CONV, FIT_PARAM, Names, bias_params, capped_rank, exact_at_full_rank, fit_rows, geometry, label,
     out_elements, plain_conv_reason, response_param, split_geometry, weights,
 )
 from .separable import factor
@@ -193,4 +193,5 @@ RULE = Rule(
     match=match,
     build=build,
     estimate=estimate,
+    op_types=CONV,
 )

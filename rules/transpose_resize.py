@@ -44,6 +44,10 @@ DEFAULT_CORRELATION = 0.9
 _INT64_MAX = np.iinfo(np.int64).max
 
 
+#: The op types this rule rewrites.
+OPS = ("ConvTranspose",)
+
+
 def _mode(text: str) -> str:
     if text not in MODES:
         raise ValueError(f"must be one of {', '.join(MODES)}")
@@ -123,7 +127,7 @@ def axes(rec: ConvRecord, params: dict) -> "list[Axis] | str":
 
 
 def match(rec: ConvRecord, ctx: RuleContext) -> str | None:
-    why = plain_conv_reason(rec, ctx, ("ConvTranspose",))
+    why = plain_conv_reason(rec, ctx, OPS)
     if why:
         return why
     if opset(ctx) < 11:
@@ -243,4 +247,5 @@ RULE = Rule(
     build=build,
     saves_macs=False,  # it is for checkerboard-free output, not speed
     estimate=estimate,
+    op_types=OPS,
 )

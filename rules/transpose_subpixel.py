@@ -50,6 +50,10 @@ class DimPlan:
         return self.taps.shape[1]
 
 
+#: The op types this rule rewrites.
+OPS = ("ConvTranspose",)
+
+
 def plan_dim(k: int, s: int, d: int, p_begin: int, c: int) -> DimPlan:
     """Plan one dim whose ConvTranspose output length is O = s·i + c (c does not depend on i)."""
     offsets = {}  # (φ, t) → m
@@ -121,7 +125,7 @@ def _depth_to_space(p: Plan, version: int) -> bool:
 
 
 def match(rec: ConvRecord, ctx: RuleContext) -> str | None:
-    why = plain_conv_reason(rec, ctx, ("ConvTranspose",))
+    why = plain_conv_reason(rec, ctx, OPS)
     if why:
         return why
     p = plan(rec, ctx)
@@ -264,4 +268,5 @@ RULE = Rule(
     match=match,
     build=build,
     estimate=estimate,
+    op_types=OPS,
 )

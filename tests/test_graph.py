@@ -18,6 +18,7 @@ import convgraph
 import convgraph.io
 from convgraph import ConvGraphWarning, ModelError, UsageError
 from convgraph.model.graph import free_names
+from convgraph.model.weights import constant_value
 
 F = TensorProto.FLOAT
 RNG = np.random.default_rng(0)
@@ -509,6 +510,104 @@ def test_rewriting_a_big_model_switches_model_and_data_in_one_rename(tmp_path, m
     assert _inline(onnx.load(out)) == _bytes(other)
     convgraph.save(_load(other), out)  # the same content again: the same data file, nothing removed
     assert {p.name for p in tmp_path.iterdir()} == after
+
+
+def test_big_files_are_read_with_their_weights_in_memory_once(tmp_path, monkeypatch) -> None:
+    """A model file over SPLIT_BYTES is parsed without its big tensors' bytes, which are then read into their
+    tensors (as external data in the model file itself): the same model, checked and inferred without them."""
+    m = _chain(3, c=8)  # weights of 2.3 kB each
+    m.graph.initializer[0].doc_string = "fields after raw_data are kept"
+    path = tmp_path / "big.onnx"
+    path.write_bytes(m.SerializeToString())
+    os.link(path, tmp_path / "other-name.onnx")  # the model file itself may have other names
+    monkeypatch.setattr(convgraph.io, "SPLIT_BYTES", 1000)
+    monkeypatch.setattr(convgraph.io, "LAZY_BYTES", 1000)
+    seen = []
+    real = onnx.checker.check_model
+
+    def check(model, **kw):
+        seen.append(model)
+        return real(model, **kw)
+
+    monkeypatch.setattr(onnx.checker, "check_model", check)
+    cg = _load(path)
+    out = cg.to_model()  # the weights stay in the file: the model refers to them
+    assert all(t.data_location == TensorProto.EXTERNAL and not t.raw_data for t in out.graph.initializer)
+    assert _bytes(convgraph.io.inlined(out)) == _bytes(m) and cg.shape("c1") == (1, 8, 8, 8) and not cg.warnings
+    assert np.array_equal(_value(cg, "w1"), numpy_helper.to_array(m.graph.initializer[1]))
+    x = RNG.standard_normal((1, 8, 8, 8)).astype(np.float32)
+    assert np.array_equal(_run(convgraph.io.inlined(out), {"x": x})[0], _run(m, {"x": x})[0])
+    saved = tmp_path / "saved.onnx"
+    convgraph.save(cg, saved)  # the bytes streamed from the file they stayed in
+    assert _bytes(onnx.load(saved)) == _bytes(m)
+    (checked,) = seen  # the checker saw the structure: the big weights as inputs, no bytes of them
+    assert not checked.graph.initializer and {"w0", "w1", "w2"} <= {v.name for v in checked.graph.input}
+    model, origin = convgraph.io.read_model(path)
+    assert origin.skeleton is not None and _bytes(convgraph.io.inlined(model)) == _bytes(m)
+    assert all(e.value == "big.onnx" for t in origin.skeleton.graph.initializer for e in t.external_data
+               if e.key == "location") and origin.skeleton.ByteSize() < m.ByteSize() // 3
+    path.write_bytes(m.SerializeToString()[:-40])  # cut inside the graph
+    with pytest.raises(ModelError, match="truncated or corrupt"):
+        _load(path)
+    data, rng = m.SerializeToString(), np.random.default_rng(0)
+    for i in range(60):  # damaged big files: one clear error or a model, nothing else
+        bad = bytearray(data[: int(rng.integers(1, len(data)))] if i % 2 else data)
+        for j in rng.integers(0, len(bad), 3):
+            bad[j] ^= 1 << int(rng.integers(0, 8))
+        path.write_bytes(bytes(bad))
+        try:
+            _load(path)
+        except ModelError:
+            pass
+
+
+def test_weights_left_on_disk_go_through_rewrite_verify_and_save(tmp_path, monkeypatch) -> None:
+    """External data that stays on disk: the rules read it, onnxruntime reads it from its file (checks, verify,
+    bench), and the rewritten model is saved with it, over 2 GB too (simulated), never serialized whole."""
+    from convgraph.engine.rewrite import Selection, rewrite
+
+    m = _chain(3, c=8)
+    path = tmp_path / "big.onnx"
+    onnx.save(onnx.ModelProto.FromString(m.SerializeToString()), path, save_as_external_data=True,
+              all_tensors_to_one_file=True, location="big.onnx.data", size_threshold=1000)
+    monkeypatch.setattr(convgraph.io, "LAZY_BYTES", 1000)
+    res = rewrite(path, ["spatial-separable"], params={"rank": "full"}, selection=Selection(nodes="conv0"),
+                  bench=True, bench_runs=2)
+    assert res.model is not None and res.report.verification is not None
+    assert res.report.passed and res.report.changes and res.report.verification["passed"]
+    assert sum(t.data_location == TensorProto.EXTERNAL for t in res.model.graph.initializer) == 2  # w1, w2 left
+    x = RNG.standard_normal((1, 8, 8, 8)).astype(np.float32)
+    want = _run(m, {"x": x})[0]
+    for limit in (None, 4000):  # one file; "over 2 GB": its data file written tensor by tensor
+        if limit:
+            monkeypatch.setattr(convgraph.io, "PROTOBUF_LIMIT", limit)
+        out = tmp_path / f"out{limit}.onnx"
+        convgraph.save(res.model, out)
+        monkeypatch.setattr(convgraph.io, "PROTOBUF_LIMIT", 2**31 - 1)
+        assert np.allclose(_run(onnx.load(out), {"x": x})[0], want, rtol=1e-4, atol=1e-4)
+    assert convgraph.verify(path, tmp_path / "outNone.onnx").passed
+
+
+def _value(cg, tensor: str) -> np.ndarray:
+    v = constant_value(cg, tensor)
+    assert v is not None
+    return v
+
+
+def test_a_big_file_saved_over_in_place_reads_back_its_new_weights(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(convgraph.io, "SPLIT_BYTES", 1000)
+    monkeypatch.setattr(convgraph.io, "LAZY_BYTES", 1000)
+    path = tmp_path / "big.onnx"
+    path.write_bytes(_chain(3, c=8).SerializeToString())
+    cg = _load(path)
+    old = _value(cg, "w1")
+    other = _chain(3, c=8)
+    for t in other.graph.initializer:
+        t.raw_data = (np.frombuffer(t.raw_data, np.float32) * 2).astype(np.float32).tobytes()
+    other_path = tmp_path / "other.onnx"
+    other_path.write_bytes(other.SerializeToString())
+    convgraph.save(_load(other_path), path, in_place=True)  # the file the first model's weights lie in, replaced
+    assert np.array_equal(_value(_load(path), "w1"), 2 * old)
 
 
 # ---- shapes -----------------------------------------------------------------------------------

@@ -411,12 +411,15 @@ def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
     from ..registry import all_rules
     from ..rule import RuleContext
 
-    # each rule's default params and exactness once: the estimate is for the defaults
+    # each rule's default params, exactness and whether it may refuse to add MACs, once: the estimate is for the
+    # defaults; a rule whose ops a conv is not gets no question (``Rule.op_types``)
     rules = []
     for rule in all_rules().values():
         if rule.estimate is not None and not rule.quantizes:  # the analyzer offers MAC savings; int8 saves none
             params = rule.resolve_params({})
-            rules.append((rule, rule.estimate, params, rule.is_exact(params)))
+            exact = rule.is_exact(params)
+            rules.append((rule.match, rule.estimate, rule.op_types, rule.name, params, exact,
+                          rule.saves_macs and not exact))
     if not rules:
         return
     ctx = RuleContext(g, {r.node_id: r for r in records})
@@ -426,16 +429,19 @@ def _add_rewrites(g: ConvGraph, records: list[ConvRecord]) -> None:
     values = reference_values(root.symbols)  # a conv whose MACs are a formula: "dearer" is decided at this size
     for rec in records:
         ref = at_reference(rec, values)
-        for rule, estimate, params, exact in rules:
-            if rule.why_not(rec, ctx) is not None:
+        op, options = rec.op_type, rec.rewrites
+        for match, estimate, op_types, name, params, exact, guard in rules:
+            if op_types is not None and op not in op_types:
+                continue
+            if isinstance(match(rec, ctx), str):  # the reason it does not apply (Rule.check, without two calls)
                 continue
             macs_after, params_after, kind_after = estimate(rec, params)
             after = macs_after if ref is rec else estimate(ref, params)[0]
-            if rule.makes_dearer(params, ref.macs, after):
-                continue
+            if guard and ref.macs is not None and after is not None and after > ref.macs:
+                continue  # Rule.makes_dearer, at the reference size when the MACs are a formula
             saving = 1 - after / ref.macs if ref.macs and after is not None else None
-            rec.rewrites.append(RewriteOption(rule.name, dict(params), exact, macs_after, params_after, kind_after,
-                                              saving=saving))
+            options.append(RewriteOption(name, dict(params), exact, macs_after, params_after, kind_after,
+                                         saving=saving))
 
 
 def best_saving(r: ConvRecord) -> tuple[RewriteOption | None, float | None]:

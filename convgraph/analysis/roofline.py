@@ -12,6 +12,7 @@ possible time is max(MACs / peak, bytes / bandwidth).
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from ..model.weights import elem_type
 _HALF_BYTE = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, n)}
 
 
+@functools.lru_cache(maxsize=None)  # a few element types, asked four times per conv
 def dtype_bytes(t: int | None) -> float | None:
     """Bytes per element of ONNX element type ``t`` (0.5 for 4-bit types); None when unknown or not numeric."""
     if not t:
@@ -57,7 +59,7 @@ def memory_cost(cg, r: ConvRecord) -> None:
     """Fill ``weight_bytes``, ``activation_bytes`` and ``intensity`` of record ``r`` (conv of graph ``cg``)."""
     weights = r.params
     if r.has_bias and r.in_channels is not None and r.out_channels is not None:
-        weights = r.in_channels * r.out_channels // r.group * int(np.prod(r.kernel, dtype=np.int64))
+        weights = r.in_channels * r.out_channels // r.group * math.prod(r.kernel)
     w = _tensor_bytes(cg, r.weight, weights)
     b = _tensor_bytes(cg, r.bias, r.params - weights) if r.has_bias else 0
     r.weight_bytes = None if w is None or b is None else w + b

@@ -356,7 +356,7 @@ def rewrite(source, rules: Sequence[str], *, params: dict[str, str] | None = Non
     original = source.to_model() if isinstance(source, ConvGraph) else None
     cg = load(original if original is not None else source, input_shapes, probe=probe,
               input_values=(input_options or {}).get("values"))
-    original = original or cg.to_model()
+    original = original or cg.model  # as loaded (edits go to the view, never to it): no copy of the weights
     label = "<model>" if isinstance(source, (bytes, onnx.ModelProto, ConvGraph)) else str(source)
     report = RewriteReport(model=label, rules=[{"rule": r.name, "params": p, "exact": r.is_exact(p)} for r, p in resolved],
                            dry_run=dry_run, warnings=list(cg.warnings))

@@ -35,7 +35,7 @@ import onnx
 from onnx import helper
 
 from ..errors import ModelError, UsageError
-from ..io import write_model
+from ..io import copy_fields, write_model
 from .shapes import TensorInfo, _sub_protos
 
 _A = onnx.AttributeProto
@@ -521,9 +521,10 @@ class ConvGraph:
         items = [(d["order"], d["proto"]) for _, d in self.graph.nodes(data=True) if d["kind"] == kind]
         return [p for _, p in sorted(items, key=lambda x: x[0])]
 
-    def to_graph(self) -> onnx.GraphProto:
-        """The GraphProto this view stands for (subgraph bodies rebuilt from their views)."""
-        g = onnx.GraphProto()
+    def to_graph(self, into: "onnx.GraphProto | None" = None) -> onnx.GraphProto:
+        """The GraphProto this view stands for (subgraph bodies rebuilt from their views); built in ``into``
+        (an empty GraphProto) when given."""
+        g = onnx.GraphProto() if into is None else into
         for field in ("name", "doc_string"):
             if self._shell.HasField(field):
                 setattr(g, field, getattr(self._shell, field))
@@ -561,8 +562,8 @@ class ConvGraph:
         if self.parent is not None:
             raise UsageError("to_model() is for the main graph; use to_graph() for a subgraph")
         m = onnx.ModelProto()
-        m.CopyFrom(self.model)  # CopyFrom does not serialize: fine above 2 GB
-        m.graph.CopyFrom(self.to_graph())
+        copy_fields(self.model, m, skip=("graph",))  # the graph is built in place: the weights are copied once
+        self.to_graph(into=m.graph)
         return m
 
 

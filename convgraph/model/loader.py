@@ -62,10 +62,10 @@ def _load(source, shapes: dict[str, list[int]], check: bool, input_values=None) 
     model, origin = read_model(source, check=check)
     values = checked_input_values(model, input_values, shapes)
     shapes = {**{k: list(v.shape) for k, v in values.items()}, **shapes}
-    # a model over 2 GB is inferred from its skeleton: the model before its external data was read
-    skeleton = origin.skeleton if origin.size > _io.PROTOBUF_LIMIT else None
-    big = skeleton is not None
-    fixed = _fixed_inputs(skeleton if skeleton is not None else model, shapes)  # a bad --input-shape fails before the build
+    # a big model is inferred from its skeleton (the model without its weights' bytes): they are never serialized
+    big = origin.skeleton is not None or origin.size > _io.SPLIT_BYTES
+    base = origin.skeleton if origin.skeleton is not None else _io.skeleton(model) if big else model
+    fixed = _fixed_inputs(base, shapes)  # a bad --input-shape fails before the build
     cg = ConvGraph(model.graph, model)
     cg.source_dir = origin.folder
     cg.input_shapes = shapes

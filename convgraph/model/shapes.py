@@ -263,7 +263,7 @@ def _infer(model: onnx.ModelProto, size: int | None = None, data: bytes | None =
 
     ``size`` is the model's serialized size and ``data`` the serialized model, when known.
     """
-    if (model.ByteSize() if size is None else size) > _io.PROTOBUF_LIMIT:
+    if (_io.byte_size(model) if size is None else size) > _io.PROTOBUF_LIMIT:
         return model, "model over 2 GB given in memory: shape inference skipped (load it from its file)"
     source = model if data is None else data
     try:

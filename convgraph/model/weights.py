@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..io import tensor_value
+
 #: ConstantOfShape / DequantizeLinear outputs above this many elements are not materialized.
 MAX_VALUE_ELEMENTS = 2**27
 #: How many Identity/Cast/DequantizeLinear hops are followed (hostile chains end here).
@@ -127,7 +129,7 @@ def constant_value(cg, tensor: str, _depth: int = 0) -> np.ndarray | None:
     if g is None or _depth > MAX_DEPTH:
         return None
     if d["kind"] == "initializer":
-        return numpy_helper.to_array(d["proto"])
+        return tensor_value(d["proto"])  # read from disk when its bytes stayed there (big weights)
     if d["kind"] == "sparse_initializer":
         return _sparse_to_array(d["proto"])
     op = _op(d)

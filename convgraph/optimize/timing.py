@@ -130,7 +130,8 @@ class TimingCache:
             for t in g.initializer:  # shapes and dtypes stay; values go
                 t.name = canon(t.name)
                 t.ClearField("raw_data")
-                for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "external_data",
+                          "data_location"):  # a big weight may refer to its bytes on disk: where is no part of the key
                     t.ClearField(f)
             for n in g.node:
                 n.name, n.doc_string = "", ""

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from ..errors import ModelError, UsageError
-from ..io import PROTOBUF_LIMIT, first_line, read_model, write_model
+from ..io import PROTOBUF_LIMIT, byte_size, copy_fields, first_line, has_refs, read_model, write_model
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -106,9 +106,14 @@ def create_session(model, *, provider: str = "cpu", threads: int | None = None, 
     proto = model if isinstance(model, onnx.ModelProto) else as_model(model)  # protos: onnxruntime validates
     errors = ort_errors()
     try:
-        if proto.ByteSize() <= PROTOBUF_LIMIT:
+        on_disk = _on_disk(proto)
+        if on_disk is not None:  # its big weights stayed in their files: onnxruntime reads them from there
+            folder, small = on_disk
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+            sess = rt.InferenceSession(small.SerializeToString(), sess_options=so, providers=provs)
+        elif byte_size(proto) <= PROTOBUF_LIMIT and not has_refs(proto):
             sess = rt.InferenceSession(proto.SerializeToString(), sess_options=so, providers=provs)
-        else:  # protobuf cannot serialize it: through a file with external data
+        else:  # protobuf cannot serialize it (or its weights lie in several folders): through a saved copy
             with tempfile.TemporaryDirectory(prefix="convgraph-ort-") as tmp:
                 path = write_model(proto, Path(tmp) / "model.onnx")
                 sess = rt.InferenceSession(os.fspath(path), sess_options=so, providers=provs)
@@ -118,6 +123,28 @@ def create_session(model, *, provider: str = "cpu", threads: int | None = None, 
         raise UsageError(f"--provider cuda: onnxruntime could not start CUDA (session providers: "
                          f"{', '.join(sess.get_providers())}); check the CUDA/cuDNN libraries, or reinstall with {CUDA_INSTALL}")
     return sess
+
+
+def _on_disk(model: onnx.ModelProto) -> "tuple[str, onnx.ModelProto] | None":
+    """(folder, a copy of ``model`` whose initializers on disk (:func:`convgraph.io.read_external`) refer to
+    their files relative to that folder) when they all lie in one folder and the copy is under 2 GB; else None."""
+    if not has_refs(model):
+        return None
+    refs = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    folders = {os.path.dirname(e.value) for t in refs for e in t.external_data if e.key == "location"}
+    if len(folders) != 1:
+        return None
+    (folder,) = folders
+    m = onnx.ModelProto()
+    copy_fields(model, m, skip=("graph",))
+    copy_fields(model.graph, m.graph, skip=("initializer",))
+    for t in model.graph.initializer:
+        c = m.graph.initializer.add()
+        c.CopyFrom(t)  # a reference holds no bytes: a small copy
+        for e in c.external_data:
+            if e.key == "location" and t.data_location == onnx.TensorProto.EXTERNAL:
+                e.value = os.path.basename(e.value)
+    return (folder, m) if byte_size(m) <= PROTOBUF_LIMIT else None
 
 
 def run(session, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
