@@ -184,6 +184,13 @@ def setup(model, calib, heldout, s: Settings, deadline: Deadline) -> Plan:
             notes = []
         shapes = {k: list(v) for k, v in s.input_shapes.items()} if s.input_shapes else None
         cg = load(model, shapes, probe=True, input_values=s.input_options.get("values"))
+        if any(quantizes(get_rule(r)) for r in s.rules):
+            from ..engine.quantize import ensure_opset
+
+            converted, done = ensure_opset(cg.to_model())  # per-channel int8 needs opset 13 (PP-OCR det is 12)
+            if done is not None:
+                cg = load(converted, shapes, probe=True, input_values=s.input_options.get("values"))
+                notes.append(done)
         records = [r for r in analyze(cg, rewrites=False).convs if not r.graph and s.selection.why_not(r) is None]
         renamed = unique_names(cg)  # plans go by node id: ids must survive rewriting (names restored at the end)
         original = cg.to_model()
