@@ -240,18 +240,13 @@ def plan(graph, nodes: Sequence[onnx.NodeProto], outputs: Sequence[str], *, quan
               if t not in made and constant_value(graph, t) is None]
     kept: dict[str, Scale] = {}
     flt: set[str] = set()
-    for t in inputs:
-        s = made_by_dequantize(graph, t)
-        if s is not None:
-            kept[t] = s
-        elif not quantize_io:
-            flt.add(t)
-    for t in outputs:
-        s = read_by_quantize(graph, t)
-        if s is not None:
-            kept[t] = s
-        elif not quantize_io:
-            flt.add(t)
+    for tensors, scale_of in ((inputs, made_by_dequantize), (outputs, read_by_quantize)):
+        for t in tensors:
+            s = scale_of(graph, t)
+            if s is not None:
+                kept[t] = s
+            elif not quantize_io:
+                flt.add(t)
     passed: dict[str, Scale] = {}
     known = dict(kept)
     for n in nodes:  # in order: a data-movement op passes on the one scale its inputs share

@@ -274,7 +274,8 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
     if tensors:
         out_names = list(dict.fromkeys(tensors))
         for which, model in (("reference", ref_model), ("candidate", cand_model)):
-            missing = [t for t in out_names if t not in _produced(model)]
+            have = produced(model)
+            missing = [t for t in out_names if t not in have]
             if missing:
                 raise UsageError(f"--tensor {missing[0]!r}: no such tensor in the {which} model")
         ref_model = runtime.expose_tensors(ref_model, out_names, ref_cg.shapes)
@@ -324,7 +325,7 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
     return report
 
 
-def _produced(model: onnx.ModelProto) -> set[str]:
+def produced(model: onnx.ModelProto) -> set[str]:
     """The main graph's tensors: its inputs, initializers and node outputs."""
     g = model.graph
     return {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}

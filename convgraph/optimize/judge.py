@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
+from ..engine.verify import produced
 from ..errors import UsageError
 from .report import METRICS
 
@@ -38,8 +39,8 @@ class Judge:
             raise UsageError("the held-out set is empty")
         self.sample_names = list(names) if names is not None else [f"sample {i}" for i in range(len(self.feeds))]
         self.names = list(tensors) if tensors else [o.name for o in model.graph.output]
-        produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
-        missing = [t for t in self.names if t not in produced]
+        have = produced(model)
+        missing = [t for t in self.names if t not in have]
         if missing:
             raise UsageError(f"no tensor {missing[0]!r} in the model to judge by")
         self.ref = self._outputs(model)
