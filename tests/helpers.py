@@ -401,3 +401,34 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
             vi.type.tensor_type.elem_type = TensorProto.FLOAT16
     del g.value_info[:]
     return m
+
+
+def resized_if(then_nodes: list[onnx.NodeProto], inner_kernel: int, add_main: bool) -> onnx.ModelProto:
+    """x [1,3,8,8] → Resize by scales Sqrt([1,1,4,4]) (no value rule: its shape is lost) → conv "main" (``m``);
+    an If on sr > 8000 (sr an int64 input) runs ``then_nodes`` (reading ``m``, weight ``w2`` of
+    4×4×``inner_kernel``², constant ``sq``; making ``ya``), else passes ``m`` on; y = the If's output, plus
+    ``m`` with ``add_main``."""
+    f = TensorProto.FLOAT
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 4, inner_kernel, inner_kernel)).astype(np.float32),
+                                     "w2"),
+             numpy_helper.from_array(np.array([1, 1, 4, 4], np.float32), "sq"),
+             numpy_helper.from_array(np.array(8000, np.int64), "limit")]
+    then = helper.make_graph(then_nodes, "then", [], [helper.make_tensor_value_info("ya", f, [1, 4, None, None])])
+    other = helper.make_graph([helper.make_node("Identity", ["m"], ["yb"])], "else", [],
+                              [helper.make_tensor_value_info("yb", f, [1, 4, None, None])])
+    nodes = [helper.make_node("Sqrt", ["sq"], ["scales"]),
+             helper.make_node("Resize", ["x", "", "scales"], ["r"], mode="nearest"),
+             helper.make_node("Conv", ["r", "w"], ["m"], name="main", pads=[1, 1, 1, 1]),
+             helper.make_node("Greater", ["sr", "limit"], ["cond"]),
+             helper.make_node("If", ["cond"], ["b" if add_main else "y"], name="if", then_branch=then,
+                              else_branch=other)]
+    if add_main:
+        nodes.append(helper.make_node("Add", ["b", "m"], ["y"]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, [1, 3, 8, 8]),
+                                       helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                          [helper.make_tensor_value_info("y", f, [1, 4, None, None])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m

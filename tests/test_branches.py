@@ -15,6 +15,7 @@ from convgraph.cli import main
 from convgraph.errors import CheckFailed
 from convgraph.engine.rewrite import rewrite
 from convgraph.registry import all_rules
+from helpers import resized_if
 
 F = TensorProto.FLOAT
 
@@ -23,28 +24,8 @@ def _model(stride_in_branch: int = 1) -> onnx.ModelProto:
     """x [1,3,8,8] → Resize by Sqrt([1,1,4,4]) (a shape the static engine cannot follow: the branch's conv
     cannot be checked alone) → conv "main"; If sr > 8000 (generated sr: 0-9, the else branch): then a 3×3
     conv "inner" on it (stride ``stride_in_branch``), else Identity; y = that + "main"'s output."""
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
-             numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w2"),
-             numpy_helper.from_array(np.array([1, 1, 4, 4], np.float32), "sq"),
-             numpy_helper.from_array(np.array(8000, np.int64), "limit")]
-    then = helper.make_graph([helper.make_node("Conv", ["m", "w2"], ["ya"], name="inner", pads=[1, 1, 1, 1],
-                                               strides=[stride_in_branch] * 2)], "then", [],
-                             [helper.make_tensor_value_info("ya", F, [1, 4, None, None])])
-    other = helper.make_graph([helper.make_node("Identity", ["m"], ["yb"])], "else", [],
-                              [helper.make_tensor_value_info("yb", F, [1, 4, None, None])])
-    nodes = [helper.make_node("Sqrt", ["sq"], ["scales"]),
-             helper.make_node("Resize", ["x", "", "scales"], ["r"], mode="nearest"),
-             helper.make_node("Conv", ["r", "w"], ["m"], name="main", pads=[1, 1, 1, 1]),
-             helper.make_node("Greater", ["sr", "limit"], ["cond"]),
-             helper.make_node("If", ["cond"], ["b"], name="if", then_branch=then, else_branch=other),
-             helper.make_node("Add", ["b", "m"], ["y"])]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [1, 3, 8, 8]),
-                                       helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
-                          [helper.make_tensor_value_info("y", F, [1, 4, None, None])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
+    return resized_if([helper.make_node("Conv", ["m", "w2"], ["ya"], name="inner", pads=[1, 1, 1, 1],
+                                         strides=[stride_in_branch] * 2)], inner_kernel=3, add_main=True)
 
 
 def _inner(report):

@@ -20,7 +20,7 @@ from convgraph.errors import ModelError, UsageError
 from convgraph.model.expr import Expr, parse
 from convgraph.run.inputs import make_inputs
 from convgraph.model.probe import probe_shapes
-from helpers import BACKEND, LIGHT, REAL, light_inputs, original_run, shipped_inputs
+from helpers import BACKEND, LIGHT, REAL, light_inputs, original_run, resized_if, shipped_inputs
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::convgraph.errors.ConvGraphWarning")
@@ -401,28 +401,9 @@ def test_verify_and_bench_feed_input_values(tmp_path, capsys) -> None:
 def _resized_then_branching() -> onnx.ModelProto:
     """x [1,3,8,8] → Resize by scales Sqrt([1,1,4,4]) (no value rule: its shape is lost) → conv "main"; an If on
     sr > 8000 runs conv "inner" on that conv's output resized again likewise, or passes it on."""
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
-             numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w2"),
-             numpy_helper.from_array(np.array([1, 1, 4, 4], np.float32), "sq"),
-             numpy_helper.from_array(np.array(8000, np.int64), "limit")]
-    then = helper.make_graph([helper.make_node("Sqrt", ["sq"], ["scales2"]),  # no value rule in the body either
-                              helper.make_node("Resize", ["m", "", "scales2"], ["r2"], mode="nearest"),
-                              helper.make_node("Conv", ["r2", "w2"], ["ya"], name="inner")], "then", [],
-                             [helper.make_tensor_value_info("ya", F, [1, 4, None, None])])
-    other = helper.make_graph([helper.make_node("Identity", ["m"], ["yb"])], "else", [],
-                              [helper.make_tensor_value_info("yb", F, [1, 4, None, None])])
-    nodes = [helper.make_node("Sqrt", ["sq"], ["scales"]),
-             helper.make_node("Resize", ["x", "", "scales"], ["r"], mode="nearest"),
-             helper.make_node("Conv", ["r", "w"], ["m"], name="main", pads=[1, 1, 1, 1]),
-             helper.make_node("Greater", ["sr", "limit"], ["cond"]),
-             helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then, else_branch=other)]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [1, 3, 8, 8]),
-                                       helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
-                          [helper.make_tensor_value_info("y", F, [1, 4, None, None])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
+    return resized_if([helper.make_node("Sqrt", ["sq"], ["scales2"]),  # no value rule in the body either
+                       helper.make_node("Resize", ["m", "", "scales2"], ["r2"], mode="nearest"),
+                       helper.make_node("Conv", ["r2", "w2"], ["ya"], name="inner")], inner_kernel=1, add_main=False)
 
 
 def test_unknown_shapes_warning_speaks_of_running_the_model_only_when_it_ran(tmp_path, capsys) -> None:
