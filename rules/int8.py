@@ -22,7 +22,7 @@ from __future__ import annotations
 import onnx
 
 from convgraph.model.record import ConvRecord
-from convgraph.rule import Param, Replacement, Rule, RuleContext
+from convgraph.rule import Match, Param, Replacement, Rule, RuleContext
 
 from ._common import elem_type, plain_conv_reason
 
@@ -41,7 +41,39 @@ def _choice(values: tuple[str, ...]):
     return parse
 
 
-def match(rec: ConvRecord, ctx: RuleContext) -> str | None:
+#: Activations quantized with the conv they follow: onnxruntime runs them on int8 (QLinearSigmoid, QLinearMul,
+#: QLinearLeakyRelu; Relu and Clip fold into the conv's output range), so the conv's output is never dequantized
+#: for them and an int8 neighbour reads the unit's output without a float round trip.
+ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "Sigmoid")
+
+
+def activation_after(rec: ConvRecord, ctx: RuleContext) -> list[str]:
+    """The node ids of the activation that follows conv ``rec`` and joins its int8 unit: SiLU (``x·σ(x)``:
+    Sigmoid and Mul reading the conv's output, the Sigmoid read by the Mul only), or one of
+    :data:`ACTIVATIONS` that alone reads it; none when the output is read by anything else."""
+    g = ctx.graph
+
+    def op(nid: str) -> onnx.NodeProto | None:  # None for a graph output or another domain's op
+        d = g.graph.nodes[nid]
+        return d["proto"] if d["kind"] == "op" and d["domain"] in ("", "ai.onnx") else None
+
+    readers = sorted(set(ctx.consumers(rec.output)))
+    nodes = {r: op(r) for r in readers}
+    if any(n is None for n in nodes.values()):
+        return []
+    kinds = {r: n.op_type for r, n in nodes.items() if n is not None}
+    if len(readers) == 1 and kinds[readers[0]] in ACTIVATIONS:
+        return readers
+    if len(readers) == 2 and sorted(kinds.values()) == ["Mul", "Sigmoid"]:
+        sig = next(r for r in readers if kinds[r] == "Sigmoid")
+        mul = next(r for r in readers if kinds[r] == "Mul")
+        s = ctx.node(sig).output[0]
+        if sorted(ctx.node(mul).input) == sorted([rec.output, s]) and ctx.consumers(s) == [mul]:
+            return [sig, mul]
+    return []
+
+
+def match(rec: ConvRecord, ctx: RuleContext) -> str | Match | None:
     if rec.graph:
         return "inside an If/Loop/Scan body: its activations cannot be calibrated (only main-graph tensors can be read)"
     if rec.weight_source == "DequantizeLinear":
@@ -53,15 +85,21 @@ def match(rec: ConvRecord, ctx: RuleContext) -> str | None:
         return "int8 is calibrated from float32 models: quantize the float32 model, not this one"
     if rec.spatial_dims not in (1, 2, 3):
         return f"{rec.spatial_dims}D conv: onnxruntime's int8 conv takes 1D, 2D and 3D"
-    return None
+    after = activation_after(rec, ctx)
+    return Match((rec.node_id, *after)) if after else None
 
 
-def build(rec: ConvRecord, ctx: RuleContext, params: dict) -> Replacement:
-    conv = ctx.node(rec.node_id)
-    new = type(conv)()
-    new.CopyFrom(conv)
-    return Replacement([new], [], False, estimate(rec, params)[2], rec.macs, rec.params,
-                       notes=f"int8 QDQ: per-channel int8 weights, uint8 activations, {params['calibration']} ranges",
+def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None = None) -> Replacement:
+    ids = list(found.nodes) if found is not None else [rec.node_id]
+    nodes = []
+    for nid in ids:
+        new = onnx.NodeProto()
+        new.CopyFrom(ctx.node(nid))
+        nodes.append(new)
+    acts = "+".join(n.op_type for n in nodes[1:])
+    return Replacement(nodes, [], False, estimate(rec, params)[2], rec.macs, rec.params, removed=ids,
+                       notes=f"int8 QDQ: per-channel int8 weights, uint8 activations, {params['calibration']} ranges"
+                             + (f"; its {acts} in int8 too" if acts else ""),
                        quantize={"calibration": params["calibration"], "reduce_range": params["reduce_range"]})
 
 

@@ -56,8 +56,10 @@ def test_every_conv_becomes_an_int8_kernel_with_its_error_alone():
     assert rep.checks["int8 kernels"].startswith("3 of 3 quantized convs run as QLinearConv")
     assert int8_kernels(res.model) == {"conv0", "conv1", "conv2"}
     ops = [n.op_type for n in res.model.graph.node]
-    # conv1 and conv2 read activations a Relu makes from a DequantizeLinear's output: each input quantized once
-    assert ops.count("QuantizeLinear") == 6 and ops.count("Conv") == 3
+    # each Relu joins its conv's unit (folded into the output range by the quantizer), and conv1 and conv2 read
+    # the DequantizeLinear of the unit before: x, a0, a1 and y quantized once each
+    assert ops.count("QuantizeLinear") == 4 and ops.count("Conv") == 3 and "Relu" not in ops
+    assert [c.notes.endswith("its Relu in int8 too") for c in rep.changes] == [True, True, False]
     x = feeds(1, seed=5)[0]
     a, b = run(model, x)[0], run(res.model, x)[0]
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99

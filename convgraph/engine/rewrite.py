@@ -232,7 +232,7 @@ def _quantize(cg: ConvGraph, report: RewriteReport, pending: dict[int, Pending],
     """Quantize the new nodes of each pending change with onnxruntime's quantizer (:mod:`convgraph.engine.quantize`):
     the activations that need ranges calibrated in one run over ``feeds()`` (None: no --calib given), then
     each change's nodes alone, in graph order, so that a change reading another's output keeps its scale."""
-    from .quantize import CONVS, calibrate_ranges, plan, predicted_noise, quantize_region, reduce_range, weight_error
+    from .quantize import CONVS, UNITS, calibrate_ranges, plan, predicted_noise, quantize_region, reduce_range, weight_error
     from ..model.weights import constant_value
 
     def boundary(p: Pending) -> list[str]:
@@ -259,9 +259,9 @@ def _quantize(cg: ConvGraph, report: RewriteReport, pending: dict[int, Pending],
         p, c = pending[i], report.changes[i]
         nodes = [p.graph.node(n) for n in p.ids]
         plan_i = plan(p.graph, nodes, boundary(p), quantize_io=io(p))
-        new, inits = quantize_region(p.graph, nodes, plan_i, ranges, method=how["calibration"], reduce=reduce,
-                                     base=c.node)
         requantized = bool(how.get("requantize"))
+        new, inits = quantize_region(p.graph, nodes, plan_i, ranges, method=how["calibration"], reduce=reduce,
+                                     base=c.node, ops=CONVS if requantized else UNITS)
         if requantized and c.exact:  # held to the noise its new roundings add, not to float rounding
             float_bound = c.tolerance
             c.tolerance = tolerance.requantized(predicted_noise(new, inits, p.graph, plan_i, ranges)).to_dict()

@@ -17,7 +17,7 @@ from ..model.graph import ConvGraph
 from ..model.record import ConvRecord
 from ..registry import get_rule
 from ..rule import RuleContext, Skip
-from .int8 import Ranges, int8_replacement, quantizes, ranges_for
+from .int8 import Ranges, int8_replacement, quantized_plan, quantizes, ranges_for
 from .report import Candidate
 from .timing import apply_plan, eta
 
@@ -112,14 +112,19 @@ class Fitted:
 
     def model(self, plan: Mapping[str, tuple[str, dict]]) -> tuple[onnx.ModelProto, dict[str, str]]:
         """The original with ``plan`` applied, each conv fitted alone on the original's statistics; and per
-        conv the fit's notes. Replacements that do not simply stand in for their conv go through the engine."""
-        reps, engine, notes = [], {}, {}
+        conv the fit's notes. Replacements that do not simply stand in for their conv go through the engine;
+        int8 steps, where there are several, are quantized together at the end (:func:`quantized_plan`:
+        neighbours share scales, the ops between them go int8 too); one alone is spliced like the others."""
+        reps, engine, notes, int8 = [], {}, {}, {}
         for node, (rule, params) in plan.items():
             rep = self.rep_of(node, rule, params)
             if rep is None:
                 raise CheckFailed(f"{rule} refuses {node} with the calibration statistics")
             at = self.place(rep, node)
-            if at is not None:
+            if quantizes(get_rule(rule)) and sum(quantizes(get_rule(r)) for r, _ in plan.values()) > 1:
+                int8[node] = get_rule(rule).resolve_params({k: str(v) for k, v in params.items()})
+                notes[node] = rep.notes
+            elif at is not None:
                 reps.append((at, rep))
                 notes[node] = rep.notes
             else:
@@ -128,6 +133,8 @@ class Fitted:
         if engine:
             m, changes = apply_plan(m, engine, calibration=self.stats, input_shapes=self.input_shapes)
             notes.update({ch.node: ch.notes for ch in changes})
+        if int8:
+            m = quantized_plan(m, self.cg, self.by_id, int8, self.ranges)
         return m, notes
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import onnx
 
 from ..model.graph import ConvGraph
 from ..model.record import ConvRecord
@@ -31,46 +32,93 @@ def quantizes(rule: Rule) -> bool:
 
 
 def _region(cg: ConvGraph, rec: ConvRecord):
+    """The int8 unit of conv ``rec`` (its node ids: the conv and the activation after it, as the rule matches)
+    and how its activations are quantized."""
     from ..engine.quantize import plan
+    from ..rule import RuleContext
+    from ..rules.int8 import activation_after
 
-    conv = cg.node(rec.node_id)
-    return [conv], plan(cg, [conv], [rec.output], quantize_io=True)
+    ids = [rec.node_id, *activation_after(rec, RuleContext(cg))]
+    nodes = [cg.node(n) for n in ids]
+    return ids, nodes, plan(cg, nodes, [nodes[-1].output[0]], quantize_io=True)
+
+
+def unit_nodes(cg: ConvGraph, rec: ConvRecord) -> list[str]:
+    """The node ids an int8 step of conv ``rec`` quantizes: the conv and the activation after it."""
+    return _region(cg, rec)[0]
+
+
+def join_tensors(cg: ConvGraph) -> list[str]:
+    """The float activations of the main graph's ops that can join int8 units (``engine.quantize.JOINS``): their
+    ranges are calibrated with the units', for the joins a plan's int8 units enclose."""
+    from ..engine.quantize import JOINS
+    from ..model.weights import constant_value
+
+    out: dict[str, None] = {}
+    for nid in cg.ops(JOINS):
+        n = cg.node(nid)
+        for t in [*n.input, *n.output]:
+            info = cg.shapes.get(t) if t else None
+            if info is not None and info.elem_type == onnx.TensorProto.FLOAT and t not in out \
+                    and constant_value(cg, t) is None:
+                out[t] = None
+    return list(out)
 
 
 def tensors_to_calibrate(cg: ConvGraph, rec: ConvRecord) -> list[str]:
     """The activations an int8 replacement of ``rec`` needs ranges for (its input and output, unless the
     graph quantizes them already)."""
-    return list(_region(cg, rec)[1].calibrate)
+    return list(_region(cg, rec)[2].calibrate)
 
 
 def int8_replacement(cg: ConvGraph, rec: ConvRecord, params: Mapping[str, Any],
                      ranges: Mapping[str, tuple[float, float]] | None) -> Replacement:
     """Conv ``rec`` in QDQ form; ``ranges`` None: placeholder ranges (for timing only)."""
-    from ..engine.quantize import quantize_region, reduce_range, weight_error
+    from ..engine.quantize import UNITS, quantize_region, reduce_range, weight_error
     from ..model.weights import constant_value
 
-    nodes, p = _region(cg, rec)
+    ids, nodes, p = _region(cg, rec)
     rng = dict(ranges) if ranges is not None else {t: TIMING_RANGE for t in p.calibrate}
     method, reduce = str(params["calibration"]), reduce_range(str(params["reduce_range"]))
-    new, inits = quantize_region(cg, nodes, p, rng, method=method, reduce=reduce, base=rec.node_id)
+    new, inits = quantize_region(cg, nodes, p, rng, method=method, reduce=reduce, base=rec.node_id, ops=UNITS)
     w = constant_value(cg, rec.weight)
     err = weight_error([w], new, inits) if w is not None else None
-    return Replacement(new, inits, False, f"{rec.kind} (int8)", rec.macs, rec.params, weight_error=err,
+    acts = "+".join(n.op_type for n in nodes[1:])
+    return Replacement(new, inits, False, f"{rec.kind} (int8)", rec.macs, rec.params, weight_error=err, removed=ids,
                        notes=f"int8, {method} ranges{', 7-bit weights' if reduce else ''}; QDQ: per-channel int8 "
-                             f"weights, uint8 activations")
+                             f"weights, uint8 activations" + (f"; its {acts} in int8 too" if acts else ""))
 
 
 def calibrate(original, cg: ConvGraph, wanted: Iterable[tuple[ConvRecord, Mapping[str, Any]]],
               feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, dict[str, tuple[float, float]]]:
     """Per calibration method, the ranges of every activation the int8 candidates ``wanted`` ((record,
-    params) pairs) need, in one run over ``feeds`` per method."""
+    params) pairs) need, and those of the ops that can join them (:func:`join_tensors`), in one run over
+    ``feeds`` per method."""
     from ..engine.quantize import calibrate_ranges
 
     need: dict[str, set[str]] = {}
+    joins = join_tensors(cg) if wanted else []
     for rec, params in wanted:
-        need.setdefault(str(params["calibration"]), set()).update(tensors_to_calibrate(cg, rec))
+        need.setdefault(str(params["calibration"]), set()).update(tensors_to_calibrate(cg, rec), joins)
     return {method: calibrate_ranges(original, sorted(ts), list(feeds), method, types=cg.shapes)
             for method, ts in need.items() if ts}
+
+
+def quantized_plan(model: onnx.ModelProto, cg: ConvGraph, by_id: Mapping[str, ConvRecord],
+                   steps: Mapping[str, Mapping[str, Any]], ranges: Ranges) -> onnx.ModelProto:
+    """``model`` (the original with a plan's other rewrites spliced in) with the int8 steps ``steps`` (conv id →
+    params) quantized together: their units and the joins between them in one pass of onnxruntime's quantizer
+    (``engine.quantize.quantize_model``), so that neighbours share their quantization and the ops between
+    them run on int8 too. One calibration method and reduce_range for all (the optimizer offers one)."""
+    from ..engine.quantize import quantize_model, reduce_range
+    from ..errors import CheckFailed
+
+    how = {(str(p["calibration"]), str(p["reduce_range"])) for p in steps.values()}
+    if len(how) != 1:
+        raise CheckFailed(f"int8 steps with different calibration settings in one plan: {sorted(how)}")
+    method, reduce = how.pop()
+    units = [n for node in steps for n in unit_nodes(cg, by_id[node])]
+    return quantize_model(model, units, ranges.get(method, {}), method=method, reduce=reduce_range(reduce))
 
 
 def ranges_for(ranges: Ranges, cg: ConvGraph, rec: ConvRecord, params: Mapping[str, Any]

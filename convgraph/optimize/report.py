@@ -29,6 +29,9 @@ STABLE_SHARE = 0.75
 #: Errors below this count as this much in saving/error ratios (exact-looking candidates).
 ERROR_FLOOR = 1e-7
 
+#: How the optimizer's int8 candidates calibrate their activation ranges (see README, "int8").
+INT8_CALIBRATION = "minmax"
+
 
 @dataclass
 class Candidate:

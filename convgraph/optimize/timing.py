@@ -21,13 +21,15 @@ from ..registry import get_rule
 from ..engine.rewrite import Selection, rewrite
 from ..rule import RuleContext, Skip
 from .int8 import int8_replacement, quantizes
-from .report import KEEP_SHARES, LAYER_RANK_SHARES, MAX_MAC_RATIO, Candidate
+from .report import INT8_CALIBRATION, KEEP_SHARES, LAYER_RANK_SHARES, MAX_MAC_RATIO, Candidate
 
 
 # ---- candidates and per-layer latency -----------------------------------------------------------------------
 def rule_options(rule_name: str, rec: ConvRecord, ranks: Sequence[int],
                   shares: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rule = get_rule(rule_name)
+    if quantizes(rule):
+        return [{"calibration": INT8_CALIBRATION}]
     if rule_name in KEEP_SHARES:
         return [{"keep": k} for k in KEEP_SHARES[rule_name]]
     if rule_name in LAYER_RANK_SHARES:
@@ -230,7 +232,7 @@ def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str
                     cache.put(key, timed)
             t0 = timed["before_ms"]
             for o, ratio, won in zip(opts, timed["ratios"], timed["won"]):
-                before = o["rep"].macs_before if len(span) > 1 else rec.macs
+                before = o["rep"].macs_before if len(span) > 1 and o["rep"].macs_before is not None else rec.macs
                 out.append(Candidate(rec.node_id, o["rule"], o["params"], o["kind"], before, o["macs"], t0,
                                      t0 / ratio, faster_share=won, touches=list(span) if len(span) > 1 else []))
         if progress is not None:
