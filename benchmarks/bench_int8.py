@@ -116,8 +116,8 @@ def judge(name: str, fp32: onnx.ModelProto, model: onnx.ModelProto, held: list[d
 
 def boundaries(name: str, runs: int) -> None:
     """What a boundary between int8 and float costs: per conv of ``name``, a QuantizeLinear → DequantizeLinear
-    pair on its input (uint8, the calibrated scale does not matter) timed against the conv's int8 layer (Q, the
-    QLinearConv, DQ) and its float layer, at 1 thread, interleaved."""
+    pair on its input (uint8, the calibrated scale does not matter) timed against the conv's int8 unit (Q, the
+    QLinearConv and its activation, DQ) and the same layers in float, at 1 thread, interleaved."""
     from onnx import TensorProto, helper
 
     from convgraph.analysis.analyze import analyze
@@ -144,7 +144,7 @@ def boundaries(name: str, runs: int) -> None:
         b = bench([qdq], runs=runs, warmup=3, threads=1, progress=False)
         c = cands[r.node_id]
         rows.append((r.node_id, r.input_shape, b.models[0].median_ms, c.layer_ms_after, c.layer_ms_before))
-    print("| conv | input | Q→DQ of its input, ms | int8 layer (Q, QLinearConv, DQ), ms | float layer, ms |")
+    print("| conv | input | Q→DQ of its input, ms | int8 unit (Q, QLinearConv + activation, DQ), ms | float, ms |")
     print("|---|---|---|---|---|")
     for node, shape, qdq_ms, int8_ms, fp_ms in rows:
         print(f"| {node} | {'×'.join(map(str, shape))} | {qdq_ms:.3f} | {int8_ms:.3f} | {fp_ms:.3f} |")

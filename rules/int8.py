@@ -1,7 +1,9 @@
 """Rule ``int8``: a float conv → the same conv in QDQ form, which onnxruntime runs as an int8 kernel (QLinearConv).
 
-The rule puts in a copy of the conv and asks the engine to quantize it (``Replacement.quantize``): after the
-pass the engine calibrates the activation ranges it needs on ``--calib`` (one run over the data, onnxruntime's
+The activation that alone reads the conv's output joins it (:func:`activation_after`: SiLU's Sigmoid and Mul,
+LeakyRelu, Relu, Clip), so that onnxruntime runs it on int8 too and the next int8 conv reads int8 values. The
+rule puts in a copy of the conv (and activation) and asks the engine to quantize it (``Replacement.quantize``):
+after the pass the engine calibrates the activation ranges it needs on ``--calib`` (one run over the data, onnxruntime's
 calibrator for ``calibration``) and quantizes each conv alone with onnxruntime's ``quantize_static``
 (:mod:`convgraph.engine.quantize`): per-channel symmetric int8 weights, uint8 activations (on x86 onnxruntime's fastest
 int8 conv kernels take u8 activations × s8 weights), int32 bias; an input that a DequantizeLinear already makes

@@ -138,3 +138,60 @@ def test_quantize_model_runs_the_units_and_their_joins_on_int8(tmp_path):
     a = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
     b = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+
+
+def test_weights_held_by_constant_nodes_are_quantized_too(tmp_path):
+    """PP-OCR det keeps its weights in Constant nodes: they become initializers before the quantizer sees them."""
+    m = c2f()
+    inits = {t.name: t for t in m.graph.initializer if t.name.endswith("_w")}
+    for name, t in inits.items():
+        m.graph.node.insert(0, helper.make_node("Constant", [], [name], value=t))
+        m.graph.initializer.remove(t)
+    units = ["a", "a_sig", "a_mul", "b", "b_sig", "b_mul", "c", "c_sig", "c_mul"]
+    from convgraph.model.loader import load
+
+    tensors = sorted({t for n in m.graph.node if n.op_type != "Constant" for t in [*n.input, *n.output]
+                      if t and t not in {i.name for i in m.graph.initializer} and t not in inits})
+    ranges = calibrate_ranges(m, tensors, feeds(), "minmax", types=load(m).shapes)
+    q = quantize_model(m, units, ranges, method="minmax", reduce=False)
+    assert optimized_ops(q, tmp_path).count("QLinearConv") == 3 and "Constant" not in [n.op_type for n in q.graph.node]
+
+
+def _fitted(m: onnx.ModelProto):
+    from convgraph.analysis.analyze import analyze
+    from convgraph.model.loader import load
+    from convgraph.optimize import int8
+    from convgraph.optimize.fitting import Fitted
+    from convgraph.registry import get_rule
+
+    cg = load(m)
+    recs = {r.node_id: r for r in analyze(cg, rewrites=False).convs}
+    params = get_rule("int8").resolve_params({"calibration": "minmax"})
+    ranges = int8.calibrate(m, cg, [(r, params) for r in recs.values()], feeds())
+    return Fitted(m, cg, recs, None, None, ranges)
+
+
+def test_the_optimizer_quantizes_a_plans_int8_steps_together(tmp_path):
+    fitted = _fitted(c2f())
+    plan = {n: ("int8", {"calibration": "minmax"}) for n in ("a", "b", "c")}
+    m, notes = fitted.model(plan)
+    ops = optimized_ops(m, tmp_path)
+    assert ops.count("QLinearConv") == 3 and ops.count("QLinearConcat") == 1 and fitted.joint_failed is None
+    assert all(notes[n].endswith("its Sigmoid+Mul in int8 too") for n in plan)
+    one, _ = fitted.model({"b": plan["b"]})  # one step alone: spliced as judged alone, no joins
+    assert optimized_ops(one, tmp_path).count("QLinearConv") == 1
+
+
+def test_when_quantizing_together_fails_each_unit_is_quantized_alone(tmp_path, monkeypatch):
+    from convgraph.engine import quantize
+    from convgraph.errors import ModelError
+
+    def refuse(*args, **kwargs):
+        raise ModelError("onnxruntime's quantizer failed: (a model it cannot take)")
+
+    monkeypatch.setattr(quantize, "quantize_model", refuse)
+    fitted = _fitted(c2f())
+    m, _ = fitted.model({n: ("int8", {"calibration": "minmax"}) for n in ("a", "b", "c")})
+    assert fitted.joint_failed and "cannot take" in fitted.joint_failed
+    ops = optimized_ops(m, tmp_path)
+    assert ops.count("QLinearConv") == 3 and "QLinearConcat" not in ops

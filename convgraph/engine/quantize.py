@@ -397,6 +397,30 @@ def activations_of(model: onnx.ModelProto, names: Iterable[str]) -> list[str]:
                               for t in [*n.input, *n.output] if t and t not in consts))
 
 
+def constants_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each main-graph Constant node that holds a tensor turned into an initializer of its output's
+    name (PP-OCR det's weights are Constant nodes; onnxruntime's quantizer reads weights from initializers and
+    asks for ranges of anything else). ``model`` itself when it has none."""
+    kinds = {"value", "value_float", "value_floats", "value_int", "value_ints"}
+    consts = [n for n in model.graph.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
+              and len(n.attribute) == 1 and n.attribute[0].name in kinds]
+    if not consts:
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    gone = set()
+    for n in consts:
+        a = n.attribute[0]
+        v = onnx.numpy_helper.to_array(a.t) if a.name == "value" else np.asarray(
+            helper.get_attribute_value(a), np.float32 if a.name.startswith("value_float") else np.int64)
+        m.graph.initializer.append(onnx.numpy_helper.from_array(v, n.output[0]))
+        gone.add(n.output[0])
+    kept = [n for n in m.graph.node if not (n.op_type == "Constant" and n.output and n.output[0] in gone)]
+    del m.graph.node[:]
+    m.graph.node.extend(kept)
+    return m
+
+
 def quantize_model(model: onnx.ModelProto, units: Sequence[str], ranges: Mapping[str, tuple[float, float]], *,
                    method: str, reduce: bool) -> onnx.ModelProto:
     """``model`` (float) with the nodes named ``units`` (int8 units: convs and their activations) and the
@@ -406,6 +430,7 @@ def quantize_model(model: onnx.ModelProto, units: Sequence[str], ranges: Mapping
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
+    model = constants_as_initializers(model)  # the quantizer takes weights from initializers only
     names = set(units) | set(joins_between(model, units))
     inits = {t.name: t for t in model.graph.initializer}
     ranges = through_clips([n for n in model.graph.node if n.name in names], ranges,

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..errors import CheckFailed
+from ..errors import CheckFailed, ModelError
 from ..model.graph import ConvGraph
 from ..model.record import ConvRecord
 from ..registry import get_rule
@@ -95,6 +95,7 @@ class Fitted:
         self.reps: dict[tuple[str, str, str], Any] = {}
         self.nodes = list(original.graph.node)
         self.order = {n.name: i for i, n in enumerate(self.nodes)}
+        self.joint_failed: str | None = None  # why int8 steps could not be quantized together, if they could not
 
     def rep(self, c: Candidate):
         """Candidate ``c``'s replacement, fitted once (None when its rule refuses the conv)."""
@@ -110,7 +111,7 @@ class Fitted:
         """:func:`place_replacement` in the original model."""
         return place_replacement(self.nodes, self.order, self.cg, rep, self.by_id[node])
 
-    def model(self, plan: Mapping[str, tuple[str, dict]]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    def model(self, plan: Mapping[str, tuple[str, dict]], joint: bool = True) -> tuple[onnx.ModelProto, dict[str, str]]:
         """The original with ``plan`` applied, each conv fitted alone on the original's statistics; and per
         conv the fit's notes. Replacements that do not simply stand in for their conv go through the engine;
         int8 steps, where there are several, are quantized together at the end (:func:`quantized_plan`:
@@ -121,7 +122,7 @@ class Fitted:
             if rep is None:
                 raise CheckFailed(f"{rule} refuses {node} with the calibration statistics")
             at = self.place(rep, node)
-            if quantizes(get_rule(rule)) and sum(quantizes(get_rule(r)) for r, _ in plan.values()) > 1:
+            if joint and quantizes(get_rule(rule)) and sum(quantizes(get_rule(r)) for r, _ in plan.values()) > 1:
                 int8[node] = get_rule(rule).resolve_params({k: str(v) for k, v in params.items()})
                 notes[node] = rep.notes
             elif at is not None:
@@ -134,7 +135,11 @@ class Fitted:
             m, changes = apply_plan(m, engine, calibration=self.stats, input_shapes=self.input_shapes)
             notes.update({ch.node: ch.notes for ch in changes})
         if int8:
-            m = quantized_plan(m, self.cg, self.by_id, int8, self.ranges)
+            try:
+                m = quantized_plan(m, self.cg, self.by_id, int8, self.ranges)
+            except ModelError as e:  # each unit quantized alone instead, as the candidates were: slower, never wrong
+                self.joint_failed = str(e)
+                return self.model(plan, joint=False)
         return m, notes
 
 

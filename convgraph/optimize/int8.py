@@ -1,10 +1,12 @@
-"""int8 candidates: a conv's replacement in QDQ form (onnxruntime's quantizer, :mod:`convgraph.engine.quantize`),
-spliced in like any other candidate's, with activation ranges calibrated once for every int8 candidate.
+"""int8 candidates: a conv's int8 unit in QDQ form (onnxruntime's quantizer, :mod:`convgraph.engine.quantize`), with
+activation ranges calibrated once for every int8 candidate.
 
-A candidate of a rule that quantizes (``Rule.quantizes``: ``int8``) is the conv itself in QDQ form: its input
-quantized and dequantized, its weights per channel, its output quantized and dequantized. Timed as a one-layer
-model it pays for its own QuantizeLinear/DequantizeLinear pair at each boundary, as a lone int8 conv between
-float neighbours does; two int8 convs that share a boundary pay it once, which the search sees when it times
+A candidate of a rule that quantizes (``Rule.quantizes``: ``int8``) is the conv and the activation after it
+(``rules/int8.py``: SiLU, LeakyRelu, Relu, Clip) in QDQ form: its input quantized and dequantized, its weights
+per channel, its output quantized and dequantized. Timed as a one-layer model it pays for its own
+QuantizeLinear/DequantizeLinear pair at each boundary, as a lone int8 unit between float neighbours does. A plan
+with several int8 steps is quantized in one pass (:func:`quantized_plan`): neighbours share the quantization of
+the tensor between them and the ops wholly between units go int8 too, which the search sees when it times
 whole prefixes in the model.
 """
 

@@ -360,6 +360,9 @@ def search_prefixes(plan: Plan, s: Settings, deadline: Deadline, say: Say) -> No
         if plan.steps:
             plan.backed_off = search(plan.steps, evaluate, allowance=allowance, max_evals=s.max_evals,
                                      stop=deadline.over)
+        if fitted.joint_failed:
+            plan.notes.append(f"int8 steps quantized one unit at a time (no joins between them): quantizing them "
+                              f"together failed: {fitted.joint_failed}")
         # Latency need not fall along the sequence (launch-bound on a GPU, more nodes can cost more than the
         # MACs save): while the fastest passing prefix is no faster than the original, or its measured latency
         # is far from the sum of its layers' savings, halve the shortest one.
