@@ -13,6 +13,7 @@ fp32, at 1 thread and at onnxruntime's default threads.
     python benchmarks/bench_int8.py                              # both models, every variant
     python benchmarks/bench_int8.py --models yolov8n --no-optimize    # only onnxruntime's quantizer
     python benchmarks/bench_int8.py --boundaries yolov8n         # a Q→DQ boundary against each int8 conv
+    python benchmarks/bench_int8.py --frontier yolov8n           # k int8 units, least error alone first
 """
 
 from __future__ import annotations
@@ -152,6 +153,65 @@ def boundaries(name: str, runs: int) -> None:
     print(f"| all {len(rows)} | | {tot[0]:.2f} | {tot[1]:.2f} | {tot[2]:.2f} |")
 
 
+def prepare(name: str, n_calib: int, tmp: Path) -> tuple[onnx.ModelProto, Path, Path, list[dict], list[dict]]:
+    """The model with a static input (saved as ``fp32.onnx``), its calibration images as arrays (and .npz) and
+    its held-out images' arrays: (model, its path, calib .npz, calib feeds, held-out feeds)."""
+    spec = MODELS[name]
+    inp, size = spec[0], spec[1]
+    cg = load(zoo.fetch(name), {inp: [1, 3, size, size]})
+    fp32_model = cg.to_model()
+    dims = fp32_model.graph.input[0].type.tensor_type.shape.dim
+    for d, v in zip(dims, (1, 3, size, size)):
+        d.Clear()
+        d.dim_value = v  # static: onnxruntime's quantizer and the CLI need no --input-shape
+    fp32 = tmp / "fp32.onnx"
+    onnx.save(fp32_model, fp32)
+    folder = crops_folder(tmp / "calib", FIT_SOURCES, n_calib - (n_calib // 2 if name == "ppocr-det" else 0), size)
+    if name == "ppocr-det":
+        text_images(folder, n_calib // 2, size)
+        held_folder = text_images(link_folder(tmp / "held", TEXT_IMAGES), 6, size, seed=1000)
+    else:
+        held_folder = link_folder(tmp / "held", HELD_OUT)
+    calib_npz, calib = arrays(fp32_model, folder, spec, tmp / "calib.npz")
+    _, held = arrays(fp32_model, held_folder, spec, tmp / "held.npz")
+    return fp32_model, fp32, calib_npz, calib, held
+
+
+def frontier(name: str, n_calib: int, runs: int, counts: list[int], activation: str = "int8") -> None:
+    """What int8 alone can reach: every int8 unit's error alone (MinMax ranges on the fit part of the calibration
+    set, judged on its split-off quarter, as ``optimize`` splits it), then the first k units in that order quantized
+    together as the optimizer builds a plan (joins included): speed at 1 thread against fp32, worst split-off
+    sample and worst held-out image. ``activation="float"``: the units are the convs alone."""
+    from convgraph.analysis.analyze import analyze
+    from convgraph.optimize import int8
+    from convgraph.optimize.fitting import Fitted
+    from convgraph.optimize.timing import unique_names
+    from convgraph.registry import get_rule
+
+    with tempfile.TemporaryDirectory() as tmp_:
+        model, _, _, calib, held = prepare(name, n_calib, Path(tmp_))
+    fit = [f for i, f in enumerate(calib) if i % 4 != 3]
+    split = [f for i, f in enumerate(calib) if i % 4 == 3]
+    cg = load(model, probe=True)
+    recs = analyze(cg, rewrites=False).convs
+    unique_names(cg)
+    original = cg.to_model()
+    given = {"calibration": "minmax", "activation": activation}
+    params = get_rule("int8").resolve_params(given)
+    ranges = int8.calibrate(original, cg, [(r, params) for r in recs], fit)
+    fitted = Fitted(original, cg, {r.node_id: r for r in recs}, None, None, ranges)
+    step = ("int8", given)
+    errors = {r.node_id: 1 - judge(name, original, fitted.model({r.node_id: step})[0], split)["cosine"] for r in recs}
+    order = sorted(errors, key=lambda n: errors[n])
+    print("| int8 units | speed-up, 1 thread | split-off samples, worst | held-out images, worst |")
+    print("|---|---|---|---|")
+    for k in [c for c in counts if c <= len(order)] + [len(order)]:
+        m = fitted.model({n: step for n in order[:k]})[0]
+        b = bench([original, m], runs=runs, warmup=3, threads=1, progress=False)
+        print(f"| {k} | {b.ratios[0].median:.2f}× | {judge(name, original, m, split)['cosine']:.4f} | "
+              f"{judge(name, original, m, held)['cosine']:.4f} |", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="yolov8n,ppocr-det")
@@ -161,34 +221,23 @@ def main(argv=None) -> int:
     ap.add_argument("--rules", default="separable,spatial-separable,dilated,low-rank")
     ap.add_argument("--keep", help="folder to keep the models and logs in")
     ap.add_argument("--boundaries", metavar="MODEL", help="only what an int8/float boundary costs, per conv")
+    ap.add_argument("--frontier", metavar="MODEL", help="only what int8 units can reach, in order of their errors")
+    ap.add_argument("--counts", default="20,30,40,50,60", help="--frontier: the numbers of int8 units built")
+    ap.add_argument("--activation", default="int8", choices=("int8", "float"),
+                    help="--frontier: the activations after the convs in int8 with them, or left float")
     args = ap.parse_args(argv)
     if args.boundaries:
         boundaries(args.boundaries, args.runs)
         return 0
+    if args.frontier:
+        frontier(args.frontier, args.calib, args.runs, [int(c) for c in args.counts.split(",")], args.activation)
+        return 0
     rows = []
     for name in args.models.split(","):
-        spec = MODELS[name]
-        inp, size = spec[0], spec[1]
         with tempfile.TemporaryDirectory() as tmp_:
             tmp = Path(args.keep or tmp_) / name
             tmp.mkdir(parents=True, exist_ok=True)
-            cg = load(zoo.fetch(name), {inp: [1, 3, size, size]})
-            fp32_model = cg.to_model()
-            dims = fp32_model.graph.input[0].type.tensor_type.shape.dim
-            for d, v in zip(dims, (1, 3, size, size)):
-                d.Clear()
-                d.dim_value = v  # static: onnxruntime's quantizer and the CLI need no --input-shape
-            fp32 = tmp / "fp32.onnx"
-            onnx.save(fp32_model, fp32)
-            folder = crops_folder(tmp / "calib", FIT_SOURCES, args.calib - (args.calib // 2 if name == "ppocr-det" else 0),
-                                  size)
-            if name == "ppocr-det":
-                text_images(folder, args.calib // 2, size)
-                held_folder = text_images(link_folder(tmp / "held", TEXT_IMAGES), 6, size, seed=1000)
-            else:
-                held_folder = link_folder(tmp / "held", HELD_OUT)
-            calib_npz, calib = arrays(fp32_model, folder, spec, tmp / "calib.npz")
-            _, held = arrays(fp32_model, held_folder, spec, tmp / "held.npz")
+            fp32_model, fp32, calib_npz, calib, held = prepare(name, args.calib, tmp)
             variants: list[tuple[str, onnx.ModelProto, str]] = []
             for method in ("MinMax", "Percentile", "Entropy"):
                 t = time.perf_counter()

@@ -87,7 +87,7 @@ def match(rec: ConvRecord, ctx: RuleContext) -> str | Match | None:
         return "int8 is calibrated from float32 models: quantize the float32 model, not this one"
     if rec.spatial_dims not in (1, 2, 3):
         return f"{rec.spatial_dims}D conv: onnxruntime's int8 conv takes 1D, 2D and 3D"
-    after = activation_after(rec, ctx)
+    after = activation_after(rec, ctx) if ctx.params.get("activation", "int8") == "int8" else []
     return Match((rec.node_id, *after)) if after else None
 
 
@@ -117,6 +117,9 @@ RULE = Rule(
     params=(
         Param("calibration", DEFAULT_CALIBRATION, "how activation ranges are calibrated on --calib: "
               f"{', '.join(CALIBRATIONS)} (onnxruntime's calibrators)", _choice(CALIBRATIONS)),
+        Param("activation", "int8", "the activation after the conv (SiLU, LeakyRelu, Relu, Clip): 'int8' quantizes "
+              "it with the conv (onnxruntime runs it on int8, no float round trip), 'float' leaves it float "
+              "between the conv's DequantizeLinear and the next QuantizeLinear", _choice(("int8", "float"))),
         Param("reduce_range", "auto", "7-bit weights: 'auto' (on x86 CPUs without VNNI, where onnxruntime's u8s8 "
               "kernels can saturate), 'yes' or 'no'", _choice(("auto", "yes", "no"))),
     ),

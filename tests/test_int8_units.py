@@ -195,3 +195,10 @@ def test_when_quantizing_together_fails_each_unit_is_quantized_alone(tmp_path, m
     assert fitted.joint_failed and "cannot take" in fitted.joint_failed
     ops = optimized_ops(m, tmp_path)
     assert ops.count("QLinearConv") == 3 and "QLinearConcat" not in ops
+
+
+def test_activation_float_quantizes_the_conv_alone(tmp_path):
+    res = rewrite(c2f(), ["int8"], params={"activation": "float"}, calib=feeds(), verify=False)
+    assert all(c.old_nodes == [c.node] for c in res.report.changes) and len(res.report.changes) == 3
+    ops = optimized_ops(res.model, tmp_path)
+    assert ops.count("QLinearConv") == 3 and "QLinearSigmoid" not in ops

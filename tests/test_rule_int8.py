@@ -107,7 +107,7 @@ def test_the_cli_writes_the_model_and_json_stays_json(tmp_path, capsys):
     assert code == 0, err
     doc = json.loads(out)  # onnxruntime's calibrator prints to stdout: none of it may reach here
     assert doc["output"] and doc["checks"]["int8 kernels"].startswith("3 of 3")
-    assert [r["params"] for r in doc["rules"]] == [{"calibration": "minmax", "reduce_range": "auto"}]
+    assert [r["params"] for r in doc["rules"]] == [{"calibration": "minmax", "activation": "int8", "reduce_range": "auto"}]
     code, out, err = run_cli(capsys, "rewrite", path, "--rule", "int8", "--calib", calib, "--param",
                              "calibration=median", "-o", tmp_path / "p.onnx")
     assert code == 2 and "entropy, percentile, minmax" in err

@@ -33,21 +33,22 @@ def quantizes(rule: Rule) -> bool:
     return bool(getattr(rule, "quantizes", False))
 
 
-def _region(cg: ConvGraph, rec: ConvRecord):
-    """The int8 unit of conv ``rec`` (its node ids: the conv and the activation after it, as the rule matches)
-    and how its activations are quantized."""
+def _region(cg: ConvGraph, rec: ConvRecord, params: Mapping[str, Any]):
+    """The int8 unit of conv ``rec`` (its node ids: the conv and, unless ``params`` leave it float, the
+    activation after it, as the rule matches) and how its activations are quantized."""
     from ..engine.quantize import plan
     from ..rule import RuleContext
     from ..rules.int8 import activation_after
 
-    ids = [rec.node_id, *activation_after(rec, RuleContext(cg))]
+    after = activation_after(rec, RuleContext(cg)) if params.get("activation", "int8") == "int8" else []
+    ids = [rec.node_id, *after]
     nodes = [cg.node(n) for n in ids]
     return ids, nodes, plan(cg, nodes, [nodes[-1].output[0]], quantize_io=True)
 
 
-def unit_nodes(cg: ConvGraph, rec: ConvRecord) -> list[str]:
+def unit_nodes(cg: ConvGraph, rec: ConvRecord, params: Mapping[str, Any]) -> list[str]:
     """The node ids an int8 step of conv ``rec`` quantizes: the conv and the activation after it."""
-    return _region(cg, rec)[0]
+    return _region(cg, rec, params)[0]
 
 
 def join_tensors(cg: ConvGraph) -> list[str]:
@@ -67,10 +68,10 @@ def join_tensors(cg: ConvGraph) -> list[str]:
     return list(out)
 
 
-def tensors_to_calibrate(cg: ConvGraph, rec: ConvRecord) -> list[str]:
+def tensors_to_calibrate(cg: ConvGraph, rec: ConvRecord, params: Mapping[str, Any]) -> list[str]:
     """The activations an int8 replacement of ``rec`` needs ranges for (its input and output, unless the
     graph quantizes them already)."""
-    return list(_region(cg, rec)[2].calibrate)
+    return list(_region(cg, rec, params)[2].calibrate)
 
 
 def int8_replacement(cg: ConvGraph, rec: ConvRecord, params: Mapping[str, Any],
@@ -79,7 +80,7 @@ def int8_replacement(cg: ConvGraph, rec: ConvRecord, params: Mapping[str, Any],
     from ..engine.quantize import UNITS, quantize_region, reduce_range, weight_error
     from ..model.weights import constant_value
 
-    ids, nodes, p = _region(cg, rec)
+    ids, nodes, p = _region(cg, rec, params)
     rng = dict(ranges) if ranges is not None else {t: TIMING_RANGE for t in p.calibrate}
     method, reduce = str(params["calibration"]), reduce_range(str(params["reduce_range"]))
     new, inits = quantize_region(cg, nodes, p, rng, method=method, reduce=reduce, base=rec.node_id, ops=UNITS)
@@ -101,7 +102,7 @@ def calibrate(original, cg: ConvGraph, wanted: Iterable[tuple[ConvRecord, Mappin
     need: dict[str, set[str]] = {}
     joins = join_tensors(cg) if wanted else []
     for rec, params in wanted:
-        need.setdefault(str(params["calibration"]), set()).update(tensors_to_calibrate(cg, rec), joins)
+        need.setdefault(str(params["calibration"]), set()).update(tensors_to_calibrate(cg, rec, params), joins)
     return {method: calibrate_ranges(original, sorted(ts), list(feeds), method, types=cg.shapes)
             for method, ts in need.items() if ts}
 
@@ -119,7 +120,7 @@ def quantized_plan(model: onnx.ModelProto, cg: ConvGraph, by_id: Mapping[str, Co
     if len(how) != 1:
         raise CheckFailed(f"int8 steps with different calibration settings in one plan: {sorted(how)}")
     method, reduce = how.pop()
-    units = [n for node in steps for n in unit_nodes(cg, by_id[node])]
+    units = [n for node, p in steps.items() for n in unit_nodes(cg, by_id[node], p)]
     return quantize_model(model, units, ranges.get(method, {}), method=method, reduce=reduce_range(reduce))
 
 
@@ -127,5 +128,5 @@ def ranges_for(ranges: Ranges, cg: ConvGraph, rec: ConvRecord, params: Mapping[s
                ) -> dict[str, tuple[float, float]] | None:
     """The calibrated ranges an int8 replacement of ``rec`` needs (None when any is missing)."""
     got = ranges.get(str(params["calibration"]), {})
-    need = tensors_to_calibrate(cg, rec)
+    need = tensors_to_calibrate(cg, rec, params)
     return {t: got[t] for t in need} if all(t in got for t in need) else None
