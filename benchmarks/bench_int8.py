@@ -1,14 +1,14 @@
 """int8 side by side, in one run: fp32, onnxruntime's own ``quantize_static`` of every conv (MinMax, Percentile,
 Entropy), ``convgraph optimize`` without int8 and ``convgraph optimize`` with int8 among its rules.
 
-Per model: YOLOv8n 320 (nudenet; judged on its class scores ``/model.22/Sigmoid_output_0`` and the NMS F1 of
-its detections per image) and PP-OCRv4 det 640 (its text map on images with text, BGR as rapidocr feeds it).
-Every variant is calibrated on the same arrays (crops of scikit-image photos; for PP-OCR det half of them
-synthetic text pages) and judged per image on images outside every calibration set (YOLOv8n: other skimage
-photos; PP-OCR det: skimage's page and text and synthetic pages of another seed). ``optimize`` runs as the CLI
-does, at its default settings apart from ``--rules``, in a child process whose wall time and peak RSS are
-reported (``--heldout`` is not given: it splits its own off the calibration set). Speed: interleaved against
-fp32, at 1 thread and at onnxruntime's default threads.
+Per model: YOLOv8n 320 (nudenet; judged on its class scores ``/model.22/Sigmoid_output_0`` and the NMS F1 of its
+detections per image) and PP-OCRv4 det 640 (its text map on images with text, BGR as rapidocr feeds it). Every
+variant is calibrated on the same arrays (crops of scikit-image photos; for PP-OCR det half of them synthetic text
+pages) and judged per image on images outside every calibration set (YOLOv8n: other skimage photos and
+matplotlib's sample photos; PP-OCR det: skimage's page and text and synthetic pages of another seed). ``optimize``
+runs as the CLI does, at its default settings apart from ``--rules``, in a child process whose wall time and peak
+RSS are reported (``--heldout`` is not given: it splits its own off the calibration set). Speed: interleaved
+against fp32, at 1 thread and at onnxruntime's default threads.
 
     python benchmarks/bench_int8.py                              # both models, every variant
     python benchmarks/bench_int8.py --models yolov8n --no-optimize    # only onnxruntime's quantizer
@@ -39,6 +39,16 @@ from bench_optimize import (  # noqa: E402 - the benchmark helpers beside this f
 
 from convgraph import load, zoo  # noqa: E402
 from convgraph.run.bench import bench  # noqa: E402
+
+#: YOLOv8n's held-out images beside skimage's: matplotlib's sample photos (in no calibration set).
+MATPLOTLIB_PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")
+
+
+def matplotlib_data() -> Path:
+    import matplotlib
+
+    return Path(matplotlib.__file__).parent / "mpl-data" / "sample_data"
+
 
 #: What each model is judged on (besides the outputs).
 JUDGED = {"yolov8n": "/model.22/Sigmoid_output_0", "ppocr-det": None}
@@ -172,6 +182,8 @@ def prepare(name: str, n_calib: int, tmp: Path) -> tuple[onnx.ModelProto, Path, 
         held_folder = text_images(link_folder(tmp / "held", TEXT_IMAGES), 6, size, seed=1000)
     else:
         held_folder = link_folder(tmp / "held", HELD_OUT)
+        for photo in MATPLOTLIB_PHOTOS:  # photos from another package: a person, a product, a logo
+            os.symlink(matplotlib_data() / photo, held_folder / photo)
     calib_npz, calib = arrays(fp32_model, folder, spec, tmp / "calib.npz")
     _, held = arrays(fp32_model, held_folder, spec, tmp / "held.npz")
     return fp32_model, fp32, calib_npz, calib, held

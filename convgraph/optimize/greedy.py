@@ -83,7 +83,8 @@ def plan_of(steps: Sequence[Step]) -> dict[str, tuple[str, dict]]:
     return plan
 
 
-def search(steps: Sequence[Step], evaluate, *, allowance: float | None, max_evals: int, stop=None) -> list[Step]:
+def search(steps: Sequence[Step], evaluate, *, allowance: float | None, max_evals: int, stop=None,
+           unbuilt: list[Step] | None = None) -> list[Step]:
     """Find the longest passing prefix of ``steps`` with at most ``max_evals`` calls of ``evaluate(prefix)
     -> (passed, error)``, backing off the steps that break it.
 
@@ -91,7 +92,8 @@ def search(steps: Sequence[Step], evaluate, *, allowance: float | None, max_eval
     from the predicted errors (scaled by how far the measured error of the last passing prefix exceeded
     its prediction). When the two are adjacent, the step between them alone turns a passing model into a
     failing one: it is backed off — dropped, with the later (more aggressive) steps of the same conv —
-    and the search goes on over the rest; ``stop()`` true ends it (a time budget). Returns the steps backed off.
+    and the search goes on over the rest; ``stop()`` true ends it (a time budget). Returns the steps backed off;
+    ``unbuilt`` gets those of them backed off without being built (predicted past the allowance).
     """
     seq, dropped = list(steps), []
     lo, hi, evals, scale, err_lo = 0, len(seq) + 1, 0, 1.0, 0.0
@@ -120,6 +122,8 @@ def search(steps: Sequence[Step], evaluate, *, allowance: float | None, max_eval
             while allowance is not None and lo < len(seq) and err_lo + seq[lo].error * scale > allowance:
                 gone = seq[lo]
                 dropped += [st for st in seq[lo:] if st.node == gone.node]
+                if unbuilt is not None:
+                    unbuilt += [st for st in seq[lo:] if st.node == gone.node]
                 seq = seq[:lo] + [st for st in seq[lo + 1:] if st.node != gone.node]
             hi = len(seq) + 1
             if lo >= len(seq):

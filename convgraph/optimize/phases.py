@@ -124,6 +124,7 @@ class Plan:
     steps: list[Step] = field(default_factory=list)
     built: list[Built] = field(default_factory=list)
     backed_off: list[Step] = field(default_factory=list)
+    unbuilt: list[Step] = field(default_factory=list)  # of backed_off, those predicted past the budget, never built
     shorter: list[int] = field(default_factory=list)
     refitted: list[int] = field(default_factory=list)
 
@@ -359,7 +360,7 @@ def search_prefixes(plan: Plan, s: Settings, deadline: Deadline, say: Say) -> No
     with deadline.phase("search"):
         if plan.steps:
             plan.backed_off = search(plan.steps, evaluate, allowance=allowance, max_evals=s.max_evals,
-                                     stop=deadline.over)
+                                     stop=deadline.over, unbuilt=plan.unbuilt)
         if fitted.joint_failed:
             plan.notes.append(f"int8 steps quantized one unit at a time (no joins between them): quantizing them "
                               f"together failed: {fitted.joint_failed}")
@@ -473,9 +474,15 @@ def _notes(plan: Plan, s: Settings, deadline: Deadline, faster: bool) -> list[st
     if plan.refitted:
         notes.append(f"refitted in sequence (each conv on the activations of the model rewritten so far): the "
                      f"prefix(es) of {', '.join(map(str, plan.refitted))} steps")
-    if plan.backed_off:
+    failed = [b for b in plan.backed_off if b not in plan.unbuilt]
+    if failed:  # per conv, its step that failed (the conv's later steps went with it)
+        first = {b.node: b for b in reversed(failed)}
         notes.append("backed off (each turned a passing prefix into a failing one): " + ", ".join(
-            f"{b.node} {b.rule} {','.join(f'{k}={v}' for k, v in b.params.items())}" for b in plan.backed_off))
+            f"{b.node} {b.rule} {','.join(f'{k}={v}' for k, v in b.params.items())}" for b in reversed(first.values())))
+    if plan.unbuilt:
+        convs = len({b.node for b in plan.unbuilt})
+        notes.append(f"left out unbuilt: {len(plan.unbuilt)} step(s) of {convs} conv(s), each predicted (its error "
+                     f"alone, scaled as the built prefixes measured) to take the longest passing prefix past the budget")
     return notes
 
 
