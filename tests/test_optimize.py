@@ -712,3 +712,33 @@ def test_int8_candidates_are_timed_quantized_and_run_as_int8_kernels(models_dir,
            for a, b in ((run(ref, x, None)[0].astype(np.float64), run(got, x, None)[0].astype(np.float64))
                         for x in held)]
     assert report.metric_value == pytest.approx(min(cos), abs=1e-6)
+
+
+def test_exact_folds_come_first_and_results_are_judged_against_the_model_given(tmp_path):
+    """Conv → Mul → Add (a BatchNormalization as Paddle exports it) → Relu → Conv: fold-bn, a default rule, is
+    applied before the search (exact, on every conv it matches), not offered as a candidate; the folds alone are
+    a result of their own, and every result is timed and judged against the model as given."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal(s).astype(np.float32) * 0.3 for s in ((8, 3, 3, 3), (8, 8, 3, 3)))
+    scale, shift = (rng.uniform(0.5, 1.5, (1, 8, 1, 1)).astype(np.float32), rng.standard_normal((1, 8, 1, 1))
+                    .astype(np.float32))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["a", "s"], ["m"], name="mul"), helper.make_node("Add", ["m", "b"], ["n"], name="add"),
+             helper.make_node("Relu", ["n"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])],
+                          [numpy_helper.from_array(v, k) for k, v in (("w1", w1), ("w2", w2), ("s", scale),
+                                                                      ("b", shift))])
+    path = tmp_path / "affine.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    feeds = smooth_feeds(10, 11, shape=(1, 3, 16, 16))
+    model, report = optimize(path, feeds[:8], feeds[8:], budget=0.5, rules=["fold-bn", "separable"], ranks=(1,),
+                             **FAST)
+    assert any(n.startswith("fold-bn first, on 1 conv(s) (exact") for n in report.notes)
+    assert "fold-bn" not in report.rules and all(c.rule != "fold-bn" for c in report.candidates)
+    assert report.points[0].steps == 0 and report.points[0].passed  # the folds alone, built and judged
+    if report.passed:
+        assert "Mul" not in [n.op_type for n in model.graph.node]

@@ -68,20 +68,22 @@ def test_fold_bn_binds_its_batchnorm_and_build_does_not_look_again(models_dir, m
     from convgraph.engine.rewrite import rewrite
     from convgraph.rule import RuleContext
 
-    calls, real_bn = [], fold_bn._bn
+    calls, real_chain = [], fold_bn._chain
 
     def counted(rec, ctx):
         calls.append(rec.node_id)
-        return real_bn(rec, ctx)
+        return real_chain(rec, ctx)
 
-    monkeypatch.setattr(fold_bn, "_bn", counted)
+    monkeypatch.setattr(fold_bn, "_chain", counted)
     cg = load(models_dir / "conv_bn.onnx")
     a = analyze(cg, rewrites=False)
     rule, found = get_rule("fold-bn"), []
     for rec in a.convs:
         why, f = rule.check(rec, RuleContext(cg, a.by_id()))
         if why is None:
-            assert f is not None and cg.node(f["bn"]).op_type == "BatchNormalization" and f.nodes == (rec.node_id, f["bn"])
+            assert f is not None
+            bn = f["chain"][0]
+            assert cg.node(bn).op_type == "BatchNormalization" and f.nodes == (rec.node_id, bn)
             found.append(f)
     matched = len(calls)
     assert matched >= 2

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 import convgraph
 from convgraph.analysis.analyze import analyze
 from convgraph.errors import UsageError
+from convgraph.engine.rewrite import rewrite
 from convgraph.registry import all_rules, get_rule
 from convgraph.rule import RuleContext
 from helpers import EXACT_TOL, ONNX_DATA, assert_same, onnx_case, op_types, random_x, rel_err, rewrite_with, run, single_op
@@ -389,7 +390,8 @@ def test_all_exact_rules_through_the_engine(models_dir):
     ("yolov8n", "separable", {"rank": "full"}, {"images": [1, 3, 320, 320]}, 39),
     ("ppocr-rec", "separable", {"rank": "full"}, {"x": [1, 3, 48, 320]}, None),
     ("ppocr-cls", "fold-bn", {}, {"x": [1, 3, 48, 192]}, 35),
-    ("ppocr-det", "fold-bn", {}, {"x": [1, 3, 320, 320]}, 2),  # BatchNormalization after its ConvTranspose
+    # BatchNormalization after its 2 ConvTranspose, and 30 convs whose BatchNormalization Paddle exported as Mul → Add
+    ("ppocr-det", "fold-bn", {}, {"x": [1, 3, 320, 320]}, 32),
 ])
 def test_exact_rules_on_real_models(real_models, name, rule, params, shapes, count):
     from convgraph.run.inputs import make_inputs
@@ -412,3 +414,46 @@ def page_image(height: int, width: int) -> np.ndarray:
 
     img = np.asarray(Image.fromarray(data.page()).convert("RGB").resize((width, height)), np.float32) / 255.0
     return ((img - 0.5) / 0.5).transpose(2, 0, 1)[None].astype(np.float32)
+
+
+def _affine_after_conv(ops) -> onnx.ModelProto:
+    """x → conv (8 channels) → each of ``ops`` ((op, constant, constant first?)) in turn → y."""
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
+    nodes, inits, x = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1])], [w], "c"
+    for i, (op, value, first) in enumerate(ops):
+        inits.append(numpy_helper.from_array(np.asarray(value, np.float32), f"k{i}"))
+        out = f"t{i}"
+        nodes.append(helper.make_node(op, [f"k{i}", x] if first else [x, f"k{i}"], [out], name=f"{op}{i}"))
+        x = out
+    nodes[-1].output[0] = "y"
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 10, 10])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 10, 10])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fold_bn_folds_per_channel_mul_add_sub_div_chains():
+    """Paddle's exports write BatchNormalization as Conv → Mul → Add: every per-channel or scalar Mul, Add, Sub
+    (either side) and Div (by the constant) after the conv folds into its weights and bias, exactly."""
+    per = np.linspace(0.5, 2.0, 8, dtype=np.float32).reshape(8, 1, 1)
+    model = _affine_after_conv([("Mul", per, True), ("Add", per[None] - 1, False), ("Sub", 0.25, False),
+                                ("Sub", per, True), ("Div", 3.0, False)])
+    out, reps, _ = rewrite_with(model, "fold-bn")
+    assert len(reps) == 1 and len(reps[0].removed) == 6 and op_types(out) == ["Conv"]
+    assert_same(model, out, {"x": random_x([1, 3, 10, 10])})
+
+
+def test_fold_bn_stops_at_what_is_not_affine_per_channel():
+    # a constant that varies along H (not one value per channel), a Div of a constant by the tensor
+    spatial = np.ones((1, 10, 1), np.float32)
+    for ops, kept in (([("Mul", 2.0, False), ("Mul", spatial, False)], ["Conv", "Mul"]),
+                      ([("Div", 2.0, True)], None)):
+        model = _affine_after_conv(ops)
+        if kept is None:
+            res = rewrite(model, ["fold-bn"], verify=False)
+            assert not res.report.changes
+            assert "not followed by BatchNormalization or a Mul/Add/Sub/Div by constants" in res.report.explain[0].reason
+        else:
+            out, reps, _ = rewrite_with(model, "fold-bn")
+            assert op_types(out) == kept
+            assert_same(model, out, {"x": random_x([1, 3, 10, 10])})

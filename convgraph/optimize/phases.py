@@ -127,6 +127,8 @@ class Plan:
     unbuilt: list[Step] = field(default_factory=list)  # of backed_off, those predicted past the budget, never built
     shorter: list[int] = field(default_factory=list)
     refitted: list[int] = field(default_factory=list)
+    reference: onnx.ModelProto | None = None  # the model given (``original`` less the pre-pass folds): judged against
+    folded: bool = False  # whether ``original`` is ``reference`` with exact folds applied
 
     @property
     def by_id(self) -> dict[str, ConvRecord]:
@@ -192,8 +194,14 @@ def setup(model, calib, heldout, s: Settings, deadline: Deadline) -> Plan:
             if done is not None:
                 cg = load(converted, shapes, probe=True, input_values=s.input_options.get("values"))
                 notes.append(done)
-        records = [r for r in analyze(cg, rewrites=False).convs if not r.graph and s.selection.why_not(r) is None]
         renamed = unique_names(cg)  # plans go by node id: ids must survive rewriting (names restored at the end)
+        reference = cg.to_model()  # what every result is judged and timed against
+        prepass = tuple(r for r in s.rules if get_rule(r).prepass)
+        if prepass:  # exact folds (fold-bn) first, on every conv they match: the start of the search, no candidates
+            cg, folds = _prepass(cg, prepass, s, shapes)
+            s = replace(s, rules=tuple(r for r in s.rules if r not in prepass))
+            notes += folds
+        records = [r for r in analyze(cg, rewrites=False).convs if not r.graph and s.selection.why_not(r) is None]
         original = cg.to_model()
         label = "<model>" if isinstance(model, (bytes, onnx.ModelProto, ConvGraph)) else str(model)
         calib_set = _input_set(original, calib, s, "calibration")
@@ -205,7 +213,7 @@ def setup(model, calib, heldout, s: Settings, deadline: Deadline) -> Plan:
         else:
             held_set = _input_set(original, heldout, s, "held-out")
         # ``threads`` is for what is timed; runs that only compute (judging, calibration) use every core
-        judge_held = Judge(original, list(held_set), s.metric, s.provider, None, s.tensors, quantile=s.quantile,
+        judge_held = Judge(reference, list(held_set), s.metric, s.provider, None, s.tensors, quantile=s.quantile,
                            names=held_set.names)
         risks = sample_risks(len(calib_set), len(held_set), heldout is None)
         covered = input_coverage(original, records, calib_set, held_set, s.provider) if heldout is not None else None
@@ -219,12 +227,30 @@ def setup(model, calib, heldout, s: Settings, deadline: Deadline) -> Plan:
             raise UsageError("at least 2 calibration samples are needed (one to fit on, one to measure errors on)")
         probe_idx = sorted({int(i) for i in np.linspace(len(calib_set) - 1, 0, n_probe).round()})
         fit_set = subset(calib_set, [i for i in range(len(calib_set)) if i not in probe_idx], calib_set.describe)
-        judge_probe = Judge(original, [calib_set[i] for i in probe_idx], s.metric, s.provider, None, s.tensors,
+        judge_probe = Judge(reference, [calib_set[i] for i in probe_idx], s.metric, s.provider, None, s.tensors,
                             quantile=s.quantile, strict=False, names=[calib_set.names[i] for i in probe_idx])
         # samples split off the calibration set flatter the fits: the search keeps a margin on them
         held_budget = s.budget if heldout is not None else split_budget(s.metric, s.budget)
     return Plan(label, cg, original, records, renamed, calib_set, held_set, fit_set, judge_held, judge_probe,
-                held_budget, risks, covered, notes, rules=s.rules)
+                held_budget, risks, covered, notes, rules=s.rules, reference=reference, folded=bool(prepass) and
+                len(reference.graph.node) != len(original.graph.node))
+
+
+def _prepass(cg: ConvGraph, rules: Sequence[str], s: Settings, shapes) -> tuple[ConvGraph, list[str]]:
+    """``cg`` with the exact pre-pass rules applied to every conv they match (checked by the engine, as
+    ``rewrite`` checks them), and what was done."""
+    from ..engine.rewrite import rewrite
+
+    res = rewrite(cg.to_model(), list(rules), selection=s.selection, input_shapes=shapes, verify=True,
+                  provider=s.provider, input_options=dict(s.input_options))
+    changes = res.report.changes
+    if not changes or res.model is None:
+        return cg, []
+    worst = max((c.output_error or 0.0) for c in changes)
+    return (load(res.model, shapes, probe=True, input_values=s.input_options.get("values")),
+            [f"{', '.join(rules)} first, on {len(changes)} conv(s) (exact: each change's output error at most "
+             f"{worst:.1e}; the search starts from the folded model, every result is judged and timed against "
+             f"the model given)"])
 
 
 # ---- measuring -----------------------------------------------------------------------------------------------
@@ -233,7 +259,7 @@ def baseline(plan: Plan, s: Settings, deadline: Deadline) -> None:
     from ..run.bench import bench
 
     with deadline.phase("baseline"):
-        base = bench(plan.original, runs=s.bench_runs, warmup=3, provider=s.provider, threads=s.threads,
+        base = bench(plan.reference or plan.original, runs=s.bench_runs, warmup=3, provider=s.provider, threads=s.threads,
                      input_shapes=s.input_shapes, progress=False)
         plan.baseline_ms = base.models[0].median_ms
 
@@ -347,7 +373,7 @@ def search_prefixes(plan: Plan, s: Settings, deadline: Deadline, say: Say) -> No
         else:
             m, fit_notes = fitted.model(steps)
         value, err, per = plan.judge_held.judge(m)
-        b = bench([plan.original, m], runs=s.bench_runs, warmup=3, provider=s.provider, threads=s.threads,
+        b = bench([plan.reference or plan.original, m], runs=s.bench_runs, warmup=3, provider=s.provider, threads=s.threads,
                   input_shapes=s.input_shapes, names=["original", "optimized"], progress=False)
         orig_ms = b.models[0].median_ms
         won = float(np.mean(np.asarray(b.models[0].times_ms) > np.asarray(b.models[1].times_ms)))
@@ -358,6 +384,8 @@ def search_prefixes(plan: Plan, s: Settings, deadline: Deadline, say: Say) -> No
         return p.passed, err
 
     with deadline.phase("search"):
+        if plan.folded:  # the exact folds alone: a result of their own, built and timed like a prefix
+            evaluate([])
         if plan.steps:
             plan.backed_off = search(plan.steps, evaluate, allowance=allowance, max_evals=s.max_evals,
                                      stop=deadline.over, unbuilt=plan.unbuilt)
@@ -414,8 +442,8 @@ def finish(plan: Plan, s: Settings, deadline: Deadline) -> tuple[onnx.ModelProto
                                                       best.point.predicted_ms)
             baseline_ms = best.point.original_ms  # the chosen model's ms and speed-up come from one interleaved run
         else:
-            final, fit_notes, steps = plan.original, {}, {}
-            value, _, per = plan.judge_held.judge(plan.original)
+            final, fit_notes, steps = plan.reference or plan.original, {}, {}
+            value, _, per = plan.judge_held.judge(final)
             baseline_ms = measured_ms = predicted = plan.baseline_ms
             speedup = 1.0
         by_cand = {candidate_key(c.node, c.rule, c.params): c for c in plan.cands}
@@ -431,7 +459,7 @@ def finish(plan: Plan, s: Settings, deadline: Deadline) -> tuple[onnx.ModelProto
         model=plan.label, metric=s.metric, budget=s.budget, rules=list(plan.rules), provider=s.provider,
         threads=s.threads, calibration=plan.calib_set.describe, heldout=plan.held_set.describe,
         judged=list(plan.judge_held.names), baseline_ms=baseline_ms, predicted_ms=predicted,
-        measured_ms=measured_ms, speedup=speedup, metric_value=value, passed=bool(chosen),
+        measured_ms=measured_ms, speedup=speedup, metric_value=value, passed=bool(faster),
         chosen=chosen, candidates=list(plan.cands), sequence=plan.steps,
         points=sorted((b.point for b in plan.built), key=lambda p: p.steps), outputs=per, seconds=seconds,
         notes=notes, quantile=s.quantile, timed_out=deadline.ran_out_in is not None or any(
