@@ -137,13 +137,6 @@ def match(rec: ConvRecord, ctx: RuleContext) -> str | Match:
     return Match((rec.node_id, *chain), {"chain": chain})
 
 
-def fold(w: np.ndarray, b: np.ndarray | None, scale: np.ndarray, beta: np.ndarray, mean: np.ndarray,
-         var: np.ndarray, eps: float, group: int = 1, transposed: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Weights and bias of the conv with the BatchNormalization folded in (float64)."""
-    a = scale / np.sqrt(var + eps)
-    return scaled(w, b, a, beta - a * mean, group, transposed)
-
-
 def scaled(w: np.ndarray, b: np.ndarray | None, a: np.ndarray, c: np.ndarray, group: int = 1,
            transposed: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Weights and bias of the conv followed by y = a·x + c per output channel (float64)."""

@@ -61,13 +61,13 @@ def test_an_exact_float16_rewrite_is_held_to_float16_rounding():
 def test_a_float16_rewrite_beyond_its_rounding_is_still_refused(monkeypatch):
     from convgraph.rules import fold_bn
 
-    real = fold_bn.fold
+    real = fold_bn.scaled
 
     def off(*a, **k):
         w, b = real(*a, **k)
         return w * 1.05, b  # 5%: far beyond ten float16 roundings
 
-    monkeypatch.setattr(fold_bn, "fold", off)
+    monkeypatch.setattr(fold_bn, "scaled", off)
     with pytest.raises(Exception, match=r"beyond max abs error / max abs output ≤ 0.00977 \(float16"):
         rewrite(conv_bn(), ["fold-bn"])
 
