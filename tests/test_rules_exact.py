@@ -457,3 +457,39 @@ def test_fold_bn_stops_at_what_is_not_affine_per_channel():
             out, reps, _ = rewrite_with(model, "fold-bn")
             assert op_types(out) == kept
             assert_same(model, out, {"x": random_x([1, 3, 10, 10])})
+
+
+def _conv_hardswish(opset: int, *, three: float = 3.0, last: str = "Div", clip_attrs: bool = False) -> onnx.ModelProto:
+    """x → conv → x·clip(x + 3, 0, 6)/6 written out (Add, Clip, Mul, Div or Mul by 1/6) → y."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(three, np.float32), "three"),
+             numpy_helper.from_array(np.array(6.0 if last == "Div" else 1 / 6, np.float32), "six")]
+    clip = helper.make_node("Clip", ["p"], ["c"], name="clip", min=0.0, max=6.0) if clip_attrs else \
+        helper.make_node("Clip", ["p", "lo", "hi"], ["c"], name="clip")
+    if not clip_attrs:
+        inits += [numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+                  numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["a", "three"], ["p"], name="add"), clip,
+             helper.make_node("Mul", ["a", "c"], ["m"], name="mul"), helper.make_node(last, ["m", "six"], ["y"], name="last")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 10, 10])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 10, 10])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset, last, clip_attrs, ops", [
+    (14, "Div", False, ["Conv", "HardSwish"]),
+    (13, "Mul", False, ["Conv", "HardSigmoid", "Mul"]),
+    (10, "Div", True, ["Conv", "HardSigmoid", "Mul"]),  # Clip's bounds as attributes before opset 11
+])
+def test_fuse_hardswish_puts_the_written_out_activation_in_one_op(opset, last, clip_attrs, ops):
+    model = _conv_hardswish(opset, last=last, clip_attrs=clip_attrs)
+    out, reps, _ = rewrite_with(model, "fuse-hardswish")
+    assert len(reps) == 1 and len(reps[0].removed) == 5 and op_types(out) == ops
+    assert_same(model, out, {"x": random_x([1, 3, 10, 10]) * 4})  # inputs on both sides of −3 and 3
+
+
+def test_fuse_hardswish_leaves_what_is_not_hardswish():
+    res = rewrite(_conv_hardswish(14, three=2.0), ["fuse-hardswish"], verify=False)
+    assert not res.report.changes and res.report.explain[0].reason == "the Add does not add 3"
