@@ -128,7 +128,7 @@ class Plan:
     shorter: list[int] = field(default_factory=list)
     refitted: list[int] = field(default_factory=list)
     reference: onnx.ModelProto | None = None  # the model given (``original`` less the pre-pass folds): judged against
-    folded: bool = False  # whether ``original`` is ``reference`` with exact folds applied
+    folded: int = 0  # convs the exact pre-pass folds rewrote (``original`` is ``reference`` with them applied)
 
     @property
     def by_id(self) -> dict[str, ConvRecord]:
@@ -197,8 +197,9 @@ def setup(model, calib, heldout, s: Settings, deadline: Deadline) -> Plan:
         renamed = unique_names(cg)  # plans go by node id: ids must survive rewriting (names restored at the end)
         reference = cg.to_model()  # what every result is judged and timed against
         prepass = tuple(r for r in s.rules if get_rule(r).prepass)
+        folded = 0
         if prepass:  # exact folds (fold-bn) first, on every conv they match: the start of the search, no candidates
-            cg, folds = _prepass(cg, prepass, s, shapes)
+            cg, folds, folded = _prepass(cg, prepass, s, shapes)
             s = replace(s, rules=tuple(r for r in s.rules if r not in prepass))
             notes += folds
         records = [r for r in analyze(cg, rewrites=False).convs if not r.graph and s.selection.why_not(r) is None]
@@ -232,25 +233,25 @@ def setup(model, calib, heldout, s: Settings, deadline: Deadline) -> Plan:
         # samples split off the calibration set flatter the fits: the search keeps a margin on them
         held_budget = s.budget if heldout is not None else split_budget(s.metric, s.budget)
     return Plan(label, cg, original, records, renamed, calib_set, held_set, fit_set, judge_held, judge_probe,
-                held_budget, risks, covered, notes, rules=s.rules, reference=reference, folded=bool(prepass) and
-                len(reference.graph.node) != len(original.graph.node))
+                held_budget, risks, covered, notes, rules=s.rules, reference=reference, folded=folded)
 
 
-def _prepass(cg: ConvGraph, rules: Sequence[str], s: Settings, shapes) -> tuple[ConvGraph, list[str]]:
+def _prepass(cg: ConvGraph, rules: Sequence[str], s: Settings, shapes) -> tuple[ConvGraph, list[str], int]:
     """``cg`` with the exact pre-pass rules applied to every conv they match (checked by the engine, as
-    ``rewrite`` checks them), and what was done."""
+    ``rewrite`` checks them), what was done, and on how many convs."""
     from ..engine.rewrite import rewrite
 
     res = rewrite(cg.to_model(), list(rules), selection=s.selection, input_shapes=shapes, verify=True,
                   provider=s.provider, input_options=dict(s.input_options))
     changes = res.report.changes
     if not changes or res.model is None:
-        return cg, []
+        return cg, [], 0
     worst = max((c.output_error or 0.0) for c in changes)
+    convs = len({c.node for c in changes})
     return (load(res.model, shapes, probe=True, input_values=s.input_options.get("values")),
-            [f"{', '.join(rules)} first, on {len(changes)} conv(s) (exact: each change's output error at most "
+            [f"{', '.join(rules)} first, on {convs} conv(s) (exact: each change's output error at most "
              f"{worst:.1e}; the search starts from the folded model, every result is judged and timed against "
-             f"the model given)"])
+             f"the model given)"], convs)
 
 
 # ---- measuring -----------------------------------------------------------------------------------------------
@@ -465,6 +466,7 @@ def finish(plan: Plan, s: Settings, deadline: Deadline) -> tuple[onnx.ModelProto
         notes=notes, quantile=s.quantile, timed_out=deadline.ran_out_in is not None or any(
             n.startswith("--time-budget") for n in plan.notes),
         coverage=None if plan.coverage is None else plan.coverage[0], held_budget=plan.held_budget,
+        folded=plan.folded if faster else 0,
         excluded={n: [{"sample": s_, "why": w} for s_, w in out] for n, out in plan.judge_held.excluded.items()})
     return restore_names(final, plan.renamed), report
 

@@ -140,6 +140,8 @@ class OptimizeReport:
     #: the value of the metric the search held on the held-out samples: ``budget``, or stricter when they were
     #: split off the calibration set (:data:`convgraph.optimize.samples.SPLIT_MARGIN`)
     held_budget: float | None = None
+    #: convs the exact pre-pass rules (fold-bn, fuse-hardswish) rewrote before the search, in every result
+    folded: int = 0
 
     @property
     def held_on(self) -> str:
@@ -181,7 +183,8 @@ class OptimizeReport:
     def summary(self) -> str:
         if not self.passed:
             return f"no faster model within the budget: {self.reached()}"
-        return (f"{len(self.chosen)} conv(s) rewritten: {self.baseline_ms:.2f} ms → {self.measured_ms:.2f} ms "
+        folds = f"{self.folded} conv(s) folded exactly, " if self.folded else ""
+        return (f"{folds}{len(self.chosen)} conv(s) rewritten: {self.baseline_ms:.2f} ms → {self.measured_ms:.2f} ms "
                 f"measured ({self.speedup:.2f}×; predicted {self.predicted_ms:.2f} ms), held-out {self.metric} "
                 f"{self.metric_value:.6g} on the {self.held_on}{f' of {self.decided_by}' if self.decided_by else ''} "
                 f"({self.budget_text}): PASS")
