@@ -117,12 +117,13 @@ class Fitted:
         int8 steps, where there are several, are quantized together at the end (:func:`quantized_plan`:
         neighbours share scales, the ops between them go int8 too); one alone is spliced like the others."""
         reps, engine, notes, int8 = [], {}, {}, {}
+        together = joint and sum(quantizes(get_rule(r)) for r, _ in plan.values()) > 1
         for node, (rule, params) in plan.items():
             rep = self.rep_of(node, rule, params)
             if rep is None:
                 raise CheckFailed(f"{rule} refuses {node} with the calibration statistics")
             at = self.place(rep, node)
-            if joint and quantizes(get_rule(rule)) and sum(quantizes(get_rule(r)) for r, _ in plan.values()) > 1:
+            if together and quantizes(get_rule(rule)):
                 int8[node] = get_rule(rule).resolve_params({k: str(v) for k, v in params.items()})
                 notes[node] = rep.notes
             elif at is not None:
