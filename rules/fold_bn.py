@@ -71,10 +71,13 @@ def _bn_node(rec: ConvRecord, ctx: RuleContext, bn_id: str, x: str) -> str | Non
 AFFINE = ("Mul", "Add", "Sub", "Div")
 
 
-def _affine(rec: ConvRecord, ctx: RuleContext, nid: str, x: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(a, c) per output channel when op ``nid`` computes a·x + c from tensor ``x`` and a constant (a scalar or
-    one value per channel, broadcast on (N, C, *spatial)), else None."""
-    node, c_out = ctx.node(nid), rec.out_channels
+def _affine(rec: ConvRecord, ctx: RuleContext, nid: str, x: str, c_out: int | None = None
+            ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(a, c) per channel (``c_out`` of them: default the conv's output channels) when op ``nid`` computes
+    a·x + c from tensor ``x`` and a constant (a scalar or one value per channel, broadcast on (N, C, *spatial)),
+    else None."""
+    node = ctx.node(nid)
+    c_out = rec.out_channels if c_out is None else c_out
     if len(node.input) != 2 or list(node.input).count(x) != 1:
         return None
     other = node.input[1] if node.input[0] == x else node.input[0]
@@ -127,14 +130,44 @@ def _chain(rec: ConvRecord, ctx: RuleContext) -> tuple[list[str], str | None]:
         "not followed by BatchNormalization", "not followed by BatchNormalization or a Mul/Add/Sub/Div by constants")
 
 
+def _before(rec: ConvRecord, ctx: RuleContext) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The affine ops that make a plain Conv's input (in graph order, each read only by the next, the last by the
+    conv alone) and their (a, c) per input channel; none when a shift would meet the conv's zero padding (the
+    padded border would see c where the original sees 0). PP-OCR det's LearnableAffineBlocks before its
+    pointwise convs."""
+    c_in = rec.in_channels
+    a, c = np.ones(c_in), np.zeros(c_in)
+    chain: list[str] = []
+    x, reader = rec.input, rec.node_id
+    while rec.op_type == "Conv" and ctx.consumers(x) == [reader]:
+        nid = ctx.producer(x)
+        if nid is None:
+            break
+        d = ctx.graph.graph.nodes[nid]
+        if d["kind"] != "op" or d["op_type"] not in AFFINE or d["domain"] not in ("", "ai.onnx"):
+            break
+        node = ctx.node(nid)
+        moving = [t for t in node.input if t and constant_source(ctx.graph, t) not in CONSTANT_SOURCES]
+        got = _affine(rec, ctx, nid, moving[0], c_in) if len(moving) == 1 else None
+        if got is None:
+            break
+        a, c = a * got[0], c + a * got[1]  # the op is applied first: y = a·(a'·x + c') + c
+        chain.insert(0, nid)
+        x, reader = moving[0], nid
+    if chain and any(rec.pads) and np.any(c != 0):
+        return [], np.ones(c_in), np.zeros(c_in)
+    return chain, a, c
+
+
 def match(rec: ConvRecord, ctx: RuleContext) -> str | Match:
     why = plain_conv_reason(rec, ctx, OPS)
     if why:
         return why
     chain, why = _chain(rec, ctx)
-    if not chain:
-        return why or "not followed by BatchNormalization"
-    return Match((rec.node_id, *chain), {"chain": chain})
+    before, a, c = _before(rec, ctx)
+    if not chain and not before:
+        return (why or "not followed by BatchNormalization") + " (nor fed by one)"
+    return Match((rec.node_id, *before, *chain), {"chain": chain, "before": before, "in_scale": a, "in_shift": c})
 
 
 def scaled(w: np.ndarray, b: np.ndarray | None, a: np.ndarray, c: np.ndarray, group: int = 1,
@@ -151,6 +184,17 @@ def scaled(w: np.ndarray, b: np.ndarray | None, a: np.ndarray, c: np.ndarray, gr
 def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None = None) -> Replacement:
     found = RULE.matched(rec, ctx, found)
     wt = weights(rec, ctx)
+    w_in, b_in, x_in = wt.w, wt.b, rec.input
+    if found["before"]:  # conv(a·x + c) = conv'(x): weights scaled per input channel, c through them into the bias
+        a_in, c_in = found["in_scale"], found["in_shift"]
+        cig = rec.in_channels // rec.group
+        per_in = (a_in.reshape(rec.group, 1, cig), c_in.reshape(rec.group, 1, cig))
+        w_g = wt.w.reshape(rec.group, -1, cig, int(np.prod(wt.w.shape[2:], dtype=np.int64)))
+        w_in = (w_g * per_in[0][..., None]).reshape(wt.w.shape)
+        shift = np.einsum("gojk,gj->go", w_g, per_in[1][:, 0, :]).reshape(-1)
+        b_in = shift if wt.b is None else wt.b + shift
+        x_in = next(t for t in ctx.node(found["before"][0]).input
+                    if t and constant_source(ctx.graph, t) not in CONSTANT_SOURCES)
     a, c = np.ones(rec.out_channels), np.zeros(rec.out_channels)
     x = rec.output
     for nid in found["chain"]:  # y = a·x + c so far; each step maps it on
@@ -166,7 +210,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None =
             step = got
         a, c = step[0] * a, step[0] * c + step[1]
         x = node.output[0]
-    w, b = scaled(wt.w, wt.b, a, c, rec.group, rec.op_type == "ConvTranspose")
+    w, b = scaled(w_in, b_in, a, c, rec.group, rec.op_type == "ConvTranspose")
     base = rec.name or rec.node_id
     w_init = ctx.initializer(f"{base}/folded_W", wt.cast(w))
     b_init = ctx.initializer(f"{base}/folded_B", wt.cast(b))
@@ -174,7 +218,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None =
     new = type(conv)()
     new.CopyFrom(conv)
     del new.input[:]
-    new.input.extend([rec.input, w_init.name, b_init.name])
+    new.input.extend([x_in, w_init.name, b_init.name])
     del new.output[:]
     new.output.append(x)
     macs, n_params, kind = estimate(rec, params)

@@ -5,7 +5,9 @@ Paddle's exports (PP-OCR det's PP-LCNetV3 backbone: 24 of them) write every Hard
 runs the four ops one by one over the whole tensor: on PP-OCR det 640 at 1 thread they cost 6–7 ms of 85.
 The replacement is onnx's HardSwish (opset 14 and later) or, below opset 14, HardSigmoid(α = 1/6, β = ½) times
 x — the same function, x · max(0, min(1, x/6 + ½)): exact up to float rounding (PP-OCR det's map moved 2e-5).
-A pre-pass, like ``fold-bn``, whose folds it follows.
+Scale and shift ops between the conv and the activation (a BatchNormalization, or one written out as Mul → Add)
+stay as they are. A pre-pass, like ``fold-bn``, and to run before it: ``fold-bn`` folds a scale that makes a
+conv's input into that conv, and would take the activation's last Div with it.
 """
 
 from __future__ import annotations
@@ -46,10 +48,35 @@ def _clip_bounds(ctx: RuleContext, nid: str) -> tuple[float | None, float | None
     return lo, hi
 
 
-def _hardswish(rec: ConvRecord, ctx: RuleContext) -> tuple[list[str] | None, str]:
-    """(the Add, Clip, Mul and Div/Mul node ids, "") when the conv's output goes through written-out HardSwish
-    and nowhere else, else (None, why not)."""
+def _affine_after(rec: ConvRecord, ctx: RuleContext) -> list[str]:
+    """The ops between the conv and its activation that scale or shift by constants (a BatchNormalization, or one
+    written out as Mul → Add), each the only reader of the one before: they stay as they are (``fold-bn`` folds
+    them), the activation after them is fused."""
+    chain: list[str] = []
     x = rec.output
+    while True:
+        readers = ctx.consumers(x)
+        if len(readers) != 1:
+            return chain
+        d = ctx.graph.graph.nodes[readers[0]]
+        if d["kind"] != "op" or d["domain"] not in ("", "ai.onnx") or d["op_type"] not in (
+                "BatchNormalization", "Mul", "Add", "Sub", "Div"):
+            return chain
+        node = ctx.node(readers[0])
+        others = [t for t in node.input[1:]] if d["op_type"] == "BatchNormalization" else [t for t in node.input if t != x]
+        if d["op_type"] != "BatchNormalization" and (len(others) != 1 or ctx.value(others[0]) is None):
+            return chain
+        if d["op_type"] == "BatchNormalization" and (node.input[0] != x or any(ctx.value(t) is None for t in others)):
+            return chain
+        chain.append(readers[0])
+        x = node.output[0]
+
+
+def _hardswish(rec: ConvRecord, ctx: RuleContext) -> tuple[list[str] | None, str]:
+    """(the scale/shift ops after the conv, then the Add, Clip, Mul and Div/Mul node ids; "") when the conv's
+    output goes through written-out HardSwish and nowhere else, else (None, why not)."""
+    between = _affine_after(rec, ctx)
+    x = ctx.node(between[-1]).output[0] if between else rec.output
     readers = ctx.consumers(x)
     data = {r: ctx.graph.graph.nodes[r] for r in readers}
     if len(readers) != 2 or any(d["kind"] != "op" or d["domain"] not in ("", "ai.onnx") for d in data.values()):
@@ -75,7 +102,7 @@ def _hardswish(rec: ConvRecord, ctx: RuleContext) -> tuple[list[str] | None, str
     want = 6.0 if ctx.node(last).op_type == "Div" else 1 / 6
     if len(k) != 1 or k[0] is None or not np.isclose(k[0], want, rtol=1e-6, atol=0) or ctx.node(last).input[0] != out:
         return None, "the product is not divided by 6"
-    return [add, clip, mul, last], ""
+    return [*between, add, clip, mul, last], ""
 
 
 def match(rec: ConvRecord, ctx: RuleContext) -> str | Match:
@@ -83,14 +110,17 @@ def match(rec: ConvRecord, ctx: RuleContext) -> str | Match:
     if why:
         return why
     ops, why = _hardswish(rec, ctx)
-    return why if ops is None else Match((rec.node_id, *ops), {"ops": ops})
+    return why if ops is None else Match((rec.node_id, *ops), {"ops": ops[-4:], "between": ops[:-4]})
 
 
 def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None = None) -> Replacement:
     found = RULE.matched(rec, ctx, found)
-    conv = onnx.NodeProto()
-    conv.CopyFrom(ctx.node(rec.node_id))
-    x, y = rec.output, ctx.node(found["ops"][-1]).output[0]
+    kept = []
+    for nid in [rec.node_id, *found["between"]]:  # the conv and its scale/shift ops, as they are
+        node = onnx.NodeProto()
+        node.CopyFrom(ctx.node(nid))
+        kept.append(node)
+    x, y = kept[-1].output[0], ctx.node(found["ops"][-1]).output[0]
     base = rec.name or rec.node_id
     if opset(ctx) >= 14:
         act = [helper.make_node("HardSwish", [x], [y], name=f"{base}/hardswish")]
@@ -99,7 +129,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None =
         act = [helper.make_node("HardSigmoid", [x], [gate], name=gate, alpha=1 / 6, beta=0.5),
                helper.make_node("Mul", [x, gate], [y], name=f"{base}/hardswish")]
     macs, n_params, kind = estimate(rec, params)
-    return Replacement([conv, *act], [], True, kind, macs, n_params, removed=list(found.nodes), weight_error=0.0,
+    return Replacement([*kept, *act], [], True, kind, macs, n_params, removed=list(found.nodes), weight_error=0.0,
                        notes="HardSwish in one op" if len(act) == 1 else "HardSwish as HardSigmoid · x (opset < 14)")
 
 

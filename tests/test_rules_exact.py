@@ -390,8 +390,9 @@ def test_all_exact_rules_through_the_engine(models_dir):
     ("yolov8n", "separable", {"rank": "full"}, {"images": [1, 3, 320, 320]}, 39),
     ("ppocr-rec", "separable", {"rank": "full"}, {"x": [1, 3, 48, 320]}, None),
     ("ppocr-cls", "fold-bn", {}, {"x": [1, 3, 48, 192]}, 35),
-    # BatchNormalization after its 2 ConvTranspose, and 30 convs whose BatchNormalization Paddle exported as Mul → Add
-    ("ppocr-det", "fold-bn", {}, {"x": [1, 3, 320, 320]}, 32),
+    # BatchNormalization after its 2 ConvTranspose, 30 convs whose BatchNormalization Paddle exported as Mul → Add,
+    # and a pointwise conv fed only by scales by constants (run alone, fold-bn takes HardSwish's "/ 6" too)
+    ("ppocr-det", "fold-bn", {}, {"x": [1, 3, 320, 320]}, 33),
 ])
 def test_exact_rules_on_real_models(real_models, name, rule, params, shapes, count):
     from convgraph.run.inputs import make_inputs
@@ -493,3 +494,45 @@ def test_fuse_hardswish_puts_the_written_out_activation_in_one_op(opset, last, c
 def test_fuse_hardswish_leaves_what_is_not_hardswish():
     res = rewrite(_conv_hardswish(14, three=2.0), ["fuse-hardswish"], verify=False)
     assert not res.report.changes and res.report.explain[0].reason == "the Add does not add 3"
+
+
+def test_fold_bn_folds_the_scales_that_make_an_unpadded_convs_input():
+    """A LearnableAffineBlock (x·a + c, scalars) before a pointwise conv folds into it: per input channel into the
+    weights, the shift through them into the bias; before a padded conv only a shift of zero would (the padded
+    border sees 0, not c), so there it stays."""
+    rng = np.random.default_rng(7)
+    for pads, folds in (([0, 0, 0, 0], True), ([1, 1, 1, 1], False)):
+        k = 1 if not any(pads) else 3
+        inits = [numpy_helper.from_array(rng.standard_normal((6, 4, k, k)).astype(np.float32), "w"),
+                 numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b"),
+                 numpy_helper.from_array(np.array(1.7, np.float32), "a"),
+                 numpy_helper.from_array(np.array(-0.3, np.float32), "c")]
+        nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Mul", ["a", "r"], ["m"]),
+                 helper.make_node("Add", ["m", "c"], ["s"]),
+                 helper.make_node("Conv", ["s", "w", "b"], ["y"], name="conv", pads=pads)]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 9, 9])], inits)
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        res = rewrite(model, ["fold-bn"], verify=False)
+        if not folds:
+            assert not res.report.changes and "nor fed by one" in res.report.explain[0].reason
+            continue
+        out = res.model
+        assert op_types(out) == ["Relu", "Conv"] and len(res.report.changes[0].old_nodes) == 3
+        assert_same(model, out, {"x": random_x([1, 4, 9, 9])})
+
+
+def test_fuse_hardswish_keeps_the_scale_and_shift_between_conv_and_activation():
+    """Paddle's Conv → Mul → Add (its BatchNormalization) → HardSwish written out: the activation is fused, the
+    Mul and Add stay for fold-bn, which runs after it."""
+    model = _conv_hardswish(13)
+    g = model.graph
+    g.initializer.extend([numpy_helper.from_array(np.linspace(0.5, 1.5, 8, dtype=np.float32).reshape(1, 8, 1, 1), "s"),
+                          numpy_helper.from_array(np.full((1, 8, 1, 1), 0.2, np.float32), "t")])
+    g.node[0].output[0] = "raw"
+    g.node.insert(1, helper.make_node("Mul", ["raw", "s"], ["scaled"], name="bn_mul"))
+    g.node.insert(2, helper.make_node("Add", ["scaled", "t"], ["a"], name="bn_add"))
+    res = rewrite(model, ["fuse-hardswish", "fold-bn"], verify=False)
+    assert [c.rule for c in res.report.changes] == ["fuse-hardswish", "fold-bn"]
+    assert op_types(res.model) == ["Conv", "HardSigmoid", "Mul"]
+    assert_same(model, res.model, {"x": random_x([1, 3, 10, 10]) * 4})
