@@ -356,15 +356,16 @@ def search_prefixes(plan: Plan, s: Settings, deadline: Deadline, say: Say) -> No
 
     fitted = plan.fitted
     assert fitted is not None
-    plan.steps = greedy_sequence(plan.cands, plan.baseline_ms)
     allowance = plan.judge_held.allowance(plan.held_budget)
     fits: dict = {}  # fitted stages shared between sequential refits
     t = time.perf_counter()
+    start = 1.0  # the search's starting model's time over the given model's (the exact folds, measured)
 
     def evaluate(prefix: list[Step], sequential: bool = False) -> tuple[bool, float]:
         steps = plan_of(prefix)
-        n = len(plan.built)
-        say(f"search: {'refitting in sequence' if sequential else 'building'} and judging {len(prefix)} steps "
+        n = len(plan.built) - int(plan.folded > 0)  # the folds alone are no prefix of the search
+        say("search: building and judging the exact folds alone" if n < 0 else
+            f"search: {'refitting in sequence' if sequential else 'building'} and judging {len(prefix)} steps "
             f"({len(steps)} convs), prefix {n + 1}{'' if sequential else f' of at most {s.max_evals}'}"
             f"{eta(t, n, s.max_evals) if not sequential else ''}")
         if sequential:
@@ -378,7 +379,7 @@ def search_prefixes(plan: Plan, s: Settings, deadline: Deadline, say: Say) -> No
                   input_shapes=s.input_shapes, names=["original", "optimized"], progress=False)
         orig_ms = b.models[0].median_ms
         won = float(np.mean(np.asarray(b.models[0].times_ms) > np.asarray(b.models[1].times_ms)))
-        p = Point(len(prefix), len(steps), orig_ms - sum(st.saving_ms for st in prefix), orig_ms,
+        p = Point(len(prefix), len(steps), orig_ms * start - sum(st.saving_ms for st in prefix), orig_ms,
                   b.models[1].median_ms, b.ratios[0].median, value, err,
                   plan.judge_held.passes(value, plan.held_budget), won, fit="sequence" if sequential else "alone")
         plan.built.append(Built(p, list(prefix), m, fit_notes, per))
@@ -387,6 +388,10 @@ def search_prefixes(plan: Plan, s: Settings, deadline: Deadline, say: Say) -> No
     with deadline.phase("search"):
         if plan.folded:  # the exact folds alone: a result of their own, built and timed like a prefix
             evaluate([])
+            folds = plan.built[-1].point
+            start = folds.measured_ms / folds.original_ms  # predictions start from the folded model
+            folds.predicted_ms = folds.measured_ms
+        plan.steps = greedy_sequence(plan.cands, plan.baseline_ms * start)
         if plan.steps:
             plan.backed_off = search(plan.steps, evaluate, allowance=allowance, max_evals=s.max_evals,
                                      stop=deadline.over, unbuilt=plan.unbuilt)
