@@ -536,3 +536,21 @@ def test_fuse_hardswish_keeps_the_scale_and_shift_between_conv_and_activation():
     assert [c.rule for c in res.report.changes] == ["fuse-hardswish", "fold-bn"]
     assert op_types(res.model) == ["Conv", "HardSigmoid", "Mul"]
     assert_same(model, res.model, {"x": random_x([1, 3, 10, 10]) * 4})
+
+
+def test_fold_bn_folds_per_channel_input_scales_into_a_grouped_conv():
+    """Per input channel scales and shifts before a grouped conv (4 groups of 2 channels, no padding): each output
+    channel takes the scales of its own group's inputs."""
+    rng = np.random.default_rng(11)
+    a = rng.uniform(0.5, 2.0, (1, 8, 1, 1)).astype(np.float32)
+    c = rng.standard_normal((1, 8, 1, 1)).astype(np.float32)
+    inits = [numpy_helper.from_array(rng.standard_normal((12, 2, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(a, "a"), numpy_helper.from_array(c, "c")]
+    nodes = [helper.make_node("Mul", ["x", "a"], ["m"]), helper.make_node("Sub", ["m", "c"], ["s"]),
+             helper.make_node("Conv", ["s", "w"], ["y"], name="conv", group=4)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 9, 9])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12, 7, 7])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    out, reps, _ = rewrite_with(model, "fold-bn")
+    assert op_types(out) == ["Conv"]
+    assert_same(model, out, {"x": random_x([1, 8, 9, 9])})
