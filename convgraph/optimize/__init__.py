@@ -1,8 +1,10 @@
 """Error-budgeted optimization: choose, per conv, the rewrite that buys the most measured speed for the least
 model-level error, fit it on calibration data, and prove the result on held-out inputs.
 
+0. **Exact folds.** The pre-pass rules among the given ones (``fuse-hardswish``, ``fold-bn``) rewrite every conv
+   they match first; the search starts from that model, every result is judged and timed against the given one.
 1. **Candidates.** Every selected conv × every given rule that matches it × each rank (``ranks``) or the
-   rule's defaults, keeping those that cut MACs.
+   rule's defaults, keeping those that cut MACs, and int8 (the conv with its activation; :mod:`.int8`).
 2. **Latency, measured.** Each conv and its candidate replacements run as one-layer models in
    onnxruntime, interleaved (:func:`convgraph.run.bench.bench`); a candidate's saving is the layer's measured
    time before minus after (MAC counts mislead: depthwise convs are memory-bound).
@@ -16,9 +18,10 @@ model-level error, fit it on calibration data, and prove the result on held-out 
    hull of error against saving); all steps are ordered by saving per unit of error. The prefix whose
    predicted error (errors add) fits the budget is the first guess.
 5. **Prefixes, check, back-off.** A prefix is built by splicing in the candidates' replacements as fitted
-   in 3 and judged on the held-out inputs; the longest prefix within the budget is found by bisection,
-   and a step that alone turns a passing prefix into a failing one is backed off and the search goes on
-   past it (:func:`search`). Every evaluated prefix is also timed: the measured error–latency front.
+   in 3 (its int8 steps quantized together, with the ops between them) and judged on the held-out inputs;
+   the longest prefix within the budget is found by bisection, and a step that alone turns a passing prefix
+   into a failing one is backed off and the search goes on past it (:func:`search`). Every evaluated prefix
+   is also timed: the measured error–latency front.
 6. **Sequential refit** (``refit``). The prefix to return, and the next longer one, are rebuilt conv by conv in
    topological order, each fitted on the activations of the model rewritten so far against the original's
    outputs (cross moments), so that later convs make up for earlier ones' errors; judged and timed again.
