@@ -302,8 +302,7 @@ def quantize_region(graph, nodes: Sequence[onnx.NodeProto], p: Plan, ranges: Map
     The nodes of ``ops`` are quantized (:data:`CONVS`, or :data:`UNITS` for the int8 rule's conv and activation);
     the others stay float between them. Activations as ``p`` plans them (``ranges`` for those to calibrate);
     weights per channel, symmetric int8; activations uint8; biases int32 (onnxruntime's defaults for QDQ)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+    from onnxruntime.quantization.calibrate import TensorData
 
     from .regions import standalone
 
@@ -326,19 +325,31 @@ def quantize_region(graph, nodes: Sequence[onnx.NodeProto], p: Plan, ranges: Map
             lo, hi = ranges[t]
         table[t] = TensorData(lowest=np.array(min(lo, 0.0), np.float32), highest=np.array(max(hi, 0.0), np.float32))
     to_quantize = [n.name for n in region.graph.node if n.op_type in ops]  # the ops between stay as they are
+    q = _quantizer(region, table, to_quantize, method=method, reduce=reduce, overrides=overrides, what=f"{base}: ")
+    return _splice_ready(graph, q, p, base)
+
+
+def _quantizer(model: onnx.ModelProto, table: dict, nodes: Sequence[str], *, method: str, reduce: bool,
+               op_types: Sequence[str] | None = None, overrides: dict | None = None, what: str = "") -> onnx.ModelProto:
+    """onnxruntime's ``quantize_static`` of ``nodes`` of ``model`` in QDQ form (per-channel int8 weights, uint8
+    activations) from ``table`` (tensor → TensorData: the ranges, given as its calibration cache), its output
+    read back; whatever it raises becomes one ModelError line (``what`` names the place)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
+
     with tempfile.TemporaryDirectory(prefix="convgraph.quant.") as tmp, _quiet():
         cache, out = Path(tmp) / "ranges.json", Path(tmp) / "q.onnx"
         kind = getattr(CalibrationMethod, METHODS[method][0])
         save_tensors_data(TensorsData(kind, table), cache)
         try:
-            quantize_static(region, out, None, quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce,
+            quantize_static(model, out, None, quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_quantize=to_quantize, calibrate_method=kind, calibration_cache_path=cache,
+                            nodes_to_quantize=list(nodes), op_types_to_quantize=list(op_types) if op_types else None,
+                            calibrate_method=kind, calibration_cache_path=cache,
                             extra_options={"TensorQuantOverrides": overrides} if overrides else None)
-        except Exception as e:  # noqa: BLE001 - whatever the quantizer raises becomes one line naming the region
-            raise ModelError(f"{base}: onnxruntime's quantizer failed: {' '.join(str(e).split())[:300]}") from None
-        q = onnx.load(out)
-    return _splice_ready(graph, q, p, base)
+        except Exception as e:  # noqa: BLE001 - whatever the quantizer raises becomes one line
+            raise ModelError(f"{what}onnxruntime's quantizer failed: {' '.join(str(e).split())[:300]}") from None
+        return onnx.load(out)
 
 
 #: Ops that join int8 units: between int8 neighbours onnxruntime runs them on int8 too (QLinearConcat,
@@ -427,8 +438,7 @@ def quantize_model(model: onnx.ModelProto, units: Sequence[str], ranges: Mapping
     :data:`JOINS` between them (:func:`joins_between`) in QDQ form, in one pass of onnxruntime's
     ``quantize_static``: a tensor two of them share has one quantization, and onnxruntime runs the run of them
     on int8. ``ranges``: tensor → (low, high) for every activation they read or make."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+    from onnxruntime.quantization.calibrate import TensorData
 
     model = constants_as_initializers(model)  # the quantizer takes weights from initializers only
     names = set(units) | set(joins_between(model, units))
@@ -442,18 +452,7 @@ def quantize_model(model: onnx.ModelProto, units: Sequence[str], ranges: Mapping
     table = {t: TensorData(lowest=np.array(min(ranges[t][0], 0.0), np.float32),
                            highest=np.array(max(ranges[t][1], 0.0), np.float32)) for t in tensors}
     types = sorted({n.op_type for n in model.graph.node if n.name in names})
-    with tempfile.TemporaryDirectory(prefix="convgraph.quant.") as tmp, _quiet():
-        cache, out = Path(tmp) / "ranges.json", Path(tmp) / "q.onnx"
-        kind = getattr(CalibrationMethod, METHODS[method][0])
-        save_tensors_data(TensorsData(kind, table), cache)
-        try:
-            quantize_static(model, out, None, quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_quantize=sorted(names), op_types_to_quantize=types, calibrate_method=kind,
-                            calibration_cache_path=cache)
-        except Exception as e:  # noqa: BLE001 - whatever the quantizer raises becomes one line
-            raise ModelError(f"onnxruntime's quantizer failed: {' '.join(str(e).split())[:300]}") from None
-        return onnx.load(out)
+    return _quantizer(model, table, sorted(names), method=method, reduce=reduce, op_types=types)
 
 
 def _splice_ready(graph, q: onnx.ModelProto, p: Plan, base: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
