@@ -106,8 +106,18 @@ def _affine(rec: ConvRecord, ctx: RuleContext, nid: str, x: str, c_out: int | No
 
 
 def _chain(rec: ConvRecord, ctx: RuleContext) -> tuple[list[str], str | None]:
+    """:func:`chain_after`, with why it is empty when it is."""
+    chain = chain_after(rec, ctx)
+    if chain:
+        return chain, None
+    _, why = _bn(rec, ctx)
+    return chain, (why or "not followed by BatchNormalization").replace(
+        "not followed by BatchNormalization", "not followed by BatchNormalization or a Mul/Add/Sub/Div by constants")
+
+
+def chain_after(rec: ConvRecord, ctx: RuleContext) -> list[str]:
     """The node ids of the BatchNormalizations and affine ops after the conv, each the only reader of the one
-    before (and none a graph output), with why the chain ends where it does when it is empty."""
+    before (and none a graph output): what this rule folds (``fuse-hardswish`` looks past them)."""
     chain: list[str] = []
     out = rec.output
     while True:
@@ -123,11 +133,7 @@ def _chain(rec: ConvRecord, ctx: RuleContext) -> tuple[list[str], str | None]:
             break
         chain.append(nid)
         out = ctx.node(nid).output[0]
-    if chain:
-        return chain, None
-    _, why = _bn(rec, ctx)
-    return chain, (why or "not followed by BatchNormalization").replace(
-        "not followed by BatchNormalization", "not followed by BatchNormalization or a Mul/Add/Sub/Div by constants")
+    return chain
 
 
 def _before(rec: ConvRecord, ctx: RuleContext) -> tuple[list[str], np.ndarray, np.ndarray]:

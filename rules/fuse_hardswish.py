@@ -20,6 +20,7 @@ from convgraph.model.record import ConvRecord
 from convgraph.rule import Match, Replacement, Rule, RuleContext
 
 from ._common import attrs, opset, plain_conv_reason
+from .fold_bn import chain_after
 
 #: The op types this rule rewrites.
 OPS = ("Conv", "ConvTranspose")
@@ -48,34 +49,10 @@ def _clip_bounds(ctx: RuleContext, nid: str) -> tuple[float | None, float | None
     return lo, hi
 
 
-def _affine_after(rec: ConvRecord, ctx: RuleContext) -> list[str]:
-    """The ops between the conv and its activation that scale or shift by constants (a BatchNormalization, or one
-    written out as Mul → Add), each the only reader of the one before: they stay as they are (``fold-bn`` folds
-    them), the activation after them is fused."""
-    chain: list[str] = []
-    x = rec.output
-    while True:
-        readers = ctx.consumers(x)
-        if len(readers) != 1:
-            return chain
-        d = ctx.graph.graph.nodes[readers[0]]
-        if d["kind"] != "op" or d["domain"] not in ("", "ai.onnx") or d["op_type"] not in (
-                "BatchNormalization", "Mul", "Add", "Sub", "Div"):
-            return chain
-        node = ctx.node(readers[0])
-        others = [t for t in node.input[1:]] if d["op_type"] == "BatchNormalization" else [t for t in node.input if t != x]
-        if d["op_type"] != "BatchNormalization" and (len(others) != 1 or ctx.value(others[0]) is None):
-            return chain
-        if d["op_type"] == "BatchNormalization" and (node.input[0] != x or any(ctx.value(t) is None for t in others)):
-            return chain
-        chain.append(readers[0])
-        x = node.output[0]
-
-
 def _hardswish(rec: ConvRecord, ctx: RuleContext) -> tuple[list[str] | None, str]:
     """(the scale/shift ops after the conv, then the Add, Clip, Mul and Div/Mul node ids; "") when the conv's
     output goes through written-out HardSwish and nowhere else, else (None, why not)."""
-    between = _affine_after(rec, ctx)
+    between = chain_after(rec, ctx)  # a BatchNormalization (or one as Mul → Add): it stays, for fold-bn
     x = ctx.node(between[-1]).output[0] if between else rec.output
     readers = ctx.consumers(x)
     data = {r: ctx.graph.graph.nodes[r] for r in readers}
