@@ -302,8 +302,6 @@ def quantize_region(graph, nodes: Sequence[onnx.NodeProto], p: Plan, ranges: Map
     The nodes of ``ops`` are quantized (:data:`CONVS`, or :data:`UNITS` for the int8 rule's conv and activation);
     the others stay float between them. Activations as ``p`` plans them (``ranges`` for those to calibrate);
     weights per channel, symmetric int8; activations uint8; biases int32 (onnxruntime's defaults for QDQ)."""
-    from onnxruntime.quantization.calibrate import TensorData
-
     from .regions import standalone
 
     from ..model.weights import constant_value
@@ -323,24 +321,27 @@ def quantize_region(graph, nodes: Sequence[onnx.NodeProto], p: Plan, ranges: Map
             lo, hi = -1.0, 1.0  # quantized, then its pair dropped again
         else:
             lo, hi = ranges[t]
-        table[t] = TensorData(lowest=np.array(min(lo, 0.0), np.float32), highest=np.array(max(hi, 0.0), np.float32))
+        table[t] = (lo, hi)
     to_quantize = [n.name for n in region.graph.node if n.op_type in ops]  # the ops between stay as they are
     q = _quantizer(region, table, to_quantize, method=method, reduce=reduce, overrides=overrides, what=f"{base}: ")
     return _splice_ready(graph, q, p, base)
 
 
-def _quantizer(model: onnx.ModelProto, table: dict, nodes: Sequence[str], *, method: str, reduce: bool,
-               op_types: Sequence[str] | None = None, overrides: dict | None = None, what: str = "") -> onnx.ModelProto:
+def _quantizer(model: onnx.ModelProto, table: Mapping[str, tuple[float, float]], nodes: Sequence[str], *,
+               method: str, reduce: bool, op_types: Sequence[str] | None = None, overrides: dict | None = None,
+               what: str = "") -> onnx.ModelProto:
     """onnxruntime's ``quantize_static`` of ``nodes`` of ``model`` in QDQ form (per-channel int8 weights, uint8
-    activations) from ``table`` (tensor → TensorData: the ranges, given as its calibration cache), its output
+    activations) from ``table`` (tensor → (low, high), widened to hold 0; given as its calibration cache), its output
     read back; whatever it raises becomes one ModelError line (``what`` names the place)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
+    data = {t: TensorData(lowest=np.array(min(lo, 0.0), np.float32), highest=np.array(max(hi, 0.0), np.float32))
+            for t, (lo, hi) in table.items()}
     with tempfile.TemporaryDirectory(prefix="convgraph.quant.") as tmp, _quiet():
         cache, out = Path(tmp) / "ranges.json", Path(tmp) / "q.onnx"
         kind = getattr(CalibrationMethod, METHODS[method][0])
-        save_tensors_data(TensorsData(kind, table), cache)
+        save_tensors_data(TensorsData(kind, data), cache)
         try:
             quantize_static(model, out, None, quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -438,8 +439,6 @@ def quantize_model(model: onnx.ModelProto, units: Sequence[str], ranges: Mapping
     :data:`JOINS` between them (:func:`joins_between`) in QDQ form, in one pass of onnxruntime's
     ``quantize_static``: a tensor two of them share has one quantization, and onnxruntime runs the run of them
     on int8. ``ranges``: tensor → (low, high) for every activation they read or make."""
-    from onnxruntime.quantization.calibrate import TensorData
-
     model = constants_as_initializers(model)  # the quantizer takes weights from initializers only
     names = set(units) | set(joins_between(model, units))
     inits = {t.name: t for t in model.graph.initializer}
@@ -449,8 +448,7 @@ def quantize_model(model: onnx.ModelProto, units: Sequence[str], ranges: Mapping
     missing = [t for t in tensors if t not in ranges]
     if missing:
         raise ModelError(f"no calibrated range for {missing[0]!r} ({len(missing)} tensor(s) in all)")
-    table = {t: TensorData(lowest=np.array(min(ranges[t][0], 0.0), np.float32),
-                           highest=np.array(max(ranges[t][1], 0.0), np.float32)) for t in tensors}
+    table = {t: ranges[t] for t in tensors}
     types = sorted({n.op_type for n in model.graph.node if n.name in names})
     return _quantizer(model, table, sorted(names), method=method, reduce=reduce, op_types=types)
 
