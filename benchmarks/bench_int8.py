@@ -129,9 +129,10 @@ def boundaries(name: str, runs: int) -> None:
     """What a boundary between int8 and float costs: per conv of ``name``, a QuantizeLinear → DequantizeLinear
     pair on its input (uint8, the calibrated scale does not matter) timed against the conv's int8 unit (Q, the
     QLinearConv and its activation, DQ) and the same layers in float, at 1 thread, interleaved."""
+    from onnx import TensorProto, helper
+
     from convgraph.analysis.analyze import analyze
     from convgraph.optimize import TimingCache, candidates
-    from convgraph.optimize.regions import qdq_pair
     from convgraph.optimize.timing import unique_names
 
     spec = MODELS[name]
@@ -144,7 +145,14 @@ def boundaries(name: str, runs: int) -> None:
     for r in recs:
         if r.node_id not in cands or r.input_shape is None:
             continue
-        b = bench([qdq_pair("x", r.input_shape)], runs=runs, warmup=3, threads=1, progress=False)
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(r.input_shape))
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(r.input_shape))
+        g = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                               helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "qdq", [x], [y],
+                              [helper.make_tensor("s", TensorProto.FLOAT, [], [0.02]),
+                               helper.make_tensor("z", TensorProto.UINT8, [], [128])])
+        qdq = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+        b = bench([qdq], runs=runs, warmup=3, threads=1, progress=False)
         c = cands[r.node_id]
         rows.append((r.node_id, r.input_shape, b.models[0].median_ms, c.layer_ms_after, c.layer_ms_before))
     print("| conv | input | Q→DQ of its input, ms | int8 unit (Q, QLinearConv + activation, DQ), ms | float, ms |")

@@ -700,9 +700,6 @@ def test_int8_candidates_are_timed_quantized_and_run_as_int8_kernels(models_dir,
     int8 = {c.node: c for c in report.candidates if c.rule == "int8"}
     assert set(int8) == convs and all(c.layer_ms_after > 0 and c.macs_after == c.macs_before for c in int8.values())
     assert any(c.error is not None for c in int8.values())  # fitted (quantized) and judged
-    # beside each unit, the Q→DQ pairs on its input and output: what it saves between int8 neighbours
-    assert all(len(c.boundary_ms) == 2 and min(c.boundary_ms.values()) > 0 for c in int8.values())
-    assert all(c.inner_saving_ms > c.saving_ms for c in int8.values())
     if not report.passed:
         pytest.skip("no faster int8 model on this machine's timings")
     so = ort.SessionOptions()

@@ -29,7 +29,7 @@ import io
 import logging
 import platform
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -364,54 +364,41 @@ def _constants(graph: onnx.GraphProto) -> set[str]:
     return {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
 
 
-class Joins:
-    """The :data:`JOINS` ops of a main graph and the maps that tell which of them sit wholly between int8 nodes."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.consts = _constants(graph)
-        self.outputs = {o.name for o in graph.output}
-        self.by_name = {n.name: n for n in graph.node if n.name}
-        self.producer = {o: n.name for n in graph.node for o in n.output if o}
-        self.readers: dict[str, list[str]] = {}
-        for n in graph.node:
-            for t in n.input:
-                if t:
-                    self.readers.setdefault(t, []).append(n.name)
-        self.names = {n.name for n in graph.node if n.name and n.op_type in JOINS and n.domain in ("", "ai.onnx")}
-
-    def enclosed(self, is_int8: Callable[[str], bool], among: Iterable[str] | None = None) -> set[str]:
-        """The largest set of the joins ``among`` (default: all) whose every activation input is made by an int8
-        node (``is_int8(name)``) or another such join, and whose every output is read by those only (and is no
-        graph output). A worklist: linear in the size of what it looks at."""
-        joins = {j for j in (self.names if among is None else among) if not is_int8(j)}
-        producer, readers = self.producer, self.readers
-
-        def ok(name: str | None) -> bool:
-            return name is not None and (name in joins or is_int8(name))
-
-        def bad(n: onnx.NodeProto) -> bool:
-            ins = [t for t in n.input if t and t not in self.consts]
-            return (not ins or any(not ok(producer.get(t)) for t in ins)
-                    or any(o in self.outputs or any(not ok(r) for r in readers.get(o, ())) for o in n.output if o))
-
-        todo = list(joins)
-        while todo:
-            name = todo.pop()
-            if name not in joins or not bad(self.by_name[name]):
-                continue
-            joins.discard(name)  # its neighbours among the joins may depend on it: look at them again
-            n = self.by_name[name]
-            todo += [producer[t] for t in n.input if t in producer and producer[t] in joins]
-            todo += [r for o in n.output for r in readers.get(o, ()) if r in joins]
-        return joins
-
-
 def joins_between(model: onnx.ModelProto, units: Iterable[str]) -> list[str]:
     """The names of the :data:`JOINS` ops of ``model``'s main graph that sit wholly between the int8 nodes named
-    ``units`` (:meth:`Joins.enclosed`). Quantized with the units, the values between int8 neighbours stay int8
-    (no DequantizeLinear → float op → QuantizeLinear round trip)."""
+    ``units``: every activation they read made by a unit or another such op, everything they make read by those
+    only (and no graph output). Quantized with the units, the values between int8 neighbours stay int8 (no
+    DequantizeLinear → float op → QuantizeLinear round trip). The largest such set, found with a worklist: linear
+    in the graph's size."""
+    g = model.graph
     inside = set(units)
-    return sorted(Joins(model.graph).enclosed(inside.__contains__))
+    consts = _constants(g)
+    outputs = {o.name for o in g.output}
+    by_name = {n.name: n for n in g.node if n.name}
+    producer = {o: n.name for n in g.node for o in n.output if o}
+    readers: dict[str, list[str]] = {}
+    for n in g.node:
+        for t in n.input:
+            if t:
+                readers.setdefault(t, []).append(n.name)
+    joins = {n.name for n in g.node if n.name and n.op_type in JOINS and n.domain in ("", "ai.onnx")} - inside
+
+    def bad(n: onnx.NodeProto) -> bool:
+        ins = [t for t in n.input if t and t not in consts]
+        return (not ins or any(producer.get(t) not in inside and producer.get(t) not in joins for t in ins)
+                or any(o in outputs or any(r not in inside and r not in joins for r in readers.get(o, ()))
+                       for o in n.output if o))
+
+    todo = list(joins)
+    while todo:
+        name = todo.pop()
+        if name not in joins or not bad(by_name[name]):
+            continue
+        joins.discard(name)  # its neighbours among the joins may depend on it: look at them again
+        n = by_name[name]
+        todo += [producer[t] for t in n.input if t in producer and producer[t] in joins]
+        todo += [r for o in n.output for r in readers.get(o, ()) if r in joins]
+    return sorted(joins)
 
 
 def activations_of(model: onnx.ModelProto, names: Iterable[str]) -> list[str]:

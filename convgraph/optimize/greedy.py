@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import replace
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from .report import ERROR_FLOOR, PREDICTION_SLACK, STABLE_SHARE, Candidate, Point, Step
-
-if TYPE_CHECKING:
-    from .regions import Regions
 
 
 # ---- the greedy sequence ------------------------------------------------------------------------------------
@@ -37,71 +33,44 @@ def _hull(opts: Sequence[Candidate], e0: float, s0: float) -> list[Candidate]:
     return hull
 
 
-def greedy_sequence(cands: Sequence[Candidate], baseline_ms: float, regions: Regions | None = None) -> list[Step]:
+def greedy_sequence(cands: Sequence[Candidate], baseline_ms: float) -> list[Step]:
     """Steps in order of saving per unit of error; per conv its options' lower convex hull, in order.
 
     A candidate that rewrites more than its conv (``Candidate.touches``: prune refits the consumer convs)
     excludes the candidates of other convs touching any of those nodes: once a step of one conv claims a
     node, the other convs' options that touch it are out, and a conv that loses options continues along
-    the hull of those left (so every prefix is a plan whose rewrites do not overlap).
-
-    With ``regions``, an int8 unit's saving is priced in context (:meth:`Regions.bonus`: the boundaries it
-    removes beside the units already int8, or adds): when a conv goes int8 its neighbours are offered anew,
-    and a unit that saves nothing alone (its Q and DQ cost more than its kernel saves) can follow its
-    neighbours. A conv's int8 step is its last (its neighbours were priced with it int8)."""
-    def usable(c: Candidate) -> bool:
-        if c.error is None or not math.isfinite(c.error):
-            return False
-        if regions is not None and c.boundary_ms and c.node in regions.units:
-            return c.inner_saving_ms > 0
-        return c.saving_ms > 0 and (c.faster_share is None or c.faster_share >= STABLE_SHARE)
-
+    the hull of those left (so every prefix is a plan whose rewrites do not overlap)."""
     by_node: dict[str, list[Candidate]] = {}
     for c in cands:
-        if usable(c):
+        if c.error is not None and c.saving_ms > 0 and math.isfinite(c.error) and (
+                c.faster_share is None or c.faster_share >= STABLE_SHARE):
             by_node.setdefault(c.node, []).append(c)
     claims: dict[str, str] = {}  # node id -> the conv whose chosen steps touch it
     at: dict[str, tuple[float, float]] = {}  # conv -> (error, saving) of its last step
-    int8: set[str] = set()  # convs whose int8 step was taken (regions only)
-    version: dict[str, int] = {}  # a conv's heap entry is stale once it was offered anew
     heap: list = []
 
     def free(c: Candidate) -> bool:
         return all(claims.get(t, c.node) == c.node for t in c.touches or (c.node,))
 
-    def priced(c: Candidate) -> Candidate:
-        if regions is None or not c.boundary_ms or c.node not in regions.units:
-            return c
-        return replace(c, layer_ms_after=c.layer_ms_after - regions.bonus(c.node, int8, c.boundary_ms))
-
     def offer(node: str) -> None:  # the conv's next step: the first of its hull over the options still free
-        version[node] = version.get(node, 0) + 1
-        if node in int8:
-            return
         e0, s0 = at.get(node, (0.0, 0.0))
-        hull = _hull([priced(c) for c in by_node[node] if free(c)], e0, s0)
+        hull = _hull([c for c in by_node[node] if free(c)], e0, s0)
         if hull:
             c = hull[0]
             de, ds = max(_e(c) - e0, 0.0), c.saving_ms - s0
-            heapq.heappush(heap, (-ds / max(de, ERROR_FLOOR), node, version[node], c, ds, de))
+            heapq.heappush(heap, (-ds / max(de, ERROR_FLOOR), node, c, ds, de))  # one entry per conv at most
 
     for node in by_node:
         offer(node)
     steps, ms, err = [], baseline_ms, 0.0
     while heap:  # in order of efficiency; a conv's later steps never before its earlier ones (less efficient)
-        _, node, v, c, ds, de = heapq.heappop(heap)
-        if v != version[node]:
-            continue  # offered anew since (a neighbour went int8)
+        _, node, c, ds, de = heapq.heappop(heap)
         if free(c):
             claims.update(dict.fromkeys(c.touches or (c.node,), node))
             at[node] = (c.error, c.saving_ms)
             ms -= ds
             err += de
             steps.append(Step(node, c.rule, dict(c.params), ds, de, ms, err))
-            if regions is not None and c.boundary_ms and node in regions.units:
-                int8.add(node)
-                for other in regions.neighbours(node) & by_node.keys():
-                    offer(other)
         offer(node)  # its next step, or (claimed since offered) the best among the options left
     return steps
 

@@ -32,7 +32,6 @@ from .estimate import layer_errors, scale_errors
 from . import int8
 from .fitting import Fitted, candidate_key, fit_all
 from .greedy import greedy_sequence, needs_shorter, plan_of, search
-from .regions import regions_of
 from .int8 import quantizes
 from .judge import Judge
 from .report import (
@@ -287,9 +286,7 @@ def time_candidates(plan: Plan, s: Settings, deadline: Deadline, say: Say, cache
             if deadline.over(TIMING_SHARE) and timed < len(plan.records):
                 plan.notes.append(f"--time-budget: {len(plan.records) - timed} of {len(plan.records)} convs had no "
                                   f"time left for timing their layers (the largest were timed first)")
-    # an int8 unit that saves nothing alone may between int8 neighbours (no Q, no DQ): the search prices it there
-    plan.todo = [c for c in plan.cands if (c.inner_saving_ms > 0 if c.boundary_ms else c.saving_ms > 0 and (
-        c.faster_share is None or c.faster_share >= STABLE_SHARE))]
+    plan.todo = [c for c in plan.cands if c.saving_ms > 0 and (c.faster_share is None or c.faster_share >= STABLE_SHARE)]
 
 
 def calibrate_candidates(plan: Plan, s: Settings, deadline: Deadline, say: Say) -> None:
@@ -394,8 +391,7 @@ def search_prefixes(plan: Plan, s: Settings, deadline: Deadline, say: Say) -> No
             folds = plan.built[-1].point
             start = folds.measured_ms / folds.original_ms  # predictions start from the folded model
             folds.predicted_ms = folds.measured_ms
-        plan.steps = greedy_sequence(plan.cands, plan.baseline_ms * start,
-                                     regions_of(plan.cg, plan.by_id, plan.cands))
+        plan.steps = greedy_sequence(plan.cands, plan.baseline_ms * start)
         if plan.steps:
             plan.backed_off = search(plan.steps, evaluate, allowance=allowance, max_evals=s.max_evals,
                                      stop=deadline.over, unbuilt=plan.unbuilt)

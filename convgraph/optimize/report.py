@@ -53,17 +53,10 @@ class Candidate:
     #: every node the rewrite replaces when more than the conv (prune: the conv, the per-channel ops after it,
     #: the consumer convs it refits): two candidates of different convs whose nodes overlap exclude each other
     touches: list[str] = field(default_factory=list)
-    #: an int8 unit's: the Q→DQ pair timed on each tensor its one-layer model pays a boundary on (input, output)
-    boundary_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def saving_ms(self) -> float:
         return self.layer_ms_before - self.layer_ms_after
-
-    @property
-    def inner_saving_ms(self) -> float:
-        """The saving with int8 on both sides (no Q on the input nor DQ on the output): an int8 unit's best."""
-        return self.saving_ms + sum(self.boundary_ms.values()) / 2
 
     def to_dict(self) -> dict:
         return {**asdict(self), "saving_ms": self.saving_ms}

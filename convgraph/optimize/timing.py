@@ -20,8 +20,7 @@ from ..model.record import ConvRecord
 from ..registry import get_rule
 from ..engine.rewrite import Selection, rewrite
 from ..rule import RuleContext, Skip
-from .int8 import int8_replacement, quantizes, unit_nodes
-from .regions import qdq_pair
+from .int8 import int8_replacement, quantizes
 from .report import INT8_CALIBRATION, KEEP_SHARES, LAYER_RANK_SHARES, MAX_MAC_RATIO, Candidate
 
 
@@ -73,18 +72,6 @@ def layer_model(cg: ConvGraph, rec: ConvRecord, nodes: Sequence[onnx.NodeProto],
     model = onnx.helper.make_model(graph, opset_imports=list(cg.model.opset_import))
     model.ir_version = cg.model.ir_version
     return model
-
-
-def _shape(cg: ConvGraph, t: str) -> list[int]:
-    got = cg.shape_info(t)
-    if got is None or got.shape is None or not _static(got.shape):
-        raise UsageError(f"tensor {t!r} has no static shape; cannot time the layers alone")
-    return list(got.shape)
-
-
-def unit_nodes_output(cg: ConvGraph, rec: ConvRecord, params: Mapping[str, Any]) -> str:
-    """The tensor an int8 unit of ``rec`` makes (its activation's output, or the conv's)."""
-    return cg.node(unit_nodes(cg, rec, params)[-1]).output[0]
 
 
 def span_outputs(cg: ConvGraph, span: Sequence[str]) -> list[str]:
@@ -222,26 +209,21 @@ def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str
                     continue  # the rank was capped: same layer as one already listed
                 # a match spanning more than the conv is timed as the subgraph it spans, in graph order
                 span = tuple(sorted(found.nodes, key=lambda n: cg.graph.nodes[n]["order"])) if found else (rec.node_id,)
-                # an int8 unit's one-layer model pays a Q on its input and a DQ on its output: the pairs on those
-                # tensors are timed beside it, for what the unit saves between int8 neighbours (optimize.regions)
-                edges = [rec.input, unit_nodes_output(cg, rec, params)] if quantizes(rule) else []
                 options.append({"rule": name, "params": given, "kind": rep.kind_after, "macs": rep.macs_after,
-                                "span": span, "rep": rep, "edges": edges})
+                                "span": span, "rep": rep})
         spans: dict[tuple[str, ...], list[dict]] = {}
         for o in options:
             spans.setdefault(o["span"], []).append(o)
         for span, opts in spans.items():  # each span timed against its own original, interleaved
             outs = span_outputs(cg, span) if len(span) > 1 else []
-            edges = list(dict.fromkeys(t for o in opts for t in o["edges"]))
             layers = [layer_model(cg, rec, [cg.node(n) for n in span], [], outs)] + [
-                layer_model(cg, rec, o["rep"].nodes, o["rep"].initializers, outs) for o in opts] + [
-                qdq_pair(t, list(rec.input_shape or ()) if t == rec.input else _shape(cg, t)) for t in edges]
+                layer_model(cg, rec, o["rep"].nodes, o["rep"].initializers, outs) for o in opts]
             key = TimingCache.key(layers, provider, threads, runs) if cache is not None else ""
             timed = cache.get(key) if cache is not None else None
             if timed is None:
                 got = bench(layers, runs=runs, warmup=warmup, provider=provider, threads=threads,
-                            names=["original"] + [f"{o['rule']}{o['params']}" for o in opts]
-                            + [f"Q→DQ {t}" for t in edges], progress=False, spinning=False)
+                            names=["original"] + [f"{o['rule']}{o['params']}" for o in opts], progress=False,
+                            spinning=False)
                 base = np.asarray(got.models[0].times_ms)
                 timed = {"before_ms": got.models[0].median_ms,
                          "ratios": [r.median for r in got.ratios],  # medians over interleaved pairs
@@ -249,12 +231,10 @@ def candidates(cg: ConvGraph, records: Sequence[ConvRecord], rules: Sequence[str
                 if cache is not None:
                     cache.put(key, timed)
             t0 = timed["before_ms"]
-            pair_ms = {t: t0 / r for t, r in zip(edges, timed["ratios"][len(opts):])}
             for o, ratio, won in zip(opts, timed["ratios"], timed["won"]):
                 before = o["rep"].macs_before if len(span) > 1 and o["rep"].macs_before is not None else rec.macs
                 out.append(Candidate(rec.node_id, o["rule"], o["params"], o["kind"], before, o["macs"], t0,
-                                     t0 / ratio, faster_share=won, touches=list(span) if len(span) > 1 else [],
-                                     boundary_ms={t: pair_ms[t] for t in o["edges"]}))
+                                     t0 / ratio, faster_share=won, touches=list(span) if len(span) > 1 else []))
         if progress is not None:
             progress(f"timing layers: {done + 1}/{len(records)} convs{eta(t_start, done + 1, len(records))}")
     return sorted(out, key=lambda c: order[c.node])
