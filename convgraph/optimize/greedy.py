@@ -147,6 +147,12 @@ def search(steps: Sequence[Step], evaluate, *, allowance: float | None, max_eval
     return dropped
 
 
+def to_largest_step(prefix: Sequence[Step]) -> int:
+    """The length of ``prefix`` up to and including its largest step (the most time saved alone; 0 when empty):
+    the steps after it save less each, and in the model they may save nothing at all."""
+    return 1 + max(range(len(prefix)), key=lambda i: prefix[i].saving_ms) if prefix else 0
+
+
 def needs_shorter(p: Point) -> bool:
     """Whether a built prefix calls for trying a shorter one: no faster than the original, or slower than
     its layers' measured savings predict by more than PREDICTION_SLACK (latency not additive)."""
