@@ -209,3 +209,12 @@ def test_npz_absurd_array_refused_from_its_header(tmp_path):
         zf.writestr("x.npy", buf.getvalue())  # a header only: nothing of 40 GB exists
     with pytest.raises(ModelError, match="GiB; refused"):
         make_inputs(_model([("x", TensorProto.FLOAT, ["N", 100_000])]), tmp_path / "big.npz")
+
+
+@pytest.mark.parametrize("dtype", [np.bool_, np.float32, np.int64, np.uint8])
+def test_random_values_of_a_scalar_input_are_arrays(dtype):
+    """An If's condition as a graph input (shape []): onnxruntime takes a 0-d array, not a numpy scalar."""
+    from convgraph.run.inputs import random_array
+
+    v = random_array(np.random.default_rng(0), (), np.dtype(dtype))
+    assert isinstance(v, np.ndarray) and v.shape == () and v.dtype == np.dtype(dtype)

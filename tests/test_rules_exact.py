@@ -554,3 +554,59 @@ def test_fold_bn_folds_per_channel_input_scales_into_a_grouped_conv():
     out, reps, _ = rewrite_with(model, "fold-bn")
     assert op_types(out) == ["Conv"]
     assert_same(model, out, {"x": random_x([1, 8, 9, 9])})
+
+
+def _bn_hardswish_nodes(prefix: str, dtype) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """x → conv → Mul, Add by per-channel constants (Paddle's BatchNormalization) → x·clip(x + 3, 0, 6)/6
+    written out → {prefix}y, in ``dtype``."""
+    rng = np.random.default_rng(7)
+    consts = {"w": rng.standard_normal((8, 3, 3, 3)) * 0.5, "s": rng.uniform(0.5, 1.5, (1, 8, 1, 1)),
+              "b": rng.standard_normal((1, 8, 1, 1)), "three": np.array(3.0), "lo": np.array(0.0),
+              "hi": np.array(6.0), "six": np.array(6.0)}
+    inits = [numpy_helper.from_array(v.astype(dtype), prefix + k) for k, v in consts.items()]
+    p = prefix
+    nodes = [helper.make_node("Conv", ["x", p + "w"], [p + "a"], name=p + "conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", [p + "a", p + "s"], [p + "m"], name=p + "scale"),
+             helper.make_node("Add", [p + "m", p + "b"], [p + "n"], name=p + "shift"),
+             helper.make_node("Add", [p + "n", p + "three"], [p + "q"], name=p + "add3"),
+             helper.make_node("Clip", [p + "q", p + "lo", p + "hi"], [p + "c"], name=p + "clip"),
+             helper.make_node("Mul", [p + "n", p + "c"], [p + "k"], name=p + "mul"),
+             helper.make_node("Div", [p + "k", p + "six"], [p + "y"], name=p + "div")]
+    return nodes, inits
+
+
+def _exact_prepasses(model: onnx.ModelProto):
+    res = rewrite(model, ["fuse-hardswish", "fold-bn"], verify=True)
+    assert res.model is not None and {c.rule for c in res.report.changes} == {"fuse-hardswish", "fold-bn"}
+    return res.model
+
+
+def test_the_exact_prepasses_work_inside_if_branches():
+    """fuse-hardswish then fold-bn (optimize's pre-passes) on a conv in an If's then-branch: both apply there,
+    the else-branch and the outputs stay as they were."""
+    then_nodes, inits = _bn_hardswish_nodes("t_", np.float32)
+    shape = [1, 8, 10, 10]
+    then = helper.make_graph(then_nodes, "then", [], [helper.make_tensor_value_info("t_y", TensorProto.FLOAT, shape)])
+    other = helper.make_graph([helper.make_node("Conv", ["x", "t_w"], ["e_y"], name="e_conv", pads=[1, 1, 1, 1])],
+                              "else", [], [helper.make_tensor_value_info("e_y", TensorProto.FLOAT, shape)])
+    g = helper.make_graph([helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then, else_branch=other)],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 10, 10]),
+                                helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    out = _exact_prepasses(model)
+    branches = {a.name: helper.get_attribute_value(a) for a in out.graph.node[0].attribute}
+    assert [n.op_type for n in branches["then_branch"].node] == ["Conv", "HardSwish"]
+    assert [n.op_type for n in branches["else_branch"].node] == ["Conv"]
+    for cond in (True, False):
+        assert_same(model, out, {"x": random_x([1, 3, 10, 10]) * 3, "cond": np.array(cond)})
+
+
+def test_the_exact_prepasses_work_in_fp16():
+    nodes, inits = _bn_hardswish_nodes("", np.float16)
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 10, 10])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 8, 10, 10])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    out = _exact_prepasses(model)
+    assert op_types(out) == ["Conv", "HardSwish"] and out.graph.initializer[0].data_type == TensorProto.FLOAT16
+    assert_same(model, out, {"x": random_x([1, 3, 10, 10], dtype=np.float16) * 3}, tol=5e-3)  # fp16 rounding

@@ -111,7 +111,7 @@ def random_array(rng: np.random.Generator, shape: Sequence[int], dtype: np.dtype
     if dtype.kind == "f" or dtype.name == "bfloat16":
         return rng.random(shape, dtype=np.float32).astype(dtype)
     if dtype.kind == "b":
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)  # a 0-d comparison is a numpy scalar, which onnxruntime refuses
     if dtype.kind in "iu":
         if dtype.itemsize == 1:
             info = np.iinfo(dtype)
