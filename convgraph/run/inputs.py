@@ -12,7 +12,7 @@ import os
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -443,6 +443,10 @@ def make_inputs(model_or_specs, inputs=None, *, samples: int | None = None, seed
         return random_inputs(specs, samples=samples or 1, seed=seed, input_shapes=input_shapes, mean=mean, std=std)
     if isinstance(inputs, InputSet):
         return inputs
+    # arrays are split into samples by the shapes the user fixed (a [32,3,H,W] array is 32 samples for an input
+    # fixed at [1,3,H,W], one for an input of dynamic batch left so)
+    arr_specs = [replace(sp, shape=tuple(input_shapes[sp.name])) if input_shapes and sp.name in input_shapes else sp
+                 for sp in specs]
     if isinstance(inputs, (str, os.PathLike)):
         path = Path(os.fspath(inputs))
         if path.is_dir():
@@ -452,10 +456,10 @@ def make_inputs(model_or_specs, inputs=None, *, samples: int | None = None, seed
             raise UsageError(f"{path}: no such file or folder")
         if path.suffix.lower() != ".npz":
             raise UsageError(f"{path}: --inputs takes an .npz file or a folder of images")
-        return npz_inputs(path, specs, samples=samples)
+        return npz_inputs(path, arr_specs, samples=samples)
     if isinstance(inputs, Mapping):
         arrays = {k: np.asarray(v) for k, v in inputs.items()}
-        return arrays_inputs(arrays, {k: (v.shape, v.dtype) for k, v in arrays.items()}, specs, samples=samples,
+        return arrays_inputs(arrays, {k: (v.shape, v.dtype) for k, v in arrays.items()}, arr_specs, samples=samples,
                              where="the given inputs")
     if isinstance(inputs, Sequence) and all(isinstance(x, Mapping) for x in inputs):
         given = list(inputs)[:samples] if samples else list(inputs)
