@@ -768,3 +768,15 @@ def test_the_prefix_that_ends_at_its_largest_step_is_built_too(models_dir, monke
     if len(report.sequence) < 2:
         pytest.skip("fewer than 2 steps on this machine's timings")
     assert sorted(p.steps for p in report.points)[:1] == [1] and any("largest step" in n for n in report.notes)
+
+
+def test_cli_optimize_says_risks_as_warnings_and_the_rest_as_notes(models_dir, tmp_path, capsys):
+    """Warnings are for what the result risks (here: 2 held-out samples); what the run did is a note."""
+    np.savez(tmp_path / "calib.npz", x=np.concatenate([f["x"] for f in smooth_feeds(8, 8)]))
+    np.savez(tmp_path / "held.npz", x=np.concatenate([f["x"] for f in smooth_feeds(2, 9)]))
+    main(["optimize", str(models_dir / "sample.onnx"), "--calib", str(tmp_path / "calib.npz"), "--heldout",
+          str(tmp_path / "held.npz"), "--budget", "0.9", "--rules", "separable", "--ranks", "1", "--max-evals", "1",
+          "-o", str(tmp_path / "o.onnx")])
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "warning: the budget is checked on 2 held-out sample(s) only" in err
+    assert "note: one-layer timings:" in err and "warning: one-layer timings" not in err

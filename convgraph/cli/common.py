@@ -112,6 +112,13 @@ def warn(message: str) -> None:
                          highlight=False)  # [dims] are not markup
 
 
+def note(message: str) -> None:
+    """What a run did or chose, said on stderr beside the warnings (which say what it risks)."""
+    from rich.markup import escape
+
+    console("err").print(f"[dim]note:[/dim] {escape(printable(message))}", markup=True, highlight=False)
+
+
 def _default(o: Any):
     if isinstance(o, np.generic):
         return o.item()

@@ -13,7 +13,7 @@ from ..engine.rewrite import Selection
 from . import cli
 from .common import (
     _number_list, emit_json, err, image_options, input_shape_option, input_value_option, json_option, out, provider_option,
-    warn)
+    note, warn)
 from .progress import shows_progress
 from .tables import Column, show, wide_option
 
@@ -67,7 +67,7 @@ def render(report: OptimizeReport) -> None:
               Column("5th pct", "num"), Column("median", "num"), Column("worst sample", drop=1)], rows,
              title=f"held-out {report.metric} per sample, returned model (budget on the {report.held_on})")
     for n in report.notes:
-        warn(n)
+        (warn if n in report.warnings else note)(n)
     out.print(report.summary())
 
 

@@ -477,7 +477,7 @@ def finish(plan: Plan, s: Settings, deadline: Deadline) -> tuple[onnx.ModelProto
         measured_ms=measured_ms, speedup=speedup, metric_value=value, passed=bool(faster),
         chosen=chosen, candidates=list(plan.cands), sequence=plan.steps,
         points=sorted((b.point for b in plan.built), key=lambda p: p.steps), outputs=per, seconds=seconds,
-        notes=notes, quantile=s.quantile, timed_out=deadline.ran_out_in is not None or any(
+        notes=notes, warnings=list(plan.cg.warnings) + plan.risks, quantile=s.quantile, timed_out=deadline.ran_out_in is not None or any(
             n.startswith("--time-budget") for n in plan.notes),
         coverage=None if plan.coverage is None else plan.coverage[0], held_budget=plan.held_budget,
         folded=plan.folded if faster else 0,

@@ -131,6 +131,9 @@ class OptimizeReport:
     outputs: dict[str, dict] = field(default_factory=dict)  # held-out metrics per output (final model)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: the notes that say what the result risks (the model's load warnings, too few or alike samples): the CLI
+    #: prints these as warnings and the rest as notes
+    warnings: list[str] = field(default_factory=list)
     quantile: float | None = None  # the budget holds on this share of the held-out samples (None: on every one)
     excluded: dict[str, list[dict]] = field(default_factory=dict)  # per judged tensor: samples left out, and why
     timed_out: bool = False  # the time budget ended the run before the search did
