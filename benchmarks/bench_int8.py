@@ -92,21 +92,38 @@ def ort_quantized(fp32: Path, feeds: list[dict], method: str, dest: Path) -> Pat
     return dest
 
 
+#: Runs ``python -m convgraph ARGS`` and writes its peak RSS in bytes to the file $PEAK_TO: the largest of its own
+#: (VmHWM, which starts anew at exec) and its children's (the fit processes it forks). The wait4 figure of a child
+#: of this benchmark is no good: a forked child's peak starts at this process's RSS, gigabytes after the quantizers.
+PEAK_WRAPPER = """
+import os, resource, runpy, sys
+sys.argv = ["convgraph", *sys.argv[1:]]
+try:
+    runpy.run_module("convgraph", run_name="__main__")
+finally:
+    own = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with open(os.environ["PEAK_TO"], "w") as f:
+        f.write(str(max(own, kids) * 1024))
+"""
+
+
 def optimized(fp32: Path, calib: Path, rules: str, dest: Path, log: Path) -> tuple[Path | None, dict, float, float]:
     """``convgraph optimize`` in a child process: (model or None, its --json report, wall s, peak RSS GB)."""
-    cmd = [sys.executable, "-m", "convgraph", "optimize", str(fp32), "--calib", str(calib), "--rules", rules,
+    cmd = [sys.executable, "-c", PEAK_WRAPPER, "optimize", str(fp32), "--calib", str(calib), "--rules", rules,
            "-o", str(dest), "--json"]
+    peak = log.with_suffix(".peak")
     t = time.perf_counter()
     with open(log, "w") as err:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-        out = p.stdout.read() if p.stdout else ""
-        _, status, usage = os.wait4(p.pid, 0)
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ,
+                                                                                          "PEAK_TO": str(peak)})
     wall = time.perf_counter() - t
     try:
-        report = json.loads(out)
+        report = json.loads(done.stdout)
     except ValueError:
-        report = {"summary": f"no report (exit {status >> 8}; see {log})"}
-    return (dest if dest.exists() else None), report, wall, usage.ru_maxrss / 2**20
+        report = {"summary": f"no report (exit {done.returncode}; see {log})"}
+    rss = int(peak.read_text()) / 2**30 if peak.exists() else float("nan")
+    return (dest if dest.exists() else None), report, wall, rss
 
 
 def judge(name: str, fp32: onnx.ModelProto, model: onnx.ModelProto, held: list[dict]) -> dict:
