@@ -398,9 +398,6 @@ def search_prefixes(plan: Plan, s: Settings, deadline: Deadline, say: Say) -> No
         if fitted.joint_failed:
             plan.notes.append(f"int8 steps quantized one unit at a time (no joins between them): quantizing them "
                               f"together failed: {fitted.joint_failed}")
-        # Latency need not fall along the sequence (launch-bound on a GPU, more nodes can cost more than the
-        # MACs save): while the fastest passing prefix is no faster than the original, or its measured latency
-        # is far from the sum of its layers' savings, halve the shortest one.
         # The sequence runs by saving per error, not by saving: later steps can cost more in the model than they
         # save alone (PP-OCR det: int8 units between float neighbours), so the passing prefix that ends at its
         # largest step is built too
@@ -410,6 +407,9 @@ def search_prefixes(plan: Plan, s: Settings, deadline: Deadline, say: Say) -> No
             if k < len(best) and all(len(b.prefix) != k for b in plan.built):
                 evaluate(best[:k])
                 plan.shorter.append(k)
+        # Latency need not fall along the sequence (launch-bound on a GPU, more nodes can cost more than the
+        # MACs save): while the fastest passing prefix is no faster than the original, or its measured latency
+        # is far from the sum of its layers' savings, halve the shortest one.
         tries = max(2, s.max_evals - len(plan.built))
         while plan.passing() and tries and not deadline.over() and needs_shorter(
                 max(plan.passing(), key=lambda b: b.point.speedup).point):
@@ -448,7 +448,8 @@ def finish(plan: Plan, s: Settings, deadline: Deadline) -> tuple[onnx.ModelProto
     """The model to return (the fastest passing prefix, or the original) with its record, and the report."""
     with deadline.phase("finish"):
         faster = [b for b in plan.passing() if b.point.speedup > 1.0]
-        notes = list(plan.cg.warnings) + plan.risks + plan.notes + _notes(plan, s, deadline, bool(faster))
+        warned = list(plan.cg.warnings) + plan.risks  # what the result risks; the rest says what the run did
+        notes = warned + plan.notes + _notes(plan, s, deadline, bool(faster))
         if faster:
             best = pick_built(faster)
             assert best is not None
@@ -477,7 +478,7 @@ def finish(plan: Plan, s: Settings, deadline: Deadline) -> tuple[onnx.ModelProto
         measured_ms=measured_ms, speedup=speedup, metric_value=value, passed=bool(faster),
         chosen=chosen, candidates=list(plan.cands), sequence=plan.steps,
         points=sorted((b.point for b in plan.built), key=lambda p: p.steps), outputs=per, seconds=seconds,
-        notes=notes, warnings=list(plan.cg.warnings) + plan.risks, quantile=s.quantile, timed_out=deadline.ran_out_in is not None or any(
+        notes=notes, warnings=warned, quantile=s.quantile, timed_out=deadline.ran_out_in is not None or any(
             n.startswith("--time-budget") for n in plan.notes),
         coverage=None if plan.coverage is None else plan.coverage[0], held_budget=plan.held_budget,
         folded=plan.folded if faster else 0,
