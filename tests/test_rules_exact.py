@@ -610,3 +610,45 @@ def test_the_exact_prepasses_work_in_fp16():
     out = _exact_prepasses(model)
     assert op_types(out) == ["Conv", "HardSwish"] and out.graph.initializer[0].data_type == TensorProto.FLOAT16
     assert_same(model, out, {"x": random_x([1, 3, 10, 10], dtype=np.float16) * 3}, tol=5e-3)  # fp16 rounding
+
+
+def _softmax_conv(opset: int, *, axis: int = 1, bias: bool = True, kernel: int = 1, extra_reader: bool = False
+                  ) -> onnx.ModelProto:
+    """x [1,16,4,8] → Softmax(axis) → 1×1 conv 16→2 (the DFL's weights 0…15 and a second row) → y."""
+    w = np.stack([np.arange(16), np.linspace(-1, 1, 16)]).astype(np.float32).reshape(2, 16, 1, 1)
+    if kernel > 1:
+        w = (np.repeat(np.repeat(w, kernel, 2), kernel, 3) / kernel ** 2).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w")] + ([numpy_helper.from_array(np.array([0.5, -2.0], np.float32), "b")]
+                                                 if bias else [])
+    nodes = [helper.make_node("Softmax", ["x"], ["s"], name="softmax", axis=axis),
+             helper.make_node("Conv", ["s", "w"] + (["b"] if bias else []), ["y"], name="dfl",
+                              pads=[kernel // 2] * 4)]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 8])]
+    if extra_reader:
+        nodes.append(helper.make_node("Relu", ["s"], ["r"], name="relu"))
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 16, 4, 8]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 4, 8])],
+                          outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset, bias", [(13, True), (17, False), (18, True)])
+def test_softmax_conv_divides_the_conv_of_the_exponentials_by_their_sum(opset, bias):
+    """YOLOv8's DFL in small: the conv over a channel softmax becomes exp(x − max), the conv and a division by the
+    sum (ReduceMax's axes an attribute before opset 18, an input from 18), the bias added after it."""
+    model = _softmax_conv(opset, bias=bias)
+    out, reps, _ = rewrite_with(model, "softmax-conv")
+    assert len(reps) == 1 and sorted(reps[0].removed) == ["dfl", "softmax"]
+    assert op_types(out) == ["ReduceMax", "Sub", "Exp", "Conv", "ReduceSum", "Div"] + (["Add"] if bias else [])
+    assert_same(model, out, {"x": random_x([1, 16, 4, 8]) * 20})  # large logits: the max keeps exp finite
+
+
+@pytest.mark.parametrize("model, reason", [
+    (_softmax_conv(12), "Softmax before opset 13"),
+    (_softmax_conv(17, axis=-1), "not over the conv's channels"),
+    (_softmax_conv(17, kernel=3), "not a pointwise conv"),
+    (_softmax_conv(17, extra_reader=True), "read by more than the conv"),
+])
+def test_softmax_conv_refuses_what_is_not_a_channel_softmax_read_by_a_pointwise_conv_alone(model, reason):
+    res = rewrite(model, ["softmax-conv"], verify=False)
+    assert not res.report.changes and reason in res.report.explain[0].reason
