@@ -135,6 +135,11 @@ def opset(ctx: RuleContext) -> int:
     return next((o.version for o in ctx.graph.model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
+def unchanged(rec: ConvRecord, params: dict) -> tuple[int | None, int, str]:
+    """The estimate of a rule that keeps the conv's MACs, parameters and kind (the ops around it change)."""
+    return rec.macs, rec.params, rec.kind
+
+
 def label(rec: ConvRecord) -> str:
     """The readable base for new names: the node's name, else its id."""
     return rec.name or rec.node_id

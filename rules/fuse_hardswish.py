@@ -19,7 +19,7 @@ from onnx import helper
 from convgraph.model.record import ConvRecord
 from convgraph.rule import Match, Replacement, Rule, RuleContext
 
-from ._common import attrs, opset, plain_conv_reason
+from ._common import attrs, label, opset, plain_conv_reason, unchanged
 from .fold_bn import chain_after
 
 #: The op types this rule rewrites.
@@ -98,20 +98,16 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None =
         node.CopyFrom(ctx.node(nid))
         kept.append(node)
     x, y = kept[-1].output[0], ctx.node(found["ops"][-1]).output[0]
-    base = rec.name or rec.node_id
+    base = label(rec)
     if opset(ctx) >= 14:
         act = [helper.make_node("HardSwish", [x], [y], name=f"{base}/hardswish")]
     else:
         gate = ctx.name(f"{base}/hardsigmoid")
         act = [helper.make_node("HardSigmoid", [x], [gate], name=gate, alpha=1 / 6, beta=0.5),
                helper.make_node("Mul", [x, gate], [y], name=f"{base}/hardswish")]
-    macs, n_params, kind = estimate(rec, params)
+    macs, n_params, kind = unchanged(rec, params)
     return Replacement([*kept, *act], [], True, kind, macs, n_params, removed=list(found.nodes), weight_error=0.0,
                        notes="HardSwish in one op" if len(act) == 1 else "HardSwish as HardSigmoid · x (opset < 14)")
-
-
-def estimate(rec: ConvRecord, params: dict) -> tuple[int | None, int, str]:
-    return rec.macs, rec.params, rec.kind
 
 
 RULE = Rule(
@@ -121,7 +117,7 @@ RULE = Rule(
     params=(),
     match=match,
     build=build,
-    estimate=estimate,
+    estimate=unchanged,
     prepass=True,
     saves_macs=False,
     op_types=OPS,

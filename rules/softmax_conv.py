@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 from convgraph.model.record import ConvRecord
 from convgraph.rule import Match, Replacement, Rule, RuleContext
 
-from ._common import attrs, label, opset, plain_conv_reason
+from ._common import attrs, label, opset, plain_conv_reason, unchanged
 
 #: The op types this rule rewrites.
 OPS = ("Conv",)
@@ -71,13 +71,9 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None =
         b = ctx.name(f"{base}/bias")
         inits.append(numpy_helper.from_array(bias.reshape(1, -1, *([1] * rec.spatial_dims)), b))
         nodes.append(helper.make_node("Add", [divided, b], [rec.output], name=ctx.name(f"{base}/add_bias")))
-    macs, n_params, kind = estimate(rec, params)
+    macs, n_params, kind = unchanged(rec, params)
     return Replacement(nodes, inits, True, kind, macs, n_params, removed=list(found.nodes), weight_error=0.0,
                        notes="softmax over the channels as exp / sum around the conv (no transposes)")
-
-
-def estimate(rec: ConvRecord, params: dict) -> tuple[int | None, int, str]:
-    return rec.macs, rec.params, rec.kind
 
 
 RULE = Rule(
@@ -88,7 +84,7 @@ RULE = Rule(
     params=(),
     match=match,
     build=build,
-    estimate=estimate,
+    estimate=unchanged,
     prepass=True,
     saves_macs=False,
     op_types=OPS,
