@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib", type=int, default=32, help="calibration images")
     ap.add_argument("--runs", type=int, default=100, help="interleaved timed runs per model")
     ap.add_argument("--no-optimize", action="store_true", help="only fp32 and onnxruntime's quantizer")
-    ap.add_argument("--rules", default="fuse-hardswish,fold-bn,softmax-conv,separable,spatial-separable,dilated,low-rank")
+    ap.add_argument("--rules", default="fuse-hardswish,fold-bn,softmax-conv,split-conv,separable,spatial-separable,dilated,low-rank")
     ap.add_argument("--keep", help="folder to keep the models and logs in")
     ap.add_argument("--boundaries", metavar="MODEL", help="only what an int8/float boundary costs, per conv")
     ap.add_argument("--frontier", metavar="MODEL", help="only what int8 units can reach, in order of their errors")

@@ -742,7 +742,7 @@ def test_exact_folds_come_first_and_results_are_judged_against_the_model_given(t
     assert report.points[0].steps == 0 and report.points[0].passed  # the folds alone, built and judged
     if report.passed:
         assert "Mul" not in [n.op_type for n in model.graph.node]
-        assert report.folded == 1 and report.summary().startswith("1 conv(s) folded exactly, ")
+        assert report.folded == 1 and report.summary().startswith("1 conv(s) rewritten exactly first, ")
 
 
 def test_the_prefix_that_ends_at_its_largest_step_is_built_too(models_dir, monkeypatch):

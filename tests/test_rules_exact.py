@@ -388,6 +388,7 @@ def test_all_exact_rules_through_the_engine(models_dir):
 @pytest.mark.parametrize("name, rule, params, shapes, count", [
     ("ppocr-det", "transpose-subpixel", {}, {"x": [1, 3, 320, 320]}, 2),
     ("yolov8n", "separable", {"rank": "full"}, {"images": [1, 3, 320, 320]}, 39),
+    ("yolov8n", "split-conv", {}, {"images": [1, 3, 320, 320]}, 8),  # every C2f block's cv1
     ("ppocr-rec", "separable", {"rank": "full"}, {"x": [1, 3, 48, 320]}, None),
     ("ppocr-cls", "fold-bn", {}, {"x": [1, 3, 48, 192]}, 35),
     # BatchNormalization after its 2 ConvTranspose, 30 convs whose BatchNormalization Paddle exported as Mul → Add,
@@ -652,3 +653,88 @@ def test_softmax_conv_divides_the_conv_of_the_exponentials_by_their_sum(opset, b
 def test_softmax_conv_refuses_what_is_not_a_channel_softmax_read_by_a_pointwise_conv_alone(model, reason):
     res = rewrite(model, ["softmax-conv"], verify=False)
     assert not res.report.changes and reason in res.report.explain[0].reason
+
+
+def _split_conv(opset: int, *, act: str = "silu", sizes: tuple[int, ...] = (4, 4), group: int = 1, axis: int = 1,
+                unread: bool = False, sizes_as: str = "auto", scale: bool = False, extra: bool = False
+                ) -> onnx.ModelProto:
+    """x [1,4,6,6] → 3×3 conv 4→sum(sizes) (group) → activation ("silu", "relu" or "") → Split(axis) → each part
+    through a Relu to its own output (with ``unread``, the last part read by nothing; with ``extra``, the Split's
+    input read by one more Relu). ``sizes_as``: "input"
+    (opset ≥ 13), "attr" (before 13), "num_outputs" (18), "none" (equal parts) or "auto" (as the opset wants)."""
+    c = sum(sizes)
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal((c, 4 // group, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "b")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="cv1", pads=[1] * 4, group=group)]
+    t = "y"
+    if scale:
+        inits.append(numpy_helper.from_array(rng.uniform(0.5, 2, (1, c, 1, 1)).astype(np.float32), "s"))
+        nodes.append(helper.make_node("Mul", [t, "s"], ["ys"], name="scale"))
+        t = "ys"
+    if act == "silu":
+        nodes += [helper.make_node("Sigmoid", [t], ["g"], name="sig"), helper.make_node("Mul", [t, "g"], ["a"], name="mul")]
+        t = "a"
+    elif act == "relu":
+        nodes.append(helper.make_node("Relu", [t], ["a"], name="relu"))
+        t = "a"
+    if sizes_as == "auto":
+        sizes_as = "input" if opset >= 13 else "attr"
+    parts = [f"p{k}" for k in range(len(sizes))]
+    kw: dict = {"axis": axis}
+    split_in = [t]
+    if sizes_as == "input":
+        inits.append(numpy_helper.from_array(np.array(sizes, np.int64), "sizes"))
+        split_in.append("sizes")
+    elif sizes_as == "attr":
+        kw["split"] = list(sizes)
+    elif sizes_as == "num_outputs":
+        kw["num_outputs"] = len(sizes)
+    nodes.append(helper.make_node("Split", split_in, parts, name="split", **kw))
+    read = parts[:-1] if unread else parts
+    nodes += [helper.make_node("Relu", [p], [f"z{p}"], name=f"r{p}") for p in read]
+    shape = (lambda k: [1, sizes[k], 6, 6]) if axis == 1 else (lambda k: [1, c, sizes[k], 6])
+    outs = [helper.make_tensor_value_info(f"z{p}", TensorProto.FLOAT, shape(k)) for k, p in enumerate(read)]
+    if extra:  # a second reader of what the Split reads
+        nodes.append(helper.make_node("Relu", [t], ["e"], name="extra"))
+        outs.append(helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, c, 6, 6]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])], outs,
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset, act, sizes, sizes_as", [
+    (17, "silu", (4, 4), "input"),  # YOLOv8's C2f cv1
+    (11, "relu", (2, 6), "attr"),
+    (13, "", (3, 3, 3), "none"),
+    (18, "silu", (4, 4, 2), "num_outputs"),  # ceil(10 / 3) = 4: parts 4, 4, 2
+])
+def test_split_conv_gives_each_part_its_own_conv_and_activation(opset, act, sizes, sizes_as):
+    model = _split_conv(opset, act=act, sizes=sizes, sizes_as=sizes_as)
+    out, reps, _ = rewrite_with(model, "split-conv")
+    assert len(reps) == 1 and "Split" not in op_types(out)
+    assert op_types(out).count("Conv") == len(sizes)
+    assert sorted(reps[0].removed) == sorted(["cv1", "split"] + {"silu": ["sig", "mul"], "relu": ["relu"]}.get(act, []))
+    convs = [n for n in out.graph.node if n.op_type == "Conv"]
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    assert [inits[c.input[1]].shape[0] for c in convs] == list(sizes)
+    assert assert_same(model, out, {"x": random_x([1, 4, 6, 6])}) == 0.0  # the same sums: bit for bit
+
+
+def test_split_conv_leaves_out_the_part_nothing_reads():
+    model = _split_conv(17, sizes=(4, 2), unread=True)
+    out, (rep,), _ = rewrite_with(model, "split-conv")
+    assert op_types(out).count("Conv") == 1 and rep.macs_after == 4 * 6 * 6 * 4 * 9
+    assert_same(model, out, {"x": random_x([1, 4, 6, 6])})
+
+
+@pytest.mark.parametrize("model, reason", [
+    (_split_conv(17, group=2), "group 2"),
+    (_split_conv(17, axis=2, sizes=(3, 3)), "not over the channels"),
+    (_split_conv(17, scale=True), "fold-bn first"),
+    (_split_conv(17, extra=True), "not read by a Split alone"),
+])
+def test_split_conv_refuses_what_it_cannot_split_exactly(model, reason):
+    res = rewrite(model, ["split-conv"], verify=False)
+    assert not res.report.changes and reason in res.report.explain[0].reason
+

@@ -1,8 +1,9 @@
 """Error-budgeted optimization: choose, per conv, the rewrite that buys the most measured speed for the least
 model-level error, fit it on calibration data, and prove the result on held-out inputs.
 
-0. **Exact folds.** The pre-pass rules among the given ones (``fuse-hardswish``, ``fold-bn``, ``softmax-conv``) rewrite every conv
-   they match first; the search starts from that model, every result is judged and timed against the given one.
+0. **Exact folds.** The pre-pass rules among the given ones (``fuse-hardswish``, ``fold-bn``, ``softmax-conv``,
+   ``split-conv``) rewrite every conv they match first; the search starts from that model, every result is judged
+   and timed against the given one.
 1. **Candidates.** Every selected conv × every given rule that matches it × each rank (``ranks``) or the
    rule's defaults, keeping those that cut MACs, and int8 (the conv with its activation; :mod:`.int8`).
 2. **Latency, measured.** Each conv and its candidate replacements run as one-layer models in
