@@ -780,3 +780,28 @@ def test_cli_optimize_says_risks_as_warnings_and_the_rest_as_notes(models_dir, t
     err = capsys.readouterr().err.replace("\n", " ")
     assert "warning: the budget is checked on 2 held-out sample(s) only" in err
     assert "note: one-layer timings:" in err and "warning: one-layer timings" not in err
+
+
+def test_int8_options_are_timed_between_float_neighbours(models_dir):
+    """A layer with an int8 option is timed between depthwise 1×1 convs (what it pays among float convs):
+    every option alike, the values still computed, the model valid."""
+    import onnxruntime as ort
+
+    from convgraph.analysis.analyze import analyze
+    from convgraph.optimize.timing import in_context, layer_model
+
+    cg = load(models_dir / "sample.onnx")
+    rec = next(r for r in analyze(cg, rewrites=False).convs if r.kind == "standard")
+    layer = layer_model(cg, rec, [cg.node(rec.node_id)], [])
+    framed = in_context(layer)
+    onnx.checker.check_model(framed, full_check=True)
+    first, last = framed.graph.node[0], framed.graph.node[-1]
+    assert first.op_type == last.op_type == "Conv" and len(framed.graph.node) == len(layer.graph.node) + 2
+    assert [a.i for a in first.attribute if a.name == "group"] == [rec.in_channels]
+    assert [a.i for a in last.attribute if a.name == "group"] == [rec.out_channels]
+    assert [v.name for v in framed.graph.input] == [v.name for v in layer.graph.input]
+    assert [v.name for v in framed.graph.output] == [v.name for v in layer.graph.output]
+    x = np.random.default_rng(0).standard_normal(rec.input_shape).astype(np.float32)
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {rec.input: v})[0]
+           for m, v in ((layer, x / 2), (framed, x))]
+    np.testing.assert_allclose(run[1], run[0] / 2, rtol=1e-4, atol=1e-5)  # each neighbour scales by ½
