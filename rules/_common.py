@@ -11,7 +11,7 @@ from onnx import helper
 from convgraph.fit.activation import row_weights
 from convgraph.model.arithmetic import out_elements, prod  # noqa: F401  (out_elements: the rules import it from here)
 from convgraph.model.record import ConvRecord
-from convgraph.rule import Param, RuleContext, Skip
+from convgraph.rule import Param, Rule, RuleContext, Skip
 from convgraph.model.weights import constant_source
 from convgraph.model.weights import elem_type as graph_elem_type
 
@@ -138,6 +138,13 @@ def opset(ctx: RuleContext) -> int:
 def unchanged(rec: ConvRecord, params: dict) -> tuple[int | None, int, str]:
     """The estimate of a rule that keeps the conv's MACs, parameters and kind (the ops around it change)."""
     return rec.macs, rec.params, rec.kind
+
+
+def exact_prepass(name: str, summary: str, match, build, op_types: tuple[str, ...]) -> Rule:
+    """The declaration of an exact pre-pass that keeps the conv's MACs, parameters and kind (it changes the ops
+    around the conv: ``fuse-hardswish``, ``softmax-conv``, ``split-conv``)."""
+    return Rule(name=name, summary=summary, exact=True, params=(), match=match, build=build, estimate=unchanged,
+                prepass=True, saves_macs=False, op_types=op_types)
 
 
 def label(rec: ConvRecord) -> str:

@@ -17,9 +17,9 @@ import onnx
 from onnx import helper
 
 from convgraph.model.record import ConvRecord
-from convgraph.rule import Match, Replacement, Rule, RuleContext
+from convgraph.rule import Match, Replacement, RuleContext
 
-from ._common import attrs, label, opset, plain_conv_reason, unchanged
+from ._common import attrs, exact_prepass, label, opset, plain_conv_reason, unchanged
 from .fold_bn import chain_after
 
 #: The op types this rule rewrites.
@@ -110,15 +110,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None =
                        notes="HardSwish in one op" if len(act) == 1 else "HardSwish as HardSigmoid · x (opset < 14)")
 
 
-RULE = Rule(
-    name="fuse-hardswish",
-    summary="conv + HardSwish written out (x·clip(x+3,0,6)/6) → conv + HardSwish in one op (exact)",
-    exact=True,
-    params=(),
-    match=match,
-    build=build,
-    estimate=unchanged,
-    prepass=True,
-    saves_macs=False,
-    op_types=OPS,
-)
+RULE = exact_prepass(
+    "fuse-hardswish",
+    "conv + HardSwish written out (x·clip(x+3,0,6)/6) → conv + HardSwish in one op (exact)",
+    match, build, OPS)

@@ -17,9 +17,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from convgraph.model.record import ConvRecord
-from convgraph.rule import Match, Replacement, Rule, RuleContext
+from convgraph.rule import Match, Replacement, RuleContext
 
-from ._common import attrs, label, opset, plain_conv_reason, unchanged
+from ._common import attrs, exact_prepass, label, opset, plain_conv_reason, unchanged
 
 #: The op types this rule rewrites.
 OPS = ("Conv",)
@@ -76,16 +76,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None =
                        notes="softmax over the channels as exp / sum around the conv (no transposes)")
 
 
-RULE = Rule(
-    name="softmax-conv",
-    summary="pointwise conv over a channel Softmax (YOLOv8's DFL) → the conv on exp(x − max) divided by their sum "
-            "(exact)",
-    exact=True,
-    params=(),
-    match=match,
-    build=build,
-    estimate=unchanged,
-    prepass=True,
-    saves_macs=False,
-    op_types=OPS,
-)
+RULE = exact_prepass(
+    "softmax-conv",
+    "pointwise conv over a channel Softmax (YOLOv8's DFL) → the conv on exp(x − max) divided by their sum (exact)",
+    match, build, OPS)

@@ -19,9 +19,9 @@ from onnx import helper
 
 from convgraph.fit.activation import activation_of
 from convgraph.model.record import ConvRecord
-from convgraph.rule import Match, Replacement, Rule, RuleContext
+from convgraph.rule import Match, Replacement, RuleContext
 
-from ._common import attrs, label, plain_conv_reason, unchanged
+from ._common import attrs, exact_prepass, label, plain_conv_reason, unchanged
 
 #: The op types this rule rewrites.
 OPS = ("Conv",)
@@ -133,15 +133,7 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None =
                              + (f" ({unread} part(s) nothing reads left out)" if unread else ""))
 
 
-RULE = Rule(
-    name="split-conv",
-    summary="a conv (and its activation) read only by a Split over its channels → one conv per part (exact)",
-    exact=True,
-    params=(),
-    match=match,
-    build=build,
-    estimate=unchanged,
-    prepass=True,
-    saves_macs=False,
-    op_types=OPS,
-)
+RULE = exact_prepass(
+    "split-conv",
+    "a conv (and its activation) read only by a Split over its channels → one conv per part (exact)",
+    match, build, OPS)

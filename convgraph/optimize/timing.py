@@ -96,22 +96,20 @@ def in_context(layer: onnx.ModelProto) -> onnx.ModelProto:
         g.initializer.append(w)
         return onnx.helper.make_node("Conv", [x, w.name], [y], name=name, group=c)
 
-    before, after = [], []
-    for k, v in enumerate(g.input):
-        c = channels(v)
-        if c is not None:
-            inner = f"context/in{k}"
-            for n in g.node:
+    before: list[onnx.NodeProto] = []
+    after: list[onnx.NodeProto] = []
+    for side, values, into in (("in", g.input, before), ("out", g.output, after)):
+        for k, v in enumerate(values):
+            c = channels(v)
+            if c is None:
+                continue
+            inner = f"context/{side}{k}"
+            for n in g.node:  # the layer reads (and, for an output, makes) the neighbour's side of it
                 n.input[:] = [inner if t == v.name else t for t in n.input]
-            before.append(neighbour(v.name, inner, c, len(v.type.tensor_type.shape.dim), f"context/before{k}"))
-    for k, v in enumerate(g.output):
-        c = channels(v)
-        if c is not None:
-            inner = f"context/out{k}"
-            for n in g.node:
-                n.output[:] = [inner if t == v.name else t for t in n.output]
-                n.input[:] = [inner if t == v.name else t for t in n.input]
-            after.append(neighbour(inner, v.name, c, len(v.type.tensor_type.shape.dim), f"context/after{k}"))
+                if side == "out":
+                    n.output[:] = [inner if t == v.name else t for t in n.output]
+            x, y = (v.name, inner) if side == "in" else (inner, v.name)
+            into.append(neighbour(x, y, c, len(v.type.tensor_type.shape.dim), f"context/{side}{k}/conv"))
     nodes = before + list(g.node) + after
     del g.node[:]
     g.node.extend(nodes)
