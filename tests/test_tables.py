@@ -104,6 +104,16 @@ def test_analyze_at_80_columns(real_models, model):
     assert "receptive field" in wide.stdout
 
 
+def test_analyze_with_dynamic_sizes_fits_80_columns(real_models):
+    """YOLOv8n as shipped (batch, height and width dynamic): MACs are formulas, and the totals by kind, which once
+    ran to 102 columns, give up their MACs + bias column instead."""
+    r = _cli("analyze", real_models("yolov8n"))
+    assert r.returncode == 0, r.stderr
+    _fits(r.stdout)
+    totals = r.stdout.split("totals by kind")[1]
+    assert "⌈height/32⌉" in totals and "hidden to fit 80 columns: MACs + bias" in totals
+
+
 @pytest.mark.real
 def test_rewrite_tables_at_80_columns(real_models, tmp_path):
     yolo, det = real_models("yolov8n"), real_models("ppocr-det")
