@@ -198,3 +198,15 @@ def test_symbolic_shapes_at_80_columns(real_models):
 def test_symbolic_markdown_keeps_every_digit(real_models):
     r = _cli("analyze", real_models("ppocr-det"), "--format", "markdown")
     assert r.returncode == 0 and "3,089,664·N·⌈H/32⌉·⌈W/32⌉" in r.stdout and "3.1M" not in r.stdout
+
+
+def test_a_line_column_is_hidden_rather_than_folded():
+    """optimize's fit notes ("rank 1 of 9, layout multiplier; output error 0.23") folded into five lines a row at
+    80 columns: as a "line" column it is hidden first (and shown whole when there is room)."""
+    columns = [Column("node", "name"), Column("rule"), Column("saving", "num"), Column("fit", "line", drop=1)]
+    rows = [("/model.22/cv2.1/cv2.1.0/conv/Conv", "separable", "0.290",
+             "rank 1 of 9, layout multiplier; output error 0.23")] * 3
+    shown, widths, _ = layout(columns, rows, 80)
+    assert shown == [0, 1, 2] and widths[0] == len(rows[0][0])
+    shown, widths, _ = layout(columns, rows, 120)
+    assert shown == [0, 1, 2, 3] and widths[3] == len(rows[0][3])

@@ -35,9 +35,9 @@ def _fit_cell(notes: str) -> str:
 def render(report: OptimizeReport) -> None:
     """The human report: per-layer choices, the evaluated prefixes, the verdict."""
     if report.chosen:
-        show([Column("node", "name"), Column("rule"), Column("params", drop=2), Column("kind after", drop=1),
+        show([Column("node", "name"), Column("rule"), Column("params", drop=3), Column("kind after", drop=2),
               Column("layer saving ms", "num"), Column("won", "num", drop=4), Column("error alone", "num"),
-              Column("fit", drop=3)],
+              Column("fit", "line", drop=1)],
              [(c.node, c.rule, ",".join(f"{k}={v}" for k, v in c.params.items()), c.kind_after, f"{c.saving_ms:.3f}",
                "" if c.faster_share is None else f"{c.faster_share:.0%}",
                "?" if c.error_alone is None else f"{'≈' if c.error_estimated else ''}{c.error_alone:.2e}",

@@ -46,7 +46,8 @@ class Column:
     """One table column: its header, what it holds (``name``/``num``/``text``) and when it may go."""
 
     header: str
-    kind: str = "text"  # "name": shortened in the middle; "num": never cut; "text": wrapped at words
+    kind: str = "text"  # "name": shortened in the middle; "num": never cut; "text": wrapped at words; "line":
+    # text never cut either (a note that wrapped into a column of single words reads worse than one hidden)
     justify: JustifyMethod | None = None  # default: right for numbers, left otherwise
     drop: int | None = None  # narrow outputs hide droppable columns, lowest rank first; None: always shown
     brief: str | None = None  # the header when the table is narrowed (default: header)
@@ -139,6 +140,8 @@ def _limits(col: Column, cells: list[str], header: str) -> tuple[int, int]:
     head = min(_unbroken(header), TEXT_WORD_MAX)
     if col.kind == "num":
         least = max([head, *map(_unbroken, cells)])
+    elif col.kind == "line":
+        least = natural
     elif col.kind == "name":
         least = min(natural, max(head, NAME_MIN))
     else:
@@ -216,11 +219,11 @@ def layout(columns: Sequence[Column], rows: Sequence[Sequence[Cell]],
     widths = {i: least[i] for i in shown}
     spare = width - _overhead(True, len(shown)) - sum(widths.values())
     for i in shown:  # still too wide: names and text give way (folded), numbers never
-        if spare < 0 and columns[i].kind != "num":
+        if spare < 0 and columns[i].kind not in ("num", "line"):
             cut = min(-spare, max(widths[i] - SQUEEZED_MIN, 0))
             widths[i] -= cut
             spare += cut
-    for kind in ("name", "num", "text"):
+    for kind in ("name", "num", "line", "text"):
         spare = _grow(widths, natural, [i for i in shown if columns[i].kind == kind], spare)
     return shown, widths, True
 
