@@ -34,8 +34,8 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_optimize import (  # noqa: E402 - the benchmark helpers beside this file
-    FIT_SOURCES, HELD_OUT, MODELS, TEXT_IMAGES, crops_folder, detection_f1, detections, input_set, link_folder,
-    outputs, text_images,
+    FIT_SOURCES, HELD_OUT, MODELS, TEXT_IMAGES, box_iou, crops_folder, detection_f1, detections, input_set,
+    link_folder, outputs, text_images,
 )
 
 from convgraph import load, zoo  # noqa: E402
@@ -53,6 +53,9 @@ def matplotlib_data() -> Path:
 
 #: What each model is judged on (besides the outputs).
 JUDGED = {"yolov8n": "/model.22/Sigmoid_output_0", "ppocr-det": None}
+#: What ``optimize --tensor`` judges in the "boxes judged" variant: YOLOv8n's box distances out of its DFL (before
+#: the anchor grid is added: in pixels after it, the grid dominates the boxes' cosine) and its class scores.
+BOXES_JUDGED = {"yolov8n": ("/model.22/dfl/conv/Conv_output_0", "/model.22/Sigmoid_output_0")}
 
 
 def arrays(model: onnx.ModelProto, folder: Path, spec, dest: Path) -> tuple[Path, list[dict]]:
@@ -109,10 +112,11 @@ finally:
 """
 
 
-def optimized(fp32: Path, calib: Path, rules: str, dest: Path, log: Path) -> tuple[Path | None, dict, float, float]:
+def optimized(fp32: Path, calib: Path, rules: str, dest: Path, log: Path, tensors: tuple[str, ...] = ()
+              ) -> tuple[Path | None, dict, float, float]:
     """``convgraph optimize`` in a child process: (model or None, its --json report, wall s, peak RSS GB)."""
     cmd = [sys.executable, "-c", PEAK_WRAPPER, "optimize", str(fp32), "--calib", str(calib), "--rules", rules,
-           "-o", str(dest), "--json"]
+           "-o", str(dest), "--json", *(a for t in tensors for a in ("--tensor", t))]
     peak = log.with_suffix(".peak")
     t = time.perf_counter()
     with open(log, "w") as err:
@@ -130,7 +134,8 @@ def optimized(fp32: Path, calib: Path, rules: str, dest: Path, log: Path) -> tup
 def judge(name: str, fp32: onnx.ModelProto, model: onnx.ModelProto, held: list[dict]) -> dict:
     """Per held-out image: the cosine of what matters (worst), and for YOLOv8n its detections' F1 (worst) and the
     worst cosine among the images on which fp32 detects something (on the others the class scores are all near 0,
-    and their cosine measures noise the detections never see)."""
+    and their cosine measures noise the detections never see) and the worst IoU of one of fp32's boxes with the
+    candidate's best box of its class."""
     from convgraph.run.metrics import compare
 
     tensor = JUDGED[name] or fp32.graph.output[0].name
@@ -141,8 +146,11 @@ def judge(name: str, fp32: onnx.ModelProto, model: onnx.ModelProto, held: list[d
     if name == "yolov8n":
         out = names[1]
         found = [detections(r) for r in ref[out]]
-        f1 = [detection_f1(d, detections(g)) for d, g in zip(found, got[out])]
-        row["f1"] = min(f1)
+        boxes = [detections(g) for g in got[out]]
+        row["f1"] = min(detection_f1(d, b) for d, b in zip(found, boxes))
+        ious = [float(box_iou(rb[k:k + 1], gb[gc == rc[k]])[0].max()) if (gc == rc[k]).any() else 0.0
+                for (rb, _, rc), (gb, _, gc) in zip(found, boxes) for k in range(len(rb))]
+        row["iou"] = min(ious, default=None)
         seen = [i for i, d in enumerate(found) if len(d[0])]
         row["detected"] = compare([ref[tensor][i] for i in seen], [got[tensor][i] for i in seen]).cosine if seen else None
     return row
@@ -300,10 +308,15 @@ def main(argv=None) -> int:
                 variants.append((f"onnxruntime quantize_static, {method}", onnx.load(q),
                                  f"{time.perf_counter() - t:.0f} s"))
             if not args.no_optimize:
-                for label, rules in (("convgraph optimize, no int8", args.rules),
-                                     ("convgraph optimize, with int8", args.rules + ",int8")):
-                    out, rep, wall, rss = optimized(fp32, calib_npz, rules, tmp / f"{label.split(',')[1].strip()}.onnx",
-                                                    tmp / f"{label.split(',')[1].strip()}.log")
+                runs: list[tuple[str, str, tuple[str, ...]]] = [("convgraph optimize, no int8", args.rules, ()),
+                        ("convgraph optimize, with int8", args.rules + ",int8", ())]
+                if name in BOXES_JUDGED:
+                    runs.append(("convgraph optimize, with int8, boxes judged", args.rules + ",int8",
+                                 BOXES_JUDGED[name]))
+                for label, rules, tensors in runs:
+                    stem = label.split(",", 1)[1].strip().replace(",", "")
+                    out, rep, wall, rss = optimized(fp32, calib_npz, rules, tmp / f"{stem}.onnx", tmp / f"{stem}.log",
+                                                    tensors)
                     print(f"{name}: {label}: {rep.get('summary')}", file=sys.stderr, flush=True)
                     variants.append((label, onnx.load(out) if out else fp32_model,
                                      f"{wall:.0f} s, {rss:.2f} GB" + ("" if out else " (nothing written)")))
@@ -313,7 +326,8 @@ def main(argv=None) -> int:
                          names=["fp32"] + [v[0] for v in variants], progress=False)
             rows.append((name, "fp32", one.models[0].median_ms, 1.0, many.models[0].median_ms, 1.0,
                          {"cosine": 1.0, "f1": 1.0 if name == "yolov8n" else None,
-                          "detected": 1.0 if name == "yolov8n" else None}, "—"))
+                          "detected": 1.0 if name == "yolov8n" else None, "iou": 1.0 if name == "yolov8n" else None},
+                         "—"))
             for k, (label, model, cost) in enumerate(variants):
                 rows.append((name, label, one.models[k + 1].median_ms, one.ratios[k].median,
                              many.models[k + 1].median_ms, many.ratios[k].median, judge(name, fp32_model, model, held),
@@ -321,13 +335,12 @@ def main(argv=None) -> int:
     cores = os.cpu_count()
     print("\n| model | variant | 1 thread: ms (speed-up) | "
           f"{cores} threads: ms (speed-up) | worst held-out image: cosine | worst image with a detection: cosine "
-          "| worst image: detections' F1 | search / quantize time, peak RSS |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| worst image: detections' F1 | worst box: IoU | search / quantize time, peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, label, ms1, r1, msn, rn, j, cost in rows:
-        f1 = "—" if j.get("f1") is None else f"{j['f1']:.3f}"
-        seen = "—" if j.get("detected") is None else f"{j['detected']:.4f}"
+        f1, seen, iou = ("—" if j.get(k) is None else f"{j[k]:.{d}f}" for k, d in (("f1", 3), ("detected", 4), ("iou", 3)))
         print(f"| {name} | {label} | {ms1:.2f} ({r1:.2f}×) | {msn:.2f} ({rn:.2f}×) | {j['cosine']:.4f} | {seen} | {f1} "
-              f"| {cost} |")
+              f"| {iou} | {cost} |")
     return 0
 
 
