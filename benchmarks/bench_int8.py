@@ -53,9 +53,6 @@ def matplotlib_data() -> Path:
 
 #: What each model is judged on (besides the outputs).
 JUDGED = {"yolov8n": "/model.22/Sigmoid_output_0", "ppocr-det": None}
-#: What ``optimize --tensor`` judges in the "boxes judged" variant: YOLOv8n's box distances out of its DFL (before
-#: the anchor grid is added: in pixels after it, the grid dominates the boxes' cosine) and its class scores.
-BOXES_JUDGED = {"yolov8n": ("/model.22/dfl/conv/Conv_output_0", "/model.22/Sigmoid_output_0")}
 
 
 def arrays(model: onnx.ModelProto, folder: Path, spec, dest: Path) -> tuple[Path, list[dict]]:
@@ -112,11 +109,10 @@ finally:
 """
 
 
-def optimized(fp32: Path, calib: Path, rules: str, dest: Path, log: Path, tensors: tuple[str, ...] = ()
-              ) -> tuple[Path | None, dict, float, float]:
+def optimized(fp32: Path, calib: Path, rules: str, dest: Path, log: Path) -> tuple[Path | None, dict, float, float]:
     """``convgraph optimize`` in a child process: (model or None, its --json report, wall s, peak RSS GB)."""
     cmd = [sys.executable, "-c", PEAK_WRAPPER, "optimize", str(fp32), "--calib", str(calib), "--rules", rules,
-           "-o", str(dest), "--json", *(a for t in tensors for a in ("--tensor", t))]
+           "-o", str(dest), "--json"]
     peak = log.with_suffix(".peak")
     t = time.perf_counter()
     with open(log, "w") as err:
@@ -308,15 +304,10 @@ def main(argv=None) -> int:
                 variants.append((f"onnxruntime quantize_static, {method}", onnx.load(q),
                                  f"{time.perf_counter() - t:.0f} s"))
             if not args.no_optimize:
-                runs: list[tuple[str, str, tuple[str, ...]]] = [("convgraph optimize, no int8", args.rules, ()),
-                        ("convgraph optimize, with int8", args.rules + ",int8", ())]
-                if name in BOXES_JUDGED:
-                    runs.append(("convgraph optimize, with int8, boxes judged", args.rules + ",int8",
-                                 BOXES_JUDGED[name]))
-                for label, rules, tensors in runs:
-                    stem = label.split(",", 1)[1].strip().replace(",", "")
-                    out, rep, wall, rss = optimized(fp32, calib_npz, rules, tmp / f"{stem}.onnx", tmp / f"{stem}.log",
-                                                    tensors)
+                for label, rules in (("convgraph optimize, no int8", args.rules),
+                                     ("convgraph optimize, with int8", args.rules + ",int8")):
+                    stem = label.split(",", 1)[1].strip()
+                    out, rep, wall, rss = optimized(fp32, calib_npz, rules, tmp / f"{stem}.onnx", tmp / f"{stem}.log")
                     print(f"{name}: {label}: {rep.get('summary')}", file=sys.stderr, flush=True)
                     variants.append((label, onnx.load(out) if out else fp32_model,
                                      f"{wall:.0f} s, {rss:.2f} GB" + ("" if out else " (nothing written)")))

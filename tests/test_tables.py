@@ -145,7 +145,11 @@ def test_rewrite_tables_at_80_columns(real_models, tmp_path):
     assert r.returncode == 1, r.stderr  # separable is approximate: outside the default tolerance
     _fits(r.stdout)
     m = doc["outputs"]["output0"]
-    assert f"{m['cosine']:.6f}" in _tokens(r.stdout) and "1x22x2100" in r.stdout
+    assert f"{m['cosine']:.6f}" in _tokens(r.stdout)
+    # the DFL's distances, judged beside output0 (what it adds the anchor grid to), take the name column's room
+    assert doc["judged_beside"] == ["/model.22/Sigmoid_output_0", "/model.22/dfl/conv/Conv_output_0"]
+    assert _shown("/model.22/dfl/conv/Conv_output_0", r.stdout)
+    assert "1x22x2100" in _cli(*verify, "--wide").stdout
 
     r = _cli("bench", yolo, out, "--input-shape", YOLO[1], "--runs", "3", "--warmup", "1")
     assert r.returncode == 0, r.stderr

@@ -14,7 +14,8 @@ from ..errors import CheckFailed, UsageError
 from ..engine.verify import VerifyReport, verify
 from . import cli
 from .common import (
-    emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, out, provider_option, warn)
+    emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, note, out, provider_option,
+    warn)
 from .progress import shows_progress
 from .tables import Column, show, wide_option
 
@@ -168,6 +169,9 @@ def verify_command(reference, candidate, input_shapes, atol, rtol, min_cosine, t
     else:
         for w in report.warnings:
             warn(w)
+        if report.judged_beside:
+            note(f"judged beside the outputs: {', '.join(report.judged_beside)} (what they add constants to, "
+                        "such as an anchor grid, whose magnitude would hide their errors; --tensor to choose)")
         if report.tolerance_basis:
             out.print(f"tolerance by type: {report.tolerance_basis}", markup=False)
         render(report)

@@ -47,6 +47,8 @@ class VerifyReport:
     warnings: list[str] = field(default_factory=list)
     sample_names: list[str] = field(default_factory=list)  # what to call each sample (image files, else index)
     tensors: list[str] | None = None  # the tensors judged instead of the outputs (``--tensor``)
+    #: tensors judged beside the outputs: what they add a constant grid to (:mod:`convgraph.run.offsets`)
+    judged_beside: list[str] = field(default_factory=list)
     tolerance_basis: str | None = None  # why atol/rtol are not float32's defaults (narrower float outputs)
 
     def sample_name(self, i: int | None) -> str:
@@ -130,6 +132,7 @@ class VerifyReport:
             "verdict": self.verdict,
             "outputs": outputs,
             "tensors": self.tensors,
+            "judged_beside": list(self.judged_beside),
             "tolerance_basis": self.tolerance_basis,
             "sample_names": list(self.sample_names),
             "first_divergent_node": self.first_divergent_node,
@@ -271,8 +274,13 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
     notes = list(dict.fromkeys(str(w.message) for w in caught))
     check_compatible(ref_cg, cand_cg)
     out_names = _io(ref_cg, "output")
-    if tensors:
-        out_names = list(dict.fromkeys(tensors))
+    beside: list[str] = []
+    if not tensors:  # what the outputs add a constant grid to is judged beside them (convgraph.run.offsets)
+        from ..run.offsets import offset_roots
+
+        beside = [t for t in offset_roots(ref_model) if t in produced(cand_model)]
+    if tensors or beside:
+        out_names = list(dict.fromkeys(tensors or [*out_names, *beside]))
         for which, model in (("reference", ref_model), ("candidate", cand_model)):
             have = produced(model)
             missing = [t for t in out_names if t not in have]
@@ -306,7 +314,7 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
     report = VerifyReport(passed=passed, outputs=outputs, tolerance=tol, tolerance_basis=basis, samples=len(data),
                           inputs=data.describe,
                           provider=provider, reference_evaluator=ev, warnings=notes, sample_names=data.names,
-                          tensors=list(out_names) if tensors else None)
+                          tensors=list(out_names) if tensors else None, judged_beside=beside)
     failed = sorted({i for m in [*outputs.values(), *((ev or {}).get("candidate") or {}).values()]
                      for i in m.failed_samples})
     first_bad = failed[0] if failed else None

@@ -213,8 +213,17 @@ def setup(model, calib, heldout, s: Settings, deadline: Deadline) -> Plan:
             calib_set = subset(calib_set, [i for i in range(len(calib_set)) if i % 4 != 3], calib_set.describe)
         else:
             held_set = _input_set(original, heldout, s, "held-out")
+        tensors = s.tensors
+        if tensors is None and s.metric != "top1":
+            from ..run.offsets import offset_roots
+
+            roots = offset_roots(reference)
+            if roots:  # YOLOv8's boxes: the anchor grid's magnitude hides the predicted distances in their cosine
+                tensors = (*(o.name for o in reference.graph.output), *roots)
+                notes.append(f"judged beside the outputs: {', '.join(roots)} (what the outputs add constants to, "
+                             "such as an anchor grid, whose magnitude would hide their errors; --tensor to choose)")
         # ``threads`` is for what is timed; runs that only compute (judging, calibration) use every core
-        judge_held = Judge(reference, list(held_set), s.metric, s.provider, None, s.tensors, quantile=s.quantile,
+        judge_held = Judge(reference, list(held_set), s.metric, s.provider, None, tensors, quantile=s.quantile,
                            names=held_set.names)
         risks = sample_risks(len(calib_set), len(held_set), heldout is None)
         covered = input_coverage(original, records, calib_set, held_set, s.provider) if heldout is not None else None
@@ -228,7 +237,7 @@ def setup(model, calib, heldout, s: Settings, deadline: Deadline) -> Plan:
             raise UsageError("at least 2 calibration samples are needed (one to fit on, one to measure errors on)")
         probe_idx = sorted({int(i) for i in np.linspace(len(calib_set) - 1, 0, n_probe).round()})
         fit_set = subset(calib_set, [i for i in range(len(calib_set)) if i not in probe_idx], calib_set.describe)
-        judge_probe = Judge(reference, [calib_set[i] for i in probe_idx], s.metric, s.provider, None, s.tensors,
+        judge_probe = Judge(reference, [calib_set[i] for i in probe_idx], s.metric, s.provider, None, tensors,
                             quantile=s.quantile, strict=False, names=[calib_set.names[i] for i in probe_idx])
         # samples split off the calibration set flatter the fits: the search keeps a margin on them
         held_budget = s.budget if heldout is not None else split_budget(s.metric, s.budget)
