@@ -170,8 +170,9 @@ def verify_command(reference, candidate, input_shapes, atol, rtol, min_cosine, t
         for w in report.warnings:
             warn(w)
         if report.judged_beside:
-            note(f"judged beside the outputs: {', '.join(report.judged_beside)} (what they add constants to, "
-                        "such as an anchor grid, whose magnitude would hide their errors; --tensor to choose)")
+            from ..run.offsets import note as beside
+
+            note(beside(report.judged_beside))
         if report.tolerance_basis:
             out.print(f"tolerance by type: {report.tolerance_basis}", markup=False)
         render(report)

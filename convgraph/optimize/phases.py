@@ -215,13 +215,12 @@ def setup(model, calib, heldout, s: Settings, deadline: Deadline) -> Plan:
             held_set = _input_set(original, heldout, s, "held-out")
         tensors = s.tensors
         if tensors is None and s.metric != "top1":
-            from ..run.offsets import offset_roots
+            from ..run import offsets
 
-            roots = offset_roots(reference)
+            roots = offsets.offset_roots(reference)
             if roots:  # YOLOv8's boxes: the anchor grid's magnitude hides the predicted distances in their cosine
                 tensors = (*(o.name for o in reference.graph.output), *roots)
-                notes.append(f"judged beside the outputs: {', '.join(roots)} (what the outputs add constants to, "
-                             "such as an anchor grid, whose magnitude would hide their errors; --tensor to choose)")
+                notes.append(offsets.note(roots))
         # ``threads`` is for what is timed; runs that only compute (judging, calibration) use every core
         judge_held = Judge(reference, list(held_set), s.metric, s.provider, None, tensors, quantile=s.quantile,
                            names=held_set.names)

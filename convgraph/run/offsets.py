@@ -29,10 +29,10 @@ def _constants(graph: onnx.GraphProto) -> dict[str, int]:
     where the size is not known without running them)."""
     sizes = {t.name: math.prod(t.dims) for t in graph.initializer}
     for n in graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            sizes[n.output[0]] = math.prod(n.attribute[0].t.dims)
-        elif n.op_type == "Constant":
-            sizes[n.output[0]] = 1
+        if n.op_type == "Constant" and n.attribute:
+            a = n.attribute[0]
+            sizes[n.output[0]] = (math.prod(a.t.dims) if a.name == "value" else
+                                  len(a.floats) or len(a.ints) or len(a.strings) if a.name.endswith("s") else 1)
         elif n.op_type in ("Shape", "Size"):
             sizes[n.output[0]] = -1
         elif n.input and all(not t or t in sizes for t in n.input) and n.op_type not in ("RandomNormal",
@@ -40,6 +40,12 @@ def _constants(graph: onnx.GraphProto) -> dict[str, int]:
             for o in n.output:
                 sizes[o] = -1
     return sizes
+
+
+def note(roots: list[str]) -> str:
+    """What a report says of the tensors judged beside the outputs."""
+    return (f"judged beside the outputs: {', '.join(roots)} (what the outputs add constants to, such as an anchor "
+            "grid, whose magnitude would hide their errors; --tensor to choose)")
 
 
 def offset_roots(model: onnx.ModelProto) -> list[str]:
