@@ -805,3 +805,22 @@ def test_int8_options_are_timed_between_float_neighbours(models_dir):
     run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {rec.input: v})[0]
            for m, v in ((layer, x / 2), (framed, x))]
     np.testing.assert_allclose(run[1], run[0] / 2, rtol=1e-4, atol=1e-5)  # each neighbour scales by ½
+
+
+@pytest.mark.parametrize("spatial", [[12], [4, 5, 6]])
+def test_in_context_frames_1d_and_3d_layers(spatial):
+    """Conv1d and Conv3d layers get neighbours of their own rank (a depthwise kernel of ones per spatial axis)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from convgraph.optimize.timing import in_context
+
+    w = numpy_helper.from_array(np.ones([4, 3] + [3] * len(spatial), np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 2 * len(spatial))], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, *spatial])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, *spatial])], [w])
+    framed = in_context(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    onnx.checker.check_model(framed, full_check=True)
+    x = np.ones([1, 3, *spatial], np.float32)
+    y = ort.InferenceSession(framed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert y.shape == (1, 4, *spatial) and len(framed.graph.node) == 3
