@@ -738,3 +738,39 @@ def test_split_conv_refuses_what_it_cannot_split_exactly(model, reason):
     res = rewrite(model, ["split-conv"], verify=False)
     assert not res.report.changes and reason in res.report.explain[0].reason
 
+
+
+def test_split_conv_in_fp16_and_inside_an_if_branch():
+    """An fp16 model: the parts keep the weights' type; the same conv and Split inside an If's then-branch are
+    split there too, and both branches still compute what they did."""
+    model = _split_conv(17, sizes=(4, 4))
+    half = onnx.ModelProto()
+    half.CopyFrom(model)
+    for t in half.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in [*half.graph.input, *half.graph.output]:
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    out, reps, _ = rewrite_with(half, "split-conv")
+    assert len(reps) == 1 and all(t.data_type == TensorProto.FLOAT16 for t in out.graph.initializer
+                                  if t.name.endswith(("_W", "_B")))
+    assert_same(half, out, {"x": random_x([1, 4, 6, 6], dtype=np.float16)}, tol=5e-3)
+
+    body = model.graph
+    branch = helper.make_graph(list(body.node), "then", [], list(body.output), list(body.initializer))
+    other = helper.make_graph([helper.make_node("Relu", ["x"], ["o0"]), helper.make_node("Neg", ["x"], ["o1"])],
+                              "else", [], [helper.make_tensor_value_info(o, TensorProto.FLOAT, [1, 4, 6, 6])
+                                           for o in ("o0", "o1")])
+    g = helper.make_graph([helper.make_node("If", ["cond"], ["zp0", "zp1"], then_branch=branch, else_branch=other,
+                                            name="if")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6]),
+                           helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("zp0", TensorProto.FLOAT, [1, 4, 6, 6]),
+                           helper.make_tensor_value_info("zp1", TensorProto.FLOAT, [1, 4, 6, 6])])
+    iffy = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    res = rewrite(iffy, ["split-conv"], verify=True)
+    assert res.model is not None and [c.rule for c in res.report.changes] == ["split-conv"]
+    then = next(a.g for a in res.model.graph.node[0].attribute if a.name == "then_branch")
+    assert "Split" not in [n.op_type for n in then.node]
+    for cond in (True, False):
+        assert_same(iffy, res.model, {"x": random_x([1, 4, 6, 6]), "cond": np.array(cond)})
