@@ -68,3 +68,16 @@ def test_verify_judges_what_the_grid_hides():
     assert not report.passed
     given = verify(ref, cand, samples=2, min_cosine=0.99, tensors=["y"])  # --tensor: only what is named
     assert given.passed and given.judged_beside == []
+
+
+def test_verify_warns_when_the_candidate_lacks_what_the_grid_hides():
+    from convgraph.engine.verify import verify
+
+    ref = _model("grid")
+    cand = onnx.ModelProto()
+    cand.CopyFrom(ref)
+    for n in cand.graph.node:  # the box conv's output renamed, as another tool might
+        n.input[:] = ["d2" if t == "d" else t for t in n.input]
+        n.output[:] = ["d2" if t == "d" else t for t in n.output]
+    report = verify(ref, cand, samples=1)
+    assert report.judged_beside == ["s"] and any(w.startswith("not judged: d ") for w in report.warnings)

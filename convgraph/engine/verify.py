@@ -278,7 +278,12 @@ def verify(reference, candidate, *, inputs=None, samples: int | None = None,
     if not tensors:  # what the outputs add a constant grid to is judged beside them (convgraph.run.offsets)
         from ..run.offsets import offset_roots
 
-        beside = [t for t in offset_roots(ref_model) if t in produced(cand_model)]
+        roots, have = offset_roots(ref_model), produced(cand_model)
+        beside = [t for t in roots if t in have]
+        if len(beside) < len(roots):
+            notes.append(f"not judged: {', '.join(t for t in roots if t not in have)} (what the reference's outputs "
+                         "add constants to) is not in the candidate; the outputs' cosine may hide their errors "
+                         "(--tensor names what to judge)")
     if tensors or beside:
         out_names = list(dict.fromkeys(tensors or [*out_names, *beside]))
         for which, model in (("reference", ref_model), ("candidate", cand_model)):
