@@ -316,8 +316,7 @@ def main(argv=None) -> int:
             many = bench([fp32_model] + [v[1] for v in variants], runs=args.runs, warmup=5, threads=None,
                          names=["fp32"] + [v[0] for v in variants], progress=False)
             rows.append((name, "fp32", one.models[0].median_ms, 1.0, many.models[0].median_ms, 1.0,
-                         {"cosine": 1.0, "f1": 1.0 if name == "yolov8n" else None,
-                          "detected": 1.0 if name == "yolov8n" else None, "iou": 1.0 if name == "yolov8n" else None},
+                         {"cosine": 1.0, **dict.fromkeys(("f1", "detected", "iou"), 1.0 if name == "yolov8n" else None)},
                          "—"))
             for k, (label, model, cost) in enumerate(variants):
                 rows.append((name, label, one.models[k + 1].median_ms, one.ratios[k].median,

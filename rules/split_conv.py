@@ -92,13 +92,12 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None =
     base = label(rec)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
-    start = 0
-    built = 0
+    start = kept = built = 0
     for k, (size, out) in enumerate(zip(found["sizes"], ctx.node(found["split"]).output)):
         lo, start = start, start + size
         if not _is_read(ctx, out):  # a part nothing reads (graph outputs count as readers): not computed
             continue
-        built += 1
+        built, kept = built + 1, kept + size
         part = f"{base}/part{k}"
         wk = ctx.initializer(f"{part}_W", w[lo:start])
         inits.append(wk)
@@ -124,10 +123,9 @@ def build(rec: ConvRecord, ctx: RuleContext, params: dict, found: Match | None =
             copy.name = ctx.name(f"{part}/{op.name or op.op_type}")
             nodes.append(copy)
     macs, n_params, kind = unchanged(rec, params)
-    if built < len(found["sizes"]) and macs is not None:
-        kept = sum(s for s, o in zip(found["sizes"], ctx.node(found["split"]).output) if _is_read(ctx, o))
-        macs, n_params = macs * kept // rec.out_channels, n_params * kept // rec.out_channels
     unread = len(found["sizes"]) - built
+    if unread and macs is not None:
+        macs, n_params = macs * kept // rec.out_channels, n_params * kept // rec.out_channels
     return Replacement(nodes, inits, True, kind, macs, n_params, removed=list(found.nodes), weight_error=0.0,
                        notes=f"{built} convs in place of the conv and the Split over its channels"
                              + (f" ({unread} part(s) nothing reads left out)" if unread else ""))
