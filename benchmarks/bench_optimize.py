@@ -23,6 +23,7 @@ score), their F1 on the worst image and on average.
     python benchmarks/bench_optimize.py --layers yolov8n --activation --calib 32  # post- vs pre-activation fits
 
 Every budget of a model reuses the first run's candidate measurements (``optimize(measured=...)``).
+onnxruntime's int8 beside ``optimize`` with and without int8, in one run: ``bench_int8.py`` beside this file.
 """
 
 from __future__ import annotations
