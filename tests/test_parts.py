@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from convgraph.run.metrics import PART_GAP, compare, part_axis, split_parts
+from convgraph.run.metrics import PART_GAP, WEAK_SHARE, compare, part_axis, split_parts, weak_notes
 from convgraph.engine.verify import verify
 from helpers import image_folder, run_cli, write_model
 
@@ -110,6 +110,68 @@ def test_one_element_cosine_means_nothing_and_is_judged_elementwise():
     m = compare([np.array([2.0])], [np.array([2.774])], min_cosine=0.99, name="score")
     assert not m.passed and math.isnan(m.cosine) and "one element" in m.note
     assert compare([np.array([2.0])], [np.array([2.0000001])], min_cosine=0.99).passed
+
+
+# ---- a weak deciding sample --------------------------------------------------------------------------------------
+def _scores(rng, best: float, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """A detector's class scores whose best is ``best``, and a candidate off by ``noise`` of each score (the
+    relative error an int8 model's logit noise makes on small sigmoid scores)."""
+    ref = (rng.random((1, 18, 2100)) ** 6 * best).astype(np.float32)
+    return ref, (ref * (1 + rng.normal(0, noise, ref.shape))).astype(np.float32)
+
+
+def test_a_weak_sample_that_decides_the_cosine_is_named():
+    rng = np.random.default_rng(5)
+    pairs = [_scores(rng, 0.8, 0.01), _scores(rng, 0.02, 0.2), _scores(rng, 0.6, 0.01)]
+    m = compare([r for r, _ in pairs], [c for _, c in pairs], min_cosine=0.99, name="scores")
+    assert m.worst_sample == 1 and m.sample_top[1] == pytest.approx(float(pairs[1][0].max()))
+    i, top, largest = m.weak_worst()
+    assert i == 1 and top < WEAK_SHARE * largest and largest == pytest.approx(float(pairs[0][0].max()))
+    (note,) = weak_notes([m], ["a.png", "b.png", "c.png"])
+    assert note.startswith("scores is decided by b.png") and "only 0.02" in note
+    assert json.loads(json.dumps(m.to_dict()))["weak_worst"]["sample"] == 1
+    # the worst sample strong: nothing to say; nothing differs: nothing to say
+    strong = compare([pairs[0][0], pairs[1][0]], [pairs[0][0] * np.float32(1.3), pairs[1][0]], name="scores")
+    assert strong.worst_sample == 0 and strong.weak_worst() is None and not weak_notes([strong])
+    assert compare([r for r, _ in pairs], [r for r, _ in pairs]).weak_worst() is None
+
+
+def test_the_weak_sample_is_judged_in_the_part_that_decides():
+    rng = np.random.default_rng(6)
+    refs, cands = [], []
+    for best in (0.8, 0.02):  # boxes in pixels on both; the second image's scores weak and noisy
+        ref = _detector_output(rng)
+        ref[0, 4:] = _scores(rng, best, 0)[0][0]
+        cand = ref.copy()
+        cand[0, 4:] *= (1 + rng.normal(0, 0.2 if best < 0.1 else 0.01, (18, 2100))).astype(np.float32)
+        refs.append(ref)
+        cands.append(cand)
+    m = compare(refs, cands, min_cosine=0.99, name="output0")
+    assert m.decided_by == "output0[:, 4:22]" and m.worst_sample == 1
+    assert m.weak_worst()[0] == 1  # the whole tensor's largest |value| (boxes, in pixels) would hide it
+    assert max(m.sample_top) > 100 and m.parts[1].sample_top[1] < 0.03
+    assert weak_notes([m])[0].startswith("output0[:, 4:22] is decided by sample 1")
+
+
+def test_optimize_judge_and_verify_report_a_weak_deciding_sample(tmp_path, capsys):
+    from convgraph.optimize.judge import Judge
+
+    def model(offset: float) -> onnx.ModelProto:  # y = x + offset: an error of the same size on every sample
+        g = helper.make_graph([helper.make_node("Add", ["x", "b"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])],
+                              [helper.make_tensor("b", TensorProto.FLOAT, [], [offset])])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    rng = np.random.default_rng(7)
+    feeds = [{"x": (rng.random((1, 4, 8)) * scale).astype(np.float32)} for scale in (1.0, 0.002)]
+    value, _, per = Judge(model(0.0), feeds, "cosine", "cpu", None, names=["big", "small"]).judge(model(0.001))
+    assert value < 0.99 and per["y"]["distribution"]["worst_sample"] == "small"
+    assert per["y"]["weak"].startswith("y is decided by small")
+    ref, cand = write_model(tmp_path, model(0.0), "ref.onnx"), write_model(tmp_path, model(0.001), "cand.onnx")
+    np.savez(tmp_path / "x.npz", x=np.concatenate([f["x"] for f in feeds]))
+    code, _, err = run_cli(capsys, "verify", ref, cand, "--inputs", tmp_path / "x.npz", "--min-cosine", "0.99")
+    assert code == 1 and "note: y is decided by sample 1, whose reference reaches only" in " ".join(err.split())
 
 
 # ---- verify --tensor ---------------------------------------------------------------------------------------------

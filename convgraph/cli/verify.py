@@ -12,6 +12,7 @@ from rich.text import Text
 
 from ..errors import CheckFailed, UsageError
 from ..engine.verify import VerifyReport, verify
+from ..run.metrics import weak_notes
 from . import cli
 from .common import (
     emit_json, input_data_kwargs, input_data_options, input_shape_option, json_option, note, out, provider_option,
@@ -173,6 +174,8 @@ def verify_command(reference, candidate, input_shapes, atol, rtol, min_cosine, t
             from ..run.offsets import note as beside
 
             note(beside(report.judged_beside))
+        for weak in weak_notes(report.outputs.values(), report.sample_names):
+            note(weak)
         if report.tolerance_basis:
             out.print(f"tolerance by type: {report.tolerance_basis}", markup=False)
         render(report)

@@ -77,7 +77,7 @@ class Judge:
     def judge(self, model: onnx.ModelProto) -> tuple[float, float, dict[str, dict]]:
         """(metric, error, per-tensor metrics with the per-sample distribution) of ``model`` against the
         original on these inputs."""
-        from ..run.metrics import compare
+        from ..run.metrics import compare, weak_notes
 
         got = self._outputs(model)
         per = {n: compare(self.ref[n], got[n], name=n) for n in self.names}
@@ -106,6 +106,7 @@ class Judge:
                 "worst_sample": self.sample_names[m.worst_sample] if m.worst_sample is not None else None,
                 "excluded": [{"sample": s, "why": w} for s, w in self.excluded.get(n, [])]}
             d["decided_by"] = m.decided_by
+            d["weak"] = next(iter(weak_notes([m], self.sample_names)), None)
             d["part_distribution"] = [
                 {"part": p.name, "min": p.cosine if p.worst_sample is not None else None,
                  "worst_sample": self.sample_names[p.worst_sample] if p.worst_sample is not None else None,

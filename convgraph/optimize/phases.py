@@ -470,6 +470,9 @@ def finish(plan: Plan, s: Settings, deadline: Deadline) -> tuple[onnx.ModelProto
             value, _, per = plan.judge_held.judge(final)
             baseline_ms = measured_ms = predicted = plan.baseline_ms
             speedup = 1.0
+        deciding = min(per.values(), key=lambda d: (d.get("distribution") or {}).get("min") or 2.0, default=None)
+        if deciding is not None and deciding.get("weak"):
+            notes.append(deciding["weak"])
         by_cand = {candidate_key(c.node, c.rule, c.params): c for c in plan.cands}
         chosen = []
         for node, (rule, params) in steps.items():

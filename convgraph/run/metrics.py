@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -38,6 +39,10 @@ SATURATED_MIN_ELEMENTS = 1000
 #: per sample) form separate parts where every slice on one side of a split has PART_GAP times the RMS of every
 #: slice on the other, on every informative sample (YOLOv8n: boxes' ~1e2 against class scores' <= 5e-2).
 PART_GAP = 30.0
+#: A deciding sample whose reference's largest |value| is under this share of the largest over all samples is weak:
+#: its cosine follows the candidate's noise relative to a weak signal (YOLOv8n's class scores on an image it detects
+#: nothing in: a best score of 0.02 where other images reach 0.6).
+WEAK_SHARE = 0.1
 PART_AXIS_MAX = 1024
 PART_MIN_ELEMENTS = 16
 
@@ -88,6 +93,7 @@ class Part:
     max_abs_err: float = 0.0
     scaled_err: float = 0.0  # max abs error / max |reference| within the part
     sample_cosine: list = field(default_factory=list)  # per sample; None where the part's reference says nothing
+    sample_top: list = field(default_factory=list)  # per sample, the largest |reference| within the part
     degenerate_samples: list = field(default_factory=list)
     degenerate_reason: str | None = None
 
@@ -119,6 +125,7 @@ class Metrics:
     error: str | None = None  # e.g. a shape mismatch: then nothing else is meaningful
     # per sample: ``cosine`` and ``snr_db`` above are the worst informative sample's
     sample_cosine: list = field(default_factory=list)  # per sample; None where the reference is degenerate
+    sample_top: list = field(default_factory=list)  # per sample, the largest finite |reference| (None: not numeric)
     sample_snr_db: list = field(default_factory=list)
     worst_sample: int | None = None  # the sample with the lowest cosine
     pooled_cosine: float = 1.0  # over all samples at once (strong samples dominate it)
@@ -137,10 +144,24 @@ class Metrics:
         """``passed``, ``failed`` (a difference was seen) or ``inconclusive`` (nothing could be seen)."""
         return "passed" if self.passed else "inconclusive" if self.inconclusive else "failed"
 
+    def weak_worst(self) -> tuple[int, float, float] | None:
+        """(sample, its reference's largest |value|, the largest over all samples) when the sample that decides the
+        cosine (in the part that decides it) has a reference under :data:`WEAK_SHARE` of the strongest sample's."""
+        part = next((p for p in self.parts if p.name == self.decided_by), None)
+        i, tops = (part.worst_sample, part.sample_top) if part is not None else (self.worst_sample, self.sample_top)
+        known = [t for t in tops if t is not None]
+        if not (part.cosine if part is not None else self.cosine) < 1.0:
+            return None  # nothing differs: no sample decides anything
+        if i is None or i >= len(tops) or tops[i] is None or len(known) < 2 or not max(known) > 0:
+            return None
+        return (i, tops[i], max(known)) if tops[i] < WEAK_SHARE * max(known) else None
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["shape"] = None if self.shape is None else list(self.shape)
         d["verdict"] = self.verdict
+        weak = self.weak_worst()
+        d["weak_worst"] = None if weak is None else {"sample": weak[0], "largest_abs": weak[1], "set_largest_abs": weak[2]}
         return d
 
 
@@ -233,8 +254,9 @@ class Accumulator:
         r, c = ref.astype(np.float64, copy=False).ravel(), cand.astype(np.float64, copy=False).ravel()
         m.elements += r.size
         finite_ref = r[np.isfinite(r)]
-        if finite_ref.size:
-            m.max_abs_ref = max(m.max_abs_ref, float(np.abs(finite_ref).max()))
+        top = float(np.abs(finite_ref).max()) if finite_ref.size else 0.0
+        m.max_abs_ref = max(m.max_abs_ref, top)
+        m.sample_top.append(top)
         self._update_topk(ref, cand)
         why = degenerate(ref, self.tiny) if ref.dtype.kind != "b" else None
         if why is not None:
@@ -296,6 +318,8 @@ class Accumulator:
         self.m.sample_snr_db.append(snr)
         if len(self._slices) < len(self._elementwise_fail):
             self._slices.append(None)
+        if len(self.m.sample_top) < len(self._elementwise_fail):
+            self.m.sample_top.append(None)
         low = cos is not None and self.tol.min_cosine is not None and not cos >= self.tol.min_cosine
         return not fails and not low
 
@@ -388,6 +412,7 @@ class Accumulator:
         p = Part(f"{self.m.name}[{index}]", axis, a, b)
         s = st[:, :, a:b]
         max_ref = float(s[:, _TOP].max())
+        p.sample_top = [float(v) for v in s[:, _TOP].max(axis=1)]
         for i in range(s.shape[0]):
             x = s[i]
             lo, hi = float(x[_LO].min()), float(x[_HI].max())
@@ -490,3 +515,20 @@ def compare(reference, candidate, *, atol: float | None = None, rtol: float | No
     return acc.result()
 
 
+
+
+def weak_notes(ms: Iterable[Metrics], names: Sequence[str] | None = None) -> list[str]:
+    """What a report says of the tensors (or parts) among ``ms`` decided by a weak sample
+    (:meth:`Metrics.weak_worst`): one line per such sample."""
+    groups: dict[tuple[int, float, float], list[str]] = {}
+    for m in ms:
+        if (weak := m.weak_worst()) is not None:
+            groups.setdefault(weak, []).append(m.decided_by or m.name)
+    out = []
+    for (i, top, largest), judged in groups.items():
+        who = names[i] if names is not None and i < len(names) else f"sample {i}"
+        out.append(f"{' and '.join(judged)} {'is' if len(judged) == 1 else 'are'} decided by {who}, whose reference "
+                   f"reaches only {top:.3g} where another sample reaches {largest:.3g}: a cosine there follows the noise "
+                   "relative to a weak signal (a detector's scores on an input it detects nothing in); where such inputs "
+                   "matter less, judge on inputs of the model's subject")
+    return out
