@@ -470,9 +470,6 @@ def finish(plan: Plan, s: Settings, deadline: Deadline) -> tuple[onnx.ModelProto
             value, _, per = plan.judge_held.judge(final)
             baseline_ms = measured_ms = predicted = plan.baseline_ms
             speedup = 1.0
-        deciding = min(per.values(), key=lambda d: (d.get("distribution") or {}).get("min") or 2.0, default=None)
-        if deciding is not None and deciding.get("weak"):
-            notes.append(deciding["weak"])
         by_cand = {candidate_key(c.node, c.rule, c.params): c for c in plan.cands}
         chosen = []
         for node, (rule, params) in steps.items():
@@ -494,6 +491,8 @@ def finish(plan: Plan, s: Settings, deadline: Deadline) -> tuple[onnx.ModelProto
         coverage=None if plan.coverage is None else plan.coverage[0], held_budget=plan.held_budget,
         folded=plan.folded if faster else 0,
         excluded={n: [{"sample": s_, "why": w} for s_, w in out] for n, out in plan.judge_held.excluded.items()})
+    if (deciding := report.deciding()) is not None and deciding[1].get("weak"):
+        report.notes.append(deciding[1]["weak"])  # the budget binds on a weak sample: say so
     return restore_names(final, plan.renamed), report
 
 

@@ -176,12 +176,16 @@ class OptimizeReport:
         return (f"best held-out {self.metric} of a rewritten model {self.best_metric:.6g} ({self.budget_text}); "
                 f"best speed-up {self.best_speedup:.2f}× (at {self.metric} {fast.metric:.6g})")
 
+    def deciding(self) -> tuple[str, dict] | None:
+        """The judged tensor whose worst held-out sample gave ``metric_value``, with its figures."""
+        return min(self.outputs.items(), key=lambda kv: (kv[1].get("distribution") or {}).get("min") or 2.0,
+                   default=None)
+
     @property
     def decided_by(self) -> str | None:
         """The tensor, or the part of one (an output split by scale), whose worst held-out sample gave
         ``metric_value``."""
-        worst = min(self.outputs.items(), key=lambda kv: (kv[1].get("distribution") or {}).get("min") or 2.0,
-                    default=None)
+        worst = self.deciding()
         return None if worst is None else worst[1].get("decided_by") or worst[0]
 
     def summary(self) -> str:

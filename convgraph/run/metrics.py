@@ -149,9 +149,9 @@ class Metrics:
         cosine (in the part that decides it) has a reference under :data:`WEAK_SHARE` of the strongest sample's."""
         part = next((p for p in self.parts if p.name == self.decided_by), None)
         i, tops = (part.worst_sample, part.sample_top) if part is not None else (self.worst_sample, self.sample_top)
-        known = [t for t in tops if t is not None]
         if not (part.cosine if part is not None else self.cosine) < 1.0:
             return None  # nothing differs: no sample decides anything
+        known = [t for t in tops if t is not None]
         if i is None or i >= len(tops) or tops[i] is None or len(known) < 2 or not max(known) > 0:
             return None
         return (i, tops[i], max(known)) if tops[i] < WEAK_SHARE * max(known) else None
@@ -513,8 +513,6 @@ def compare(reference, candidate, *, atol: float | None = None, rtol: float | No
     for r, c in zip(reference, candidate) if many else [(reference, candidate)]:
         acc.update(r, c)
     return acc.result()
-
-
 
 
 def weak_notes(ms: Iterable[Metrics], names: Sequence[str] | None = None) -> list[str]:
